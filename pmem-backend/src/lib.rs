@@ -1,0 +1,1 @@
+//! The pmsnap pool file and its persistent copy-on-write snapshot store.

@@ -1,0 +1,1 @@
+//! pmsnap VMM library.

@@ -1,0 +1,3 @@
+//! `pmsnap`: command-line entry point.
+
+fn main() {}
