@@ -1,1 +1,5 @@
-//! pmsnap VMM library.
+//! pmsnap VMM library: KVM setup, devices, the copy-before-write engine and the CLI.
+
+pub mod cli;
+pub mod devices;
+pub mod vstate;

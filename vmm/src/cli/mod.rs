@@ -1,0 +1,42 @@
+//! The `pmsnap` command line. Each subcommand lives in its own file.
+
+use clap::{Parser, Subcommand};
+
+pub mod store;
+
+/// pmsnap: a KVM VMM whose guest RAM lives in a pmem pool file, with a persistent
+/// copy-on-write snapshot store in the same pool.
+#[derive(Debug, Parser)]
+#[command(name = "pmsnap", version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or an env_logger filter such as
+    /// `vmm=debug`). Overrides RUST_LOG.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands of `pmsnap`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Look after a pool's snapshot store offline (the pool must not be in use).
+    Store(store::StoreArgs),
+}
+
+/// Run the parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow_like::Result<i32> {
+    match cli.command {
+        Command::Store(args) => store::run(args),
+    }
+}
+
+/// A minimal boxed-error result used at the top of the binary, where the cause chain is
+/// printed once.
+pub mod anyhow_like {
+    /// Boxed error with its `source()` chain.
+    pub type Error = Box<dyn std::error::Error + Send + Sync + 'static>;
+    /// Result with a boxed error.
+    pub type Result<T> = std::result::Result<T, Error>;
+}

@@ -1,0 +1,3 @@
+//! Emulated devices and the buses that reach them.
+
+pub mod bus;

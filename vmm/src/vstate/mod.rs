@@ -1,0 +1,3 @@
+//! KVM state: the VM, its vCPUs and guest memory.
+
+pub mod memory;
