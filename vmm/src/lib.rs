@@ -2,4 +2,5 @@
 
 pub mod cli;
 pub mod devices;
+pub mod snapshot;
 pub mod vstate;

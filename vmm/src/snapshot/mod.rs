@@ -1,0 +1,5 @@
+//! The copy-before-write engine: write-protection of snapshot pages, the fault handler
+//! that preserves a page before its first write, and dirty tracking.
+
+pub mod fault;
+pub mod protect;
