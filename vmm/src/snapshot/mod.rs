@@ -1,5 +1,6 @@
 //! The copy-before-write engine: write-protection of snapshot pages, the fault handler
 //! that preserves a page before its first write, and dirty tracking.
 
+pub mod dirty;
 pub mod fault;
 pub mod protect;
