@@ -2,5 +2,6 @@
 
 pub mod cli;
 pub mod devices;
+pub mod payload;
 pub mod snapshot;
 pub mod vstate;
