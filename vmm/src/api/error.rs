@@ -246,6 +246,48 @@ mod tests {
     }
 
     #[test]
+    fn every_code_is_in_the_openapi_enum() {
+        let doc = include_str!("../../../docs/api.yaml");
+        let enum_start = doc.find("    ErrorCode:").expect("ErrorCode schema");
+        let codes = &doc[enum_start..];
+        let errors = [
+            ApiError::BadRequest(String::new()),
+            ApiError::InvalidJson(String::new()),
+            ApiError::invalid_name("", NameError::Empty),
+            ApiError::InvalidRuns(String::new()),
+            ApiError::TooManyRuns { count: 0, max: 0 },
+            ApiError::InvalidLabels(String::new()),
+            ApiError::NotFound(String::new()),
+            ApiError::MethodNotAllowed {
+                method: String::new(),
+                path: String::new(),
+                allowed: vec![],
+            },
+            ApiError::RequestTimeout,
+            ApiError::LengthRequired(String::new()),
+            ApiError::PayloadTooLarge { len: 0, max: 0 },
+            ApiError::HeadersTooLarge {
+                max: 0,
+                max_headers: 0,
+            },
+            ApiError::UnknownSnapshot(String::new()),
+            ApiError::DuplicateName(String::new()),
+            ApiError::InvalidState(String::new()),
+            ApiError::RunsOutsideRam(String::new()),
+            ApiError::Internal(String::new()),
+            ApiError::NotImplemented(String::new()),
+            ApiError::Unavailable(String::new()),
+        ];
+        for e in errors {
+            assert!(
+                codes.contains(&format!("        - {}\n", e.code())),
+                "docs/api.yaml ErrorCode lacks {}",
+                e.code()
+            );
+        }
+    }
+
+    #[test]
     fn body_serializes_as_documented() {
         let v = serde_json::to_value(ApiError::DuplicateName("s1".into()).body())
             .expect("plain struct serializes");

@@ -277,3 +277,204 @@ pub fn write_all_until<W: Write>(w: &mut W, mut bytes: &[u8], deadline: Instant)
     }
     w.flush()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// A stream fed in chunks; an empty chunk is a timed-out read.
+    struct Fake {
+        chunks: VecDeque<Vec<u8>>,
+        written: Vec<u8>,
+    }
+
+    impl Fake {
+        fn new(chunks: &[&[u8]]) -> HttpConn<Fake> {
+            HttpConn::new(Fake {
+                chunks: chunks.iter().map(|c| c.to_vec()).collect(),
+                written: Vec::new(),
+            })
+        }
+    }
+
+    impl Read for Fake {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            match self.chunks.pop_front() {
+                None => Ok(0),
+                Some(c) if c.is_empty() => Err(ErrorKind::WouldBlock.into()),
+                Some(mut c) => {
+                    let n = c.len().min(out.len());
+                    out[..n].copy_from_slice(&c[..n]);
+                    if n < c.len() {
+                        self.chunks.push_front(c.split_off(n));
+                    }
+                    Ok(n)
+                }
+            }
+        }
+    }
+
+    impl Write for Fake {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.written.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn never() -> bool {
+        false
+    }
+
+    fn http_err(r: Result<Option<RawRequest>, ReadError>) -> ApiError {
+        match r {
+            Err(ReadError::Http(e)) => e,
+            other => panic!("expected an HTTP error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reads_split_and_pipelined_requests() {
+        let mut c = Fake::new(&[
+            b"POST /v1/snapshots HT",
+            b"",
+            b"TP/1.1\r\nContent-Length: 4\r\n\r\nab",
+            b"cdGET /v1/status HTTP/1.1\r\n\r\nGET /v1/stats HTTP/1.1\r\nConnection: close\r\n\r\n",
+        ]);
+        let r = c.read_request(&never).expect("ok").expect("request");
+        assert_eq!(
+            (r.method.as_str(), r.target.as_str()),
+            ("POST", "/v1/snapshots")
+        );
+        assert_eq!(r.body, b"abcd");
+        assert!(!r.close);
+        let r = c.read_request(&never).expect("ok").expect("request");
+        assert_eq!(
+            (r.target.as_str(), r.body.len(), r.close),
+            ("/v1/status", 0, false)
+        );
+        let r = c.read_request(&never).expect("ok").expect("request");
+        assert_eq!((r.target.as_str(), r.close), ("/v1/stats", true));
+        assert!(c.read_request(&never).expect("clean EOF").is_none());
+    }
+
+    #[test]
+    fn http10_closes_unless_keep_alive() {
+        let mut c =
+            Fake::new(&[b"GET / HTTP/1.0\r\n\r\nGET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"]);
+        assert!(c.read_request(&never).expect("ok").expect("req").close);
+        assert!(!c.read_request(&never).expect("ok").expect("req").close);
+    }
+
+    #[test]
+    fn expect_continue_gets_interim_answer() {
+        let mut c = Fake::new(&[
+            b"POST /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
+            b"{}",
+        ]);
+        let r = c.read_request(&never).expect("ok").expect("req");
+        assert_eq!(r.body, b"{}");
+        assert_eq!(c.stream().written, b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
+
+    #[test]
+    fn framing_errors() {
+        let cases: Vec<(&[u8], &str)> = vec![
+            (b"GARBAGE\r\n\r\n", "bad_request"),
+            (b"\x00\x01\x02\x03\r\n\r\n", "bad_request"),
+            (b"GET /\xff HTTP/1.1\r\n\r\n", "bad_request"),
+            (
+                b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+                "bad_request",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                "bad_request",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                "bad_request",
+            ),
+            (b"GET / HTTP/1.1\r\nX: \xff\r\n\r\n", "bad_request"),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "length_required",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1048577\r\n\r\n",
+                "payload_too_large",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                "bad_request",
+            ),
+            (b"GET / HTTP/1.1\r\n", "bad_request"),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab",
+                "bad_request",
+            ),
+        ];
+        for (bytes, code) in cases {
+            let mut c = Fake::new(&[bytes]);
+            let e = http_err(c.read_request(&never));
+            assert_eq!(
+                e.code(),
+                code,
+                "{:?}: {e:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+
+    #[test]
+    fn body_at_the_limit_is_accepted() {
+        let mut req =
+            format!("POST /x HTTP/1.1\r\nContent-Length: {MAX_BODY_BYTES}\r\n\r\n").into_bytes();
+        req.extend(std::iter::repeat_n(b'a', MAX_BODY_BYTES));
+        let mut c = Fake::new(&[&req]);
+        let r = c.read_request(&never).expect("ok").expect("req");
+        assert_eq!(r.body.len(), MAX_BODY_BYTES);
+    }
+
+    #[test]
+    fn oversized_heads_are_431() {
+        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES));
+        let mut c = Fake::new(&[&big]);
+        assert_eq!(http_err(c.read_request(&never)).code(), "headers_too_large");
+
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend(format!("H{i}: v\r\n").as_bytes());
+        }
+        many.extend(b"\r\n");
+        let mut c = Fake::new(&[&many]);
+        assert_eq!(http_err(c.read_request(&never)).code(), "headers_too_large");
+    }
+
+    #[test]
+    fn stop_flag_ends_a_waiting_read() {
+        let mut c = Fake::new(&[b"", b"", b""]);
+        assert!(matches!(c.read_request(&|| true), Err(ReadError::Closed)));
+    }
+
+    #[test]
+    fn write_all_until_handles_short_writes() {
+        struct OneByte(Vec<u8>);
+        impl Write for OneByte {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.push(b[0]);
+                Ok(1)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut w = OneByte(Vec::new());
+        write_all_until(&mut w, b"hello", Instant::now() + Duration::from_secs(1)).expect("ok");
+        assert_eq!(w.0, b"hello");
+    }
+}

@@ -312,3 +312,323 @@ pub fn validate_labels(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(method: &str, target: &str, body: &str) -> ApiRequest {
+        parse_request(method, target, body.as_bytes())
+            .unwrap_or_else(|e| panic!("{method} {target} {body}: {e:?}"))
+    }
+
+    fn err(method: &str, target: &str, body: &str) -> ApiError {
+        match parse_request(method, target, body.as_bytes()) {
+            Ok(r) => panic!("{method} {target} {body} parsed as {r:?}"),
+            Err(e) => e,
+        }
+    }
+
+    fn run(first_page: u64, count: u64) -> PageRun {
+        PageRun { first_page, count }
+    }
+
+    #[test]
+    fn simple_routes() {
+        assert_eq!(ok("GET", "/v1/status", ""), ApiRequest::Status);
+        assert_eq!(ok("GET", "/v1/stats", ""), ApiRequest::Stats);
+        assert_eq!(ok("GET", "/v1/snapshots", ""), ApiRequest::ListSnapshots);
+        for m in ["PUT", "POST"] {
+            assert_eq!(ok(m, "/v1/pause", ""), ApiRequest::Pause);
+            assert_eq!(ok(m, "/v1/resume", ""), ApiRequest::Resume);
+            assert_eq!(ok(m, "/v1/pause", " {} \n"), ApiRequest::Pause);
+        }
+    }
+
+    #[test]
+    fn name_routes() {
+        let name = "snap-1.a_b".to_string();
+        assert_eq!(
+            ok("GET", "/v1/snapshots/snap-1.a_b", ""),
+            ApiRequest::InspectSnapshot { name: name.clone() }
+        );
+        assert_eq!(
+            ok("DELETE", "/v1/snapshots/snap-1.a_b", ""),
+            ApiRequest::DeleteSnapshot { name: name.clone() }
+        );
+        assert_eq!(
+            ok("GET", "/v1/snapshots/snap-1.a_b/dirty", ""),
+            ApiRequest::DirtySince { name }
+        );
+    }
+
+    #[test]
+    fn targets_with_query_trailing_slash_and_absolute_form() {
+        assert_eq!(ok("GET", "/v1/status?pretty=1", ""), ApiRequest::Status);
+        assert_eq!(ok("GET", "/v1/status/", ""), ApiRequest::Status);
+        assert_eq!(
+            ok("GET", "http://localhost/v1/status", ""),
+            ApiRequest::Status
+        );
+        assert_eq!(ok("GET", "/v1/snapshots/", ""), ApiRequest::ListSnapshots);
+        assert_eq!(err("GET", "*", "").code(), "bad_request");
+        assert_eq!(err("GET", "v1/status", "").code(), "bad_request");
+    }
+
+    #[test]
+    fn unknown_routes_are_404() {
+        for target in [
+            "/",
+            "/v1",
+            "/v2/status",
+            "/v1/statuss",
+            "/v1/status/x",
+            "/v1//status",
+            "/v1/snapshots/a/b",
+            "/v1/snapshots/a/dirty/x",
+            "/v1/snapshots//dirty",
+            "/V1/status",
+        ] {
+            let e = err("GET", target, "");
+            assert_eq!(e.status(), 404, "{target}: {e:?}");
+            assert_eq!(e.code(), "not_found");
+        }
+    }
+
+    #[test]
+    fn wrong_methods_are_405_with_allowed_list() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            ("POST", "/v1/status", &["GET"]),
+            ("GET", "/v1/pause", &["PUT", "POST"]),
+            ("DELETE", "/v1/resume", &["PUT", "POST"]),
+            ("DELETE", "/v1/snapshots", &["GET", "POST"]),
+            ("PUT", "/v1/snapshots/x", &["GET", "DELETE"]),
+            ("POST", "/v1/snapshots/x/dirty", &["GET"]),
+            ("PATCH", "/v1/stats", &["GET"]),
+            ("get", "/v1/status", &["GET"]),
+        ];
+        for (method, target, allowed) in cases {
+            match err(method, target, "") {
+                ApiError::MethodNotAllowed {
+                    allowed: got,
+                    method: m,
+                    ..
+                } => {
+                    assert_eq!(&got, allowed, "{method} {target}");
+                    assert_eq!(&m, method);
+                }
+                other => panic!("{method} {target}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bad_names_in_paths_are_400() {
+        for target in [
+            "/v1/snapshots/.hidden",
+            "/v1/snapshots/a%2Fb",
+            "/v1/snapshots/a%20b/dirty",
+            &format!("/v1/snapshots/{}", "x".repeat(65)),
+        ] {
+            let methods: &[&str] = if target.ends_with("/dirty") {
+                &["GET"]
+            } else {
+                &["GET", "DELETE"]
+            };
+            for method in methods {
+                let e = err(method, target, "");
+                assert_eq!(e.code(), "invalid_name", "{method} {target}");
+                assert_eq!(e.status(), 400);
+            }
+        }
+    }
+
+    #[test]
+    fn pause_with_body_is_400() {
+        assert_eq!(err("PUT", "/v1/pause", "{\"x\":1}").code(), "invalid_json");
+        assert_eq!(err("POST", "/v1/resume", "nonsense").code(), "invalid_json");
+    }
+
+    #[test]
+    fn create_snapshot_parses_sorts_and_keeps_labels() {
+        let body = r#"{"name": "s1", "runs": [{"first_page": 100, "count": 5},
+                       {"first_page": 0, "count": 1}, {"first_page": 105, "count": 3}],
+                       "labels": {"app": "db", "k.v/x": "a b"}}"#;
+        match ok("POST", "/v1/snapshots", body) {
+            ApiRequest::CreatePagesSnapshot(req) => {
+                assert_eq!(req.name, "s1");
+                assert_eq!(req.runs, vec![run(0, 1), run(100, 5), run(105, 3)]);
+                assert_eq!(req.labels.get("app").map(String::as_str), Some("db"));
+                assert_eq!(req.labels.len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Labels are optional.
+        match ok(
+            "POST",
+            "/v1/snapshots",
+            r#"{"name":"s","runs":[{"first_page":0,"count":1}]}"#,
+        ) {
+            ApiRequest::CreatePagesSnapshot(req) => assert!(req.labels.is_empty()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn create_snapshot_bad_json_is_400() {
+        let cases = [
+            "",
+            "   ",
+            "{",
+            "[]",
+            "null",
+            r#"{"runs":[{"first_page":0,"count":1}]}"#,
+            r#"{"name":"s"}"#,
+            r#"{"name":"s","runs":[{"first_page":0,"count":1}],"extra":1}"#,
+            r#"{"name":"s","runs":[{"first_page":0,"count":1,"x":2}]}"#,
+            r#"{"name":"s","runs":[{"first_page":0}]}"#,
+            r#"{"name":"s","runs":[{"first_page":-1,"count":1}]}"#,
+            r#"{"name":"s","runs":[{"first_page":1.5,"count":1}]}"#,
+            r#"{"name":"s","runs":[{"first_page":"0","count":1}]}"#,
+            r#"{"name":"s","runs":[{"first_page":18446744073709551616,"count":1}]}"#,
+            r#"{"name":5,"runs":[]}"#,
+            r#"{"name":"s","runs":{}}"#,
+            r#"{"name":"s","runs":[],"labels":{"a":1}}"#,
+            r#"{"name":"s","runs":[]} trailing"#,
+        ];
+        for body in cases {
+            let e = err("POST", "/v1/snapshots", body);
+            assert_eq!(e.code(), "invalid_json", "{body}: {e:?}");
+            assert_eq!(e.status(), 400);
+        }
+        // Not UTF-8.
+        let e = parse_request(
+            "POST",
+            "/v1/snapshots",
+            b"{\"name\":\"\xff\xfe\",\"runs\":[]}",
+        )
+        .expect_err("bad UTF-8");
+        assert_eq!(e.code(), "invalid_json");
+    }
+
+    #[test]
+    fn create_snapshot_bad_names_are_400() {
+        for name in ["", ".x", "a/b", "a b", "ünï", &"n".repeat(65)] {
+            let body = serde_json::json!({"name": name, "runs": [{"first_page": 0, "count": 1}]});
+            let e = err("POST", "/v1/snapshots", &body.to_string());
+            assert_eq!(e.code(), "invalid_name", "{name:?}");
+        }
+    }
+
+    #[test]
+    fn create_snapshot_bad_runs_are_400() {
+        let max_end = u64::MAX / PAGE_SIZE;
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (serde_json::json!([]), "invalid_runs"),
+            (
+                serde_json::json!([{"first_page": 5, "count": 0}]),
+                "invalid_runs",
+            ),
+            (
+                serde_json::json!([{"first_page": u64::MAX, "count": 1}]),
+                "invalid_runs",
+            ),
+            (
+                serde_json::json!([{"first_page": 1, "count": u64::MAX}]),
+                "invalid_runs",
+            ),
+            (
+                serde_json::json!([{"first_page": max_end, "count": 1}]),
+                "invalid_runs",
+            ),
+            (
+                serde_json::json!([{"first_page": 0, "count": 10}, {"first_page": 9, "count": 1}]),
+                "invalid_runs",
+            ),
+            (
+                serde_json::json!([{"first_page": 3, "count": 1}, {"first_page": 3, "count": 1}]),
+                "invalid_runs",
+            ),
+        ];
+        for (runs, code) in cases {
+            let body = serde_json::json!({"name": "s", "runs": runs});
+            let e = err("POST", "/v1/snapshots", &body.to_string());
+            assert_eq!(e.code(), code, "{runs}: {e:?}");
+            assert_eq!(e.status(), 400);
+        }
+        // The last page below the 64-bit limit is fine.
+        let body =
+            serde_json::json!({"name": "s", "runs": [{"first_page": max_end - 1, "count": 1}]});
+        ok("POST", "/v1/snapshots", &body.to_string());
+    }
+
+    #[test]
+    fn run_count_limit() {
+        let runs = |n: u64| -> Vec<serde_json::Value> {
+            (0..n)
+                .map(|i| serde_json::json!({"first_page": i * 2, "count": 1}))
+                .collect()
+        };
+        let at_limit = serde_json::json!({"name": "s", "runs": runs(MAX_RUNS as u64)});
+        match ok("POST", "/v1/snapshots", &at_limit.to_string()) {
+            ApiRequest::CreatePagesSnapshot(req) => assert_eq!(req.runs.len(), MAX_RUNS),
+            other => panic!("{other:?}"),
+        }
+        let over = serde_json::json!({"name": "s", "runs": runs(MAX_RUNS as u64 + 1)});
+        match err("POST", "/v1/snapshots", &over.to_string()) {
+            ApiError::TooManyRuns { count, max } => {
+                assert_eq!((count, max), (MAX_RUNS + 1, MAX_RUNS))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_labels_are_400() {
+        let too_many: serde_json::Map<String, serde_json::Value> = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), serde_json::json!("v")))
+            .collect();
+        let cases = vec![
+            serde_json::Value::Object(too_many),
+            serde_json::json!({"": "v"}),
+            serde_json::json!({"a=b": "v"}),
+            serde_json::json!({"a b": "v"}),
+            serde_json::json!({"k".repeat(65): "v"}),
+            serde_json::json!({"k": "v".repeat(257)}),
+            serde_json::json!({"k": "line\nbreak"}),
+        ];
+        for labels in cases {
+            let body = serde_json::json!({"name": "s", "runs": [{"first_page": 0, "count": 1}], "labels": labels});
+            let e = err("POST", "/v1/snapshots", &body.to_string());
+            assert_eq!(e.code(), "invalid_labels", "{labels}");
+        }
+    }
+
+    #[test]
+    fn every_route_and_method_is_documented_in_openapi() {
+        let doc = include_str!("../../../docs/api.yaml");
+        for route in ROUTES {
+            let key = format!("\n  {}:\n", route.pattern);
+            let start = doc
+                .find(&key)
+                .unwrap_or_else(|| panic!("docs/api.yaml lacks path {}", route.pattern));
+            let block = &doc[start + key.len()..];
+            // The path's block ends at the next path or section (two-space or no indent).
+            let end = block
+                .find("\n  /")
+                .into_iter()
+                .chain(block.find("\ncomponents:"))
+                .min()
+                .unwrap_or(block.len());
+            let block = &block[..end];
+            for (method, _) in route.methods {
+                let m = format!("\n    {}:", method.to_ascii_lowercase());
+                assert!(
+                    format!("\n{block}").contains(&m),
+                    "docs/api.yaml lacks {method} {}",
+                    route.pattern
+                );
+            }
+        }
+    }
+}
