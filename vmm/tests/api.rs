@@ -749,7 +749,11 @@ fn curl_works_over_the_unix_socket() {
         .map(|i| format!("{{\"first_page\":{},\"count\":1}}", i * 2))
         .collect();
     let body = format!("{{\"name\":\"many\",\"runs\":[{}]}}", runs.join(","));
+    // With a 10 s expect timeout, an answer within 5 s shows the server sent 100 Continue.
+    let start = Instant::now();
     let (code, resp) = curl(&[
+        "--expect100-timeout",
+        "10",
         "-X",
         "POST",
         "-H",
@@ -759,5 +763,10 @@ fn curl_works_over_the_unix_socket() {
         "http://localhost/v1/snapshots",
     ]);
     assert_eq!(code, 201, "{resp}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
     env.assert_serving();
 }
