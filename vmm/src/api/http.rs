@@ -477,4 +477,33 @@ mod tests {
         write_all_until(&mut w, b"hello", Instant::now() + Duration::from_secs(1)).expect("ok");
         assert_eq!(w.0, b"hello");
     }
+
+    proptest::proptest! {
+        /// Arbitrary bytes, split arbitrarily, give requests, a clean end or an HTTP
+        /// error; never a panic, and never a request body over the limit.
+        #[test]
+        fn framing_never_panics(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2048),
+            split in 0usize..2048,
+        ) {
+            let split = split.min(bytes.len());
+            let mut c = Fake::new(&[&bytes[..split], b"", &bytes[split..]]);
+            for _ in 0..8 {
+                match c.read_request(&never) {
+                    Ok(Some(r)) => proptest::prop_assert!(r.body.len() <= MAX_BODY_BYTES),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+
+        /// A valid request survives any split into two reads.
+        #[test]
+        fn any_split_of_a_valid_request_parses(split in 0usize..80) {
+            let req = b"POST /v1/snapshots HTTP/1.1\r\nContent-Length: 10\r\n\r\n{\"name\":1}";
+            let split = split.min(req.len());
+            let mut c = Fake::new(&[&req[..split], b"", &req[split..]]);
+            let r = c.read_request(&never).expect("valid").expect("request");
+            proptest::prop_assert_eq!(r.body, b"{\"name\":1}".to_vec());
+        }
+    }
 }

@@ -631,4 +631,28 @@ mod tests {
             }
         }
     }
+
+    proptest::proptest! {
+        /// Whatever method, target and body arrive, parsing answers Ok or an error with a
+        /// 4xx status; it never panics.
+        #[test]
+        fn parse_never_panics(
+            method in "[A-Z]{0,8}",
+            target in "(/v1(/[a-z.%_-]{0,12}){0,4})|(.{0,40})",
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
+        ) {
+            if let Err(e) = parse_request(&method, &target, &body) {
+                proptest::prop_assert!((400..500).contains(&e.status()), "{e:?}");
+            }
+        }
+
+        /// Valid runs survive validation sorted and unchanged as a set.
+        #[test]
+        fn valid_runs_come_back_sorted(starts in proptest::collection::btree_set(0u64..1_000_000, 1..50)) {
+            let runs: Vec<PageRun> = starts.iter().rev().map(|&s| run(s * 2, 1)).collect();
+            let out = validate_runs(runs).expect("disjoint runs");
+            proptest::prop_assert!(out.windows(2).all(|w| w[0].first_page < w[1].first_page));
+            proptest::prop_assert_eq!(out.len(), starts.len());
+        }
+    }
 }
