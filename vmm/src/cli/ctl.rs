@@ -45,10 +45,10 @@ pub enum CtlCommand {
         #[arg(long)]
         name: String,
         /// Page runs FIRST_PAGE:COUNT[,FIRST_PAGE:COUNT...]; numbers in decimal or 0x hex.
-        #[arg(long, value_delimiter = ',', value_parser = parse_run, required = true)]
+        #[arg(long, value_name = "FIRST:COUNT", value_delimiter = ',', value_parser = parse_run, required = true)]
         runs: Vec<PageRun>,
         /// A label KEY=VALUE stored with the snapshot; repeat for more.
-        #[arg(long = "label", value_parser = parse_label)]
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
     /// List snapshots.
