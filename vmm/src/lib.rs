@@ -1,5 +1,6 @@
 //! pmsnap VMM library: KVM setup, devices, the copy-before-write engine and the CLI.
 
+pub mod api;
 pub mod cli;
 pub mod devices;
 pub mod payload;

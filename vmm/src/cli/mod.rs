@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod ctl;
 pub mod store;
 
 /// pmsnap: a KVM VMM whose guest RAM lives in a pmem pool file, with a persistent
@@ -23,12 +24,15 @@ pub struct Cli {
 pub enum Command {
     /// Look after a pool's snapshot store offline (the pool must not be in use).
     Store(store::StoreArgs),
+    /// Talk to a running VMM through its control API socket.
+    Ctl(ctl::CtlArgs),
 }
 
 /// Run the parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow_like::Result<i32> {
     match cli.command {
         Command::Store(args) => store::run(args),
+        Command::Ctl(args) => ctl::run(args),
     }
 }
 

@@ -1,0 +1,355 @@
+//! The API server: a Unix socket, an accept thread and one thread per connection.
+//!
+//! - Start: [`ApiServer::start`] binds the socket (removing a stale socket file that
+//!   nobody listens on, refusing if another process listens), makes it owner-only (0600)
+//!   and starts the accept thread.
+//! - Connections: up to [`MAX_CONNECTIONS`] at once, each on its own thread so one slow
+//!   client cannot stall the others; a connection over the limit gets a 503 and is closed.
+//!   Handler calls are serialized by a mutex.
+//! - Stop: [`ApiServerHandle::stop`] (or dropping the handle) stops accepting, lets the
+//!   connection threads finish their current request, and removes the socket file.
+//!
+//! Nothing a client sends can panic the server: the framing and parsing return errors,
+//! and a panicking handler is caught and answered with a 500.
+
+use std::fs;
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use thiserror::Error;
+
+use super::error::ApiError;
+use super::http::{write_all_until, HttpConn, ReadError};
+use super::request::parse_request;
+use super::response::HttpResponse;
+use super::ApiHandler;
+
+/// Most connections served at once.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Granularity at which blocked threads notice a stop.
+const TICK: Duration = Duration::from_millis(100);
+/// Time allowed to write one answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`ApiServerHandle::stop`] waits for connection threads.
+const STOP_WAIT: Duration = Duration::from_secs(3);
+
+/// Errors starting the server.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// Another process listens on the socket path.
+    #[error("another process is listening on the API socket {0}")]
+    InUse(PathBuf),
+    /// Something other than a socket exists at the path.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// Checking or removing an existing file at the path failed.
+    #[error("cannot check or remove the existing API socket {path}")]
+    Stale {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Binding or configuring the socket failed.
+    #[error("cannot bind the API socket {path}")]
+    Bind {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Starting the accept thread failed.
+    #[error("cannot start the API server thread")]
+    Spawn(#[source] io::Error),
+}
+
+/// State shared by the accept thread, the connection threads and the handle.
+struct Shared {
+    stop: AtomicBool,
+    active: AtomicUsize,
+    requests: AtomicU64,
+    handler: Mutex<Box<dyn ApiHandler>>,
+}
+
+/// Entry point of the API server.
+#[derive(Debug)]
+pub struct ApiServer;
+
+impl ApiServer {
+    /// Bind `path` and serve the API with `handler` until the returned handle is stopped
+    /// or dropped.
+    pub fn start<H: ApiHandler>(
+        path: impl AsRef<Path>,
+        handler: H,
+    ) -> Result<ApiServerHandle, ServerError> {
+        let path = path.as_ref().to_path_buf();
+        remove_stale_socket(&path)?;
+        let bind_err = |source| ServerError::Bind {
+            path: path.clone(),
+            source,
+        };
+        let listener = UnixListener::bind(&path).map_err(bind_err)?;
+        // Owner-only: the API can pause the VM and read snapshot metadata.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let inode = fs::metadata(&path).map_err(bind_err)?.ino();
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            handler: Mutex::new(Box::new(handler)),
+        });
+        let accept_shared = Arc::clone(&shared);
+        let thread = thread::Builder::new()
+            .name("pmsnap-api".to_string())
+            .spawn(move || accept_loop(listener, accept_shared))
+            .map_err(ServerError::Spawn)?;
+        debug!("API server listening on {}", path.display());
+        Ok(ApiServerHandle {
+            path,
+            inode,
+            shared,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// A running server. Dropping it stops the server like [`ApiServerHandle::stop`].
+pub struct ApiServerHandle {
+    path: PathBuf,
+    inode: u64,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ApiServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServerHandle")
+            .field("path", &self.path)
+            .field("active", &self.shared.active.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl ApiServerHandle {
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Connections being served now.
+    pub fn active_connections(&self) -> usize {
+        self.shared.active.load(Ordering::Acquire)
+    }
+
+    /// Requests passed to the handler so far (valid requests only).
+    pub fn requests_handled(&self) -> u64 {
+        self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// Stop accepting, wait briefly for open connections to finish their current request,
+    /// and remove the socket file.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.shared.stop.store(true, Ordering::Release);
+        if thread.join().is_err() {
+            warn!("API accept thread panicked");
+        }
+        let deadline = Instant::now() + STOP_WAIT;
+        while self.shared.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        // Remove the socket only if it is still ours (not replaced by a newer server).
+        if fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+            if let Err(e) = fs::remove_file(&self.path) {
+                warn!("cannot remove API socket {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+impl Drop for ApiServerHandle {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// Make `path` free for binding: nothing there, or a socket nobody listens on (removed).
+fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
+    let stale = |source| ServerError::Stale {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(stale(e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServerError::NotASocket(path.to_path_buf()));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(ServerError::InUse(path.to_path_buf())),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+            debug!("removing stale API socket {}", path.display());
+            fs::remove_file(path).map_err(stale)
+        }
+        Err(e) => Err(stale(e)),
+    }
+}
+
+/// Wait until `listener` is readable or [`TICK`] passes.
+fn wait_readable(listener: &UnixListener) {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1; the fd
+    // belongs to `listener`, which outlives the call. poll only writes `revents`.
+    unsafe { libc::poll(&mut pfd, 1, TICK.as_millis() as libc::c_int) };
+}
+
+fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
+    while !shared.stop.load(Ordering::Acquire) {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                wait_readable(&listener);
+                continue;
+            }
+            Err(e) => {
+                // EMFILE and similar: back off instead of spinning.
+                warn!("API accept failed: {e}");
+                thread::sleep(TICK);
+                continue;
+            }
+        };
+        if shared.active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            shared.active.fetch_sub(1, Ordering::AcqRel);
+            refuse_busy(stream);
+            continue;
+        }
+        let conn_shared = Arc::clone(&shared);
+        let spawned = thread::Builder::new()
+            .name("pmsnap-api-conn".to_string())
+            .spawn(move || {
+                serve_connection(stream, &conn_shared);
+                conn_shared.active.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            shared.active.fetch_sub(1, Ordering::AcqRel);
+            warn!("cannot start an API connection thread: {e}");
+        }
+    }
+}
+
+/// Answer 503 to a connection over the limit and close it.
+fn refuse_busy(mut stream: UnixStream) {
+    let resp = HttpResponse::from_error(&ApiError::Unavailable(format!(
+        "too many API connections (limit {MAX_CONNECTIONS}); try again"
+    )));
+    if stream.set_write_timeout(Some(TICK)).is_ok() {
+        // Best effort: the client may already be gone.
+        let _ = stream.write_all(&resp.to_bytes(true));
+    }
+}
+
+/// Serve requests on one connection until it closes, errs or the server stops.
+fn serve_connection(stream: UnixStream, shared: &Shared) {
+    // Timeouts turn blocking reads into ticks at which the stop flag is checked.
+    if stream.set_nonblocking(false).is_err()
+        || stream.set_read_timeout(Some(TICK)).is_err()
+        || stream.set_write_timeout(Some(TICK)).is_err()
+    {
+        return;
+    }
+    let mut conn = HttpConn::new(stream);
+    let should_stop = || shared.stop.load(Ordering::Acquire);
+    loop {
+        let raw = match conn.read_request(&should_stop) {
+            Ok(Some(raw)) => raw,
+            Ok(None) | Err(ReadError::Closed) => return,
+            Err(ReadError::Http(err)) => {
+                debug!("API: bad request: {err}");
+                let bytes = HttpResponse::from_error(&err).to_bytes(true);
+                if write_all_until(conn.stream(), &bytes, Instant::now() + WRITE_TIMEOUT).is_ok() {
+                    linger_close(conn.stream());
+                }
+                return;
+            }
+        };
+        let result =
+            parse_request(&raw.method, &raw.target, &raw.body).and_then(|req| call(shared, req));
+        let resp = HttpResponse::from_result(result);
+        debug!("API: {} {} -> {}", raw.method, raw.target, resp.status);
+        let close = raw.close || should_stop();
+        let bytes = resp.to_bytes(close);
+        if write_all_until(conn.stream(), &bytes, Instant::now() + WRITE_TIMEOUT).is_err() {
+            return;
+        }
+        if close {
+            linger_close(conn.stream());
+            return;
+        }
+    }
+}
+
+/// Pass one valid request to the handler, catching a panic.
+fn call(shared: &Shared, req: super::ApiRequest) -> Result<super::ApiResponse, ApiError> {
+    shared.requests.fetch_add(1, Ordering::Relaxed);
+    // A handler that panicked earlier leaves the mutex poisoned; its state is the
+    // handler's business, and the API keeps serving.
+    let mut handler = shared.handler.lock().unwrap_or_else(|p| p.into_inner());
+    match catch_unwind(AssertUnwindSafe(|| handler.handle(req))) {
+        Ok(result) => {
+            if let Err(e) = &result {
+                if e.status() >= 500 {
+                    warn!("API handler error: {e}");
+                }
+            }
+            result
+        }
+        Err(_) => {
+            warn!("API handler panicked");
+            Err(ApiError::Internal(
+                "the request handler panicked".to_string(),
+            ))
+        }
+    }
+}
+
+/// Close after an answer without losing it: shut down our sending side, then read and
+/// discard what the client still sends (bounded), so the kernel does not reset the
+/// connection while the client reads the answer.
+fn linger_close(stream: &mut UnixStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let mut sink = [0u8; 8192];
+    let mut drained = 0usize;
+    while Instant::now() < deadline && drained < (1 << 20) {
+        match stream.read(&mut sink) {
+            Ok(0) => return,
+            Ok(n) => drained += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {}
+            Err(_) => return,
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Request and response types of the control API: what the API layer hands to the VMM
+//! ([`ApiRequest`]) and what the VMM answers ([`ApiResponse`]).
+//!
+//! Every value in an [`ApiRequest`] has passed the API layer's checks (see
+//! [`super::request`]): names follow [`super::validate_snapshot_name`], runs are non-empty,
+//! sorted, non-overlapping and do not overflow. Checks that need the VM (runs inside guest
+//! RAM, duplicate names, unknown snapshots) are the handler's, reported through
+//! [`super::ApiError`].
+//!
+//! The response types derive `Deserialize` too, so the client ([`super::client`]) and the
+//! tests read exactly what the server writes. They accept unknown fields so an older client
+//! keeps working when the server adds one.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Guest page size the API counts in.
+pub const PAGE_SIZE: u64 = 4096;
+/// Most page runs accepted in one request.
+pub const MAX_RUNS: usize = 4096;
+/// Most labels on one snapshot.
+pub const MAX_LABELS: usize = 32;
+/// Longest label key, in bytes.
+pub const MAX_LABEL_KEY_LEN: usize = 64;
+/// Longest label value, in bytes.
+pub const MAX_LABEL_VALUE_LEN: usize = 256;
+/// Version string reported by `GET /v1/status`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A run of consecutive guest pages: pages `first_page .. first_page + count`, where page
+/// `p` covers guest-physical bytes `p * 4096 .. (p + 1) * 4096`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageRun {
+    /// Guest page frame number of the first page.
+    pub first_page: u64,
+    /// Number of pages, at least 1.
+    pub count: u64,
+}
+
+impl PageRun {
+    /// One past the last page of the run, or `None` if that overflows.
+    pub fn end(&self) -> Option<u64> {
+        self.first_page.checked_add(self.count)
+    }
+}
+
+/// Body of `POST /v1/snapshots`: snapshot these guest page runs under `name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PagesSnapshotRequest {
+    /// Snapshot name (see [`super::validate_snapshot_name`]).
+    pub name: String,
+    /// Guest page runs to snapshot; the API layer sorts them by `first_page`.
+    pub runs: Vec<PageRun>,
+    /// Free-form labels stored with the snapshot.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A request that passed the API layer's checks, for the VMM to carry out.
+///
+/// Later routes (whole-VM snapshot, rollback, process snapshot) add variants here and a
+/// line in the route table of [`super::request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    /// `GET /v1/status`. Answer [`ApiResponse::Status`].
+    Status,
+    /// `PUT|POST /v1/pause`: pause all vCPUs. Answer [`ApiResponse::Status`] (the new state).
+    Pause,
+    /// `PUT|POST /v1/resume`: resume all vCPUs. Answer [`ApiResponse::Status`].
+    Resume,
+    /// `POST /v1/snapshots`: snapshot guest page runs. Answer
+    /// [`ApiResponse::SnapshotCreated`].
+    CreatePagesSnapshot(PagesSnapshotRequest),
+    /// `GET /v1/snapshots`. Answer [`ApiResponse::Snapshots`].
+    ListSnapshots,
+    /// `GET /v1/snapshots/{name}`. Answer [`ApiResponse::Snapshot`] with `runs` filled.
+    InspectSnapshot {
+        /// Validated snapshot name.
+        name: String,
+    },
+    /// `DELETE /v1/snapshots/{name}`. Answer [`ApiResponse::Deleted`].
+    DeleteSnapshot {
+        /// Validated snapshot name.
+        name: String,
+    },
+    /// `GET /v1/snapshots/{name}/dirty`: guest pages written since that snapshot was
+    /// taken. Answer [`ApiResponse::Dirty`].
+    DirtySince {
+        /// Validated snapshot name.
+        name: String,
+    },
+    /// `GET /v1/stats`. Answer [`ApiResponse::Stats`].
+    Stats,
+}
+
+/// Run state of the VM's vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// vCPUs are running the guest.
+    Running,
+    /// vCPUs are paused.
+    Paused,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+        })
+    }
+}
+
+/// Body of `GET /v1/status`, `/v1/pause` and `/v1/resume`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// Run state of the vCPUs.
+    pub state: VmState,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM size in bytes.
+    pub mem_bytes: u64,
+    /// Milliseconds since the VMM started the guest.
+    pub uptime_ms: u64,
+    /// Path of the pmem pool file.
+    pub pool_path: String,
+    /// pmsnap version ([`VERSION`]).
+    pub version: String,
+}
+
+/// Summary of one snapshot (list, inspect, create).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Snapshot name.
+    pub name: String,
+    /// What the snapshot holds, decided by the engine: `"pages"`, `"process"`, `"vm"`.
+    pub kind: String,
+    /// Number of guest pages the snapshot covers.
+    pub pages: u64,
+    /// Number of page runs.
+    pub run_count: u64,
+    /// The runs themselves; filled by inspect, may be left out of list and create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs: Option<Vec<PageRun>>,
+    /// Pages of this snapshot already preserved into blocks (written since).
+    pub preserved_pages: u64,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Labels given at creation.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Body of `GET /v1/snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotList {
+    /// All snapshots, in the order the engine lists them.
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// Body of `DELETE /v1/snapshots/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    /// Name of the deleted snapshot.
+    pub deleted: String,
+}
+
+/// Body of `GET /v1/snapshots/{name}/dirty`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyPages {
+    /// The snapshot the pages were written since.
+    pub since: String,
+    /// Number of pages written since (the sum of the runs' counts).
+    pub pages: u64,
+    /// The written pages as sorted, non-overlapping runs.
+    pub runs: Vec<PageRun>,
+}
+
+/// Time spent in the copy-before-write fault handler, in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandlerTime {
+    /// Sum over all faults handled.
+    pub total_ns: u64,
+    /// Mean per fault (0 when there was none).
+    pub mean_ns: u64,
+    /// Longest single fault.
+    pub max_ns: u64,
+}
+
+/// Body of `GET /v1/stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiStats {
+    /// Write-protect faults handled since the VMM started.
+    pub faults: u64,
+    /// Pages preserved into blocks since the VMM started.
+    pub preserved_pages: u64,
+    /// Guest pages write-protected now.
+    pub protected_pages: u64,
+    /// Number of snapshots in the store.
+    pub snapshots: u64,
+    /// Time in the fault handler.
+    pub fault_handler: HandlerTime,
+    /// The store's own statistics, passed through as it reports them.
+    #[serde(default)]
+    pub store: serde_json::Value,
+}
+
+/// The VMM's answer to an [`ApiRequest`]. Each variant fixes the HTTP status and the JSON
+/// body (see [`super::response`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiResponse {
+    /// 200, [`VmStatus`].
+    Status(VmStatus),
+    /// 201, [`SnapshotInfo`] of the new snapshot.
+    SnapshotCreated(SnapshotInfo),
+    /// 200, [`SnapshotInfo`].
+    Snapshot(SnapshotInfo),
+    /// 200, [`SnapshotList`] `{"snapshots": [...]}`.
+    Snapshots(Vec<SnapshotInfo>),
+    /// 200, [`Deleted`] `{"deleted": name}`.
+    Deleted(String),
+    /// 200, [`DirtyPages`].
+    Dirty(DirtyPages),
+    /// 200, [`ApiStats`].
+    Stats(ApiStats),
+    /// Any status and JSON body, for routes that have no typed answer yet.
+    Json {
+        /// HTTP status code (2xx).
+        status: u16,
+        /// Response body.
+        body: serde_json::Value,
+    },
+}

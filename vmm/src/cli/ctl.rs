@@ -1,0 +1,507 @@
+//! `pmsnap ctl --api-sock PATH <command>`: the command-line client of a running VMM's
+//! control API (see `docs/api.md`).
+//!
+//! Exit codes: 0 on success, 1 when the VMM answers with an error (its message is
+//! printed) or the socket cannot be reached.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use crate::api::client::{decode, snapshot_path, ApiClient, ClientError};
+use crate::api::{
+    ApiStats, Deleted, DirtyPages, PageRun, PagesSnapshotRequest, SnapshotInfo, SnapshotList,
+    VmStatus, PAGE_SIZE,
+};
+
+/// Arguments of `pmsnap ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The VMM's API socket (`pmsnap run --api-sock PATH`); required.
+    #[arg(long, value_name = "PATH", global = true)]
+    pub api_sock: Option<PathBuf>,
+    /// Print the VMM's JSON answer instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The request to send.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// Requests `pmsnap ctl` can send.
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Show the VM's state, size, uptime and pool.
+    Status,
+    /// Pause all vCPUs.
+    Pause,
+    /// Resume all vCPUs.
+    Resume,
+    /// Snapshot runs of guest pages (no page data is copied).
+    SnapshotPages {
+        /// Name of the new snapshot (1-64 of A-Z a-z 0-9 . _ -, not starting with '.').
+        #[arg(long)]
+        name: String,
+        /// Page runs FIRST_PAGE:COUNT[,FIRST_PAGE:COUNT...]; numbers in decimal or 0x hex.
+        #[arg(long, value_name = "FIRST:COUNT", value_delimiter = ',', value_parser = parse_run, required = true)]
+        runs: Vec<PageRun>,
+        /// A label KEY=VALUE stored with the snapshot; repeat for more.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// List snapshots.
+    List,
+    /// Show one snapshot, with its page runs.
+    Inspect {
+        /// Snapshot name.
+        name: String,
+    },
+    /// Delete a snapshot.
+    Delete {
+        /// Snapshot name.
+        name: String,
+    },
+    /// Show the guest pages written since a snapshot was taken.
+    Dirty {
+        /// Snapshot name.
+        #[arg(long)]
+        since: String,
+    },
+    /// Show copy-before-write and store statistics.
+    Stats,
+}
+
+/// Parse `FIRST:COUNT` (decimal or `0x` hex).
+fn parse_run(s: &str) -> Result<PageRun, String> {
+    let (first, count) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not FIRST_PAGE:COUNT"))?;
+    Ok(PageRun {
+        first_page: parse_u64(first)?,
+        count: parse_u64(count)?,
+    })
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("{s:?} is not a page number or count: {e}"))
+}
+
+/// Parse `KEY=VALUE`.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?} is not KEY=VALUE"))
+}
+
+/// Run `pmsnap ctl`.
+pub fn run(args: CtlArgs) -> super::anyhow_like::Result<i32> {
+    let sock = args.api_sock.ok_or("--api-sock PATH is required")?;
+    let client = ApiClient::new(&sock);
+    match send(&client, &args.command, args.json) {
+        Ok(text) => {
+            print!("{text}");
+            Ok(0)
+        }
+        Err(ClientError::Api {
+            status,
+            code,
+            message,
+        }) => {
+            eprintln!("pmsnap ctl: {message} (HTTP {status}, {code})");
+            Ok(1)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Send the command's request and render the answer (JSON or text).
+pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, ClientError> {
+    let (method, target, body) = match cmd {
+        CtlCommand::Status => ("GET", "/v1/status".to_string(), None),
+        CtlCommand::Pause => ("PUT", "/v1/pause".to_string(), None),
+        CtlCommand::Resume => ("PUT", "/v1/resume".to_string(), None),
+        CtlCommand::SnapshotPages { name, runs, labels } => {
+            let req = PagesSnapshotRequest {
+                name: name.clone(),
+                runs: runs.clone(),
+                labels: labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+            };
+            let body = serde_json::to_value(&req)
+                .map_err(|e| ClientError::BadResponse(format!("cannot encode the request: {e}")))?;
+            ("POST", "/v1/snapshots".to_string(), Some(body))
+        }
+        CtlCommand::List => ("GET", "/v1/snapshots".to_string(), None),
+        CtlCommand::Inspect { name } => ("GET", snapshot_path(name, "")?, None),
+        CtlCommand::Delete { name } => ("DELETE", snapshot_path(name, "")?, None),
+        CtlCommand::Dirty { since } => ("GET", snapshot_path(since, "/dirty")?, None),
+        CtlCommand::Stats => ("GET", "/v1/stats".to_string(), None),
+    };
+    let value = client.request_json(method, &target, body.as_ref())?;
+    if json {
+        let mut s = serde_json::to_string_pretty(&value)
+            .map_err(|e| ClientError::BadResponse(e.to_string()))?;
+        s.push('\n');
+        return Ok(s);
+    }
+    Ok(match cmd {
+        CtlCommand::Status | CtlCommand::Pause | CtlCommand::Resume => {
+            render_status(&decode::<VmStatus>(value)?)
+        }
+        CtlCommand::SnapshotPages { .. } => {
+            format!(
+                "created {}",
+                render_snapshot(&decode::<SnapshotInfo>(value)?)
+            )
+        }
+        CtlCommand::Inspect { .. } => render_snapshot(&decode::<SnapshotInfo>(value)?),
+        CtlCommand::List => render_list(&decode::<SnapshotList>(value)?.snapshots),
+        CtlCommand::Delete { .. } => format!("deleted {}\n", decode::<Deleted>(value)?.deleted),
+        CtlCommand::Dirty { .. } => render_dirty(&decode::<DirtyPages>(value)?),
+        CtlCommand::Stats => render_stats(&decode::<ApiStats>(value)?),
+    })
+}
+
+/// Bytes as a short human size (binary units).
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn render_status(s: &VmStatus) -> String {
+    format!(
+        "state:   {}\nvcpus:   {}\nmemory:  {} ({} bytes)\nuptime:  {:.1} s\npool:    {}\nversion: {}\n",
+        s.state,
+        s.vcpus,
+        human_bytes(s.mem_bytes),
+        s.mem_bytes,
+        s.uptime_ms as f64 / 1000.0,
+        s.pool_path,
+        s.version
+    )
+}
+
+fn render_labels(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn render_runs(runs: &[PageRun]) -> String {
+    let mut out = String::new();
+    for r in runs {
+        let _ = writeln!(out, "  {}:{}", r.first_page, r.count);
+    }
+    out
+}
+
+fn render_snapshot(s: &SnapshotInfo) -> String {
+    let mut out = format!(
+        "{}\n  kind:      {}\n  pages:     {} ({})\n  runs:      {}\n  preserved: {}\n  created:   {} ms since epoch\n",
+        s.name,
+        s.kind,
+        s.pages,
+        human_bytes(s.pages.saturating_mul(PAGE_SIZE)),
+        s.run_count,
+        s.preserved_pages,
+        s.created_unix_ms
+    );
+    if !s.labels.is_empty() {
+        let _ = writeln!(out, "  labels:    {}", render_labels(&s.labels));
+    }
+    if let Some(runs) = &s.runs {
+        out.push_str("  page runs (first:count):\n");
+        for line in render_runs(runs).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    out
+}
+
+fn render_list(list: &[SnapshotInfo]) -> String {
+    if list.is_empty() {
+        return "no snapshots\n".to_string();
+    }
+    let w = list.iter().map(|s| s.name.len()).max().unwrap_or(4).max(4);
+    let mut out = format!(
+        "{:<w$}  {:<8}  {:>10}  {:>6}  {:>10}  LABELS\n",
+        "NAME", "KIND", "PAGES", "RUNS", "PRESERVED"
+    );
+    for s in list {
+        let _ = writeln!(
+            out,
+            "{:<w$}  {:<8}  {:>10}  {:>6}  {:>10}  {}",
+            s.name,
+            s.kind,
+            s.pages,
+            s.run_count,
+            s.preserved_pages,
+            render_labels(&s.labels)
+        );
+    }
+    out
+}
+
+fn render_dirty(d: &DirtyPages) -> String {
+    let mut out = format!(
+        "{} pages ({}) written since {} in {} runs\n",
+        d.pages,
+        human_bytes(d.pages.saturating_mul(PAGE_SIZE)),
+        d.since,
+        d.runs.len()
+    );
+    out.push_str(&render_runs(&d.runs));
+    out
+}
+
+fn render_stats(s: &ApiStats) -> String {
+    let mut out = format!(
+        "faults:          {}\npreserved pages: {}\nprotected pages: {}\nsnapshots:       {}\nhandler time:    total {} ns, mean {} ns, max {} ns\n",
+        s.faults,
+        s.preserved_pages,
+        s.protected_pages,
+        s.snapshots,
+        s.fault_handler.total_ns,
+        s.fault_handler.mean_ns,
+        s.fault_handler.max_ns
+    );
+    match &s.store {
+        serde_json::Value::Object(map) if !map.is_empty() => {
+            out.push_str("store:\n");
+            for (k, v) in map {
+                let _ = writeln!(out, "  {k}: {v}");
+            }
+        }
+        serde_json::Value::Null => {}
+        serde_json::Value::Object(_) => {}
+        other => {
+            let _ = writeln!(out, "store: {other}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{HandlerTime, VmState};
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct T {
+        #[command(flatten)]
+        ctl: CtlArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<CtlArgs, clap::Error> {
+        T::try_parse_from(std::iter::once("ctl").chain(args.iter().copied())).map(|t| t.ctl)
+    }
+
+    #[test]
+    fn parses_snapshot_pages_with_runs_and_labels() {
+        let a = parse(&[
+            "--api-sock",
+            "/tmp/s",
+            "snapshot-pages",
+            "--name",
+            "n1",
+            "--runs",
+            "0:16,0x100:2",
+            "--runs",
+            "500:1",
+            "--label",
+            "app=db",
+            "--label",
+            "x=a=b",
+            "--json",
+        ])
+        .expect("valid");
+        assert!(a.json);
+        assert_eq!(a.api_sock, Some(PathBuf::from("/tmp/s")));
+        match a.command {
+            CtlCommand::SnapshotPages { name, runs, labels } => {
+                assert_eq!(name, "n1");
+                assert_eq!(
+                    runs,
+                    vec![
+                        PageRun {
+                            first_page: 0,
+                            count: 16
+                        },
+                        PageRun {
+                            first_page: 256,
+                            count: 2
+                        },
+                        PageRun {
+                            first_page: 500,
+                            count: 1
+                        },
+                    ]
+                );
+                assert_eq!(
+                    labels,
+                    vec![("app".into(), "db".into()), ("x".into(), "a=b".into())]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn api_sock_may_follow_the_subcommand_and_is_required() {
+        let a = parse(&["dirty", "--since", "s", "--api-sock", "/x"]).expect("valid");
+        assert_eq!(a.api_sock, Some(PathBuf::from("/x")));
+        assert!(matches!(a.command, CtlCommand::Dirty { since } if since == "s"));
+        // Global arguments cannot be required in clap; `run` refuses a missing socket.
+        let a = parse(&["status"]).expect("parses");
+        let err = run(a).expect_err("no socket");
+        assert!(err.to_string().contains("--api-sock"), "{err}");
+    }
+
+    #[test]
+    fn whole_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        crate::cli::Cli::command().debug_assert();
+        let cli = crate::cli::Cli::try_parse_from([
+            "pmsnap",
+            "ctl",
+            "--api-sock",
+            "/s",
+            "stats",
+            "--json",
+        ])
+        .expect("valid");
+        match cli.command {
+            crate::cli::Command::Ctl(a) => {
+                assert!(a.json);
+                assert!(matches!(a.command, CtlCommand::Stats));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refuses_bad_runs_and_labels() {
+        for runs in ["5", "a:1", "1:", ":1", "1:2:3", "-1:2", "0x:1"] {
+            assert!(
+                parse(&[
+                    "--api-sock",
+                    "/s",
+                    "snapshot-pages",
+                    "--name",
+                    "n",
+                    "--runs",
+                    runs
+                ])
+                .is_err(),
+                "{runs}"
+            );
+        }
+        assert!(parse(&[
+            "--api-sock",
+            "/s",
+            "snapshot-pages",
+            "--name",
+            "n",
+            "--runs",
+            "1:1",
+            "--label",
+            "nokv"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn renders_human_output() {
+        let s = VmStatus {
+            state: VmState::Running,
+            vcpus: 2,
+            mem_bytes: 256 << 20,
+            uptime_ms: 1500,
+            pool_path: "/dev/shm/pool".into(),
+            version: "0.1.0".into(),
+        };
+        let text = render_status(&s);
+        assert!(text.contains("state:   running"));
+        assert!(text.contains("256.0 MiB (268435456 bytes)"));
+        assert!(text.contains("uptime:  1.5 s"));
+
+        let info = SnapshotInfo {
+            name: "snap".into(),
+            kind: "pages".into(),
+            pages: 3,
+            run_count: 2,
+            runs: Some(vec![
+                PageRun {
+                    first_page: 1,
+                    count: 2,
+                },
+                PageRun {
+                    first_page: 9,
+                    count: 1,
+                },
+            ]),
+            preserved_pages: 1,
+            created_unix_ms: 7,
+            labels: [("a".to_string(), "b".to_string())].into(),
+        };
+        let text = render_snapshot(&info);
+        assert!(text.contains("pages:     3 (12.0 KiB)"), "{text}");
+        assert!(text.contains("labels:    a=b"));
+        assert!(text.contains("    1:2\n    9:1\n"), "{text}");
+        let table = render_list(&[info]);
+        let mut lines = table.lines();
+        assert!(lines.next().expect("header").starts_with("NAME"));
+        let row: Vec<&str> = lines.next().expect("row").split_whitespace().collect();
+        assert_eq!(row, ["snap", "pages", "3", "2", "1", "a=b"]);
+        assert_eq!(render_list(&[]), "no snapshots\n");
+
+        let d = DirtyPages {
+            since: "snap".into(),
+            pages: 4,
+            runs: vec![PageRun {
+                first_page: 0,
+                count: 4,
+            }],
+        };
+        assert_eq!(
+            render_dirty(&d),
+            "4 pages (16.0 KiB) written since snap in 1 runs\n  0:4\n"
+        );
+
+        let st = ApiStats {
+            faults: 10,
+            preserved_pages: 9,
+            protected_pages: 100,
+            snapshots: 2,
+            fault_handler: HandlerTime {
+                total_ns: 1000,
+                mean_ns: 100,
+                max_ns: 300,
+            },
+            store: serde_json::json!({"blocks_used": 9}),
+        };
+        let text = render_stats(&st);
+        assert!(text.contains("faults:          10"));
+        assert!(text.contains("total 1000 ns, mean 100 ns, max 300 ns"));
+        assert!(text.contains("  blocks_used: 9"));
+    }
+}
