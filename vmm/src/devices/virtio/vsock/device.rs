@@ -59,6 +59,9 @@ pub struct Vsock {
     queue_evts: Vec<EventFd>,
     queue_max: [u16; 3],
     active: Option<Active>,
+    /// Wakes the event loop when device state changed off-loop (reset on a vCPU thread)
+    /// so it applies the muxer's fd changes (closing dropped streams).
+    pub(super) wake_evt: EventFd,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -99,6 +102,7 @@ impl Vsock {
             queue_evts,
             queue_max: [QUEUE_SIZE; 3],
             active: None,
+            wake_evt: EventFd::new(libc::EFD_NONBLOCK)?,
         })
     }
 
@@ -321,6 +325,9 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.active = None;
         self.muxer.reset();
+        if let Err(e) = self.wake_evt.write(1) {
+            log::warn!("vsock: cannot wake the event loop after reset: {e}");
+        }
     }
 
     fn is_activated(&self) -> bool {

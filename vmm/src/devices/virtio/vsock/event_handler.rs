@@ -35,6 +35,7 @@ impl MutEventSubscriber for Vsock {
             .map(|fd| (fd, EventSet::IN))
             .collect();
         fds.push((self.muxer().listener_fd(), EventSet::IN));
+        fds.push((self.wake_evt.as_raw_fd(), EventSet::IN));
         for (fd, set) in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, set)) {
                 log::error!("vsock: cannot register fd {fd} with the event loop: {e:?}");
@@ -52,6 +53,9 @@ impl MutEventSubscriber for Vsock {
                     guest_warn!("vsock: queue {idx} eventfd read: {e}");
                 }
             }
+        } else if fd == self.wake_evt.as_raw_fd() {
+            // Only here to apply fd changes below.
+            let _ = self.wake_evt.read();
         } else if fd == self.muxer().listener_fd() {
             self.muxer().accept_host_streams();
         } else {

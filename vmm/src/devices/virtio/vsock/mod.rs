@@ -22,3 +22,6 @@ pub use connection::{VsockService, VsockServiceFactory, CONN_BUF_ALLOC};
 pub use device::{Vsock, VsockError, VSOCK_DEVICE_ID};
 pub use muxer::{EchoService, VsockMuxer};
 pub use packet::{parse_guest_header, PacketError, VsockHeader};
+
+#[cfg(test)]
+mod tests;
