@@ -279,7 +279,12 @@ impl VsockMuxer {
         if let Some(h) = self.control.pop_front() {
             return Some((h, Vec::new()));
         }
-        while let Some(key) = self.rxq.pop_front() {
+        // Visit each waiting connection at most once: one that cannot send now (data but
+        // a buffer with no room for payload) goes to the back and must not spin us.
+        for _ in 0..self.rxq.len() {
+            let Some(key) = self.rxq.pop_front() else {
+                break;
+            };
             self.in_rxq.remove(&key);
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;

@@ -711,3 +711,26 @@ fn event_queue_notify_is_harmless() {
     h.post_rx(1);
     let _ = host_connect(&mut h, 2);
 }
+
+#[test]
+fn header_only_rx_buffers_do_not_spin() {
+    let mut h = Harness::new();
+    h.post_rx(1);
+    let (mut s, hp) = host_connect(&mut h, 4);
+    // Only a buffer with room for a header and no payload.
+    let a = h.alloc(HDR_LEN as u64);
+    let head = h.q[RXQ].add_chain(&h.mem, &[(a, HDR_LEN as u32, true)]);
+    h.rx_bufs.insert(u32::from(head), a);
+    h.kick(RXQ as u32);
+    s.write_all(b"data").expect("write");
+    h.pump(); // must return: nothing deliverable, the buffer stays available
+    assert!(h.recv().is_empty());
+    // A control packet fits in it.
+    h.send(Op::CreditRequest, 4, hp, &[]);
+    let (p, d) = h.recv_one();
+    assert_eq!((p.op, d.len()), (Op::CreditUpdate as u16, 0));
+    // With a real buffer the data flows.
+    h.post_rx(1);
+    let (p, d) = h.recv_one();
+    assert_eq!((p.op, d.as_slice()), (Op::Rw as u16, &b"data"[..]));
+}
