@@ -24,6 +24,11 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+/// vsock port (on the host, CID 2) where the VMM serves this protocol.
+pub const SNAPSHOT_SERVICE_PORT: u32 = 1024;
+/// vsock port where the guest agent listens for requests from the host.
+pub const AGENT_PORT: u32 = 1025;
+
 /// Frame magic, first four bytes of every frame.
 pub const MAGIC: u32 = 0x504d_534e;
 /// The only protocol version this build speaks.
