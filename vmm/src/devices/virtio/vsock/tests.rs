@@ -734,3 +734,64 @@ fn header_only_rx_buffers_do_not_spin() {
     let (p, d) = h.recv_one();
     assert_eq!((p.op, d.as_slice()), (Op::Rw as u16, &b"data"[..]));
 }
+
+/// Answers every valid request with `Deleted` so the test sees what passed validation.
+struct NameEcho;
+impl super::AgentBackend for NameEcho {
+    fn handle(&mut self, req: guest_agent::protocol::Request) -> guest_agent::protocol::Reply {
+        use guest_agent::protocol::{Reply, Request};
+        match req {
+            Request::Delete { name } => Reply::Deleted { name },
+            _ => Reply::List(Vec::new()),
+        }
+    }
+}
+
+#[test]
+fn agent_protocol_over_vsock() {
+    use guest_agent::protocol::{ErrorCode, FrameBuffer, Reply, Request, SNAPSHOT_SERVICE_PORT};
+    let mut h = Harness::new();
+    let backend: Arc<Mutex<dyn super::AgentBackend>> = Arc::new(Mutex::new(NameEcho));
+    h.dev
+        .lock()
+        .expect("lock")
+        .register_service(
+            SNAPSHOT_SERVICE_PORT,
+            Box::new(super::AgentServiceFactory::new(backend, 4096)),
+        )
+        .expect("register");
+    h.post_rx(16);
+    h.send(Op::Request, 2000, SNAPSHOT_SERVICE_PORT, &[]);
+    assert_eq!(h.recv_one().0.op, Op::Response as u16);
+    let mut frames = Request::Delete {
+        name: "snap".into(),
+    }
+    .encode()
+    .expect("encode");
+    frames.extend(
+        Request::Delete {
+            name: "../etc".into(),
+        }
+        .encode()
+        .expect("encode"),
+    );
+    h.send(Op::Rw, 2000, SNAPSHOT_SERVICE_PORT, &frames);
+    let mut fb = FrameBuffer::new();
+    for (p, d) in h.recv() {
+        assert_eq!(p.op, Op::Rw as u16);
+        fb.push(&d).expect("push");
+    }
+    let a = Reply::decode(&fb.next_frame().expect("frame").expect("first")).expect("reply");
+    let b = Reply::decode(&fb.next_frame().expect("frame").expect("second")).expect("reply");
+    assert_eq!(
+        a,
+        Reply::Deleted {
+            name: "snap".into()
+        }
+    );
+    assert!(matches!(b, Reply::Error(e) if e.code == ErrorCode::InvalidName));
+    // Garbage ends the connection: error reply, then SHUTDOWN.
+    h.send(Op::Rw, 2000, SNAPSHOT_SERVICE_PORT, b"garbage garbage!");
+    let pkts = h.recv();
+    assert_eq!(pkts.last().map(|(p, _)| p.op), Some(Op::Shutdown as u16));
+}
