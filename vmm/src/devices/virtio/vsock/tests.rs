@@ -169,7 +169,7 @@ impl Harness {
     /// Run the event loop until it goes idle.
     fn pump(&mut self) {
         for _ in 0..200 {
-            if self.em.run_with_timeout(20).expect("event loop") == 0 {
+            if self.em.run_with_timeout(0).expect("event loop") == 0 {
                 return;
             }
         }
@@ -222,8 +222,12 @@ impl Harness {
 
     /// Post `n` rx buffers (header + 4 KiB, one descriptor each as Linux does).
     fn post_rx(&mut self, n: usize) {
+        self.post_rx_sized(n, 4096);
+    }
+
+    fn post_rx_sized(&mut self, n: usize, payload: u64) {
         for _ in 0..n {
-            let len = HDR_LEN as u64 + 4096;
+            let len = HDR_LEN as u64 + payload;
             let a = self.alloc(len);
             let head = self.q[RXQ].add_chain(&self.mem, &[(a, len as u32, true)]);
             self.rx_bufs.insert(u32::from(head), a);
@@ -794,4 +798,56 @@ fn agent_protocol_over_vsock() {
     h.send(Op::Rw, 2000, SNAPSHOT_SERVICE_PORT, b"garbage garbage!");
     let pkts = h.recv();
     assert_eq!(pkts.last().map(|(p, _)| p.op), Some(Op::Shutdown as u16));
+}
+
+/// Answers every byte with 128 KiB: a guest that never reads must not make it grow.
+struct Amplifier(Arc<std::sync::atomic::AtomicUsize>);
+impl VsockService for Amplifier {
+    fn on_data(&mut self, data: &[u8], out: &mut Vec<u8>) -> bool {
+        self.0
+            .fetch_add(data.len(), std::sync::atomic::Ordering::SeqCst);
+        out.resize(out.len() + data.len() * 128 * 1024, 0x11);
+        true
+    }
+}
+
+#[test]
+fn service_replies_are_bounded_by_backpressure() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let mut h = Harness::new();
+    let fed = Arc::new(AtomicUsize::new(0));
+    let f2 = fed.clone();
+    h.dev
+        .lock()
+        .expect("lock")
+        .register_service(
+            70,
+            Box::new(move |_| Box::new(Amplifier(f2.clone())) as Box<dyn VsockService>),
+        )
+        .expect("register");
+    h.post_rx(1);
+    h.send(Op::Request, 9, 70, &[]);
+    assert_eq!(h.recv_one().0.op, Op::Response as u16);
+    // No rx buffers: 24 one-byte requests; only the first 8 (1 MiB of replies) are fed.
+    for _ in 0..24 {
+        h.send(Op::Rw, 9, 70, b"x");
+    }
+    assert_eq!(fed.load(SeqCst), 8, "service fed beyond the reply limit");
+    // Reading the replies lets the rest through, in order.
+    h.guest_fwd_cnt = 0;
+    let mut got = 0usize;
+    for _ in 0..200 {
+        h.post_rx_sized(1, 64 * 1024);
+        for (p, d) in h.recv() {
+            assert_eq!(p.op, Op::Rw as u16);
+            got += d.len();
+        }
+        h.guest_fwd_cnt = got as u32;
+        h.send(Op::CreditUpdate, 9, 70, &[]);
+        if got == 24 * 128 * 1024 {
+            break;
+        }
+    }
+    assert_eq!(fed.load(SeqCst), 24);
+    assert_eq!(got, 24 * 128 * 1024);
 }
