@@ -352,7 +352,15 @@ impl MmioTransport {
             queues,
             self.acked_features,
             self.interrupt.clone(),
-        )
+        )?;
+        // Some drivers post buffers and notify before DRIVER_OK, when notifications
+        // are ignored: have the device look at every queue once now.
+        for evt in &self.queue_evts {
+            if let Err(e) = evt.write(1) {
+                log::warn!("virtio-mmio: queue eventfd after activation: {e}");
+            }
+        }
+        Ok(())
     }
 
     fn read_reg(&self, offset: u64) -> u32 {
@@ -664,6 +672,10 @@ mod tests {
         assert!(dev.lock().expect("lock").evts[1].read().is_err());
         wr(&mut t, reg::STATUS, 0b1111);
         assert_eq!(rd(&mut t, reg::STATUS), 0b1111);
+        // Activation has the device look at every queue once.
+        for evt in &dev.lock().expect("lock").evts {
+            assert_eq!(evt.read().expect("kicked at activation"), 1);
+        }
         {
             let d = dev.lock().expect("lock");
             let a = d.activated.as_ref().expect("activated");
