@@ -851,3 +851,54 @@ fn service_replies_are_bounded_by_backpressure() {
     assert_eq!(fed.load(SeqCst), 24);
     assert_eq!(got, 24 * 128 * 1024);
 }
+
+#[test]
+fn restore_continues_rings_and_resets_guest_sockets() {
+    let mut h = Harness::new();
+    let ev = h.alloc(4);
+    let ev_head = h.q[EVQ].add_chain(&h.mem, &[(ev, 4, true)]);
+    h.mem
+        .write_obj(0xffff_ffffu32, GuestAddress(ev))
+        .expect("poison");
+    h.post_rx(8);
+    let (s, _) = host_connect(&mut h, 21);
+    drop(s);
+    h.pump();
+    h.recv(); // the SHUTDOWN for the closed stream
+    let state = h.transport.save_state();
+    assert!(state.queues[TXQ].next_avail > 0 && state.queues[RXQ].next_used > 0);
+
+    // A new VMM process: fresh device, same guest memory, saved transport state.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev2 = Arc::new(Mutex::new(
+        Vsock::new(CID, &dir.path().join("v2.sock")).expect("vsock"),
+    ));
+    let t2 = MmioTransport::restore(h.mem.clone(), dev2.clone(), &state).expect("restore");
+    assert!(dev2.lock().expect("lock").is_activated());
+    assert!(dev2.lock().expect("lock").send_transport_reset());
+    assert_eq!(h.q[EVQ].take_used(&h.mem), vec![(u32::from(ev_head), 4)]);
+    let id: u32 = h.mem.read_obj(GuestAddress(ev)).expect("event");
+    assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+    assert_ne!(t2.interrupt().status() & 1, 0);
+    // No second event buffer: reported, not a panic.
+    assert!(!dev2.lock().expect("lock").send_transport_reset());
+
+    // The rings continue where they were: one new tx chain gives exactly one used entry
+    // and one answer (RST: nobody serves port 999 on the new host side).
+    let hdr = h.ghdr(Op::Request, 5, 999, 0);
+    let a = h.alloc(HDR_LEN as u64);
+    h.mem
+        .write_slice(&hdr.to_bytes(), GuestAddress(a))
+        .expect("hdr");
+    h.q[TXQ].add_chain(&h.mem, &[(a, HDR_LEN as u32, false)]);
+    dev2.lock().expect("lock").process_queues();
+    assert_eq!(h.q[TXQ].take_used(&h.mem).len(), 1);
+    let used = h.q[RXQ].take_used(&h.mem);
+    assert_eq!(used.len(), 1);
+    let mut b = [0u8; HDR_LEN];
+    h.mem
+        .read_slice(&mut b, GuestAddress(h.rx_bufs[&used[0].0]))
+        .expect("read");
+    let p = VsockHeader::parse(&b).expect("header");
+    assert_eq!((p.op, p.dst_port), (Op::Rst as u16, 5));
+}
