@@ -1013,7 +1013,8 @@ mod tests {
         let (t, _) = running();
         let good = t.save_state();
         let mem = || GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("mem");
-        let cases: Vec<(&str, Box<dyn Fn(&mut MmioState)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut MmioState)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("device type", Box::new(|s| s.device_type = 19)),
             ("queue count", Box::new(|s| s.queues.truncate(1))),
             ("status bits", Box::new(|s| s.status |= 0x10)),
