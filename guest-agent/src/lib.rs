@@ -3,3 +3,7 @@
 
 /// Version string of the agent, printed by `pmsnap-agent --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub mod freeze;
+pub mod pagemap;
+pub mod protocol;
