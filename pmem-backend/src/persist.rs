@@ -1,0 +1,209 @@
+//! The persistence seam: every durable write in the pool goes through [`Persist::persist`].
+//!
+//! [`MsyncPersist`] is the implementation for files (tmpfs, hugetlbfs, ordinary
+//! filesystems). A DAX implementation (cache-line write-back + fence) would slot in here.
+//! [`CrashSim`] is the test facility: it keeps a shadow "durable image" of the pool that
+//! only persisted ranges update, and simulates a crash at the Nth persist call.
+
+use crate::mapping::Mapping;
+use std::io;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+/// Makes a byte range of the pool mapping durable. Returns only when it is.
+pub trait Persist: Send + Sync + std::fmt::Debug {
+    /// Persist `range` (byte offsets into the pool file) of `map`.
+    fn persist(&self, map: &Mapping, range: Range<u64>) -> io::Result<()>;
+}
+
+/// `msync(MS_SYNC)` on the page-aligned cover of the range.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MsyncPersist;
+
+impl Persist for MsyncPersist {
+    fn persist(&self, map: &Mapping, range: Range<u64>) -> io::Result<()> {
+        if range.start >= range.end {
+            return Ok(());
+        }
+        let page = crate::PAGE_SIZE as u64;
+        let start = range.start & !(page - 1);
+        let end = range.end.min(map.len() as u64);
+        if start >= end {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "persist range outside the mapping",
+            ));
+        }
+        let len = usize::try_from(end - start).map_err(io::Error::other)?;
+        // SAFETY: start is page aligned and start..end lies inside the live mapping, as
+        // msync requires; msync does not touch Rust-visible memory.
+        let rc =
+            unsafe { libc::msync(map.as_ptr().add(start as usize).cast(), len, libc::MS_SYNC) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// How the write in flight at the crash point ends up in the durable image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tear {
+    /// None of it reached the media.
+    Lost,
+    /// Its first half (rounded down to 8 bytes) reached the media.
+    Half,
+    /// All of it reached the media, but the caller never learned so.
+    Whole,
+}
+
+#[derive(Debug)]
+struct SimState {
+    image: Vec<u8>,
+    calls: u64,
+    crash_at: Option<u64>,
+    tear: Tear,
+    crashed: bool,
+}
+
+/// Crash simulator on the persist seam. Clone it to keep a handle while the pool owns it.
+///
+/// Call N (1-based) of `persist` is the crash point: it is applied according to [`Tear`]
+/// and fails, and every later call fails without touching the image. Writes to the
+/// mapping that were never persisted are absent from [`CrashSim::durable_image`].
+#[derive(Debug, Clone)]
+pub struct CrashSim {
+    state: Arc<Mutex<SimState>>,
+}
+
+impl CrashSim {
+    /// A simulator whose durable image starts as `len` zero bytes (a fresh file).
+    /// `crash_at: None` only counts calls.
+    pub fn new(len: usize, crash_at: Option<u64>, tear: Tear) -> Self {
+        Self::from_image(vec![0; len], crash_at, tear)
+    }
+
+    /// A simulator starting from an existing durable image (a reopened pool).
+    pub fn from_image(image: Vec<u8>, crash_at: Option<u64>, tear: Tear) -> Self {
+        CrashSim {
+            state: Arc::new(Mutex::new(SimState {
+                image,
+                calls: 0,
+                crash_at,
+                tear,
+                crashed: false,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SimState> {
+        // A panic while holding this lock can only come from a test assertion; the state
+        // is still a plain byte vector, so recover it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Persist calls seen so far (including the crashing one).
+    pub fn calls(&self) -> u64 {
+        self.lock().calls
+    }
+
+    /// Whether the crash point has been reached.
+    pub fn crashed(&self) -> bool {
+        self.lock().crashed
+    }
+
+    /// What would be on the media after the crash.
+    pub fn durable_image(&self) -> Vec<u8> {
+        self.lock().image.clone()
+    }
+}
+
+impl Persist for CrashSim {
+    fn persist(&self, map: &Mapping, range: Range<u64>) -> io::Result<()> {
+        let mut st = self.lock();
+        if st.crashed {
+            return Err(io::Error::other("simulated crash: pool is gone"));
+        }
+        st.calls += 1;
+        let end = range.end.min(map.len() as u64);
+        let len = end.saturating_sub(range.start) as usize;
+        let mut bytes = vec![0u8; len];
+        map.read_at(range.start, &mut bytes)?;
+        let keep = if st.crash_at == Some(st.calls) {
+            st.crashed = true;
+            match st.tear {
+                Tear::Lost => 0,
+                Tear::Half => (len / 2) & !7,
+                Tear::Whole => len,
+            }
+        } else {
+            len
+        };
+        let start = range.start as usize;
+        if st.image.len() < start + len {
+            st.image.resize(start + len, 0);
+        }
+        st.image[start..start + keep].copy_from_slice(&bytes[..keep]);
+        if st.crashed {
+            return Err(io::Error::other(format!(
+                "simulated crash at persist #{}",
+                st.calls
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map() -> (std::fs::File, Mapping) {
+        let f = tempfile::tempfile().expect("tempfile");
+        f.set_len(3 * 4096).expect("set_len");
+        let m = Mapping::new(&f, 3 * 4096).expect("map");
+        (f, m)
+    }
+
+    #[test]
+    fn msync_accepts_unaligned_ranges() {
+        let (_f, m) = map();
+        m.write_at(5000, &[9; 100]).expect("write");
+        MsyncPersist.persist(&m, 5000..5100).expect("msync");
+        MsyncPersist.persist(&m, 0..3 * 4096).expect("msync all");
+        assert!(MsyncPersist.persist(&m, 20000..20001).is_err());
+    }
+
+    #[test]
+    fn crash_sim_keeps_only_persisted_and_tears_the_crashing_write() {
+        let (_f, m) = map();
+        let sim = CrashSim::new(m.len(), Some(2), Tear::Half);
+        m.write_at(0, &[1; 64]).expect("write");
+        sim.persist(&m, 0..64).expect("first persist succeeds");
+        m.write_at(100, &[2; 64]).expect("write");
+        m.write_at(4096, &[3; 8]).expect("write, never persisted");
+        assert!(sim.persist(&m, 100..164).is_err());
+        assert!(sim.crashed());
+        m.write_at(200, &[4; 8]).expect("write");
+        assert!(sim.persist(&m, 200..208).is_err());
+        let img = sim.durable_image();
+        assert_eq!(&img[0..64], &[1; 64]);
+        assert_eq!(&img[100..132], &[2; 32]);
+        assert_eq!(&img[132..164], &[0; 32]);
+        assert_eq!(&img[200..208], &[0; 8]);
+        assert_eq!(&img[4096..4104], &[0; 8]);
+        assert_eq!(sim.calls(), 2);
+    }
+
+    #[test]
+    fn crash_sim_lost_and_whole() {
+        let (_f, m) = map();
+        m.write_at(0, &[7; 16]).expect("write");
+        let lost = CrashSim::new(m.len(), Some(1), Tear::Lost);
+        assert!(lost.persist(&m, 0..16).is_err());
+        assert_eq!(&lost.durable_image()[0..16], &[0; 16]);
+        let whole = CrashSim::new(m.len(), Some(1), Tear::Whole);
+        assert!(whole.persist(&m, 0..16).is_err());
+        assert_eq!(&whole.durable_image()[0..16], &[7; 16]);
+    }
+}
