@@ -46,3 +46,6 @@ pub const PAGE_SIZE: usize = 4096;
 
 /// One 4 KiB page.
 pub type Page = [u8; PAGE_SIZE];
+
+#[cfg(test)]
+mod testutil;

@@ -150,7 +150,9 @@ impl Pool {
             created_unix_ns: now_ns(),
         };
         let mut pool = Pool::assemble(path, file, map, options.persist, sb);
-        // Generation 1: the empty catalog, committed like any other.
+        // Generations 1 and 2: the empty catalog, committed like any other, twice so that
+        // both superblock copies are valid from the start (and byte 0 holds the magic).
+        pool.commit(None, None, 1)?;
         pool.commit(None, None, 1)?;
         Ok(pool)
     }
@@ -523,4 +525,196 @@ impl Pool {
     pub fn recovery(&self) -> RecoveryReport {
         self.recovery
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::superblock::SB_CRC_OFFSET;
+    use crate::testutil::{pattern, small_pool, tmpdir};
+    use crate::{PageRun, SnapshotKind, SnapshotMeta};
+
+    fn patch(path: &Path, off: u64, bytes: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let f = OpenOptions::new().write(true).open(path).expect("open");
+        f.write_all_at(bytes, off).expect("patch");
+    }
+
+    fn reseal_superblock(path: &Path, copy: u64, f: impl FnOnce(&mut [u8])) {
+        use std::os::unix::fs::FileExt;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .expect("open");
+        let mut s = vec![0u8; SB_SIZE as usize];
+        file.read_exact_at(&mut s, copy * SB_SIZE).expect("read");
+        f(&mut s);
+        let crc = crc32c::crc32c(&s[..SB_CRC_OFFSET]);
+        s[SB_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+        file.write_all_at(&s, copy * SB_SIZE).expect("write");
+    }
+
+    #[test]
+    fn create_layout_and_reopen() {
+        let d = tmpdir();
+        let (path, pool) = small_pool(&d, 256, PoolOptions::default());
+        assert_eq!(pool.ram_offset() % (2 << 20), 0);
+        assert_eq!(pool.ram_size(), 1 << 20);
+        assert_eq!(
+            pool.geometry().block_count,
+            256,
+            "default: as many blocks as RAM pages"
+        );
+        assert_eq!(pool.generation(), 2);
+        assert!(pool.raw_fd() >= 0);
+        let len = pool.file().metadata().expect("stat").len();
+        assert_eq!(len, pool.geometry().file_size);
+        drop(pool);
+        let pool = Pool::open(&path).expect("reopen");
+        assert_eq!(pool.generation(), 2);
+        assert!(pool.list().is_empty());
+        assert!(matches!(
+            Pool::create(&path, 1 << 20, PoolOptions::default()),
+            Err(PoolError::AlreadyExists(_))
+        ));
+    }
+
+    #[test]
+    fn second_opener_is_locked_out() {
+        let d = tmpdir();
+        let (path, pool) = small_pool(&d, 16, PoolOptions::default());
+        match Pool::open(&path) {
+            Err(e @ PoolError::Locked { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("locked by another process"), "{msg}");
+                if let PoolError::Locked { pid: Some(pid), .. } = e {
+                    assert_eq!(pid, std::process::id());
+                }
+            }
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        drop(pool);
+        Pool::open(&path).expect("open after close");
+    }
+
+    #[test]
+    fn not_a_pool_and_truncated() {
+        let d = tmpdir();
+        let junk = d.path().join("junk");
+        std::fs::write(&junk, vec![0x5a; 20000]).expect("write");
+        assert!(matches!(Pool::open(&junk), Err(PoolError::NotAPool)));
+        let empty = d.path().join("empty");
+        std::fs::write(&empty, b"").expect("write");
+        assert!(matches!(Pool::open(&empty), Err(PoolError::NotAPool)));
+        let (path, pool) = small_pool(&d, 16, PoolOptions::default());
+        let size = pool.geometry().file_size;
+        drop(pool);
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.set_len(size - 4096).expect("truncate");
+        match Pool::open(&path) {
+            Err(PoolError::Truncated { expected, actual }) => {
+                assert_eq!((expected, actual), (size, size - 4096))
+            }
+            other => panic!("expected Truncated, got {other:?}"),
+        }
+        f.set_len(100).expect("truncate hard");
+        assert!(matches!(
+            Pool::open(&path),
+            Err(PoolError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn newer_version_is_refused() {
+        let d = tmpdir();
+        let (path, pool) = small_pool(&d, 16, PoolOptions::default());
+        drop(pool);
+        reseal_superblock(&path, 0, |s| s[8] = 2);
+        assert!(matches!(
+            Pool::open(&path),
+            Err(PoolError::NewerVersion {
+                found: 2,
+                supported: 1
+            })
+        ));
+    }
+
+    #[test]
+    fn corrupt_superblocks_and_catalog() {
+        let d = tmpdir();
+        let (path, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        pool.snapshot(
+            "a",
+            SnapshotKind::Vm,
+            &[PageRun::new(0, 4)],
+            SnapshotMeta::default(),
+        )
+        .expect("snapshot");
+        drop(pool);
+        // Generation 3 lives in copy 1; tearing it falls back to generation 2 (empty).
+        patch(&path, SB_SIZE + 50, &[0xff]);
+        let p = Pool::open(&path).expect("falls back to the other copy");
+        assert_eq!(p.generation(), 2);
+        assert!(p.list().is_empty());
+        drop(p);
+        patch(&path, 50, &[0xff]);
+        match Pool::open(&path) {
+            Err(PoolError::Corrupt(m)) => {
+                assert!(m.contains("superblock") || m.contains("checksum"), "{m}")
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        // A pool whose catalog record is damaged names the record.
+        let d2 = tmpdir();
+        let (path2, mut pool) = small_pool(&d2, 16, PoolOptions::default());
+        pool.snapshot(
+            "a",
+            SnapshotKind::Vm,
+            &[PageRun::new(0, 4)],
+            SnapshotMeta::default(),
+        )
+        .expect("snapshot");
+        let off = pool.geo.meta_slot_offset(pool.sb.catalog_slot) + pool.sb.catalog_len - 3;
+        drop(pool);
+        patch(&path2, off, &[0x99]);
+        match Pool::open(&path2) {
+            Err(PoolError::Corrupt(m)) => assert!(m.contains("record 1"), "{m}"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn torn_last_log_record_block_is_discarded() {
+        let d = tmpdir();
+        let (path, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        pool.write_ram_page(1, &pattern(5)).expect("write");
+        pool.snapshot(
+            "a",
+            SnapshotKind::Vm,
+            &[PageRun::new(0, 4)],
+            SnapshotMeta::default(),
+        )
+        .expect("snapshot");
+        pool.preserve(0).expect("preserve");
+        pool.preserve(1).expect("preserve");
+        let PageLocation::Block(b) = pool.snapshot_page_location("a", 1).expect("loc") else {
+            panic!("not preserved")
+        };
+        // The block of the last record never made it: as if the crash hit mid-preserve.
+        pool.map
+            .write_at(pool.geo.block_offset_of(b), &[0u8; 16])
+            .expect("tear");
+        drop(pool);
+        let pool = Pool::open(&path).expect("reopen");
+        let r = pool.recovery();
+        assert_eq!((r.replayed, r.torn_discarded), (1, 1));
+        assert_eq!(
+            pool.snapshot_page_location("a", 1).expect("loc"),
+            PageLocation::Ram(1)
+        );
+        assert!(pool.is_protected(1));
+        assert_eq!(pool.read_snapshot_page("a", 1).expect("read").1, pattern(5));
+    }
+    use crate::PageLocation;
 }

@@ -11,6 +11,7 @@ use crate::types::{
     normalize_runs, pages_to_runs, PageLocation, PageRun, SnapshotInfo, SnapshotKind, SnapshotMeta,
     SnapshotSel, Stats,
 };
+use crate::verify::Problem;
 use crate::{Page, PAGE_SIZE};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -550,5 +551,501 @@ impl Pool {
             generation: self.sb.generation,
             per_snapshot: self.list(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{pattern, small_pool, tmpdir};
+    use crate::{PoolOptions, ProcessInfo};
+    use std::sync::{mpsc, Mutex};
+
+    fn vm(pool: &mut Pool, name: &str, runs: &[PageRun]) -> u64 {
+        pool.snapshot(name, SnapshotKind::Vm, runs, SnapshotMeta::default())
+            .expect("snapshot")
+    }
+
+    fn fill(pool: &mut Pool, pages: std::ops::Range<u64>, seed: u64) {
+        for p in pages {
+            pool.write_ram_page(p, &pattern(seed + p)).expect("write");
+        }
+    }
+
+    #[test]
+    fn snapshot_protects_and_reads_back() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 64, PoolOptions::default());
+        fill(&mut pool, 0..64, 100);
+        let id = vm(&mut pool, "a", &[PageRun::new(0, 8), PageRun::new(20, 4)]);
+        assert!(pool.is_protected(0) && pool.is_protected(7) && pool.is_protected(23));
+        assert!(!pool.is_protected(8) && !pool.is_protected(24));
+        assert_eq!(
+            pool.protected_runs(),
+            vec![PageRun::new(0, 8), PageRun::new(20, 4)]
+        );
+        let (loc, page) = pool.read_snapshot_page("a", 3).expect("read");
+        assert_eq!(loc, PageLocation::Ram(3));
+        assert_eq!(page, pattern(103));
+        assert_eq!(
+            pool.read_snapshot_page(id, 21).expect("by id").1,
+            pattern(121)
+        );
+        assert!(matches!(
+            pool.read_snapshot_page("a", 10),
+            Err(PoolError::PageNotInSnapshot { page: 10, .. })
+        ));
+        let s = pool.stats();
+        assert_eq!(
+            (
+                s.snapshots,
+                s.pages_in_ram,
+                s.pages_in_blocks,
+                s.shared_bytes
+            ),
+            (1, 12, 0, 0)
+        );
+    }
+
+    #[test]
+    fn preserve_shares_one_block_between_snapshots() {
+        let d = tmpdir();
+        let (path, mut pool) = small_pool(&d, 32, PoolOptions::default());
+        fill(&mut pool, 0..32, 7);
+        vm(&mut pool, "a", &[PageRun::new(0, 16)]);
+        vm(&mut pool, "b", &[PageRun::new(8, 16)]);
+        assert_eq!(pool.stats().shared_bytes, 8 * 4096);
+        assert!(pool.preserve(10).expect("preserve"));
+        assert!(!pool.is_protected(10));
+        assert!(!pool.preserve(10).expect("second preserve is a no-op"));
+        assert!(!pool.preserve(30).expect("never protected"));
+        let la = pool.snapshot_page_location("a", 10).expect("loc");
+        let lb = pool.snapshot_page_location("b", 10).expect("loc");
+        assert!(matches!(la, PageLocation::Block(_)));
+        assert_eq!(la, lb, "both snapshots point at the same block");
+        pool.write_ram_page(10, &pattern(999)).expect("write");
+        assert_eq!(pool.read_snapshot_page("a", 10).expect("a").1, pattern(17));
+        assert_eq!(pool.read_snapshot_page("b", 10).expect("b").1, pattern(17));
+        let s = pool.stats();
+        assert_eq!((s.pages_in_blocks, s.blocks_used), (1, 1));
+        assert_eq!(s.shared_bytes, 8 * 4096);
+        drop(pool);
+        let pool = Pool::open(&path).expect("reopen");
+        assert_eq!(pool.recovery().replayed, 1);
+        assert_eq!(pool.read_snapshot_page("b", 10).expect("b").1, pattern(17));
+        assert_eq!(pool.read_ram_page(10).expect("ram"), pattern(999));
+        assert!(pool.verify(|_, _| {}).is_clean());
+    }
+
+    #[test]
+    fn write_ram_page_preserves_first() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 8, PoolOptions::default());
+        fill(&mut pool, 0..8, 1);
+        vm(&mut pool, "a", &[PageRun::new(0, 8)]);
+        pool.write_ram_page(2, &pattern(50)).expect("write");
+        assert_eq!(pool.read_snapshot_page("a", 2).expect("read").1, pattern(3));
+        assert_eq!(pool.read_ram_page(2).expect("ram"), pattern(50));
+    }
+
+    #[test]
+    fn delete_unprotects_and_frees() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 32, PoolOptions::default());
+        vm(&mut pool, "a", &[PageRun::new(0, 16)]);
+        vm(&mut pool, "b", &[PageRun::new(8, 16)]);
+        pool.preserve(9).expect("shared page");
+        pool.preserve(2).expect("a-only page");
+        pool.preserve(20).expect("b-only page");
+        assert_eq!(pool.stats().blocks_used, 3);
+        let freed = pool.delete("a").expect("delete");
+        assert_eq!(freed, vec![PageRun::new(0, 2), PageRun::new(3, 5)]);
+        assert_eq!(
+            pool.stats().blocks_used,
+            2,
+            "block of page 2 freed, shared block kept"
+        );
+        assert!(matches!(
+            pool.snapshot_page_location("b", 9),
+            Ok(PageLocation::Block(_))
+        ));
+        let freed = pool.delete("b").expect("delete");
+        assert_eq!(
+            freed,
+            vec![
+                PageRun::new(8, 1),
+                PageRun::new(10, 10),
+                PageRun::new(21, 3)
+            ]
+        );
+        let s = pool.stats();
+        assert_eq!((s.blocks_used, s.pages_in_ram, s.snapshots), (0, 0, 0));
+        assert!(pool.protected_runs().is_empty());
+        assert!(matches!(
+            pool.delete("b"),
+            Err(PoolError::NoSuchSnapshot(_))
+        ));
+    }
+
+    #[test]
+    fn argument_errors() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        vm(&mut pool, "a", &[PageRun::new(0, 1)]);
+        let m = SnapshotMeta::default;
+        assert!(matches!(
+            pool.snapshot("a", SnapshotKind::Vm, &[], m()),
+            Err(PoolError::DuplicateName(n)) if n == "a"
+        ));
+        assert!(matches!(
+            pool.snapshot("b", SnapshotKind::Vm, &[PageRun::new(10, 7)], m()),
+            Err(PoolError::PageOutOfRange {
+                first: 10,
+                count: 7,
+                ram_pages: 16
+            })
+        ));
+        assert!(matches!(
+            pool.snapshot("b", SnapshotKind::Vm, &[PageRun::new(u64::MAX, 2)], m()),
+            Err(PoolError::PageOutOfRange { .. })
+        ));
+        assert!(matches!(
+            pool.snapshot("bad name", SnapshotKind::Vm, &[], m()),
+            Err(PoolError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            pool.snapshot("p", SnapshotKind::Process, &[PageRun::new(0, 1)], m()),
+            Err(PoolError::InvalidArgument(_))
+        ));
+        let bad_vas = SnapshotMeta {
+            process: Some(ProcessInfo {
+                pid: 1,
+                comm: "x".into(),
+                run_vas: vec![],
+            }),
+            ..m()
+        };
+        assert!(matches!(
+            pool.snapshot("p", SnapshotKind::Process, &[PageRun::new(0, 1)], bad_vas),
+            Err(PoolError::InvalidArgument(_))
+        ));
+        let bad_label = SnapshotMeta {
+            labels: vec![("a b".into(), "v".into())],
+            ..m()
+        };
+        assert!(pool
+            .snapshot("p", SnapshotKind::Vm, &[], bad_label)
+            .is_err());
+        assert!(matches!(
+            pool.preserve(16),
+            Err(PoolError::PageOutOfRange { .. })
+        ));
+        assert_eq!(pool.list().len(), 1, "no failed snapshot was recorded");
+    }
+
+    #[test]
+    fn process_snapshot_metadata_and_state_roundtrip() {
+        let d = tmpdir();
+        let (path, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        let state: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let meta = SnapshotMeta {
+            labels: vec![("app".into(), "redis".into())],
+            state: state.clone(),
+            process: Some(ProcessInfo {
+                pid: 77,
+                comm: "redis-server".into(),
+                run_vas: vec![0x5555_0000, 0x7fff_0000],
+            }),
+        };
+        pool.snapshot(
+            "p1",
+            SnapshotKind::Process,
+            &[PageRun::new(4, 2), PageRun::new(1, 1)],
+            meta,
+        )
+        .expect("snapshot");
+        assert_eq!(pool.stats().blob_blocks, 3);
+        drop(pool);
+        let pool = Pool::open(&path).expect("reopen");
+        let info = pool.inspect("p1").expect("inspect");
+        assert_eq!(info.kind, SnapshotKind::Process);
+        assert_eq!(info.pages, 3);
+        assert_eq!(info.labels, vec![("app".to_string(), "redis".to_string())]);
+        let p = info.process.expect("process info");
+        assert_eq!((p.pid, p.comm.as_str()), (77, "redis-server"));
+        assert_eq!(p.run_vas, vec![0x5555_0000, 0x7fff_0000]);
+        assert_eq!(info.runs, vec![PageRun::new(4, 2), PageRun::new(1, 1)]);
+        assert_eq!(pool.read_state("p1").expect("state"), state);
+        assert!(info.created_unix_ns > 0);
+    }
+
+    #[test]
+    fn block_area_full_names_the_numbers() {
+        let d = tmpdir();
+        let opts = PoolOptions {
+            block_count: Some(2),
+            ..Default::default()
+        };
+        let (_, mut pool) = small_pool(&d, 8, opts);
+        vm(&mut pool, "a", &[PageRun::new(0, 8)]);
+        pool.preserve(0).expect("1");
+        pool.preserve(1).expect("2");
+        match pool.preserve(2) {
+            Err(PoolError::BlockAreaFull {
+                needed: 1,
+                free: 0,
+                total: 2,
+            }) => {}
+            other => panic!("expected BlockAreaFull, got {other:?}"),
+        }
+        assert!(
+            pool.is_protected(2),
+            "a failed preserve leaves the page protected"
+        );
+        let big = SnapshotMeta {
+            state: vec![1; 3 * PAGE_SIZE],
+            ..Default::default()
+        };
+        assert!(matches!(
+            pool.snapshot("b", SnapshotKind::Vm, &[], big),
+            Err(PoolError::BlockAreaFull {
+                needed: 3,
+                free: 0,
+                total: 2
+            })
+        ));
+    }
+
+    #[test]
+    fn metadata_full_is_reported() {
+        let d = tmpdir();
+        let opts = PoolOptions {
+            meta_slot_bytes: Some(4096),
+            ..Default::default()
+        };
+        let (_, mut pool) = small_pool(&d, 8, opts);
+        let labels: Vec<(String, String)> = (0..30)
+            .map(|i| (format!("k{i}"), "v".repeat(200)))
+            .collect();
+        let meta = SnapshotMeta {
+            labels,
+            ..Default::default()
+        };
+        match pool.snapshot("a", SnapshotKind::Vm, &[PageRun::new(0, 1)], meta) {
+            Err(PoolError::SnapshotAborted {
+                source, unprotect, ..
+            }) => {
+                assert!(
+                    source.to_string().contains("metadata area full"),
+                    "{source}"
+                );
+                assert_eq!(unprotect, vec![PageRun::new(0, 1)]);
+            }
+            other => panic!("expected abort, got {other:?}"),
+        }
+        assert!(!pool.is_protected(0));
+    }
+
+    #[test]
+    fn protect_callback_sees_only_new_pages_and_failure_rolls_back() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        vm(&mut pool, "a", &[PageRun::new(0, 4)]);
+        let mut seen = Vec::new();
+        pool.snapshot_with(
+            "b",
+            SnapshotKind::Vm,
+            &[PageRun::new(2, 4)],
+            SnapshotMeta::default(),
+            |r| {
+                seen = r.to_vec();
+                Ok(())
+            },
+        )
+        .expect("snapshot b");
+        assert_eq!(seen, vec![PageRun::new(4, 2)]);
+        let gen = pool.generation();
+        let err = pool
+            .snapshot_with(
+                "c",
+                SnapshotKind::Vm,
+                &[PageRun::new(5, 4)],
+                SnapshotMeta::default(),
+                |_| Err("uffd says no".into()),
+            )
+            .expect_err("callback failure aborts");
+        match err {
+            PoolError::SnapshotAborted { unprotect, .. } => {
+                assert_eq!(unprotect, vec![PageRun::new(6, 3)])
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(pool.generation(), gen, "nothing committed");
+        assert!(pool.is_protected(5) && !pool.is_protected(6) && !pool.is_protected(8));
+        assert!(pool.inspect("c").is_err());
+    }
+
+    #[test]
+    fn fault_during_snapshot_is_credited_to_the_new_snapshot() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        fill(&mut pool, 0..16, 40);
+        let pool = Arc::new(Mutex::new(pool));
+        let bitmap = pool.lock().expect("lock").protection_bitmap();
+        let (tx, rx) = mpsc::channel();
+        let mut guard = pool.lock().expect("lock");
+        let p2 = Arc::clone(&pool);
+        let mut handle = None;
+        guard
+            .snapshot_with(
+                "s",
+                SnapshotKind::Vm,
+                &[PageRun::new(0, 16)],
+                SnapshotMeta::default(),
+                |_| {
+                    // A "vCPU write" to page 5 faults now: the handler sees the bit and
+                    // blocks on the store lock until the commit is done.
+                    assert!(bitmap.get(5));
+                    handle = Some(std::thread::spawn(move || {
+                        tx.send(()).expect("send");
+                        let mut p = p2.lock().expect("lock");
+                        let did = p.preserve(5).expect("preserve");
+                        p.map
+                            .write_at(p.geo.ram_page_offset(5), &pattern(1))
+                            .expect("guest write");
+                        did
+                    }));
+                    rx.recv().expect("handler started");
+                    Ok(())
+                },
+            )
+            .expect("snapshot");
+        drop(guard);
+        assert!(
+            handle.expect("spawned").join().expect("join"),
+            "the fault preserved the page"
+        );
+        let pool = pool.lock().expect("lock");
+        assert!(matches!(
+            pool.snapshot_page_location("s", 5),
+            Ok(PageLocation::Block(_))
+        ));
+        assert_eq!(
+            pool.read_snapshot_page("s", 5).expect("read").1,
+            pattern(45)
+        );
+    }
+
+    #[test]
+    fn log_full_compacts_and_gc_reports() {
+        let d = tmpdir();
+        let opts = PoolOptions {
+            log_records: Some(128),
+            ..Default::default()
+        };
+        let (path, mut pool) = small_pool(&d, 300, opts);
+        fill(&mut pool, 0..300, 3);
+        vm(&mut pool, "a", &[PageRun::new(0, 300)]);
+        let gen = pool.generation();
+        for p in 0..200 {
+            assert!(pool.preserve(p).expect("preserve"));
+        }
+        assert!(pool.generation() > gen, "log filled and was compacted");
+        assert_eq!(pool.stats().log_records, 200 - 128);
+        drop(pool);
+        let mut pool = Pool::open(&path).expect("reopen");
+        assert_eq!(pool.recovery().replayed, 72);
+        for p in [0, 127, 128, 199, 250] {
+            assert_eq!(
+                pool.read_snapshot_page("a", p).expect("read").1,
+                pattern(3 + p)
+            );
+        }
+        let r = pool.gc().expect("gc");
+        assert_eq!(r.log_records_compacted, 72);
+        assert_eq!((r.blocks_reclaimed, r.pages_unprotected), (0, 0));
+        assert_eq!(pool.stats().log_records, 0);
+        assert!(pool.verify(|_, _| {}).is_clean());
+    }
+
+    #[test]
+    fn gc_reclaims_inconsistent_in_memory_usage() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 8, PoolOptions::default());
+        vm(&mut pool, "a", &[PageRun::new(0, 2)]);
+        // Simulate a leak: a block marked used and a page counted with no referrer.
+        pool.block_use[5] = BlockUse::Page;
+        pool.free_blocks.retain(|&b| b != 5);
+        pool.ram_refs[6] = 1;
+        pool.protected.set(6, true);
+        let r = pool.gc().expect("gc");
+        assert_eq!((r.blocks_reclaimed, r.pages_unprotected), (1, 1));
+        assert!(!pool.is_protected(6) && pool.is_protected(1));
+        assert_eq!(pool.stats().blocks_free, 8);
+    }
+
+    #[test]
+    fn verify_names_the_bad_page() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 8, PoolOptions::default());
+        fill(&mut pool, 0..8, 9);
+        vm(&mut pool, "a", &[PageRun::new(0, 8)]);
+        vm(&mut pool, "b", &[PageRun::new(3, 1)]);
+        pool.preserve(3).expect("preserve");
+        let PageLocation::Block(b) = pool.snapshot_page_location("a", 3).expect("loc") else {
+            panic!("not preserved")
+        };
+        pool.map
+            .write_at(pool.geo.block_offset_of(b) + 100, &[0xee])
+            .expect("corrupt");
+        let mut calls = 0;
+        let rep = pool.verify(|done, total| {
+            calls += 1;
+            assert!(done <= total);
+        });
+        assert!(calls >= 1);
+        assert_eq!(rep.pages_checked, 9);
+        let bad: Vec<(String, u64)> = rep
+            .problems
+            .iter()
+            .filter_map(|p| match p {
+                Problem::BadPage { snapshot, page, .. } => Some((snapshot.clone(), *page)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(bad, vec![("a".to_string(), 3), ("b".to_string(), 3)]);
+        assert!(matches!(
+            pool.read_snapshot_page("b", 3),
+            Err(PoolError::BadBlock { page: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn verify_detects_bad_state_blob_and_catalog() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 8, PoolOptions::default());
+        let meta = SnapshotMeta {
+            state: vec![5; 100],
+            ..Default::default()
+        };
+        pool.snapshot("a", SnapshotKind::Vm, &[], meta)
+            .expect("snapshot");
+        let b = pool.snapshots[0].blob.blocks[0];
+        pool.map
+            .write_at(pool.geo.block_offset_of(u64::from(b)), &[6])
+            .expect("corrupt");
+        let cat_off = pool.geo.meta_slot_offset(pool.sb.catalog_slot) + 70;
+        pool.map
+            .write_at(cat_off, &[0xff])
+            .expect("corrupt catalog");
+        let rep = pool.verify(|_, _| {});
+        assert!(rep.problems.contains(&Problem::BadState {
+            snapshot: "a".into()
+        }));
+        assert!(rep
+            .problems
+            .iter()
+            .any(|p| matches!(p, Problem::Catalog { .. })));
+        assert!(pool.read_state("a").is_err());
     }
 }
