@@ -11,7 +11,6 @@ use crate::types::{
     normalize_runs, pages_to_runs, PageLocation, PageRun, SnapshotInfo, SnapshotKind, SnapshotMeta,
     SnapshotSel, Stats,
 };
-use crate::verify::Problem;
 use crate::{Page, PAGE_SIZE};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -558,6 +557,7 @@ impl Pool {
 mod tests {
     use super::*;
     use crate::testutil::{pattern, small_pool, tmpdir};
+    use crate::verify::Problem;
     use crate::{PoolOptions, ProcessInfo};
     use std::sync::{mpsc, Mutex};
 
