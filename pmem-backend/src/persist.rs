@@ -140,8 +140,11 @@ impl Persist for CrashSim {
             len
         };
         let start = range.start as usize;
-        if st.image.len() < start + len {
-            st.image.resize(start + len, 0);
+        // The file's size is set at creation (a metadata operation that is durable before
+        // any data write), so the image always spans the whole mapping.
+        let size = map.len().max(start + len);
+        if st.image.len() < size {
+            st.image.resize(size, 0);
         }
         st.image[start..start + keep].copy_from_slice(&bytes[..keep]);
         if st.crashed {
