@@ -112,6 +112,18 @@ impl CrashSim {
         self.lock().crashed
     }
 
+    /// Crash at the `after`-th persist call from now (1 = the next one), tearing as `tear`.
+    pub fn arm(&self, after: u64, tear: Tear) {
+        let mut st = self.lock();
+        st.crash_at = Some(st.calls + after.max(1));
+        st.tear = tear;
+    }
+
+    /// Cancel an armed crash that has not happened.
+    pub fn disarm(&self) {
+        self.lock().crash_at = None;
+    }
+
     /// What would be on the media after the crash.
     pub fn durable_image(&self) -> Vec<u8> {
         self.lock().image.clone()
