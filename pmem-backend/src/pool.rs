@@ -338,12 +338,20 @@ impl Pool {
                 )));
             }
             if i + 1 == n {
+                // The last record may belong to a preserve the crash interrupted: its
+                // block write torn. Then the page was never written (preserve had not
+                // returned), so RAM still holds exactly the content the record describes
+                // and the record can be dropped. If RAM no longer matches, the preserve
+                // completed and the block went bad later: keep it, so verify reports it.
                 let mut page: Page = [0; PAGE_SIZE];
                 self.read_block(u64::from(r.block), &mut page)?;
-                if crc32c::crc32c(&page) != r.block_crc {
-                    self.recovery.torn_discarded += 1;
-                    self.log_tail = i as u32;
-                    break;
+                if crc32c::crc32c(&page) != r.block_crc && r.page < self.geo.ram_pages() {
+                    let ram = self.read_ram_page(r.page)?;
+                    if crc32c::crc32c(&ram) == r.block_crc {
+                        self.recovery.torn_discarded += 1;
+                        self.log_tail = i as u32;
+                        break;
+                    }
                 }
             }
             self.log_tail = i as u32 + 1;
@@ -716,5 +724,44 @@ mod tests {
         assert!(pool.is_protected(1));
         assert_eq!(pool.read_snapshot_page("a", 1).expect("read").1, pattern(5));
     }
+
+    #[test]
+    fn bad_last_block_after_the_page_changed_is_kept_and_reported() {
+        let d = tmpdir();
+        let (path, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        pool.write_ram_page(1, &pattern(5)).expect("write");
+        pool.snapshot(
+            "a",
+            SnapshotKind::Vm,
+            &[PageRun::new(0, 4)],
+            SnapshotMeta::default(),
+        )
+        .expect("snapshot");
+        pool.write_ram_page(1, &pattern(6))
+            .expect("preserve, then write");
+        let PageLocation::Block(b) = pool.snapshot_page_location("a", 1).expect("loc") else {
+            panic!("not preserved")
+        };
+        pool.map
+            .write_at(pool.geo.block_offset_of(b), &[0u8; 16])
+            .expect("bit rot");
+        drop(pool);
+        let pool = Pool::open(&path).expect("reopen");
+        assert_eq!(pool.recovery().torn_discarded, 0);
+        assert_eq!(
+            pool.snapshot_page_location("a", 1).expect("loc"),
+            PageLocation::Block(b)
+        );
+        let rep = pool.verify(|_, _| ());
+        assert!(
+            matches!(
+                rep.problems.as_slice(),
+                [crate::Problem::BadPage { page: 1, .. }]
+            ),
+            "{:?}",
+            rep.problems
+        );
+    }
+
     use crate::PageLocation;
 }
