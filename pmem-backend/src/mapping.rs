@@ -95,6 +95,16 @@ impl Mapping {
         Ok(())
     }
 
+    /// crc32c of `len` bytes at `off`, computed in place (no copy). Callers use it on
+    /// bytes nobody writes concurrently: store-owned areas, or a write-protected RAM page.
+    pub fn crc32c(&self, off: u64, len: usize) -> io::Result<u32> {
+        let off = self.check(off, len)?;
+        // SAFETY: bounds checked; the slice lives only for this call, during which the
+        // caller guarantees no writer touches these bytes (see above).
+        let s = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off), len) };
+        Ok(crc32c::crc32c(s))
+    }
+
     /// Copy `len` bytes within the mapping from `src` to `dst` (non-overlapping ranges).
     pub fn copy_within(&self, src: u64, dst: u64, len: usize) -> io::Result<()> {
         let s = self.check(src, len)?;
@@ -143,6 +153,8 @@ mod tests {
         assert!(m.write_at(8191, &[1, 2]).is_err());
         assert!(m.read_at(u64::MAX, &mut b).is_err());
         m.copy_within(8190, 0, 2).expect("copy");
+        assert_eq!(m.crc32c(8190, 2).expect("crc"), crc32c::crc32c(&[1, 2]));
+        assert!(m.crc32c(8191, 2).is_err());
         m.read_at(0, &mut b).expect("read");
         assert_eq!(b, [1, 2]);
         assert!(m.copy_within(0, 1, 2).is_err());

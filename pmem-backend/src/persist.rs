@@ -14,6 +14,13 @@ use std::sync::{Arc, Mutex};
 pub trait Persist: Send + Sync + std::fmt::Debug {
     /// Persist `range` (byte offsets into the pool file) of `map`.
     fn persist(&self, map: &Mapping, range: Range<u64>) -> io::Result<()>;
+
+    /// Persist several ranges with no ordering among them: when this returns all are
+    /// durable, but a crash during the call may leave any subset (or a torn part) of
+    /// them on the media. A DAX implementation flushes every range and fences once.
+    fn persist_batch(&self, map: &Mapping, ranges: &[Range<u64>]) -> io::Result<()> {
+        ranges.iter().try_for_each(|r| self.persist(map, r.clone()))
+    }
 }
 
 /// `msync(MS_SYNC)` on the page-aligned cover of the range.
@@ -46,15 +53,25 @@ impl Persist for MsyncPersist {
     }
 }
 
-/// How the write in flight at the crash point ends up in the durable image.
+/// How the write in flight at the crash point ends up in the durable image. For a
+/// batch (several ranges persisted by one call, unordered), the mode applies per range
+/// except `LastOnly`, which models reordering: only the batch's last range landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tear {
     /// None of it reached the media.
     Lost,
-    /// Its first half (rounded down to 8 bytes) reached the media.
+    /// The first half (rounded down to 8 bytes) of each range reached the media.
     Half,
     /// All of it reached the media, but the caller never learned so.
     Whole,
+    /// Only the last range of the batch reached the media (whole); for a single range
+    /// this is `Whole`.
+    LastOnly,
+}
+
+impl Tear {
+    /// Every mode, for tests that try them all.
+    pub const ALL: [Tear; 4] = [Tear::Lost, Tear::Half, Tear::Whole, Tear::LastOnly];
 }
 
 #[derive(Debug)]
@@ -132,34 +149,44 @@ impl CrashSim {
 
 impl Persist for CrashSim {
     fn persist(&self, map: &Mapping, range: Range<u64>) -> io::Result<()> {
+        self.persist_batch(map, std::slice::from_ref(&range))
+    }
+
+    fn persist_batch(&self, map: &Mapping, ranges: &[Range<u64>]) -> io::Result<()> {
         let mut st = self.lock();
         if st.crashed {
             return Err(io::Error::other("simulated crash: pool is gone"));
         }
         st.calls += 1;
-        let end = range.end.min(map.len() as u64);
-        let len = end.saturating_sub(range.start) as usize;
-        let mut bytes = vec![0u8; len];
-        map.read_at(range.start, &mut bytes)?;
-        let keep = if st.crash_at == Some(st.calls) {
-            st.crashed = true;
-            match st.tear {
-                Tear::Lost => 0,
-                Tear::Half => (len / 2) & !7,
-                Tear::Whole => len,
+        let crash = st.crash_at == Some(st.calls);
+        let n = ranges.len();
+        for (i, range) in ranges.iter().enumerate() {
+            let end = range.end.min(map.len() as u64);
+            let len = end.saturating_sub(range.start) as usize;
+            let mut bytes = vec![0u8; len];
+            map.read_at(range.start, &mut bytes)?;
+            let keep = if crash {
+                match st.tear {
+                    Tear::Lost => 0,
+                    Tear::Half => (len / 2) & !7,
+                    Tear::Whole => len,
+                    Tear::LastOnly if i + 1 == n => len,
+                    Tear::LastOnly => 0,
+                }
+            } else {
+                len
+            };
+            let start = range.start as usize;
+            // The file's size is set at creation (a metadata operation that is durable
+            // before any data write), so the image always spans the whole mapping.
+            let size = map.len().max(start + len);
+            if st.image.len() < size {
+                st.image.resize(size, 0);
             }
-        } else {
-            len
-        };
-        let start = range.start as usize;
-        // The file's size is set at creation (a metadata operation that is durable before
-        // any data write), so the image always spans the whole mapping.
-        let size = map.len().max(start + len);
-        if st.image.len() < size {
-            st.image.resize(size, 0);
+            st.image[start..start + keep].copy_from_slice(&bytes[..keep]);
         }
-        st.image[start..start + keep].copy_from_slice(&bytes[..keep]);
-        if st.crashed {
+        if crash {
+            st.crashed = true;
             return Err(io::Error::other(format!(
                 "simulated crash at persist #{}",
                 st.calls
@@ -220,5 +247,24 @@ mod tests {
         let whole = CrashSim::new(m.len(), Some(1), Tear::Whole);
         assert!(whole.persist(&m, 0..16).is_err());
         assert_eq!(&whole.durable_image()[0..16], &[7; 16]);
+    }
+
+    #[test]
+    fn crash_sim_batch_reordering() {
+        let (_f, m) = map();
+        m.write_at(0, &[1; 16]).expect("write");
+        m.write_at(4096, &[2; 16]).expect("write");
+        let sim = CrashSim::new(m.len(), Some(1), Tear::LastOnly);
+        assert!(sim.persist_batch(&m, &[0..16, 4096..4112]).is_err());
+        let img = sim.durable_image();
+        assert_eq!(
+            (&img[0..16], &img[4096..4112]),
+            (&[0u8; 16][..], &[2u8; 16][..])
+        );
+        let ok = CrashSim::new(m.len(), None, Tear::Lost);
+        ok.persist_batch(&m, &[0..16, 4096..4112])
+            .expect("no crash");
+        assert_eq!(ok.calls(), 1, "a batch is one persist point");
+        assert_eq!(&ok.durable_image()[4096..4112], &[2u8; 16]);
     }
 }

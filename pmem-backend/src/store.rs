@@ -195,9 +195,7 @@ impl Pool {
                 .filter(|&p| self.ram_refs[p as usize] == 0),
         );
         for r in &newly {
-            for p in r.first..r.end() {
-                self.protected.set(p, true);
-            }
+            self.protected.set_range(r.first, r.count, true);
         }
         let snap = Snapshot {
             id: self.next_id,
@@ -217,9 +215,7 @@ impl Pool {
         });
         if let Err(source) = res {
             for r in &newly {
-                for p in r.first..r.end() {
-                    self.protected.set(p, false);
-                }
+                self.protected.set_range(r.first, r.count, false);
             }
             self.free_blocks.extend(snap.blob.blocks.iter().rev());
             return Err(PoolError::SnapshotAborted {
@@ -259,21 +255,25 @@ impl Pool {
         if u64::from(self.log_tail) >= self.geo.log_capacity() {
             self.compact()?;
         }
-        let b = self.alloc_blocks(1)?[0];
+        let Some(b) = self.free_blocks.pop() else {
+            return Err(PoolError::BlockAreaFull {
+                needed: 1,
+                free: 0,
+                total: self.geo.block_count,
+            });
+        };
         let res = (|| {
-            let mut page: Page = [0; PAGE_SIZE];
+            // One copy, RAM -> block, then the crc over the block in place: the block is
+            // store-owned and nothing else writes it.
+            let boff = self.geo.block_offset_of(u64::from(b));
+            let io = |source| PoolError::Persist {
+                what: "preserved block",
+                source,
+            };
             self.map
-                .read_at(self.geo.ram_page_offset(p), &mut page)
-                .map_err(|source| PoolError::Persist {
-                    what: "block",
-                    source,
-                })?;
-            let block_crc = crc32c::crc32c(&page);
-            self.write_persist(
-                self.geo.block_offset_of(u64::from(b)),
-                &page,
-                "preserved block",
-            )?;
+                .copy_within(self.geo.ram_page_offset(p), boff, PAGE_SIZE)
+                .map_err(io)?;
+            let block_crc = self.map.crc32c(boff, PAGE_SIZE).map_err(io)?;
             let rec = LogRecord {
                 seq: self.log_tail,
                 block: b,
@@ -282,7 +282,18 @@ impl Pool {
                 block_crc,
             };
             let off = self.geo.log_offset + u64::from(self.log_tail) * LOG_RECORD_SIZE;
-            self.write_persist(off, &rec.encode(), "redirect log record")?;
+            self.map.write_at(off, &rec.encode()).map_err(io)?;
+            // Block and record in one unordered batch. If the crash leaves the record
+            // without its block, recovery sees the block's crc fail while RAM still
+            // matches the record (the page was not written: we had not returned), and
+            // drops the record; see `Pool::replay_log`.
+            let ranges = [boff..boff + PAGE_SIZE as u64, off..off + LOG_RECORD_SIZE];
+            self.persist
+                .persist_batch(&self.map, &ranges)
+                .map_err(|source| PoolError::Persist {
+                    what: "preserved block and redirect record",
+                    source,
+                })?;
             Ok(block_crc)
         })();
         match res {
@@ -332,14 +343,17 @@ impl Pool {
         for &b in &s.blob.blocks {
             self.free_block(b);
         }
-        Ok(pages_to_runs(unprotected))
+        let runs = pages_to_runs(unprotected);
+        for r in &runs {
+            self.protected.set_range(r.first, r.count, false);
+        }
+        Ok(runs)
     }
 
     fn unref_ram(&mut self, p: u64, unprotected: &mut Vec<u64>) {
         let r = &mut self.ram_refs[p as usize];
         *r -= 1;
         if *r == 0 {
-            self.protected.set(p, false);
             unprotected.push(p);
         }
     }

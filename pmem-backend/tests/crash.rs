@@ -51,7 +51,7 @@ fn run(sc: &Scenario) {
 
     let mut outcomes = [0usize; 2];
     for n in setup_calls + 1..=total {
-        for tear in [Tear::Lost, Tear::Half, Tear::Whole] {
+        for tear in Tear::ALL {
             let d = tmpdir();
             let sim = CrashSim::new(0, Some(n), tear);
             let mut pool = Pool::create(
@@ -101,7 +101,7 @@ fn run(sc: &Scenario) {
         }
     }
     eprintln!(
-        "{}: {} crash points x 3 tears: {} rolled back, {} rolled forward",
+        "{}: {} crash points x 4 tears: {} rolled back, {} rolled forward",
         sc.name,
         total - setup_calls,
         outcomes[0],

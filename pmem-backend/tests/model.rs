@@ -31,7 +31,7 @@ fn plain_op() -> impl Strategy<Value = Op> {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => plain_op(),
-        1 => (1..6u64, 0..3u8, plain_op()).prop_map(|(k, t, o)| Op::Crash(k, t, Box::new(o))),
+        1 => (1..6u64, 0..4u8, plain_op()).prop_map(|(k, t, o)| Op::Crash(k, t, Box::new(o))),
     ]
 }
 
@@ -134,7 +134,7 @@ impl World {
     fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
         match op {
             Op::Crash(k, t, inner) => {
-                let tear = [Tear::Lost, Tear::Half, Tear::Whole][*t as usize];
+                let tear = Tear::ALL[*t as usize];
                 self.sim.arm(*k, tear);
                 let before = self.model.clone();
                 let (res, after) = self.apply(inner);
