@@ -401,7 +401,11 @@ impl Pool {
         skip: Option<u64>,
         next_id: u64,
     ) -> Result<()> {
-        let gen = self.sb.generation + 1;
+        let gen = self
+            .sb
+            .generation
+            .checked_add(1)
+            .ok_or_else(|| PoolError::Corrupt("generation counter exhausted".into()))?;
         let dropped: HashSet<u32> =
             match skip.and_then(|id| self.snapshots.iter().find(|s| s.id == id)) {
                 Some(s) => s

@@ -187,6 +187,10 @@ impl Pool {
             }
         }
         let page_set = normalize_runs(runs);
+        let next_id = self
+            .next_id
+            .checked_add(1)
+            .ok_or_else(|| PoolError::Corrupt("snapshot id counter exhausted".into()))?;
         let blob = self.write_blob(&meta.state)?;
         let newly = pages_to_runs(
             page_set
@@ -210,7 +214,7 @@ impl Pool {
             blob,
         };
         let res = protect(&newly).and_then(|()| {
-            self.commit(Some(&snap), None, snap.id + 1)
+            self.commit(Some(&snap), None, next_id)
                 .map_err(|e| Box::new(e) as ProtectError)
         });
         if let Err(source) = res {
@@ -231,7 +235,7 @@ impl Pool {
             self.block_use[b as usize] = BlockUse::Blob;
             self.block_refs[b as usize] = 1;
         }
-        self.next_id = snap.id + 1;
+        self.next_id = next_id;
         let id = snap.id;
         self.snapshots.push(snap);
         Ok(id)
