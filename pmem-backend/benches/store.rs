@@ -36,7 +36,10 @@ fn benches(c: &mut Criterion) {
         Pool::create(dir.path().join("pool"), RAM, PoolOptions::default()).expect("create pool");
     // Fill RAM so pages are real (not tmpfs holes).
     let ram_off = pool.ram_offset();
-    let map = Mapping::new(pool.file(), pool.geometry().file_size as usize).expect("bench mapping");
+    let geo = pool.geometry();
+    let map = Mapping::new(pool.file(), geo.file_size as usize).expect("bench mapping");
+    // Pre-fault the bench's own mapping the way the store pre-faults its own.
+    map.populate(0, geo.file_size, true);
     let fill: Vec<u8> = (0..RAM).map(|i| (i % 251) as u8).collect();
     map.write_at(ram_off, &fill).expect("fill RAM");
 
@@ -84,13 +87,24 @@ fn benches(c: &mut Criterion) {
     });
 
     // Bare 4 KiB copy (RAM page -> block slot) plus the same msync persist preserve uses.
-    let geo = pool.geometry();
     let mut p = 0u64;
     g.bench_function("bare_4KiB_copy_plus_persist", |b| {
         b.iter(|| {
             let src = geo.ram_page_offset(p % PAGES);
             let dstoff = geo.block_offset_of(p % geo.block_count);
             map.copy_within(src, dstoff, PAGE_SIZE).expect("copy");
+            MsyncPersist
+                .persist(&map, dstoff..dstoff + PAGE_SIZE as u64)
+                .expect("persist");
+            p += 1;
+        })
+    });
+
+    // The persist call alone (msync of one 4 KiB page), to see how much of each figure
+    // above is the syscall.
+    g.bench_function("persist_4KiB_only", |b| {
+        b.iter(|| {
+            let dstoff = geo.block_offset_of(p % geo.block_count);
             MsyncPersist
                 .persist(&map, dstoff..dstoff + PAGE_SIZE as u64)
                 .expect("persist");

@@ -95,6 +95,35 @@ impl Mapping {
         Ok(())
     }
 
+    /// Pre-fault `len` bytes at `off` into this mapping's page tables (`write`: ready for
+    /// writing), so later accesses on the fault path take no page fault of their own.
+    /// Best effort: kernels without MADV_POPULATE_* (before 5.14) just skip it.
+    pub fn populate(&self, off: u64, len: u64, write: bool) {
+        let page = crate::PAGE_SIZE as u64;
+        let start = off & !(page - 1);
+        let end = off.saturating_add(len).min(self.len as u64);
+        if start >= end {
+            return;
+        }
+        let advice = if write {
+            libc::MADV_POPULATE_WRITE
+        } else {
+            libc::MADV_POPULATE_READ
+        };
+        // SAFETY: start is page aligned and start..end lies inside the live mapping;
+        // populating page tables does not change the bytes any Rust code sees.
+        let rc = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().add(start as usize).cast(),
+                (end - start) as usize,
+                advice,
+            )
+        };
+        if rc != 0 {
+            log::debug!("madvise populate: {}", io::Error::last_os_error());
+        }
+    }
+
     /// crc32c of `len` bytes at `off`, computed in place (no copy). Callers use it on
     /// bytes nobody writes concurrently: store-owned areas, or a write-protected RAM page.
     pub fn crc32c(&self, off: u64, len: usize) -> io::Result<u32> {

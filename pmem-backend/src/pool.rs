@@ -110,6 +110,24 @@ fn take_lock(file: &File, path: &Path) -> Result<()> {
     })
 }
 
+/// Allocate the whole file now, so a full tmpfs fails here with ENOSPC instead of with a
+/// SIGBUS on some later write through the mapping (a preserve, or a guest write).
+/// Filesystems without fallocate keep the sparse file.
+fn reserve_space(file: &File, size: u64, path: &Path) -> Result<()> {
+    let len = libc::off_t::try_from(size)
+        .map_err(|_| PoolError::InvalidArgument("pool too large".into()))?;
+    // SAFETY: plain syscall on a valid fd owned by `file`; no memory is passed.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    match rc {
+        0 | libc::EOPNOTSUPP | libc::EINVAL => Ok(()),
+        e => Err(PoolError::Io {
+            what: "reserving space for",
+            path: path.to_path_buf(),
+            source: std::io::Error::from_raw_os_error(e),
+        }),
+    }
+}
+
 impl Pool {
     /// Create a new pool file at `path` (which must not exist) with `ram_bytes` of guest
     /// RAM (a multiple of 4 KiB).
@@ -141,6 +159,7 @@ impl Pool {
         take_lock(&file, path)?;
         file.set_len(geo.file_size)
             .map_err(io_err("sizing", path))?;
+        reserve_space(&file, geo.file_size, path)?;
         let map = Mapping::new(&file, geo.file_size as usize).map_err(io_err("mapping", path))?;
         let sb = Superblock {
             generation: 0,
@@ -215,6 +234,11 @@ impl Pool {
         sb: Superblock,
     ) -> Pool {
         let geo = sb.geometry;
+        // Pre-fault the store's own mapping: metadata and blocks for writing, RAM for
+        // reading, so preserve (on the VMM's fault path) never page-faults itself.
+        map.populate(0, geo.ram_offset, true);
+        map.populate(geo.ram_offset, geo.ram_size, false);
+        map.populate(geo.block_offset, geo.file_size - geo.block_offset, true);
         let blocks = geo.block_count as usize;
         Pool {
             path: path.to_path_buf(),
