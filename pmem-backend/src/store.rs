@@ -8,8 +8,8 @@ use crate::pool::{now_ns, BlockUse, Pool};
 use crate::redirect_log::LogRecord;
 use crate::superblock::LOG_RECORD_SIZE;
 use crate::types::{
-    normalize_runs, pages_to_runs, PageLocation, PageRun, SnapshotInfo, SnapshotKind, SnapshotMeta,
-    SnapshotSel, Stats,
+    normalize_runs, pages_to_runs, PageLocation, PageRun, RunBuilder, SnapshotInfo, SnapshotKind,
+    SnapshotMeta, SnapshotSel, Stats,
 };
 use crate::{Page, PAGE_SIZE};
 use std::collections::BTreeMap;
@@ -192,12 +192,11 @@ impl Pool {
             .checked_add(1)
             .ok_or_else(|| PoolError::Corrupt("snapshot id counter exhausted".into()))?;
         let blob = self.write_blob(&meta.state)?;
-        let newly = pages_to_runs(
-            page_set
-                .iter()
-                .flat_map(|r| r.first..r.end())
-                .filter(|&p| self.ram_refs[p as usize] == 0),
-        );
+        let mut newly = RunBuilder::default();
+        for r in &page_set {
+            newly.push_zeros(r.first, &self.ram_refs[r.first as usize..r.end() as usize]);
+        }
+        let newly = newly.runs;
         for r in &newly {
             self.protected.set_range(r.first, r.count, true);
         }
@@ -228,8 +227,10 @@ impl Pool {
                 source,
             });
         }
-        for p in snap.pages() {
-            self.ram_refs[p as usize] += 1;
+        for r in &snap.page_set {
+            for n in &mut self.ram_refs[r.first as usize..r.end() as usize] {
+                *n += 1;
+            }
         }
         for &b in &snap.blob.blocks {
             self.block_use[b as usize] = BlockUse::Blob;
@@ -325,10 +326,14 @@ impl Pool {
         let id = self.snapshots[idx].id;
         self.commit(None, Some(id), self.next_id)?;
         let s = self.snapshots.remove(idx);
-        let mut unprotected = Vec::new();
+        let mut unprotected = RunBuilder::default();
         if s.redirects.is_empty() {
-            for p in s.pages() {
-                self.unref_ram(p, &mut unprotected);
+            for r in &s.page_set {
+                let refs = &mut self.ram_refs[r.first as usize..r.end() as usize];
+                for n in refs.iter_mut() {
+                    *n -= 1;
+                }
+                unprotected.push_zeros(r.first, refs);
             }
         } else {
             let mut red = s.redirects.iter().peekable();
@@ -340,26 +345,22 @@ impl Pool {
                         self.free_block(b);
                     }
                 } else {
-                    self.unref_ram(p, &mut unprotected);
+                    let n = &mut self.ram_refs[p as usize];
+                    *n -= 1;
+                    if *n == 0 {
+                        unprotected.push(p);
+                    }
                 }
             }
         }
         for &b in &s.blob.blocks {
             self.free_block(b);
         }
-        let runs = pages_to_runs(unprotected);
+        let runs = unprotected.runs;
         for r in &runs {
             self.protected.set_range(r.first, r.count, false);
         }
         Ok(runs)
-    }
-
-    fn unref_ram(&mut self, p: u64, unprotected: &mut Vec<u64>) {
-        let r = &mut self.ram_refs[p as usize];
-        *r -= 1;
-        if *r == 0 {
-            unprotected.push(p);
-        }
     }
 
     /// Reclaim anything unreferenced: recompute page and block usage from the snapshots,

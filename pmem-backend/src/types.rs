@@ -39,6 +39,47 @@ pub(crate) fn pages_to_runs(pages: impl IntoIterator<Item = u64>) -> Vec<PageRun
     out
 }
 
+/// Builds runs from ascending pages, extending the last run when a page follows it.
+#[derive(Debug, Default)]
+pub(crate) struct RunBuilder {
+    pub runs: Vec<PageRun>,
+}
+
+impl RunBuilder {
+    #[inline]
+    pub fn push(&mut self, p: u64) {
+        if let Some(r) = self.runs.last_mut() {
+            if r.first + r.count == p {
+                r.count += 1;
+                return;
+            }
+        }
+        self.runs.push(PageRun::new(p, 1));
+    }
+
+    /// Append the runs of pages in `first..first+refs.len()` whose counter is zero (a
+    /// tight scan over the counters, for snapshot and delete of large runs).
+    pub fn push_zeros(&mut self, first: u64, refs: &[u32]) {
+        let mut i = 0;
+        while i < refs.len() {
+            if refs[i] != 0 {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < refs.len() && refs[i] == 0 {
+                i += 1;
+            }
+            let p = first + start as u64;
+            let n = (i - start) as u64;
+            match self.runs.last_mut() {
+                Some(r) if r.first + r.count == p => r.count += n,
+                _ => self.runs.push(PageRun::new(p, n)),
+            }
+        }
+    }
+}
+
 /// Sort and merge runs into the disjoint page set they cover.
 pub(crate) fn normalize_runs(runs: &[PageRun]) -> Vec<PageRun> {
     let mut v: Vec<PageRun> = runs.iter().copied().filter(|r| r.count > 0).collect();
@@ -227,6 +268,27 @@ mod tests {
             vec![PageRun::new(1, 3), PageRun::new(7, 1), PageRun::new(9, 2)]
         );
         assert!(pages_to_runs([]).is_empty());
+    }
+
+    #[test]
+    fn run_builder_push_and_zero_scan() {
+        let mut b = RunBuilder::default();
+        b.push(3);
+        b.push(4);
+        b.push(9);
+        b.push_zeros(10, &[0, 0, 1, 0, 2, 2, 0]);
+        assert_eq!(
+            b.runs,
+            vec![
+                PageRun::new(3, 2),
+                PageRun::new(9, 3),
+                PageRun::new(13, 1),
+                PageRun::new(16, 1)
+            ]
+        );
+        let mut z = RunBuilder::default();
+        z.push_zeros(0, &[1, 1]);
+        assert!(z.runs.is_empty());
     }
 
     #[test]
