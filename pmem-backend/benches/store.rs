@@ -43,6 +43,7 @@ fn benches(c: &mut Criterion) {
     let fill: Vec<u8> = (0..RAM).map(|i| (i % 251) as u8).collect();
     map.write_at(ram_off, &fill).expect("fill RAM");
 
+    let msync = MsyncPersist::for_file(pool.file());
     let mut g = c.benchmark_group("store");
 
     // Copy 256 MiB into a preallocated (pre-faulted) buffer.
@@ -93,7 +94,7 @@ fn benches(c: &mut Criterion) {
             let src = geo.ram_page_offset(p % PAGES);
             let dstoff = geo.block_offset_of(p % geo.block_count);
             map.copy_within(src, dstoff, PAGE_SIZE).expect("copy");
-            MsyncPersist
+            msync
                 .persist(&map, dstoff..dstoff + PAGE_SIZE as u64)
                 .expect("persist");
             p += 1;
@@ -105,7 +106,7 @@ fn benches(c: &mut Criterion) {
     g.bench_function("persist_4KiB_only", |b| {
         b.iter(|| {
             let dstoff = geo.block_offset_of(p % geo.block_count);
-            MsyncPersist
+            msync
                 .persist(&map, dstoff..dstoff + PAGE_SIZE as u64)
                 .expect("persist");
             p += 1;

@@ -24,8 +24,36 @@ pub trait Persist: Send + Sync + std::fmt::Debug {
 }
 
 /// `msync(MS_SYNC)` on the page-aligned cover of the range.
+///
+/// On tmpfs and hugetlbfs (memory filesystems, where msync writes nothing back and costs
+/// the same for any length) a batch is persisted with one msync over the ranges' hull;
+/// on other filesystems each range gets its own msync, so no unrelated dirty page (guest
+/// RAM) is written back.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct MsyncPersist;
+pub struct MsyncPersist {
+    /// Whether one msync may cover a whole batch.
+    pub memory_fs: bool,
+}
+
+/// statfs magic numbers of the memory filesystems.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+impl MsyncPersist {
+    /// The msync seam for `file`, noting whether it lives on a memory filesystem.
+    pub fn for_file(file: &std::fs::File) -> Self {
+        use std::os::fd::AsRawFd;
+        // SAFETY: statfs is plain data, valid when zeroed.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd; `st` is a live, writable statfs the call fills in.
+        let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+        #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
+        let t = st.f_type as i64;
+        MsyncPersist {
+            memory_fs: rc == 0 && (t == TMPFS_MAGIC || t == HUGETLBFS_MAGIC),
+        }
+    }
+}
 
 impl Persist for MsyncPersist {
     fn persist(&self, map: &Mapping, range: Range<u64>) -> io::Result<()> {
@@ -50,6 +78,15 @@ impl Persist for MsyncPersist {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    fn persist_batch(&self, map: &Mapping, ranges: &[Range<u64>]) -> io::Result<()> {
+        if self.memory_fs && ranges.len() > 1 {
+            let start = ranges.iter().map(|r| r.start).min().unwrap_or(0);
+            let end = ranges.iter().map(|r| r.end).max().unwrap_or(0);
+            return self.persist(map, start..end);
+        }
+        ranges.iter().try_for_each(|r| self.persist(map, r.clone()))
     }
 }
 
@@ -211,9 +248,22 @@ mod tests {
     fn msync_accepts_unaligned_ranges() {
         let (_f, m) = map();
         m.write_at(5000, &[9; 100]).expect("write");
-        MsyncPersist.persist(&m, 5000..5100).expect("msync");
-        MsyncPersist.persist(&m, 0..3 * 4096).expect("msync all");
-        assert!(MsyncPersist.persist(&m, 20000..20001).is_err());
+        for mp in [
+            MsyncPersist { memory_fs: false },
+            MsyncPersist { memory_fs: true },
+        ] {
+            mp.persist(&m, 5000..5100).expect("msync");
+            mp.persist(&m, 0..3 * 4096).expect("msync all");
+            mp.persist_batch(&m, &[0..10, 8192..8200]).expect("batch");
+            assert!(mp.persist(&m, 20000..20001).is_err());
+        }
+    }
+
+    #[test]
+    fn detects_memory_filesystems() {
+        if let Ok(f) = tempfile::tempfile_in("/dev/shm") {
+            assert!(MsyncPersist::for_file(&f).memory_fs, "/dev/shm is tmpfs");
+        }
     }
 
     #[test]

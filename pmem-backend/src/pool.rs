@@ -26,7 +26,8 @@ pub const DEFAULT_LOG_RECORDS: u64 = 32768;
 pub struct PoolOptions {
     /// 4 KiB blocks for preserved pages and state blobs (default: as many as RAM pages).
     pub block_count: Option<u64>,
-    /// Redirect-log capacity in records (default 32768).
+    /// Redirect-log capacity in records (default: 32768 or one per RAM page, whichever
+    /// is larger, so compactions stay rare relative to the catalog size).
     pub log_records: Option<u64>,
     /// Bytes per metadata slot (default 1 MiB + 16 bytes per RAM page and per block).
     pub meta_slot_bytes: Option<u64>,
@@ -141,7 +142,7 @@ impl Pool {
         let geo = Geometry::plan(
             ram_bytes,
             blocks,
-            options.log_records.unwrap_or(DEFAULT_LOG_RECORDS),
+            options.log_records.unwrap_or(DEFAULT_LOG_RECORDS.max(ram_pages)),
             meta,
         )?;
         let file = match OpenOptions::new()
@@ -233,6 +234,7 @@ impl Pool {
         persist: Option<Box<dyn Persist>>,
         sb: Superblock,
     ) -> Pool {
+        let persist = persist.unwrap_or_else(|| Box::new(MsyncPersist::for_file(&file)));
         let geo = sb.geometry;
         // Pre-fault the store's own mapping: metadata and blocks for writing, RAM for
         // reading, so preserve (on the VMM's fault path) never page-faults itself.
@@ -244,7 +246,7 @@ impl Pool {
             path: path.to_path_buf(),
             file,
             map,
-            persist: persist.unwrap_or_else(|| Box::new(MsyncPersist)),
+            persist,
             geo,
             sb,
             snapshots: Vec::new(),
