@@ -142,7 +142,9 @@ impl Pool {
         let geo = Geometry::plan(
             ram_bytes,
             blocks,
-            options.log_records.unwrap_or(DEFAULT_LOG_RECORDS.max(ram_pages)),
+            options
+                .log_records
+                .unwrap_or(DEFAULT_LOG_RECORDS.max(ram_pages)),
             meta,
         )?;
         let file = match OpenOptions::new()
