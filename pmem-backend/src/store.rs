@@ -657,6 +657,45 @@ mod tests {
     }
 
     #[test]
+    fn overlapping_runs_count_each_page_once() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        fill(&mut pool, 0..16, 30);
+        let meta = SnapshotMeta {
+            process: Some(ProcessInfo {
+                pid: 1,
+                comm: "two-mappings".into(),
+                run_vas: vec![0x1000, 0x9000],
+            }),
+            ..SnapshotMeta::default()
+        };
+        pool.snapshot(
+            "p",
+            SnapshotKind::Process,
+            &[PageRun::new(0, 4), PageRun::new(2, 4)],
+            meta,
+        )
+        .expect("snapshot");
+        assert_eq!(pool.inspect("p").expect("inspect").pages, 6);
+        assert_eq!(
+            pool.stats().shared_bytes,
+            0,
+            "one snapshot shares nothing with itself"
+        );
+        pool.write_ram_page(3, &pattern(1)).expect("write");
+        assert_eq!(pool.stats().blocks_used, 1);
+        assert_eq!(
+            pool.read_snapshot_page("p", 3).expect("read").1,
+            pattern(33)
+        );
+        assert_eq!(
+            pool.delete("p").expect("delete"),
+            vec![PageRun::new(0, 3), PageRun::new(4, 2)]
+        );
+        assert_eq!(pool.stats().blocks_used, 0);
+    }
+
+    #[test]
     fn write_ram_page_preserves_first() {
         let d = tmpdir();
         let (_, mut pool) = small_pool(&d, 8, PoolOptions::default());
