@@ -1,1 +1,51 @@
 //! The pmsnap pool file and its persistent copy-on-write snapshot store.
+//!
+//! A pool is one file: two superblock copies, a redirect log, two metadata slots (the
+//! catalog), the guest RAM area and a block area of preserved 4 KiB page copies. See
+//! `docs/pool-format.md` for the format and the crash-consistency argument.
+//!
+//! # Threading
+//!
+//! [`Pool`] is `Send` but not internally synchronised: every mutating operation takes
+//! `&mut self`. Share it between the VMM's threads as `Arc<Mutex<Pool>>`. The fault
+//! handler may first ask the lock-free [`ProtectionBitmap`] (from
+//! [`Pool::protection_bitmap`]) whether a page is protected, then lock and call
+//! [`Pool::preserve`], which re-checks under the lock. [`Pool::snapshot_with`] holds the
+//! lock across mark + protect callback + commit, so a fault on a freshly protected page
+//! waits for the commit and its `preserve` then credits the block to the new snapshot.
+//! Never write guest RAM through the VMM's protected mapping while holding the lock (the
+//! fault would wait for the lock you hold).
+
+mod bitmap;
+pub mod catalog;
+pub mod codec;
+mod error;
+mod lock;
+pub mod mapping;
+pub mod persist;
+mod pool;
+pub mod redirect_log;
+mod store;
+pub mod superblock;
+mod types;
+mod verify;
+
+pub use bitmap::ProtectionBitmap;
+pub use error::{PoolError, Result};
+pub use persist::{CrashSim, MsyncPersist, Persist, Tear};
+pub use pool::{Pool, PoolOptions, RecoveryReport, DEFAULT_LOG_RECORDS};
+pub use store::{GcReport, ProtectError};
+pub use types::{
+    PageLocation, PageRun, ProcessInfo, SnapshotInfo, SnapshotKind, SnapshotMeta, SnapshotSel,
+    Stats,
+};
+pub use verify::{Problem, VerifyReport};
+
+/// Bytes per guest page and per block.
+pub const PAGE_SIZE: usize = 4096;
+
+/// One 4 KiB page.
+pub type Page = [u8; PAGE_SIZE];
+
+#[cfg(test)]
+mod testutil;

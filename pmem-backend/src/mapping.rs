@@ -1,0 +1,191 @@
+//! The store's own `MAP_SHARED` mapping of the whole pool file.
+//!
+//! All access goes through bounds-checked copies (`read_at` / `write_at`) rather than
+//! slices: the RAM area is mapped a second time by the VMM and written by the guest, so
+//! handing out `&[u8]` over it would promise an immutability nobody can keep.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+
+/// A read-write shared mapping of a file, unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; moving it to another
+// thread moves the only handle that unmaps it. Concurrent access to the bytes is
+// coordinated by the Pool's callers (&mut self for writes).
+unsafe impl Send for Mapping {}
+// SAFETY: `&Mapping` only allows copies in and out through raw pointers; writes need the
+// Pool's `&mut self`, and reads of guest RAM race only with the guest, as in any VMM.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Map `len` bytes of `file` (which must be at least that long) shared and read-write.
+    pub fn new(file: &File, len: usize) -> io::Result<Self> {
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
+        }
+        // SAFETY: a fresh mapping at an address the kernel chooses; it aliases no Rust
+        // object. The fd is valid for the call; the mapping outlives the fd's use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
+        Ok(Mapping { ptr, len })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never, by construction).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Base address, for msync and cache-line flushes.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    fn check(&self, off: u64, n: usize) -> io::Result<usize> {
+        let off = usize::try_from(off).map_err(|_| oob(off, n, self.len))?;
+        match off.checked_add(n) {
+            Some(end) if end <= self.len => Ok(off),
+            _ => Err(oob(off as u64, n, self.len)),
+        }
+    }
+
+    /// Copy `buf.len()` bytes at `off` out of the mapping.
+    pub fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        let off = self.check(off, buf.len())?;
+        // SAFETY: `check` proved off..off+len lies inside the mapping, which is live for
+        // `self`'s lifetime; `buf` is a distinct Rust allocation so the ranges don't overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), buf.as_mut_ptr(), buf.len())
+        };
+        Ok(())
+    }
+
+    /// Copy `buf` into the mapping at `off`. Takes `&self` because the mapping is shared
+    /// memory; the Pool serialises writers with `&mut self`.
+    pub fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+        let off = self.check(off, buf.len())?;
+        // SAFETY: bounds checked as in `read_at`; the destination is shared file memory,
+        // not a Rust object, so no reference is invalidated.
+        unsafe {
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ptr.as_ptr().add(off), buf.len())
+        };
+        Ok(())
+    }
+
+    /// Pre-fault `len` bytes at `off` into this mapping's page tables (`write`: ready for
+    /// writing), so later accesses on the fault path take no page fault of their own.
+    /// Best effort: kernels without MADV_POPULATE_* (before 5.14) just skip it.
+    pub fn populate(&self, off: u64, len: u64, write: bool) {
+        let page = crate::PAGE_SIZE as u64;
+        let start = off & !(page - 1);
+        let end = off.saturating_add(len).min(self.len as u64);
+        if start >= end {
+            return;
+        }
+        let advice = if write {
+            libc::MADV_POPULATE_WRITE
+        } else {
+            libc::MADV_POPULATE_READ
+        };
+        // SAFETY: start is page aligned and start..end lies inside the live mapping;
+        // populating page tables does not change the bytes any Rust code sees.
+        let rc = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().add(start as usize).cast(),
+                (end - start) as usize,
+                advice,
+            )
+        };
+        if rc != 0 {
+            log::debug!("madvise populate: {}", io::Error::last_os_error());
+        }
+    }
+
+    /// crc32c of `len` bytes at `off`, computed in place (no copy). Callers use it on
+    /// bytes nobody writes concurrently: store-owned areas, or a write-protected RAM page.
+    pub fn crc32c(&self, off: u64, len: usize) -> io::Result<u32> {
+        let off = self.check(off, len)?;
+        // SAFETY: bounds checked; the slice lives only for this call, during which the
+        // caller guarantees no writer touches these bytes (see above).
+        let s = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off), len) };
+        Ok(crc32c::crc32c(s))
+    }
+
+    /// Copy `len` bytes within the mapping from `src` to `dst` (non-overlapping ranges).
+    pub fn copy_within(&self, src: u64, dst: u64, len: usize) -> io::Result<()> {
+        let s = self.check(src, len)?;
+        let d = self.check(dst, len)?;
+        if s < d + len && d < s + len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "overlapping copy",
+            ));
+        }
+        // SAFETY: both ranges are inside the mapping (checked) and do not overlap (checked).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(s), self.ptr.as_ptr().add(d), len)
+        };
+        Ok(())
+    }
+}
+
+fn oob(off: u64, n: usize, len: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("access {off}+{n} beyond the {len}-byte pool mapping"),
+    )
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned; nothing uses the mapping after drop.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_are_checked() {
+        let f = tempfile::tempfile().expect("tempfile");
+        f.set_len(8192).expect("set_len");
+        let m = Mapping::new(&f, 8192).expect("map");
+        m.write_at(8190, &[1, 2]).expect("in bounds");
+        let mut b = [0u8; 2];
+        m.read_at(8190, &mut b).expect("in bounds");
+        assert_eq!(b, [1, 2]);
+        assert!(m.write_at(8191, &[1, 2]).is_err());
+        assert!(m.read_at(u64::MAX, &mut b).is_err());
+        m.copy_within(8190, 0, 2).expect("copy");
+        assert_eq!(m.crc32c(8190, 2).expect("crc"), crc32c::crc32c(&[1, 2]));
+        assert!(m.crc32c(8191, 2).is_err());
+        m.read_at(0, &mut b).expect("read");
+        assert_eq!(b, [1, 2]);
+        assert!(m.copy_within(0, 1, 2).is_err());
+    }
+}

@@ -1,0 +1,1109 @@
+//! The snapshot store's operations on an open [`Pool`]: snapshot, preserve, delete, gc,
+//! page and state reads, listings and statistics.
+
+use crate::bitmap::ProtectionBitmap;
+use crate::catalog::{validate_name, BlobRef, Snapshot, MAX_LABELS, MAX_VALUE_LEN};
+use crate::error::{PoolError, Result};
+use crate::pool::{now_ns, BlockUse, Pool};
+use crate::redirect_log::LogRecord;
+use crate::superblock::LOG_RECORD_SIZE;
+use crate::types::{
+    normalize_runs, pages_to_runs, PageLocation, PageRun, RunBuilder, SnapshotInfo, SnapshotKind,
+    SnapshotMeta, SnapshotSel, Stats,
+};
+use crate::{Page, PAGE_SIZE};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Error type a protect callback returns.
+pub type ProtectError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What [`Pool::gc`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GcReport {
+    /// Blocks marked in use that no snapshot referenced, returned to the allocator.
+    pub blocks_reclaimed: u64,
+    /// RAM pages counted as referenced that no snapshot referenced (now unprotected).
+    pub pages_unprotected: u64,
+    /// Redirect-log records compacted into the new catalog.
+    pub log_records_compacted: u64,
+    /// Torn log records recovery discarded at open.
+    pub torn_records_discarded: u64,
+    /// Orphan log records recovery dropped at open.
+    pub orphan_records_dropped: u64,
+    /// Generation after gc's commit.
+    pub generation: u64,
+}
+
+fn invalid(m: impl Into<String>) -> PoolError {
+    PoolError::InvalidArgument(m.into())
+}
+
+fn validate_meta(kind: SnapshotKind, runs: &[PageRun], meta: &SnapshotMeta) -> Result<()> {
+    if meta.labels.len() > MAX_LABELS {
+        return Err(invalid(format!("at most {MAX_LABELS} labels")));
+    }
+    for (k, v) in &meta.labels {
+        validate_name("label key", k).map_err(invalid)?;
+        if v.len() > MAX_VALUE_LEN {
+            return Err(invalid(format!(
+                "label {k:?}: value longer than {MAX_VALUE_LEN} bytes"
+            )));
+        }
+    }
+    match (kind, &meta.process) {
+        (SnapshotKind::Process, Some(p)) => {
+            if p.run_vas.len() != runs.len() {
+                return Err(invalid(format!(
+                    "{} runs but {} virtual addresses",
+                    runs.len(),
+                    p.run_vas.len()
+                )));
+            }
+            if p.comm.len() > MAX_VALUE_LEN {
+                return Err(invalid("command name too long"));
+            }
+        }
+        (SnapshotKind::Process, None) => {
+            return Err(invalid("a process snapshot needs process info"))
+        }
+        (SnapshotKind::Vm, Some(_)) => return Err(invalid("a vm snapshot takes no process info")),
+        (SnapshotKind::Vm, None) => {}
+    }
+    Ok(())
+}
+
+impl Pool {
+    pub(crate) fn find(&self, sel: SnapshotSel<'_>) -> Result<usize> {
+        self.snapshots
+            .iter()
+            .position(|s| match sel {
+                SnapshotSel::Name(n) => s.name == n,
+                SnapshotSel::Id(i) => s.id == i,
+            })
+            .ok_or_else(|| PoolError::NoSuchSnapshot(sel.to_string()))
+    }
+
+    fn alloc_blocks(&mut self, n: u64) -> Result<Vec<u32>> {
+        if (self.free_blocks.len() as u64) < n {
+            return Err(PoolError::BlockAreaFull {
+                needed: n,
+                free: self.free_blocks.len() as u64,
+                total: self.geo.block_count,
+            });
+        }
+        let at = self.free_blocks.len() - n as usize;
+        let mut v = self.free_blocks.split_off(at);
+        v.reverse();
+        Ok(v)
+    }
+
+    fn free_block(&mut self, b: u32) {
+        self.block_use[b as usize] = BlockUse::Free;
+        self.block_refs[b as usize] = 0;
+        self.page_blocks.remove(&b);
+        self.free_blocks.push(b);
+    }
+
+    /// Write a state blob into freshly allocated blocks and persist them (runs of
+    /// consecutive blocks are persisted with one call each).
+    fn write_blob(&mut self, data: &[u8]) -> Result<BlobRef> {
+        let blocks = self.alloc_blocks(data.len().div_ceil(PAGE_SIZE) as u64)?;
+        let res = (|| {
+            for (chunk, &b) in data.chunks(PAGE_SIZE).zip(&blocks) {
+                let mut page: Page = [0; PAGE_SIZE];
+                page[..chunk.len()].copy_from_slice(chunk);
+                self.map
+                    .write_at(self.geo.block_offset_of(u64::from(b)), &page)
+                    .map_err(|source| PoolError::Persist {
+                        what: "state blob",
+                        source,
+                    })?;
+            }
+            for r in pages_to_runs(blocks.iter().map(|&b| u64::from(b))) {
+                self.persist_range(
+                    self.geo.block_offset_of(r.first),
+                    r.count * PAGE_SIZE as u64,
+                    "state blob",
+                )?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = res {
+            self.free_blocks.extend(blocks.iter().rev());
+            return Err(e);
+        }
+        Ok(BlobRef {
+            len: data.len() as u64,
+            crc: crc32c::crc32c(data),
+            blocks,
+        })
+    }
+
+    /// Take a snapshot without a protect step (tests, offline use).
+    pub fn snapshot(
+        &mut self,
+        name: &str,
+        kind: SnapshotKind,
+        runs: &[PageRun],
+        meta: SnapshotMeta,
+    ) -> Result<u64> {
+        self.snapshot_with(name, kind, runs, meta, |_| Ok(()))
+    }
+
+    /// Take a snapshot: record RAM(p) references for every page in `runs`, with `meta`,
+    /// writing no page data. Returns the new snapshot's id.
+    ///
+    /// Order: validate; write the state blob; mark the pages protected in the bitmap;
+    /// call `protect(newly_protected_runs)` (the VMM write-protects those pages there);
+    /// commit durably. `&mut self` is held throughout, so a fault handler that needs
+    /// `preserve` waits for the commit and then finds the new snapshot's references.
+    /// If `protect` or the commit fails, nothing is committed, the bitmap marks are
+    /// rolled back, and [`PoolError::SnapshotAborted`] lists the runs to unprotect.
+    pub fn snapshot_with<F>(
+        &mut self,
+        name: &str,
+        kind: SnapshotKind,
+        runs: &[PageRun],
+        meta: SnapshotMeta,
+        protect: F,
+    ) -> Result<u64>
+    where
+        F: FnOnce(&[PageRun]) -> std::result::Result<(), ProtectError>,
+    {
+        validate_name("snapshot name", name).map_err(invalid)?;
+        if self.snapshots.iter().any(|s| s.name == name) {
+            return Err(PoolError::DuplicateName(name.to_string()));
+        }
+        validate_meta(kind, runs, &meta)?;
+        let ram_pages = self.geo.ram_pages();
+        for r in runs {
+            if r.count == 0 || r.first.checked_add(r.count).is_none_or(|e| e > ram_pages) {
+                return Err(PoolError::PageOutOfRange {
+                    first: r.first,
+                    count: r.count,
+                    ram_pages,
+                });
+            }
+        }
+        let page_set = normalize_runs(runs);
+        let next_id = self
+            .next_id
+            .checked_add(1)
+            .ok_or_else(|| PoolError::Corrupt("snapshot id counter exhausted".into()))?;
+        let blob = self.write_blob(&meta.state)?;
+        let mut newly = RunBuilder::default();
+        for r in &page_set {
+            newly.push_zeros(r.first, &self.ram_refs[r.first as usize..r.end() as usize]);
+        }
+        let newly = newly.runs;
+        for r in &newly {
+            self.protected.set_range(r.first, r.count, true);
+        }
+        let snap = Snapshot {
+            id: self.next_id,
+            name: name.to_string(),
+            kind,
+            created_unix_ns: now_ns(),
+            labels: meta.labels,
+            process: meta.process,
+            runs: runs.to_vec(),
+            page_set,
+            redirects: BTreeMap::new(),
+            blob,
+        };
+        let res = protect(&newly).and_then(|()| {
+            self.commit(Some(&snap), None, next_id)
+                .map_err(|e| Box::new(e) as ProtectError)
+        });
+        if let Err(source) = res {
+            for r in &newly {
+                self.protected.set_range(r.first, r.count, false);
+            }
+            self.free_blocks.extend(snap.blob.blocks.iter().rev());
+            return Err(PoolError::SnapshotAborted {
+                name: name.to_string(),
+                unprotect: newly,
+                source,
+            });
+        }
+        for r in &snap.page_set {
+            for n in &mut self.ram_refs[r.first as usize..r.end() as usize] {
+                *n += 1;
+            }
+        }
+        for &b in &snap.blob.blocks {
+            self.block_use[b as usize] = BlockUse::Blob;
+            self.block_refs[b as usize] = 1;
+        }
+        self.next_id = next_id;
+        let id = snap.id;
+        self.snapshots.push(snap);
+        Ok(id)
+    }
+
+    /// Preserve RAM page p before it is written: copy it into one new block, re-point
+    /// every snapshot referencing RAM(p) to that block, and make the redirect durable.
+    /// Returns `Ok(false)` if no snapshot references RAM(p) (nothing to do), `Ok(true)`
+    /// once the redirect is durable; only then may the caller unprotect p.
+    pub fn preserve(&mut self, p: u64) -> Result<bool> {
+        if p >= self.geo.ram_pages() {
+            return Err(PoolError::PageOutOfRange {
+                first: p,
+                count: 1,
+                ram_pages: self.geo.ram_pages(),
+            });
+        }
+        if self.ram_refs[p as usize] == 0 {
+            return Ok(false);
+        }
+        if u64::from(self.log_tail) >= self.geo.log_capacity() {
+            self.compact()?;
+        }
+        let Some(b) = self.free_blocks.pop() else {
+            return Err(PoolError::BlockAreaFull {
+                needed: 1,
+                free: 0,
+                total: self.geo.block_count,
+            });
+        };
+        let res = (|| {
+            // One copy, RAM -> block, then the crc over the block in place: the block is
+            // store-owned and nothing else writes it.
+            let boff = self.geo.block_offset_of(u64::from(b));
+            let io = |source| PoolError::Persist {
+                what: "preserved block",
+                source,
+            };
+            self.map
+                .copy_within(self.geo.ram_page_offset(p), boff, PAGE_SIZE)
+                .map_err(io)?;
+            let block_crc = self.map.crc32c(boff, PAGE_SIZE).map_err(io)?;
+            let rec = LogRecord {
+                seq: self.log_tail,
+                block: b,
+                generation: self.sb.generation,
+                page: p,
+                block_crc,
+            };
+            let off = self.geo.log_offset + u64::from(self.log_tail) * LOG_RECORD_SIZE;
+            self.map.write_at(off, &rec.encode()).map_err(io)?;
+            // Block and record in one unordered batch. If the crash leaves the record
+            // without its block, recovery sees the block's crc fail while RAM still
+            // matches the record (the page was not written: we had not returned), and
+            // drops the record; see `Pool::replay_log`.
+            let ranges = [boff..boff + PAGE_SIZE as u64, off..off + LOG_RECORD_SIZE];
+            self.persist
+                .persist_batch(&self.map, &ranges)
+                .map_err(|source| PoolError::Persist {
+                    what: "preserved block and redirect record",
+                    source,
+                })?;
+            Ok(block_crc)
+        })();
+        match res {
+            Ok(crc) => {
+                self.apply_redirect(p, b, crc);
+                self.log_tail += 1;
+                Ok(true)
+            }
+            Err(e) => {
+                self.free_blocks.push(b);
+                Err(e)
+            }
+        }
+    }
+
+    /// Compact the redirect log into a new catalog generation.
+    fn compact(&mut self) -> Result<()> {
+        self.commit(None, None, self.next_id)
+    }
+
+    /// Delete a snapshot: drop its references durably, free blocks nobody else uses,
+    /// and return the RAM pages that are no longer protected (as runs).
+    pub fn delete<'a>(&mut self, sel: impl Into<SnapshotSel<'a>>) -> Result<Vec<PageRun>> {
+        let idx = self.find(sel.into())?;
+        let id = self.snapshots[idx].id;
+        self.commit(None, Some(id), self.next_id)?;
+        let s = self.snapshots.remove(idx);
+        let mut unprotected = RunBuilder::default();
+        if s.redirects.is_empty() {
+            for r in &s.page_set {
+                let refs = &mut self.ram_refs[r.first as usize..r.end() as usize];
+                for n in refs.iter_mut() {
+                    *n -= 1;
+                }
+                unprotected.push_zeros(r.first, refs);
+            }
+        } else {
+            let mut red = s.redirects.iter().peekable();
+            for p in s.pages() {
+                if red.peek().is_some_and(|(&rp, _)| rp == p) {
+                    let (_, &b) = red.next().expect("peeked");
+                    self.block_refs[b as usize] -= 1;
+                    if self.block_refs[b as usize] == 0 {
+                        self.free_block(b);
+                    }
+                } else {
+                    let n = &mut self.ram_refs[p as usize];
+                    *n -= 1;
+                    if *n == 0 {
+                        unprotected.push(p);
+                    }
+                }
+            }
+        }
+        for &b in &s.blob.blocks {
+            self.free_block(b);
+        }
+        let runs = unprotected.runs;
+        for r in &runs {
+            self.protected.set_range(r.first, r.count, false);
+        }
+        Ok(runs)
+    }
+
+    /// Reclaim anything unreferenced: recompute page and block usage from the snapshots,
+    /// free what nothing references, compact the redirect log into a new generation, and
+    /// report. (Block usage is derived from references at open, so blocks written by an
+    /// operation a crash interrupted are already free after reopening; gc is the sweep
+    /// that proves it and compacts.)
+    pub fn gc(&mut self) -> Result<GcReport> {
+        let compacted = u64::from(self.log_tail);
+        self.commit(None, None, self.next_id)?;
+        let mut ram = vec![0u32; self.ram_refs.len()];
+        let mut blk = vec![0u32; self.block_refs.len()];
+        for s in &self.snapshots {
+            for p in s.pages() {
+                match s.redirects.get(&p) {
+                    Some(&b) => blk[b as usize] += 1,
+                    None => ram[p as usize] += 1,
+                }
+            }
+            for &b in &s.blob.blocks {
+                blk[b as usize] += 1;
+            }
+        }
+        let mut report = GcReport {
+            log_records_compacted: compacted,
+            torn_records_discarded: self.recovery.torn_discarded,
+            orphan_records_dropped: self.recovery.orphans_dropped,
+            generation: self.sb.generation,
+            ..Default::default()
+        };
+        for (p, &n) in ram.iter().enumerate() {
+            if n == 0 && self.ram_refs[p] != 0 {
+                report.pages_unprotected += 1;
+                self.protected.set(p as u64, false);
+            }
+        }
+        self.ram_refs = ram;
+        for (b, &n) in blk.iter().enumerate() {
+            if n == 0 && self.block_use[b] != BlockUse::Free {
+                report.blocks_reclaimed += 1;
+                self.block_use[b] = BlockUse::Free;
+                self.page_blocks.remove(&(b as u32));
+            }
+        }
+        self.block_refs = blk;
+        self.rebuild_free_list();
+        Ok(report)
+    }
+
+    /// Where snapshot page p is, without reading it.
+    pub fn snapshot_page_location<'a>(
+        &self,
+        sel: impl Into<SnapshotSel<'a>>,
+        p: u64,
+    ) -> Result<PageLocation> {
+        let s = &self.snapshots[self.find(sel.into())?];
+        if !s.covers(p) {
+            return Err(PoolError::PageNotInSnapshot {
+                snapshot: s.name.clone(),
+                page: p,
+            });
+        }
+        Ok(match s.redirects.get(&p) {
+            Some(&b) => PageLocation::Block(u64::from(b)),
+            None => PageLocation::Ram(p),
+        })
+    }
+
+    /// Read guest page p of a snapshot: where it is and its content. Block content is
+    /// checked against its crc32c.
+    pub fn read_snapshot_page<'a>(
+        &self,
+        sel: impl Into<SnapshotSel<'a>>,
+        p: u64,
+    ) -> Result<(PageLocation, Page)> {
+        let sel = sel.into();
+        let loc = self.snapshot_page_location(sel, p)?;
+        match loc {
+            PageLocation::Ram(p) => Ok((loc, self.read_ram_page(p)?)),
+            PageLocation::Block(b) => {
+                let mut page: Page = [0; PAGE_SIZE];
+                self.read_block(b, &mut page)?;
+                let expected = self.page_blocks.get(&(b as u32)).copied().unwrap_or(0);
+                let actual = crc32c::crc32c(&page);
+                if actual != expected {
+                    return Err(PoolError::BadBlock {
+                        snapshot: self.snapshots[self.find(sel)?].name.clone(),
+                        page: p,
+                        block: b,
+                        expected,
+                        actual,
+                    });
+                }
+                Ok((loc, page))
+            }
+        }
+    }
+
+    /// Read a snapshot's state blob, checking its crc32c.
+    pub fn read_state<'a>(&self, sel: impl Into<SnapshotSel<'a>>) -> Result<Vec<u8>> {
+        let s = &self.snapshots[self.find(sel.into())?];
+        let mut out = Vec::with_capacity(s.blob.len as usize);
+        for &b in &s.blob.blocks {
+            let mut page: Page = [0; PAGE_SIZE];
+            self.read_block(u64::from(b), &mut page)?;
+            let take = (s.blob.len as usize - out.len()).min(PAGE_SIZE);
+            out.extend_from_slice(&page[..take]);
+        }
+        if crc32c::crc32c(&out) != s.blob.crc {
+            return Err(PoolError::Corrupt(format!(
+                "snapshot {:?}: state blob fails its checksum",
+                s.name
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Whether RAM page p is referenced by a snapshot (and so must stay write-protected).
+    #[inline]
+    pub fn is_protected(&self, p: u64) -> bool {
+        self.protected.get(p)
+    }
+
+    /// The protected-page bitmap, readable without the store's lock (fault path fast
+    /// check; `preserve` under the lock stays the authority).
+    pub fn protection_bitmap(&self) -> Arc<ProtectionBitmap> {
+        Arc::clone(&self.protected)
+    }
+
+    /// Every RAM page any snapshot still references as RAM(p), as runs (the VMM
+    /// re-protects these when it starts on an existing pool).
+    pub fn protected_runs(&self) -> Vec<PageRun> {
+        pages_to_runs(
+            self.ram_refs
+                .iter()
+                .enumerate()
+                .filter(|(_, &n)| n > 0)
+                .map(|(p, _)| p as u64),
+        )
+    }
+
+    fn info(&self, s: &Snapshot) -> SnapshotInfo {
+        let pages = s.page_count();
+        SnapshotInfo {
+            id: s.id,
+            name: s.name.clone(),
+            kind: s.kind,
+            created_unix_ns: s.created_unix_ns,
+            labels: s.labels.clone(),
+            process: s.process.clone(),
+            runs: s.runs.clone(),
+            pages,
+            pages_in_ram: pages - s.redirects.len() as u64,
+            pages_in_blocks: s.redirects.len() as u64,
+            state_len: s.blob.len,
+        }
+    }
+
+    /// All snapshots, in creation order.
+    pub fn list(&self) -> Vec<SnapshotInfo> {
+        self.snapshots.iter().map(|s| self.info(s)).collect()
+    }
+
+    /// One snapshot.
+    pub fn inspect<'a>(&self, sel: impl Into<SnapshotSel<'a>>) -> Result<SnapshotInfo> {
+        Ok(self.info(&self.snapshots[self.find(sel.into())?]))
+    }
+
+    /// Store-wide statistics.
+    pub fn stats(&self) -> Stats {
+        let page = PAGE_SIZE as u64;
+        let mut shared = 0u64;
+        let mut saved = 0u64;
+        let mut in_ram = 0u64;
+        for &n in &self.ram_refs {
+            in_ram += u64::from(n > 0);
+            shared += u64::from(n > 1) * page;
+            saved += u64::from(n.saturating_sub(1)) * page;
+        }
+        let mut blob_blocks = 0;
+        for (b, u) in self.block_use.iter().enumerate() {
+            match u {
+                BlockUse::Blob => blob_blocks += 1,
+                BlockUse::Page => {
+                    let n = self.block_refs[b];
+                    shared += u64::from(n > 1) * page;
+                    saved += u64::from(n.saturating_sub(1)) * page;
+                }
+                BlockUse::Free => {}
+            }
+        }
+        let free = self.free_blocks.len() as u64;
+        Stats {
+            snapshots: self.snapshots.len() as u64,
+            ram_pages: self.geo.ram_pages(),
+            pages_in_ram: in_ram,
+            pages_in_blocks: self.page_blocks.len() as u64,
+            blob_blocks,
+            shared_bytes: shared,
+            saved_bytes: saved,
+            blocks_total: self.geo.block_count,
+            blocks_used: self.geo.block_count - free,
+            blocks_free: free,
+            log_records: u64::from(self.log_tail),
+            log_capacity: self.geo.log_capacity(),
+            generation: self.sb.generation,
+            per_snapshot: self.list(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{pattern, small_pool, tmpdir};
+    use crate::verify::Problem;
+    use crate::{PoolOptions, ProcessInfo};
+    use std::sync::{mpsc, Mutex};
+
+    fn vm(pool: &mut Pool, name: &str, runs: &[PageRun]) -> u64 {
+        pool.snapshot(name, SnapshotKind::Vm, runs, SnapshotMeta::default())
+            .expect("snapshot")
+    }
+
+    fn fill(pool: &mut Pool, pages: std::ops::Range<u64>, seed: u64) {
+        for p in pages {
+            pool.write_ram_page(p, &pattern(seed + p)).expect("write");
+        }
+    }
+
+    #[test]
+    fn snapshot_protects_and_reads_back() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 64, PoolOptions::default());
+        fill(&mut pool, 0..64, 100);
+        let id = vm(&mut pool, "a", &[PageRun::new(0, 8), PageRun::new(20, 4)]);
+        assert!(pool.is_protected(0) && pool.is_protected(7) && pool.is_protected(23));
+        assert!(!pool.is_protected(8) && !pool.is_protected(24));
+        assert_eq!(
+            pool.protected_runs(),
+            vec![PageRun::new(0, 8), PageRun::new(20, 4)]
+        );
+        let (loc, page) = pool.read_snapshot_page("a", 3).expect("read");
+        assert_eq!(loc, PageLocation::Ram(3));
+        assert_eq!(page, pattern(103));
+        assert_eq!(
+            pool.read_snapshot_page(id, 21).expect("by id").1,
+            pattern(121)
+        );
+        assert!(matches!(
+            pool.read_snapshot_page("a", 10),
+            Err(PoolError::PageNotInSnapshot { page: 10, .. })
+        ));
+        let s = pool.stats();
+        assert_eq!(
+            (
+                s.snapshots,
+                s.pages_in_ram,
+                s.pages_in_blocks,
+                s.shared_bytes
+            ),
+            (1, 12, 0, 0)
+        );
+    }
+
+    #[test]
+    fn preserve_shares_one_block_between_snapshots() {
+        let d = tmpdir();
+        let (path, mut pool) = small_pool(&d, 32, PoolOptions::default());
+        fill(&mut pool, 0..32, 7);
+        vm(&mut pool, "a", &[PageRun::new(0, 16)]);
+        vm(&mut pool, "b", &[PageRun::new(8, 16)]);
+        assert_eq!(pool.stats().shared_bytes, 8 * 4096);
+        assert!(pool.preserve(10).expect("preserve"));
+        assert!(!pool.is_protected(10));
+        assert!(!pool.preserve(10).expect("second preserve is a no-op"));
+        assert!(!pool.preserve(30).expect("never protected"));
+        let la = pool.snapshot_page_location("a", 10).expect("loc");
+        let lb = pool.snapshot_page_location("b", 10).expect("loc");
+        assert!(matches!(la, PageLocation::Block(_)));
+        assert_eq!(la, lb, "both snapshots point at the same block");
+        pool.write_ram_page(10, &pattern(999)).expect("write");
+        assert_eq!(pool.read_snapshot_page("a", 10).expect("a").1, pattern(17));
+        assert_eq!(pool.read_snapshot_page("b", 10).expect("b").1, pattern(17));
+        let s = pool.stats();
+        assert_eq!((s.pages_in_blocks, s.blocks_used), (1, 1));
+        assert_eq!(s.shared_bytes, 8 * 4096);
+        drop(pool);
+        let pool = Pool::open(&path).expect("reopen");
+        assert_eq!(pool.recovery().replayed, 1);
+        assert_eq!(pool.read_snapshot_page("b", 10).expect("b").1, pattern(17));
+        assert_eq!(pool.read_ram_page(10).expect("ram"), pattern(999));
+        assert!(pool.verify(|_, _| {}).is_clean());
+    }
+
+    #[test]
+    fn overlapping_runs_count_each_page_once() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        fill(&mut pool, 0..16, 30);
+        let meta = SnapshotMeta {
+            process: Some(ProcessInfo {
+                pid: 1,
+                comm: "two-mappings".into(),
+                run_vas: vec![0x1000, 0x9000],
+            }),
+            ..SnapshotMeta::default()
+        };
+        pool.snapshot(
+            "p",
+            SnapshotKind::Process,
+            &[PageRun::new(0, 4), PageRun::new(2, 4)],
+            meta,
+        )
+        .expect("snapshot");
+        assert_eq!(pool.inspect("p").expect("inspect").pages, 6);
+        assert_eq!(
+            pool.stats().shared_bytes,
+            0,
+            "one snapshot shares nothing with itself"
+        );
+        pool.write_ram_page(3, &pattern(1)).expect("write");
+        assert_eq!(pool.stats().blocks_used, 1);
+        assert_eq!(
+            pool.read_snapshot_page("p", 3).expect("read").1,
+            pattern(33)
+        );
+        assert_eq!(
+            pool.delete("p").expect("delete"),
+            vec![PageRun::new(0, 3), PageRun::new(4, 2)]
+        );
+        assert_eq!(pool.stats().blocks_used, 0);
+    }
+
+    #[test]
+    fn write_ram_page_preserves_first() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 8, PoolOptions::default());
+        fill(&mut pool, 0..8, 1);
+        vm(&mut pool, "a", &[PageRun::new(0, 8)]);
+        pool.write_ram_page(2, &pattern(50)).expect("write");
+        assert_eq!(pool.read_snapshot_page("a", 2).expect("read").1, pattern(3));
+        assert_eq!(pool.read_ram_page(2).expect("ram"), pattern(50));
+    }
+
+    #[test]
+    fn delete_unprotects_and_frees() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 32, PoolOptions::default());
+        vm(&mut pool, "a", &[PageRun::new(0, 16)]);
+        vm(&mut pool, "b", &[PageRun::new(8, 16)]);
+        pool.preserve(9).expect("shared page");
+        pool.preserve(2).expect("a-only page");
+        pool.preserve(20).expect("b-only page");
+        assert_eq!(pool.stats().blocks_used, 3);
+        let freed = pool.delete("a").expect("delete");
+        assert_eq!(freed, vec![PageRun::new(0, 2), PageRun::new(3, 5)]);
+        assert_eq!(
+            pool.stats().blocks_used,
+            2,
+            "block of page 2 freed, shared block kept"
+        );
+        assert!(matches!(
+            pool.snapshot_page_location("b", 9),
+            Ok(PageLocation::Block(_))
+        ));
+        let freed = pool.delete("b").expect("delete");
+        assert_eq!(
+            freed,
+            vec![
+                PageRun::new(8, 1),
+                PageRun::new(10, 10),
+                PageRun::new(21, 3)
+            ]
+        );
+        let s = pool.stats();
+        assert_eq!((s.blocks_used, s.pages_in_ram, s.snapshots), (0, 0, 0));
+        assert!(pool.protected_runs().is_empty());
+        assert!(matches!(
+            pool.delete("b"),
+            Err(PoolError::NoSuchSnapshot(_))
+        ));
+    }
+
+    #[test]
+    fn argument_errors() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        vm(&mut pool, "a", &[PageRun::new(0, 1)]);
+        let m = SnapshotMeta::default;
+        assert!(matches!(
+            pool.snapshot("a", SnapshotKind::Vm, &[], m()),
+            Err(PoolError::DuplicateName(n)) if n == "a"
+        ));
+        assert!(matches!(
+            pool.snapshot("b", SnapshotKind::Vm, &[PageRun::new(10, 7)], m()),
+            Err(PoolError::PageOutOfRange {
+                first: 10,
+                count: 7,
+                ram_pages: 16
+            })
+        ));
+        assert!(matches!(
+            pool.snapshot("b", SnapshotKind::Vm, &[PageRun::new(u64::MAX, 2)], m()),
+            Err(PoolError::PageOutOfRange { .. })
+        ));
+        assert!(matches!(
+            pool.snapshot("bad name", SnapshotKind::Vm, &[], m()),
+            Err(PoolError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            pool.snapshot("p", SnapshotKind::Process, &[PageRun::new(0, 1)], m()),
+            Err(PoolError::InvalidArgument(_))
+        ));
+        let bad_vas = SnapshotMeta {
+            process: Some(ProcessInfo {
+                pid: 1,
+                comm: "x".into(),
+                run_vas: vec![],
+            }),
+            ..m()
+        };
+        assert!(matches!(
+            pool.snapshot("p", SnapshotKind::Process, &[PageRun::new(0, 1)], bad_vas),
+            Err(PoolError::InvalidArgument(_))
+        ));
+        let bad_label = SnapshotMeta {
+            labels: vec![("a b".into(), "v".into())],
+            ..m()
+        };
+        assert!(pool
+            .snapshot("p", SnapshotKind::Vm, &[], bad_label)
+            .is_err());
+        assert!(matches!(
+            pool.preserve(16),
+            Err(PoolError::PageOutOfRange { .. })
+        ));
+        assert_eq!(pool.list().len(), 1, "no failed snapshot was recorded");
+    }
+
+    #[test]
+    fn process_snapshot_metadata_and_state_roundtrip() {
+        let d = tmpdir();
+        let (path, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        let state: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let meta = SnapshotMeta {
+            labels: vec![("app".into(), "redis".into())],
+            state: state.clone(),
+            process: Some(ProcessInfo {
+                pid: 77,
+                comm: "redis-server".into(),
+                run_vas: vec![0x5555_0000, 0x7fff_0000],
+            }),
+        };
+        pool.snapshot(
+            "p1",
+            SnapshotKind::Process,
+            &[PageRun::new(4, 2), PageRun::new(1, 1)],
+            meta,
+        )
+        .expect("snapshot");
+        assert_eq!(pool.stats().blob_blocks, 3);
+        drop(pool);
+        let pool = Pool::open(&path).expect("reopen");
+        let info = pool.inspect("p1").expect("inspect");
+        assert_eq!(info.kind, SnapshotKind::Process);
+        assert_eq!(info.pages, 3);
+        assert_eq!(info.labels, vec![("app".to_string(), "redis".to_string())]);
+        let p = info.process.expect("process info");
+        assert_eq!((p.pid, p.comm.as_str()), (77, "redis-server"));
+        assert_eq!(p.run_vas, vec![0x5555_0000, 0x7fff_0000]);
+        assert_eq!(info.runs, vec![PageRun::new(4, 2), PageRun::new(1, 1)]);
+        assert_eq!(pool.read_state("p1").expect("state"), state);
+        assert!(info.created_unix_ns > 0);
+    }
+
+    #[test]
+    fn block_area_full_names_the_numbers() {
+        let d = tmpdir();
+        let opts = PoolOptions {
+            block_count: Some(2),
+            ..Default::default()
+        };
+        let (_, mut pool) = small_pool(&d, 8, opts);
+        vm(&mut pool, "a", &[PageRun::new(0, 8)]);
+        pool.preserve(0).expect("1");
+        pool.preserve(1).expect("2");
+        match pool.preserve(2) {
+            Err(PoolError::BlockAreaFull {
+                needed: 1,
+                free: 0,
+                total: 2,
+            }) => {}
+            other => panic!("expected BlockAreaFull, got {other:?}"),
+        }
+        assert!(
+            pool.is_protected(2),
+            "a failed preserve leaves the page protected"
+        );
+        let big = SnapshotMeta {
+            state: vec![1; 3 * PAGE_SIZE],
+            ..Default::default()
+        };
+        assert!(matches!(
+            pool.snapshot("b", SnapshotKind::Vm, &[], big),
+            Err(PoolError::BlockAreaFull {
+                needed: 3,
+                free: 0,
+                total: 2
+            })
+        ));
+    }
+
+    #[test]
+    fn metadata_full_is_reported() {
+        let d = tmpdir();
+        let opts = PoolOptions {
+            meta_slot_bytes: Some(4096),
+            ..Default::default()
+        };
+        let (_, mut pool) = small_pool(&d, 8, opts);
+        let labels: Vec<(String, String)> = (0..30)
+            .map(|i| (format!("k{i}"), "v".repeat(200)))
+            .collect();
+        let meta = SnapshotMeta {
+            labels,
+            ..Default::default()
+        };
+        match pool.snapshot("a", SnapshotKind::Vm, &[PageRun::new(0, 1)], meta) {
+            Err(PoolError::SnapshotAborted {
+                source, unprotect, ..
+            }) => {
+                assert!(
+                    source.to_string().contains("metadata area full"),
+                    "{source}"
+                );
+                assert_eq!(unprotect, vec![PageRun::new(0, 1)]);
+            }
+            other => panic!("expected abort, got {other:?}"),
+        }
+        assert!(!pool.is_protected(0));
+    }
+
+    #[test]
+    fn protect_callback_sees_only_new_pages_and_failure_rolls_back() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        vm(&mut pool, "a", &[PageRun::new(0, 4)]);
+        let mut seen = Vec::new();
+        pool.snapshot_with(
+            "b",
+            SnapshotKind::Vm,
+            &[PageRun::new(2, 4)],
+            SnapshotMeta::default(),
+            |r| {
+                seen = r.to_vec();
+                Ok(())
+            },
+        )
+        .expect("snapshot b");
+        assert_eq!(seen, vec![PageRun::new(4, 2)]);
+        let gen = pool.generation();
+        let err = pool
+            .snapshot_with(
+                "c",
+                SnapshotKind::Vm,
+                &[PageRun::new(5, 4)],
+                SnapshotMeta::default(),
+                |_| Err("uffd says no".into()),
+            )
+            .expect_err("callback failure aborts");
+        match err {
+            PoolError::SnapshotAborted { unprotect, .. } => {
+                assert_eq!(unprotect, vec![PageRun::new(6, 3)])
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(pool.generation(), gen, "nothing committed");
+        assert!(pool.is_protected(5) && !pool.is_protected(6) && !pool.is_protected(8));
+        assert!(pool.inspect("c").is_err());
+    }
+
+    #[test]
+    fn fault_during_snapshot_is_credited_to_the_new_snapshot() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        fill(&mut pool, 0..16, 40);
+        let pool = Arc::new(Mutex::new(pool));
+        let bitmap = pool.lock().expect("lock").protection_bitmap();
+        let (tx, rx) = mpsc::channel();
+        let mut guard = pool.lock().expect("lock");
+        let p2 = Arc::clone(&pool);
+        let mut handle = None;
+        guard
+            .snapshot_with(
+                "s",
+                SnapshotKind::Vm,
+                &[PageRun::new(0, 16)],
+                SnapshotMeta::default(),
+                |_| {
+                    // A "vCPU write" to page 5 faults now: the handler sees the bit and
+                    // blocks on the store lock until the commit is done.
+                    assert!(bitmap.get(5));
+                    handle = Some(std::thread::spawn(move || {
+                        tx.send(()).expect("send");
+                        let mut p = p2.lock().expect("lock");
+                        let did = p.preserve(5).expect("preserve");
+                        p.map
+                            .write_at(p.geo.ram_page_offset(5), &pattern(1))
+                            .expect("guest write");
+                        did
+                    }));
+                    rx.recv().expect("handler started");
+                    Ok(())
+                },
+            )
+            .expect("snapshot");
+        drop(guard);
+        assert!(
+            handle.expect("spawned").join().expect("join"),
+            "the fault preserved the page"
+        );
+        let pool = pool.lock().expect("lock");
+        assert!(matches!(
+            pool.snapshot_page_location("s", 5),
+            Ok(PageLocation::Block(_))
+        ));
+        assert_eq!(
+            pool.read_snapshot_page("s", 5).expect("read").1,
+            pattern(45)
+        );
+    }
+
+    #[test]
+    fn log_full_compacts_and_gc_reports() {
+        let d = tmpdir();
+        let opts = PoolOptions {
+            log_records: Some(128),
+            ..Default::default()
+        };
+        let (path, mut pool) = small_pool(&d, 300, opts);
+        fill(&mut pool, 0..300, 3);
+        vm(&mut pool, "a", &[PageRun::new(0, 300)]);
+        let gen = pool.generation();
+        for p in 0..200 {
+            assert!(pool.preserve(p).expect("preserve"));
+        }
+        assert!(pool.generation() > gen, "log filled and was compacted");
+        assert_eq!(pool.stats().log_records, 200 - 128);
+        drop(pool);
+        let mut pool = Pool::open(&path).expect("reopen");
+        assert_eq!(pool.recovery().replayed, 72);
+        for p in [0, 127, 128, 199, 250] {
+            assert_eq!(
+                pool.read_snapshot_page("a", p).expect("read").1,
+                pattern(3 + p)
+            );
+        }
+        let r = pool.gc().expect("gc");
+        assert_eq!(r.log_records_compacted, 72);
+        assert_eq!((r.blocks_reclaimed, r.pages_unprotected), (0, 0));
+        assert_eq!(pool.stats().log_records, 0);
+        assert!(pool.verify(|_, _| {}).is_clean());
+    }
+
+    #[test]
+    fn gc_reclaims_inconsistent_in_memory_usage() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 8, PoolOptions::default());
+        vm(&mut pool, "a", &[PageRun::new(0, 2)]);
+        // Simulate a leak: a block marked used and a page counted with no referrer.
+        pool.block_use[5] = BlockUse::Page;
+        pool.free_blocks.retain(|&b| b != 5);
+        pool.ram_refs[6] = 1;
+        pool.protected.set(6, true);
+        let r = pool.gc().expect("gc");
+        assert_eq!((r.blocks_reclaimed, r.pages_unprotected), (1, 1));
+        assert!(!pool.is_protected(6) && pool.is_protected(1));
+        assert_eq!(pool.stats().blocks_free, 8);
+    }
+
+    #[test]
+    fn verify_names_the_bad_page() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 8, PoolOptions::default());
+        fill(&mut pool, 0..8, 9);
+        vm(&mut pool, "a", &[PageRun::new(0, 8)]);
+        vm(&mut pool, "b", &[PageRun::new(3, 1)]);
+        pool.preserve(3).expect("preserve");
+        let PageLocation::Block(b) = pool.snapshot_page_location("a", 3).expect("loc") else {
+            panic!("not preserved")
+        };
+        pool.map
+            .write_at(pool.geo.block_offset_of(b) + 100, &[0xee])
+            .expect("corrupt");
+        let mut calls = 0;
+        let rep = pool.verify(|done, total| {
+            calls += 1;
+            assert!(done <= total);
+        });
+        assert!(calls >= 1);
+        assert_eq!(rep.pages_checked, 9);
+        let bad: Vec<(String, u64)> = rep
+            .problems
+            .iter()
+            .filter_map(|p| match p {
+                Problem::BadPage { snapshot, page, .. } => Some((snapshot.clone(), *page)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(bad, vec![("a".to_string(), 3), ("b".to_string(), 3)]);
+        assert!(matches!(
+            pool.read_snapshot_page("b", 3),
+            Err(PoolError::BadBlock { page: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn verify_detects_bad_state_blob_and_catalog() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 8, PoolOptions::default());
+        let meta = SnapshotMeta {
+            state: vec![5; 100],
+            ..Default::default()
+        };
+        pool.snapshot("a", SnapshotKind::Vm, &[], meta)
+            .expect("snapshot");
+        let b = pool.snapshots[0].blob.blocks[0];
+        pool.map
+            .write_at(pool.geo.block_offset_of(u64::from(b)), &[6])
+            .expect("corrupt");
+        let cat_off = pool.geo.meta_slot_offset(pool.sb.catalog_slot) + 70;
+        pool.map
+            .write_at(cat_off, &[0xff])
+            .expect("corrupt catalog");
+        let rep = pool.verify(|_, _| {});
+        assert!(rep.problems.contains(&Problem::BadState {
+            snapshot: "a".into()
+        }));
+        assert!(rep
+            .problems
+            .iter()
+            .any(|p| matches!(p, Problem::Catalog { .. })));
+        assert!(pool.read_state("a").is_err());
+    }
+}

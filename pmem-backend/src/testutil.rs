@@ -1,0 +1,29 @@
+//! Helpers shared by the unit tests.
+
+use crate::{Page, Pool, PoolOptions, PAGE_SIZE};
+use std::path::PathBuf;
+
+/// A temp directory on /dev/shm when there is one (where pools live), else the default.
+pub fn tmpdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("pmsnap-test")
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .expect("temp dir")
+}
+
+/// A fresh pool of `ram_pages` pages in `dir`, with small metadata.
+pub fn small_pool(dir: &tempfile::TempDir, ram_pages: u64, opts: PoolOptions) -> (PathBuf, Pool) {
+    let path = dir.path().join("pool");
+    let pool = Pool::create(&path, ram_pages * PAGE_SIZE as u64, opts).expect("create pool");
+    (path, pool)
+}
+
+/// A page filled with a pattern derived from `seed`.
+pub fn pattern(seed: u64) -> Page {
+    let mut p = [0u8; PAGE_SIZE];
+    for (i, chunk) in p.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64).to_le_bytes());
+    }
+    p
+}
