@@ -59,7 +59,6 @@ pub(crate) enum BlockUse {
 /// An open pool: the file, its lock, the store's mapping, and the in-memory state of the
 /// snapshot store. Not internally synchronised: share it behind a `Mutex` (see the crate
 /// docs on threading).
-#[derive(Debug)]
 pub struct Pool {
     pub(crate) path: PathBuf,
     pub(crate) file: File,
@@ -80,6 +79,20 @@ pub struct Pool {
     pub(crate) free_blocks: Vec<u32>,
     pub(crate) log_tail: u32,
     pub(crate) recovery: RecoveryReport,
+}
+
+impl std::fmt::Debug for Pool {
+    // Not derived: the per-page and per-block vectors would print millions of numbers.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("path", &self.path)
+            .field("geometry", &self.geo)
+            .field("generation", &self.sb.generation)
+            .field("snapshots", &self.snapshots.len())
+            .field("free_blocks", &self.free_blocks.len())
+            .field("log_tail", &self.log_tail)
+            .finish_non_exhaustive()
+    }
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PoolError + 'a {
@@ -593,6 +606,17 @@ mod tests {
         let crc = crc32c::crc32c(&s[..SB_CRC_OFFSET]);
         s[SB_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         file.write_all_at(&s, copy * SB_SIZE).expect("write");
+    }
+
+    #[test]
+    fn pool_can_be_shared_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Pool>();
+        assert_send_sync::<std::sync::Mutex<Pool>>();
+        let d = tmpdir();
+        let (_, pool) = small_pool(&d, 16, PoolOptions::default());
+        let dbg = format!("{pool:?}");
+        assert!(dbg.contains("generation") && dbg.len() < 2000, "{dbg}");
     }
 
     #[test]
