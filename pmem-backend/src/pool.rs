@@ -782,6 +782,56 @@ mod tests {
     }
 
     #[test]
+    fn preserve_crash_with_only_the_record_landed_is_rolled_back() {
+        use crate::{CrashSim, Tear};
+        for (tear, redirected) in [
+            (Tear::LastOnly, false),
+            (Tear::Half, false),
+            (Tear::Whole, true),
+        ] {
+            let d = tmpdir();
+            let sim = CrashSim::new(0, None, Tear::Lost);
+            let opts = PoolOptions {
+                persist: Some(Box::new(sim.clone())),
+                ..Default::default()
+            };
+            let (_, mut pool) = small_pool(&d, 16, opts);
+            pool.write_ram_page(4, &pattern(77)).expect("write");
+            pool.snapshot(
+                "a",
+                SnapshotKind::Vm,
+                &[PageRun::new(0, 8)],
+                SnapshotMeta::default(),
+            )
+            .expect("snapshot");
+            sim.arm(1, tear);
+            assert!(pool.preserve(4).is_err(), "crash inside preserve");
+            drop(pool);
+            let path = d.path().join("img");
+            std::fs::write(&path, sim.durable_image()).expect("image");
+            let pool = Pool::open(&path).expect("reopen");
+            let r = pool.recovery();
+            let loc = pool.snapshot_page_location("a", 4).expect("loc");
+            assert_eq!(
+                matches!(loc, PageLocation::Block(_)),
+                redirected,
+                "{tear:?}: {loc:?} {r:?}"
+            );
+            assert_eq!(
+                r.torn_discarded,
+                u64::from(tear == Tear::LastOnly),
+                "{tear:?}"
+            );
+            assert_eq!(pool.is_protected(4), !redirected);
+            assert_eq!(
+                pool.read_snapshot_page("a", 4).expect("read").1,
+                pattern(77)
+            );
+            assert!(pool.verify(|_, _| ()).is_clean());
+        }
+    }
+
+    #[test]
     fn bad_last_block_after_the_page_changed_is_kept_and_reported() {
         let d = tmpdir();
         let (path, mut pool) = small_pool(&d, 16, PoolOptions::default());
