@@ -15,6 +15,13 @@
 //! waits for the commit and its `preserve` then credits the block to the new snapshot.
 //! Never write guest RAM through the VMM's protected mapping while holding the lock (the
 //! fault would wait for the lock you hold).
+//!
+//! The fault handler's flow for a write fault on page p: lock; `preserve(p)`; unlock;
+//! then remove the write protection and wake the writer, whether `preserve` returned
+//! `Ok(true)` (p was referenced; its old content is now durable in a block) or
+//! `Ok(false)` (no snapshot references p any more, e.g. it was deleted or a snapshot
+//! was aborted). On `Err` the page must stay protected. At VMM start on an existing
+//! pool, write-protect [`Pool::protected_runs`].
 
 mod bitmap;
 pub mod catalog;

@@ -59,7 +59,6 @@ pub(crate) enum BlockUse {
 /// An open pool: the file, its lock, the store's mapping, and the in-memory state of the
 /// snapshot store. Not internally synchronised: share it behind a `Mutex` (see the crate
 /// docs on threading).
-#[derive(Debug)]
 pub struct Pool {
     pub(crate) path: PathBuf,
     pub(crate) file: File,
@@ -80,6 +79,20 @@ pub struct Pool {
     pub(crate) free_blocks: Vec<u32>,
     pub(crate) log_tail: u32,
     pub(crate) recovery: RecoveryReport,
+}
+
+impl std::fmt::Debug for Pool {
+    // Not derived: the per-page and per-block vectors would print millions of numbers.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("path", &self.path)
+            .field("geometry", &self.geo)
+            .field("generation", &self.sb.generation)
+            .field("snapshots", &self.snapshots.len())
+            .field("free_blocks", &self.free_blocks.len())
+            .field("log_tail", &self.log_tail)
+            .finish_non_exhaustive()
+    }
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PoolError + 'a {
@@ -596,6 +609,17 @@ mod tests {
     }
 
     #[test]
+    fn pool_can_be_shared_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Pool>();
+        assert_send_sync::<std::sync::Mutex<Pool>>();
+        let d = tmpdir();
+        let (_, pool) = small_pool(&d, 16, PoolOptions::default());
+        let dbg = format!("{pool:?}");
+        assert!(dbg.contains("generation") && dbg.len() < 2000, "{dbg}");
+    }
+
+    #[test]
     fn create_layout_and_reopen() {
         let d = tmpdir();
         let (path, pool) = small_pool(&d, 256, PoolOptions::default());
@@ -755,6 +779,56 @@ mod tests {
         );
         assert!(pool.is_protected(1));
         assert_eq!(pool.read_snapshot_page("a", 1).expect("read").1, pattern(5));
+    }
+
+    #[test]
+    fn preserve_crash_with_only_the_record_landed_is_rolled_back() {
+        use crate::{CrashSim, Tear};
+        for (tear, redirected) in [
+            (Tear::LastOnly, false),
+            (Tear::Half, false),
+            (Tear::Whole, true),
+        ] {
+            let d = tmpdir();
+            let sim = CrashSim::new(0, None, Tear::Lost);
+            let opts = PoolOptions {
+                persist: Some(Box::new(sim.clone())),
+                ..Default::default()
+            };
+            let (_, mut pool) = small_pool(&d, 16, opts);
+            pool.write_ram_page(4, &pattern(77)).expect("write");
+            pool.snapshot(
+                "a",
+                SnapshotKind::Vm,
+                &[PageRun::new(0, 8)],
+                SnapshotMeta::default(),
+            )
+            .expect("snapshot");
+            sim.arm(1, tear);
+            assert!(pool.preserve(4).is_err(), "crash inside preserve");
+            drop(pool);
+            let path = d.path().join("img");
+            std::fs::write(&path, sim.durable_image()).expect("image");
+            let pool = Pool::open(&path).expect("reopen");
+            let r = pool.recovery();
+            let loc = pool.snapshot_page_location("a", 4).expect("loc");
+            assert_eq!(
+                matches!(loc, PageLocation::Block(_)),
+                redirected,
+                "{tear:?}: {loc:?} {r:?}"
+            );
+            assert_eq!(
+                r.torn_discarded,
+                u64::from(tear == Tear::LastOnly),
+                "{tear:?}"
+            );
+            assert_eq!(pool.is_protected(4), !redirected);
+            assert_eq!(
+                pool.read_snapshot_page("a", 4).expect("read").1,
+                pattern(77)
+            );
+            assert!(pool.verify(|_, _| ()).is_clean());
+        }
     }
 
     #[test]
