@@ -67,8 +67,10 @@ fn validate_meta(kind: SnapshotKind, runs: &[PageRun], meta: &SnapshotMeta) -> R
         (SnapshotKind::Process, None) => {
             return Err(invalid("a process snapshot needs process info"))
         }
-        (SnapshotKind::Vm, Some(_)) => return Err(invalid("a vm snapshot takes no process info")),
-        (SnapshotKind::Vm, None) => {}
+        (SnapshotKind::Vm | SnapshotKind::Pages, Some(_)) => {
+            return Err(invalid("only a process snapshot takes process info"))
+        }
+        (SnapshotKind::Vm | SnapshotKind::Pages, None) => {}
     }
     Ok(())
 }

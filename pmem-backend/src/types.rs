@@ -105,19 +105,32 @@ pub enum SnapshotKind {
     Process,
     /// A whole guest: all RAM plus device and vCPU state in the state blob.
     Vm,
+    /// A set of guest pages named by page number (the control API's page snapshots).
+    Pages,
 }
 
 impl SnapshotKind {
+    /// The kind's name as shown to users and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotKind::Process => "process",
+            SnapshotKind::Vm => "vm",
+            SnapshotKind::Pages => "pages",
+        }
+    }
+
     pub(crate) fn code(self) -> u8 {
         match self {
             SnapshotKind::Process => 1,
             SnapshotKind::Vm => 2,
+            SnapshotKind::Pages => 3,
         }
     }
     pub(crate) fn from_code(c: u8) -> Option<Self> {
         match c {
             1 => Some(SnapshotKind::Process),
             2 => Some(SnapshotKind::Vm),
+            3 => Some(SnapshotKind::Pages),
             _ => None,
         }
     }

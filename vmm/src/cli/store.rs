@@ -175,10 +175,7 @@ fn verify_with_progress(pool: &Pool, allow_bar: bool) -> pmem_backend::VerifyRep
 }
 
 fn kind_str(k: SnapshotKind) -> &'static str {
-    match k {
-        SnapshotKind::Process => "process",
-        SnapshotKind::Vm => "vm",
-    }
+    k.as_str()
 }
 
 /// Format ns since the epoch as UTC `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, H. Hinnant).
