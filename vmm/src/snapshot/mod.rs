@@ -2,5 +2,6 @@
 //! that preserves a page before its first write, and dirty tracking.
 
 pub mod dirty;
+pub mod engine;
 pub mod fault;
 pub mod protect;

@@ -1,0 +1,578 @@
+//! The copy-before-write engine: joins the snapshot store in the pool, the write-protect
+//! seam, the fault handler and dirty tracking, and serves the control API.
+//!
+//! Consistency of a page snapshot: each page's content is the content it had at the
+//! moment that page became write-protected (the store marks the pages, the protect
+//! callback write-protects them, then the store commits, all under the store lock, so a
+//! write racing with the snapshot either lands before the protection, and is part of the
+//! snapshot, or faults and is preserved into it). With the vCPUs paused around the
+//! snapshot (API `pause`, snapshot, `resume`), all pages share one instant.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use log::{error, info, warn};
+use pmem_backend::{PageLocation, PageRun, Pool, PoolError, SnapshotKind, SnapshotMeta};
+
+use super::dirty::{DirtySource, DirtyTracker};
+use super::fault::{FaultHandler, FaultStats, HandlerOptions, PreserveSink};
+use super::protect::{PageProtector, UffdProtector};
+use crate::api::{self, ApiError, ApiRequest, ApiResponse};
+
+/// Pause and resume of the vCPUs, as the engine needs them.
+pub trait VmControl: Send + Sync {
+    /// Stop every vCPU and wait until each has acknowledged.
+    fn pause(&self) -> Result<(), String>;
+    /// Let every vCPU run again.
+    fn resume(&self) -> Result<(), String>;
+    /// Whether the vCPUs are paused.
+    fn is_paused(&self) -> bool;
+    /// Number of vCPUs.
+    fn vcpus(&self) -> u32;
+}
+
+/// Lock the pool, ignoring poisoning: a panic elsewhere does not make the on-disk store
+/// less consistent (every change commits atomically), so later calls may go on.
+pub fn lock_pool(pool: &Mutex<Pool>) -> MutexGuard<'_, Pool> {
+    pool.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The fault handler's view of the store: preserve before the first write.
+struct StoreSink {
+    pool: Arc<Mutex<Pool>>,
+    protector: Arc<dyn PageProtector>,
+    preserved: AtomicU64,
+}
+
+impl PreserveSink for StoreSink {
+    fn before_write(&self, page: u64) -> Result<(), String> {
+        let mut pool = lock_pool(&self.pool);
+        match pool.preserve(page) {
+            Ok(true) => {
+                self.preserved.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => {
+                // The page cannot be kept: drop every snapshot that still needs it, so no
+                // snapshot silently reads the new content later. The guest goes on.
+                let reason = e.to_string();
+                let victims: Vec<String> = pool
+                    .list()
+                    .into_iter()
+                    .filter(|s| {
+                        matches!(
+                            pool.snapshot_page_location(s.name.as_str(), page),
+                            Ok(PageLocation::Ram(_))
+                        )
+                    })
+                    .map(|s| s.name)
+                    .collect();
+                for name in &victims {
+                    match pool.delete(name.as_str()) {
+                        Ok(runs) => {
+                            error!("snapshot {name:?} dropped: cannot preserve guest page {page}: {reason}");
+                            unprotect_runs(self.protector.as_ref(), &runs);
+                        }
+                        Err(e) => {
+                            error!("cannot drop snapshot {name:?} after a failed preserve: {e}")
+                        }
+                    }
+                }
+                Err(reason)
+            }
+        }
+    }
+}
+
+fn unprotect_runs(protector: &dyn PageProtector, runs: &[PageRun]) {
+    for r in runs {
+        if let Err(e) = protector.unprotect(r.first, r.count) {
+            warn!("unprotect of pages {}+{} failed: {e}", r.first, r.count);
+        }
+    }
+}
+
+/// Static facts about the VM the engine reports.
+#[derive(Debug, Clone)]
+pub struct VmInfo {
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Path of the pool file.
+    pub pool_path: String,
+}
+
+/// The engine. Shared between the API, the guest agent service and the VMM.
+pub struct Engine {
+    pool: Arc<Mutex<Pool>>,
+    protector: Arc<dyn PageProtector>,
+    sink: Arc<StoreSink>,
+    faults: Arc<FaultStats>,
+    dirty: Mutex<DirtyTracker>,
+    vm: Arc<dyn VmControl>,
+    info: VmInfo,
+    started: Instant,
+    // Last, so the handler thread stops before the rest goes away.
+    _handler: Option<FaultHandler>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("info", &self.info).finish()
+    }
+}
+
+/// Errors of engine start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Re-protecting pages named by snapshots already in the pool failed.
+    #[error("cannot re-protect the pages of existing snapshots: {0}")]
+    Reprotect(#[source] super::protect::ProtectError),
+    /// The fault handler thread could not start.
+    #[error("cannot start the fault handler thread: {0}")]
+    Handler(#[source] std::io::Error),
+}
+
+impl Engine {
+    /// Start the engine on an open pool whose RAM area is mapped at the protector's
+    /// range: re-protect every page an existing snapshot references, start the fault
+    /// handler, and start dirty tracking.
+    pub fn start(
+        pool: Arc<Mutex<Pool>>,
+        protector: Arc<UffdProtector>,
+        vm: Arc<dyn VmControl>,
+        dirty_sources: Vec<Box<dyn DirtySource>>,
+        info: VmInfo,
+        opts: HandlerOptions,
+    ) -> Result<Self, EngineError> {
+        let (runs, names, pages) = {
+            let p = lock_pool(&pool);
+            let names: Vec<String> = p.list().into_iter().map(|s| s.name).collect();
+            (p.protected_runs(), names, p.ram_pages())
+        };
+        let t = Instant::now();
+        for r in &runs {
+            protector
+                .protect(r.first, r.count)
+                .map_err(EngineError::Reprotect)?;
+        }
+        if !names.is_empty() {
+            info!(
+                "re-protected {} pages of {} existing snapshots in {:?}",
+                runs.iter().map(|r| r.count).sum::<u64>(),
+                names.len(),
+                t.elapsed()
+            );
+        }
+        let protector_dyn: Arc<dyn PageProtector> = protector.clone();
+        let sink = Arc::new(StoreSink {
+            pool: pool.clone(),
+            protector: protector_dyn.clone(),
+            preserved: AtomicU64::new(0),
+        });
+        let handler =
+            FaultHandler::spawn(protector, sink.clone(), opts).map_err(EngineError::Handler)?;
+        let mut dirty = DirtyTracker::new(pages, dirty_sources);
+        for n in &names {
+            dirty.start_unknown(n);
+        }
+        Ok(Self {
+            pool,
+            protector: protector_dyn,
+            sink,
+            faults: handler.stats(),
+            dirty: Mutex::new(dirty),
+            vm,
+            info,
+            started: Instant::now(),
+            _handler: Some(handler),
+        })
+    }
+
+    /// The pool, for callers that read snapshots (restore, export).
+    pub fn pool(&self) -> &Arc<Mutex<Pool>> {
+        &self.pool
+    }
+
+    fn dirty(&self) -> MutexGuard<'_, DirtyTracker> {
+        self.dirty.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Take a snapshot of `runs` (guest RAM page numbers). Writes no page data.
+    pub fn snapshot(
+        &self,
+        name: &str,
+        kind: SnapshotKind,
+        runs: &[PageRun],
+        meta: SnapshotMeta,
+    ) -> Result<pmem_backend::SnapshotInfo, PoolError> {
+        // Track writes from before the pages are protected: a write in between is counted
+        // as dirty (harmless for rollback) rather than missed.
+        if let Err(e) = self.dirty().start(name) {
+            warn!("dirty tracking for {name:?} could not start: {e}");
+        }
+        let mut pool = lock_pool(&self.pool);
+        let protector = self.protector.clone();
+        let res = pool.snapshot_with(name, kind, runs, meta, |newly| {
+            for r in newly {
+                protector.protect(r.first, r.count)?;
+            }
+            Ok(())
+        });
+        match res {
+            Ok(id) => pool.inspect(id),
+            Err(e) => {
+                drop(pool);
+                self.dirty().forget(name);
+                if let PoolError::SnapshotAborted { unprotect, .. } = &e {
+                    unprotect_runs(self.protector.as_ref(), unprotect);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Delete a snapshot; pages no other snapshot references become writable again.
+    pub fn delete(&self, name: &str) -> Result<u64, PoolError> {
+        let runs = lock_pool(&self.pool).delete(name)?;
+        unprotect_runs(self.protector.as_ref(), &runs);
+        self.dirty().forget(name);
+        Ok(runs.iter().map(|r| r.count).sum())
+    }
+
+    /// Pages written since snapshot `name` was taken (by vCPUs or by the VMM).
+    pub fn dirty_since(&self, name: &str) -> Result<Vec<PageRun>, ApiError> {
+        lock_pool(&self.pool)
+            .inspect(name)
+            .map_err(|_| ApiError::UnknownSnapshot(name.to_string()))?;
+        self.dirty()
+            .dirty_since(name)
+            .map(|runs| runs.into_iter().map(|(f, c)| PageRun::new(f, c)).collect())
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    /// Pages preserved by the fault handler since start.
+    pub fn preserved_pages(&self) -> u64 {
+        self.sink.preserved.load(Ordering::Relaxed)
+    }
+
+    /// Serve one control-API request.
+    pub fn handle(&self, req: ApiRequest) -> Result<ApiResponse, ApiError> {
+        match req {
+            ApiRequest::Status => Ok(ApiResponse::Status(self.status())),
+            ApiRequest::Pause => {
+                self.vm.pause().map_err(ApiError::Internal)?;
+                Ok(ApiResponse::Status(self.status()))
+            }
+            ApiRequest::Resume => {
+                self.vm.resume().map_err(ApiError::Internal)?;
+                Ok(ApiResponse::Status(self.status()))
+            }
+            ApiRequest::CreatePagesSnapshot(r) => {
+                let runs: Vec<PageRun> = r
+                    .runs
+                    .iter()
+                    .map(|r| PageRun::new(r.first_page, r.count))
+                    .collect();
+                let meta = SnapshotMeta {
+                    labels: r.labels.into_iter().collect(),
+                    ..Default::default()
+                };
+                let info = self
+                    .snapshot(&r.name, SnapshotKind::Pages, &runs, meta)
+                    .map_err(api_error)?;
+                Ok(ApiResponse::SnapshotCreated(to_api_info(info, false)))
+            }
+            ApiRequest::ListSnapshots => Ok(ApiResponse::Snapshots(
+                lock_pool(&self.pool)
+                    .list()
+                    .into_iter()
+                    .map(|s| to_api_info(s, false))
+                    .collect(),
+            )),
+            ApiRequest::InspectSnapshot { name } => lock_pool(&self.pool)
+                .inspect(name.as_str())
+                .map(|s| ApiResponse::Snapshot(to_api_info(s, true)))
+                .map_err(api_error),
+            ApiRequest::DeleteSnapshot { name } => {
+                self.delete(&name).map_err(api_error)?;
+                Ok(ApiResponse::Deleted(name))
+            }
+            ApiRequest::DirtySince { name } => {
+                let runs = self.dirty_since(&name)?;
+                Ok(ApiResponse::Dirty(api::DirtyPages {
+                    since: name,
+                    pages: runs.iter().map(|r| r.count).sum(),
+                    runs: runs
+                        .into_iter()
+                        .map(|r| api::PageRun {
+                            first_page: r.first,
+                            count: r.count,
+                        })
+                        .collect(),
+                }))
+            }
+            ApiRequest::Stats => Ok(ApiResponse::Stats(self.stats())),
+        }
+    }
+
+    fn status(&self) -> api::VmStatus {
+        api::VmStatus {
+            state: if self.vm.is_paused() {
+                api::VmState::Paused
+            } else {
+                api::VmState::Running
+            },
+            vcpus: self.vm.vcpus(),
+            mem_bytes: self.info.mem_bytes,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            pool_path: self.info.pool_path.clone(),
+            version: api::VERSION.to_string(),
+        }
+    }
+
+    /// Engine and store statistics.
+    pub fn stats(&self) -> api::ApiStats {
+        let f = self.faults.snapshot();
+        let store = lock_pool(&self.pool).stats();
+        api::ApiStats {
+            faults: f.faults,
+            preserved_pages: self.preserved_pages(),
+            protected_pages: store.pages_in_ram,
+            snapshots: store.snapshots,
+            fault_handler: api::HandlerTime {
+                total_ns: f.total_ns,
+                mean_ns: f.total_ns.checked_div(f.faults).unwrap_or(0),
+                max_ns: f.max_ns,
+            },
+            store: serde_json::to_value(&store).unwrap_or(serde_json::Value::Null),
+        }
+    }
+}
+
+/// Map a store error to the API error a client should see.
+pub fn api_error(e: PoolError) -> ApiError {
+    match e {
+        PoolError::DuplicateName(n) => ApiError::DuplicateName(n),
+        PoolError::NoSuchSnapshot(n) => ApiError::UnknownSnapshot(n),
+        e @ PoolError::PageOutOfRange { .. } => ApiError::RunsOutsideRam(e.to_string()),
+        e @ PoolError::InvalidArgument(_) => ApiError::BadRequest(e.to_string()),
+        e => ApiError::Internal(e.to_string()),
+    }
+}
+
+fn to_api_info(s: pmem_backend::SnapshotInfo, with_runs: bool) -> api::SnapshotInfo {
+    api::SnapshotInfo {
+        name: s.name,
+        kind: s.kind.as_str().to_string(),
+        pages: s.pages,
+        run_count: s.runs.len() as u64,
+        runs: with_runs.then(|| {
+            s.runs
+                .iter()
+                .map(|r| api::PageRun {
+                    first_page: r.first,
+                    count: r.count,
+                })
+                .collect()
+        }),
+        preserved_pages: s.pages_in_blocks,
+        created_unix_ms: s.created_unix_ns / 1_000_000,
+        labels: s.labels.into_iter().collect::<BTreeMap<_, _>>(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{PageRun as ApiRun, PagesSnapshotRequest};
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::AtomicBool;
+
+    struct FakeVm(AtomicBool);
+    impl VmControl for FakeVm {
+        fn pause(&self) -> Result<(), String> {
+            self.0.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+        fn resume(&self) -> Result<(), String> {
+            self.0.store(false, Ordering::SeqCst);
+            Ok(())
+        }
+        fn is_paused(&self) -> bool {
+            self.0.load(Ordering::SeqCst)
+        }
+        fn vcpus(&self) -> u32 {
+            2
+        }
+    }
+
+    /// The VMM's view of guest RAM: the pool's RAM area mapped shared, as KVM sees it.
+    struct Ram {
+        ptr: *mut u8,
+        len: usize,
+    }
+    // SAFETY: the mapping lives as long as Ram; tests synchronise their accesses.
+    unsafe impl Send for Ram {}
+    // SAFETY: as above.
+    unsafe impl Sync for Ram {}
+    impl Ram {
+        fn write(&self, page: u64, byte: u8) {
+            assert!(page < (self.len / 4096) as u64);
+            // SAFETY: inside the mapping (checked above).
+            unsafe { std::ptr::write_bytes(self.ptr.add(page as usize * 4096), byte, 4096) };
+        }
+    }
+    impl Drop for Ram {
+        fn drop(&mut self) {
+            // SAFETY: mapped in `setup` with this length.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+
+    fn setup(pages: u64) -> (tempfile::TempDir, Engine, Arc<Ram>) {
+        let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir on tmpfs");
+        let pool = Pool::create(dir.path().join("p.pool"), pages * 4096, Default::default())
+            .expect("create pool");
+        let len = pool.ram_size() as usize;
+        // SAFETY: a fresh shared mapping of the pool's RAM area; checked for failure.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                pool.file().as_raw_fd(),
+                pool.ram_offset() as libc::off_t,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        let ram = Arc::new(Ram {
+            ptr: ptr.cast(),
+            len,
+        });
+        let prot = Arc::new(UffdProtector::new(ram.ptr, len).expect("uffd"));
+        let engine = Engine::start(
+            Arc::new(Mutex::new(pool)),
+            prot,
+            Arc::new(FakeVm(AtomicBool::new(false))),
+            Vec::new(),
+            VmInfo {
+                mem_bytes: len as u64,
+                pool_path: "test".into(),
+            },
+            HandlerOptions::default(),
+        )
+        .expect("engine");
+        (dir, engine, ram)
+    }
+
+    fn req(name: &str, runs: &[(u64, u64)]) -> ApiRequest {
+        ApiRequest::CreatePagesSnapshot(PagesSnapshotRequest {
+            name: name.into(),
+            runs: runs
+                .iter()
+                .map(|&(first_page, count)| ApiRun { first_page, count })
+                .collect(),
+            labels: Default::default(),
+        })
+    }
+
+    fn page_of(engine: &Engine, snap: &str, p: u64) -> (PageLocation, u8) {
+        let (loc, data) = lock_pool(engine.pool())
+            .read_snapshot_page(snap, p)
+            .expect("read snapshot page");
+        assert!(data.iter().all(|&b| b == data[0]), "page {p} is uniform");
+        (loc, data[0])
+    }
+
+    #[test]
+    fn writes_after_a_snapshot_are_preserved_first_and_shared() {
+        let (_dir, engine, ram) = setup(64);
+        for p in 0..64 {
+            ram.write(p, 1);
+        }
+        let created = engine.handle(req("a", &[(0, 16)])).expect("snapshot a");
+        assert!(matches!(created, ApiResponse::SnapshotCreated(ref i) if i.pages == 16));
+        ram.write(3, 2); // faults: preserved for a
+        ram.write(40, 2); // not protected: no fault
+        engine.handle(req("b", &[(0, 8)])).expect("snapshot b");
+        ram.write(5, 3); // shared by a and b: one block for both
+        ram.write(3, 4); // a has it in a block already, b references RAM
+        assert_eq!(
+            page_of(&engine, "a", 3),
+            (PageLocation::Block(page_block(&engine, "a", 3)), 1)
+        );
+        assert_eq!(page_of(&engine, "b", 3).1, 2);
+        assert_eq!(page_of(&engine, "a", 5).1, 1);
+        assert_eq!(page_of(&engine, "b", 5).1, 1);
+        assert_eq!(
+            page_block(&engine, "a", 5),
+            page_block(&engine, "b", 5),
+            "a page shared by two snapshots is preserved once"
+        );
+        assert_eq!(page_of(&engine, "a", 6), (PageLocation::Ram(6), 1));
+        let stats = engine.stats();
+        assert_eq!((stats.faults, stats.preserved_pages), (3, 3));
+        // Delete a: pages only a referenced become writable without a fault.
+        engine
+            .handle(ApiRequest::DeleteSnapshot { name: "a".into() })
+            .expect("delete a");
+        ram.write(12, 9);
+        assert_eq!(engine.stats().faults, 3, "page 12 is no longer protected");
+        assert!(lock_pool(engine.pool()).verify(|_, _| ()).is_clean());
+    }
+
+    fn page_block(engine: &Engine, snap: &str, p: u64) -> u64 {
+        match lock_pool(engine.pool())
+            .snapshot_page_location(snap, p)
+            .expect("location")
+        {
+            PageLocation::Block(b) => b,
+            other => panic!("page {p} of {snap} is {other:?}, not in a block"),
+        }
+    }
+
+    #[test]
+    fn bad_requests_get_api_errors() {
+        let (_dir, engine, _ram) = setup(16);
+        engine.handle(req("a", &[(0, 4)])).expect("snapshot");
+        let dup = engine.handle(req("a", &[(4, 1)])).expect_err("duplicate");
+        assert_eq!(dup.status(), 409);
+        let outside = engine
+            .handle(req("b", &[(10, 7)]))
+            .expect_err("outside RAM");
+        assert_eq!(outside.status(), 422);
+        let unknown = engine
+            .handle(ApiRequest::DeleteSnapshot { name: "zz".into() })
+            .expect_err("unknown");
+        assert_eq!(unknown.status(), 404);
+        let unknown = engine
+            .handle(ApiRequest::DirtySince { name: "zz".into() })
+            .expect_err("unknown");
+        assert_eq!(unknown.status(), 404);
+        assert!(
+            !lock_pool(engine.pool()).is_protected(10),
+            "a refused snapshot protects nothing"
+        );
+    }
+
+    #[test]
+    fn pause_resume_and_status() {
+        let (_dir, engine, _ram) = setup(16);
+        let st = |r: ApiResponse| match r {
+            ApiResponse::Status(s) => s.state,
+            other => panic!("not a status: {other:?}"),
+        };
+        assert_eq!(
+            st(engine.handle(ApiRequest::Pause).expect("pause")),
+            api::VmState::Paused
+        );
+        assert_eq!(
+            st(engine.handle(ApiRequest::Resume).expect("resume")),
+            api::VmState::Running
+        );
+    }
+}
