@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod run;
 pub mod store;
 
 /// pmsnap: a KVM VMM whose guest RAM lives in a pmem pool file, with a persistent
@@ -23,12 +24,15 @@ pub struct Cli {
 pub enum Command {
     /// Look after a pool's snapshot store offline (the pool must not be in use).
     Store(store::StoreArgs),
+    /// Boot a guest with its console on this terminal.
+    Run(run::RunArgs),
 }
 
 /// Run the parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow_like::Result<i32> {
     match cli.command {
         Command::Store(args) => store::run(args),
+        Command::Run(args) => run::run(args),
     }
 }
 
