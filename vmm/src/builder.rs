@@ -149,6 +149,7 @@ fn load_kernel(
     mem: &GuestMemoryMmap,
     path: &Path,
     mem_bytes: u64,
+    initrd_size: u64,
 ) -> Result<LoadedKernel, BuildError> {
     let p = path.display().to_string();
     let mut f = File::open(path).map_err(|source| BuildError::Read {
@@ -159,7 +160,7 @@ fn load_kernel(
     let too_small = |kernel_end| ConfigError::MemTooSmallForKernel {
         mem: mem_bytes,
         kernel_end,
-        initrd_size: 0,
+        initrd_size,
     };
     let himem = Some(GuestAddress(HIMEM_START));
     match Elf::load(mem, None, &mut f, himem) {
@@ -173,7 +174,11 @@ fn load_kernel(
         Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {}
         Err(loader::Error::Elf(loader::elf::Error::ReadKernelImage)) => {
             // The headers parsed; writing a segment into guest RAM failed.
-            return Err(too_small(0).into());
+            let end = std::fs::read(path)
+                .ok()
+                .and_then(|b| config::elf_load_end(&b))
+                .unwrap_or(0);
+            return Err(too_small(end).into());
         }
         Err(e) => {
             return Err(BuildError::KernelLoad {
@@ -200,7 +205,8 @@ fn load_kernel(
             Err(BuildError::NotAKernel(p))
         }
         Err(loader::Error::Bzimage(loader::bzimage::Error::ReadBzImageCompressedKernel)) => {
-            Err(too_small(0).into())
+            let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            Err(too_small(HIMEM_START + size).into())
         }
         Err(e) => Err(BuildError::KernelLoad {
             path: p,
@@ -211,25 +217,44 @@ fn load_kernel(
 
 impl VmBuilder {
     /// Check the host, create guest RAM in the pool, the VM, load kernel and initrd and
-    /// add the serial port and i8042. Reports a guest reset through `stop`.
+    /// add the serial port (console on stdout) and i8042. Reports a guest reset through
+    /// `stop`.
     pub fn new(cfg: &VmConfig, stop: StopNotifier) -> Result<Self, BuildError> {
+        Self::with_console(cfg, stop, Box::new(StdoutWriter))
+    }
+
+    /// Same as [`Self::new`] with the serial console's output going to `console`.
+    pub fn with_console(
+        cfg: &VmConfig,
+        stop: StopNotifier,
+        console: Box<dyn std::io::Write + Send>,
+    ) -> Result<Self, BuildError> {
         config::validate_mem(cfg.mem_bytes)?;
         config::check_image_file("kernel", &cfg.kernel, false)?;
         if let Some(i) = &cfg.initrd {
             config::check_image_file("initrd", i, false)?;
         }
-        let kvm = KvmContext::new()?;
-        config::validate_vcpus(usize::from(cfg.vcpus), kvm.max_vcpus(), mptable::MAX_CPUS)?;
+        if cfg.vcpus == 0 {
+            return Err(ConfigError::NoVcpus.into());
+        }
         let (fs, fs_free) = memory::statfs_pool(&cfg.pool)?;
         memory::check_pool_filesystem(&cfg.pool, fs)?;
         let available = read_mem_available().unwrap_or(u64::MAX);
         config::check_host_memory(cfg.mem_bytes, available, fs_free)?;
+        let kvm = KvmContext::from_env()?;
+        config::validate_vcpus(cfg.vcpus as usize, kvm.max_vcpus(), mptable::MAX_CPUS)?;
+        let vcpu_count = u8::try_from(cfg.vcpus).expect("validate_vcpus caps the count at 254");
 
         let (pool, ram_offset) = memory::open_guest_ram(&cfg.pool, cfg.mem_bytes)?;
         let mem = memory::create_guest_memory(&pool, ram_offset, cfg.mem_bytes)?;
         let vm = Vm::new(&kvm, mem)?;
 
-        let kernel = load_kernel(vm.memory(), &cfg.kernel, cfg.mem_bytes)?;
+        let initrd_size = cfg
+            .initrd
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map_or(0, |m| m.len());
+        let kernel = load_kernel(vm.memory(), &cfg.kernel, cfg.mem_bytes, initrd_size)?;
         let initrd = match &cfg.initrd {
             Some(path) => Some(Self::load_initrd(&vm, path, cfg.mem_bytes, kernel.end)?),
             None => {
@@ -246,7 +271,7 @@ impl VmBuilder {
         let mut b = Self {
             kvm,
             vm,
-            vcpu_count: cfg.vcpus,
+            vcpu_count,
             mem_bytes: cfg.mem_bytes,
             cmdline: config::build_cmdline(&cfg.extra_cmdline)?,
             kernel,
@@ -257,7 +282,7 @@ impl VmBuilder {
             next_irq: IRQ_BASE,
             serial: Arc::new(Mutex::new(SerialDevice::new(
                 EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Eventfd)?),
-                Box::new(StdoutWriter),
+                console,
             ))),
             pool,
         };

@@ -25,7 +25,7 @@ norandmaps GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512
 /// Default guest RAM.
 pub const DEFAULT_MEM: u64 = 256 << 20;
 /// Default vCPU count.
-pub const DEFAULT_VCPUS: u8 = 2;
+pub const DEFAULT_VCPUS: u32 = 2;
 /// Smallest guest RAM accepted before the kernel-fit check: the e820 map needs RAM
 /// above 1 MiB.
 pub const MIN_MEM: u64 = 2 * HIMEM_START;
@@ -41,13 +41,13 @@ pub enum ConfigError {
     )]
     BadSize(String),
     /// Memory size not a multiple of 4 KiB.
-    #[error("--mem {0} is not a multiple of 4 KiB")]
+    #[error("--mem {} is not a multiple of 4 KiB", human(*.0))]
     MemNotPageAligned(u64),
     /// Memory size below the floor.
-    #[error("--mem {0} is too small (need at least {MIN_MEM} bytes)")]
+    #[error("--mem {} is too small (need at least {})", human(*.0), human(MIN_MEM))]
     MemTooSmall(u64),
     /// More memory than the host can give.
-    #[error("--mem {mem} is larger than the host can give: {available} bytes available ({what})")]
+    #[error("--mem {} is larger than the host can give: {} available ({what})", human(*mem), human(*available))]
     MemTooLarge {
         /// Requested bytes.
         mem: u64,
@@ -57,11 +57,11 @@ pub enum ConfigError {
         what: &'static str,
     },
     /// The kernel and initrd do not fit.
-    #[error("--mem {mem} is too small for the kernel (ends at {kernel_end:#x}) and the initrd ({initrd_size} bytes)")]
+    #[error("--mem {} is too small for the kernel (loaded up to {}) and the initrd ({})", human(*mem), human(*kernel_end), human(*initrd_size))]
     MemTooSmallForKernel {
         /// Requested bytes.
         mem: u64,
-        /// First byte after the loaded kernel.
+        /// First byte after the loaded kernel (its physical extent).
         kernel_end: u64,
         /// Initrd size.
         initrd_size: u64,
@@ -92,6 +92,47 @@ pub enum ConfigError {
         /// Description (includes the hint to build the image when it is the default).
         problem: String,
     },
+}
+
+/// A byte count for messages: `256 MiB`, `1 GiB`, `1.5 GiB`, `12345 bytes`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+    for (name, shift) in UNITS {
+        let unit = 1u64 << shift;
+        if bytes >= unit {
+            return if bytes % unit == 0 {
+                format!("{} {name}", bytes >> shift)
+            } else {
+                format!("{:.1} {name}", bytes as f64 / unit as f64)
+            };
+        }
+    }
+    format!("{bytes} bytes")
+}
+
+/// The end of the highest loadable segment (physical address + memory size) of an
+/// x86_64 ELF kernel, from its headers; None when `bytes` is not such an ELF file.
+pub fn elf_load_end(bytes: &[u8]) -> Option<u64> {
+    let u16_at = |o: usize| Some(u16::from_le_bytes(bytes.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(bytes.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(bytes.get(o..o + 8)?.try_into().ok()?));
+    // 64-bit little-endian ELF.
+    if bytes.get(0..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+    let phentsize = usize::from(u16_at(0x36)?);
+    let phnum = usize::from(u16_at(0x38)?);
+    let mut end = None;
+    for i in 0..phnum {
+        let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
+        const PT_LOAD: u32 = 1;
+        if u32_at(ph)? == PT_LOAD {
+            let seg_end = u64_at(ph + 0x18)?.checked_add(u64_at(ph + 0x28)?)?;
+            end = Some(end.map_or(seg_end, |e: u64| e.max(seg_end)));
+        }
+    }
+    end
 }
 
 /// Parse a size such as `256M`, `1G`, `65536K` or `4096` (bytes). Suffixes are binary
@@ -273,8 +314,8 @@ pub struct VmConfig {
     pub extra_cmdline: String,
     /// Guest RAM in bytes.
     pub mem_bytes: u64,
-    /// Number of vCPUs.
-    pub vcpus: u8,
+    /// Number of vCPUs (checked against KVM's limit when the VM is built).
+    pub vcpus: u32,
     /// The pool file holding guest RAM.
     pub pool: PathBuf,
 }
@@ -307,6 +348,37 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(256 << 20), "256 MiB");
+        assert_eq!(human(3 << 29), "1.5 GiB");
+        assert_eq!(human(4096), "4 KiB");
+        assert_eq!(human(100), "100 bytes");
+    }
+
+    #[test]
+    fn elf_extent() {
+        // A minimal ELF header with two PT_LOAD program headers and one PT_NOTE.
+        let mut b = vec![0u8; 0x40 + 3 * 56];
+        b[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        b[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes());
+        b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        b[0x38..0x3a].copy_from_slice(&3u16.to_le_bytes());
+        let ph = |b: &mut Vec<u8>, i: usize, t: u32, paddr: u64, memsz: u64| {
+            let o = 0x40 + i * 56;
+            b[o..o + 4].copy_from_slice(&t.to_le_bytes());
+            b[o + 0x18..o + 0x20].copy_from_slice(&paddr.to_le_bytes());
+            b[o + 0x28..o + 0x30].copy_from_slice(&memsz.to_le_bytes());
+        };
+        ph(&mut b, 0, 1, 0x100_0000, 0x80_0000);
+        ph(&mut b, 1, 4, 0x900_0000, 0x1000);
+        ph(&mut b, 2, 1, 0x200_0000, 0x10_0000);
+        assert_eq!(elf_load_end(&b), Some(0x210_0000));
+        assert_eq!(elf_load_end(b"not elf"), None);
+        // Truncated program headers are not an answer.
+        assert_eq!(elf_load_end(&b[..0x60]), None);
     }
 
     #[test]

@@ -3,8 +3,14 @@
 //! input, later the API socket and the vsock device) is a subscriber added with
 //! [`EventLoop::add_subscriber`].
 
+use std::os::fd::AsRawFd;
+use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::register_signal_handler;
 
 pub use event_manager::SubscriberId;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -51,6 +57,65 @@ impl MutEventSubscriber for StopListener {
     }
 }
 
+/// Signals that end the VM cleanly (pool removed, terminal restored).
+pub const TERMINATION_SIGNALS: [c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// The eventfd the termination handler writes to (-1: none yet) and the last signal.
+static SIGNAL_EVENTFD: AtomicI32 = AtomicI32::new(-1);
+static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn termination_handler(num: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {
+    LAST_SIGNAL.store(num, Ordering::SeqCst);
+    let fd = SIGNAL_EVENTFD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one = 1u64;
+        // SAFETY: `fd` is an eventfd kept open for the life of the process (leaked on
+        // purpose in `SignalListener::install`); write(2) is async-signal-safe and reads
+        // 8 bytes from a live local.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// Subscriber turning SIGTERM/SIGINT/SIGHUP into a `VmStop::Terminated`.
+struct SignalListener {
+    evt: EventFd,
+    stop: StopNotifier,
+}
+
+impl SignalListener {
+    fn install(stop: StopNotifier) -> Result<Self, EventLoopError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::Eventfd)?;
+        // The handler's copy stays open forever, so the handler never writes to a
+        // closed or reused fd.
+        let handler_copy = evt.try_clone().map_err(EventLoopError::Eventfd)?;
+        let fd = handler_copy.as_raw_fd();
+        std::mem::forget(handler_copy);
+        let old = SIGNAL_EVENTFD.swap(fd, Ordering::SeqCst);
+        if old < 0 {
+            for sig in TERMINATION_SIGNALS {
+                register_signal_handler(sig, termination_handler)
+                    .map_err(|e| EventLoopError::Manager(format!("signal {sig}: {e}")))?;
+            }
+        }
+        Ok(Self { evt, stop })
+    }
+}
+
+impl MutEventSubscriber for SignalListener {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            log::error!("event loop: cannot watch the signal eventfd: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        let sig = LAST_SIGNAL.load(Ordering::SeqCst);
+        log::info!("signal {sig} received, stopping the VM");
+        self.stop.notify(VmStop::Terminated(sig));
+    }
+}
+
 /// The event loop.
 pub struct EventLoop {
     manager: EventManager<Subscriber>,
@@ -82,6 +147,14 @@ impl EventLoop {
             first: stopped,
         })));
         Ok(l)
+    }
+
+    /// Make SIGTERM, SIGINT and SIGHUP stop the VM through this loop (so the pool is
+    /// removed and the terminal restored) instead of killing the process.
+    pub fn handle_termination_signals(&mut self) -> Result<(), EventLoopError> {
+        let listener = SignalListener::install(self.stop_notifier()?)?;
+        self.add_subscriber(Arc::new(Mutex::new(listener)));
+        Ok(())
     }
 
     /// A handle for reporting that the VM stopped.

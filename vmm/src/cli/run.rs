@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::anyhow_like::Result;
 use crate::builder::VmBuilder;
-use crate::config::{self, VmConfig, DEFAULT_CMDLINE};
+use crate::config::{self, VmConfig};
 use crate::devices::legacy::{terminal, RawModeGuard, StdinInput};
 use crate::event_loop::EventLoop;
 use crate::vstate::vcpu::VmStop;
@@ -39,7 +39,7 @@ pub struct RunArgs {
     pub mem: u64,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = config::DEFAULT_VCPUS)]
-    pub vcpus: u8,
+    pub vcpus: u32,
     /// Pool file holding guest RAM; must be on tmpfs (/dev/shm), hugetlbfs or a memfd.
     /// [default: a new file in /dev/shm, removed at exit unless --keep-pool]
     #[arg(long, value_name = "PATH")]
@@ -123,6 +123,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let started = std::time::Instant::now();
 
     let mut event_loop = EventLoop::new()?;
+    event_loop.handle_termination_signals()?;
     let builder = VmBuilder::new(&cfg, event_loop.stop_notifier()?)?;
     let serial = builder.serial();
     let built = builder.build()?;
@@ -146,9 +147,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
     drop(running);
     drop(_raw);
     log::debug!("VM stopped after {:?}: {why:?}", started.elapsed());
-    let _ = DEFAULT_CMDLINE; // shown in --help; the builder applies it
     match why {
         VmStop::Reset | VmStop::Shutdown => Ok(0),
+        VmStop::Terminated(sig) => Ok(128 + sig),
         VmStop::Error(msg) => Err(msg.into()),
     }
 }

@@ -8,19 +8,24 @@ use kvm_ioctls::{Cap, Kvm};
 
 /// Path of the KVM device.
 pub const KVM_PATH: &str = "/dev/kvm";
+/// Environment variable overriding [`KVM_PATH`] (tests use it to check the errors for a
+/// missing or non-KVM device on hosts that do have KVM).
+pub const KVM_DEVICE_ENV: &str = "PMSNAP_KVM_DEVICE";
 
 /// Errors opening or querying KVM.
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
-    /// `/dev/kvm` does not exist.
-    #[error("{KVM_PATH} does not exist: this host has no KVM (load the kvm module or run on a machine with virtualization)")]
-    Missing,
-    /// `/dev/kvm` exists but cannot be opened.
-    #[error("cannot open {KVM_PATH} (needs read/write access: run as root or join the kvm group)")]
-    Access(#[source] std::io::Error),
-    /// The KVM API version is not the stable one.
-    #[error("KVM API version {0} is not supported (need {KVM_API_VERSION})")]
-    ApiVersion(i32),
+    /// The KVM device does not exist.
+    #[error("{0} does not exist: this host has no KVM (load the kvm module or run on a machine with virtualization)")]
+    Missing(String),
+    /// The KVM device exists but cannot be opened.
+    #[error("cannot open {0} (needs read/write access: run as root or join the kvm group)")]
+    Access(String, #[source] std::io::Error),
+    /// The device answered the API version query wrongly (or not at all).
+    #[error(
+        "{0} is not a usable KVM device: KVM_GET_API_VERSION returned {1} (need {KVM_API_VERSION})"
+    )]
+    ApiVersion(String, i32),
     /// A capability the VMM needs is missing.
     #[error("KVM lacks the {0} capability")]
     MissingCap(&'static str),
@@ -42,18 +47,28 @@ impl KvmContext {
         Self::with_path(Path::new(KVM_PATH))
     }
 
+    /// Open the device named by `$PMSNAP_KVM_DEVICE`, else `/dev/kvm`.
+    pub fn from_env() -> Result<Self, KvmError> {
+        match std::env::var_os(KVM_DEVICE_ENV) {
+            Some(p) if !p.is_empty() => Self::with_path(Path::new(&p)),
+            _ => Self::new(),
+        }
+    }
+
     /// Same as `new` with another device path (tests use a missing one).
     pub fn with_path(path: &Path) -> Result<Self, KvmError> {
+        let name = path.display().to_string();
         if !path.exists() {
-            return Err(KvmError::Missing);
+            return Err(KvmError::Missing(name));
         }
         let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-            .map_err(|e| KvmError::Access(std::io::Error::other(e)))?;
-        let kvm = Kvm::new_with_path(&cpath)
-            .map_err(|e| KvmError::Access(std::io::Error::from_raw_os_error(e.errno())))?;
+            .map_err(|e| KvmError::Access(name.clone(), std::io::Error::other(e)))?;
+        let kvm = Kvm::new_with_path(&cpath).map_err(|e| {
+            KvmError::Access(name.clone(), std::io::Error::from_raw_os_error(e.errno()))
+        })?;
         let version = kvm.get_api_version();
         if version != KVM_API_VERSION as i32 {
-            return Err(KvmError::ApiVersion(version));
+            return Err(KvmError::ApiVersion(name, version));
         }
         for (cap, name) in [
             (Cap::Irqchip, "IRQCHIP"),
@@ -97,15 +112,23 @@ mod tests {
     #[test]
     fn missing_device_is_a_clear_error() {
         let e = KvmContext::with_path(Path::new("/nonexistent/kvm")).expect_err("must fail");
-        assert!(matches!(e, KvmError::Missing));
-        assert!(e.to_string().contains("does not exist"));
+        assert!(matches!(e, KvmError::Missing(_)));
+        assert!(
+            e.to_string().starts_with("/nonexistent/kvm does not exist"),
+            "{e}"
+        );
     }
 
     #[test]
     fn non_kvm_device_is_refused() {
         // /dev/null opens fine but answers no KVM ioctl: the version check must catch it.
         let e = KvmContext::with_path(Path::new("/dev/null")).expect_err("must fail");
-        assert!(matches!(e, KvmError::ApiVersion(_)), "{e}");
+        assert!(matches!(e, KvmError::ApiVersion(_, _)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("/dev/null is not a usable KVM device"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -125,6 +125,9 @@ pub enum VmStop {
     Shutdown,
     /// The VMM cannot continue: one line saying why; exit status 1.
     Error(String),
+    /// The VMM received a termination signal (SIGTERM, SIGINT, SIGHUP); exit status
+    /// 128 + signal, after cleaning up.
+    Terminated(i32),
 }
 
 /// Where vCPU threads report that the VM stopped: a channel plus an eventfd the event
