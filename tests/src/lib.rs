@@ -73,13 +73,12 @@ pub fn pmsnap_bin() -> PathBuf {
         if let Ok(p) = std::env::var("PMSNAP_BIN") {
             return PathBuf::from(p);
         }
-        // target/<profile>/deps/<test-binary>
+        // target/<profile>/deps/<test-binary>, or target/<profile>/<bin> for a tool.
         let exe = std::env::current_exe().expect("current exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in target/<profile>/deps")
-            .to_path_buf();
+        let mut profile_dir = exe.parent().expect("exe has a directory").to_path_buf();
+        if profile_dir.file_name().is_some_and(|n| n == "deps") {
+            profile_dir.pop();
+        }
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);

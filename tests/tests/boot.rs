@@ -149,6 +149,14 @@ fn pause_freezes_the_guest_and_resume_continues_it() {
         .start(&stop)
         .expect("start vCPUs");
     let mem = running.vm().memory().clone();
+    // Resume while running is acknowledged promptly (the vCPU is kicked out of KVM_RUN).
+    let t = Instant::now();
+    running.vcpus().resume().expect("resume while running");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "resume took {:?}",
+        t.elapsed()
+    );
 
     // Let the kernel get going, then pause: guest RAM must not change while paused
     // (nothing but the vCPUs writes it).

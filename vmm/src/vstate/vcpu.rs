@@ -644,8 +644,9 @@ impl Vcpus {
     /// Resume every vCPU. Fails if the VM has stopped.
     pub fn resume(&self) -> Result<(), VcpuError> {
         for h in &self.handles {
-            h.tx.send(VcpuRequest::Resume)
-                .map_err(|_| VcpuError::Gone(h.id))?;
+            // Kicked too: a vCPU that was never paused may sit in an in-kernel HLT for
+            // a long time and would otherwise not see the request.
+            h.send(VcpuRequest::Resume)?;
         }
         let mut result = Ok(());
         for h in &self.handles {
