@@ -546,9 +546,8 @@ impl Vcpu {
                 continue;
             }
             if let Next::Stop(why) = self.run_once() {
-                if let VmStop::Error(msg) = &why {
-                    log::error!("{msg}");
-                }
+                // Errors are printed once, by whoever ends the VMM.
+                log::debug!("vCPU {}: stopping: {why:?}", self.id);
                 stop.notify(why);
                 state = State::Stopped;
             }
