@@ -268,7 +268,8 @@ pub fn default_image_dir(env_dir: Option<&str>) -> PathBuf {
     match env_dir {
         Some(d) if !d.is_empty() => PathBuf::from(d),
         _ => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
+            .parent()
+            .unwrap_or(Path::new(".."))
             .join("images")
             .join("cache")
             .join("default"),
