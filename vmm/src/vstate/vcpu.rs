@@ -243,6 +243,34 @@ enum Next {
     Stop(VmStop),
 }
 
+/// Exit counts of one vCPU, logged at debug level when its thread ends (exits are
+/// the expensive part of device emulation on this host, ~40 us each).
+#[derive(Debug, Default)]
+struct ExitStats {
+    runs: u64,
+    by_port: std::collections::BTreeMap<u16, u64>,
+    mmio: u64,
+}
+
+impl ExitStats {
+    fn summary(&self) -> String {
+        let mut ports: Vec<(&u16, &u64)> = self.by_port.iter().collect();
+        ports.sort_by(|a, b| b.1.cmp(a.1));
+        let top: Vec<String> = ports
+            .iter()
+            .take(8)
+            .map(|(p, n)| format!("{p:#x}:{n}"))
+            .collect();
+        format!(
+            "{} KVM_RUNs, {} port I/O exits (top ports {}), {} MMIO exits",
+            self.runs,
+            self.by_port.values().sum::<u64>(),
+            top.join(" "),
+            self.mmio
+        )
+    }
+}
+
 /// One vCPU with what it needs to run: its KVM fd, guest memory and the two buses.
 #[derive(Debug)]
 pub struct Vcpu {
@@ -252,6 +280,7 @@ pub struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     emulation_fixes: u64,
+    stats: ExitStats,
 }
 
 impl Vcpu {
@@ -272,6 +301,7 @@ impl Vcpu {
             pio,
             mmio,
             emulation_fixes: 0,
+            stats: ExitStats::default(),
         })
     }
 
@@ -329,20 +359,25 @@ impl Vcpu {
 
     /// Run the guest once and handle the exit.
     fn run_once(&mut self) -> Next {
+        self.stats.runs += 1;
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                *self.stats.by_port.entry(port).or_default() += 1;
                 self.pio.read(u64::from(port), data);
                 Next::Continue
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                *self.stats.by_port.entry(port).or_default() += 1;
                 self.pio.write(u64::from(port), data);
                 Next::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.stats.mmio += 1;
                 self.mmio.read(addr, data);
                 Next::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.stats.mmio += 1;
                 self.mmio.write(addr, data);
                 Next::Continue
             }
@@ -553,6 +588,7 @@ impl Vcpu {
             }
         }
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+        log::debug!("vCPU {}: {}", self.id, self.stats.summary());
     }
 }
 
@@ -693,6 +729,21 @@ mod tests {
         assert_eq!(classify_instruction(&[0x0f]), None);
         assert_eq!(classify_instruction(&[]), None);
         assert_eq!(hex(&[0x0f, 0xae, 0x27]), "0f ae 27");
+    }
+
+    #[test]
+    fn exit_stats_summary_sorts_ports() {
+        let mut s = ExitStats {
+            runs: 10,
+            ..Default::default()
+        };
+        s.by_port.insert(0x80, 2);
+        s.by_port.insert(0x3f8, 5);
+        s.mmio = 1;
+        assert_eq!(
+            s.summary(),
+            "10 KVM_RUNs, 7 port I/O exits (top ports 0x3f8:5 0x80:2), 1 MMIO exits"
+        );
     }
 
     #[test]
