@@ -609,11 +609,20 @@ impl VcpuHandle {
         Ok(())
     }
 
-    fn wait(&self, what: &'static str) -> Result<VcpuAck, VcpuError> {
-        self.ack.recv_timeout(ACK_TIMEOUT).map_err(|e| match e {
-            RecvTimeoutError::Timeout => VcpuError::AckTimeout(self.id, what),
-            RecvTimeoutError::Disconnected => VcpuError::Gone(self.id),
-        })
+    /// Wait for `expected` (or `Stopped`). A late answer to an earlier request that
+    /// timed out is skipped, so it cannot be taken for this one.
+    fn wait(&self, expected: VcpuAck, what: &'static str) -> Result<VcpuAck, VcpuError> {
+        let deadline = std::time::Instant::now() + ACK_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let ack = self.ack.recv_timeout(left).map_err(|e| match e {
+                RecvTimeoutError::Timeout => VcpuError::AckTimeout(self.id, what),
+                RecvTimeoutError::Disconnected => VcpuError::Gone(self.id),
+            })?;
+            if ack == expected || ack == VcpuAck::Stopped {
+                return Ok(ack);
+            }
+        }
     }
 }
 
@@ -671,7 +680,7 @@ impl Vcpus {
             h.send(VcpuRequest::Pause)?;
         }
         for h in &self.handles {
-            h.wait("pause")?;
+            h.wait(VcpuAck::Paused, "pause")?;
         }
         Ok(())
     }
@@ -685,7 +694,7 @@ impl Vcpus {
         }
         let mut result = Ok(());
         for h in &self.handles {
-            if h.wait("resume")? == VcpuAck::Stopped && result.is_ok() {
+            if h.wait(VcpuAck::Resumed, "resume")? == VcpuAck::Stopped && result.is_ok() {
                 result = Err(VcpuError::Stopped(h.id));
             }
         }
