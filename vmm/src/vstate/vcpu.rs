@@ -774,6 +774,101 @@ mod tests {
         assert_eq!(read(APIC_LVT1), 0x400);
     }
 
+    /// A one-vCPU VM in real mode running `code` at 0x1000, with `pio` as its port bus.
+    /// None (after saying why) when KVM is missing.
+    fn tiny_vm(code: &[u8], pio: Bus) -> Option<(Vm, Vcpu)> {
+        use crate::vstate::kvm::{KvmContext, KVM_PATH};
+        if !std::path::Path::new(KVM_PATH).exists() {
+            eprintln!("SKIPPED: {KVM_PATH} is missing on this host");
+            return None;
+        }
+        let kvm = KvmContext::new().expect("open KVM");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        mem.write_slice(code, GuestAddress(0x1000)).expect("code");
+        let vm = Vm::new(&kvm, mem).expect("VM");
+        let vcpu = Vcpu::new(&vm, 0, Arc::new(pio), Arc::new(Bus::new())).expect("vCPU");
+        let mut sregs = vcpu.fd.get_sregs().expect("sregs");
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.fd.set_sregs(&sregs).expect("set sregs");
+        let regs = kvm_bindings::kvm_regs {
+            rip: 0x1000,
+            rflags: 2,
+            ..Default::default()
+        };
+        vcpu.fd.set_regs(&regs).expect("set regs");
+        Some((vm, vcpu))
+    }
+
+    #[test]
+    fn pause_reaches_a_vcpu_halted_in_the_kernel() {
+        // cli; hlt; jmp back: the vCPU sleeps inside KVM_RUN with no interrupt to wake
+        // it, so only the kick signal can bring it out.
+        let Some((_vm, vcpu)) = tiny_vm(&[0xfa, 0xf4, 0xeb, 0xfd], Bus::new()) else {
+            return;
+        };
+        let (stop, stops) = StopNotifier::new().expect("notifier");
+        let mut vcpus = Vcpus::start(vec![vcpu], &stop).expect("start");
+        std::thread::sleep(Duration::from_millis(200));
+        vcpus.pause().expect("pause a halted vCPU");
+        vcpus.resume().expect("resume");
+        vcpus.resume().expect("resume while running");
+        vcpus.pause().expect("pause again");
+        vcpus.stop();
+        assert!(stops.try_recv().is_err(), "the VM must not have stopped");
+        // Stopped threads are gone: requests now fail instead of hanging.
+        assert!(matches!(vcpus.pause(), Err(VcpuError::Gone(0))));
+    }
+
+    #[derive(Default)]
+    struct PortCounter(Arc<std::sync::atomic::AtomicU64>);
+    impl crate::devices::bus::BusDevice for PortCounter {
+        fn read(&mut self, _: u64, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write(&mut self, _: u64, _: u64, data: &[u8]) {
+            assert_eq!(data, [0x41]);
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn port_io_goes_through_the_bus_and_stops_while_paused() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut pio = Bus::new();
+        pio.insert(
+            Arc::new(std::sync::Mutex::new(PortCounter(count.clone()))),
+            0x80,
+            1,
+        )
+        .expect("insert");
+        // mov al, 0x41; out 0x80, al; jmp back
+        let Some((_vm, vcpu)) = tiny_vm(&[0xb0, 0x41, 0xe6, 0x80, 0xeb, 0xfa], pio) else {
+            return;
+        };
+        let (stop, _stops) = StopNotifier::new().expect("notifier");
+        let vcpus = Vcpus::start(vec![vcpu], &stop).expect("start");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while count.load(SeqCst) < 10 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            count.load(SeqCst) >= 10,
+            "guest port writes reach the device"
+        );
+        vcpus.pause().expect("pause");
+        let frozen = count.load(SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(count.load(SeqCst), frozen, "no guest I/O while paused");
+        vcpus.resume().expect("resume");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while count.load(SeqCst) == frozen && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(count.load(SeqCst) > frozen, "guest runs again after resume");
+    }
+
     #[test]
     fn stop_notifier_delivers_and_signals() {
         let (n, rx) = StopNotifier::new().expect("eventfd");
