@@ -1,2 +1,341 @@
 //! Helpers shared by pmsnap's integration tests: locating the built binaries and the
-//! default guest image, and deciding whether KVM is there at all.
+//! default guest image, deciding whether KVM is there at all, and driving a guest's
+//! serial console through the `pmsnap` process's stdin/stdout.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long a guest may take to print `pmsnap-guest: ready`. A boot takes 15-20 s on an
+/// idle development machine but several times that when the machine is busy.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(400);
+
+/// The workspace root (this crate lives in `<root>/tests`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Why KVM tests cannot run here, or None when `/dev/kvm` can be opened.
+pub fn kvm_unavailable() -> Option<String> {
+    let p = Path::new("/dev/kvm");
+    if !p.exists() {
+        return Some("/dev/kvm does not exist on this host".into());
+    }
+    match std::fs::OpenOptions::new().read(true).write(true).open(p) {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/kvm cannot be opened: {e}")),
+    }
+}
+
+/// Return early from a test, loudly, when KVM is missing.
+#[macro_export]
+macro_rules! require_kvm {
+    ($name:expr) => {
+        if let Some(why) = $crate::kvm_unavailable() {
+            eprintln!("SKIPPED {}: needs KVM, but {}", $name, why);
+            println!("SKIPPED {}: needs KVM, but {}", $name, why);
+            return;
+        }
+    };
+}
+
+/// The default guest image directory, as `pmsnap run` resolves it.
+pub fn image_dir() -> PathBuf {
+    match std::env::var("PMSNAP_IMAGE_DIR") {
+        Ok(d) if !d.is_empty() => PathBuf::from(d),
+        _ => workspace_root().join("images/cache/default"),
+    }
+}
+
+/// The default image's kernel and initrd; panics with the way to build them when
+/// missing (the image is part of the project, so a missing one is a failure, not a skip).
+pub fn image() -> (PathBuf, PathBuf) {
+    let d = image_dir();
+    let (k, i) = (d.join("vmlinux"), d.join("initramfs.cpio"));
+    assert!(
+        k.is_file() && i.is_file(),
+        "guest image missing in {}: run images/build.sh (or set PMSNAP_IMAGE_DIR)",
+        d.display()
+    );
+    (k, i)
+}
+
+/// Path of the `pmsnap` binary, built on first use with the same profile as this test
+/// (`cargo test -p pmsnap-tests` does not build other packages' binaries).
+pub fn pmsnap_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("PMSNAP_BIN") {
+            return PathBuf::from(p);
+        }
+        // target/<profile>/deps/<test-binary>, or target/<profile>/<bin> for a tool.
+        let exe = std::env::current_exe().expect("current exe");
+        let mut profile_dir = exe.parent().expect("exe has a directory").to_path_buf();
+        if profile_dir.file_name().is_some_and(|n| n == "deps") {
+            profile_dir.pop();
+        }
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "vmm", "--bin", "pmsnap"])
+            .current_dir(workspace_root());
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for pmsnap");
+        assert!(status.success(), "building pmsnap failed");
+        let bin = profile_dir.join("pmsnap");
+        assert!(bin.is_file(), "{} missing after cargo build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// Output of a finished `pmsnap` run.
+#[derive(Debug)]
+pub struct RunOutput {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Stdout (the guest console).
+    pub stdout: String,
+    /// Stderr (VMM log and errors).
+    pub stderr: String,
+    /// The process id it ran as.
+    pub pid: u32,
+}
+
+impl RunOutput {
+    /// Assert that the run failed with exactly one error line containing `needle`
+    /// (and no panic); returns that line.
+    pub fn expect_error(&self, needle: &str) -> String {
+        assert!(
+            !self.status.success(),
+            "expected failure, got {:?}; stderr: {}",
+            self.status,
+            self.stderr
+        );
+        assert_eq!(self.status.code(), Some(1), "stderr: {}", self.stderr);
+        assert!(!self.stderr.contains("panicked"), "panic: {}", self.stderr);
+        let errors: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("pmsnap: error:"))
+            .collect();
+        assert_eq!(errors.len(), 1, "one error line expected: {}", self.stderr);
+        assert!(
+            errors[0].contains(needle),
+            "{:?} not in {:?}",
+            needle,
+            errors[0]
+        );
+        errors[0].to_string()
+    }
+}
+
+/// Run `pmsnap <args>` to completion with stdin closed.
+pub fn run_pmsnap(args: &[&str], env: &[(&str, &str)]) -> RunOutput {
+    let child = Command::new(pmsnap_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pmsnap");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for pmsnap");
+    RunOutput {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        pid,
+    }
+}
+
+#[derive(Default)]
+struct Captured {
+    bytes: Vec<u8>,
+    closed: bool,
+}
+
+/// A running `pmsnap run` whose console is driven through pipes. Dropping it kills the
+/// VMM (SIGTERM, so it removes its pool; SIGKILL if it does not exit).
+pub struct Guest {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: Arc<(Mutex<Captured>, Condvar)>,
+    stderr: Arc<(Mutex<Captured>, Condvar)>,
+    /// When the process was started.
+    pub started: Instant,
+}
+
+impl std::fmt::Debug for Guest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guest")
+            .field("pid", &self.child.id())
+            .finish()
+    }
+}
+
+fn pump(mut r: impl Read + Send + 'static, sink: Arc<(Mutex<Captured>, Condvar)>) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = r.read(&mut buf).unwrap_or(0);
+            let (m, cv) = &*sink;
+            let mut c = m.lock().unwrap_or_else(|e| e.into_inner());
+            if n == 0 {
+                c.closed = true;
+                cv.notify_all();
+                return;
+            }
+            c.bytes.extend_from_slice(&buf[..n]);
+            cv.notify_all();
+        }
+    });
+}
+
+impl Guest {
+    /// Start `pmsnap <args>` with piped stdin/stdout/stderr.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(pmsnap_bin())
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pmsnap");
+        let out = Arc::new((Mutex::new(Captured::default()), Condvar::new()));
+        let stderr = Arc::new((Mutex::new(Captured::default()), Condvar::new()));
+        pump(child.stdout.take().expect("piped stdout"), out.clone());
+        pump(child.stderr.take().expect("piped stderr"), stderr.clone());
+        Self {
+            stdin: child.stdin.take(),
+            child,
+            out,
+            stderr,
+            started: Instant::now(),
+        }
+    }
+
+    /// Console output so far.
+    pub fn output(&self) -> String {
+        let c = self.out.0.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&c.bytes).into_owned()
+    }
+
+    /// VMM stderr so far.
+    pub fn stderr(&self) -> String {
+        let c = self.stderr.0.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&c.bytes).into_owned()
+    }
+
+    /// Wait until the console output after byte `from` satisfies `pred`; returns the
+    /// output length at that point, or None on timeout or when the VMM closed stdout.
+    pub fn wait_until(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<usize> {
+        let (m, cv) = &*self.out;
+        let deadline = Instant::now() + timeout;
+        let mut c = m.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let text = String::from_utf8_lossy(&c.bytes[from.min(c.bytes.len())..]).into_owned();
+            if pred(&text) {
+                return Some(c.bytes.len());
+            }
+            let now = Instant::now();
+            if c.closed || now >= deadline {
+                return None;
+            }
+            c = cv
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Wait for `needle` in the console output after byte `from`.
+    pub fn wait_for(&self, from: usize, needle: &str, timeout: Duration) -> Option<usize> {
+        self.wait_until(from, timeout, |t| t.contains(needle))
+    }
+
+    /// Current length of the console output.
+    pub fn output_len(&self) -> usize {
+        self.out
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bytes
+            .len()
+    }
+
+    /// Type `line` and Enter on the console.
+    pub fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write to the console");
+        stdin.flush().expect("flush the console");
+    }
+
+    /// Close the console input (EOF on the VMM's stdin).
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Until the shell answers: type a command whose output differs from its echo
+    /// until that output appears (input typed while the shell starts can be lost).
+    pub fn sync_shell(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let from = self.output_len();
+            self.send_line("echo shell-$((40+2))");
+            if self
+                .wait_for(from, "shell-42", Duration::from_secs(10))
+                .is_some()
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Wait for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            if self.wait_exit(Duration::from_secs(5)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}

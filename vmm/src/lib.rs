@@ -1,8 +1,12 @@
 //! pmsnap VMM library: KVM setup, devices, the copy-before-write engine and the CLI.
 
 pub mod api;
+pub mod arch;
+pub mod builder;
 pub mod cli;
+pub mod config;
 pub mod devices;
+pub mod event_loop;
 pub mod payload;
 pub mod snapshot;
 pub mod vstate;

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod ctl;
+pub mod run;
 pub mod store;
 
 /// pmsnap: a KVM VMM whose guest RAM lives in a pmem pool file, with a persistent
@@ -26,6 +27,8 @@ pub enum Command {
     Store(store::StoreArgs),
     /// Talk to a running VMM through its control API socket.
     Ctl(ctl::CtlArgs),
+    /// Boot a guest with its console on this terminal.
+    Run(run::RunArgs),
 }
 
 /// Run the parsed command line; returns the process exit code.
@@ -33,6 +36,7 @@ pub fn run(cli: Cli) -> anyhow_like::Result<i32> {
     match cli.command {
         Command::Store(args) => store::run(args),
         Command::Ctl(args) => ctl::run(args),
+        Command::Run(args) => run::run(args),
     }
 }
 

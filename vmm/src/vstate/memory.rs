@@ -8,3 +8,221 @@ use vm_memory::bitmap::AtomicBitmap;
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 /// One guest memory region.
 pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use vm_memory::{FileOffset, GuestAddress};
+
+use crate::arch::x86_64::layout;
+
+/// `statfs` type of tmpfs (also what a memfd reports).
+pub const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// `statfs` type of hugetlbfs.
+pub const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// Errors opening the pool file or mapping guest RAM from it.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The pool's filesystem cannot do synchronous userfaultfd write-protect.
+    #[error("pool {path} is on {fs} which cannot do synchronous userfaultfd write-protect; put it on tmpfs (/dev/shm), hugetlbfs or a memfd")]
+    WrongFilesystem {
+        /// The pool path.
+        path: PathBuf,
+        /// Name of the filesystem found.
+        fs: String,
+    },
+    /// The pool path exists and is not a pool.
+    #[error("pool {0} exists and is not a pmsnap pool (refusing to overwrite it; remove it or choose another path)")]
+    NotAPool(PathBuf),
+    /// statfs, open or resize failed.
+    #[error("cannot {op} pool {path}")]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// The pool path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// mmap or region setup failed.
+    #[error("cannot map guest RAM from the pool")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
+}
+
+/// Human name of a `statfs` filesystem type.
+pub fn filesystem_name(magic: i64) -> String {
+    match magic {
+        TMPFS_MAGIC => "tmpfs".into(),
+        HUGETLBFS_MAGIC => "hugetlbfs".into(),
+        0xef53 => "ext4".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683e => "btrfs".into(),
+        0x794c_7630 => "overlayfs".into(),
+        0x6969 => "nfs".into(),
+        0x0102_1997 => "9p".into(),
+        0x6573_5546 => "fuse".into(),
+        0x2fc1_2fc1 => "zfs".into(),
+        other => format!("a filesystem of type {other:#x}"),
+    }
+}
+
+/// Filesystem type and free bytes of the filesystem holding `path` (or, when `path`
+/// does not exist yet, its directory).
+pub fn statfs_pool(path: &Path) -> Result<(i64, u64), MemoryError> {
+    let target = if path.exists() {
+        path.to_path_buf()
+    } else {
+        match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    };
+    let io = |source| MemoryError::Io {
+        op: "statfs",
+        path: path.to_path_buf(),
+        source,
+    };
+    let c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|e| io(std::io::Error::other(e)))?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path and `st` points to a writable statfs that
+    // lives across the call.
+    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    // SAFETY: statfs returned 0, so it filled the whole struct.
+    let st = unsafe { st.assume_init() };
+    Ok((
+        st.f_type,
+        st.f_bavail.saturating_mul(st.f_bsize.unsigned_abs()),
+    ))
+}
+
+/// Accept only filesystems where synchronous userfaultfd write-protect works on a
+/// `MAP_SHARED` mapping (see MACHINE_FACTS.md: it fails with EINVAL on ext4/XFS/btrfs).
+pub fn check_pool_filesystem(path: &Path, fs_type: i64) -> Result<(), MemoryError> {
+    if fs_type == TMPFS_MAGIC || fs_type == HUGETLBFS_MAGIC {
+        Ok(())
+    } else {
+        Err(MemoryError::WrongFilesystem {
+            path: path.to_path_buf(),
+            fs: filesystem_name(fs_type),
+        })
+    }
+}
+
+/// HOOK(lead): the pool format (pmem-backend) defines the real check. Until it is merged,
+/// an existing non-empty file is never taken as a pool, so no user file is overwritten.
+fn check_existing_pool(path: &Path) -> Result<(), MemoryError> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() || m.len() > 0 => Err(MemoryError::NotAPool(path.to_path_buf())),
+        _ => Ok(()),
+    }
+}
+
+/// Open (creating if needed) the pool at `path` and size it for `mem_bytes` of guest
+/// RAM. Returns the file and the offset of guest RAM inside it.
+///
+/// HOOK(lead): swap in `pmem_backend::Pool` here; the rest of the VMM only needs the file
+/// and the RAM offset.
+pub fn open_guest_ram(path: &Path, mem_bytes: u64) -> Result<(File, u64), MemoryError> {
+    let (fs, _) = statfs_pool(path)?;
+    check_pool_filesystem(path, fs)?;
+    check_existing_pool(path)?;
+    let io = |op| {
+        move |source| MemoryError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io("open"))?;
+    file.set_len(mem_bytes).map_err(io("resize"))?;
+    Ok((file, 0))
+}
+
+/// Map guest RAM `MAP_SHARED` from `file` at `ram_offset`, one region per entry of
+/// `layout::ram_regions`, contiguous in the file.
+pub fn create_guest_memory(
+    file: &File,
+    ram_offset: u64,
+    mem_bytes: u64,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let mut offset = ram_offset;
+    let mut regions = Vec::new();
+    for r in layout::ram_regions(mem_bytes) {
+        let f = file.try_clone().map_err(|source| MemoryError::Io {
+            op: "duplicate the fd of",
+            path: PathBuf::from("(guest RAM)"),
+            source,
+        })?;
+        regions.push((
+            GuestAddress(r.start),
+            r.size as usize,
+            Some(FileOffset::new(f, offset)),
+        ));
+        offset += r.size;
+    }
+    GuestMemoryMmap::from_ranges_with_files(regions).map_err(MemoryError::Map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn filesystems_are_checked() {
+        let p = Path::new("/x/pool");
+        assert!(check_pool_filesystem(p, TMPFS_MAGIC).is_ok());
+        assert!(check_pool_filesystem(p, HUGETLBFS_MAGIC).is_ok());
+        let e = check_pool_filesystem(p, 0xef53).expect_err("ext4 refused");
+        let msg = e.to_string();
+        assert!(msg.contains("/x/pool is on ext4"), "{msg}");
+        assert!(
+            msg.contains("tmpfs (/dev/shm), hugetlbfs or a memfd"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn dev_shm_is_tmpfs() {
+        let (fs, free) = statfs_pool(Path::new("/dev/shm/not-there-yet")).expect("statfs");
+        assert_eq!(fs, TMPFS_MAGIC);
+        assert!(free > 0);
+    }
+
+    #[test]
+    fn existing_non_pool_is_refused() {
+        let f = tempfile::NamedTempFile::new_in("/dev/shm").expect("tmp");
+        std::fs::write(f.path(), b"precious data").expect("write");
+        let e = open_guest_ram(f.path(), 1 << 20).expect_err("refused");
+        assert!(matches!(e, MemoryError::NotAPool(_)));
+        assert_eq!(std::fs::read(f.path()).expect("read"), b"precious data");
+    }
+
+    #[test]
+    fn ram_is_shared_with_the_file() {
+        let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir");
+        let path = dir.path().join("p.pool");
+        let (file, off) = open_guest_ram(&path, 2 << 20).expect("open");
+        let mem = create_guest_memory(&file, off, 2 << 20).expect("map");
+        assert_eq!(mem.num_regions(), 1);
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .expect("write");
+        let bytes = std::fs::read(&path).expect("read pool");
+        assert_eq!(bytes.len(), 2 << 20);
+        assert_eq!(&bytes[0x1000..0x1004], &0xdead_beef_u32.to_le_bytes());
+    }
+}

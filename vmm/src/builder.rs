@@ -1,0 +1,485 @@
+//! Building a bootable VM from a [`VmConfig`]: KVM, guest RAM from the pool, the VM, the
+//! kernel and initrd, legacy devices, then (in [`VmBuilder::build`]) the command line,
+//! zero page, MP table and vCPUs.
+//!
+//! ```no_run
+//! # fn f(config: &vmm::config::VmConfig) -> Result<(), Box<dyn std::error::Error>> {
+//! use vmm::event_loop::EventLoop;
+//! let mut event_loop = EventLoop::new()?;
+//! let mut b = vmm::builder::VmBuilder::new(config, event_loop.stop_notifier()?)?;
+//! // Devices for the MMIO bus go here: b.add_mmio_device(dev)? gives address and IRQ,
+//! // b.vm().register_irqfd(&evt, slot.irq)? connects its interrupt.
+//! let vm = b.build()?;
+//! let running = vm.start(&event_loop.stop_notifier()?)?; // vCPU threads run
+//! let why = event_loop.run_until_stopped()?;
+//! drop(running); // stops and joins the vCPU threads
+//! # Ok(()) }
+//! ```
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::bootparams::{self, InitrdPlacement};
+use crate::arch::x86_64::layout::{self, *};
+use crate::arch::x86_64::{cpuid, mptable};
+use crate::config::{self, ConfigError, VmConfig};
+use crate::devices::bus::{Bus, BusError, SharedDevice};
+use crate::devices::legacy::serial::StdoutWriter;
+use crate::devices::legacy::{EventFdTrigger, SerialDevice, I8042};
+use crate::vstate::kvm::{KvmContext, KvmError};
+use crate::vstate::memory::{self, GuestMemoryMmap, MemoryError};
+use crate::vstate::vcpu::{StopNotifier, Vcpu, VcpuError, Vcpus};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Offset of the 64-bit entry point from the start of a bzImage's protected-mode kernel.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+
+/// Errors building the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// KVM is missing or unusable.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// The pool or guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Creating the VM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A vCPU.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The file is neither an ELF vmlinux nor a bzImage.
+    #[error("kernel {0} is not a kernel (neither an ELF vmlinux nor a bzImage)")]
+    NotAKernel(String),
+    /// linux-loader refused the kernel.
+    #[error("cannot load kernel {path}: {reason}")]
+    KernelLoad {
+        /// Kernel path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Reading a file.
+    #[error("cannot read {what} {path}")]
+    Read {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// Path.
+        path: String,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing boot data into guest memory.
+    #[error("cannot write {0} into guest memory")]
+    GuestWrite(&'static str),
+    /// The zero page.
+    #[error(transparent)]
+    BootParams(#[from] bootparams::BootParamsError),
+    /// The MP table.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// A device could not be placed on a bus.
+    #[error("cannot place a device on the bus")]
+    Bus(#[from] BusError),
+    /// No MMIO window or IRQ left.
+    #[error("no MMIO address or IRQ left for another device")]
+    NoDeviceSlot,
+    /// Creating an eventfd.
+    #[error("cannot create an eventfd")]
+    Eventfd(#[source] std::io::Error),
+}
+
+/// The kernel as loaded.
+#[derive(Debug, Clone, Copy)]
+struct LoadedKernel {
+    entry: u64,
+    end: u64,
+    header: Option<setup_header>,
+}
+
+/// Where an MMIO device was placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioSlot {
+    /// Guest physical base address.
+    pub addr: u64,
+    /// Window size.
+    pub len: u64,
+    /// IOAPIC input (GSI) for its interrupt.
+    pub irq: u32,
+}
+
+/// A VM being assembled; see the module docs for the order of calls.
+#[derive(Debug)]
+pub struct VmBuilder {
+    kvm: KvmContext,
+    vm: Vm,
+    vcpu_count: u8,
+    mem_bytes: u64,
+    cmdline: Cmdline,
+    kernel: LoadedKernel,
+    initrd: Option<InitrdPlacement>,
+    pio: Bus,
+    mmio: Bus,
+    next_mmio: u64,
+    next_irq: u32,
+    serial: Arc<Mutex<SerialDevice>>,
+    pool: File,
+}
+
+fn read_mem_available() -> Option<u64> {
+    config::parse_mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    mem_bytes: u64,
+    initrd_size: u64,
+) -> Result<LoadedKernel, BuildError> {
+    let p = path.display().to_string();
+    let mut f = File::open(path).map_err(|source| BuildError::Read {
+        what: "kernel",
+        path: p.clone(),
+        source,
+    })?;
+    let too_small = |kernel_end| ConfigError::MemTooSmallForKernel {
+        mem: mem_bytes,
+        kernel_end,
+        initrd_size,
+    };
+    let himem = Some(GuestAddress(HIMEM_START));
+    match Elf::load(mem, None, &mut f, himem) {
+        Ok(r) => {
+            return Ok(LoadedKernel {
+                entry: r.kernel_load.0,
+                end: r.kernel_end,
+                header: None,
+            })
+        }
+        Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {}
+        Err(loader::Error::Elf(loader::elf::Error::ReadKernelImage)) => {
+            // The headers parsed; writing a segment into guest RAM failed.
+            let end = std::fs::read(path)
+                .ok()
+                .and_then(|b| config::elf_load_end(&b))
+                .unwrap_or(0);
+            return Err(too_small(end).into());
+        }
+        Err(e) => {
+            return Err(BuildError::KernelLoad {
+                path: p,
+                reason: e.to_string(),
+            })
+        }
+    }
+    match BzImage::load(mem, None, &mut f, himem) {
+        Ok(r) => {
+            log::warn!(
+                "{p} is a bzImage: its decompressor is slow under this host's emulation; an ELF vmlinux boots faster"
+            );
+            let header = r.setup_header;
+            let init_size = header.map(|h| u64::from(h.init_size)).unwrap_or(0);
+            Ok(LoadedKernel {
+                entry: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+                end: r.kernel_end.max(r.kernel_load.0 + init_size),
+                header,
+            })
+        }
+        Err(loader::Error::Bzimage(loader::bzimage::Error::InvalidBzImage))
+        | Err(loader::Error::Bzimage(loader::bzimage::Error::ReadBzImageHeader)) => {
+            Err(BuildError::NotAKernel(p))
+        }
+        Err(loader::Error::Bzimage(loader::bzimage::Error::ReadBzImageCompressedKernel)) => {
+            let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            Err(too_small(HIMEM_START + size).into())
+        }
+        Err(e) => Err(BuildError::KernelLoad {
+            path: p,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+impl VmBuilder {
+    /// Check the host, create guest RAM in the pool, the VM, load kernel and initrd and
+    /// add the serial port (console on stdout) and i8042. Reports a guest reset through
+    /// `stop`.
+    pub fn new(cfg: &VmConfig, stop: StopNotifier) -> Result<Self, BuildError> {
+        Self::with_console(cfg, stop, Box::new(StdoutWriter))
+    }
+
+    /// Same as [`Self::new`] with the serial console's output going to `console`.
+    pub fn with_console(
+        cfg: &VmConfig,
+        stop: StopNotifier,
+        console: Box<dyn std::io::Write + Send>,
+    ) -> Result<Self, BuildError> {
+        config::validate_mem(cfg.mem_bytes)?;
+        config::check_image_file("kernel", &cfg.kernel, false)?;
+        if let Some(i) = &cfg.initrd {
+            config::check_image_file("initrd", i, false)?;
+        }
+        if cfg.vcpus == 0 {
+            return Err(ConfigError::NoVcpus.into());
+        }
+        let (fs, fs_free) = memory::statfs_pool(&cfg.pool)?;
+        memory::check_pool_filesystem(&cfg.pool, fs)?;
+        let available = read_mem_available().unwrap_or(u64::MAX);
+        config::check_host_memory(cfg.mem_bytes, available, fs_free)?;
+        let kvm = KvmContext::from_env()?;
+        config::validate_vcpus(cfg.vcpus as usize, kvm.max_vcpus(), mptable::MAX_CPUS)?;
+        let vcpu_count = u8::try_from(cfg.vcpus).expect("validate_vcpus caps the count at 254");
+
+        let (pool, ram_offset) = memory::open_guest_ram(&cfg.pool, cfg.mem_bytes)?;
+        let mem = memory::create_guest_memory(&pool, ram_offset, cfg.mem_bytes)?;
+        let vm = Vm::new(&kvm, mem)?;
+
+        let initrd_size = cfg
+            .initrd
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map_or(0, |m| m.len());
+        let kernel = load_kernel(vm.memory(), &cfg.kernel, cfg.mem_bytes, initrd_size)?;
+        let initrd = match &cfg.initrd {
+            Some(path) => Some(Self::load_initrd(&vm, path, cfg.mem_bytes, kernel.end)?),
+            None => {
+                config::place_initrd(
+                    cfg.mem_bytes,
+                    layout::low_ram_end(cfg.mem_bytes),
+                    kernel.end,
+                    0,
+                )?;
+                None
+            }
+        };
+
+        let mut b = Self {
+            kvm,
+            vm,
+            vcpu_count,
+            mem_bytes: cfg.mem_bytes,
+            cmdline: config::build_cmdline(&cfg.extra_cmdline)?,
+            kernel,
+            initrd,
+            pio: Bus::new(),
+            mmio: Bus::new(),
+            next_mmio: MMIO_DEVICES_START,
+            next_irq: IRQ_BASE,
+            serial: Arc::new(Mutex::new(SerialDevice::new(
+                EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Eventfd)?),
+                console,
+            ))),
+            pool,
+        };
+        b.add_legacy_devices(stop)?;
+        Ok(b)
+    }
+
+    fn load_initrd(
+        vm: &Vm,
+        path: &Path,
+        mem: u64,
+        kernel_end: u64,
+    ) -> Result<InitrdPlacement, BuildError> {
+        let read = |source| BuildError::Read {
+            what: "initrd",
+            path: path.display().to_string(),
+            source,
+        };
+        let mut data = Vec::new();
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut data))
+            .map_err(read)?;
+        let size = data.len() as u64;
+        let addr = config::place_initrd(mem, layout::low_ram_end(mem), kernel_end, size)?;
+        vm.memory()
+            .write_slice(&data, GuestAddress(addr))
+            .map_err(|_| BuildError::GuestWrite("the initrd"))?;
+        Ok(InitrdPlacement { addr, size })
+    }
+
+    fn add_legacy_devices(&mut self, stop: StopNotifier) -> Result<(), BuildError> {
+        let irq = {
+            let s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+            s.irq_eventfd().try_clone().map_err(BuildError::Eventfd)?
+        };
+        self.vm.register_irqfd(&irq, SERIAL_IRQ)?;
+        self.pio
+            .insert(self.serial.clone(), SERIAL_PORT, SERIAL_PORT_LEN)?;
+        self.pio.insert(
+            Arc::new(Mutex::new(I8042::new(stop))),
+            I8042_PORT,
+            I8042_PORT_LEN,
+        )?;
+        Ok(())
+    }
+
+    /// The VM (for irqfds, ioeventfds, memslot flags).
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        self.vm.memory()
+    }
+
+    /// The pool file backing guest RAM.
+    pub fn pool_file(&self) -> &File {
+        &self.pool
+    }
+
+    /// The serial port (for the console input subscriber).
+    pub fn serial(&self) -> Arc<Mutex<SerialDevice>> {
+        self.serial.clone()
+    }
+
+    /// The port-I/O bus, to add more legacy devices before `build`.
+    pub fn pio_bus_mut(&mut self) -> &mut Bus {
+        &mut self.pio
+    }
+
+    /// The kernel command line, for devices that describe themselves on it.
+    pub fn cmdline_mut(&mut self) -> &mut Cmdline {
+        &mut self.cmdline
+    }
+
+    /// Place a virtio-mmio device: the next free `MMIO_DEVICE_SIZE` window in the 32-bit
+    /// gap and the next free IRQ, added to the MMIO bus and announced on the kernel
+    /// command line (`virtio_mmio.device=4K@0x...:IRQ`). Connect its interrupt with
+    /// `vm().register_irqfd(&evt, slot.irq)`.
+    pub fn add_mmio_device(&mut self, dev: SharedDevice) -> Result<MmioSlot, BuildError> {
+        let addr = self.next_mmio;
+        let irq = self.next_irq;
+        if addr + MMIO_DEVICE_SIZE > MMIO_DEVICES_END || irq > IRQ_MAX {
+            return Err(BuildError::NoDeviceSlot);
+        }
+        self.mmio.insert(dev, addr, MMIO_DEVICE_SIZE)?;
+        self.cmdline
+            .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(addr), irq, None)
+            .map_err(|e| ConfigError::Cmdline(e.to_string()))?;
+        self.next_mmio += MMIO_DEVICE_SIZE;
+        self.next_irq += 1;
+        Ok(MmioSlot {
+            addr,
+            len: MMIO_DEVICE_SIZE,
+            irq,
+        })
+    }
+
+    /// Write the command line, zero page and MP table, and create and configure the vCPUs.
+    pub fn build(self) -> Result<BuiltVm, BuildError> {
+        let mem = self.vm.memory();
+        loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &self.cmdline)
+            .map_err(|_| BuildError::GuestWrite("the kernel command line"))?;
+        let cmdline_len = self
+            .cmdline
+            .as_cstring()
+            .map_err(|e| ConfigError::Cmdline(e.to_string()))?
+            .as_bytes_with_nul()
+            .len();
+        let params =
+            bootparams::build(self.kernel.header, self.mem_bytes, cmdline_len, self.initrd)?;
+        LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+            &BootParams::new(&params, GuestAddress(ZERO_PAGE_START)),
+            mem,
+        )
+        .map_err(|_| BuildError::GuestWrite("the zero page"))?;
+        mptable::setup(mem, usize::from(self.vcpu_count))?;
+
+        let pio = Arc::new(self.pio);
+        let mmio = Arc::new(self.mmio);
+        let supported = self.kvm.supported_cpuid()?;
+        let mut vcpus = Vec::with_capacity(usize::from(self.vcpu_count));
+        for id in 0..self.vcpu_count {
+            let v = Vcpu::new(&self.vm, id, pio.clone(), mmio.clone())?;
+            let entry = (id == 0).then_some(self.kernel.entry);
+            v.configure(&cpuid::for_vcpu(&supported, id, self.vcpu_count), entry)?;
+            vcpus.push(v);
+        }
+        log::debug!(
+            "VM built: {} vCPUs, {} MiB, entry {:#x}, initrd {:?}, cmdline {:?}",
+            self.vcpu_count,
+            self.mem_bytes >> 20,
+            self.kernel.entry,
+            self.initrd,
+            self.cmdline.as_cstring().ok()
+        );
+        Ok(BuiltVm {
+            vm: self.vm,
+            vcpus,
+            pool: self.pool,
+        })
+    }
+}
+
+/// A VM ready to run: configured vCPUs not yet started.
+#[derive(Debug)]
+pub struct BuiltVm {
+    vm: Vm,
+    vcpus: Vec<Vcpu>,
+    pool: File,
+}
+
+impl BuiltVm {
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Start one thread per vCPU.
+    pub fn start(self, stop: &StopNotifier) -> Result<RunningVm, BuildError> {
+        let vcpus = Vcpus::start(self.vcpus, stop)?;
+        Ok(RunningVm {
+            vcpus,
+            vm: self.vm,
+            pool: self.pool,
+        })
+    }
+}
+
+/// A running VM. Dropping it stops and joins the vCPU threads first, then closes the VM.
+#[derive(Debug)]
+pub struct RunningVm {
+    // Field order matters: the vCPU threads end before the VM and its memory go.
+    vcpus: Vcpus,
+    vm: Vm,
+    pool: File,
+}
+
+impl RunningVm {
+    /// The vCPU threads (pause / resume).
+    pub fn vcpus(&self) -> &Vcpus {
+        &self.vcpus
+    }
+
+    /// The VM (memory, KVM fd).
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// The pool file.
+    pub fn pool_file(&self) -> &File {
+        &self.pool
+    }
+
+    /// Stop and join the vCPU threads.
+    pub fn stop(&mut self) {
+        self.vcpus.stop();
+    }
+}
