@@ -247,6 +247,18 @@ impl DirtyTracker {
         self.since.insert(name.to_string(), all);
     }
 
+    /// Record pages the VMM wrote outside both sources (through the store's mapping) as
+    /// written, for every tracked snapshot.
+    pub fn mark(&mut self, runs: &[(u64, u64)]) {
+        for map in self.since.values_mut() {
+            for &(first, count) in runs {
+                for p in first..(first + count).min(self.pages) {
+                    map[(p / 64) as usize] |= 1 << (p % 64);
+                }
+            }
+        }
+    }
+
     /// Stop tracking `name`.
     pub fn forget(&mut self, name: &str) {
         self.since.remove(name);
@@ -323,6 +335,8 @@ mod tests {
         write(&vmm, 4);
         assert_eq!(t.dirty_since("a").expect("a"), vec![(4, 1)]);
         assert_eq!(t.dirty_since("b").expect("b"), vec![(3, 2)]);
+        t.mark(&[(90, 2)]);
+        assert_eq!(t.dirty_since("a").expect("a"), vec![(4, 1), (90, 2)]);
         t.forget("a");
         assert!(matches!(t.dirty_since("a"), Err(DirtyError::Untracked(_))));
         t.start_unknown("old");

@@ -253,6 +253,36 @@ impl Engine {
             .map_err(|e| ApiError::Internal(e.to_string()))
     }
 
+    /// The VMM wrote `pages` through the store's own mapping (restore): record them as
+    /// dirty for every tracked snapshot, and drop stale write protection on pages that
+    /// no snapshot references any more (the store preserved them before the write).
+    pub fn after_vmm_write(&self, pages: &[u64]) {
+        let runs: Vec<(u64, u64)> = {
+            let mut v: Vec<u64> = pages.to_vec();
+            v.sort_unstable();
+            v.dedup();
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for p in v {
+                match runs.last_mut() {
+                    Some((f, c)) if *f + *c == p => *c += 1,
+                    _ => runs.push((p, 1)),
+                }
+            }
+            runs
+        };
+        self.dirty().mark(&runs);
+        let pool = lock_pool(&self.pool);
+        for &(first, count) in &runs {
+            for p in first..first + count {
+                if !pool.is_protected(p) {
+                    if let Err(e) = self.protector.unprotect(p, 1) {
+                        warn!("unprotect of page {p} after a VMM write failed: {e}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Pages preserved by the fault handler since start.
     pub fn preserved_pages(&self) -> u64 {
         self.sink.preserved.load(Ordering::Relaxed)
@@ -388,86 +418,7 @@ fn to_api_info(s: pmem_backend::SnapshotInfo, with_runs: bool) -> api::SnapshotI
 mod tests {
     use super::*;
     use crate::api::{PageRun as ApiRun, PagesSnapshotRequest};
-    use std::os::fd::AsRawFd;
-    use std::sync::atomic::AtomicBool;
-
-    struct FakeVm(AtomicBool);
-    impl VmControl for FakeVm {
-        fn pause(&self) -> Result<(), String> {
-            self.0.store(true, Ordering::SeqCst);
-            Ok(())
-        }
-        fn resume(&self) -> Result<(), String> {
-            self.0.store(false, Ordering::SeqCst);
-            Ok(())
-        }
-        fn is_paused(&self) -> bool {
-            self.0.load(Ordering::SeqCst)
-        }
-        fn vcpus(&self) -> u32 {
-            2
-        }
-    }
-
-    /// The VMM's view of guest RAM: the pool's RAM area mapped shared, as KVM sees it.
-    struct Ram {
-        ptr: *mut u8,
-        len: usize,
-    }
-    // SAFETY: the mapping lives as long as Ram; tests synchronise their accesses.
-    unsafe impl Send for Ram {}
-    // SAFETY: as above.
-    unsafe impl Sync for Ram {}
-    impl Ram {
-        fn write(&self, page: u64, byte: u8) {
-            assert!(page < (self.len / 4096) as u64);
-            // SAFETY: inside the mapping (checked above).
-            unsafe { std::ptr::write_bytes(self.ptr.add(page as usize * 4096), byte, 4096) };
-        }
-    }
-    impl Drop for Ram {
-        fn drop(&mut self) {
-            // SAFETY: mapped in `setup` with this length.
-            unsafe { libc::munmap(self.ptr.cast(), self.len) };
-        }
-    }
-
-    fn setup(pages: u64) -> (tempfile::TempDir, Engine, Arc<Ram>) {
-        let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir on tmpfs");
-        let pool = Pool::create(dir.path().join("p.pool"), pages * 4096, Default::default())
-            .expect("create pool");
-        let len = pool.ram_size() as usize;
-        // SAFETY: a fresh shared mapping of the pool's RAM area; checked for failure.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                pool.file().as_raw_fd(),
-                pool.ram_offset() as libc::off_t,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        let ram = Arc::new(Ram {
-            ptr: ptr.cast(),
-            len,
-        });
-        let prot = Arc::new(UffdProtector::new(ram.ptr, len).expect("uffd"));
-        let engine = Engine::start(
-            Arc::new(Mutex::new(pool)),
-            prot,
-            Arc::new(FakeVm(AtomicBool::new(false))),
-            Vec::new(),
-            VmInfo {
-                mem_bytes: len as u64,
-                pool_path: "test".into(),
-            },
-            HandlerOptions::default(),
-        )
-        .expect("engine");
-        (dir, engine, ram)
-    }
+    use crate::snapshot::testutil::setup;
 
     fn req(name: &str, runs: &[(u64, u64)]) -> ApiRequest {
         ApiRequest::CreatePagesSnapshot(PagesSnapshotRequest {

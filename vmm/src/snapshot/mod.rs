@@ -4,4 +4,7 @@
 pub mod dirty;
 pub mod engine;
 pub mod fault;
+pub mod process;
 pub mod protect;
+#[cfg(test)]
+pub(crate) mod testutil;

@@ -1,0 +1,416 @@
+//! The snapshot service the guest agent talks to: save a process's pages (no copy, the
+//! pages become copy-before-write), restore them into the pages that now back a target
+//! region, list and delete process snapshots.
+//!
+//! Requests arrive decoded and validated against the guest-physical address space by
+//! the vsock agent service. Guest-physical page numbers are translated to pool RAM pages
+//! here (guest RAM above 4 GiB sits after the MMIO gap in the pool).
+//!
+//! The agent's full run list, absent (never touched) runs included, is kept in the
+//! snapshot's state blob; the store's page runs are the present runs only, with the
+//! virtual address of each.
+
+use std::sync::Arc;
+
+use guest_agent::protocol::{
+    self, ErrorCode, ErrorReply, Reply, Request, RestoreRequest, Run, SaveRequest,
+};
+use log::info;
+use pmem_backend::{PageRun, PoolError, ProcessInfo, SnapshotKind, SnapshotMeta};
+
+use super::engine::{lock_pool, Engine};
+use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
+use crate::devices::virtio::vsock::AgentBackend;
+
+const PAGE: u64 = 4096;
+
+/// Number of guest-physical pages the agent may name for `mem_bytes` of RAM (the
+/// address space up to the end of RAM, the MMIO gap included).
+pub fn guest_phys_pages(mem_bytes: u64) -> u64 {
+    if mem_bytes <= MMIO_GAP_START {
+        mem_bytes / PAGE
+    } else {
+        (MMIO_GAP_END + (mem_bytes - MMIO_GAP_START)) / PAGE
+    }
+}
+
+/// Translate guest-physical pages `first..first+count` to pool RAM page runs; `None` when
+/// any page lies in the MMIO gap or past RAM.
+pub fn gpa_to_ram(first: u64, count: u64, mem_bytes: u64) -> Option<Vec<PageRun>> {
+    let (gap_first, gap_end) = (MMIO_GAP_START / PAGE, MMIO_GAP_END / PAGE);
+    let ram_pages = mem_bytes / PAGE;
+    let end = first.checked_add(count)?;
+    let mut out = Vec::new();
+    let low_end = end.min(gap_first).min(ram_pages);
+    if first < low_end {
+        out.push(PageRun::new(first, low_end - first));
+    }
+    if end > low_end {
+        // Whatever is left must be above the gap.
+        let start = first.max(low_end);
+        if start < gap_end || mem_bytes <= MMIO_GAP_START {
+            return None;
+        }
+        let ram_first = start - (gap_end - gap_first);
+        if ram_first + (end - start) > ram_pages {
+            return None;
+        }
+        out.push(PageRun::new(ram_first, end - start));
+    }
+    Some(out)
+}
+
+/// The state blob of a process snapshot: the agent's runs as sent (JSON).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ProcessBlob {
+    runs: Vec<Run>,
+}
+
+/// Serves the agent protocol on top of the engine.
+#[derive(Debug)]
+pub struct ProcessService {
+    engine: Arc<Engine>,
+    mem_bytes: u64,
+}
+
+impl ProcessService {
+    /// A service for a guest with `mem_bytes` of RAM.
+    pub fn new(engine: Arc<Engine>, mem_bytes: u64) -> Self {
+        Self { engine, mem_bytes }
+    }
+
+    fn ram_runs(&self, r: &Run) -> Result<Vec<PageRun>, ErrorReply> {
+        gpa_to_ram(r.guest_phys_first_page, r.count, self.mem_bytes).ok_or_else(|| {
+            ErrorReply::new(
+                ErrorCode::RunOutOfRange,
+                format!(
+                    "guest pages {}+{} are not guest RAM",
+                    r.guest_phys_first_page, r.count
+                ),
+            )
+        })
+    }
+
+    fn save(&self, s: SaveRequest) -> Result<Reply, ErrorReply> {
+        let mut runs = Vec::new();
+        let mut vas = Vec::new();
+        for r in s.runs.iter().filter(|r| r.present) {
+            let mut va = r.virt_addr;
+            for rr in self.ram_runs(r)? {
+                runs.push(rr);
+                vas.push(va);
+                va += rr.count * PAGE;
+            }
+        }
+        let total = protocol::total_pages(&s.runs);
+        let present: u64 = runs.iter().map(|r| r.count).sum();
+        let state = serde_json::to_vec(&ProcessBlob {
+            runs: s.runs.clone(),
+        })
+        .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
+        let meta = SnapshotMeta {
+            labels: Vec::new(),
+            state,
+            process: Some(ProcessInfo {
+                pid: s.pid,
+                comm: s.comm.clone(),
+                run_vas: vas,
+            }),
+        };
+        self.engine
+            .snapshot(&s.name, SnapshotKind::Process, &runs, meta)
+            .map_err(store_error)?;
+        info!(
+            "process snapshot {:?} of pid {} ({}): {total} pages, {present} present, {} runs",
+            s.name,
+            s.pid,
+            s.comm,
+            runs.len()
+        );
+        Ok(Reply::Saved {
+            name: s.name,
+            pages: total,
+            present_pages: present,
+        })
+    }
+
+    fn blob(&self, name: &str) -> Result<ProcessBlob, ErrorReply> {
+        let pool = lock_pool(self.engine.pool());
+        let info = pool.inspect(name).map_err(store_error)?;
+        if info.kind != SnapshotKind::Process {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "snapshot {name:?} is a {} snapshot, not a process snapshot",
+                    info.kind.as_str()
+                ),
+            ));
+        }
+        let state = pool.read_state(name).map_err(store_error)?;
+        serde_json::from_slice(&state).map_err(|e| {
+            ErrorReply::new(
+                ErrorCode::Internal,
+                format!("snapshot {name:?} has an unreadable run list: {e}"),
+            )
+        })
+    }
+
+    fn restore(&self, r: RestoreRequest) -> Result<Reply, ErrorReply> {
+        let blob = self.blob(&r.name)?;
+        let want = protocol::total_pages(&blob.runs);
+        let got = protocol::total_pages(&r.runs);
+        if want != got {
+            return Err(ErrorReply::new(
+                ErrorCode::SizeMismatch,
+                format!(
+                    "snapshot {:?} holds {want} pages but the target has {got}",
+                    r.name
+                ),
+            ));
+        }
+        // Source pages in snapshot order: Some(ram page) or None (absent: zero).
+        let mut sources: Vec<Option<u64>> = Vec::with_capacity(want as usize);
+        for run in &blob.runs {
+            if run.present {
+                for rr in self.ram_runs(run)? {
+                    sources.extend((rr.first..rr.end()).map(Some));
+                }
+            } else {
+                sources.extend(std::iter::repeat_n(None, run.count as usize));
+            }
+        }
+        let mut targets: Vec<u64> = Vec::with_capacity(want as usize);
+        for run in &r.runs {
+            for rr in self.ram_runs(run)? {
+                targets.extend(rr.first..rr.end());
+            }
+        }
+        // Read everything first: a target may be another source page of the same
+        // snapshot, and write_ram_page preserves it before overwriting, but reading all
+        // sources up front keeps the copy independent of the order.
+        let zero = [0u8; protocol::PAGE_SIZE as usize];
+        let mut pool = lock_pool(self.engine.pool());
+        let mut pages = Vec::with_capacity(sources.len());
+        for src in &sources {
+            pages.push(match src {
+                Some(p) => {
+                    pool.read_snapshot_page(r.name.as_str(), *p)
+                        .map_err(store_error)?
+                        .1
+                }
+                None => zero,
+            });
+        }
+        for (t, data) in targets.iter().zip(&pages) {
+            pool.write_ram_page(*t, data).map_err(store_error)?;
+        }
+        drop(pool);
+        self.engine.after_vmm_write(&targets);
+        Ok(Reply::Restored {
+            name: r.name,
+            pages: got,
+        })
+    }
+
+    fn list(&self) -> Reply {
+        let pool = lock_pool(self.engine.pool());
+        let list = pool
+            .list()
+            .into_iter()
+            .filter(|s| s.kind == SnapshotKind::Process)
+            .take(protocol::MAX_LIST_ENTRIES)
+            .map(|s| {
+                let (pid, comm) = s
+                    .process
+                    .as_ref()
+                    .map(|p| (p.pid, p.comm.clone()))
+                    .unwrap_or_default();
+                let total = pool
+                    .read_state(s.name.as_str())
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<ProcessBlob>(&b).ok())
+                    .map_or(s.pages, |b| protocol::total_pages(&b.runs));
+                protocol::SnapshotInfo {
+                    name: s.name,
+                    pid,
+                    comm,
+                    pages: total,
+                    present_pages: s.pages,
+                    runs: s.runs.len() as u32,
+                    created_unix: s.created_unix_ns / 1_000_000_000,
+                }
+            })
+            .collect();
+        Reply::List(list)
+    }
+
+    fn delete(&self, name: String) -> Result<Reply, ErrorReply> {
+        self.blob(&name)?;
+        self.engine.delete(&name).map_err(store_error)?;
+        Ok(Reply::Deleted { name })
+    }
+}
+
+fn store_error(e: PoolError) -> ErrorReply {
+    let code = match &e {
+        PoolError::NoSuchSnapshot(_) => ErrorCode::NotFound,
+        PoolError::DuplicateName(_) => ErrorCode::AlreadyExists,
+        PoolError::PageOutOfRange { .. } => ErrorCode::RunOutOfRange,
+        PoolError::BlockAreaFull { .. } | PoolError::MetadataFull { .. } => ErrorCode::NoSpace,
+        PoolError::InvalidArgument(_) => ErrorCode::BadRequest,
+        _ => ErrorCode::Internal,
+    };
+    ErrorReply::new(code, e.to_string())
+}
+
+impl AgentBackend for ProcessService {
+    fn handle(&mut self, req: Request) -> Reply {
+        let res = match req {
+            Request::Save(s) => self.save(s),
+            Request::Restore(r) => self.restore(r),
+            Request::List => Ok(self.list()),
+            Request::Delete { name } => self.delete(name),
+        };
+        res.unwrap_or_else(Reply::Error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::testutil::setup;
+
+    fn run(gpa: u64, count: u64, va: u64, present: bool) -> Run {
+        Run {
+            guest_phys_first_page: gpa,
+            count,
+            virt_addr: va,
+            present,
+        }
+    }
+
+    fn err_code(r: Reply) -> ErrorCode {
+        match r {
+            Reply::Error(e) => e.code,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn save_scribble_restore_elsewhere_and_errors() {
+        let (_dir, engine, ram) = setup(64);
+        let engine = Arc::new(engine);
+        let mut svc = ProcessService::new(engine.clone(), 64 * PAGE);
+        for p in 0..64 {
+            ram.write(p, p as u8);
+        }
+        // A process with 3 pages at 0x1000 (gpa 10, 11 and 20) and 2 untouched pages.
+        let saved = svc.handle(Request::Save(SaveRequest {
+            name: "proc".into(),
+            pid: 42,
+            comm: "memtest".into(),
+            runs: vec![
+                run(10, 2, 0x1000, true),
+                run(0, 2, 0x3000, false),
+                run(20, 1, 0x5000, true),
+            ],
+        }));
+        assert_eq!(
+            saved,
+            Reply::Saved {
+                name: "proc".into(),
+                pages: 5,
+                present_pages: 3
+            }
+        );
+        for p in [10, 11, 20] {
+            ram.write(p, 0xee); // scribble: preserved first
+        }
+        // Restore into a fresh process whose 5 pages sit at gpa 30..35.
+        let restored = svc.handle(Request::Restore(RestoreRequest {
+            name: "proc".into(),
+            runs: vec![run(30, 5, 0x7000_0000, true)],
+        }));
+        assert_eq!(
+            restored,
+            Reply::Restored {
+                name: "proc".into(),
+                pages: 5
+            }
+        );
+        let pool = lock_pool(engine.pool());
+        let want = [10u8, 11, 0, 0, 20];
+        for (i, w) in want.iter().enumerate() {
+            let page = pool.read_ram_page(30 + i as u64).expect("read");
+            assert!(page.iter().all(|b| b == w), "target page {i} holds {w}");
+        }
+        drop(pool);
+        match svc.handle(Request::List) {
+            Reply::List(l) => {
+                assert_eq!(l.len(), 1);
+                assert_eq!((l[0].pid, l[0].pages, l[0].present_pages), (42, 5, 3));
+            }
+            other => panic!("list: {other:?}"),
+        }
+        // Errors: wrong size, unknown name, a page snapshot is not a process snapshot.
+        let wrong = svc.handle(Request::Restore(RestoreRequest {
+            name: "proc".into(),
+            runs: vec![run(30, 4, 0, true)],
+        }));
+        assert_eq!(err_code(wrong), ErrorCode::SizeMismatch);
+        let unknown = svc.handle(Request::Delete {
+            name: "nope".into(),
+        });
+        assert_eq!(err_code(unknown), ErrorCode::NotFound);
+        engine
+            .snapshot(
+                "pages",
+                SnapshotKind::Pages,
+                &[PageRun::new(50, 1)],
+                Default::default(),
+            )
+            .expect("page snapshot");
+        let not_proc = svc.handle(Request::Delete {
+            name: "pages".into(),
+        });
+        assert_eq!(err_code(not_proc), ErrorCode::BadRequest);
+        let dup = svc.handle(Request::Save(SaveRequest {
+            name: "proc".into(),
+            pid: 1,
+            comm: "x".into(),
+            runs: vec![run(1, 1, 0, true)],
+        }));
+        assert_eq!(err_code(dup), ErrorCode::AlreadyExists);
+        assert_eq!(
+            svc.handle(Request::Delete {
+                name: "proc".into()
+            }),
+            Reply::Deleted {
+                name: "proc".into()
+            }
+        );
+    }
+
+    #[test]
+    fn guest_physical_pages_translate_around_the_gap() {
+        let mib = 1u64 << 20;
+        assert_eq!(guest_phys_pages(256 * mib), 65536);
+        assert_eq!(
+            gpa_to_ram(10, 5, 256 * mib),
+            Some(vec![PageRun::new(10, 5)])
+        );
+        assert_eq!(gpa_to_ram(65535, 2, 256 * mib), None, "past RAM");
+        let mem = 4096 * mib; // 3 GiB low + 1 GiB high
+        let gap_first = MMIO_GAP_START / PAGE;
+        let high_first = MMIO_GAP_END / PAGE;
+        assert_eq!(guest_phys_pages(mem), high_first + 262_144);
+        assert_eq!(gpa_to_ram(gap_first, 1, mem), None, "in the gap");
+        assert_eq!(
+            gpa_to_ram(high_first + 3, 2, mem),
+            Some(vec![PageRun::new(gap_first + 3, 2)])
+        );
+        assert_eq!(gpa_to_ram(gap_first - 1, 2, mem), None, "straddles the gap");
+        assert_eq!(gpa_to_ram(high_first + 262_143, 2, mem), None, "past RAM");
+        assert_eq!(gpa_to_ram(u64::MAX, 2, mem), None);
+    }
+}
