@@ -137,12 +137,34 @@ fn pause_freezes_the_guest_and_resume_continues_it() {
             Ok(())
         }
     }
-    let b = VmBuilder::with_console(
+    let mut b = VmBuilder::with_console(
         &cfg,
         stop.try_clone().expect("clone"),
         Box::new(Sink(console.clone())),
     )
     .expect("build VM");
+    // An MMIO device gets the first window of the gap, IRQ 5, and a command-line entry.
+    struct Dummy;
+    impl vmm::devices::bus::BusDevice for Dummy {
+        fn read(&mut self, _: u64, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write(&mut self, _: u64, _: u64, _: &[u8]) {}
+    }
+    let slot = b
+        .add_mmio_device(Arc::new(Mutex::new(Dummy)))
+        .expect("place MMIO device");
+    assert_eq!((slot.addr, slot.len, slot.irq), (0xc000_0000, 0x1000, 5));
+    let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    b.vm().register_irqfd(&evt, slot.irq).expect("irqfd");
+    let cmdline = b.cmdline_mut().as_cstring().expect("cmdline");
+    assert!(
+        cmdline
+            .to_str()
+            .expect("utf-8")
+            .contains("virtio_mmio.device=4K@0xc0000000:5"),
+        "{cmdline:?}"
+    );
     let running = b
         .build()
         .expect("configure")
