@@ -396,3 +396,46 @@ fn device_that_is_not_kvm_is_reported() {
     );
     out.expect_error("/dev/null is not a usable KVM device");
 }
+
+#[test]
+fn stdin_eof_keeps_the_guest_running_and_sigterm_cleans_up() {
+    require_kvm!("stdin_eof_keeps_the_guest_running_and_sigterm_cleans_up");
+    let (kernel, initrd) = image();
+    let mut g = Guest::spawn(
+        &[
+            "run",
+            "--mem",
+            "128M",
+            "--kernel",
+            s(&kernel),
+            "--initrd",
+            s(&initrd),
+        ],
+        &[],
+    );
+    g.close_stdin();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        g.wait_exit(Duration::from_millis(10)).is_none(),
+        "VMM ended after stdin EOF; stderr:\n{}",
+        g.stderr()
+    );
+    let pid = g.pid();
+    assert_eq!(
+        leftover_pools(pid).len(),
+        1,
+        "the default pool exists while running"
+    );
+    // SAFETY: kill(2) on our own running child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let status = g
+        .wait_exit(Duration::from_secs(30))
+        .expect("VMM exits on SIGTERM");
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "stderr:\n{}",
+        g.stderr()
+    );
+    assert!(leftover_pools(pid).is_empty(), "pool removed on SIGTERM");
+}
