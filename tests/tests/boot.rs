@@ -137,12 +137,34 @@ fn pause_freezes_the_guest_and_resume_continues_it() {
             Ok(())
         }
     }
-    let b = VmBuilder::with_console(
+    let mut b = VmBuilder::with_console(
         &cfg,
         stop.try_clone().expect("clone"),
         Box::new(Sink(console.clone())),
     )
     .expect("build VM");
+    // An MMIO device gets the first window of the gap, IRQ 5, and a command-line entry.
+    struct Dummy;
+    impl vmm::devices::bus::BusDevice for Dummy {
+        fn read(&mut self, _: u64, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write(&mut self, _: u64, _: u64, _: &[u8]) {}
+    }
+    let slot = b
+        .add_mmio_device(Arc::new(Mutex::new(Dummy)))
+        .expect("place MMIO device");
+    assert_eq!((slot.addr, slot.len, slot.irq), (0xc000_0000, 0x1000, 5));
+    let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    b.vm().register_irqfd(&evt, slot.irq).expect("irqfd");
+    let cmdline = b.cmdline_mut().as_cstring().expect("cmdline");
+    assert!(
+        cmdline
+            .to_str()
+            .expect("utf-8")
+            .contains("virtio_mmio.device=4K@0xc0000000:5"),
+        "{cmdline:?}"
+    );
     let running = b
         .build()
         .expect("configure")
@@ -373,4 +395,47 @@ fn device_that_is_not_kvm_is_reported() {
         &[("PMSNAP_KVM_DEVICE", "/dev/null")],
     );
     out.expect_error("/dev/null is not a usable KVM device");
+}
+
+#[test]
+fn stdin_eof_keeps_the_guest_running_and_sigterm_cleans_up() {
+    require_kvm!("stdin_eof_keeps_the_guest_running_and_sigterm_cleans_up");
+    let (kernel, initrd) = image();
+    let mut g = Guest::spawn(
+        &[
+            "run",
+            "--mem",
+            "128M",
+            "--kernel",
+            s(&kernel),
+            "--initrd",
+            s(&initrd),
+        ],
+        &[],
+    );
+    g.close_stdin();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        g.wait_exit(Duration::from_millis(10)).is_none(),
+        "VMM ended after stdin EOF; stderr:\n{}",
+        g.stderr()
+    );
+    let pid = g.pid();
+    assert_eq!(
+        leftover_pools(pid).len(),
+        1,
+        "the default pool exists while running"
+    );
+    // SAFETY: kill(2) on our own running child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let status = g
+        .wait_exit(Duration::from_secs(30))
+        .expect("VMM exits on SIGTERM");
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "stderr:\n{}",
+        g.stderr()
+    );
+    assert!(leftover_pools(pid).is_empty(), "pool removed on SIGTERM");
 }

@@ -212,11 +212,11 @@ pub fn set_lint_modes(regs: &mut [std::os::raw::c_char; 1024]) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EmulationFix {
     /// `int3`: a trap; inject #BP with RIP after the instruction.
-    Int3,
+    Int3 = 0,
     /// `ud2`: a fault; inject #UD with RIP at the instruction.
-    Ud2,
+    Ud2 = 1,
     /// `fwait`: nothing to wait for without x87 exceptions pending; skip it.
-    Fwait,
+    Fwait = 2,
 }
 
 /// Classify the bytes at RIP.
@@ -250,6 +250,8 @@ struct ExitStats {
     runs: u64,
     by_port: std::collections::BTreeMap<u16, u64>,
     mmio: u64,
+    /// Emulation failures fixed, by kind: int3, ud2, fwait.
+    fixes: [u64; 3],
 }
 
 impl ExitStats {
@@ -262,11 +264,15 @@ impl ExitStats {
             .map(|(p, n)| format!("{p:#x}:{n}"))
             .collect();
         format!(
-            "{} KVM_RUNs, {} port I/O exits (top ports {}), {} MMIO exits",
+            "{} KVM_RUNs, {} port I/O exits (top ports {}), {} MMIO exits, \
+             emulation fixes int3:{} ud2:{} fwait:{}",
             self.runs,
             self.by_port.values().sum::<u64>(),
             top.join(" "),
-            self.mmio
+            self.mmio,
+            self.fixes[0],
+            self.fixes[1],
+            self.fixes[2]
         )
     }
 }
@@ -476,6 +482,7 @@ impl Vcpu {
             )));
         };
         self.emulation_fixes += 1;
+        self.stats.fixes[fix as usize] += 1;
         // Rate-limited: the guest can trigger these at will.
         if self.emulation_fixes <= 8 || self.emulation_fixes.is_power_of_two() {
             log::debug!(
@@ -751,7 +758,8 @@ mod tests {
         s.mmio = 1;
         assert_eq!(
             s.summary(),
-            "10 KVM_RUNs, 7 port I/O exits (top ports 0x3f8:5 0x80:2), 1 MMIO exits"
+            "10 KVM_RUNs, 7 port I/O exits (top ports 0x3f8:5 0x80:2), 1 MMIO exits, \
+             emulation fixes int3:0 ud2:0 fwait:0"
         );
     }
 
@@ -867,6 +875,189 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(count.load(SeqCst) > frozen, "guest runs again after resume");
+    }
+
+    #[derive(Default)]
+    struct PortLog(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl crate::devices::bus::BusDevice for PortLog {
+        fn read(&mut self, _: u64, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write(&mut self, _: u64, _: u64, data: &[u8]) {
+            self.0.lock().expect("lock").extend_from_slice(data);
+        }
+    }
+
+    /// Run a real-mode guest whose IVT sends #BP to a handler that logs 3 and returns,
+    /// and #UD to one that logs 6 and halts; the code at 0x1000 is `int3; ud2`. Whether
+    /// KVM executes these itself or fails to emulate them (this host), the guest must see
+    /// CPU semantics: #BP as a trap (return after the int3), then #UD.
+    #[test]
+    fn int3_and_ud2_deliver_the_exceptions_the_cpu_would() {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut pio = Bus::new();
+        pio.insert(
+            Arc::new(std::sync::Mutex::new(PortLog(log.clone()))),
+            0x80,
+            1,
+        )
+        .expect("insert");
+        let Some((vm, mut vcpu)) = tiny_vm(&[0xcc, 0x0f, 0x0b], pio) else {
+            return;
+        };
+        let mem = vm.memory();
+        // IVT: vector 3 -> 0000:2000, vector 6 -> 0000:2100.
+        mem.write_obj(0x0000_2000u32, GuestAddress(3 * 4))
+            .expect("ivt");
+        mem.write_obj(0x0000_2100u32, GuestAddress(6 * 4))
+            .expect("ivt");
+        // mov al, 3; out 0x80, al; iret
+        mem.write_slice(&[0xb0, 0x03, 0xe6, 0x80, 0xcf], GuestAddress(0x2000))
+            .expect("handler");
+        // mov al, 6; out 0x80, al; cli; hlt; jmp back to hlt
+        mem.write_slice(
+            &[0xb0, 0x06, 0xe6, 0x80, 0xfa, 0xf4, 0xeb, 0xfd],
+            GuestAddress(0x2100),
+        )
+        .expect("handler");
+        let mut regs = vcpu.fd.get_regs().expect("regs");
+        regs.rsp = 0x8000;
+        vcpu.fd.set_regs(&regs).expect("regs");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while log.lock().expect("lock").len() < 2 && std::time::Instant::now() < deadline {
+            if let Next::Stop(why) = vcpu.run_once() {
+                panic!("guest stopped: {why:?}");
+            }
+        }
+        assert_eq!(*log.lock().expect("lock"), vec![3, 6]);
+        eprintln!(
+            "emulation fixes applied: {} ({})",
+            vcpu.emulation_fixes,
+            vcpu.stats.summary()
+        );
+    }
+
+    /// `tiny_vm` switched to 64-bit ring 0 with the boot GDT and page tables, an IDT at
+    /// 0x3000 sending #BP to 0x2000 and #UD to 0x2100, and RSP at 0x8000.
+    fn tiny_long_mode_vm(code: &[u8], pio: Bus) -> Option<(Vm, Vcpu)> {
+        let (vm, vcpu) = tiny_vm(code, pio)?;
+        let mem = vm.memory();
+        regs::write_boot_tables(mem).expect("boot tables");
+        for (vector, handler) in [(3u64, 0x2000u64), (6, 0x2100)] {
+            let gate = (handler & 0xffff)
+                | (0x10 << 16)
+                | (0x8e00u64 << 32)
+                | ((handler >> 16) & 0xffff) << 48;
+            mem.write_obj(gate, GuestAddress(0x3000 + vector * 16))
+                .expect("idt");
+            mem.write_obj(handler >> 32, GuestAddress(0x3000 + vector * 16 + 8))
+                .expect("idt");
+        }
+        let mut sregs = regs::boot_sregs(vcpu.fd.get_sregs().expect("sregs"));
+        sregs.idt.base = 0x3000;
+        sregs.idt.limit = 7 * 16 - 1;
+        vcpu.fd.set_sregs(&sregs).expect("set sregs");
+        let mut r = regs::boot_regs(0x1000);
+        r.rsp = 0x8000;
+        vcpu.fd.set_regs(&r).expect("set regs");
+        Some((vm, vcpu))
+    }
+
+    /// Run `vcpu` until the port log has `n` bytes or the guest stops.
+    fn run_until_logged(
+        vcpu: &mut Vcpu,
+        log: &std::sync::Mutex<Vec<u8>>,
+        n: usize,
+    ) -> Option<VmStop> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while log.lock().expect("lock").len() < n && std::time::Instant::now() < deadline {
+            if let Next::Stop(why) = vcpu.run_once() {
+                return Some(why);
+            }
+        }
+        None
+    }
+
+    fn port_log_bus() -> (Bus, Arc<std::sync::Mutex<Vec<u8>>>) {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut pio = Bus::new();
+        pio.insert(
+            Arc::new(std::sync::Mutex::new(PortLog(log.clone()))),
+            0x80,
+            1,
+        )
+        .expect("insert");
+        (pio, log)
+    }
+
+    /// The same in 64-bit ring 0, where this host's KVM emulator gives up on int3 and
+    /// ud2 and the VMM must inject the exceptions itself.
+    #[test]
+    fn kernel_mode_int3_and_ud2_deliver_the_exceptions_the_cpu_would() {
+        let (pio, log) = port_log_bus();
+        let Some((vm, mut vcpu)) = tiny_long_mode_vm(&[0xcc, 0x0f, 0x0b], pio) else {
+            return;
+        };
+        let mem = vm.memory();
+        // mov al, 3; out 0x80, al; iretq
+        mem.write_slice(&[0xb0, 0x03, 0xe6, 0x80, 0x48, 0xcf], GuestAddress(0x2000))
+            .expect("handler");
+        // mov al, 6; out 0x80, al; cli; hlt; jmp back to hlt
+        mem.write_slice(
+            &[0xb0, 0x06, 0xe6, 0x80, 0xfa, 0xf4, 0xeb, 0xfd],
+            GuestAddress(0x2100),
+        )
+        .expect("handler");
+        let stop = run_until_logged(&mut vcpu, &log, 2);
+        assert_eq!(stop, None, "guest must not stop");
+        assert_eq!(*log.lock().expect("lock"), vec![3, 6]);
+        eprintln!(
+            "emulation fixes applied: {} ({})",
+            vcpu.emulation_fixes,
+            vcpu.stats.summary()
+        );
+    }
+
+    /// `fwait` in kernel mode (the emulator gives up on it here) continues after it.
+    #[test]
+    fn kernel_mode_fwait_continues_after_it() {
+        let (pio, log) = port_log_bus();
+        // fwait; mov al, 9; out 0x80, al; cli; hlt
+        let code = [0x9b, 0xb0, 0x09, 0xe6, 0x80, 0xfa, 0xf4];
+        let Some((_vm, mut vcpu)) = tiny_long_mode_vm(&code, pio) else {
+            return;
+        };
+        assert_eq!(run_until_logged(&mut vcpu, &log, 1), None);
+        assert_eq!(*log.lock().expect("lock"), vec![9]);
+        eprintln!("{}", vcpu.stats.summary());
+    }
+
+    /// An instruction the emulator cannot run (POPCNT in kernel mode on this host) stops
+    /// the VM with RIP and the bytes; where the CPU runs it natively it just executes.
+    #[test]
+    fn unemulatable_instruction_is_reported_with_rip_and_bytes() {
+        let (pio, log) = port_log_bus();
+        // popcnt eax, ebx; mov al, 7; out 0x80, al; cli; hlt
+        let code = [0xf3, 0x0f, 0xb8, 0xc3, 0xb0, 0x07, 0xe6, 0x80, 0xfa, 0xf4];
+        let Some((_vm, mut vcpu)) = tiny_long_mode_vm(&code, pio) else {
+            return;
+        };
+        match run_until_logged(&mut vcpu, &log, 1) {
+            Some(VmStop::Error(msg)) => {
+                eprintln!("stopped: {msg}");
+                assert_eq!(
+                    msg,
+                    "vCPU 0: KVM cannot emulate the instruction at RIP 0x1000: \
+                     bytes [f3 0f b8 c3 b0 07 e6 80 fa f4 00 00 00 00 00]"
+                );
+                assert!(log.lock().expect("lock").is_empty());
+            }
+            None => {
+                eprintln!("ran natively");
+                assert_eq!(*log.lock().expect("lock"), vec![7], "ran natively")
+            }
+            Some(other) => panic!("unexpected stop {other:?}"),
+        }
     }
 
     #[test]
