@@ -36,10 +36,17 @@ use crate::config::{self, ConfigError, VmConfig};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::legacy::serial::StdoutWriter;
 use crate::devices::legacy::{EventFdTrigger, SerialDevice, I8042};
+use crate::snapshot::dirty::{DirtyError, DirtySource};
+use crate::snapshot::engine::{Engine, EngineError, VmInfo};
+use crate::snapshot::fault::HandlerOptions;
+use crate::snapshot::protect::{ProtectError, UffdProtector};
+use crate::vstate::control::VcpuControl;
 use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::vstate::vcpu::{StopNotifier, Vcpu, VcpuError, Vcpus};
 use crate::vstate::vm::{Vm, VmError};
+use pmem_backend::Pool;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Offset of the 64-bit entry point from the start of a bzImage's protected-mode kernel.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
@@ -102,6 +109,15 @@ pub enum BuildError {
     /// Creating an eventfd.
     #[error("cannot create an eventfd")]
     Eventfd(#[source] std::io::Error),
+    /// Guest RAM cannot be write-protected.
+    #[error(transparent)]
+    Protect(ProtectError),
+    /// KVM dirty logging cannot be set up.
+    #[error("cannot set up dirty logging")]
+    Dirty(#[source] DirtyError),
+    /// The snapshot engine did not start.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
 }
 
 /// The kernel as loaded.
@@ -138,7 +154,7 @@ pub struct VmBuilder {
     next_mmio: u64,
     next_irq: u32,
     serial: Arc<Mutex<SerialDevice>>,
-    pool: File,
+    engine: Arc<Engine>,
 }
 
 fn read_mem_available() -> Option<u64> {
@@ -245,9 +261,13 @@ impl VmBuilder {
         config::validate_vcpus(cfg.vcpus as usize, kvm.max_vcpus(), mptable::MAX_CPUS)?;
         let vcpu_count = u8::try_from(cfg.vcpus).expect("validate_vcpus caps the count at 254");
 
-        let (pool, ram_offset) = memory::open_guest_ram(&cfg.pool, cfg.mem_bytes)?;
-        let mem = memory::create_guest_memory(&pool, ram_offset, cfg.mem_bytes)?;
+        let pool = memory::open_or_create_pool(&cfg.pool, cfg.mem_bytes)?;
+        let mem = memory::create_guest_memory(pool.file(), pool.ram_offset(), cfg.mem_bytes)?;
         let vm = Vm::new(&kvm, mem)?;
+        // The engine starts before anything is written into guest RAM: pages that
+        // snapshots already in the pool reference are protected again first, so loading
+        // the kernel preserves them instead of overwriting them.
+        let engine = Self::start_engine(&vm, pool, cfg)?;
 
         let initrd_size = cfg
             .initrd
@@ -284,10 +304,34 @@ impl VmBuilder {
                 EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Eventfd)?),
                 console,
             ))),
-            pool,
+            engine,
         };
         b.add_legacy_devices(stop)?;
         Ok(b)
+    }
+
+    fn start_engine(vm: &Vm, pool: Pool, cfg: &VmConfig) -> Result<Arc<Engine>, BuildError> {
+        let maps: Vec<(*mut u8, usize)> = vm
+            .memory()
+            .iter()
+            .map(|r| (r.as_ptr(), r.len() as usize))
+            .collect();
+        let protector = Arc::new(UffdProtector::with_ranges(&maps).map_err(BuildError::Protect)?);
+        let sources: Vec<Box<dyn DirtySource>> = vec![
+            Box::new(vm.dirty_log().map_err(BuildError::Dirty)?),
+            Box::new(memory::VmmWriteLog::new(vm.memory().clone())),
+        ];
+        let engine = Engine::start(
+            Arc::new(Mutex::new(pool)),
+            protector,
+            sources,
+            VmInfo {
+                mem_bytes: cfg.mem_bytes,
+                pool_path: cfg.pool.display().to_string(),
+            },
+            HandlerOptions::default(),
+        )?;
+        Ok(Arc::new(engine))
     }
 
     fn load_initrd(
@@ -339,9 +383,9 @@ impl VmBuilder {
         self.vm.memory()
     }
 
-    /// The pool file backing guest RAM.
-    pub fn pool_file(&self) -> &File {
-        &self.pool
+    /// The snapshot engine (owns the pool).
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
     }
 
     /// The serial port (for the console input subscriber).
@@ -423,7 +467,7 @@ impl VmBuilder {
         Ok(BuiltVm {
             vm: self.vm,
             vcpus,
-            pool: self.pool,
+            engine: self.engine,
         })
     }
 }
@@ -433,7 +477,7 @@ impl VmBuilder {
 pub struct BuiltVm {
     vm: Vm,
     vcpus: Vec<Vcpu>,
-    pool: File,
+    engine: Arc<Engine>,
 }
 
 impl BuiltVm {
@@ -442,29 +486,40 @@ impl BuiltVm {
         &self.vm
     }
 
+    /// The snapshot engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
     /// Start one thread per vCPU.
     pub fn start(self, stop: &StopNotifier) -> Result<RunningVm, BuildError> {
-        let vcpus = Vcpus::start(self.vcpus, stop)?;
+        let vcpus = Arc::new(VcpuControl::new(Vcpus::start(self.vcpus, stop)?));
+        self.engine.set_vm_control(vcpus.clone());
         Ok(RunningVm {
             vcpus,
             vm: self.vm,
-            pool: self.pool,
+            engine: self.engine,
         })
     }
 }
 
-/// A running VM. Dropping it stops and joins the vCPU threads first, then closes the VM.
+/// A running VM. Stopping it stops and joins the vCPU threads first; then the VM, its
+/// memory and the engine go.
 #[derive(Debug)]
 pub struct RunningVm {
-    // Field order matters: the vCPU threads end before the VM and its memory go.
-    vcpus: Vcpus,
+    vcpus: Arc<VcpuControl>,
     vm: Vm,
-    pool: File,
+    engine: Arc<Engine>,
 }
 
 impl RunningVm {
     /// The vCPU threads (pause / resume).
-    pub fn vcpus(&self) -> &Vcpus {
+    pub fn vcpus(&self) -> std::sync::MutexGuard<'_, Vcpus> {
+        self.vcpus.vcpus()
+    }
+
+    /// Pause and resume as the engine sees them.
+    pub fn control(&self) -> &Arc<VcpuControl> {
         &self.vcpus
     }
 
@@ -473,13 +528,20 @@ impl RunningVm {
         &self.vm
     }
 
-    /// The pool file.
-    pub fn pool_file(&self) -> &File {
-        &self.pool
+    /// The snapshot engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
     }
 
     /// Stop and join the vCPU threads.
     pub fn stop(&mut self) {
-        self.vcpus.stop();
+        self.vcpus.vcpus().stop();
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        // The vCPU threads end before the VM and its memory go.
+        self.stop();
     }
 }

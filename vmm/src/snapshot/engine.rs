@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use log::{error, info, warn};
@@ -111,7 +111,7 @@ pub struct Engine {
     sink: Arc<StoreSink>,
     faults: Arc<FaultStats>,
     dirty: Mutex<DirtyTracker>,
-    vm: Arc<dyn VmControl>,
+    vm: OnceLock<Arc<dyn VmControl>>,
     info: VmInfo,
     started: Instant,
     // Last, so the handler thread stops before the rest goes away.
@@ -142,7 +142,6 @@ impl Engine {
     pub fn start(
         pool: Arc<Mutex<Pool>>,
         protector: Arc<UffdProtector>,
-        vm: Arc<dyn VmControl>,
         dirty_sources: Vec<Box<dyn DirtySource>>,
         info: VmInfo,
         opts: HandlerOptions,
@@ -184,11 +183,24 @@ impl Engine {
             sink,
             faults: handler.stats(),
             dirty: Mutex::new(dirty),
-            vm,
+            vm: OnceLock::new(),
             info,
             started: Instant::now(),
             _handler: Some(handler),
         })
+    }
+
+    /// Connect the vCPUs once they run (pause and resume before that are refused).
+    pub fn set_vm_control(&self, vm: Arc<dyn VmControl>) {
+        if self.vm.set(vm).is_err() {
+            warn!("the vCPU control was already set");
+        }
+    }
+
+    fn vm(&self) -> Result<&Arc<dyn VmControl>, ApiError> {
+        self.vm
+            .get()
+            .ok_or_else(|| ApiError::InvalidState("the vCPUs are not running yet".into()))
     }
 
     /// The pool, for callers that read snapshots (restore, export).
@@ -293,11 +305,11 @@ impl Engine {
         match req {
             ApiRequest::Status => Ok(ApiResponse::Status(self.status())),
             ApiRequest::Pause => {
-                self.vm.pause().map_err(ApiError::Internal)?;
+                self.vm()?.pause().map_err(ApiError::Internal)?;
                 Ok(ApiResponse::Status(self.status()))
             }
             ApiRequest::Resume => {
-                self.vm.resume().map_err(ApiError::Internal)?;
+                self.vm()?.resume().map_err(ApiError::Internal)?;
                 Ok(ApiResponse::Status(self.status()))
             }
             ApiRequest::CreatePagesSnapshot(r) => {
@@ -350,12 +362,12 @@ impl Engine {
 
     fn status(&self) -> api::VmStatus {
         api::VmStatus {
-            state: if self.vm.is_paused() {
+            state: if self.vm.get().is_some_and(|v| v.is_paused()) {
                 api::VmState::Paused
             } else {
                 api::VmState::Running
             },
-            vcpus: self.vm.vcpus(),
+            vcpus: self.vm.get().map_or(0, |v| v.vcpus()),
             mem_bytes: self.info.mem_bytes,
             uptime_ms: self.started.elapsed().as_millis() as u64,
             pool_path: self.info.pool_path.clone(),

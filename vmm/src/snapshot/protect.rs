@@ -59,21 +59,36 @@ pub trait PageProtector: Send + Sync {
     fn pages(&self) -> u64;
 }
 
-/// Synchronous userfaultfd write-protect over one contiguous host mapping of guest RAM.
+/// One host mapping of a stretch of guest RAM pages.
+#[derive(Debug, Clone, Copy)]
+struct HostRange {
+    host_base: usize,
+    first_page: u64,
+    pages: u64,
+}
+
+/// Synchronous userfaultfd write-protect over the host mappings of guest RAM (one per
+/// guest memory region; guest RAM page numbers run through them in order).
 #[derive(Debug)]
 pub struct UffdProtector {
     uffd: Uffd,
-    host_base: usize,
+    ranges: Vec<HostRange>,
     pages: u64,
 }
 
 impl UffdProtector {
     /// Register `[host_base, host_base + len)` (the VMM's mapping of guest RAM) for
     /// write-protect faults. `len` must be a multiple of [`PAGE_SIZE`].
+    pub fn new(host_base: *mut u8, len: usize) -> Result<Self, ProtectError> {
+        Self::with_ranges(&[(host_base, len)])
+    }
+
+    /// Register several host mappings, guest RAM page 0 being the first byte of the
+    /// first one.
     ///
     /// The userfaultfd is created with `user_mode_only(false)`: faults raised by KVM on
     /// behalf of a vCPU happen in kernel mode and would otherwise fail KVM_RUN with EFAULT.
-    pub fn new(host_base: *mut u8, len: usize) -> Result<Self, ProtectError> {
+    pub fn with_ranges(maps: &[(*mut u8, usize)]) -> Result<Self, ProtectError> {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -84,12 +99,23 @@ impl UffdProtector {
             )
             .create()
             .map_err(ProtectError::Create)?;
-        uffd.register_with_mode(host_base.cast(), len, RegisterMode::WRITE_PROTECT)
-            .map_err(ProtectError::Register)?;
+        let mut ranges = Vec::with_capacity(maps.len());
+        let mut pages = 0;
+        for &(host_base, len) in maps {
+            uffd.register_with_mode(host_base.cast(), len, RegisterMode::WRITE_PROTECT)
+                .map_err(ProtectError::Register)?;
+            let n = len as u64 / PAGE_SIZE;
+            ranges.push(HostRange {
+                host_base: host_base as usize,
+                first_page: pages,
+                pages: n,
+            });
+            pages += n;
+        }
         Ok(Self {
             uffd,
-            host_base: host_base as usize,
-            pages: len as u64 / PAGE_SIZE,
+            ranges,
+            pages,
         })
     }
 
@@ -98,26 +124,45 @@ impl UffdProtector {
         &self.uffd
     }
 
-    /// Guest page number of a host address inside the registered mapping.
+    /// Guest page number of a host address inside the registered mappings.
     pub fn page_of(&self, host_addr: usize) -> Option<u64> {
-        let off = host_addr.checked_sub(self.host_base)? as u64;
-        let page = off / PAGE_SIZE;
-        (page < self.pages).then_some(page)
+        self.ranges.iter().find_map(|r| {
+            let page = (host_addr.checked_sub(r.host_base)? as u64) / PAGE_SIZE;
+            (page < r.pages).then_some(r.first_page + page)
+        })
     }
 
-    fn range(&self, first: u64, count: u64) -> Result<(*mut libc::c_void, usize), ProtectError> {
+    /// Apply `op` to the host address ranges backing pages `first..first + count`.
+    fn each_host_range(
+        &self,
+        first: u64,
+        count: u64,
+        mut op: impl FnMut(*mut libc::c_void, usize) -> Result<(), userfaultfd::Error>,
+    ) -> Result<(), ProtectError> {
         let end = first.checked_add(count).filter(|&e| e <= self.pages);
-        match end {
-            Some(_) => Ok((
-                (self.host_base + (first * PAGE_SIZE) as usize) as *mut libc::c_void,
-                (count * PAGE_SIZE) as usize,
-            )),
-            None => Err(ProtectError::OutOfRange {
+        let Some(end) = end else {
+            return Err(ProtectError::OutOfRange {
                 first,
                 end: first.saturating_add(count),
                 pages: self.pages,
-            }),
+            });
+        };
+        for r in &self.ranges {
+            let lo = first.max(r.first_page);
+            let hi = end.min(r.first_page + r.pages);
+            if lo >= hi {
+                continue;
+            }
+            let addr = r.host_base + ((lo - r.first_page) * PAGE_SIZE) as usize;
+            op(addr as *mut libc::c_void, ((hi - lo) * PAGE_SIZE) as usize).map_err(|source| {
+                ProtectError::Ioctl {
+                    first,
+                    count,
+                    source,
+                }
+            })?;
         }
+        Ok(())
     }
 }
 
@@ -129,31 +174,13 @@ impl AsRawFd for UffdProtector {
 
 impl PageProtector for UffdProtector {
     fn protect(&self, first: u64, count: u64) -> Result<(), ProtectError> {
-        let (addr, len) = self.range(first, count)?;
-        if len == 0 {
-            return Ok(());
-        }
-        self.uffd
-            .write_protect(addr, len)
-            .map_err(|source| ProtectError::Ioctl {
-                first,
-                count,
-                source,
-            })
+        self.each_host_range(first, count, |addr, len| self.uffd.write_protect(addr, len))
     }
 
     fn unprotect(&self, first: u64, count: u64) -> Result<(), ProtectError> {
-        let (addr, len) = self.range(first, count)?;
-        if len == 0 {
-            return Ok(());
-        }
-        self.uffd
-            .remove_write_protection(addr, len, true)
-            .map_err(|source| ProtectError::Ioctl {
-                first,
-                count,
-                source,
-            })
+        self.each_host_range(first, count, |addr, len| {
+            self.uffd.remove_write_protection(addr, len, true)
+        })
     }
 
     fn pages(&self) -> u64 {

@@ -77,7 +77,6 @@ pub(crate) fn setup(pages: u64) -> (tempfile::TempDir, Engine, Arc<Ram>) {
     let engine = Engine::start(
         Arc::new(Mutex::new(pool)),
         prot,
-        Arc::new(FakeVm(AtomicBool::new(false))),
         Vec::new(),
         VmInfo {
             mem_bytes: len as u64,
@@ -86,5 +85,6 @@ pub(crate) fn setup(pages: u64) -> (tempfile::TempDir, Engine, Arc<Ram>) {
         HandlerOptions::default(),
     )
     .expect("engine");
+    engine.set_vm_control(Arc::new(FakeVm(AtomicBool::new(false))));
     (dir, engine, ram)
 }

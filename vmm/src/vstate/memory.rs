@@ -9,11 +9,13 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 /// One guest memory region.
 pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use vm_memory::{FileOffset, GuestAddress};
+use pmem_backend::{Pool, PoolError, PoolOptions};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::snapshot::dirty::{bitmap_words, DirtyError, DirtySource, PageBitmap};
 
 use crate::arch::x86_64::layout;
 
@@ -48,6 +50,25 @@ pub enum MemoryError {
         source: std::io::Error,
     },
     /// mmap or region setup failed.
+    /// The pool could not be opened or created.
+    #[error("pool {path}")]
+    Pool {
+        /// The pool path.
+        path: PathBuf,
+        /// What the store said.
+        #[source]
+        source: PoolError,
+    },
+    /// The pool was made for another RAM size.
+    #[error("pool {path} holds {pool} bytes of guest RAM but --mem asks for {mem}; use --mem {pool} with this pool")]
+    PoolRamSize {
+        /// The pool path.
+        path: PathBuf,
+        /// RAM size of the pool.
+        pool: u64,
+        /// RAM size asked for.
+        mem: u64,
+    },
     #[error("cannot map guest RAM from the pool")]
     Map(#[source] vm_memory::mmap::FromRangesError),
 }
@@ -115,45 +136,78 @@ pub fn check_pool_filesystem(path: &Path, fs_type: i64) -> Result<(), MemoryErro
     }
 }
 
-/// HOOK(lead): the pool format (pmem-backend) defines the real check. Until it is merged,
-/// an existing non-empty file is never taken as a pool, so no user file is overwritten.
-fn check_existing_pool(path: &Path) -> Result<(), MemoryError> {
-    match std::fs::metadata(path) {
-        Ok(m) if !m.is_file() || m.len() > 0 => Err(MemoryError::NotAPool(path.to_path_buf())),
-        _ => Ok(()),
+/// Open the pool at `path`, or create it for `mem_bytes` of guest RAM when nothing is
+/// there. An existing pool keeps its snapshots; it must have been made for the same RAM
+/// size. Anything at `path` that is not a pool is refused, never overwritten.
+pub fn open_or_create_pool(path: &Path, mem_bytes: u64) -> Result<Pool, MemoryError> {
+    let (fs, _) = statfs_pool(path)?;
+    check_pool_filesystem(path, fs)?;
+    let pool = match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => return Err(MemoryError::NotAPool(path.to_path_buf())),
+        Ok(_) => Pool::open(path).map_err(|e| match e {
+            PoolError::NotAPool | PoolError::Truncated { .. } => {
+                MemoryError::NotAPool(path.to_path_buf())
+            }
+            e => MemoryError::Pool {
+                path: path.to_path_buf(),
+                source: e,
+            },
+        })?,
+        Err(_) => Pool::create(path, mem_bytes, PoolOptions::default()).map_err(|e| {
+            MemoryError::Pool {
+                path: path.to_path_buf(),
+                source: e,
+            }
+        })?,
+    };
+    if pool.ram_size() != mem_bytes {
+        return Err(MemoryError::PoolRamSize {
+            path: path.to_path_buf(),
+            pool: pool.ram_size(),
+            mem: mem_bytes,
+        });
+    }
+    Ok(pool)
+}
+
+/// The VMM's own writes into guest RAM (device emulation through vm-memory), which
+/// KVM's dirty log does not see, as a dirty-tracking source.
+#[derive(Debug)]
+pub struct VmmWriteLog {
+    mem: GuestMemoryMmap,
+}
+
+impl VmmWriteLog {
+    /// Track writes made through `mem` (a clone shares the regions and their bitmaps).
+    pub fn new(mem: GuestMemoryMmap) -> Self {
+        Self { mem }
     }
 }
 
-/// Open (creating if needed) the pool at `path` and size it for `mem_bytes` of guest
-/// RAM. Returns the file and the offset of guest RAM inside it.
-///
-/// HOOK(lead): swap in `pmem_backend::Pool` here; the rest of the VMM only needs the file
-/// and the RAM offset.
-pub fn open_guest_ram(path: &Path, mem_bytes: u64) -> Result<(File, u64), MemoryError> {
-    let (fs, _) = statfs_pool(path)?;
-    check_pool_filesystem(path, fs)?;
-    check_existing_pool(path)?;
-    let io = |op| {
-        move |source| MemoryError::Io {
-            op,
-            path: path.to_path_buf(),
-            source,
+impl DirtySource for VmmWriteLog {
+    fn harvest(&mut self) -> Result<PageBitmap, DirtyError> {
+        let total: u64 = self.mem.iter().map(|r| r.len() / 4096).sum();
+        let mut out = vec![0u64; bitmap_words(total)];
+        let mut first = 0u64;
+        for region in self.mem.iter() {
+            let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
+            let bits = mapping.bitmap().get_and_reset();
+            for (w, word) in bits.iter().enumerate() {
+                let mut word = *word;
+                while word != 0 {
+                    let page = first + w as u64 * 64 + u64::from(word.trailing_zeros());
+                    if page < total {
+                        out[(page / 64) as usize] |= 1 << (page % 64);
+                    }
+                    word &= word - 1;
+                }
+            }
+            first += region.len() / 4096;
         }
-    };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(io("open"))?;
-    file.set_len(mem_bytes).map_err(io("resize"))?;
-    Ok((file, 0))
+        Ok(out)
+    }
 }
 
-/// Map guest RAM `MAP_SHARED` from `file` at `ram_offset`, one region per entry of
-/// `layout::ram_regions`, contiguous in the file.
 pub fn create_guest_memory(
     file: &File,
     ram_offset: u64,
@@ -207,22 +261,41 @@ mod tests {
     fn existing_non_pool_is_refused() {
         let f = tempfile::NamedTempFile::new_in("/dev/shm").expect("tmp");
         std::fs::write(f.path(), b"precious data").expect("write");
-        let e = open_guest_ram(f.path(), 1 << 20).expect_err("refused");
-        assert!(matches!(e, MemoryError::NotAPool(_)));
+        let e = open_or_create_pool(f.path(), 1 << 20).expect_err("refused");
+        assert!(matches!(e, MemoryError::NotAPool(_)), "{e}");
         assert_eq!(std::fs::read(f.path()).expect("read"), b"precious data");
+    }
+
+    #[test]
+    fn existing_pool_is_reopened_and_must_match_the_ram_size() {
+        let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir");
+        let path = dir.path().join("p.pool");
+        drop(open_or_create_pool(&path, 2 << 20).expect("create"));
+        let pool = open_or_create_pool(&path, 2 << 20).expect("reopen");
+        assert_eq!(pool.ram_size(), 2 << 20);
+        let e = open_or_create_pool(&path, 4 << 20).expect_err("locked");
+        assert!(e.to_string().contains("pool"), "{e}");
+        drop(pool);
+        let e = open_or_create_pool(&path, 4 << 20).expect_err("size");
+        assert!(
+            matches!(e, MemoryError::PoolRamSize { pool, mem, .. } if pool == 2 << 20 && mem == 4 << 20),
+            "{e}"
+        );
     }
 
     #[test]
     fn ram_is_shared_with_the_file() {
         let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir");
         let path = dir.path().join("p.pool");
-        let (file, off) = open_guest_ram(&path, 2 << 20).expect("open");
-        let mem = create_guest_memory(&file, off, 2 << 20).expect("map");
+        let pool = open_or_create_pool(&path, 2 << 20).expect("open");
+        let mem = create_guest_memory(pool.file(), pool.ram_offset(), 2 << 20).expect("map");
         assert_eq!(mem.num_regions(), 1);
         mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
             .expect("write");
-        let bytes = std::fs::read(&path).expect("read pool");
-        assert_eq!(bytes.len(), 2 << 20);
-        assert_eq!(&bytes[0x1000..0x1004], &0xdead_beef_u32.to_le_bytes());
+        let page = pool.read_ram_page(1).expect("read the pool's RAM page 1");
+        assert_eq!(&page[..4], &0xdead_beef_u32.to_le_bytes());
+        // The VMM's write shows in its own dirty log.
+        let dirty = VmmWriteLog::new(mem.clone()).harvest().expect("harvest");
+        assert_eq!(dirty[0], 1 << 1);
     }
 }

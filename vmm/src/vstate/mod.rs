@@ -1,5 +1,6 @@
 //! KVM state: the VM, its vCPUs and guest memory.
 
+pub mod control;
 pub mod kvm;
 pub mod memory;
 pub mod vcpu;

@@ -33,6 +33,7 @@ fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 pub struct Vm {
     fd: VmFd,
     memory: GuestMemoryMmap,
+    manual_dirty_protect: bool,
 }
 
 impl Vm {
@@ -51,10 +52,13 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(kvm("CREATE_PIT2"))?;
+        // Dirty logging on every RAM slot (pages written since a snapshot); manual
+        // protect must be enabled before the slots exist.
+        let manual_dirty_protect = crate::snapshot::dirty::enable_manual_protect(&fd);
         for (slot, region) in memory.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
@@ -64,12 +68,39 @@ impl Vm {
             // exists, so KVM never sees the mapping go away under it.
             unsafe { fd.set_user_memory_region(r) }.map_err(kvm("SET_USER_MEMORY_REGION"))?;
         }
-        Ok(Self { fd, memory })
+        Ok(Self {
+            fd,
+            memory,
+            manual_dirty_protect,
+        })
     }
 
     /// The KVM VM fd (for creating vCPUs, ioeventfds, dirty logs).
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// KVM's dirty log over the RAM memslots, as a dirty-tracking source.
+    pub fn dirty_log(
+        &self,
+    ) -> Result<crate::snapshot::dirty::KvmDirtyLog, crate::snapshot::dirty::DirtyError> {
+        let mut slots = Vec::new();
+        let mut first_page = 0;
+        for (slot, region) in self.memory.iter().enumerate() {
+            let pages = region.len() / 4096;
+            slots.push(crate::snapshot::dirty::DirtySlot {
+                slot: slot as u32,
+                first_page,
+                pages,
+            });
+            first_page += pages;
+        }
+        crate::snapshot::dirty::KvmDirtyLog::new(
+            &self.fd,
+            slots,
+            first_page,
+            self.manual_dirty_protect,
+        )
     }
 
     /// Guest memory.

@@ -1,0 +1,57 @@
+//! Shared control of the running vCPUs: the snapshot engine and the API pause and resume
+//! them while the main thread owns their lifetime.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use super::vcpu::Vcpus;
+use crate::snapshot::engine::VmControl;
+
+/// The vCPU threads behind a lock, with the paused flag the API reports. The lock is
+/// never taken by a vCPU thread, so holding it while waiting for acknowledgements
+/// cannot deadlock with them.
+#[derive(Debug)]
+pub struct VcpuControl {
+    vcpus: Mutex<Vcpus>,
+    paused: AtomicBool,
+    count: u32,
+}
+
+impl VcpuControl {
+    /// Wrap started vCPUs.
+    pub fn new(vcpus: Vcpus) -> Self {
+        let count = vcpus.len() as u32;
+        Self {
+            vcpus: Mutex::new(vcpus),
+            paused: AtomicBool::new(false),
+            count,
+        }
+    }
+
+    /// The vCPUs.
+    pub fn vcpus(&self) -> MutexGuard<'_, Vcpus> {
+        self.vcpus.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl VmControl for VcpuControl {
+    fn pause(&self) -> Result<(), String> {
+        self.vcpus().pause().map_err(|e| e.to_string())?;
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), String> {
+        self.vcpus().resume().map_err(|e| e.to_string())?;
+        self.paused.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    fn vcpus(&self) -> u32 {
+        self.count
+    }
+}
