@@ -6,8 +6,10 @@ use std::sync::{Arc, Mutex};
 use clap::Args;
 
 use super::anyhow_like::Result;
+use crate::api::ApiServer;
 use crate::builder::VmBuilder;
 use crate::config::{self, VmConfig};
+use crate::device_manager;
 use crate::devices::legacy::{terminal, RawModeGuard, StdinInput};
 use crate::event_loop::EventLoop;
 use crate::vstate::vcpu::VmStop;
@@ -47,6 +49,15 @@ pub struct RunArgs {
     /// Keep the default pool file at exit (its path is logged).
     #[arg(long)]
     pub keep_pool: bool,
+    /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket, e.g. for
+    /// `pmsnap ctl --api-sock PATH status` or `curl --unix-socket PATH http://localhost/v1/status`.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Give the guest a virtio-vsock device whose host side is this Unix socket
+    /// (Firecracker style: connect and send `CONNECT <port>\n` to reach a guest
+    /// listener). The guest agent reaches the VMM's snapshot service through it.
+    #[arg(long, value_name = "PATH")]
+    pub vsock_sock: Option<PathBuf>,
 }
 
 fn parse_mem(s: &str) -> std::result::Result<u64, String> {
@@ -124,9 +135,24 @@ pub fn run(args: RunArgs) -> Result<i32> {
 
     let mut event_loop = EventLoop::new()?;
     event_loop.handle_termination_signals()?;
-    let builder = VmBuilder::new(&cfg, event_loop.stop_notifier()?)?;
+    let mut builder = VmBuilder::new(&cfg, event_loop.stop_notifier()?)?;
     let serial = builder.serial();
+    let engine = builder.engine().clone();
+    if let Some(path) = &args.vsock_sock {
+        let vsock =
+            device_manager::attach_vsock(&mut builder, path, engine.clone(), cfg.mem_bytes)?;
+        event_loop.add_subscriber(vsock);
+    }
     let built = builder.build()?;
+    let _api = match &args.api_sock {
+        Some(path) => {
+            let engine = engine.clone();
+            let server = ApiServer::start(path, move |req| engine.handle(req))?;
+            log::info!("control API on {}", path.display());
+            Some(server)
+        }
+        None => None,
+    };
     if temporary && args.keep_pool {
         log::info!("pool: {}", cfg.pool.display());
     }
