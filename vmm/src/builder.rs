@@ -109,6 +109,9 @@ pub enum BuildError {
     /// Creating an eventfd.
     #[error("cannot create an eventfd")]
     Eventfd(#[source] std::io::Error),
+    /// The payload cannot be set up.
+    #[error(transparent)]
+    Payload(#[from] crate::payload::PayloadError),
     /// Guest RAM cannot be write-protected.
     #[error(transparent)]
     Protect(ProtectError),
@@ -149,6 +152,8 @@ pub struct VmBuilder {
     cmdline: Cmdline,
     kernel: LoadedKernel,
     initrd: Option<InitrdPlacement>,
+    /// Payload mode: the region (base, bytes) the payload's vCPUs work on.
+    payload_region: Option<(u64, u64)>,
     pio: Bus,
     mmio: Bus,
     next_mmio: u64,
@@ -245,8 +250,32 @@ impl VmBuilder {
         stop: StopNotifier,
         console: Box<dyn std::io::Write + Send>,
     ) -> Result<Self, BuildError> {
+        Self::create(cfg, stop, console, None)
+    }
+
+    /// Like [`VmBuilder::with_console`], but run `code` in guest user mode on every vCPU
+    /// instead of booting Linux (see [`crate::payload`]); `cfg.kernel` names the payload.
+    pub fn with_payload(
+        cfg: &VmConfig,
+        stop: StopNotifier,
+        console: Box<dyn std::io::Write + Send>,
+        code: &[u8],
+    ) -> Result<Self, BuildError> {
+        Self::create(cfg, stop, console, Some(code))
+    }
+
+    fn create(
+        cfg: &VmConfig,
+        stop: StopNotifier,
+        console: Box<dyn std::io::Write + Send>,
+        payload: Option<&[u8]>,
+    ) -> Result<Self, BuildError> {
         config::validate_mem(cfg.mem_bytes)?;
-        config::check_image_file("kernel", &cfg.kernel, false)?;
+        config::check_image_file(
+            if payload.is_some() { "payload" } else { "kernel" },
+            &cfg.kernel,
+            false,
+        )?;
         if let Some(i) = &cfg.initrd {
             config::check_image_file("initrd", i, false)?;
         }
@@ -274,10 +303,28 @@ impl VmBuilder {
             .as_ref()
             .and_then(|p| std::fs::metadata(p).ok())
             .map_or(0, |m| m.len());
-        let kernel = load_kernel(vm.memory(), &cfg.kernel, cfg.mem_bytes, initrd_size)?;
-        let initrd = match &cfg.initrd {
-            Some(path) => Some(Self::load_initrd(&vm, path, cfg.mem_bytes, kernel.end)?),
-            None => {
+        let (kernel, payload_region) = match payload {
+            None => (
+                load_kernel(vm.memory(), &cfg.kernel, cfg.mem_bytes, initrd_size)?,
+                None,
+            ),
+            Some(code) => {
+                crate::payload::write_setup(vm.memory(), cfg.mem_bytes, code)?;
+                let region = crate::payload::region(cfg.mem_bytes, u64::from(vcpu_count))?;
+                let kernel = LoadedKernel {
+                    entry: crate::payload::CODE_ADDR,
+                    end: crate::payload::CODE_ADDR + code.len() as u64,
+                    header: None,
+                };
+                (kernel, Some(region))
+            }
+        };
+        let initrd = match (&cfg.initrd, payload) {
+            (_, Some(_)) => None,
+            (Some(path), None) => {
+                Some(Self::load_initrd(&vm, path, cfg.mem_bytes, kernel.end)?)
+            }
+            (None, None) => {
                 config::place_initrd(
                     cfg.mem_bytes,
                     layout::low_ram_end(cfg.mem_bytes),
@@ -296,6 +343,7 @@ impl VmBuilder {
             cmdline: config::build_cmdline(&cfg.extra_cmdline)?,
             kernel,
             initrd,
+            payload_region,
             pio: Bus::new(),
             mmio: Bus::new(),
             next_mmio: MMIO_DEVICES_START,
@@ -426,8 +474,34 @@ impl VmBuilder {
         })
     }
 
+    fn build_payload(self, (base, bytes): (u64, u64)) -> Result<BuiltVm, BuildError> {
+        let pio = Arc::new(self.pio);
+        let mmio = Arc::new(self.mmio);
+        let supported = self.kvm.supported_cpuid()?;
+        let count = self.vcpu_count;
+        let mut vcpus = Vec::with_capacity(usize::from(count));
+        for id in 0..count {
+            let v = Vcpu::new(&self.vm, id, pio.clone(), mmio.clone())?;
+            v.configure(&cpuid::for_vcpu(&supported, id, count), None)?;
+            v.enter_payload(u64::from(count), base, bytes)?;
+            vcpus.push(v);
+        }
+        log::debug!(
+            "payload VM built: {count} vCPUs, {} MiB, region {base:#x}+{bytes:#x}",
+            self.mem_bytes >> 20
+        );
+        Ok(BuiltVm {
+            vm: self.vm,
+            vcpus,
+            engine: self.engine,
+        })
+    }
+
     /// Write the command line, zero page and MP table, and create and configure the vCPUs.
     pub fn build(self) -> Result<BuiltVm, BuildError> {
+        if let Some(region) = self.payload_region {
+            return self.build_payload(region);
+        }
         let mem = self.vm.memory();
         loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &self.cmdline)
             .map_err(|_| BuildError::GuestWrite("the kernel command line"))?;

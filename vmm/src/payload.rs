@@ -43,6 +43,56 @@ const SEL_USER_DATA: u16 = 0x18 | 3;
 const SEL_USER_CODE: u16 = 0x20 | 3;
 const SEL_TSS: u16 = 0x28;
 
+/// Where the work region starts: above the payload's code.
+pub const REGION_BASE: u64 = 16 << 20;
+
+/// The region the payload's vCPUs write: from [`REGION_BASE`] to the end of low RAM,
+/// trimmed so every vCPU gets the same number of pages. Returns (base, bytes).
+pub fn region(ram_bytes: u64, vcpus: u64) -> Result<(u64, u64), PayloadError> {
+    let top = ram_bytes.min(crate::arch::x86_64::layout::MMIO_GAP_START);
+    let pages = top.saturating_sub(REGION_BASE) / 4096;
+    let per_vcpu = pages / vcpus.max(1);
+    if per_vcpu == 0 {
+        return Err(PayloadError::Ram(ram_bytes));
+    }
+    Ok((REGION_BASE, per_vcpu * vcpus * 4096))
+}
+
+/// Port the payload reports its rounds on: `(vcpu << 24) | round`.
+pub const PROGRESS_PORT: u64 = 0x510;
+
+/// The port-I/O device behind [`PROGRESS_PORT`]: remembers each vCPU's last round and
+/// logs progress at debug level.
+#[derive(Debug, Default)]
+pub struct PayloadProgress {
+    rounds: std::collections::BTreeMap<u32, u32>,
+}
+
+impl PayloadProgress {
+    /// Last round reported by each vCPU.
+    pub fn rounds(&self) -> &std::collections::BTreeMap<u32, u32> {
+        &self.rounds
+    }
+}
+
+impl crate::devices::bus::BusDevice for PayloadProgress {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
+        let mut v = [0u8; 4];
+        let n = data.len().min(4);
+        v[..n].copy_from_slice(&data[..n]);
+        let v = u32::from_le_bytes(v);
+        let (vcpu, round) = (v >> 24, v & 0xff_ffff);
+        self.rounds.insert(vcpu, round);
+        if round % 16 == 0 {
+            log::debug!("payload: vCPU {vcpu} finished round {round}");
+        }
+    }
+}
+
 /// Errors of payload setup.
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
@@ -50,7 +100,7 @@ pub enum PayloadError {
     #[error("payload is {0} bytes; it must be 1..={MAX_CODE} bytes")]
     Size(u64),
     /// Guest RAM is too small or too large for payload mode.
-    #[error("payload mode needs 4 MiB..={MAX_PD} GiB of guest RAM, got {0} bytes")]
+    #[error("payload mode needs 17 MiB..={MAX_PD} GiB of guest RAM, got {0} bytes")]
     Ram(u64),
     /// Writing the tables or the code into guest memory failed.
     #[error("cannot write payload setup into guest memory: {0}")]
@@ -84,7 +134,7 @@ pub fn write_setup(mem: &GuestMemoryMmap, ram_bytes: u64, code: &[u8]) -> Result
     if code.is_empty() || code.len() as u64 > MAX_CODE {
         return Err(PayloadError::Size(code.len() as u64));
     }
-    if !(4 << 20..=MAX_PD << 30).contains(&ram_bytes) {
+    if !((REGION_BASE + (1 << 20))..=MAX_PD << 30).contains(&ram_bytes) {
         return Err(PayloadError::Ram(ram_bytes));
     }
     for (i, e) in gdt().iter().enumerate() {
@@ -214,6 +264,9 @@ mod tests {
             write_setup(&mem, 1 << 20, &[1]),
             Err(PayloadError::Ram(_))
         ));
+        assert_eq!(region(64 << 20, 2).expect("region"), (16 << 20, 48 << 20));
+        assert_eq!(region(64 << 20 | 4096, 2).expect("region").1, 48 << 20);
+        assert!(region(16 << 20, 1).is_err());
     }
 
     #[test]

@@ -10,6 +10,8 @@ use crate::api::ApiServer;
 use crate::builder::VmBuilder;
 use crate::config::{self, VmConfig};
 use crate::device_manager;
+use crate::devices::legacy::serial::StdoutWriter;
+use crate::payload::{PayloadProgress, PROGRESS_PORT};
 use crate::devices::legacy::{terminal, RawModeGuard, StdinInput};
 use crate::event_loop::EventLoop;
 use crate::vstate::vcpu::VmStop;
@@ -58,6 +60,11 @@ pub struct RunArgs {
     /// listener). The guest agent reaches the VMM's snapshot service through it.
     #[arg(long, value_name = "PATH")]
     pub vsock_sock: Option<PathBuf>,
+    /// Test mode: instead of Linux, run this flat binary directly in guest user mode on
+    /// every vCPU (rdi = vCPU index, rsi = vCPU count, rdx/rcx = work region base and
+    /// size). Used by the engine's tests; see vmm/src/payload.rs.
+    #[arg(long, value_name = "PATH", hide = true, conflicts_with_all = ["kernel", "initrd"])]
+    pub payload: Option<PathBuf>,
 }
 
 fn parse_mem(s: &str) -> std::result::Result<u64, String> {
@@ -96,6 +103,23 @@ pub fn resolve(args: &RunArgs, image_dir_env: Option<&str>) -> Result<(VmConfig,
         return Err(config::ConfigError::NoVcpus.into());
     }
     config::validate_mem(args.mem)?;
+    let temporary = args.pool.is_none();
+    if let Some(payload) = &args.payload {
+        config::check_image_file("payload", payload, false)?;
+        let pool = args.pool.clone().unwrap_or_else(default_pool_path);
+        return Ok((
+            VmConfig {
+                kernel: payload.clone(),
+                initrd: None,
+                extra_cmdline: String::new(),
+                mem_bytes: args.mem,
+                vcpus: args.vcpus,
+                pool,
+            },
+            temporary,
+            temporary && !args.keep_pool,
+        ));
+    }
     let dir = config::default_image_dir(image_dir_env);
     let kernel_default = args.kernel.is_none();
     let kernel = args.kernel.clone().unwrap_or_else(|| dir.join("vmlinux"));
@@ -106,7 +130,6 @@ pub fn resolve(args: &RunArgs, image_dir_env: Option<&str>) -> Result<(VmConfig,
         .unwrap_or_else(|| dir.join("initramfs.cpio"));
     config::check_image_file("kernel", &kernel, kernel_default)?;
     config::check_image_file("initrd", &initrd, initrd_default)?;
-    let temporary = args.pool.is_none();
     let pool = args.pool.clone().unwrap_or_else(default_pool_path);
     Ok((
         VmConfig {
@@ -135,7 +158,25 @@ pub fn run(args: RunArgs) -> Result<i32> {
 
     let mut event_loop = EventLoop::new()?;
     event_loop.handle_termination_signals()?;
-    let mut builder = VmBuilder::new(&cfg, event_loop.stop_notifier()?)?;
+    let mut builder = match &args.payload {
+        None => VmBuilder::new(&cfg, event_loop.stop_notifier()?)?,
+        Some(path) => {
+            let code = std::fs::read(path)
+                .map_err(|e| format!("cannot read payload {}: {e}", path.display()))?;
+            let mut b = VmBuilder::with_payload(
+                &cfg,
+                event_loop.stop_notifier()?,
+                Box::new(StdoutWriter),
+                &code,
+            )?;
+            b.pio_bus_mut().insert(
+                Arc::new(Mutex::new(PayloadProgress::default())),
+                PROGRESS_PORT,
+                4,
+            )?;
+            b
+        }
+    };
     let serial = builder.serial();
     let engine = builder.engine().clone();
     if let Some(path) = &args.vsock_sock {

@@ -329,6 +329,24 @@ impl Vcpu {
     /// Set CPUID, the boot MSRs and the LAPIC LINT modes; on the boot vCPU (`entry` is
     /// Some) also the registers for the 64-bit kernel entry. Application processors
     /// stay in KVM's wait-for-SIPI state and are started by the guest.
+    /// Payload mode: enter guest user mode at the payload (see [`crate::payload`]) with
+    /// this vCPU's share of the region, runnable at once (no INIT/SIPI for APs).
+    pub fn enter_payload(&self, count: u64, base: u64, bytes: u64) -> Result<(), VcpuError> {
+        let sregs = self.fd.get_sregs().map_err(self.kvm_err("GET_SREGS"))?;
+        self.fd
+            .set_sregs(&crate::payload::sregs(sregs))
+            .map_err(self.kvm_err("SET_SREGS"))?;
+        self.fd
+            .set_regs(&crate::payload::regs(u64::from(self.id), count, base, bytes))
+            .map_err(self.kvm_err("SET_REGS"))?;
+        let runnable = kvm_bindings::kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+        };
+        self.fd
+            .set_mp_state(runnable)
+            .map_err(self.kvm_err("SET_MP_STATE"))
+    }
+
     pub fn configure(&self, cpuid: &CpuId, entry: Option<u64>) -> Result<(), VcpuError> {
         self.fd
             .set_cpuid2(cpuid)
