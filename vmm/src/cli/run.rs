@@ -214,6 +214,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
     drop(running);
     drop(_raw);
     log::debug!("VM stopped after {:?}: {why:?}", started.elapsed());
+    match &why {
+        VmStop::Reset => log::info!("guest reset (reboot or poweroff): VM stopped"),
+        VmStop::Shutdown => log::info!("guest shut down: VM stopped"),
+        VmStop::Terminated(_) | VmStop::Error(_) => {}
+    }
     match why {
         VmStop::Reset | VmStop::Shutdown => Ok(0),
         VmStop::Terminated(sig) => Ok(128 + sig),
