@@ -6,7 +6,7 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-Usage: images/build.sh [--help]
+Usage: images/build.sh [--help | --verify-config FILE]
 
 Builds the default pmsnap guest image and prints its paths, sizes and sha256 sums.
 
@@ -30,12 +30,21 @@ Only the initramfs is rebuilt when only the agent changes.
 If ../shared/images/kernel-<key>/vmlinux exists next to the repository, it is used
 instead of building the same kernel again.
 
+Options:
+  --help                 this text
+  --verify-config FILE   only check that a kernel .config keeps every option of
+                         images/kernel.fragment (exit 1 naming those it lost)
+
 Environment: JOBS (default: nproc) for the kernel build.
 EOF
 }
 
+VERIFY_ONLY=""
 case "${1:-}" in
     -h | --help) usage; exit 0 ;;
+    --verify-config)
+        [[ $# -eq 2 ]] || { echo "build.sh: --verify-config needs one .config path" >&2; exit 2; }
+        VERIFY_ONLY="$2" ;;
     "") ;;
     *) echo "build.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
 esac
@@ -57,6 +66,27 @@ JOBS="${JOBS:-$(nproc)}"
 
 log() { echo "build.sh: $*" >&2; }
 die() { echo "build.sh: error: $*" >&2; exit 1; }
+
+# Every `CONFIG_X=v` of the fragment must be in .config; every
+# `# CONFIG_X is not set` must not be `=y` there.
+verify_config() {
+    local config="$1" line opt bad=()
+    while IFS= read -r line; do
+        if ! grep -qxF -- "$line" "$config"; then
+            bad+=("$line (got: $(grep -E "^(# )?${line%%=*}[= ]" "$config" || echo absent))")
+        fi
+    done < <(grep -E '^CONFIG_[A-Za-z0-9_]+=' "$FRAGMENT")
+    while IFS= read -r opt; do
+        if grep -qE "^$opt=[ym]" "$config"; then
+            bad+=("# $opt is not set (got: $(grep -E "^$opt=" "$config"))")
+        fi
+    done < <(sed -nE 's/^# (CONFIG_[A-Za-z0-9_]+) is not set$/\1/p' "$FRAGMENT")
+    if [[ ${#bad[@]} -gt 0 ]]; then
+        echo "build.sh: error: kernel.fragment options that did not survive make (missing dependency?):" >&2
+        printf '  %s\n' "${bad[@]}" >&2
+        return 1
+    fi
+}
 
 # ---------------------------------------------------------------------------
 # 1. Debian inputs
@@ -95,6 +125,13 @@ install_packages() {
         --no-install-recommends --allow-downgrades "${missing[@]}"
 }
 
+if [[ -n "$VERIFY_ONLY" ]]; then
+    [[ -f "$VERIFY_ONLY" ]] || die "no such file: $VERIFY_ONLY"
+    verify_config "$VERIFY_ONLY"
+    echo "build.sh: $VERIFY_ONLY keeps every option of kernel.fragment"
+    exit 0
+fi
+
 install_packages
 [[ -f "$LINUX_TARBALL" ]] || die "$LINUX_TARBALL missing after installing linux-source-6.1"
 [[ -x "$BUSYBOX" ]] || die "$BUSYBOX missing after installing busybox-static"
@@ -111,27 +148,16 @@ sha() { sha256sum | cut -d' ' -f1; }
 TMPDIRS=()
 cleanup() { local d; for d in "${TMPDIRS[@]}"; do rm -rf -- "$d"; done; }
 trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+# Temp dirs of runs that were killed too hard to clean up (their PID is the suffix).
+for d in "$CACHE"/.tmp-*.*; do
+    [[ -e "$d" ]] || continue
+    kill -0 "${d##*.}" 2>/dev/null || rm -rf -- "$d"
+done
 
 # ---------------------------------------------------------------------------
 # 2. Kernel
 # ---------------------------------------------------------------------------
-
-# Every `CONFIG_X=v` of the fragment must be in .config; every
-# `# CONFIG_X is not set` must not be `=y` there.
-verify_config() {
-    local config="$1" line opt bad=()
-    while IFS= read -r line; do
-        grep -qxF -- "$line" "$config" || bad+=("$line (got: $(grep -E "^(# )?${line%%=*}[= ]" "$config" || echo absent))")
-    done < <(grep -E '^CONFIG_[A-Za-z0-9_]+=' "$FRAGMENT")
-    while IFS= read -r opt; do
-        grep -qE "^$opt=[ym]" "$config" && bad+=("# $opt is not set (got: $(grep -E "^$opt=" "$config"))")
-    done < <(sed -nE 's/^# (CONFIG_[A-Za-z0-9_]+) is not set$/\1/p' "$FRAGMENT")
-    if [[ ${#bad[@]} -gt 0 ]]; then
-        echo "build.sh: error: kernel.fragment options that did not survive make (missing dependency?):" >&2
-        printf '  %s\n' "${bad[@]}" >&2
-        return 1
-    fi
-}
 
 build_kernel() {
     local tmp="$CACHE/.tmp-kernel-$KERNEL_KEY.$$"
