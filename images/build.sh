@@ -183,8 +183,10 @@ build_kernel() {
     log "kernel: make -j$JOBS vmlinux (about 5.5 minutes with 2 cores)"
     local start end
     start=$(date +%s)
-    make -C "$src" -j"$JOBS" -s KBUILD_BUILD_TIMESTAMP="pmsnap" KBUILD_BUILD_USER=pmsnap \
-        KBUILD_BUILD_HOST=pmsnap vmlinux >"$tmp/make.log" 2>&1 ||
+    # A fixed, parseable timestamp: it is also the mtime of the kernel's
+    # built-in initramfs (/dev/console), so two builds give the same bytes.
+    make -C "$src" -j"$JOBS" -s KBUILD_BUILD_TIMESTAMP="1970-01-01 00:00:00 UTC" \
+        KBUILD_BUILD_USER=pmsnap KBUILD_BUILD_HOST=pmsnap vmlinux >"$tmp/make.log" 2>&1 ||
         { tail -n 40 "$tmp/make.log" >&2; die "kernel build failed (full log: $tmp/make.log)"; }
     end=$(date +%s)
     log "kernel: built in $((end - start)) s"
