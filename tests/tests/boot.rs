@@ -40,6 +40,8 @@ fn leftover_pools(pid: u32) -> Vec<String> {
 fn boots_default_image_with_two_vcpus_and_powers_off() {
     require_kvm!("boots_default_image_with_two_vcpus_and_powers_off");
     let (kernel, initrd) = image();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = dir.path().join("api.sock");
     let mut g = Guest::spawn(
         &[
             "run",
@@ -49,6 +51,10 @@ fn boots_default_image_with_two_vcpus_and_powers_off() {
             s(&kernel),
             "--initrd",
             s(&initrd),
+            "--api-sock",
+            s(&api),
+            "--snapshot-at-ready",
+            "boot",
         ],
         &[],
     );
@@ -65,6 +71,22 @@ fn boots_default_image_with_two_vcpus_and_powers_off() {
         g.sync_shell(Duration::from_secs(120)),
         "shell never answered:\n{}",
         g.output()
+    );
+
+    // The main job's snapshot: all guest RAM, taken when the guest said it was ready.
+    let list = run_pmsnap(&["ctl", "--api-sock", s(&api), "list", "--json"], &[]);
+    assert!(list.status.success(), "ctl list: {}", list.stderr);
+    let snaps: serde_json::Value = serde_json::from_str(&list.stdout).expect("ctl list JSON");
+    let boot = snaps
+        .as_array()
+        .or_else(|| snaps["snapshots"].as_array())
+        .and_then(|a| a.iter().find(|s| s["name"] == "boot"))
+        .unwrap_or_else(|| panic!("no snapshot boot in {snaps}; stderr:\n{}", g.stderr()));
+    assert_eq!(boot["pages"], 65536, "all 256 MiB of guest RAM: {boot}");
+    assert!(
+        g.stderr().contains("snapshot \"boot\": all 65536 pages"),
+        "stderr:\n{}",
+        g.stderr()
     );
 
     let from = g.output_len();

@@ -11,6 +11,7 @@ use crate::builder::VmBuilder;
 use crate::config::{self, VmConfig};
 use crate::device_manager;
 use crate::devices::legacy::serial::StdoutWriter;
+use crate::devices::legacy::watch::MarkerWatch;
 use crate::devices::legacy::{terminal, RawModeGuard, StdinInput};
 use crate::event_loop::EventLoop;
 use crate::payload::{PayloadProgress, PROGRESS_PORT};
@@ -65,6 +66,40 @@ pub struct RunArgs {
     /// size). Used by the engine's tests; see vmm/src/payload.rs.
     #[arg(long, value_name = "PATH", hide = true, conflicts_with_all = ["kernel", "initrd"])]
     pub payload: Option<PathBuf>,
+    /// When the guest prints `pmsnap-guest: ready`, snapshot all of its RAM under NAME
+    /// (no page is copied: the pages become copy-before-write) and log what it cost.
+    #[arg(long, value_name = "NAME", conflicts_with = "payload")]
+    pub snapshot_at_ready: Option<String>,
+}
+
+/// The line the default image's init prints when the guest is up.
+const READY_MARKER: &[u8] = b"pmsnap-guest: ready";
+
+fn snapshot_when_ready(
+    ready: &std::sync::mpsc::Receiver<()>,
+    engine: &crate::snapshot::engine::Engine,
+    name: &str,
+    pages: u64,
+) {
+    if ready.recv().is_err() {
+        return; // the VM ended first
+    }
+    let t = std::time::Instant::now();
+    let res = engine.snapshot(
+        name,
+        pmem_backend::SnapshotKind::Pages,
+        &[pmem_backend::PageRun::new(0, pages)],
+        Default::default(),
+    );
+    match res {
+        Ok(info) => log::info!(
+            "snapshot {name:?}: all {} pages of guest RAM in {:?}, no page copied; \
+             pages are preserved as the guest writes them (see `pmsnap ctl stats`)",
+            info.pages,
+            t.elapsed()
+        ),
+        Err(e) => log::error!("snapshot {name:?} at ready failed: {e}"),
+    }
 }
 
 fn parse_mem(s: &str) -> std::result::Result<u64, String> {
@@ -158,8 +193,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
 
     let mut event_loop = EventLoop::new()?;
     event_loop.handle_termination_signals()?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut builder = match &args.payload {
-        None => VmBuilder::new(&cfg, event_loop.stop_notifier()?)?,
+        None => VmBuilder::with_console(
+            &cfg,
+            event_loop.stop_notifier()?,
+            Box::new(MarkerWatch::new(StdoutWriter, READY_MARKER, ready_tx)),
+        )?,
         Some(path) => {
             let code = std::fs::read(path)
                 .map_err(|e| format!("cannot read payload {}: {e}", path.display()))?;
@@ -183,6 +223,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
         let vsock =
             device_manager::attach_vsock(&mut builder, path, engine.clone(), cfg.mem_bytes)?;
         event_loop.add_subscriber(vsock);
+    }
+    if let Some(name) = args.snapshot_at_ready.clone() {
+        let engine = engine.clone();
+        let pages = cfg.mem_bytes / 4096;
+        std::thread::Builder::new()
+            .name("pmsnap-ready".into())
+            .spawn(move || snapshot_when_ready(&ready_rx, &engine, &name, pages))?;
     }
     let built = builder.build()?;
     let _api = match &args.api_sock {

@@ -4,6 +4,7 @@
 pub mod i8042;
 pub mod serial;
 pub mod terminal;
+pub mod watch;
 
 pub use i8042::I8042;
 pub use serial::{SerialDevice, StdinInput};
