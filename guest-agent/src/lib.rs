@@ -3,3 +3,5 @@
 
 /// Version string of the agent, printed by `pmsnap-agent --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub mod protocol;

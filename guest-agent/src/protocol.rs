@@ -1,0 +1,943 @@
+//! The agent protocol: what the guest agent (and the guest library) says to the VMM's
+//! snapshot service over virtio-vsock, and what the VMM answers.
+//!
+//! Every message is one frame: a fixed 12-byte little-endian header followed by a
+//! payload encoded with serde in the compact `postcard` format (a save of a fragmented
+//! 256 MiB process can carry tens of thousands of page runs; JSON would triple the bytes
+//! the slow guest kernel has to push through vsock while the process is frozen).
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic   = 0x504d_534e ("NSMP" read as little-endian bytes)
+//!      4    2 version = 1
+//!      6    2 kind    = 1 request, 2 reply
+//!      8    4 len     = payload length in bytes, at most MAX_PAYLOAD_LEN
+//!     12  len payload = postcard(Request) or postcard(Reply)
+//! ```
+//!
+//! Decoding never panics on arbitrary bytes; a frame with another version is refused
+//! with [`ProtocolError::UnsupportedVersion`] so a newer agent gets a clear answer. The
+//! VMM side also checks the content with [`Request::validate`]: everything from the guest
+//! is untrusted. See docs/protocol.md.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Frame magic, first four bytes of every frame.
+pub const MAGIC: u32 = 0x504d_534e;
+/// The only protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// Size of the fixed frame header.
+pub const HEADER_LEN: usize = 12;
+/// Largest payload accepted (4 MiB): room for [`MAX_RUNS`] worst-case runs.
+pub const MAX_PAYLOAD_LEN: u32 = 4 << 20;
+/// Most page runs in one save or restore request.
+pub const MAX_RUNS: usize = 65_536;
+/// Longest snapshot name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest process command name carried in a save request, in bytes.
+pub const MAX_COMM_LEN: usize = 64;
+/// Longest error message the VMM sends (longer ones are cut at a char boundary).
+pub const MAX_MESSAGE_LEN: usize = 1024;
+/// Most snapshots listed in one reply.
+pub const MAX_LIST_ENTRIES: usize = 4096;
+/// Guest page size the runs are counted in.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Errors of encoding, decoding and validating frames.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// The first four bytes are not [`MAGIC`].
+    #[error("bad frame magic {0:#010x}")]
+    BadMagic(u32),
+    /// The peer speaks another protocol version.
+    #[error("unsupported protocol version {got} (this side speaks {VERSION})")]
+    UnsupportedVersion {
+        /// Version found in the frame.
+        got: u16,
+    },
+    /// The kind field is neither request nor reply, or not the one expected.
+    #[error("unexpected frame kind {0}")]
+    BadKind(u16),
+    /// The payload length is above [`MAX_PAYLOAD_LEN`].
+    #[error("frame payload of {0} bytes exceeds the limit of {MAX_PAYLOAD_LEN}")]
+    TooLarge(u64),
+    /// Fewer bytes than the header announces.
+    #[error("truncated frame: {got} of {want} bytes")]
+    Truncated {
+        /// Bytes present.
+        got: usize,
+        /// Bytes the header announces.
+        want: usize,
+    },
+    /// Bytes left after the announced payload.
+    #[error("{0} trailing bytes after the frame")]
+    Trailing(usize),
+    /// The payload does not decode as the expected message.
+    #[error("malformed payload: {0}")]
+    Malformed(String),
+    /// A snapshot name breaks the naming rule.
+    #[error("invalid snapshot name {0:?}: 1..=64 of [A-Za-z0-9._-], not starting with '.'")]
+    InvalidName(String),
+    /// A command name is too long or contains control characters.
+    #[error("invalid command name")]
+    InvalidComm,
+    /// Too many runs in one request.
+    #[error("{0} runs exceed the limit of {MAX_RUNS}")]
+    TooManyRuns(usize),
+    /// A run is empty, overflows, or leaves guest RAM.
+    #[error("run {index} is invalid: {reason}")]
+    BadRun {
+        /// Index of the run in the request.
+        index: usize,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The request has no runs where some are needed.
+    #[error("request has no page runs")]
+    NoRuns,
+    /// The encoder failed (a message above the limits).
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+    /// I/O error while reading or writing a frame.
+    #[error("i/o error: {0}")]
+    Io(String),
+}
+
+impl ProtocolError {
+    /// The error code the VMM answers with when it refuses a request for this reason.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::BadMagic(_) | Self::BadKind(_) | Self::Truncated { .. } | Self::Trailing(_) => {
+                ErrorCode::BadFrame
+            }
+            Self::Malformed(_) => ErrorCode::BadFrame,
+            Self::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            Self::TooLarge(_) | Self::TooManyRuns(_) => ErrorCode::TooLarge,
+            Self::InvalidName(_) => ErrorCode::InvalidName,
+            Self::InvalidComm | Self::NoRuns => ErrorCode::BadRequest,
+            Self::BadRun { .. } => ErrorCode::RunOutOfRange,
+            Self::Encode(_) | Self::Io(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum FrameKind {
+    /// Agent to VMM.
+    Request = 1,
+    /// VMM to agent.
+    Reply = 2,
+}
+
+impl FrameKind {
+    fn from_u16(v: u16) -> Result<Self, ProtocolError> {
+        match v {
+            1 => Ok(Self::Request),
+            2 => Ok(Self::Reply),
+            other => Err(ProtocolError::BadKind(other)),
+        }
+    }
+}
+
+/// A parsed frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Request or reply.
+    pub kind: FrameKind,
+    /// Payload length, already checked against [`MAX_PAYLOAD_LEN`].
+    pub len: u32,
+}
+
+impl FrameHeader {
+    /// Parse and check the fixed header: magic, version, kind and the length limit.
+    pub fn parse(bytes: &[u8; HEADER_LEN]) -> Result<Self, ProtocolError> {
+        let magic = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        if magic != MAGIC {
+            return Err(ProtocolError::BadMagic(magic));
+        }
+        let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+        if version != VERSION {
+            return Err(ProtocolError::UnsupportedVersion { got: version });
+        }
+        let kind = FrameKind::from_u16(u16::from_le_bytes([bytes[6], bytes[7]]))?;
+        let len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+        if len > MAX_PAYLOAD_LEN {
+            return Err(ProtocolError::TooLarge(u64::from(len)));
+        }
+        Ok(Self { kind, len })
+    }
+
+    /// The 12 header bytes.
+    pub fn to_bytes(self) -> [u8; HEADER_LEN] {
+        let mut out = [0u8; HEADER_LEN];
+        out[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        out[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        out[6..8].copy_from_slice(&(self.kind as u16).to_le_bytes());
+        out[8..12].copy_from_slice(&self.len.to_le_bytes());
+        out
+    }
+}
+
+/// A run of guest pages: `count` pages of the process's virtual memory starting at
+/// `virt_addr`, backed by `count` consecutive guest-physical pages starting at
+/// `guest_phys_first_page` when `present`, or never touched (zero) when not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    /// First guest-physical page frame number (ignored when not present).
+    pub guest_phys_first_page: u64,
+    /// Number of pages, at least 1.
+    pub count: u64,
+    /// Virtual address of the first page in the process (page aligned).
+    pub virt_addr: u64,
+    /// Whether the pages are resident; absent pages are recorded and restore as zero.
+    pub present: bool,
+}
+
+/// Save the pages of a process under a name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveRequest {
+    /// Snapshot name.
+    pub name: String,
+    /// Guest pid of the process (informational, kept in the catalog).
+    pub pid: u32,
+    /// Command name of the process (informational).
+    pub comm: String,
+    /// The page runs, in the process's virtual address order.
+    pub runs: Vec<Run>,
+}
+
+/// Copy a saved snapshot into the guest pages that now back the target addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    /// Snapshot name.
+    pub name: String,
+    /// Target runs; all must be present (the agent touched and locked them).
+    pub runs: Vec<Run>,
+}
+
+/// A request from the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Save pages.
+    Save(SaveRequest),
+    /// Restore pages.
+    Restore(RestoreRequest),
+    /// List the process snapshots.
+    List,
+    /// Delete a snapshot.
+    Delete {
+        /// Snapshot name.
+        name: String,
+    },
+}
+
+/// One line of a list reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Snapshot name.
+    pub name: String,
+    /// Pid recorded at save time.
+    pub pid: u32,
+    /// Command name recorded at save time.
+    pub comm: String,
+    /// Total pages covered (present and absent).
+    pub pages: u64,
+    /// Pages that were present (the others restore as zero).
+    pub present_pages: u64,
+    /// Number of runs recorded.
+    pub runs: u32,
+    /// Creation time, seconds since the Unix epoch (host clock).
+    pub created_unix: u64,
+}
+
+/// Why the VMM refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The frame could not be parsed.
+    BadFrame = 1,
+    /// The frame's protocol version is not spoken here.
+    UnsupportedVersion = 2,
+    /// The request is well formed but makes no sense (no runs, bad command name).
+    BadRequest = 3,
+    /// A run is empty, overflows or leaves guest RAM.
+    RunOutOfRange = 4,
+    /// A size or count limit was exceeded.
+    TooLarge = 5,
+    /// The snapshot name breaks the naming rule.
+    InvalidName = 6,
+    /// No snapshot of that name.
+    NotFound = 7,
+    /// A snapshot of that name exists already.
+    AlreadyExists = 8,
+    /// Restore target does not have the snapshot's page count.
+    SizeMismatch = 9,
+    /// The store is out of space.
+    NoSpace = 10,
+    /// The service is busy (another save or restore runs); retry.
+    Busy = 11,
+    /// Anything else on the VMM side.
+    Internal = 12,
+}
+
+/// An error reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// Machine-readable reason.
+    pub code: ErrorCode,
+    /// Human-readable detail, at most [`MAX_MESSAGE_LEN`] bytes.
+    pub message: String,
+}
+
+impl ErrorReply {
+    /// Build an error reply, cutting the message to [`MAX_MESSAGE_LEN`].
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if message.len() > MAX_MESSAGE_LEN {
+            let mut cut = MAX_MESSAGE_LEN;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        Self { code, message }
+    }
+}
+
+impl From<&ProtocolError> for ErrorReply {
+    fn from(e: &ProtocolError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
+
+/// A reply from the VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The save is done: the pages are now shared copy-on-write with the snapshot.
+    Saved {
+        /// Snapshot name.
+        name: String,
+        /// Total pages recorded.
+        pages: u64,
+        /// Pages that were present.
+        present_pages: u64,
+    },
+    /// The restore is done.
+    Restored {
+        /// Snapshot name.
+        name: String,
+        /// Pages copied into guest memory.
+        pages: u64,
+    },
+    /// The snapshots, at most [`MAX_LIST_ENTRIES`].
+    List(Vec<SnapshotInfo>),
+    /// The snapshot is deleted.
+    Deleted {
+        /// Snapshot name.
+        name: String,
+    },
+    /// The request was refused.
+    Error(ErrorReply),
+}
+
+fn encode_frame<T: Serialize>(kind: FrameKind, msg: &T) -> Result<Vec<u8>, ProtocolError> {
+    let mut out = vec![0u8; HEADER_LEN];
+    out = postcard::to_extend(msg, out).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    let len = out.len() - HEADER_LEN;
+    if len > MAX_PAYLOAD_LEN as usize {
+        return Err(ProtocolError::TooLarge(len as u64));
+    }
+    let header = FrameHeader {
+        kind,
+        // Cannot truncate: checked against MAX_PAYLOAD_LEN (a u32) just above.
+        len: len as u32,
+    };
+    out[..HEADER_LEN].copy_from_slice(&header.to_bytes());
+    Ok(out)
+}
+
+fn decode_frame<T: for<'de> Deserialize<'de>>(
+    want: FrameKind,
+    frame: &[u8],
+) -> Result<T, ProtocolError> {
+    let head: &[u8; HEADER_LEN] = frame
+        .get(..HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(ProtocolError::Truncated {
+            got: frame.len(),
+            want: HEADER_LEN,
+        })?;
+    let header = FrameHeader::parse(head)?;
+    if header.kind != want {
+        return Err(ProtocolError::BadKind(header.kind as u16));
+    }
+    let want_len = HEADER_LEN + header.len as usize;
+    if frame.len() < want_len {
+        return Err(ProtocolError::Truncated {
+            got: frame.len(),
+            want: want_len,
+        });
+    }
+    if frame.len() > want_len {
+        return Err(ProtocolError::Trailing(frame.len() - want_len));
+    }
+    decode_payload(&frame[HEADER_LEN..])
+}
+
+/// Decode a payload whose header was already checked; the payload must be used whole.
+fn decode_payload<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, ProtocolError> {
+    let (msg, rest) = postcard::take_from_bytes::<T>(payload)
+        .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(ProtocolError::Trailing(rest.len()));
+    }
+    Ok(msg)
+}
+
+impl Request {
+    /// Encode as one frame.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        encode_frame(FrameKind::Request, self)
+    }
+
+    /// Decode exactly one request frame (header and payload, nothing more).
+    pub fn decode(frame: &[u8]) -> Result<Self, ProtocolError> {
+        decode_frame(FrameKind::Request, frame)
+    }
+
+    /// Check every field against the limits and against guest RAM of `ram_pages` pages.
+    /// This is the VMM's gate: the guest is untrusted.
+    pub fn validate(&self, ram_pages: u64) -> Result<(), ProtocolError> {
+        match self {
+            Request::Save(s) => {
+                validate_name(&s.name)?;
+                validate_comm(&s.comm)?;
+                validate_runs(&s.runs, ram_pages, false)
+            }
+            Request::Restore(r) => {
+                validate_name(&r.name)?;
+                validate_runs(&r.runs, ram_pages, true)
+            }
+            Request::List => Ok(()),
+            Request::Delete { name } => validate_name(name),
+        }
+    }
+}
+
+impl Reply {
+    /// Encode as one frame.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        encode_frame(FrameKind::Reply, self)
+    }
+
+    /// Decode exactly one reply frame.
+    pub fn decode(frame: &[u8]) -> Result<Self, ProtocolError> {
+        decode_frame(FrameKind::Reply, frame)
+    }
+}
+
+/// Check a snapshot name: 1..=64 bytes of `[A-Za-z0-9._-]`, not starting with '.'.
+/// (The rule keeps names usable as file names in exports and free of path tricks.)
+pub fn validate_name(name: &str) -> Result<(), ProtocolError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        // Bound what ends up in error messages and logs.
+        Err(ProtocolError::InvalidName(
+            name.chars().take(MAX_NAME_LEN + 8).collect(),
+        ))
+    }
+}
+
+/// Check a command name: at most [`MAX_COMM_LEN`] bytes, no control characters.
+pub fn validate_comm(comm: &str) -> Result<(), ProtocolError> {
+    if comm.len() > MAX_COMM_LEN || comm.chars().any(char::is_control) {
+        return Err(ProtocolError::InvalidComm);
+    }
+    Ok(())
+}
+
+/// Check page runs against guest RAM of `ram_pages` pages: at most [`MAX_RUNS`], at
+/// least one, each non-empty, page-aligned virtual address without overflow, and present
+/// runs entirely inside guest RAM. With `require_present`, absent runs are refused
+/// (restore targets must be resident).
+pub fn validate_runs(
+    runs: &[Run],
+    ram_pages: u64,
+    require_present: bool,
+) -> Result<(), ProtocolError> {
+    if runs.is_empty() {
+        return Err(ProtocolError::NoRuns);
+    }
+    if runs.len() > MAX_RUNS {
+        return Err(ProtocolError::TooManyRuns(runs.len()));
+    }
+    for (index, r) in runs.iter().enumerate() {
+        let bad = |reason| Err(ProtocolError::BadRun { index, reason });
+        if r.count == 0 {
+            return bad("zero page count");
+        }
+        if r.virt_addr % PAGE_SIZE != 0 {
+            return bad("virtual address not page aligned");
+        }
+        let bytes = match r.count.checked_mul(PAGE_SIZE) {
+            Some(b) => b,
+            None => return bad("page count overflows"),
+        };
+        if r.virt_addr.checked_add(bytes).is_none() {
+            return bad("virtual range overflows");
+        }
+        if r.present {
+            match r.guest_phys_first_page.checked_add(r.count) {
+                Some(end) if end <= ram_pages => {}
+                Some(_) => return bad("pages outside guest RAM"),
+                None => return bad("guest page range overflows"),
+            }
+        } else if require_present {
+            return bad("restore target pages must be present");
+        }
+    }
+    Ok(())
+}
+
+/// Total pages of some runs (saturating; validated runs never saturate).
+pub fn total_pages(runs: &[Run]) -> u64 {
+    runs.iter().fold(0u64, |acc, r| acc.saturating_add(r.count))
+}
+
+/// Read one whole frame (header and payload) from a blocking stream, checking the
+/// header before allocating the payload. Returns `Ok(None)` on a clean end of stream
+/// before the first header byte.
+pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, ProtocolError> {
+    let mut head = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => {
+                return Err(ProtocolError::Truncated {
+                    got,
+                    want: HEADER_LEN,
+                })
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ProtocolError::Io(e.to_string())),
+        }
+    }
+    let header = FrameHeader::parse(&head)?;
+    let mut frame = vec![0u8; HEADER_LEN + header.len as usize];
+    frame[..HEADER_LEN].copy_from_slice(&head);
+    r.read_exact(&mut frame[HEADER_LEN..])
+        .map_err(|e| ProtocolError::Io(e.to_string()))?;
+    Ok(Some(frame))
+}
+
+/// Write one frame to a blocking stream.
+pub fn write_frame<W: Write>(w: &mut W, frame: &[u8]) -> Result<(), ProtocolError> {
+    w.write_all(frame)
+        .and_then(|()| w.flush())
+        .map_err(|e| ProtocolError::Io(e.to_string()))
+}
+
+/// Incremental frame splitter for a byte stream that arrives in pieces (the VMM side
+/// of a vsock connection). Feed bytes with [`FrameBuffer::push`], take whole frames with
+/// [`FrameBuffer::next_frame`]. A bad header is reported once and poisons the buffer:
+/// after garbage there is no way to find the next frame boundary, so the caller should
+/// answer with an error and close the connection.
+#[derive(Debug, Default)]
+pub struct FrameBuffer {
+    buf: Vec<u8>,
+    poisoned: bool,
+}
+
+impl FrameBuffer {
+    /// An empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Append received bytes. Returns an error (and poisons) when the pending data would
+    /// exceed one maximal frame, which a well-behaved peer never sends unanswered.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
+        if self.poisoned {
+            return Ok(());
+        }
+        let limit = HEADER_LEN + MAX_PAYLOAD_LEN as usize;
+        if self.buf.len() + bytes.len() > limit {
+            // Validate the header first so the error says why.
+            if let Some(Err(e)) = self.header() {
+                self.poisoned = true;
+                return Err(e);
+            }
+            self.poisoned = true;
+            return Err(ProtocolError::TooLarge(
+                (self.buf.len() + bytes.len()) as u64,
+            ));
+        }
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn header(&self) -> Option<Result<FrameHeader, ProtocolError>> {
+        let head: &[u8; HEADER_LEN] = self.buf.get(..HEADER_LEN)?.try_into().ok()?;
+        Some(FrameHeader::parse(head))
+    }
+
+    /// Take the next complete frame, if one is buffered.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, ProtocolError> {
+        if self.poisoned {
+            return Ok(None);
+        }
+        let header = match self.header() {
+            None => return Ok(None),
+            Some(Ok(h)) => h,
+            Some(Err(e)) => {
+                self.poisoned = true;
+                self.buf.clear();
+                return Err(e);
+            }
+        };
+        let total = HEADER_LEN + header.len as usize;
+        if self.buf.len() < total {
+            return Ok(None);
+        }
+        let rest = self.buf.split_off(total);
+        Ok(Some(std::mem::replace(&mut self.buf, rest)))
+    }
+
+    /// Bytes buffered and not yet returned as a frame.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether a bad header stopped this buffer.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(first: u64, count: u64, virt: u64, present: bool) -> Run {
+        Run {
+            guest_phys_first_page: first,
+            count,
+            virt_addr: virt,
+            present,
+        }
+    }
+
+    fn save() -> Request {
+        Request::Save(SaveRequest {
+            name: "db-1.snap_A".into(),
+            pid: 42,
+            comm: "postgres".into(),
+            runs: vec![
+                run(100, 16, 0x7f00_0000_0000, true),
+                run(0, 4, 0x7f00_0001_0000, false),
+            ],
+        })
+    }
+
+    #[test]
+    fn round_trip_every_message() {
+        let reqs = [
+            save(),
+            Request::Restore(RestoreRequest {
+                name: "x".into(),
+                runs: vec![run(7, 1, 0x1000, true)],
+            }),
+            Request::List,
+            Request::Delete { name: "y".into() },
+        ];
+        for r in &reqs {
+            let f = r.encode().expect("encode");
+            assert_eq!(&f[0..4], &MAGIC.to_le_bytes());
+            assert_eq!(
+                u32::from_le_bytes(f[8..12].try_into().expect("4")) as usize,
+                f.len() - 12
+            );
+            assert_eq!(&Request::decode(&f).expect("decode"), r);
+        }
+        let replies = [
+            Reply::Saved {
+                name: "a".into(),
+                pages: 20,
+                present_pages: 16,
+            },
+            Reply::Restored {
+                name: "a".into(),
+                pages: 20,
+            },
+            Reply::List(vec![SnapshotInfo {
+                name: "a".into(),
+                pid: 1,
+                comm: "init".into(),
+                pages: 3,
+                present_pages: 2,
+                runs: 2,
+                created_unix: 1_700_000_000,
+            }]),
+            Reply::Deleted { name: "a".into() },
+            Reply::Error(ErrorReply::new(ErrorCode::NotFound, "no snapshot a")),
+        ];
+        for r in &replies {
+            let f = r.encode().expect("encode");
+            assert_eq!(&Reply::decode(&f).expect("decode"), r);
+            // A reply is never accepted where a request is expected.
+            assert_eq!(Request::decode(&f), Err(ProtocolError::BadKind(2)));
+        }
+    }
+
+    #[test]
+    fn header_rejections() {
+        let good = Request::List.encode().expect("encode");
+        let mut f = good.clone();
+        f[0] ^= 1;
+        assert!(matches!(
+            Request::decode(&f),
+            Err(ProtocolError::BadMagic(_))
+        ));
+        let mut f = good.clone();
+        f[4..6].copy_from_slice(&2u16.to_le_bytes());
+        let e = Request::decode(&f).expect_err("version 2");
+        assert_eq!(e, ProtocolError::UnsupportedVersion { got: 2 });
+        assert_eq!(e.code(), ErrorCode::UnsupportedVersion);
+        let mut f = good.clone();
+        f[6..8].copy_from_slice(&9u16.to_le_bytes());
+        assert_eq!(Request::decode(&f), Err(ProtocolError::BadKind(9)));
+        let mut f = good.clone();
+        f[8..12].copy_from_slice(&(MAX_PAYLOAD_LEN + 1).to_le_bytes());
+        assert_eq!(
+            Request::decode(&f),
+            Err(ProtocolError::TooLarge(u64::from(MAX_PAYLOAD_LEN) + 1))
+        );
+        assert!(matches!(
+            Request::decode(&good[..5]),
+            Err(ProtocolError::Truncated { got: 5, want: 12 })
+        ));
+        let mut f = good.clone();
+        f[8..12].copy_from_slice(&5u32.to_le_bytes());
+        assert!(matches!(
+            Request::decode(&f),
+            Err(ProtocolError::Truncated { .. })
+        ));
+        let mut f = good.clone();
+        f.push(0);
+        assert_eq!(Request::decode(&f), Err(ProtocolError::Trailing(1)));
+    }
+
+    #[test]
+    fn payload_rejections() {
+        // Unknown enum variant index.
+        let mut f = FrameHeader {
+            kind: FrameKind::Request,
+            len: 1,
+        }
+        .to_bytes()
+        .to_vec();
+        f.push(77);
+        assert!(matches!(
+            Request::decode(&f),
+            Err(ProtocolError::Malformed(_))
+        ));
+        // A payload with a valid message followed by junk inside the announced length.
+        let mut inner = postcard::to_stdvec(&Request::List).expect("encode");
+        inner.push(0xAA);
+        let mut f = FrameHeader {
+            kind: FrameKind::Request,
+            len: inner.len() as u32,
+        }
+        .to_bytes()
+        .to_vec();
+        f.extend_from_slice(&inner);
+        assert_eq!(Request::decode(&f), Err(ProtocolError::Trailing(1)));
+        // Truncated payload of a save.
+        let full = save().encode().expect("encode");
+        let mut f = full[..full.len() - 3].to_vec();
+        let len = (f.len() - HEADER_LEN) as u32;
+        f[8..12].copy_from_slice(&len.to_le_bytes());
+        assert!(matches!(
+            Request::decode(&f),
+            Err(ProtocolError::Malformed(_))
+        ));
+        // A vector length prefix claiming billions of runs fails without allocating them.
+        let mut p = vec![0u8]; // variant Save
+        p.push(1);
+        p.push(b'a'); // name "a"
+        p.push(1); // pid 1
+        p.push(0); // comm ""
+        p.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]); // runs len = u32::MAX
+        let mut f = FrameHeader {
+            kind: FrameKind::Request,
+            len: p.len() as u32,
+        }
+        .to_bytes()
+        .to_vec();
+        f.extend_from_slice(&p);
+        assert!(matches!(
+            Request::decode(&f),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["a", "A.b-c_9", &"x".repeat(64), "a..b"] {
+            assert_eq!(validate_name(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "a/b",
+            "a b",
+            "é",
+            &"x".repeat(65),
+            "..",
+            "a\0",
+        ] {
+            assert!(
+                matches!(validate_name(bad), Err(ProtocolError::InvalidName(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(validate_comm("bash").is_ok());
+        assert_eq!(validate_comm("a\nb"), Err(ProtocolError::InvalidComm));
+        assert_eq!(
+            validate_comm(&"c".repeat(65)),
+            Err(ProtocolError::InvalidComm)
+        );
+    }
+
+    #[test]
+    fn run_validation() {
+        let ram = 1000;
+        assert_eq!(validate_runs(&[run(990, 10, 0, true)], ram, true), Ok(()));
+        let reason = |r: Run, req| match validate_runs(&[r], ram, req) {
+            Err(ProtocolError::BadRun { index: 0, reason }) => reason,
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(
+            reason(run(991, 10, 0, true), false),
+            "pages outside guest RAM"
+        );
+        assert_eq!(
+            reason(run(u64::MAX, 2, 0, true), false),
+            "guest page range overflows"
+        );
+        assert_eq!(reason(run(1, 0, 0, true), false), "zero page count");
+        assert_eq!(
+            reason(run(1, 1, 0x10, true), false),
+            "virtual address not page aligned"
+        );
+        assert_eq!(
+            reason(run(1, u64::MAX / 2, 0, false), false),
+            "page count overflows"
+        );
+        assert_eq!(
+            reason(run(1, 2, u64::MAX - 4095, true), false),
+            "virtual range overflows"
+        );
+        assert_eq!(
+            reason(run(0, 1, 0, false), true),
+            "restore target pages must be present"
+        );
+        // Absent pages need no guest-physical page, so any frame number is accepted.
+        assert_eq!(
+            validate_runs(&[run(u64::MAX, 3, 0, false)], ram, false),
+            Ok(())
+        );
+        assert_eq!(validate_runs(&[], ram, false), Err(ProtocolError::NoRuns));
+        let many = vec![run(0, 1, 0, true); MAX_RUNS + 1];
+        assert_eq!(
+            validate_runs(&many, ram, false),
+            Err(ProtocolError::TooManyRuns(MAX_RUNS + 1))
+        );
+        // Index of the failing run is reported.
+        assert!(matches!(
+            validate_runs(&[run(0, 1, 0, true), run(0, 0, 0, true)], ram, false),
+            Err(ProtocolError::BadRun { index: 1, .. })
+        ));
+        assert_eq!(save().validate(ram), Ok(()));
+        assert!(save().validate(100).is_err());
+        assert!(Request::Delete { name: ".x".into() }.validate(ram).is_err());
+        assert_eq!(total_pages(&[run(0, 3, 0, true), run(0, 4, 0, false)]), 7);
+    }
+
+    #[test]
+    fn max_runs_fit_in_a_frame() {
+        // Worst case: every field at its largest varint.
+        let r = Request::Save(SaveRequest {
+            name: "n".repeat(MAX_NAME_LEN),
+            pid: u32::MAX,
+            comm: "c".repeat(MAX_COMM_LEN),
+            runs: vec![run(u64::MAX, u64::MAX, u64::MAX, true); MAX_RUNS],
+        });
+        let f = r.encode().expect("max request fits");
+        assert!(f.len() <= HEADER_LEN + MAX_PAYLOAD_LEN as usize);
+        assert_eq!(Request::decode(&f).expect("decode"), r);
+    }
+
+    #[test]
+    fn error_reply_message_is_bounded() {
+        let e = ErrorReply::new(ErrorCode::Internal, "é".repeat(MAX_MESSAGE_LEN));
+        assert!(e.message.len() <= MAX_MESSAGE_LEN);
+        let from: ErrorReply = (&ProtocolError::UnsupportedVersion { got: 3 }).into();
+        assert_eq!(from.code, ErrorCode::UnsupportedVersion);
+        assert!(from.message.contains('3'));
+    }
+
+    #[test]
+    fn frame_buffer_splits_a_stream() {
+        let a = save().encode().expect("encode");
+        let b = Request::List.encode().expect("encode");
+        let mut stream = a.clone();
+        stream.extend_from_slice(&b);
+        let mut fb = FrameBuffer::new();
+        let mut frames = Vec::new();
+        for chunk in stream.chunks(5) {
+            fb.push(chunk).expect("push");
+            while let Some(f) = fb.next_frame().expect("frame") {
+                frames.push(f);
+            }
+        }
+        assert_eq!(frames, vec![a, b]);
+        assert_eq!(fb.pending(), 0);
+
+        let mut fb = FrameBuffer::new();
+        fb.push(b"GET / HTTP/1.1\r\n").expect("push");
+        assert!(matches!(fb.next_frame(), Err(ProtocolError::BadMagic(_))));
+        assert!(fb.is_poisoned());
+        assert_eq!(fb.next_frame(), Ok(None));
+    }
+
+    #[test]
+    fn blocking_read_and_write() {
+        let f = save().encode().expect("encode");
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &f).expect("write");
+        write_frame(&mut wire, &f).expect("write");
+        let mut cur = std::io::Cursor::new(wire);
+        assert_eq!(read_frame(&mut cur).expect("read"), Some(f.clone()));
+        assert_eq!(read_frame(&mut cur).expect("read"), Some(f));
+        assert_eq!(read_frame(&mut cur).expect("eof"), None);
+        let mut cur = std::io::Cursor::new(vec![0x4e, 0x53]);
+        assert!(matches!(
+            read_frame(&mut cur),
+            Err(ProtocolError::Truncated { .. })
+        ));
+    }
+}
