@@ -1,0 +1,400 @@
+//! The agent's operations on another process: save, restore, copy-out (the baseline the
+//! benchmark compares against), and serving the VMM's snapshot-process requests.
+//!
+//! Each operation freezes the target for its whole critical section: from reading the
+//! page map until the VMM has answered (the VMM write-protects the saved pages, or has
+//! copied the snapshot into the target pages, before it replies), then thaws it.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::client::{call, ClientError, Transport};
+use crate::freeze::{FreezeError, FreezeGuard, FreezeMethod};
+use crate::pagemap::{check_ranges, default_ranges, proc_error, read_maps, Pagemap, PagemapError};
+use crate::protocol::{
+    read_frame, total_pages, validate_name, write_frame, AgentRequest, ErrorCode, ErrorReply,
+    ProtocolError, Reply, Request, RestoreRequest, SaveRequest, VirtRange, MAX_COMM_LEN, MAX_RUNS,
+};
+
+/// Bytes moved per `pread`/`pwrite` of /proc/PID/mem: few syscalls, bounded memory.
+const MEM_CHUNK: usize = 1 << 20;
+
+/// Errors of the agent's operations.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// Reading maps or pagemap failed.
+    #[error(transparent)]
+    Pagemap(#[from] PagemapError),
+    /// Freezing or thawing failed.
+    #[error(transparent)]
+    Freeze(#[from] FreezeError),
+    /// The snapshot service failed or refused.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// A request field is invalid before anything is sent.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// Reading or writing the process's memory failed.
+    #[error("accessing memory of pid {pid} at {addr:#x}: {source}")]
+    Mem {
+        /// Process.
+        pid: u32,
+        /// Address.
+        addr: u64,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A page stayed absent after touching it (restore targets must be resident).
+    #[error("page at {0:#x} is not resident after touching it")]
+    NotResident(u64),
+    /// More runs than one request may carry.
+    #[error("{0} page runs exceed the protocol limit of {MAX_RUNS}; save fewer ranges")]
+    TooManyRuns(usize),
+    /// Writing the copy-out file failed.
+    #[error("writing {path}: {source}")]
+    Output {
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+impl OpsError {
+    /// The error reply the agent sends the VMM when a snapshot-process request fails.
+    pub fn to_reply(&self) -> ErrorReply {
+        match self {
+            OpsError::Client(ClientError::Refused(e)) => e.clone(),
+            OpsError::Protocol(p) => ErrorReply::from(p),
+            OpsError::Pagemap(PagemapError::NoProcess(_))
+            | OpsError::Freeze(FreezeError::NoProcess(_))
+            | OpsError::Pagemap(PagemapError::NotMapped { .. })
+            | OpsError::Pagemap(PagemapError::BadRange { .. })
+            | OpsError::Pagemap(PagemapError::NothingToSave(_))
+            | OpsError::Freeze(FreezeError::SelfFreeze(_)) => {
+                ErrorReply::new(ErrorCode::BadRequest, self.to_string())
+            }
+            OpsError::TooManyRuns(_) => ErrorReply::new(ErrorCode::TooLarge, self.to_string()),
+            _ => ErrorReply::new(ErrorCode::Internal, self.to_string()),
+        }
+    }
+}
+
+/// What a save did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SaveOutcome {
+    /// Snapshot name.
+    pub name: String,
+    /// Process.
+    pub pid: u32,
+    /// Its command name.
+    pub comm: String,
+    /// Pages covered.
+    pub pages: u64,
+    /// Pages that were present.
+    pub present_pages: u64,
+    /// Runs sent.
+    pub runs: usize,
+    /// Freeze method used.
+    pub freeze: &'static str,
+    /// Freeze to thaw, microseconds.
+    pub pause_us: u64,
+    /// Pages the VMM says it saved.
+    pub vmm_pages: u64,
+    /// Present pages the VMM says it saved.
+    pub vmm_present_pages: u64,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RestoreOutcome {
+    /// Snapshot name.
+    pub name: String,
+    /// Process.
+    pub pid: u32,
+    /// Target pages.
+    pub pages: u64,
+    /// Runs sent.
+    pub runs: usize,
+    /// Freeze method used.
+    pub freeze: &'static str,
+    /// Freeze to thaw, microseconds.
+    pub pause_us: u64,
+    /// Pages the VMM says it copied.
+    pub vmm_pages: u64,
+}
+
+/// What a copy-out did (the benchmark baseline).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CopyOutcome {
+    /// Bytes copied.
+    pub bytes: u64,
+    /// Freeze to thaw, microseconds.
+    pub pause_us: u64,
+}
+
+/// The command name of `pid`, cut to the protocol's limit.
+pub fn comm_of(pid: u32) -> Result<String, PagemapError> {
+    let path = format!("/proc/{pid}/comm");
+    let s = std::fs::read_to_string(&path).map_err(|e| proc_error(pid, path, e))?;
+    let mut c: String = s
+        .trim_end_matches('\n')
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect();
+    while c.len() > MAX_COMM_LEN {
+        c.pop();
+    }
+    Ok(c)
+}
+
+/// The ranges to work on: `ranges`, or the default selection when empty; checked
+/// against the process's current maps.
+fn select_ranges(pid: u32, ranges: &[VirtRange]) -> Result<Vec<VirtRange>, PagemapError> {
+    let maps = read_maps(pid)?;
+    let chosen = if ranges.is_empty() {
+        default_ranges(&maps)
+    } else {
+        ranges.to_vec()
+    };
+    if chosen.is_empty() {
+        return Err(PagemapError::NothingToSave(pid));
+    }
+    check_ranges(pid, &maps, &chosen)?;
+    Ok(chosen)
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Freeze `pid`, save `ranges` (default selection when empty) under `name`, thaw.
+pub fn save_process(
+    t: &mut dyn Transport,
+    pid: u32,
+    ranges: &[VirtRange],
+    name: &str,
+    method: FreezeMethod,
+) -> Result<SaveOutcome, OpsError> {
+    validate_name(name)?;
+    let comm = comm_of(pid)?;
+    let guard = FreezeGuard::freeze(pid, method)?;
+    let used = guard.method();
+    let chosen = select_ranges(pid, ranges)?;
+    let built = Pagemap::open(pid)?.runs(&chosen)?;
+    let (pages, present_pages) = (built.pages(), built.present_pages());
+    let runs = built.finish();
+    if runs.len() > MAX_RUNS {
+        return Err(OpsError::TooManyRuns(runs.len()));
+    }
+    let nruns = runs.len();
+    let reply = call(
+        t,
+        &Request::Save(SaveRequest {
+            name: name.to_string(),
+            pid,
+            comm: comm.clone(),
+            runs,
+        }),
+    )?;
+    let pause = guard.thaw()?;
+    match reply {
+        Reply::Saved {
+            pages: vmm_pages,
+            present_pages: vmm_present_pages,
+            ..
+        } => Ok(SaveOutcome {
+            name: name.to_string(),
+            pid,
+            comm,
+            pages,
+            present_pages,
+            runs: nruns,
+            freeze: used.name(),
+            pause_us: micros(pause),
+            vmm_pages,
+            vmm_present_pages,
+        }),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn unexpected(r: &Reply) -> OpsError {
+    let mut s = format!("{r:?}");
+    s.truncate(200);
+    OpsError::Client(ClientError::Unexpected(s))
+}
+
+/// Make every page of `ranges` in `pid` resident and private by reading its content
+/// and writing the same bytes back through /proc/PID/mem (a write breaks copy-on-write
+/// and never maps the shared zero page). The process must be frozen.
+pub fn touch_ranges(pid: u32, ranges: &[VirtRange]) -> Result<(), OpsError> {
+    let path = format!("/proc/{pid}/mem");
+    let mem = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| proc_error(pid, path, e))?;
+    let mut buf = vec![0u8; MEM_CHUNK];
+    for r in ranges {
+        let mut at = r.start;
+        while at < r.end {
+            let n = ((r.end - at) as usize).min(MEM_CHUNK);
+            let err = |source| OpsError::Mem {
+                pid,
+                addr: at,
+                source,
+            };
+            mem.read_exact_at(&mut buf[..n], at).map_err(err)?;
+            mem.write_all_at(&buf[..n], at).map_err(err)?;
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Freeze `pid`, make the target pages of `ranges` (default selection when empty)
+/// resident, find their guest-physical pages, ask the VMM to copy snapshot `name` into
+/// them, thaw.
+pub fn restore_process(
+    t: &mut dyn Transport,
+    pid: u32,
+    ranges: &[VirtRange],
+    name: &str,
+    method: FreezeMethod,
+) -> Result<RestoreOutcome, OpsError> {
+    validate_name(name)?;
+    let guard = FreezeGuard::freeze(pid, method)?;
+    let used = guard.method();
+    let chosen = select_ranges(pid, ranges)?;
+    touch_ranges(pid, &chosen)?;
+    let runs = Pagemap::open(pid)?.runs(&chosen)?.finish();
+    if let Some(r) = runs.iter().find(|r| !r.present) {
+        return Err(OpsError::NotResident(r.virt_addr));
+    }
+    if runs.len() > MAX_RUNS {
+        return Err(OpsError::TooManyRuns(runs.len()));
+    }
+    let (pages, nruns) = (total_pages(&runs), runs.len());
+    let reply = call(
+        t,
+        &Request::Restore(RestoreRequest {
+            name: name.to_string(),
+            runs,
+        }),
+    )?;
+    let pause = guard.thaw()?;
+    match reply {
+        Reply::Restored {
+            pages: vmm_pages, ..
+        } => Ok(RestoreOutcome {
+            name: name.to_string(),
+            pid,
+            pages,
+            runs: nruns,
+            freeze: used.name(),
+            pause_us: micros(pause),
+            vmm_pages,
+        }),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// The baseline a copying snapshot would pay: freeze `pid`, read `ranges` (default
+/// selection when empty) from /proc/PID/mem into the file `out`, thaw.
+pub fn copy_out_process(
+    pid: u32,
+    ranges: &[VirtRange],
+    out: &Path,
+    method: FreezeMethod,
+) -> Result<CopyOutcome, OpsError> {
+    let guard = FreezeGuard::freeze(pid, method)?;
+    let chosen = select_ranges(pid, ranges)?;
+    let bytes = copy_ranges(pid, &chosen, out)?;
+    let pause = guard.thaw()?;
+    Ok(CopyOutcome {
+        bytes,
+        pause_us: micros(pause),
+    })
+}
+
+/// Copy `ranges` of `pid`'s memory into the file `out`; returns the bytes copied.
+pub fn copy_ranges(pid: u32, ranges: &[VirtRange], out: &Path) -> Result<u64, OpsError> {
+    let path = format!("/proc/{pid}/mem");
+    let mem = File::open(&path).map_err(|e| proc_error(pid, path, e))?;
+    let out_err = |source| OpsError::Output {
+        path: out.display().to_string(),
+        source,
+    };
+    let mut file = File::create(out).map_err(out_err)?;
+    let mut buf = vec![0u8; MEM_CHUNK];
+    let mut bytes = 0u64;
+    for r in ranges {
+        let mut at = r.start;
+        while at < r.end {
+            let n = ((r.end - at) as usize).min(MEM_CHUNK);
+            mem.read_exact_at(&mut buf[..n], at)
+                .map_err(|source| OpsError::Mem {
+                    pid,
+                    addr: at,
+                    source,
+                })?;
+            file.write_all(&buf[..n]).map_err(out_err)?;
+            at += n as u64;
+            bytes += n as u64;
+        }
+    }
+    Ok(bytes)
+}
+
+/// Answer one VMM request frame received on the agent port: decode, validate, run the
+/// save, and return the reply (never an error: failures become error replies).
+pub fn handle_agent_frame(t: &mut dyn Transport, frame: &[u8], method: FreezeMethod) -> Reply {
+    let req = match AgentRequest::decode(frame).and_then(|r| r.validate().map(|()| r)) {
+        Ok(r) => r,
+        Err(e) => return Reply::Error(ErrorReply::from(&e)),
+    };
+    match req {
+        AgentRequest::SnapshotProcess { name, pid, ranges } => {
+            match save_process(t, pid, &ranges, &name, method) {
+                Ok(o) => {
+                    log::info!(
+                        "saved pid {} as {}: {} pages ({} present) in {} runs, pause {} us",
+                        o.pid,
+                        o.name,
+                        o.pages,
+                        o.present_pages,
+                        o.runs,
+                        o.pause_us
+                    );
+                    Reply::Saved {
+                        name: o.name,
+                        pages: o.vmm_pages,
+                        present_pages: o.vmm_present_pages,
+                    }
+                }
+                Err(e) => {
+                    log::warn!("snapshot of pid {pid} as {name} failed: {e}");
+                    Reply::Error(e.to_reply())
+                }
+            }
+        }
+    }
+}
+
+/// Serve one connection on the agent port: read one request frame, answer it.
+pub fn serve_connection<S: std::io::Read + std::io::Write>(
+    conn: &mut S,
+    t: &mut dyn Transport,
+    method: FreezeMethod,
+) -> Result<(), ProtocolError> {
+    let reply = match read_frame(conn) {
+        Ok(Some(frame)) => handle_agent_frame(t, &frame, method),
+        Ok(None) => return Ok(()),
+        Err(e) => Reply::Error(ErrorReply::from(&e)),
+    };
+    write_frame(conn, &reply.encode()?)
+}
