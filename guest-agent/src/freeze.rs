@@ -156,42 +156,57 @@ impl FreezeGuard {
         self.method
     }
 
-    /// Time since the process was frozen.
-    pub fn elapsed(&self) -> Duration {
-        self.frozen_at.elapsed()
+    /// When the freeze was requested (the pause starts here).
+    pub fn frozen_at(&self) -> Instant {
+        self.frozen_at
     }
 
     /// Thaw now and report errors (drop thaws too but can only log them). Returns the
-    /// time the process was frozen.
+    /// pause: from the freeze request until the process may run again. Moving the
+    /// process back to its cgroup and removing ours happen after that, while it runs.
     pub fn thaw(mut self) -> Result<Duration, FreezeError> {
-        let r = self.do_thaw();
-        let frozen = self.frozen_at.elapsed();
-        r.map(|()| frozen)
+        let r = self.unfreeze();
+        let pause = self.frozen_at.elapsed();
+        let c = self.cleanup();
+        r.and(c).map(|()| pause)
     }
 
-    fn do_thaw(&mut self) -> Result<(), FreezeError> {
-        match std::mem::replace(&mut self.state, State::Done) {
-            State::Cgroup { v2, child, home } => {
-                let (file, value) = if v2 {
+    /// Let the process run again.
+    fn unfreeze(&mut self) -> Result<(), FreezeError> {
+        match &self.state {
+            State::Cgroup { v2, child, .. } => {
+                let (file, value) = if *v2 {
                     ("cgroup.freeze", "0")
                 } else {
                     ("freezer.state", "THAWED")
                 };
-                let first = write_file(&child.join(file), value, "thaw");
-                // Move every task back even when thawing failed: rmdir needs it empty.
+                write_file(&child.join(file), value, "thaw")
+            }
+            State::Stopped => {
+                self.state = State::Done;
+                send(self.pid, libc::SIGCONT, "SIGCONT")
+            }
+            State::AlreadyStopped | State::Done => Ok(()),
+        }
+    }
+
+    /// Undo the cgroup move (after [`Self::unfreeze`]).
+    fn cleanup(&mut self) -> Result<(), FreezeError> {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Cgroup { child, home, .. } => {
+                // Move every process back even when thawing failed: rmdir needs it empty.
                 let back = move_all(&child, &home);
                 let _ = std::fs::remove_dir(&child);
-                first.and(back)
+                back
             }
-            State::Stopped => send(self.pid, libc::SIGCONT, "SIGCONT"),
-            State::AlreadyStopped | State::Done => Ok(()),
+            _ => Ok(()),
         }
     }
 }
 
 impl Drop for FreezeGuard {
     fn drop(&mut self) {
-        if let Err(e) = self.do_thaw() {
+        if let Err(e) = self.unfreeze().and(self.cleanup()) {
             log::error!("thawing pid {}: {e}", self.pid);
         }
     }
@@ -246,14 +261,10 @@ fn write_file(path: &Path, value: &str, what: &'static str) -> Result<(), Freeze
     })
 }
 
-/// Move every task (v1: thread ids from `tasks`) or process (v2: `cgroup.procs`) of
-/// cgroup `from` into `to`.
+/// Move every process of cgroup `from` into `to` (writing a pid to `cgroup.procs`
+/// moves all its threads at once, in v1 and v2).
 fn move_all(from: &Path, to: &Path) -> Result<(), FreezeError> {
-    let list = if from.join("tasks").exists() {
-        "tasks"
-    } else {
-        "cgroup.procs"
-    };
+    let list = "cgroup.procs";
     let text = std::fs::read_to_string(from.join(list)).map_err(|source| FreezeError::Cgroup {
         what: "read",
         path: from.join(list),
@@ -288,9 +299,8 @@ fn freeze_cgroup(pid: u32, root: &Path, v2: bool) -> Result<FreezeGuard, FreezeE
             })
         }
     }
-    let frozen_at = Instant::now();
-    // From here on the guard cleans up (moves tasks back, removes the child).
-    let guard = FreezeGuard {
+    // From here on the guard cleans up (moves the process back, removes the child).
+    let mut guard = FreezeGuard {
         pid,
         method: if v2 {
             UsedMethod::CgroupV2
@@ -302,11 +312,13 @@ fn freeze_cgroup(pid: u32, root: &Path, v2: bool) -> Result<FreezeGuard, FreezeE
             child: child.clone(),
             home,
         },
-        frozen_at,
+        frozen_at: Instant::now(),
     };
+    // cgroup.procs moves all threads of the process at once, so a thread created
+    // meanwhile cannot stay behind unfrozen.
+    write_file(&child.join("cgroup.procs"), &pid.to_string(), "move")?;
+    guard.frozen_at = Instant::now();
     if v2 {
-        // cgroup.procs moves all threads of the process at once.
-        write_file(&child.join("cgroup.procs"), &pid.to_string(), "move")?;
         write_file(&child.join("cgroup.freeze"), "1", "freeze")?;
         wait_until(pid, || {
             Ok(std::fs::read_to_string(child.join("cgroup.events"))
@@ -314,19 +326,6 @@ fn freeze_cgroup(pid: u32, root: &Path, v2: bool) -> Result<FreezeGuard, FreezeE
                 .unwrap_or(false))
         })?;
     } else {
-        // v1: move each thread (cgroup.procs would too, but `tasks` exists everywhere).
-        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map_err(|_| FreezeError::NoProcess(pid))?;
-        for t in tasks.flatten() {
-            let tid = t.file_name().to_string_lossy().into_owned();
-            if let Err(e) = write_file(&child.join("tasks"), &tid, "move") {
-                if matches!(&e, FreezeError::Cgroup { source, .. } if source.raw_os_error() == Some(libc::ESRCH))
-                {
-                    continue;
-                }
-                return Err(e);
-            }
-        }
         write_file(&child.join("freezer.state"), "FROZEN", "freeze")?;
         wait_until(pid, || {
             Ok(std::fs::read_to_string(child.join("freezer.state"))

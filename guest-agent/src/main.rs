@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use guest_agent::client::{call, ClientError, Endpoint, SocketTransport, VsockListener};
 use guest_agent::freeze::FreezeMethod;
-use guest_agent::ops::{copy_out_process, restore_process, save_process, serve_connection};
+use guest_agent::ops::{copy_out_process, restore_process, save_process, serve_connection, Phases};
 use guest_agent::protocol::{
     validate_name, Reply, Request, SnapshotInfo, VirtRange, AGENT_PORT, PAGE_SIZE,
 };
@@ -257,9 +257,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 return print_json(&o);
             }
             println!(
-                "saved {} from pid {} ({}): {} pages ({:.1} MiB, {} present) in {} runs, pause {:.3} ms ({}); vmm: {} pages, {} present",
+                "saved {} from pid {} ({}): {} pages ({:.1} MiB, {} present) in {} runs, pause {:.3} ms ({}: {}); vmm: {} pages, {} present",
                 o.name, o.pid, o.comm, o.pages, pages_mib(o.pages), o.present_pages, o.runs,
-                o.pause_us as f64 / 1000.0, o.freeze, o.vmm_pages, o.vmm_present_pages
+                o.pause_us as f64 / 1000.0, o.freeze, phases(&o.phases), o.vmm_pages, o.vmm_present_pages
             );
         }
         Command::Restore {
@@ -276,9 +276,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 return print_json(&o);
             }
             println!(
-                "restored {} into pid {}: {} pages ({:.1} MiB) in {} runs, pause {:.3} ms ({}); vmm: {} pages",
+                "restored {} into pid {}: {} pages ({:.1} MiB) in {} runs, pause {:.3} ms ({}: {}); vmm: {} pages",
                 o.name, o.pid, o.pages, pages_mib(o.pages), o.runs,
-                o.pause_us as f64 / 1000.0, o.freeze, o.vmm_pages
+                o.pause_us as f64 / 1000.0, o.freeze, phases(&o.phases), o.vmm_pages
             );
         }
         Command::List { json } => {
@@ -341,6 +341,20 @@ fn run(cli: Cli) -> Result<(), String> {
         } => return serve(t, port, listen_unix, &log, freeze.into()),
     }
     Ok(())
+}
+
+fn phases(p: &Phases) -> String {
+    let ms = |us: u64| us as f64 / 1000.0;
+    let mut s = format!("freeze {:.3}", ms(p.freeze_us));
+    if p.touch_us > 0 {
+        s += &format!(" touch {:.3}", ms(p.touch_us));
+    }
+    s + &format!(
+        " map {:.3} vmm {:.3} thaw {:.3} ms",
+        ms(p.map_us),
+        ms(p.vmm_us),
+        ms(p.thaw_us)
+    )
 }
 
 fn info_json(s: &SnapshotInfo) -> serde_json::Value {

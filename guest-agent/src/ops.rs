@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::client::{call, ClientError, Transport};
 use crate::freeze::{FreezeError, FreezeGuard, FreezeMethod};
@@ -102,6 +102,8 @@ pub struct SaveOutcome {
     pub freeze: &'static str,
     /// Freeze to thaw, microseconds.
     pub pause_us: u64,
+    /// Where the pause went.
+    pub phases: Phases,
     /// Pages the VMM says it saved.
     pub vmm_pages: u64,
     /// Present pages the VMM says it saved.
@@ -123,8 +125,37 @@ pub struct RestoreOutcome {
     pub freeze: &'static str,
     /// Freeze to thaw, microseconds.
     pub pause_us: u64,
+    /// Where the pause went.
+    pub phases: Phases,
     /// Pages the VMM says it copied.
     pub vmm_pages: u64,
+}
+
+/// Where the pause of an operation went, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Phases {
+    /// Until the process was frozen.
+    pub freeze_us: u64,
+    /// Making restore targets resident (zero for save).
+    pub touch_us: u64,
+    /// Reading maps and pagemap, building runs.
+    pub map_us: u64,
+    /// The VMM's round trip.
+    pub vmm_us: u64,
+    /// Thawing.
+    pub thaw_us: u64,
+}
+
+/// A stopwatch that hands out the time since its last lap.
+struct Laps(Instant);
+
+impl Laps {
+    fn lap(&mut self) -> u64 {
+        let now = Instant::now();
+        let d = micros(now - self.0);
+        self.0 = now;
+        d
+    }
 }
 
 /// What a copy-out did (the benchmark baseline).
@@ -182,6 +213,11 @@ pub fn save_process(
     validate_name(name)?;
     let comm = comm_of(pid)?;
     let guard = FreezeGuard::freeze(pid, method)?;
+    let mut laps = Laps(guard.frozen_at());
+    let mut phases = Phases {
+        freeze_us: laps.lap(),
+        ..Phases::default()
+    };
     let used = guard.method();
     let chosen = select_ranges(pid, ranges)?;
     let built = Pagemap::open(pid)?.runs(&chosen)?;
@@ -191,6 +227,7 @@ pub fn save_process(
         return Err(OpsError::TooManyRuns(runs.len()));
     }
     let nruns = runs.len();
+    phases.map_us = laps.lap();
     let reply = call(
         t,
         &Request::Save(SaveRequest {
@@ -200,7 +237,10 @@ pub fn save_process(
             runs,
         }),
     )?;
+    phases.vmm_us = laps.lap();
     let pause = guard.thaw()?;
+    phases.thaw_us = micros(pause)
+        .saturating_sub(phases.freeze_us + phases.touch_us + phases.map_us + phases.vmm_us);
     match reply {
         Reply::Saved {
             pages: vmm_pages,
@@ -215,6 +255,7 @@ pub fn save_process(
             runs: nruns,
             freeze: used.name(),
             pause_us: micros(pause),
+            phases,
             vmm_pages,
             vmm_present_pages,
         }),
@@ -268,9 +309,15 @@ pub fn restore_process(
 ) -> Result<RestoreOutcome, OpsError> {
     validate_name(name)?;
     let guard = FreezeGuard::freeze(pid, method)?;
+    let mut laps = Laps(guard.frozen_at());
+    let mut phases = Phases {
+        freeze_us: laps.lap(),
+        ..Phases::default()
+    };
     let used = guard.method();
     let chosen = select_ranges(pid, ranges)?;
     touch_ranges(pid, &chosen)?;
+    phases.touch_us = laps.lap();
     let runs = Pagemap::open(pid)?.runs(&chosen)?.finish();
     if let Some(r) = runs.iter().find(|r| !r.present) {
         return Err(OpsError::NotResident(r.virt_addr));
@@ -279,6 +326,7 @@ pub fn restore_process(
         return Err(OpsError::TooManyRuns(runs.len()));
     }
     let (pages, nruns) = (total_pages(&runs), runs.len());
+    phases.map_us = laps.lap();
     let reply = call(
         t,
         &Request::Restore(RestoreRequest {
@@ -286,7 +334,10 @@ pub fn restore_process(
             runs,
         }),
     )?;
+    phases.vmm_us = laps.lap();
     let pause = guard.thaw()?;
+    phases.thaw_us = micros(pause)
+        .saturating_sub(phases.freeze_us + phases.touch_us + phases.map_us + phases.vmm_us);
     match reply {
         Reply::Restored {
             pages: vmm_pages, ..
@@ -297,6 +348,7 @@ pub fn restore_process(
             runs: nruns,
             freeze: used.name(),
             pause_us: micros(pause),
+            phases,
             vmm_pages,
         }),
         other => Err(unexpected(&other)),

@@ -488,3 +488,24 @@ fn memtest_bench_reports_both_pauses() {
     // Bench snapshots are deleted again.
     assert!(fake.state().snaps.is_empty());
 }
+
+/// Host numbers for docs/agent.md (not the guest measurement): run with
+/// `cargo test -p guest-agent --test agent_cli host_bench -- --ignored --nocapture`.
+/// The fake service reads every page through /proc/PID/mem, so its round trip is not
+/// what the VMM costs; the freeze and thaw phases are real.
+#[test]
+#[ignore]
+fn host_bench() {
+    need_root!();
+    let fake = FakeVmm::start();
+    for freeze in ["sigstop", "cgroup-v1", "cgroup-v2"] {
+        let o = run(
+            MEMTEST,
+            &fake,
+            &[
+                "bench", "--sizes", "16,64", "--dir", "/dev/shm", "--freeze", freeze,
+            ],
+        );
+        assert!(o.status.success());
+    }
+}

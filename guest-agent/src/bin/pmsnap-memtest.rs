@@ -93,7 +93,20 @@ enum Mode {
         /// Print one JSON line per size.
         #[arg(long)]
         json: bool,
+        /// Freeze method: auto, cgroup-v1, cgroup-v2 or sigstop.
+        #[arg(long, default_value = "auto", value_parser = parse_freeze)]
+        freeze: FreezeMethod,
     },
+}
+
+fn parse_freeze(s: &str) -> Result<FreezeMethod, String> {
+    Ok(match s {
+        "auto" => FreezeMethod::Auto,
+        "cgroup-v1" => FreezeMethod::CgroupV1,
+        "cgroup-v2" => FreezeMethod::CgroupV2,
+        "sigstop" => FreezeMethod::Signal,
+        _ => return Err(format!("unknown freeze method {s:?}")),
+    })
 }
 
 fn parse_hex(s: &str) -> Result<u64, String> {
@@ -238,7 +251,12 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             println!("memtest: ok verify pid {pid} {mib} MiB seed {seed}");
         }
-        Mode::Bench { sizes, dir, json } => bench(t, &sizes, &dir, json)?,
+        Mode::Bench {
+            sizes,
+            dir,
+            json,
+            freeze,
+        } => bench(t, &sizes, &dir, json, freeze)?,
     }
     Ok(())
 }
@@ -299,6 +317,7 @@ fn bench(
     sizes: &[usize],
     dir: &std::path::Path,
     json: bool,
+    freeze: FreezeMethod,
 ) -> Result<(), String> {
     let mut tr = transport(t)?;
     for &mib in sizes {
@@ -306,11 +325,11 @@ fn bench(
         let h = spawn_holder(mib, mib as u64)?;
         let fill_ms = ms(started.elapsed());
         let name = format!("memtest-bench-{}-{mib}", std::process::id());
-        let s = save_process(&mut tr, h.pid, &[h.range], &name, FreezeMethod::Auto)
+        let s = save_process(&mut tr, h.pid, &[h.range], &name, freeze)
             .map_err(|e| format!("bench save {mib} MiB: {e}"))?;
         let _ = call(&mut tr, &Request::Delete { name });
         let out = dir.join(format!("pmsnap-memtest-copy-{}", std::process::id()));
-        let c = copy_out_process(h.pid, &[h.range], &out, FreezeMethod::Auto);
+        let c = copy_out_process(h.pid, &[h.range], &out, freeze);
         let _ = std::fs::remove_file(&out);
         let c = c.map_err(|e| format!("bench copy {mib} MiB: {e}"))?;
         let ratio = c.pause_us as f64 / s.pause_us.max(1) as f64;
@@ -321,14 +340,19 @@ fn bench(
                     "mib": mib, "save_pause_us": s.pause_us, "save_runs": s.runs,
                     "copy_pause_us": c.pause_us, "copy_bytes": c.bytes,
                     "copy_over_save": ratio, "freeze": s.freeze, "fill_ms": fill_ms,
+                    "save_phases": s.phases,
                 })
             );
         } else {
             println!(
-                "bench: {mib} MiB resident: save pause {:.3} ms ({} runs, {}), copy-out pause {:.3} ms, copy/save {:.1}x",
+                "bench: {mib} MiB resident: save pause {:.3} ms ({} runs, {}: freeze {:.3} map {:.3} vmm {:.3} thaw {:.3}), copy-out pause {:.3} ms, copy/save {:.1}x",
                 s.pause_us as f64 / 1000.0,
                 s.runs,
                 s.freeze,
+                s.phases.freeze_us as f64 / 1000.0,
+                s.phases.map_us as f64 / 1000.0,
+                s.phases.vmm_us as f64 / 1000.0,
+                s.phases.thaw_us as f64 / 1000.0,
                 c.pause_us as f64 / 1000.0,
                 ratio
             );
