@@ -2,7 +2,7 @@
 //! frame out, one reply frame back.
 //!
 //! The real transport is `AF_VSOCK` to the host (CID 2) on
-//! [`SNAPSHOT_PORT`](crate::protocol::SNAPSHOT_PORT). Tests plug in a Unix socket
+//! [`SNAPSHOT_SERVICE_PORT`](crate::protocol::SNAPSHOT_SERVICE_PORT). Tests plug in a Unix socket
 //! (`unix:PATH`) or any [`Transport`] implementation, the way Firecracker's vsock tests
 //! plug in a test backend. The endpoint can be overridden with the `PMSNAP_TRANSPORT`
 //! environment variable (test-only; see docs/agent.md).
@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::protocol::{
-    read_frame, write_frame, ErrorReply, ProtocolError, Reply, Request, SNAPSHOT_PORT,
+    read_frame, write_frame, ErrorReply, ProtocolError, Reply, Request, SNAPSHOT_SERVICE_PORT,
 };
 
 /// The host's vsock context id.
@@ -83,7 +83,7 @@ impl Endpoint {
     pub fn snapshot_service() -> Self {
         Endpoint::Vsock {
             cid: HOST_CID,
-            port: SNAPSHOT_PORT,
+            port: SNAPSHOT_SERVICE_PORT,
         }
     }
 
@@ -377,7 +377,7 @@ mod tests {
     #[test]
     fn endpoints_parse() {
         assert_eq!(
-            "vsock:2:5252".parse::<Endpoint>().expect("vsock"),
+            "vsock:2:1024".parse::<Endpoint>().expect("vsock"),
             Endpoint::snapshot_service()
         );
         assert_eq!(
@@ -458,7 +458,7 @@ mod tests {
         // (or vsock is missing altogether): either way a clear error, never a hang.
         let mut t = SocketTransport::new(Endpoint::Vsock {
             cid: HOST_CID,
-            port: SNAPSHOT_PORT,
+            port: SNAPSHOT_SERVICE_PORT,
         });
         let e = call(&mut t, &Request::List).expect_err("no service");
         assert!(matches!(e, ClientError::Unavailable { .. }), "{e}");

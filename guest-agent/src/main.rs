@@ -48,7 +48,7 @@ impl From<Freeze> for FreezeMethod {
 )]
 struct Cli {
     /// Test only: talk to a fake snapshot service (`unix:PATH` or `vsock:CID:PORT`)
-    /// instead of the VMM (default vsock CID 2, port 5252; env PMSNAP_TRANSPORT).
+    /// instead of the VMM (default vsock CID 2, port 1024; env PMSNAP_TRANSPORT).
     #[arg(long, global = true, hide = true)]
     transport: Option<String>,
     #[command(subcommand)]

@@ -24,6 +24,11 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+/// vsock port (on the host, CID 2) where the VMM serves this protocol.
+pub const SNAPSHOT_SERVICE_PORT: u32 = 1024;
+/// vsock port where the guest agent listens for requests from the host.
+pub const AGENT_PORT: u32 = 1025;
+
 /// Frame magic, first four bytes of every frame.
 pub const MAGIC: u32 = 0x504d_534e;
 /// The only protocol version this build speaks.
@@ -44,12 +49,6 @@ pub const MAX_MESSAGE_LEN: usize = 1024;
 pub const MAX_LIST_ENTRIES: usize = 4096;
 /// Guest page size the runs are counted in.
 pub const PAGE_SIZE: u64 = 4096;
-/// Vsock port of the VMM's snapshot service (host side, CID 2): the agent and the guest
-/// library send [`Request`]s here and read one [`Reply`] per request.
-pub const SNAPSHOT_PORT: u32 = 5252;
-/// Vsock port the guest agent (`pmsnap-agent serve`) listens on: the VMM sends an
-/// [`AgentRequest`] here and reads one [`Reply`] (`Saved` or `Error`).
-pub const AGENT_PORT: u32 = 5253;
 /// Most virtual ranges in one [`AgentRequest::SnapshotProcess`].
 pub const MAX_RANGES: usize = 1024;
 

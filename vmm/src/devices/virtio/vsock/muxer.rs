@@ -228,7 +228,7 @@ impl VsockMuxer {
         } else {
             let mut path = self.uds_path.clone().into_os_string();
             path.push(format!("_{port}"));
-            match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+            match connect_nonblocking(&path) {
                 Ok(stream) => Endpoint::Host {
                     stream,
                     readable: false,
@@ -462,6 +462,53 @@ impl Drop for VsockMuxer {
     }
 }
 
+/// Connect to a Unix stream socket without blocking: a host program whose listen
+/// backlog is full (not accepting) must not stall the event loop, so that case fails
+/// with `EAGAIN` and the guest gets RST.
+fn connect_nonblocking(path: &std::ffi::OsStr) -> std::io::Result<UnixStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    let bytes = path.as_bytes();
+    // SAFETY: sockaddr_un is plain old data, for which all-zero bytes are a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(std::io::Error::from(ErrorKind::InvalidInput));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, &s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: socket() has no memory-safety preconditions; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a socket we just created and own exclusively; OwnedFd closes it on
+    // every path from here.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    // SAFETY: addr is an initialised sockaddr_un, len is within its size (checked
+    // above), and the kernel only reads it during the call.
+    let r = unsafe {
+        libc::connect(
+            owned.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(),
+            len as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(owned))
+}
+
 /// Parse `CONNECT <port>` (without the newline).
 fn parse_connect(line: &[u8]) -> Option<u32> {
     let s = std::str::from_utf8(line).ok()?;
@@ -484,6 +531,35 @@ impl VsockService for EchoService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nonblocking_connect() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("s");
+        assert!(
+            connect_nonblocking(p.as_os_str()).is_err(),
+            "nothing listening"
+        );
+        let l = UnixListener::bind(&p).expect("bind");
+        let mut c = connect_nonblocking(p.as_os_str()).expect("connect");
+        let (mut a, _) = l.accept().expect("accept");
+        std::io::Write::write_all(&mut c, b"hi").expect("write");
+        let mut b = [0u8; 2];
+        a.read_exact(&mut b).expect("read");
+        assert_eq!(&b, b"hi");
+        // Never accepting: once the backlog is full, connecting fails instead of blocking.
+        let mut held = Vec::new();
+        let refused = (0..10_000).any(|_| match connect_nonblocking(p.as_os_str()) {
+            Ok(s) => {
+                held.push(s);
+                false
+            }
+            Err(_) => true,
+        });
+        assert!(refused, "a full backlog must refuse, not block");
+        let long = "x".repeat(200);
+        assert!(connect_nonblocking(std::ffi::OsStr::new(&long)).is_err());
+    }
 
     #[test]
     fn connect_line() {
