@@ -277,8 +277,8 @@ const TOUCH_BATCH: usize = 1024;
 /// Make every page of `ranges` in `pid` resident and private without changing its
 /// content: read one byte of each page and write the same byte back (a write fault
 /// breaks copy-on-write and never leaves the shared zero page mapped). Only one byte
-/// per page moves, because copying whole pages is slow in the guest kernel (about
-/// 0.5 ms per 4 KiB under emulation, MACHINE_FACTS.md), and 1024 pages go in one
+/// per page moves, because guest kernel code is emulated on the development hosts
+/// and whole-page copies there are slow (MACHINE_FACTS.md), and 1024 pages go in one
 /// `process_vm_readv`/`process_vm_writev`. Pages the write cannot reach that way (a
 /// read-only mapping) are written through /proc/PID/mem, which may force the write.
 /// The process must be frozen, or the byte could change between read and write.

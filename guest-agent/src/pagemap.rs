@@ -586,6 +586,51 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
         ));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn maps_parser_never_panics(text in "\\PC{0,200}") {
+            let _ = parse_maps(&text);
+        }
+
+        /// Runs reproduce the pages exactly, in order, and are maximal (no two adjacent
+        /// runs could have been one).
+        #[test]
+        fn runs_are_exact_and_maximal(
+            pages in proptest::collection::vec(proptest::option::of(1u64..64), 1..300),
+            base in 0u64..1000,
+        ) {
+            let mut b = RunBuilder::new();
+            let va0 = base * PAGE_SIZE;
+            for (i, p) in pages.iter().enumerate() {
+                b.push_page(va0 + i as u64 * PAGE_SIZE, *p);
+            }
+            proptest::prop_assert_eq!(b.pages(), pages.len() as u64);
+            proptest::prop_assert_eq!(
+                b.present_pages(),
+                pages.iter().filter(|p| p.is_some()).count() as u64
+            );
+            let runs = b.finish();
+            let mut expanded = Vec::new();
+            for r in &runs {
+                proptest::prop_assert!(r.count >= 1);
+                for k in 0..r.count {
+                    proptest::prop_assert_eq!(
+                        r.virt_addr + k * PAGE_SIZE,
+                        va0 + expanded.len() as u64 * PAGE_SIZE
+                    );
+                    expanded.push(r.present.then_some(r.guest_phys_first_page + k));
+                }
+            }
+            proptest::prop_assert_eq!(&expanded, &pages);
+            for w in runs.windows(2) {
+                let (a, c) = (w[0], w[1]);
+                let mergeable = a.present == c.present
+                    && (!a.present || a.guest_phys_first_page + a.count == c.guest_phys_first_page);
+                proptest::prop_assert!(!mergeable, "runs {:?} and {:?} should be one", a, c);
+            }
+        }
+    }
+
     #[test]
     fn missing_process() {
         // Pid numbers above pid_max do not exist.
