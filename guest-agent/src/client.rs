@@ -358,6 +358,40 @@ impl Transport for SocketTransport {
     }
 }
 
+/// A transport that sends nothing: it checks the request the way the VMM would
+/// (except against the guest RAM size, which only the VMM knows) and answers as if the
+/// VMM had accepted it. `save --dry-run` and `pmsnap-memtest bench --dry-run` use it to
+/// measure the agent's own share of a pause without a VMM.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DryRun;
+
+impl Transport for DryRun {
+    fn round_trip(&mut self, frame: &[u8]) -> Result<Vec<u8>, ClientError> {
+        let req = Request::decode(frame)?;
+        if let Err(e) = req.validate(u64::MAX) {
+            return Ok(Reply::Error(ErrorReply::from(&e)).encode()?);
+        }
+        let reply = match req {
+            Request::Save(s) => Reply::Saved {
+                pages: crate::protocol::total_pages(&s.runs),
+                present_pages: s
+                    .runs
+                    .iter()
+                    .filter(|r| r.present)
+                    .fold(0, |a, r| a + r.count),
+                name: s.name,
+            },
+            Request::Restore(r) => Reply::Restored {
+                pages: crate::protocol::total_pages(&r.runs),
+                name: r.name,
+            },
+            Request::List => Reply::List(Vec::new()),
+            Request::Delete { name } => Reply::Deleted { name },
+        };
+        Ok(reply.encode()?)
+    }
+}
+
 /// Send `req` and return the reply; an error reply becomes [`ClientError::Refused`].
 pub fn call(t: &mut dyn Transport, req: &Request) -> Result<Reply, ClientError> {
     let frame = req.encode()?;
@@ -373,6 +407,41 @@ mod tests {
     use super::*;
     use crate::protocol::{ErrorCode, FrameBuffer};
     use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn dry_run_answers_like_an_accepting_vmm() {
+        use crate::protocol::{Run, SaveRequest};
+        let run = |present, count| Run {
+            guest_phys_first_page: 5,
+            count,
+            virt_addr: 0x1000,
+            present,
+        };
+        let save = Request::Save(SaveRequest {
+            name: "d".into(),
+            pid: 1,
+            comm: "x".into(),
+            runs: vec![run(true, 3), run(false, 2)],
+        });
+        assert_eq!(
+            call(&mut DryRun, &save).expect("save"),
+            Reply::Saved {
+                name: "d".into(),
+                pages: 5,
+                present_pages: 3
+            }
+        );
+        let bad = Request::Save(SaveRequest {
+            name: "d".into(),
+            pid: 1,
+            comm: "x".into(),
+            runs: vec![],
+        });
+        assert!(matches!(
+            call(&mut DryRun, &bad),
+            Err(ClientError::Refused(_))
+        ));
+    }
 
     #[test]
     fn endpoints_parse() {

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use guest_agent::client::{call, ClientError, Endpoint, SocketTransport, VsockListener};
+use guest_agent::client::{call, ClientError, DryRun, Endpoint, SocketTransport, VsockListener};
 use guest_agent::freeze::FreezeMethod;
 use guest_agent::ops::{copy_out_process, restore_process, save_process, serve_connection, Phases};
 use guest_agent::protocol::{
@@ -72,6 +72,10 @@ enum Command {
         /// How to freeze the process.
         #[arg(long, value_enum, default_value = "auto")]
         freeze: Freeze,
+        /// Do everything but contact the VMM (freeze, read the page map, build and
+        /// check the request, thaw) and report it: the agent's own share of the pause.
+        #[arg(long)]
+        dry_run: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -248,18 +252,39 @@ fn run(cli: Cli) -> Result<(), String> {
             ranges,
             name,
             freeze,
+            dry_run,
             json,
         } => {
-            let mut tr = transport(t).map_err(|e| e.to_string())?;
-            let o = save_process(&mut tr, pid, &ranges, &name, freeze.into())
-                .map_err(|e| e.to_string())?;
+            let o = if dry_run {
+                save_process(&mut DryRun, pid, &ranges, &name, freeze.into())
+            } else {
+                let mut tr = transport(t).map_err(|e| e.to_string())?;
+                save_process(&mut tr, pid, &ranges, &name, freeze.into())
+            }
+            .map_err(|e| e.to_string())?;
             if json {
                 return print_json(&o);
             }
+            let verb = if dry_run {
+                "dry run: would save"
+            } else {
+                "saved"
+            };
             println!(
-                "saved {} from pid {} ({}): {} pages ({:.1} MiB, {} present) in {} runs, pause {:.3} ms ({}: {}); vmm: {} pages, {} present",
-                o.name, o.pid, o.comm, o.pages, pages_mib(o.pages), o.present_pages, o.runs,
-                o.pause_us as f64 / 1000.0, o.freeze, phases(&o.phases), o.vmm_pages, o.vmm_present_pages
+                "{verb} {} from pid {} ({}): {} pages ({:.1} MiB, {} present) in {} runs, \
+                 pause {:.3} ms ({}: {}); vmm: {} pages, {} present",
+                o.name,
+                o.pid,
+                o.comm,
+                o.pages,
+                pages_mib(o.pages),
+                o.present_pages,
+                o.runs,
+                o.pause_us as f64 / 1000.0,
+                o.freeze,
+                phases(&o.phases),
+                o.vmm_pages,
+                o.vmm_present_pages
             );
         }
         Command::Restore {
@@ -276,9 +301,17 @@ fn run(cli: Cli) -> Result<(), String> {
                 return print_json(&o);
             }
             println!(
-                "restored {} into pid {}: {} pages ({:.1} MiB) in {} runs, pause {:.3} ms ({}: {}); vmm: {} pages",
-                o.name, o.pid, o.pages, pages_mib(o.pages), o.runs,
-                o.pause_us as f64 / 1000.0, o.freeze, phases(&o.phases), o.vmm_pages
+                "restored {} into pid {}: {} pages ({:.1} MiB) in {} runs, \
+                 pause {:.3} ms ({}: {}); vmm: {} pages",
+                o.name,
+                o.pid,
+                o.pages,
+                pages_mib(o.pages),
+                o.runs,
+                o.pause_us as f64 / 1000.0,
+                o.freeze,
+                phases(&o.phases),
+                o.vmm_pages
             );
         }
         Command::List { json } => {

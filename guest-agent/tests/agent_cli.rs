@@ -509,3 +509,54 @@ fn host_bench() {
         assert!(o.status.success());
     }
 }
+
+#[test]
+fn dry_runs_need_no_vmm() {
+    need_root!();
+    let fake = FakeVmm::start();
+    let h = Hold::start(2, 4);
+    let o = run(
+        AGENT,
+        &fake,
+        &[
+            "save",
+            "--dry-run",
+            "--pid",
+            &h.pid.to_string(),
+            "--range",
+            &h.range_arg(),
+            "--name",
+            "d",
+            "--freeze",
+            "sigstop",
+        ],
+    );
+    assert!(o.status.success());
+    assert!(
+        stdout(&o).starts_with("dry run: would save d from pid"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("512 pages"));
+    assert!(
+        fake.state().seen.is_empty(),
+        "the service was not contacted"
+    );
+    assert!(!guest_agent::freeze::is_stopped(h.pid));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = Command::new(MEMTEST)
+        .args([
+            "--transport",
+            "unix:/nonexistent",
+            "bench",
+            "--dry-run",
+            "--sizes",
+            "2",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .expect("bench");
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert!(stdout(&o).starts_with("bench: 2 MiB resident: save pause"));
+}

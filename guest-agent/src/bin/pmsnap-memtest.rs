@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use guest_agent::app::{self, PageBuffer};
-use guest_agent::client::{call, SocketTransport};
+use guest_agent::client::{call, DryRun, SocketTransport, Transport};
 use guest_agent::freeze::FreezeMethod;
 use guest_agent::ops::{copy_out_process, save_process};
 use guest_agent::protocol::{Request, VirtRange};
@@ -96,6 +96,10 @@ enum Mode {
         /// Freeze method: auto, cgroup-v1, cgroup-v2 or sigstop.
         #[arg(long, default_value = "auto", value_parser = parse_freeze)]
         freeze: FreezeMethod,
+        /// Save without a VMM (the agent's own share of the pause; see
+        /// `pmsnap-agent save --dry-run`).
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -256,7 +260,15 @@ fn run(cli: Cli) -> Result<(), String> {
             dir,
             json,
             freeze,
-        } => bench(t, &sizes, &dir, json, freeze)?,
+            dry_run,
+        } => {
+            let mut tr: Box<dyn Transport> = if dry_run {
+                Box::new(DryRun)
+            } else {
+                Box::new(transport(t)?)
+            };
+            bench(tr.as_mut(), &sizes, &dir, json, freeze)?
+        }
     }
     Ok(())
 }
@@ -313,21 +325,20 @@ fn spawn_holder(mib: usize, seed: u64) -> Result<Holder, String> {
 }
 
 fn bench(
-    t: Option<&str>,
+    tr: &mut dyn Transport,
     sizes: &[usize],
     dir: &std::path::Path,
     json: bool,
     freeze: FreezeMethod,
 ) -> Result<(), String> {
-    let mut tr = transport(t)?;
     for &mib in sizes {
         let started = Instant::now();
         let h = spawn_holder(mib, mib as u64)?;
         let fill_ms = ms(started.elapsed());
         let name = format!("memtest-bench-{}-{mib}", std::process::id());
-        let s = save_process(&mut tr, h.pid, &[h.range], &name, freeze)
+        let s = save_process(tr, h.pid, &[h.range], &name, freeze)
             .map_err(|e| format!("bench save {mib} MiB: {e}"))?;
-        let _ = call(&mut tr, &Request::Delete { name });
+        let _ = call(tr, &Request::Delete { name });
         let out = dir.join(format!("pmsnap-memtest-copy-{}", std::process::id()));
         let c = copy_out_process(h.pid, &[h.range], &out, freeze);
         let _ = std::fs::remove_file(&out);
