@@ -213,6 +213,9 @@ pub fn save_process(
 ) -> Result<SaveOutcome, OpsError> {
     validate_name(name)?;
     let comm = comm_of(pid)?;
+    // Check first, so a bad range or a kernel thread costs the process no pause; check
+    // again once frozen, since the layout may have changed in between.
+    select_ranges(pid, ranges)?;
     let guard = FreezeGuard::freeze(pid, method)?;
     let mut laps = Laps(guard.frozen_at());
     let mut phases = Phases {
@@ -392,6 +395,7 @@ pub fn restore_process(
     method: FreezeMethod,
 ) -> Result<RestoreOutcome, OpsError> {
     validate_name(name)?;
+    select_ranges(pid, ranges)?;
     let guard = FreezeGuard::freeze(pid, method)?;
     let mut laps = Laps(guard.frozen_at());
     let mut phases = Phases {
@@ -447,6 +451,7 @@ pub fn copy_out_process(
     out: &Path,
     method: FreezeMethod,
 ) -> Result<CopyOutcome, OpsError> {
+    select_ranges(pid, ranges)?;
     let guard = FreezeGuard::freeze(pid, method)?;
     let chosen = select_ranges(pid, ranges)?;
     let bytes = copy_ranges(pid, &chosen, out)?;
