@@ -313,12 +313,10 @@ pub fn connect(endpoint: &Endpoint) -> Result<Stream, ClientError> {
     };
     match endpoint {
         Endpoint::Vsock { cid, port } => {
-            let hint = if std::path::Path::new("/dev/vsock").exists() {
-                " (is the VMM's snapshot service running?)"
-            } else {
-                " (no /dev/vsock: kernel without virtio-vsock?)"
-            };
-            let s = VsockStream::connect(*cid, *port).map_err(|e| unavailable(e, hint))?;
+            let s = VsockStream::connect(*cid, *port).map_err(|e| {
+                let hint = vsock_hint(&e);
+                unavailable(e, hint)
+            })?;
             s.set_read_timeout(REPLY_TIMEOUT)
                 .map_err(|e| unavailable(e, ""))?;
             Ok(Stream::Vsock(s))
@@ -329,6 +327,21 @@ pub fn connect(endpoint: &Endpoint) -> Result<Stream, ClientError> {
                 .map_err(|e| unavailable(e, ""))?;
             Ok(Stream::Unix(s))
         }
+    }
+}
+
+/// What a failed vsock connect most likely means, for the error message.
+fn vsock_hint(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EAFNOSUPPORT) => " (this kernel has no vsock support)",
+        Some(libc::ENODEV) | Some(libc::EADDRNOTAVAIL) => {
+            " (no virtio-vsock device: start the VM with a vsock device)"
+        }
+        Some(libc::ECONNREFUSED) | Some(libc::ECONNRESET) => {
+            " (nothing listens there: is the VMM's snapshot service running?)"
+        }
+        Some(libc::ETIMEDOUT) => " (the host did not answer)",
+        _ => "",
     }
 }
 
