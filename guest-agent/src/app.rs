@@ -286,6 +286,22 @@ impl PageBuffer {
             len,
         })
     }
+
+    /// Like [`PageBuffer::new`], but every page is made resident and private up front
+    /// with one `MADV_POPULATE_WRITE` call (Linux 5.14+; falls back to touching each
+    /// page). In the guest this is much cheaper than one page fault per first write,
+    /// because every fault is an emulated kernel entry and exit on the development hosts.
+    pub fn populated(len: usize) -> Result<Self, AppError> {
+        let mut b = Self::new(len)?;
+        // SAFETY: populating our own fresh mapping; the content stays zero.
+        let r = unsafe { libc::madvise(b.ptr.cast(), b.len, libc::MADV_POPULATE_WRITE) };
+        if r != 0 {
+            for i in (0..b.len).step_by(PAGE_SIZE as usize) {
+                b[i] = 0;
+            }
+        }
+        Ok(b)
+    }
 }
 
 impl Deref for PageBuffer {
@@ -396,6 +412,35 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn populated_buffers_are_resident() {
+        if !is_root() {
+            eprintln!("skipping: frame numbers need root");
+            return;
+        }
+        let b = PageBuffer::populated(32 * 4096).expect("alloc");
+        assert!(b.iter().all(|&x| x == 0));
+        let range = VirtRange {
+            start: b.as_ptr() as u64,
+            end: b.as_ptr() as u64 + b.len() as u64,
+        };
+        let built = Pagemap::open(std::process::id())
+            .expect("pagemap")
+            .runs(&[range])
+            .expect("runs");
+        assert_eq!(built.present_pages(), 32);
+        let fresh = PageBuffer::new(32 * 4096).expect("alloc");
+        let range = VirtRange {
+            start: fresh.as_ptr() as u64,
+            end: fresh.as_ptr() as u64 + fresh.len() as u64,
+        };
+        let built = Pagemap::open(std::process::id())
+            .expect("pagemap")
+            .runs(&[range])
+            .expect("runs");
+        assert_eq!(built.present_pages(), 0);
     }
 
     #[test]

@@ -179,7 +179,7 @@ fn run(cli: Cli) -> Result<(), String> {
             rm,
         } => {
             let mut tr = transport(t)?;
-            let mut buf = PageBuffer::new(mib << 20).map_err(|e| e.to_string())?;
+            let mut buf = PageBuffer::populated(mib << 20).map_err(|e| e.to_string())?;
             fill(&mut buf, seed, false);
             let s = app::save_with(&mut tr, &name, &[&buf])
                 .map_err(|e| format!("memtest: FAIL save: {e}"))?;
@@ -217,7 +217,7 @@ fn run(cli: Cli) -> Result<(), String> {
             );
         }
         Mode::Hold { mib, seed } => {
-            let mut buf = PageBuffer::new(mib << 20).map_err(|e| e.to_string())?;
+            let mut buf = PageBuffer::populated(mib << 20).map_err(|e| e.to_string())?;
             fill(&mut buf, seed, false);
             let start = buf.as_ptr() as u64;
             println!(
