@@ -95,6 +95,10 @@ enum Command {
         /// How to freeze the process.
         #[arg(long, value_enum, default_value = "auto")]
         freeze: Freeze,
+        /// Do everything but contact the VMM (freeze, make the targets resident, read
+        /// the page map, thaw); the targets' content does not change.
+        #[arg(long)]
+        dry_run: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -292,16 +296,26 @@ fn run(cli: Cli) -> Result<(), String> {
             pid,
             ranges,
             freeze,
+            dry_run,
             json,
         } => {
-            let mut tr = transport(t).map_err(|e| e.to_string())?;
-            let o = restore_process(&mut tr, pid, &ranges, &name, freeze.into())
-                .map_err(|e| e.to_string())?;
+            let o = if dry_run {
+                restore_process(&mut DryRun, pid, &ranges, &name, freeze.into())
+            } else {
+                let mut tr = transport(t).map_err(|e| e.to_string())?;
+                restore_process(&mut tr, pid, &ranges, &name, freeze.into())
+            }
+            .map_err(|e| e.to_string())?;
             if json {
                 return print_json(&o);
             }
+            let verb = if dry_run {
+                "dry run: would restore"
+            } else {
+                "restored"
+            };
             println!(
-                "restored {} into pid {}: {} pages ({:.1} MiB) in {} runs, \
+                "{verb} {} into pid {}: {} pages ({:.1} MiB) in {} runs, \
                  pause {:.3} ms ({}: {}); vmm: {} pages",
                 o.name,
                 o.pid,

@@ -543,6 +543,42 @@ fn dry_runs_need_no_vmm() {
         "the service was not contacted"
     );
     assert!(!guest_agent::freeze::is_stopped(h.pid));
+    let o = run(
+        AGENT,
+        &fake,
+        &[
+            "restore",
+            "--dry-run",
+            "--pid",
+            &h.pid.to_string(),
+            "--range",
+            &h.range_arg(),
+            "--name",
+            "d",
+        ],
+    );
+    assert!(o.status.success());
+    assert!(stdout(&o).starts_with("dry run: would restore d into pid"));
+    assert!(
+        fake.state().seen.is_empty(),
+        "the service was not contacted"
+    );
+    // Touching the targets left their content alone.
+    let v = Command::new(MEMTEST)
+        .args([
+            "verify",
+            "--pid",
+            &h.pid.to_string(),
+            "--mib",
+            "2",
+            "--seed",
+            "4",
+            "--addr",
+        ])
+        .arg(format!("{:#x}", h.range.start))
+        .output()
+        .expect("verify");
+    assert!(v.status.success(), "{}", stdout(&v));
     let dir = tempfile::tempdir().expect("tempdir");
     let o = Command::new(MEMTEST)
         .args([
