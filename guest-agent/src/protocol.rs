@@ -477,7 +477,10 @@ impl AgentRequest {
             AgentRequest::SnapshotProcess { name, ranges, .. } => {
                 validate_name(name)?;
                 if ranges.len() > MAX_RANGES {
-                    return Err(ProtocolError::TooManyRuns(ranges.len()));
+                    return Err(ProtocolError::BadRun {
+                        index: MAX_RANGES,
+                        reason: "more ranges than MAX_RANGES",
+                    });
                 }
                 for (index, r) in ranges.iter().enumerate() {
                     if r.start % PAGE_SIZE != 0 || r.end % PAGE_SIZE != 0 || r.end <= r.start {
@@ -998,6 +1001,24 @@ mod tests {
         assert!(matches!(
             bad_name.validate(),
             Err(ProtocolError::InvalidName(_))
+        ));
+        let too_many = AgentRequest::SnapshotProcess {
+            name: "p1".into(),
+            pid: 7,
+            ranges: vec![
+                VirtRange {
+                    start: 0x1000,
+                    end: 0x2000
+                };
+                MAX_RANGES + 1
+            ],
+        };
+        assert!(matches!(
+            too_many.validate(),
+            Err(ProtocolError::BadRun {
+                index: MAX_RANGES,
+                ..
+            })
         ));
         // A reply frame is not an agent request.
         let r = Reply::Deleted { name: "a".into() }
