@@ -315,12 +315,13 @@ fn run(cli: Cli) -> Result<(), String> {
                 "restored"
             };
             println!(
-                "{verb} {} into pid {}: {} pages ({:.1} MiB) in {} runs, \
+                "{verb} {} into pid {}: {} pages ({:.1} MiB, {} touched) in {} runs, \
                  pause {:.3} ms ({}: {}); vmm: {} pages",
                 o.name,
                 o.pid,
                 o.pages,
                 pages_mib(o.pages),
+                o.touched_pages,
                 o.runs,
                 o.pause_us as f64 / 1000.0,
                 o.freeze,

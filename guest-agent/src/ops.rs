@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use crate::client::{call, ClientError, Transport};
 use crate::freeze::{FreezeError, FreezeGuard, FreezeMethod};
-use crate::pagemap::{check_ranges, default_ranges, proc_error, read_maps, Pagemap, PagemapError};
+use crate::pagemap::{
+    check_ranges, decode_entry, default_ranges, is_private_resident, proc_error, read_maps,
+    Mapping, PageState, Pagemap, PagemapError, RunBuilder,
+};
 use crate::protocol::{
     read_frame, total_pages, validate_name, write_frame, AgentRequest, ErrorCode, ErrorReply,
     ProtocolError, Reply, Request, RestoreRequest, SaveRequest, VirtRange, MAX_COMM_LEN, MAX_RUNS,
@@ -120,6 +123,8 @@ pub struct RestoreOutcome {
     pub pid: u32,
     /// Target pages.
     pub pages: u64,
+    /// Target pages that had to be made resident or private first.
+    pub touched_pages: usize,
     /// Runs sent.
     pub runs: usize,
     /// Freeze method used.
@@ -186,6 +191,11 @@ pub fn comm_of(pid: u32) -> Result<String, PagemapError> {
 /// The ranges to work on: `ranges`, or the default selection when empty; checked
 /// against the process's current maps.
 fn select_ranges(pid: u32, ranges: &[VirtRange]) -> Result<Vec<VirtRange>, PagemapError> {
+    select(pid, ranges).map(|(_, chosen)| chosen)
+}
+
+/// [`select_ranges`], also returning the maps it read.
+fn select(pid: u32, ranges: &[VirtRange]) -> Result<(Vec<Mapping>, Vec<VirtRange>), PagemapError> {
     let maps = read_maps(pid)?;
     let chosen = if ranges.is_empty() {
         default_ranges(&maps)
@@ -196,7 +206,7 @@ fn select_ranges(pid: u32, ranges: &[VirtRange]) -> Result<Vec<VirtRange>, Pagem
         return Err(PagemapError::NothingToSave(pid));
     }
     check_ranges(pid, &maps, &chosen)?;
-    Ok(chosen)
+    Ok((maps, chosen))
 }
 
 fn micros(d: Duration) -> u64 {
@@ -277,53 +287,119 @@ fn unexpected(r: &Reply) -> OpsError {
 /// `IOV_MAX`): few system calls, which are slow in the guest.
 const TOUCH_BATCH: usize = 1024;
 
-/// Make every page of `ranges` in `pid` resident and private without changing its
-/// content: read one byte of each page and write the same byte back (a write fault
-/// breaks copy-on-write and never leaves the shared zero page mapped). Only one byte
-/// per page moves, because guest kernel code is emulated on the development hosts
-/// and whole-page copies there are slow (MACHINE_FACTS.md), and 1024 pages go in one
-/// `process_vm_readv`/`process_vm_writev`. Pages the write cannot reach that way (a
-/// read-only mapping) are written through /proc/PID/mem, which may force the write.
-/// The process must be frozen, or the byte could change between read and write.
-pub fn touch_ranges(pid: u32, ranges: &[VirtRange]) -> Result<(), OpsError> {
+/// A page to make resident and private.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Touch {
+    /// Page address.
+    pub addr: u64,
+    /// Known to read as zero (an absent page of private anonymous memory): write a
+    /// zero without reading first.
+    pub zero: bool,
+}
+
+/// The pages of `range` that a restore cannot overwrite in place yet, from the range's
+/// pagemap `entries`: in a private mapping every page that is not
+/// [`is_private_resident`] (absent, shared copy-on-write, the zero page, or still the
+/// file's page), in a shared mapping every absent page.
+pub fn plan_touches(maps: &[Mapping], range: VirtRange, entries: &[u64]) -> Vec<Touch> {
+    let mut out = Vec::new();
+    for m in maps
+        .iter()
+        .filter(|m| m.end > range.start && m.start < range.end)
+    {
+        let anon = m.inode == 0;
+        let mut va = m.start.max(range.start);
+        while va < m.end.min(range.end) {
+            let idx = ((va - range.start) / PAGE_SIZE) as usize;
+            let raw = entries.get(idx).copied().unwrap_or(0);
+            let state = decode_entry(raw);
+            let ready = if m.private {
+                is_private_resident(raw)
+            } else {
+                matches!(state, PageState::Present(_))
+            };
+            if !ready {
+                out.push(Touch {
+                    addr: va,
+                    zero: anon && m.private && state == PageState::Absent,
+                });
+            }
+            va += PAGE_SIZE;
+        }
+    }
+    out
+}
+
+/// Make restore targets resident and private without changing their content, and
+/// return the pagemap entries of each range afterwards. Only pages that need it are
+/// touched (see [`plan_touches`]), so restoring into memory the process already wrote
+/// costs one pagemap read. The process must be frozen.
+pub fn make_resident(
+    pid: u32,
+    pm: &Pagemap,
+    maps: &[Mapping],
+    ranges: &[VirtRange],
+) -> Result<(Vec<Vec<u64>>, usize), OpsError> {
+    let mut all = Vec::with_capacity(ranges.len());
+    let mut touched = 0;
+    for r in ranges {
+        let entries = pm.entries(*r)?;
+        let plan = plan_touches(maps, *r, &entries);
+        if plan.is_empty() {
+            all.push(entries);
+            continue;
+        }
+        touch_pages(pid, &plan)?;
+        touched += plan.len();
+        all.push(pm.entries(*r)?);
+    }
+    Ok((all, touched))
+}
+
+/// Touch `pages` of `pid`: read one byte of each page (unless known zero) and write the
+/// same byte back. A write fault breaks copy-on-write and never leaves the shared zero
+/// page mapped; only one byte per page moves because guest kernel code is emulated on
+/// the development hosts and whole-page copies there are slow (MACHINE_FACTS.md), and
+/// 1024 pages go in one `process_vm_readv`/`process_vm_writev`. Pages those calls
+/// cannot reach (a read-only or `PROT_NONE` mapping) go through /proc/PID/mem, which
+/// forces the access. The process must be frozen, or the byte could change between
+/// read and write.
+pub fn touch_pages(pid: u32, pages: &[Touch]) -> Result<(), OpsError> {
     let mut mem: Option<File> = None;
     let mut bytes = [0u8; TOUCH_BATCH];
-    let mut addrs: Vec<u64> = Vec::with_capacity(TOUCH_BATCH);
-    for r in ranges {
-        let mut at = r.start;
-        while at < r.end {
-            addrs.clear();
-            while at < r.end && addrs.len() < TOUCH_BATCH {
-                addrs.push(at);
-                at += PAGE_SIZE;
+    for batch in pages.chunks(TOUCH_BATCH) {
+        let n = batch.len();
+        bytes[..n].fill(0);
+        let to_read: Vec<usize> = (0..n).filter(|&i| !batch[i].zero).collect();
+        if !to_read.is_empty() {
+            let addrs: Vec<u64> = to_read.iter().map(|&i| batch[i].addr).collect();
+            let mut got = vec![0u8; addrs.len()];
+            let done = vm_rw(pid, &addrs, &mut got, false)?;
+            for (k, &va) in addrs.iter().enumerate().skip(done) {
+                // Unreadable through process_vm_readv (PROT_NONE): /proc/PID/mem
+                // forces the access.
+                proc_mem(pid, &mut mem)?
+                    .read_exact_at(&mut got[k..=k], va)
+                    .map_err(|source| OpsError::Mem {
+                        pid,
+                        addr: va,
+                        source,
+                    })?;
             }
-            let n = addrs.len();
-            let done = vm_rw(pid, &addrs, &mut bytes[..n], false)?;
-            if done < n {
-                // Reading fails only for unreadable pages (PROT_NONE): /proc/PID/mem
-                // reads those too (it forces access).
-                let m = proc_mem(pid, &mut mem)?;
-                for (i, &va) in addrs.iter().enumerate().skip(done) {
-                    m.read_exact_at(&mut bytes[i..=i], va)
-                        .map_err(|source| OpsError::Mem {
-                            pid,
-                            addr: va,
-                            source,
-                        })?;
-                }
+            for (k, &i) in to_read.iter().enumerate() {
+                bytes[i] = got[k];
             }
-            let done = vm_rw(pid, &addrs, &mut bytes[..n], true)?;
-            if done < n {
-                let m = proc_mem(pid, &mut mem)?;
-                for (i, &va) in addrs.iter().enumerate().skip(done) {
-                    m.write_all_at(&bytes[i..=i], va)
-                        .map_err(|source| OpsError::Mem {
-                            pid,
-                            addr: va,
-                            source,
-                        })?;
-                }
-            }
+        }
+        let addrs: Vec<u64> = batch.iter().map(|t| t.addr).collect();
+        let done = vm_rw(pid, &addrs, &mut bytes[..n], true)?;
+        for (i, &va) in addrs.iter().enumerate().skip(done) {
+            proc_mem(pid, &mut mem)?
+                .write_all_at(&bytes[i..=i], va)
+                .map_err(|source| OpsError::Mem {
+                    pid,
+                    addr: va,
+                    source,
+                })?;
         }
     }
     Ok(())
@@ -403,10 +479,15 @@ pub fn restore_process(
         ..Phases::default()
     };
     let used = guard.method();
-    let chosen = select_ranges(pid, ranges)?;
-    touch_ranges(pid, &chosen)?;
+    let (maps, chosen) = select(pid, ranges)?;
+    let pm = Pagemap::open(pid)?;
+    let (entries, touched) = make_resident(pid, &pm, &maps, &chosen)?;
     phases.touch_us = laps.lap();
-    let runs = Pagemap::open(pid)?.runs(&chosen)?.finish();
+    let mut b = RunBuilder::new();
+    for (r, e) in chosen.iter().zip(&entries) {
+        b.push_entries(r.start, e)?;
+    }
+    let runs = b.finish();
     if let Some(r) = runs.iter().find(|r| !r.present) {
         return Err(OpsError::NotResident(r.virt_addr));
     }
@@ -433,6 +514,7 @@ pub fn restore_process(
             name: name.to_string(),
             pid,
             pages,
+            touched_pages: touched,
             runs: nruns,
             freeze: used.name(),
             pause_us: micros(pause),
@@ -543,7 +625,6 @@ pub fn serve_connection<S: std::io::Read + std::io::Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pagemap::{decode_entry, PageState};
 
     fn is_root() -> bool {
         // SAFETY: geteuid has no preconditions.
@@ -559,6 +640,56 @@ mod tests {
             out.extend_from_slice(&b);
         }
         out
+    }
+
+    #[test]
+    fn touch_plans() {
+        let m = |start: u64, end: u64, private, inode| Mapping {
+            start,
+            end,
+            read: true,
+            write: true,
+            exec: false,
+            private,
+            inode,
+            name: String::new(),
+        };
+        let maps = [m(0x1000, 0x4000, true, 0), m(0x4000, 0x6000, false, 9)];
+        let p = 1u64 << 63;
+        let ex = 1u64 << 56;
+        let file = 1u64 << 61;
+        let entries = [
+            p | ex | 7,   // 0x1000 private resident: ready
+            0,            // 0x2000 absent anon: zero
+            p | 8,        // 0x3000 shared (zero page or forked): touch, read
+            p | file | 9, // 0x4000 shared mapping, present: ready
+            0,            // 0x5000 shared mapping, absent: touch, read
+        ];
+        let plan = plan_touches(
+            &maps,
+            VirtRange {
+                start: 0x1000,
+                end: 0x6000,
+            },
+            &entries,
+        );
+        assert_eq!(
+            plan,
+            vec![
+                Touch {
+                    addr: 0x2000,
+                    zero: true
+                },
+                Touch {
+                    addr: 0x3000,
+                    zero: false
+                },
+                Touch {
+                    addr: 0x5000,
+                    zero: false
+                },
+            ]
+        );
     }
 
     #[test]
@@ -601,14 +732,22 @@ mod tests {
         let ro_before = decode_entry(pm.entries(ro_range).expect("entries")[0]);
         let guard = FreezeGuard::freeze(pid, FreezeMethod::Signal).expect("freeze");
         let before = snapshot(pid, &ranges);
-        touch_ranges(pid, &ranges).expect("touch");
+        let (entries, touched) = make_resident(pid, &pm, &maps, &ranges).expect("touch");
         let after = snapshot(pid, &ranges);
+        // Touched again: nothing left to do.
+        let (_, again) = make_resident(pid, &pm, &maps, &ranges).expect("touch");
         drop(guard);
+        assert!(touched >= absent_before, "{touched} < {absent_before}");
+        assert_eq!(again, 0);
+        for (r, e) in ranges.iter().zip(&entries) {
+            assert_eq!(e, &pm.entries(*r).expect("entries"));
+        }
         assert_eq!(before, after, "content unchanged");
         for r in &ranges {
             for (i, e) in pm.entries(*r).expect("entries").iter().enumerate() {
                 assert!(
-                    matches!(decode_entry(*e), PageState::Present(p) if p != 0),
+                    is_private_resident(*e)
+                        && matches!(decode_entry(*e), PageState::Present(p) if p != 0),
                     "page {:#x} not present after touch",
                     r.start + i as u64 * PAGE_SIZE
                 );

@@ -20,6 +20,10 @@ use crate::protocol::{Run, VirtRange, PAGE_SIZE};
 const PM_PRESENT: u64 = 1 << 63;
 /// Swapped bit of a pagemap entry.
 const PM_SWAPPED: u64 = 1 << 62;
+/// The page is a file page or shared anonymous memory (bit 61).
+const PM_FILE: u64 = 1 << 61;
+/// The page is mapped exactly once (bit 56).
+const PM_EXCLUSIVE: u64 = 1 << 56;
 /// Frame number mask (bits 0-54).
 const PM_PFN_MASK: u64 = (1 << 55) - 1;
 /// Entries read per `pread` (512 KiB of pagemap, 256 MiB of address space): few syscalls
@@ -224,6 +228,14 @@ pub fn decode_entry(raw: u64) -> PageState {
     } else {
         PageState::Absent
     }
+}
+
+/// Whether a page of a *private* mapping is resident in memory of its own: present,
+/// anonymous (not the page cache page of a file, whose content the file shares) and
+/// mapped only here (not shared copy-on-write with a fork, not the shared zero page,
+/// which has no mapping count). Such a page can be overwritten in place by a restore.
+pub fn is_private_resident(raw: u64) -> bool {
+    raw & PM_PRESENT != 0 && raw & PM_EXCLUSIVE != 0 && raw & PM_FILE == 0
 }
 
 /// Builds compact runs from pages fed in virtual address order.
@@ -448,6 +460,16 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
         );
         assert_eq!(decode_entry(PM_SWAPPED | 5), PageState::Swapped);
         assert_eq!(decode_entry(0), PageState::Absent);
+    }
+
+    #[test]
+    fn private_resident_flags() {
+        assert!(is_private_resident(PM_PRESENT | PM_EXCLUSIVE | 5));
+        assert!(!is_private_resident(PM_PRESENT | 5), "shared or zero page");
+        assert!(!is_private_resident(
+            PM_PRESENT | PM_EXCLUSIVE | PM_FILE | 5
+        ));
+        assert!(!is_private_resident(PM_EXCLUSIVE));
     }
 
     #[test]

@@ -259,6 +259,12 @@ fn agent_save_list_restore_rm() {
     );
     assert!(o.status.success());
     assert!(stdout(&o).starts_with("restored a1 into pid"));
+    // The holder wrote all of its buffer: nothing to touch before the restore.
+    assert!(
+        stdout(&o).contains("(8.0 MiB, 0 touched)"),
+        "{}",
+        stdout(&o)
+    );
     let check = |seed: &str| {
         Command::new(MEMTEST)
             .args([
