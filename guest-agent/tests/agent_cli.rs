@@ -601,4 +601,16 @@ fn dry_runs_need_no_vmm() {
         .expect("bench");
     assert!(o.status.success(), "{}", stdout(&o));
     assert!(stdout(&o).starts_with("bench: 2 MiB resident: save pause"));
+    let o = Command::new(MEMTEST)
+        .args([
+            "--transport",
+            "unix:/nonexistent",
+            "lib-dry-run",
+            "--mib",
+            "2",
+        ])
+        .output()
+        .expect("lib-dry-run");
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert!(stdout(&o).starts_with("memtest: ok lib-dry-run 2 MiB: save 512 pages"));
 }

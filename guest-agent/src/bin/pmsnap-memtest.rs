@@ -67,6 +67,13 @@ enum Mode {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Time the library's save and restore calls on a filled buffer without a VMM
+    /// (lock, translate, build and check the request, unlock): the guest-side cost.
+    LibDryRun {
+        /// Buffer size in MiB.
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+    },
     /// Check the memory of another process (via /proc/PID/mem) against a seed.
     Verify {
         /// Process id.
@@ -213,6 +220,24 @@ fn run(cli: Cli) -> Result<(), String> {
                 "memtest: ok restore-check {mib} MiB seed {seed} name {name}: {} pages in {} runs {:.2} ms",
                 r.pages,
                 r.runs,
+                ms(r.elapsed)
+            );
+        }
+        Mode::LibDryRun { mib } => {
+            let mut buf = PageBuffer::populated(mib << 20).map_err(|e| e.to_string())?;
+            fill(&mut buf, 1, false);
+            let s = app::save_with(&mut DryRun, "dry-run", &[&buf])
+                .map_err(|e| format!("memtest: FAIL save: {e}"))?;
+            let r = app::restore_with(&mut DryRun, "dry-run", &mut [&mut buf])
+                .map_err(|e| format!("memtest: FAIL restore: {e}"))?;
+            // Nothing was restored, so the content must be what was filled.
+            check(&buf, 1, "dry run")?;
+            println!(
+                "memtest: ok lib-dry-run {mib} MiB: save {} pages in {} runs {:.2} ms, restore {} pages {:.2} ms",
+                s.pages,
+                s.runs,
+                ms(s.elapsed),
+                r.pages,
                 ms(r.elapsed)
             );
         }
