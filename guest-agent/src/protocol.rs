@@ -618,6 +618,15 @@ pub fn write_frame<W: Write>(w: &mut W, frame: &[u8]) -> Result<(), ProtocolErro
         .map_err(|e| ProtocolError::Io(e.to_string()))
 }
 
+/// Send one request on a blocking stream and wait for its reply (the agent's side of
+/// an exchange).
+pub fn call<S: Read + Write>(stream: &mut S, req: &Request) -> Result<Reply, ProtocolError> {
+    write_frame(stream, &req.encode()?)?;
+    let frame = read_frame(stream)?
+        .ok_or_else(|| ProtocolError::Io("connection closed before the reply".into()))?;
+    Reply::decode(&frame)
+}
+
 /// Incremental frame splitter for a byte stream that arrives in pieces (the VMM side
 /// of a vsock connection). Feed bytes with [`FrameBuffer::push`], take whole frames with
 /// [`FrameBuffer::next_frame`]. A bad header is reported once and poisons the buffer:
@@ -1065,6 +1074,29 @@ mod tests {
         assert!(matches!(
             read_frame(&mut cur),
             Err(ProtocolError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn call_over_a_socket() {
+        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let server = std::thread::spawn(move || {
+            let f = read_frame(&mut b).expect("read").expect("frame");
+            let name = match Request::decode(&f).expect("request") {
+                Request::Delete { name } => name,
+                other => panic!("unexpected {other:?}"),
+            };
+            write_frame(&mut b, &Reply::Deleted { name }.encode().expect("encode")).expect("write");
+            // Then hang up without answering the second call.
+            let _ = read_frame(&mut b);
+        });
+        let r = call(&mut a, &Request::Delete { name: "n".into() }).expect("call");
+        assert_eq!(r, Reply::Deleted { name: "n".into() });
+        a.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        server.join().expect("server");
+        assert!(matches!(
+            call(&mut a, &Request::List),
+            Err(ProtocolError::Io(_))
         ));
     }
 }

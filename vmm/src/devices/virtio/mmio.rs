@@ -8,6 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
@@ -83,6 +84,52 @@ pub enum MmioError {
     /// An eventfd could not be created or cloned.
     #[error("eventfd: {0}")]
     EventFd(#[from] std::io::Error),
+    /// A saved state does not fit this device or guest memory.
+    #[error("cannot restore virtio-mmio state: {0}")]
+    BadState(String),
+}
+
+/// Saved configuration of one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// Size the driver chose.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Driver (available) ring address.
+    pub driver: u64,
+    /// Device (used) ring address.
+    pub device: u64,
+    /// Next available-ring entry the device will take.
+    pub next_avail: u16,
+    /// Next used-ring entry the device will fill.
+    pub next_used: u16,
+}
+
+/// Saved state of a transport: the register file and the queue configuration.
+/// Device-specific state is the device's own business.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    /// Device id, checked on restore.
+    pub device_type: u32,
+    /// Driver status register.
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub features_sel: u32,
+    /// DriverFeaturesSel.
+    pub acked_features_sel: u32,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// InterruptStatus bits not yet acknowledged.
+    pub interrupt_status: u32,
+    /// One entry per queue.
+    pub queues: Vec<QueueSnapshot>,
 }
 
 /// Queue configuration as the driver writes it, applied to a `Queue` only at
@@ -325,8 +372,106 @@ impl MmioTransport {
             && self.acked_features & (1 << VIRTIO_F_VERSION_1) != 0
     }
 
+    /// Save the register file and queue configuration (positions come from the device).
+    pub fn save_state(&self) -> MmioState {
+        let positions = lock(&self.device).queue_positions();
+        MmioState {
+            device_type: self.device_type,
+            status: self.status,
+            features_sel: self.features_sel,
+            acked_features_sel: self.acked_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues: self
+                .queues
+                .iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    let (next_avail, next_used) = positions.get(i).copied().unwrap_or((0, 0));
+                    QueueSnapshot {
+                        size: q.size,
+                        ready: q.ready,
+                        desc: q.desc,
+                        driver: q.driver,
+                        device: q.device,
+                        next_avail,
+                        next_used,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Rebuild a transport for a fresh `device` from saved `state`, re-activating the
+    /// device when the driver had it running. The state is untrusted (it comes from a
+    /// file): everything is checked as if the driver had written it.
+    pub fn restore(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        state: &MmioState,
+    ) -> Result<Self, MmioError> {
+        let mut t = Self::new(mem, device)?;
+        let bad = |m: String| Err(MmioError::BadState(m));
+        if state.device_type != t.device_type {
+            return bad(format!(
+                "device type {} saved, {} present",
+                state.device_type, t.device_type
+            ));
+        }
+        if state.queues.len() != t.queues.len() {
+            return bad(format!("{} queues saved", state.queues.len()));
+        }
+        let known = VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK
+            | VIRTIO_CONFIG_S_NEEDS_RESET
+            | VIRTIO_CONFIG_S_FAILED;
+        if state.status & !known != 0 {
+            return bad(format!("unknown status bits {:#x}", state.status));
+        }
+        t.acked_features = state.acked_features;
+        if state.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 && !t.features_acceptable() {
+            return bad(format!("features {:#x} not offered", state.acked_features));
+        }
+        t.features_sel = state.features_sel;
+        t.acked_features_sel = state.acked_features_sel;
+        t.queue_sel = state.queue_sel;
+        t.config_generation = state.config_generation;
+        for (q, s) in t.queues.iter_mut().zip(&state.queues) {
+            *q = QueueConfig {
+                size: s.size,
+                ready: s.ready,
+                desc: s.desc,
+                driver: s.driver,
+                device: s.device,
+            };
+        }
+        let running = VIRTIO_CONFIG_S_DRIVER_OK;
+        let broken = VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED;
+        if state.status & running != 0 && state.status & broken == 0 {
+            let positions: Vec<_> = state
+                .queues
+                .iter()
+                .map(|q| (q.next_avail, q.next_used))
+                .collect();
+            t.activate_at(Some(&positions))
+                .map_err(|e| MmioError::BadState(format!("re-activation failed: {e}")))?;
+        }
+        t.status = state.status;
+        t.interrupt.restore_status(state.interrupt_status);
+        Ok(t)
+    }
+
     /// Build and check the queues, then hand them to the device.
     fn activate(&mut self) -> Result<(), ActivateError> {
+        self.activate_at(None)
+    }
+
+    /// `activate`, with the ring positions of a restored snapshot.
+    fn activate_at(&mut self, positions: Option<&[(u16, u16)]>) -> Result<(), ActivateError> {
         let mut queues = Vec::with_capacity(self.queues.len());
         for (i, (cfg, &max)) in self.queues.iter().zip(&self.queue_max).enumerate() {
             let bad = |what: &str| ActivateError::Other(format!("queue {i}: {what}"));
@@ -344,6 +489,10 @@ impl MmioTransport {
                 if !q.is_valid(&self.mem) {
                     return Err(bad("rings are not inside guest memory"));
                 }
+                if let Some(&(next_avail, next_used)) = positions.and_then(|p| p.get(i)) {
+                    q.set_next_avail(next_avail);
+                    q.set_next_used(next_used);
+                }
             }
             queues.push(q);
         }
@@ -352,7 +501,15 @@ impl MmioTransport {
             queues,
             self.acked_features,
             self.interrupt.clone(),
-        )
+        )?;
+        // Some drivers post buffers and notify before DRIVER_OK, when notifications
+        // are ignored: have the device look at every queue once now.
+        for evt in &self.queue_evts {
+            if let Err(e) = evt.write(1) {
+                log::warn!("virtio-mmio: queue eventfd after activation: {e}");
+            }
+        }
+        Ok(())
     }
 
     fn read_reg(&self, offset: u64) -> u32 {
@@ -494,6 +651,7 @@ mod tests {
     #[derive(Default)]
     struct Activation {
         queues: Vec<(u16, u64, u64, u64, bool)>,
+        positions: Vec<(u16, u16)>,
         features: u64,
     }
 
@@ -565,6 +723,16 @@ mod tests {
                         )
                     })
                     .collect(),
+                // Pretend the device made progress, so restore has positions to carry.
+                positions: queues
+                    .iter()
+                    .map(|q| {
+                        (
+                            q.next_avail().wrapping_add(3),
+                            q.next_used().wrapping_add(2),
+                        )
+                    })
+                    .collect(),
                 features: acked_features,
             });
             Ok(())
@@ -575,6 +743,11 @@ mod tests {
         }
         fn is_activated(&self) -> bool {
             self.activated.is_some()
+        }
+        fn queue_positions(&self) -> Vec<(u16, u16)> {
+            self.activated
+                .as_ref()
+                .map_or_else(Vec::new, |a| a.positions.clone())
         }
     }
 
@@ -664,6 +837,10 @@ mod tests {
         assert!(dev.lock().expect("lock").evts[1].read().is_err());
         wr(&mut t, reg::STATUS, 0b1111);
         assert_eq!(rd(&mut t, reg::STATUS), 0b1111);
+        // Activation has the device look at every queue once.
+        for evt in &dev.lock().expect("lock").evts {
+            assert_eq!(evt.read().expect("kicked at activation"), 1);
+        }
         {
             let d = dev.lock().expect("lock");
             let a = d.activated.as_ref().expect("activated");
@@ -796,6 +973,71 @@ mod tests {
         negotiate(&mut t, V1);
         wr(&mut t, reg::STATUS, 0b1011 | VIRTIO_CONFIG_S_FAILED);
         assert_ne!(rd(&mut t, reg::STATUS) & VIRTIO_CONFIG_S_FAILED, 0);
+        assert!(dev.lock().expect("lock").activated.is_none());
+    }
+
+    fn running() -> (MmioTransport, Arc<Mutex<Dummy>>) {
+        let (mut t, dev) = setup();
+        negotiate(&mut t, V1 | 0b100);
+        setup_queue(&mut t, 0, 16, 0x1_0000);
+        setup_queue(&mut t, 1, 4, 0x2_0000);
+        wr(&mut t, reg::STATUS, 0b1111);
+        assert_eq!(rd(&mut t, reg::STATUS), 0b1111);
+        (t, dev)
+    }
+
+    #[test]
+    fn state_round_trip_reactivates_at_saved_positions() {
+        let (t, _) = running();
+        t.interrupt().trigger(VIRTIO_MMIO_INT_CONFIG).expect("irq");
+        let state = t.save_state();
+        assert_eq!(state.queues[0].next_avail, 3);
+        assert_eq!(state.queues[1].next_used, 2);
+        let json = serde_json::to_string(&state).expect("serialize");
+        let state: MmioState = serde_json::from_str(&json).expect("deserialize");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("mem");
+        let dev2 = Arc::new(Mutex::new(Dummy::new()));
+        let mut t2 = MmioTransport::restore(mem, dev2.clone(), &state).expect("restore");
+        assert_eq!(rd(&mut t2, reg::STATUS), 0b1111);
+        assert_eq!(rd(&mut t2, reg::INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+        let d = dev2.lock().expect("lock");
+        let a = d.activated.as_ref().expect("re-activated");
+        assert_eq!(a.features, V1 | 0b100);
+        assert_eq!(a.queues[1], (4, 0x2_0000, 0x2_1000, 0x2_2000, true));
+        // The dummy adds (3, 2) to what it was given: given (3, 2), reports (6, 4).
+        assert_eq!(a.positions, vec![(6, 4), (6, 4)]);
+    }
+
+    #[test]
+    fn hostile_states_are_refused() {
+        let (t, _) = running();
+        let good = t.save_state();
+        let mem = || GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("mem");
+        type Mutation = Box<dyn Fn(&mut MmioState)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("device type", Box::new(|s| s.device_type = 19)),
+            ("queue count", Box::new(|s| s.queues.truncate(1))),
+            ("status bits", Box::new(|s| s.status |= 0x10)),
+            ("features", Box::new(|s| s.acked_features = 0b10)),
+            (
+                "ring outside memory",
+                Box::new(|s| s.queues[0].desc = 1 << 40),
+            ),
+            ("queue size", Box::new(|s| s.queues[1].size = 3)),
+        ];
+        for (what, f) in cases {
+            let mut st = good.clone();
+            f(&mut st);
+            let dev = Arc::new(Mutex::new(Dummy::new()));
+            let r = MmioTransport::restore(mem(), dev.clone(), &st);
+            assert!(matches!(r, Err(MmioError::BadState(_))), "{what}");
+            assert!(dev.lock().expect("lock").activated.is_none(), "{what}");
+        }
+        // A device that was never started restores inert.
+        let (fresh, _) = setup();
+        let dev = Arc::new(Mutex::new(Dummy::new()));
+        let t = MmioTransport::restore(mem(), dev.clone(), &fresh.save_state()).expect("restore");
+        assert_eq!(t.status(), 0);
         assert!(dev.lock().expect("lock").activated.is_none());
     }
 }

@@ -108,6 +108,11 @@ impl VirtioInterrupt {
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
     }
+
+    /// Put back saved `InterruptStatus` bits (snapshot restore).
+    fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
 }
 
 /// A virtio device behind a transport. The transport owns the register state machine
@@ -139,6 +144,11 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// Whether `activate` succeeded and no reset happened since.
     fn is_activated(&self) -> bool;
+    /// `(next_avail, next_used)` of each queue while active, for snapshots; empty when
+    /// not active.
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        Vec::new()
+    }
 }
 
 /// Allows at most `burst` log lines per `period_secs` from one call site, so a guest

@@ -21,6 +21,8 @@ use crate::guest_warn;
 pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
 /// Send a credit update once we forwarded this many bytes since the last one we sent.
 const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
+/// A service's unsent replies above which it is fed no more guest bytes.
+pub const SERVICE_OUT_HIGH: usize = 1 << 20;
 
 /// An in-VMM service reachable from the guest on one vsock port (the snapshot service).
 /// One instance serves one connection; it sees the guest's byte stream in pieces of
@@ -216,34 +218,15 @@ impl Connection {
         if self.peer_shutdown & SHUTDOWN_SEND != 0 || self.local_shutdown & SHUTDOWN_RCV != 0 {
             return self.kill();
         }
-        match &mut self.endpoint {
-            Endpoint::Service {
-                svc,
-                out,
-                close_after_out,
-            } => {
-                let mut reply = Vec::new();
-                if !*close_after_out && !svc.on_data(data, &mut reply) {
-                    *close_after_out = true;
-                }
-                out.extend(reply);
-                if *close_after_out && out.is_empty() {
-                    self.pending.shutdown = SHUTDOWN_RCV | SHUTDOWN_SEND;
-                }
-                self.forwarded(data.len());
-            }
-            Endpoint::Host { .. } => {
-                if self.tx_buf.len() + data.len() > CONN_BUF_ALLOC as usize {
-                    guest_warn!(
-                        "vsock: guest overran its credit on port {}",
-                        self.local_port
-                    );
-                    return self.kill();
-                }
-                self.tx_buf.extend(data);
-                self.flush_tx();
-            }
+        if self.tx_buf.len() + data.len() > CONN_BUF_ALLOC as usize {
+            guest_warn!(
+                "vsock: guest overran its credit on port {}",
+                self.local_port
+            );
+            return self.kill();
         }
+        self.tx_buf.extend(data);
+        self.flush_tx();
     }
 
     /// Count `n` guest bytes as delivered and schedule a credit update when due.
@@ -257,24 +240,53 @@ impl Connection {
 
     /// Write buffered guest bytes to the host stream as far as it takes them.
     pub(super) fn flush_tx(&mut self) {
-        let Endpoint::Host { stream, .. } = &mut self.endpoint else {
-            return;
-        };
         let mut written = 0;
         let mut failed = false;
-        while !self.tx_buf.is_empty() {
-            let (a, _) = self.tx_buf.as_slices();
-            match stream.write(a) {
-                Ok(0) => break,
-                Ok(n) => {
+        match &mut self.endpoint {
+            Endpoint::Host { stream, .. } => {
+                while !self.tx_buf.is_empty() {
+                    let (a, _) = self.tx_buf.as_slices();
+                    match stream.write(a) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            self.tx_buf.drain(..n);
+                            written += n;
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(_) => {
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            Endpoint::Service {
+                svc,
+                out,
+                close_after_out,
+            } => {
+                // Backpressure: while replies pile up unread, stop consuming the guest's
+                // requests; its credit runs out and its writes block. A guest that never
+                // reads cannot make the VMM buffer replies without bound.
+                while !self.tx_buf.is_empty() && out.len() < SERVICE_OUT_HIGH && !*close_after_out {
+                    let (a, _) = self.tx_buf.as_slices();
+                    let n = a.len();
+                    let mut reply = Vec::new();
+                    if !svc.on_data(a, &mut reply) {
+                        *close_after_out = true;
+                    }
+                    out.extend(reply);
                     self.tx_buf.drain(..n);
                     written += n;
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    failed = true;
-                    break;
+                if *close_after_out {
+                    // Closing: whatever else the guest sent is dropped.
+                    written += self.tx_buf.len();
+                    self.tx_buf.clear();
+                    if out.is_empty() {
+                        self.pending.shutdown = SHUTDOWN_RCV | SHUTDOWN_SEND;
+                    }
                 }
             }
         }
@@ -426,6 +438,7 @@ impl Connection {
         if limit == 0 {
             return None;
         }
+        let mut resume_service = false;
         let data = match &mut self.endpoint {
             Endpoint::Service {
                 out,
@@ -435,6 +448,9 @@ impl Connection {
                 let data: Vec<u8> = out.drain(..limit.min(out.len())).collect();
                 if out.is_empty() && *close_after_out {
                     self.pending.shutdown = SHUTDOWN_RCV | SHUTDOWN_SEND;
+                }
+                if out.len() < SERVICE_OUT_HIGH && !self.tx_buf.is_empty() {
+                    resume_service = true;
                 }
                 data
             }
@@ -467,6 +483,9 @@ impl Connection {
                 }
             }
         };
+        if resume_service {
+            self.flush_tx();
+        }
         // data.len() <= MAX_PKT_PAYLOAD.
         let n = data.len() as u32;
         let mut h = self.header(guest_cid, Op::Rw);

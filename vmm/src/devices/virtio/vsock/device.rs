@@ -250,6 +250,41 @@ impl Vsock {
         }
     }
 
+    /// Tell the guest that every connection is gone (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`
+    /// on the event queue), as after a snapshot restore: guest sockets are reset and the
+    /// guest re-reads its CID. Returns false when the device is not active or the guest
+    /// has no event buffer posted.
+    pub fn send_transport_reset(&mut self) -> bool {
+        const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+        let Some(a) = &mut self.active else {
+            return false;
+        };
+        let chain = match a.queues[EVQ].iter(&a.mem) {
+            Ok(mut it) => it.next(),
+            Err(e) => {
+                guest_warn!("vsock: event queue unusable: {e}");
+                None
+            }
+        };
+        let Some(chain) = chain else {
+            log::warn!("vsock: no event buffer for the transport reset");
+            return false;
+        };
+        let head = chain.head_index();
+        let len = match Writer::new(&a.mem, chain) {
+            Ok(mut w) => match w.write_all(&VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes()) {
+                Ok(()) => 4,
+                Err(_) => 0,
+            },
+            Err(_) => 0,
+        };
+        if let Err(e) = a.queues[EVQ].add_used(&a.mem, head, len) {
+            guest_warn!("vsock: event used ring: {e}");
+        }
+        self.signal_used(EVQ);
+        len == 4
+    }
+
     /// Run both directions once: tx, then rx (tx often produces replies), then signal.
     pub fn process_queues(&mut self) {
         if self.process_tx() {
@@ -332,5 +367,14 @@ impl VirtioDevice for Vsock {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.active.as_ref().map_or_else(Vec::new, |a| {
+            a.queues
+                .iter()
+                .map(|q| (q.next_avail(), q.next_used()))
+                .collect()
+        })
     }
 }

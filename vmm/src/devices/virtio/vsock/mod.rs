@@ -9,15 +9,18 @@
 //!
 //! Layout: [`packet`] parses and checks headers (pure), [`connection`] is one
 //! connection's state machine and flow control, [`muxer`] the host side of all of them,
+//! [`agent_service`] speaks the agent protocol for the snapshot engine,
 //! [`device`] moves packets between virtqueues and the muxer, and `event_handler` wires
 //! it to event-manager. See docs/vsock.md.
 
+pub mod agent_service;
 pub mod connection;
 pub mod device;
 mod event_handler;
 pub mod muxer;
 pub mod packet;
 
+pub use agent_service::{AgentBackend, AgentService, AgentServiceFactory};
 pub use connection::{VsockService, VsockServiceFactory, CONN_BUF_ALLOC};
 pub use device::{Vsock, VsockError, VSOCK_DEVICE_ID};
 pub use muxer::{EchoService, VsockMuxer};

@@ -169,7 +169,7 @@ impl Harness {
     /// Run the event loop until it goes idle.
     fn pump(&mut self) {
         for _ in 0..200 {
-            if self.em.run_with_timeout(20).expect("event loop") == 0 {
+            if self.em.run_with_timeout(0).expect("event loop") == 0 {
                 return;
             }
         }
@@ -222,8 +222,12 @@ impl Harness {
 
     /// Post `n` rx buffers (header + 4 KiB, one descriptor each as Linux does).
     fn post_rx(&mut self, n: usize) {
+        self.post_rx_sized(n, 4096);
+    }
+
+    fn post_rx_sized(&mut self, n: usize, payload: u64) {
         for _ in 0..n {
-            let len = HDR_LEN as u64 + 4096;
+            let len = HDR_LEN as u64 + payload;
             let a = self.alloc(len);
             let head = self.q[RXQ].add_chain(&self.mem, &[(a, len as u32, true)]);
             self.rx_bufs.insert(u32::from(head), a);
@@ -733,4 +737,168 @@ fn header_only_rx_buffers_do_not_spin() {
     h.post_rx(1);
     let (p, d) = h.recv_one();
     assert_eq!((p.op, d.as_slice()), (Op::Rw as u16, &b"data"[..]));
+}
+
+/// Answers every valid request with `Deleted` so the test sees what passed validation.
+struct NameEcho;
+impl super::AgentBackend for NameEcho {
+    fn handle(&mut self, req: guest_agent::protocol::Request) -> guest_agent::protocol::Reply {
+        use guest_agent::protocol::{Reply, Request};
+        match req {
+            Request::Delete { name } => Reply::Deleted { name },
+            _ => Reply::List(Vec::new()),
+        }
+    }
+}
+
+#[test]
+fn agent_protocol_over_vsock() {
+    use guest_agent::protocol::{ErrorCode, FrameBuffer, Reply, Request, SNAPSHOT_SERVICE_PORT};
+    let mut h = Harness::new();
+    let backend: Arc<Mutex<dyn super::AgentBackend>> = Arc::new(Mutex::new(NameEcho));
+    h.dev
+        .lock()
+        .expect("lock")
+        .register_service(
+            SNAPSHOT_SERVICE_PORT,
+            Box::new(super::AgentServiceFactory::new(backend, 4096)),
+        )
+        .expect("register");
+    h.post_rx(16);
+    h.send(Op::Request, 2000, SNAPSHOT_SERVICE_PORT, &[]);
+    assert_eq!(h.recv_one().0.op, Op::Response as u16);
+    let mut frames = Request::Delete {
+        name: "snap".into(),
+    }
+    .encode()
+    .expect("encode");
+    frames.extend(
+        Request::Delete {
+            name: "../etc".into(),
+        }
+        .encode()
+        .expect("encode"),
+    );
+    h.send(Op::Rw, 2000, SNAPSHOT_SERVICE_PORT, &frames);
+    let mut fb = FrameBuffer::new();
+    for (p, d) in h.recv() {
+        assert_eq!(p.op, Op::Rw as u16);
+        fb.push(&d).expect("push");
+    }
+    let a = Reply::decode(&fb.next_frame().expect("frame").expect("first")).expect("reply");
+    let b = Reply::decode(&fb.next_frame().expect("frame").expect("second")).expect("reply");
+    assert_eq!(
+        a,
+        Reply::Deleted {
+            name: "snap".into()
+        }
+    );
+    assert!(matches!(b, Reply::Error(e) if e.code == ErrorCode::InvalidName));
+    // Garbage ends the connection: error reply, then SHUTDOWN.
+    h.send(Op::Rw, 2000, SNAPSHOT_SERVICE_PORT, b"garbage garbage!");
+    let pkts = h.recv();
+    assert_eq!(pkts.last().map(|(p, _)| p.op), Some(Op::Shutdown as u16));
+}
+
+/// Answers every byte with 128 KiB: a guest that never reads must not make it grow.
+struct Amplifier(Arc<std::sync::atomic::AtomicUsize>);
+impl VsockService for Amplifier {
+    fn on_data(&mut self, data: &[u8], out: &mut Vec<u8>) -> bool {
+        self.0
+            .fetch_add(data.len(), std::sync::atomic::Ordering::SeqCst);
+        out.resize(out.len() + data.len() * 128 * 1024, 0x11);
+        true
+    }
+}
+
+#[test]
+fn service_replies_are_bounded_by_backpressure() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let mut h = Harness::new();
+    let fed = Arc::new(AtomicUsize::new(0));
+    let f2 = fed.clone();
+    h.dev
+        .lock()
+        .expect("lock")
+        .register_service(
+            70,
+            Box::new(move |_| Box::new(Amplifier(f2.clone())) as Box<dyn VsockService>),
+        )
+        .expect("register");
+    h.post_rx(1);
+    h.send(Op::Request, 9, 70, &[]);
+    assert_eq!(h.recv_one().0.op, Op::Response as u16);
+    // No rx buffers: 24 one-byte requests; only the first 8 (1 MiB of replies) are fed.
+    for _ in 0..24 {
+        h.send(Op::Rw, 9, 70, b"x");
+    }
+    assert_eq!(fed.load(SeqCst), 8, "service fed beyond the reply limit");
+    // Reading the replies lets the rest through, in order.
+    h.guest_fwd_cnt = 0;
+    let mut got = 0usize;
+    for _ in 0..200 {
+        h.post_rx_sized(1, 64 * 1024);
+        for (p, d) in h.recv() {
+            assert_eq!(p.op, Op::Rw as u16);
+            got += d.len();
+        }
+        h.guest_fwd_cnt = got as u32;
+        h.send(Op::CreditUpdate, 9, 70, &[]);
+        if got == 24 * 128 * 1024 {
+            break;
+        }
+    }
+    assert_eq!(fed.load(SeqCst), 24);
+    assert_eq!(got, 24 * 128 * 1024);
+}
+
+#[test]
+fn restore_continues_rings_and_resets_guest_sockets() {
+    let mut h = Harness::new();
+    let ev = h.alloc(4);
+    let ev_head = h.q[EVQ].add_chain(&h.mem, &[(ev, 4, true)]);
+    h.mem
+        .write_obj(0xffff_ffffu32, GuestAddress(ev))
+        .expect("poison");
+    h.post_rx(8);
+    let (s, _) = host_connect(&mut h, 21);
+    drop(s);
+    h.pump();
+    h.recv(); // the SHUTDOWN for the closed stream
+    let state = h.transport.save_state();
+    assert!(state.queues[TXQ].next_avail > 0 && state.queues[RXQ].next_used > 0);
+
+    // A new VMM process: fresh device, same guest memory, saved transport state.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev2 = Arc::new(Mutex::new(
+        Vsock::new(CID, &dir.path().join("v2.sock")).expect("vsock"),
+    ));
+    let t2 = MmioTransport::restore(h.mem.clone(), dev2.clone(), &state).expect("restore");
+    assert!(dev2.lock().expect("lock").is_activated());
+    assert!(dev2.lock().expect("lock").send_transport_reset());
+    assert_eq!(h.q[EVQ].take_used(&h.mem), vec![(u32::from(ev_head), 4)]);
+    let id: u32 = h.mem.read_obj(GuestAddress(ev)).expect("event");
+    assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+    assert_ne!(t2.interrupt().status() & 1, 0);
+    // No second event buffer: reported, not a panic.
+    assert!(!dev2.lock().expect("lock").send_transport_reset());
+
+    // The rings continue where they were: one new tx chain gives exactly one used entry
+    // and one answer (RST: nobody serves port 999 on the new host side).
+    let hdr = h.ghdr(Op::Request, 5, 999, 0);
+    let a = h.alloc(HDR_LEN as u64);
+    h.mem
+        .write_slice(&hdr.to_bytes(), GuestAddress(a))
+        .expect("hdr");
+    h.q[TXQ].add_chain(&h.mem, &[(a, HDR_LEN as u32, false)]);
+    dev2.lock().expect("lock").process_queues();
+    assert_eq!(h.q[TXQ].take_used(&h.mem).len(), 1);
+    let used = h.q[RXQ].take_used(&h.mem);
+    assert_eq!(used.len(), 1);
+    let mut b = [0u8; HDR_LEN];
+    h.mem
+        .read_slice(&mut b, GuestAddress(h.rx_bufs[&used[0].0]))
+        .expect("read");
+    let p = VsockHeader::parse(&b).expect("header");
+    assert_eq!((p.op, p.dst_port), (Op::Rst as u16, 5));
 }

@@ -1,0 +1,328 @@
+//! The VMM end of the agent protocol on its vsock port: splits the guest's byte stream
+//! into frames, decodes and validates every request against guest RAM, and hands only
+//! well-formed requests to an [`AgentBackend`] (the snapshot engine implements it).
+//! Every refusal is an error reply and a rate-limited log line; a frame whose header is
+//! garbage ends the connection (the next frame boundary cannot be found), anything else
+//! keeps it serving the next request.
+
+use std::sync::{Arc, Mutex};
+
+use guest_agent::protocol::{
+    ErrorCode, ErrorReply, FrameBuffer, ProtocolError, Reply, Request, MAX_LIST_ENTRIES,
+};
+
+use super::connection::{VsockService, VsockServiceFactory};
+use crate::guest_warn;
+
+/// What the snapshot engine provides to the service. Requests arrive validated:
+/// names follow the naming rule, runs lie inside guest RAM and within the limits.
+pub trait AgentBackend: Send {
+    /// Carry out one request and produce the reply (`Reply::Error` for refusals such as
+    /// an unknown name).
+    fn handle(&mut self, req: Request) -> Reply;
+}
+
+/// One connection's service.
+pub struct AgentService {
+    backend: Arc<Mutex<dyn AgentBackend>>,
+    ram_pages: u64,
+    frames: FrameBuffer,
+}
+
+impl std::fmt::Debug for AgentService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentService")
+            .field("ram_pages", &self.ram_pages)
+            .field("pending", &self.frames.pending())
+            .finish_non_exhaustive()
+    }
+}
+
+fn encode(reply: &Reply, out: &mut Vec<u8>) {
+    match reply.encode() {
+        Ok(f) => out.extend_from_slice(&f),
+        Err(e) => {
+            log::error!("agent service: cannot encode reply: {e}");
+            let fallback = Reply::Error(ErrorReply::new(ErrorCode::Internal, e.to_string()));
+            if let Ok(f) = fallback.encode() {
+                out.extend_from_slice(&f);
+            }
+        }
+    }
+}
+
+fn refuse(e: &ProtocolError, out: &mut Vec<u8>) {
+    guest_warn!("agent service: refusing request: {e}");
+    encode(&Reply::Error(e.into()), out);
+}
+
+impl AgentService {
+    /// A service for guest RAM of `ram_pages` pages.
+    pub fn new(backend: Arc<Mutex<dyn AgentBackend>>, ram_pages: u64) -> Self {
+        Self {
+            backend,
+            ram_pages,
+            frames: FrameBuffer::new(),
+        }
+    }
+
+    fn serve(&mut self, frame: &[u8], out: &mut Vec<u8>) {
+        let req = match Request::decode(frame).and_then(|r| r.validate(self.ram_pages).map(|()| r))
+        {
+            Ok(r) => r,
+            Err(e) => return refuse(&e, out),
+        };
+        let mut reply = self
+            .backend
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .handle(req);
+        if let Reply::List(items) = &mut reply {
+            items.truncate(MAX_LIST_ENTRIES);
+        }
+        encode(&reply, out);
+    }
+}
+
+impl VsockService for AgentService {
+    fn on_data(&mut self, data: &[u8], out: &mut Vec<u8>) -> bool {
+        if let Err(e) = self.frames.push(data) {
+            refuse(&e, out);
+            return false;
+        }
+        loop {
+            match self.frames.next_frame() {
+                Ok(Some(frame)) => self.serve(&frame, out),
+                Ok(None) => return !self.frames.is_poisoned(),
+                Err(e) => {
+                    refuse(&e, out);
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Creates an [`AgentService`] per guest connection; register it on
+/// `guest_agent::protocol::SNAPSHOT_SERVICE_PORT` with `Vsock::register_service`.
+pub struct AgentServiceFactory {
+    backend: Arc<Mutex<dyn AgentBackend>>,
+    ram_pages: u64,
+}
+
+impl std::fmt::Debug for AgentServiceFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentServiceFactory")
+            .field("ram_pages", &self.ram_pages)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentServiceFactory {
+    /// Serve `backend` for guest RAM of `ram_pages` pages.
+    pub fn new(backend: Arc<Mutex<dyn AgentBackend>>, ram_pages: u64) -> Self {
+        Self { backend, ram_pages }
+    }
+}
+
+impl VsockServiceFactory for AgentServiceFactory {
+    fn connect(&mut self, _peer_port: u32) -> Box<dyn VsockService> {
+        Box::new(AgentService::new(self.backend.clone(), self.ram_pages))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_agent::protocol::{
+        FrameHeader, FrameKind, Run, SaveRequest, SnapshotInfo, HEADER_LEN,
+    };
+    use std::collections::BTreeMap;
+
+    /// A stand-in for the engine: remembers names and page counts.
+    #[derive(Default)]
+    struct FakeBackend {
+        snaps: BTreeMap<String, u64>,
+        calls: usize,
+    }
+
+    impl AgentBackend for FakeBackend {
+        fn handle(&mut self, req: Request) -> Reply {
+            self.calls += 1;
+            match req {
+                Request::Save(s) => {
+                    let pages = guest_agent::protocol::total_pages(&s.runs);
+                    if self.snaps.contains_key(&s.name) {
+                        return Reply::Error(ErrorReply::new(ErrorCode::AlreadyExists, s.name));
+                    }
+                    self.snaps.insert(s.name.clone(), pages);
+                    Reply::Saved {
+                        name: s.name,
+                        pages,
+                        present_pages: pages,
+                    }
+                }
+                Request::Restore(r) => match self.snaps.get(&r.name) {
+                    Some(&pages) => Reply::Restored {
+                        name: r.name,
+                        pages,
+                    },
+                    None => Reply::Error(ErrorReply::new(ErrorCode::NotFound, r.name)),
+                },
+                Request::List => Reply::List(
+                    self.snaps
+                        .iter()
+                        .map(|(n, &p)| SnapshotInfo {
+                            name: n.clone(),
+                            pid: 1,
+                            comm: String::new(),
+                            pages: p,
+                            present_pages: p,
+                            runs: 1,
+                            created_unix: 0,
+                        })
+                        .collect(),
+                ),
+                Request::Delete { name } => match self.snaps.remove(&name) {
+                    Some(_) => Reply::Deleted { name },
+                    None => Reply::Error(ErrorReply::new(ErrorCode::NotFound, name)),
+                },
+            }
+        }
+    }
+
+    fn save(name: &str, first: u64, count: u64) -> Request {
+        Request::Save(SaveRequest {
+            name: name.into(),
+            pid: 7,
+            comm: "t".into(),
+            runs: vec![Run {
+                guest_phys_first_page: first,
+                count,
+                virt_addr: 0x1000,
+                present: true,
+            }],
+        })
+    }
+
+    fn replies(bytes: &[u8]) -> Vec<Reply> {
+        let mut fb = FrameBuffer::new();
+        fb.push(bytes).expect("push");
+        let mut v = Vec::new();
+        while let Some(f) = fb.next_frame().expect("reply frame") {
+            v.push(Reply::decode(&f).expect("reply"));
+        }
+        assert_eq!(fb.pending(), 0);
+        v
+    }
+
+    fn code(r: &Reply) -> ErrorCode {
+        match r {
+            Reply::Error(e) => e.code,
+            other => panic!("expected an error reply, got {other:?}"),
+        }
+    }
+
+    fn setup() -> (Arc<Mutex<FakeBackend>>, AgentService) {
+        let b = Arc::new(Mutex::new(FakeBackend::default()));
+        let svc = AgentService::new(b.clone(), 1000);
+        (b, svc)
+    }
+
+    #[test]
+    fn serves_requests_in_pieces() {
+        let (_, mut svc) = setup();
+        let mut stream = save("a", 10, 5).encode().expect("encode");
+        stream.extend(Request::List.encode().expect("encode"));
+        stream.extend(
+            Request::Delete { name: "a".into() }
+                .encode()
+                .expect("encode"),
+        );
+        let mut out = Vec::new();
+        for chunk in stream.chunks(3) {
+            assert!(svc.on_data(chunk, &mut out));
+        }
+        let r = replies(&out);
+        assert_eq!(r.len(), 3);
+        assert!(matches!(&r[0], Reply::Saved { pages: 5, .. }));
+        assert!(matches!(&r[1], Reply::List(l) if l.len() == 1 && l[0].name == "a"));
+        assert!(matches!(&r[2], Reply::Deleted { name } if name == "a"));
+    }
+
+    #[test]
+    fn invalid_requests_are_refused_and_service_continues() {
+        let (backend, mut svc) = setup();
+        let mut out = Vec::new();
+        // Runs outside guest RAM, a bad name, an undecodable payload behind a good header.
+        assert!(svc.on_data(&save("a", 999, 2).encode().expect("encode"), &mut out));
+        assert!(svc.on_data(&save(".x", 1, 1).encode().expect("encode"), &mut out));
+        let mut junk = FrameHeader {
+            kind: FrameKind::Request,
+            len: 2,
+        }
+        .to_bytes()
+        .to_vec();
+        junk.extend_from_slice(&[0xee, 0xee]);
+        assert!(svc.on_data(&junk, &mut out));
+        // A huge count.
+        assert!(svc.on_data(&save("b", 0, u64::MAX).encode().expect("encode"), &mut out));
+        // And a good request still works.
+        assert!(svc.on_data(&save("ok", 1, 1).encode().expect("encode"), &mut out));
+        let r = replies(&out);
+        let codes: Vec<_> = r[..4].iter().map(code).collect();
+        assert_eq!(
+            codes,
+            vec![
+                ErrorCode::RunOutOfRange,
+                ErrorCode::InvalidName,
+                ErrorCode::BadFrame,
+                ErrorCode::RunOutOfRange
+            ]
+        );
+        assert!(matches!(&r[4], Reply::Saved { .. }));
+        // Only the valid request reached the engine.
+        assert_eq!(backend.lock().expect("lock").calls, 1);
+    }
+
+    #[test]
+    fn bad_headers_close_the_connection() {
+        for (what, frame) in [
+            ("wrong version", {
+                let mut f = Request::List.encode().expect("encode");
+                f[4] = 9;
+                f
+            }),
+            ("garbage", b"GET / HTTP/1.1\r\n\r\n".to_vec()),
+            ("oversized", {
+                let mut f = Request::List.encode().expect("encode");
+                f[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+                f
+            }),
+        ] {
+            let (backend, mut svc) = setup();
+            let mut out = Vec::new();
+            assert!(!svc.on_data(&frame, &mut out), "{what}");
+            let r = replies(&out);
+            assert_eq!(r.len(), 1, "{what}");
+            let want = if what == "wrong version" {
+                ErrorCode::UnsupportedVersion
+            } else if what == "oversized" {
+                ErrorCode::TooLarge
+            } else {
+                ErrorCode::BadFrame
+            };
+            assert_eq!(code(&r[0]), want, "{what}");
+            assert_eq!(backend.lock().expect("lock").calls, 0);
+        }
+        // A reply frame sent to the service is a bad frame but framing is intact.
+        let (_, mut svc) = setup();
+        let mut out = Vec::new();
+        let f = Reply::Deleted { name: "x".into() }
+            .encode()
+            .expect("encode");
+        assert!(svc.on_data(&f, &mut out));
+        assert_eq!(code(&replies(&out)[0]), ErrorCode::BadFrame);
+        assert!(out.len() > HEADER_LEN);
+    }
+}
