@@ -15,17 +15,24 @@
 //!
 //! Rules for callers:
 //! - regions must be page aligned in address and length ([`PageBuffer`] is);
-//! - a region must stay mapped for the whole call. The library `mlock`s each region
-//!   during the call, which makes every page resident and private (a write fault on
-//!   writable private memory, never the shared zero page) and pins it, so the
-//!   guest-physical pages it reports cannot move before the VMM has acted; the regions
-//!   are unlocked again before the call returns (so `mlockall` users should re-lock);
-//! - `restore` writes nothing itself: the VMM copies the snapshot into the pinned pages
-//!   before it replies. Other threads must not use the regions during the call;
-//! - `save` records the content at the moment the VMM protects the pages (before it
-//!   replies); later writes by anyone are preserved copy-before-write by the VMM.
-//!
-//! `mlock` needs `CAP_IPC_LOCK` or a large enough `RLIMIT_MEMLOCK` (root in the guest).
+//! - a region must stay mapped, and other threads must leave it alone, for the whole
+//!   call;
+//! - `save` reads `/proc/self/pagemap` and sends the guest-physical runs; pages never
+//!   touched are recorded as absent (zero). It writes nothing. The content saved is the
+//!   content at the moment the VMM protects the pages (before it replies); later writes
+//!   by anyone are preserved copy-before-write by the VMM;
+//! - `restore` first makes every target page resident and private (`MADV_POPULATE_WRITE`,
+//!   only for pages that are absent, the zero page or shared copy-on-write), then sends
+//!   the runs; it writes no content itself: the VMM copies
+//!   the snapshot into those pages before it replies;
+//! - pinning ([`Pin`]): with the default [`Pin::Auto`] the regions are `mlock`ed for the
+//!   call only where the kernel could move pages ([`pages_can_move`]: swap,
+//!   compaction, THP, KSM, NUMA balancing), and unlocked before returning (so
+//!   `mlockall` users should lock again). The pmsnap guest kernel has none of these, so
+//!   there the library does not lock: under this host's emulation `mlock` plus
+//!   `munlock` of 64 MiB cost about 28 s of guest kernel time, a pagemap read about 2 s.
+//!   [`Pin::Mlock`] forces locking, which needs `CAP_IPC_LOCK` or a large enough
+//!   `RLIMIT_MEMLOCK`.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{compiler_fence, Ordering};
@@ -33,9 +40,9 @@ use std::time::{Duration, Instant};
 
 use crate::client::{call, ClientError, SocketTransport, Transport};
 use crate::ops::comm_of;
-use crate::pagemap::{Pagemap, PagemapError};
+use crate::pagemap::{is_private_resident, Pagemap, PagemapError};
 use crate::protocol::{
-    total_pages, validate_name, ProtocolError, Reply, Request, RestoreRequest, SaveRequest,
+    total_pages, validate_name, ProtocolError, Reply, Request, RestoreRequest, Run, SaveRequest,
     VirtRange, MAX_RUNS, PAGE_SIZE,
 };
 
@@ -82,15 +89,55 @@ pub enum AppError {
     Alloc(usize, std::io::Error),
 }
 
+/// How the library keeps the regions' guest-physical pages in place between reading
+/// the page map and the VMM's reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pin {
+    /// `mlock` the regions when this kernel can move pages ([`pages_can_move`]),
+    /// otherwise nothing: the caller is inside the call, so only its other threads
+    /// could change the mapping, which the rules forbid.
+    #[default]
+    Auto,
+    /// Always `mlock` (and `munlock` before returning).
+    Mlock,
+    /// Never lock.
+    None,
+}
+
+/// Options of [`save_with_options`] and [`restore_with_options`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Options {
+    /// Pinning policy.
+    pub pin: Pin,
+}
+
+/// Whether this kernel may move or drop a resident anonymous page behind a process's
+/// back: swap in use, memory compaction, transparent huge pages, KSM or NUMA balancing.
+/// The pmsnap guest kernel has none of them, so a page's frame stays put there and
+/// `mlock` (whose per-page kernel work costs seconds per 64 MiB under this host's
+/// emulation: measured 30 s for a save of 64 MiB with mlock and munlock) is not needed.
+pub fn pages_can_move() -> bool {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let swap_in_use = read("/proc/swaps").is_some_and(|s| s.lines().count() > 1);
+    let compaction = std::path::Path::new("/proc/sys/vm/compact_memory").exists();
+    let thp =
+        read("/sys/kernel/mm/transparent_hugepage/enabled").is_some_and(|s| !s.contains("[never]"));
+    let ksm = read("/sys/kernel/mm/ksm/run").is_some_and(|s| s.trim() != "0");
+    let numa = read("/proc/sys/kernel/numa_balancing").is_some_and(|s| s.trim() != "0");
+    swap_in_use || compaction || thp || ksm || numa
+}
+
 /// Result of a save.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SaveReport {
     /// Pages saved.
     pub pages: u64,
-    /// Pages the VMM counted as present.
+    /// Pages the VMM counted as present (the others were never touched: zero).
     pub present_pages: u64,
     /// Runs sent.
     pub runs: usize,
+    /// Whether the regions were locked during the call.
+    pub locked: bool,
     /// Duration of the whole call.
     pub elapsed: Duration,
 }
@@ -102,57 +149,80 @@ pub struct RestoreReport {
     pub pages: u64,
     /// Runs sent.
     pub runs: usize,
+    /// Pages that had to be made resident or private first.
+    pub touched: usize,
+    /// Whether the regions were locked during the call.
+    pub locked: bool,
     /// Duration of the whole call.
     pub elapsed: Duration,
 }
 
-/// Locks regions for the duration of a call; unlocks on drop (also on error paths).
-struct Locked(Vec<VirtRange>);
+/// Checked page-aligned regions, locked for the duration of a call when asked;
+/// unlocked on drop (also on error paths).
+struct Regions {
+    ranges: Vec<VirtRange>,
+    locked: bool,
+}
 
-impl Locked {
-    fn lock(regions: impl Iterator<Item = (u64, u64)>) -> Result<Self, AppError> {
-        let mut locked = Locked(Vec::new());
+impl Regions {
+    fn new(regions: impl Iterator<Item = (u64, u64)>, pin: Pin) -> Result<Self, AppError> {
+        let mut ranges = Vec::new();
         for (addr, len) in regions {
             if len == 0 || addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
                 return Err(AppError::Unaligned { addr, len });
             }
+            ranges.push(VirtRange {
+                start: addr,
+                end: addr + len,
+            });
+        }
+        let lock = match pin {
+            Pin::Auto => pages_can_move(),
+            Pin::Mlock => true,
+            Pin::None => false,
+        };
+        let mut out = Regions {
+            ranges: Vec::new(),
+            locked: lock,
+        };
+        for r in ranges {
+            let (addr, len) = (r.start, r.end - r.start);
             // SAFETY: mlock only changes residency of our own mapped region (the caller
             // holds a reference to it); it does not touch the content.
-            if unsafe { libc::mlock(addr as *const libc::c_void, len as usize) } != 0 {
+            if lock && unsafe { libc::mlock(addr as *const libc::c_void, len as usize) } != 0 {
                 return Err(AppError::Lock {
                     addr,
                     len,
                     source: std::io::Error::last_os_error(),
                 });
             }
-            locked.0.push(VirtRange {
-                start: addr,
-                end: addr + len,
-            });
+            // Pushed only once locked, so drop unlocks exactly what was locked.
+            out.ranges.push(r);
         }
-        Ok(locked)
+        Ok(out)
+    }
+
+    fn runs(&self) -> Result<Vec<Run>, AppError> {
+        let runs = Pagemap::open(std::process::id())?
+            .runs(&self.ranges)?
+            .finish();
+        if runs.len() > MAX_RUNS {
+            return Err(AppError::TooManyRuns(runs.len()));
+        }
+        Ok(runs)
     }
 }
 
-impl Drop for Locked {
+impl Drop for Regions {
     fn drop(&mut self) {
-        for r in &self.0 {
+        if !self.locked {
+            return;
+        }
+        for r in &self.ranges {
             // SAFETY: unlocking a region we locked; it is still mapped (borrowed).
             unsafe { libc::munlock(r.start as *const libc::c_void, (r.end - r.start) as usize) };
         }
     }
-}
-
-/// Translate the locked regions of this process into runs (all must be present).
-fn own_runs(locked: &Locked) -> Result<Vec<crate::protocol::Run>, AppError> {
-    let runs = Pagemap::open(std::process::id())?.runs(&locked.0)?.finish();
-    if let Some(r) = runs.iter().find(|r| !r.present) {
-        return Err(AppError::NotResident(r.virt_addr));
-    }
-    if runs.len() > MAX_RUNS {
-        return Err(AppError::TooManyRuns(runs.len()));
-    }
-    Ok(runs)
 }
 
 /// Save `regions` of the calling process under `name` through the VMM's snapshot
@@ -167,10 +237,24 @@ pub fn save_with(
     name: &str,
     regions: &[&[u8]],
 ) -> Result<SaveReport, AppError> {
+    save_with_options(t, name, regions, Options::default())
+}
+
+/// [`save`] over a given transport with options. Pages never touched are saved as
+/// absent (they read as zero and restore as zero); nothing is written.
+pub fn save_with_options(
+    t: &mut dyn Transport,
+    name: &str,
+    regions: &[&[u8]],
+    opts: Options,
+) -> Result<SaveReport, AppError> {
     let start = Instant::now();
     validate_name(name)?;
-    let locked = Locked::lock(regions.iter().map(|r| (r.as_ptr() as u64, r.len() as u64)))?;
-    let runs = own_runs(&locked)?;
+    let held = Regions::new(
+        regions.iter().map(|r| (r.as_ptr() as u64, r.len() as u64)),
+        opts.pin,
+    )?;
+    let runs = held.runs()?;
     let pid = std::process::id();
     let nruns = runs.len();
     let reply = call(
@@ -182,7 +266,8 @@ pub fn save_with(
             runs,
         }),
     )?;
-    drop(locked);
+    let locked = held.locked;
+    drop(held);
     match reply {
         Reply::Saved {
             pages,
@@ -192,6 +277,7 @@ pub fn save_with(
             pages,
             present_pages,
             runs: nruns,
+            locked,
             elapsed: start.elapsed(),
         }),
         other => Err(unexpected(&other)),
@@ -216,15 +302,78 @@ pub fn restore_with(
     name: &str,
     regions: &mut [&mut [u8]],
 ) -> Result<RestoreReport, AppError> {
+    restore_with_options(t, name, regions, Options::default())
+}
+
+/// Make every page of `regions` that is not private and resident (absent, the shared
+/// zero page, shared copy-on-write with a fork) resident and private without changing
+/// its content. Each stretch of such pages gets one `MADV_POPULATE_WRITE` (write faults
+/// taken inside the kernel: in the guest much cheaper than one user page fault per
+/// page); where that is unavailable (Linux before 5.14) or fails, one byte per page is
+/// read and written back in user mode. Returns how many pages were touched.
+fn touch_own(regions: &mut [&mut [u8]], ranges: &[VirtRange]) -> Result<usize, AppError> {
+    let pm = Pagemap::open(std::process::id())?;
+    let mut touched = 0;
+    for (region, r) in regions.iter_mut().zip(ranges) {
+        let entries = pm.entries(*r)?;
+        let mut i = 0;
+        while i < entries.len() {
+            if is_private_resident(entries[i]) {
+                i += 1;
+                continue;
+            }
+            let first = i;
+            while i < entries.len() && !is_private_resident(entries[i]) {
+                i += 1;
+            }
+            touched += i - first;
+            let page = PAGE_SIZE as usize;
+            let stretch = &mut region[first * page..i * page];
+            // SAFETY: populating pages of the caller's `&mut` region; the content does
+            // not change (it is what a write of the same bytes would leave).
+            let r = unsafe {
+                libc::madvise(
+                    stretch.as_mut_ptr().cast(),
+                    stretch.len(),
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            if r != 0 {
+                for off in (0..stretch.len()).step_by(page) {
+                    // Volatile, so the compiler cannot drop a store of the value just
+                    // loaded.
+                    let p: *mut u8 = &mut stretch[off];
+                    // SAFETY: p points into the caller's `&mut` region, valid for reads
+                    // and writes; the value written is the value read.
+                    unsafe { p.write_volatile(p.read_volatile()) };
+                }
+            }
+        }
+    }
+    Ok(touched)
+}
+
+/// [`restore`] over a given transport with options.
+pub fn restore_with_options(
+    t: &mut dyn Transport,
+    name: &str,
+    regions: &mut [&mut [u8]],
+    opts: Options,
+) -> Result<RestoreReport, AppError> {
     let start = Instant::now();
     validate_name(name)?;
     // Pointers from `&mut` borrows: the VMM writes these pages while we hold them.
-    let locked = Locked::lock(
+    let held = Regions::new(
         regions
             .iter_mut()
             .map(|r| (r.as_mut_ptr() as u64, r.len() as u64)),
+        opts.pin,
     )?;
-    let runs = own_runs(&locked)?;
+    let touched = touch_own(regions, &held.ranges)?;
+    let runs = held.runs()?;
+    if let Some(r) = runs.iter().find(|r| !r.present) {
+        return Err(AppError::NotResident(r.virt_addr));
+    }
     let (pages, nruns) = (total_pages(&runs), runs.len());
     let reply = call(
         t,
@@ -237,11 +386,14 @@ pub fn restore_with(
     // socket call ran); the regions' addresses escaped into that call, and this fence
     // keeps later reads from being moved before it.
     compiler_fence(Ordering::SeqCst);
-    drop(locked);
+    let locked = held.locked;
+    drop(held);
     match reply {
         Reply::Restored { pages: vmm, .. } if vmm == pages => Ok(RestoreReport {
             pages,
             runs: nruns,
+            touched,
+            locked,
             elapsed: start.elapsed(),
         }),
         other => Err(unexpected(&other)),
@@ -342,7 +494,7 @@ mod tests {
                 Request::Save(s) => Reply::Saved {
                     name: s.name.clone(),
                     pages: total_pages(&s.runs),
-                    present_pages: total_pages(&s.runs),
+                    present_pages: s.runs.iter().filter(|r| r.present).map(|r| r.count).sum(),
                 },
                 Request::Restore(r) if r.name == "missing" => {
                     Reply::Error(ErrorReply::new(ErrorCode::NotFound, "no snapshot missing"))
@@ -372,8 +524,10 @@ mod tests {
         let a = PageBuffer::new(16 * 4096).expect("alloc");
         let b = PageBuffer::new(3 * 4096).expect("alloc");
         let mut t = Recorder(Vec::new());
-        let rep = save_with(&mut t, "app-1", &[&a, &b]).expect("save");
+        let rep = save_with_options(&mut t, "app-1", &[&a, &b], Options { pin: Pin::Mlock })
+            .expect("save");
         assert_eq!(rep.pages, 19);
+        assert!(rep.locked);
         let Request::Save(s) = &t.0[0] else {
             panic!("not a save")
         };
@@ -394,6 +548,62 @@ mod tests {
             last.virt_addr + last.count * PAGE_SIZE,
             b.as_ptr() as u64 + b.len() as u64
         );
+    }
+
+    #[test]
+    fn unlocked_save_records_untouched_pages_as_absent() {
+        if !is_root() {
+            eprintln!("skipping: frame numbers need root");
+            return;
+        }
+        let mut a = PageBuffer::new(8 * 4096).expect("alloc");
+        for i in 0..4 {
+            a[i * 4096] = 1;
+        }
+        let mut t = Recorder(Vec::new());
+        let rep =
+            save_with_options(&mut t, "app-2", &[&a], Options { pin: Pin::None }).expect("save");
+        assert!(!rep.locked);
+        assert_eq!((rep.pages, rep.present_pages), (8, 4));
+        let Request::Save(s) = &t.0[0] else {
+            panic!("not a save")
+        };
+        let last = s.runs.last().expect("runs");
+        assert!(!last.present);
+        assert_eq!(last.count, 4);
+        assert_eq!(last.virt_addr, a.as_ptr() as u64 + 4 * 4096);
+        // Nothing was written or faulted in by the save.
+        assert!(a[4 * 4096..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn restore_touches_only_what_it_must() {
+        if !is_root() {
+            eprintln!("skipping: frame numbers need root");
+            return;
+        }
+        let mut a = PageBuffer::new(8 * 4096).expect("alloc");
+        for i in 0..3 {
+            a[i * 4096 + 5] = 9;
+        }
+        let mut t = Recorder(Vec::new());
+        let opts = Options { pin: Pin::None };
+        let rep = restore_with_options(&mut t, "r2", &mut [&mut a], opts).expect("restore");
+        assert_eq!((rep.pages, rep.touched), (8, 5));
+        let Request::Restore(r) = &t.0[0] else {
+            panic!("not a restore")
+        };
+        assert!(r
+            .runs
+            .iter()
+            .all(|r| r.present && r.guest_phys_first_page != 0));
+        // Content unchanged by the touching.
+        assert!(a
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| x == u8::from(i % 4096 == 5 && i < 3 * 4096) * 9));
+        let rep = restore_with_options(&mut t, "r2", &mut [&mut a], opts).expect("restore");
+        assert_eq!(rep.touched, 0, "all private and resident now");
     }
 
     #[test]

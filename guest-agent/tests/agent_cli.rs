@@ -608,9 +608,17 @@ fn dry_runs_need_no_vmm() {
             "lib-dry-run",
             "--mib",
             "2",
+            "--pin",
+            "none",
         ])
         .output()
         .expect("lib-dry-run");
     assert!(o.status.success(), "{}", stdout(&o));
-    assert!(stdout(&o).starts_with("memtest: ok lib-dry-run 2 MiB: save 512 pages"));
+    assert!(
+        stdout(&o).starts_with("memtest: ok lib-dry-run 2 MiB (locked false)"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("save 512 pages"));
+    assert!(stdout(&o).contains("fresh buffer (512 touched)"));
 }

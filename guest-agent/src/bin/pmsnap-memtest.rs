@@ -8,7 +8,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use guest_agent::app::{self, PageBuffer};
+use guest_agent::app::{self, Options, PageBuffer, Pin};
 use guest_agent::client::{call, DryRun, SocketTransport, Transport};
 use guest_agent::freeze::FreezeMethod;
 use guest_agent::ops::{copy_out_process, save_process};
@@ -73,6 +73,9 @@ enum Mode {
         /// Buffer size in MiB.
         #[arg(long, default_value_t = 64)]
         mib: usize,
+        /// Pinning: auto, mlock or none.
+        #[arg(long, default_value = "auto", value_parser = parse_pin)]
+        pin: Pin,
     },
     /// Check the memory of another process (via /proc/PID/mem) against a seed.
     Verify {
@@ -117,6 +120,15 @@ fn parse_freeze(s: &str) -> Result<FreezeMethod, String> {
         "cgroup-v2" => FreezeMethod::CgroupV2,
         "sigstop" => FreezeMethod::Signal,
         _ => return Err(format!("unknown freeze method {s:?}")),
+    })
+}
+
+fn parse_pin(s: &str) -> Result<Pin, String> {
+    Ok(match s {
+        "auto" => Pin::Auto,
+        "mlock" => Pin::Mlock,
+        "none" => Pin::None,
+        _ => return Err(format!("unknown pin policy {s:?}")),
     })
 }
 
@@ -206,8 +218,14 @@ fn run(cli: Cli) -> Result<(), String> {
                     .map_err(|e| format!("memtest: FAIL rm: {e}"))?;
             }
             println!(
-                "memtest: ok fill-save-restore {mib} MiB seed {seed} name {name}: save {} pages in {} runs {:.2} ms, restore {} pages {:.2} ms",
-                s.pages, s.runs, ms(s.elapsed), r.pages, ms(r.elapsed)
+                "memtest: ok fill-save-restore {mib} MiB seed {seed} name {name}: save {} pages in {} runs \
+                 {:.2} ms, restore {} pages {:.2} ms (locked {})",
+                s.pages,
+                s.runs,
+                ms(s.elapsed),
+                r.pages,
+                ms(r.elapsed),
+                s.locked
             );
         }
         Mode::RestoreCheck { mib, seed, name } => {
@@ -217,28 +235,40 @@ fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|e| format!("memtest: FAIL restore: {e}"))?;
             check(&buf, seed, "restore")?;
             println!(
-                "memtest: ok restore-check {mib} MiB seed {seed} name {name}: {} pages in {} runs {:.2} ms",
+                "memtest: ok restore-check {mib} MiB seed {seed} name {name}: {} pages ({} touched) in {} runs \
+                 {:.2} ms",
                 r.pages,
+                r.touched,
                 r.runs,
                 ms(r.elapsed)
             );
         }
-        Mode::LibDryRun { mib } => {
+        Mode::LibDryRun { mib, pin } => {
+            let opts = Options { pin };
             let mut buf = PageBuffer::populated(mib << 20).map_err(|e| e.to_string())?;
             fill(&mut buf, 1, false);
-            let s = app::save_with(&mut DryRun, "dry-run", &[&buf])
+            let s = app::save_with_options(&mut DryRun, "dry-run", &[&buf], opts)
                 .map_err(|e| format!("memtest: FAIL save: {e}"))?;
-            let r = app::restore_with(&mut DryRun, "dry-run", &mut [&mut buf])
+            let r = app::restore_with_options(&mut DryRun, "dry-run", &mut [&mut buf], opts)
                 .map_err(|e| format!("memtest: FAIL restore: {e}"))?;
             // Nothing was restored, so the content must be what was filled.
             check(&buf, 1, "dry run")?;
+            // And into a fresh buffer, whose pages must all be made resident first.
+            let mut fresh = PageBuffer::new(mib << 20).map_err(|e| e.to_string())?;
+            let f = app::restore_with_options(&mut DryRun, "dry-run", &mut [&mut fresh], opts)
+                .map_err(|e| format!("memtest: FAIL restore: {e}"))?;
             println!(
-                "memtest: ok lib-dry-run {mib} MiB: save {} pages in {} runs {:.2} ms, restore {} pages {:.2} ms",
+                "memtest: ok lib-dry-run {mib} MiB (locked {}): save {} pages in {} runs {:.2} ms, \
+                 restore {} pages ({} touched) {:.2} ms, restore into a fresh buffer ({} touched) {:.2} ms",
+                s.locked,
                 s.pages,
                 s.runs,
                 ms(s.elapsed),
                 r.pages,
-                ms(r.elapsed)
+                r.touched,
+                ms(r.elapsed),
+                f.touched,
+                ms(f.elapsed)
             );
         }
         Mode::Hold { mib, seed } => {
