@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::{call, ClientError, SocketTransport, Transport};
 use crate::ops::comm_of;
-use crate::pagemap::{is_private_resident, Pagemap, PagemapError};
+use crate::pagemap::{is_private_resident, Pagemap, PagemapError, RunBuilder};
 use crate::protocol::{
     total_pages, validate_name, ProtocolError, Reply, Request, RestoreRequest, Run, SaveRequest,
     VirtRange, MAX_RUNS, PAGE_SIZE,
@@ -310,12 +310,18 @@ pub fn restore_with(
 /// its content. Each stretch of such pages gets one `MADV_POPULATE_WRITE` (write faults
 /// taken inside the kernel: in the guest much cheaper than one user page fault per
 /// page); where that is unavailable (Linux before 5.14) or fails, one byte per page is
-/// read and written back in user mode. Returns how many pages were touched.
-fn touch_own(regions: &mut [&mut [u8]], ranges: &[VirtRange]) -> Result<usize, AppError> {
+/// read and written back in user mode. Returns the runs of the regions afterwards and
+/// how many pages were touched.
+fn touch_own(
+    regions: &mut [&mut [u8]],
+    ranges: &[VirtRange],
+) -> Result<(Vec<Run>, usize), AppError> {
     let pm = Pagemap::open(std::process::id())?;
     let mut touched = 0;
+    let mut runs = RunBuilder::new();
     for (region, r) in regions.iter_mut().zip(ranges) {
         let entries = pm.entries(*r)?;
+        let before = touched;
         let mut i = 0;
         while i < entries.len() {
             if is_private_resident(entries[i]) {
@@ -349,8 +355,19 @@ fn touch_own(regions: &mut [&mut [u8]], ranges: &[VirtRange]) -> Result<usize, A
                 }
             }
         }
+        // Read the page map again only where pages were touched (each read is a
+        // page-table walk in the slow guest kernel).
+        if touched == before {
+            runs.push_entries(r.start, &entries)?;
+        } else {
+            runs.push_entries(r.start, &pm.entries(*r)?)?;
+        }
     }
-    Ok(touched)
+    let runs = runs.finish();
+    if runs.len() > MAX_RUNS {
+        return Err(AppError::TooManyRuns(runs.len()));
+    }
+    Ok((runs, touched))
 }
 
 /// [`restore`] over a given transport with options.
@@ -369,8 +386,7 @@ pub fn restore_with_options(
             .map(|r| (r.as_mut_ptr() as u64, r.len() as u64)),
         opts.pin,
     )?;
-    let touched = touch_own(regions, &held.ranges)?;
-    let runs = held.runs()?;
+    let (runs, touched) = touch_own(regions, &held.ranges)?;
     if let Some(r) = runs.iter().find(|r| !r.present) {
         return Err(AppError::NotResident(r.virt_addr));
     }
