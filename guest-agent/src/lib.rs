@@ -1,9 +1,13 @@
-//! pmsnap guest agent library: the agent protocol shared with the VMM, and the
-//! application-facing save/restore calls.
+//! pmsnap guest agent library: the agent protocol shared with the VMM, the transport
+//! to the VMM's snapshot service, page-map translation, process freezing, the agent's
+//! operations, and the application-facing save/restore calls ([`app`]).
 
 /// Version string of the agent, printed by `pmsnap-agent --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+pub mod app;
+pub mod client;
 pub mod freeze;
+pub mod ops;
 pub mod pagemap;
 pub mod protocol;

@@ -49,6 +49,8 @@ pub const MAX_MESSAGE_LEN: usize = 1024;
 pub const MAX_LIST_ENTRIES: usize = 4096;
 /// Guest page size the runs are counted in.
 pub const PAGE_SIZE: u64 = 4096;
+/// Most virtual ranges in one [`AgentRequest::SnapshotProcess`].
+pub const MAX_RANGES: usize = 1024;
 
 /// Errors of encoding, decoding and validating frames.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -429,6 +431,67 @@ impl Request {
             }
             Request::List => Ok(()),
             Request::Delete { name } => validate_name(name),
+        }
+    }
+}
+
+/// A virtual address range `[start, end)` of a guest process, page aligned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtRange {
+    /// First byte (page aligned).
+    pub start: u64,
+    /// One past the last byte (page aligned, above `start`).
+    pub end: u64,
+}
+
+/// A request from the VMM to the guest agent (on [`AGENT_PORT`]). The agent answers
+/// with one [`Reply`]: `Saved` on success, `Error` otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentRequest {
+    /// Freeze process `pid`, save `ranges` (all writable private mappings when empty)
+    /// under `name` through the snapshot service, thaw it.
+    SnapshotProcess {
+        /// Snapshot name.
+        name: String,
+        /// Guest pid.
+        pid: u32,
+        /// Ranges to save; empty means the agent's default selection.
+        ranges: Vec<VirtRange>,
+    },
+}
+
+impl AgentRequest {
+    /// Encode as one request frame.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        encode_frame(FrameKind::Request, self)
+    }
+
+    /// Decode exactly one request frame.
+    pub fn decode(frame: &[u8]) -> Result<Self, ProtocolError> {
+        decode_frame(FrameKind::Request, frame)
+    }
+
+    /// Check the fields (the agent does not trust the other end either).
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        match self {
+            AgentRequest::SnapshotProcess { name, ranges, .. } => {
+                validate_name(name)?;
+                if ranges.len() > MAX_RANGES {
+                    return Err(ProtocolError::BadRun {
+                        index: MAX_RANGES,
+                        reason: "more ranges than MAX_RANGES",
+                    });
+                }
+                for (index, r) in ranges.iter().enumerate() {
+                    if r.start % PAGE_SIZE != 0 || r.end % PAGE_SIZE != 0 || r.end <= r.start {
+                        return Err(ProtocolError::BadRun {
+                            index,
+                            reason: "range empty or not page aligned",
+                        });
+                    }
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -912,6 +975,65 @@ mod tests {
         let from: ErrorReply = (&ProtocolError::UnsupportedVersion { got: 3 }).into();
         assert_eq!(from.code, ErrorCode::UnsupportedVersion);
         assert!(from.message.contains('3'));
+    }
+
+    #[test]
+    fn agent_request_round_trip_and_validation() {
+        let ok = AgentRequest::SnapshotProcess {
+            name: "p1".into(),
+            pid: 7,
+            ranges: vec![VirtRange {
+                start: 0x1000,
+                end: 0x3000,
+            }],
+        };
+        let f = ok.encode().expect("encode");
+        assert_eq!(AgentRequest::decode(&f).expect("decode"), ok);
+        assert_eq!(ok.validate(), Ok(()));
+        let bad = AgentRequest::SnapshotProcess {
+            name: "p1".into(),
+            pid: 7,
+            ranges: vec![VirtRange {
+                start: 0x3000,
+                end: 0x3000,
+            }],
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(ProtocolError::BadRun { index: 0, .. })
+        ));
+        let bad_name = AgentRequest::SnapshotProcess {
+            name: "a/b".into(),
+            pid: 7,
+            ranges: vec![],
+        };
+        assert!(matches!(
+            bad_name.validate(),
+            Err(ProtocolError::InvalidName(_))
+        ));
+        let too_many = AgentRequest::SnapshotProcess {
+            name: "p1".into(),
+            pid: 7,
+            ranges: vec![
+                VirtRange {
+                    start: 0x1000,
+                    end: 0x2000
+                };
+                MAX_RANGES + 1
+            ],
+        };
+        assert!(matches!(
+            too_many.validate(),
+            Err(ProtocolError::BadRun {
+                index: MAX_RANGES,
+                ..
+            })
+        ));
+        // A reply frame is not an agent request.
+        let r = Reply::Deleted { name: "a".into() }
+            .encode()
+            .expect("encode");
+        assert_eq!(AgentRequest::decode(&r), Err(ProtocolError::BadKind(2)));
     }
 
     #[test]

@@ -1,0 +1,464 @@
+//! `pmsnap-memtest`: the guest test program for process snapshots. Fills memory with a
+//! pattern derived from a seed (user-mode work, cheap in the guest), saves and restores
+//! it through the library or the agent, and checks every byte. See docs/agent.md.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use guest_agent::app::{self, Options, PageBuffer, Pin};
+use guest_agent::client::{call, DryRun, SocketTransport, Transport};
+use guest_agent::freeze::FreezeMethod;
+use guest_agent::ops::{copy_out_process, save_process};
+use guest_agent::protocol::{Request, VirtRange};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pmsnap-memtest",
+    version,
+    about = "pmsnap guest memory test program"
+)]
+struct Cli {
+    /// Test only: snapshot service endpoint (`unix:PATH`); env PMSNAP_TRANSPORT.
+    #[arg(long, global = true, hide = true)]
+    transport: Option<String>,
+    #[command(subcommand)]
+    command: Mode,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Fill, save (library), scribble over all of it, restore (library), check.
+    FillSaveRestore {
+        /// Buffer size in MiB.
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+        /// Pattern seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Snapshot name.
+        #[arg(long)]
+        name: String,
+        /// Delete the snapshot at the end (default: keep it for restore-check).
+        #[arg(long)]
+        rm: bool,
+    },
+    /// Restore snapshot NAME into a fresh buffer of this fresh process and check it.
+    RestoreCheck {
+        /// Buffer size in MiB.
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+        /// Seed the snapshot was filled with.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Snapshot name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Fill a buffer, print `memtest: hold pid P range START-END`, and sleep (for
+    /// `pmsnap-agent save --pid`).
+    Hold {
+        /// Buffer size in MiB.
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+        /// Pattern seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Time the library's save and restore calls on a filled buffer without a VMM
+    /// (lock, translate, build and check the request, unlock): the guest-side cost.
+    LibDryRun {
+        /// Buffer size in MiB.
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+        /// Pinning: auto, mlock or none.
+        #[arg(long, default_value = "auto", value_parser = parse_pin)]
+        pin: Pin,
+    },
+    /// Check the memory of another process (via /proc/PID/mem) against a seed.
+    Verify {
+        /// Process id.
+        #[arg(long)]
+        pid: u32,
+        /// Start address in hex.
+        #[arg(long, value_parser = parse_hex)]
+        addr: u64,
+        /// Size in MiB.
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+        /// Expected seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Measure the save pause against copying the same pages out, per size.
+    Bench {
+        /// Sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
+        sizes: Vec<usize>,
+        /// Directory for the copy-out file (tmpfs).
+        #[arg(long, default_value = "/tmp")]
+        dir: std::path::PathBuf,
+        /// Print one JSON line per size.
+        #[arg(long)]
+        json: bool,
+        /// Freeze method: auto, cgroup-v1, cgroup-v2 or sigstop.
+        #[arg(long, default_value = "auto", value_parser = parse_freeze)]
+        freeze: FreezeMethod,
+        /// Save without a VMM (the agent's own share of the pause; see
+        /// `pmsnap-agent save --dry-run`).
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn parse_freeze(s: &str) -> Result<FreezeMethod, String> {
+    Ok(match s {
+        "auto" => FreezeMethod::Auto,
+        "cgroup-v1" => FreezeMethod::CgroupV1,
+        "cgroup-v2" => FreezeMethod::CgroupV2,
+        "sigstop" => FreezeMethod::Signal,
+        _ => return Err(format!("unknown freeze method {s:?}")),
+    })
+}
+
+fn parse_pin(s: &str) -> Result<Pin, String> {
+    Ok(match s {
+        "auto" => Pin::Auto,
+        "mlock" => Pin::Mlock,
+        "none" => Pin::None,
+        _ => return Err(format!("unknown pin policy {s:?}")),
+    })
+}
+
+fn parse_hex(s: &str) -> Result<u64, String> {
+    let x = s.strip_prefix("0x").unwrap_or(s);
+    u64::from_str_radix(x, 16).map_err(|_| format!("{s:?} is not hex"))
+}
+
+/// splitmix64: a cheap, well-mixed word for each (seed, index).
+fn word(seed: u64, i: u64) -> u64 {
+    let mut z = seed
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(i.wrapping_mul(0xbf58_476d_1ce4_e5b9))
+        .wrapping_add(0x94d0_49bb_1331_11eb);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn fill(buf: &mut [u8], seed: u64, invert: bool) {
+    let mask = if invert { u64::MAX } else { 0 };
+    for (i, c) in buf.chunks_exact_mut(8).enumerate() {
+        c.copy_from_slice(&(word(seed, i as u64) ^ mask).to_le_bytes());
+    }
+}
+
+/// Offset, got and want of the first byte that differs from the pattern.
+fn first_bad(buf: &[u8], seed: u64, base_index: u64) -> Option<(usize, u8, u8)> {
+    for (i, c) in buf.chunks_exact(8).enumerate() {
+        let want = word(seed, base_index + i as u64).to_le_bytes();
+        if c != want {
+            let j = (0..8).find(|&j| c[j] != want[j]).unwrap_or(0);
+            return Some((i * 8 + j, c[j], want[j]));
+        }
+    }
+    None
+}
+
+fn check(buf: &[u8], seed: u64, what: &str) -> Result<(), String> {
+    match first_bad(buf, seed, 0) {
+        None => Ok(()),
+        Some((off, got, want)) => Err(format!(
+            "memtest: FAIL first bad byte at offset {off:#x} (addr {:#x}) after {what}: got {got:#04x} want {want:#04x}",
+            buf.as_ptr() as u64 + off as u64
+        )),
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn transport(t: Option<&str>) -> Result<SocketTransport, String> {
+    match t {
+        Some(s) => Ok(SocketTransport::new(s.parse().map_err(|e| format!("{e}"))?)),
+        None => SocketTransport::from_env().map_err(|e| e.to_string()),
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let t = cli.transport.as_deref();
+    match cli.command {
+        Mode::FillSaveRestore {
+            mib,
+            seed,
+            name,
+            rm,
+        } => {
+            let mut tr = transport(t)?;
+            let mut buf = PageBuffer::populated(mib << 20).map_err(|e| e.to_string())?;
+            fill(&mut buf, seed, false);
+            let s = app::save_with(&mut tr, &name, &[&buf])
+                .map_err(|e| format!("memtest: FAIL save: {e}"))?;
+            fill(&mut buf, seed, true);
+            // The scribble must have hit every byte, or the check below proves nothing.
+            if buf.iter().step_by(4093).zip(0..).any(|(&b, k)| {
+                let off = k * 4093;
+                b == word(seed, (off / 8) as u64).to_le_bytes()[off % 8]
+            }) {
+                return Err("memtest: FAIL scribble did not change the buffer".into());
+            }
+            let r = app::restore_with(&mut tr, &name, &mut [&mut buf])
+                .map_err(|e| format!("memtest: FAIL restore: {e}"))?;
+            check(&buf, seed, "restore")?;
+            if rm {
+                call(&mut tr, &Request::Delete { name: name.clone() })
+                    .map_err(|e| format!("memtest: FAIL rm: {e}"))?;
+            }
+            println!(
+                "memtest: ok fill-save-restore {mib} MiB seed {seed} name {name}: save {} pages in {} runs \
+                 {:.2} ms, restore {} pages {:.2} ms (locked {})",
+                s.pages,
+                s.runs,
+                ms(s.elapsed),
+                r.pages,
+                ms(r.elapsed),
+                s.locked
+            );
+        }
+        Mode::RestoreCheck { mib, seed, name } => {
+            let mut tr = transport(t)?;
+            let mut buf = PageBuffer::new(mib << 20).map_err(|e| e.to_string())?;
+            let r = app::restore_with(&mut tr, &name, &mut [&mut buf])
+                .map_err(|e| format!("memtest: FAIL restore: {e}"))?;
+            check(&buf, seed, "restore")?;
+            println!(
+                "memtest: ok restore-check {mib} MiB seed {seed} name {name}: {} pages ({} touched) in {} runs \
+                 {:.2} ms",
+                r.pages,
+                r.touched,
+                r.runs,
+                ms(r.elapsed)
+            );
+        }
+        Mode::LibDryRun { mib, pin } => {
+            let opts = Options { pin };
+            let mut buf = PageBuffer::populated(mib << 20).map_err(|e| e.to_string())?;
+            fill(&mut buf, 1, false);
+            let s = app::save_with_options(&mut DryRun, "dry-run", &[&buf], opts)
+                .map_err(|e| format!("memtest: FAIL save: {e}"))?;
+            let r = app::restore_with_options(&mut DryRun, "dry-run", &mut [&mut buf], opts)
+                .map_err(|e| format!("memtest: FAIL restore: {e}"))?;
+            // Nothing was restored, so the content must be what was filled.
+            check(&buf, 1, "dry run")?;
+            // And into a fresh buffer, whose pages must all be made resident first.
+            let mut fresh = PageBuffer::new(mib << 20).map_err(|e| e.to_string())?;
+            let f = app::restore_with_options(&mut DryRun, "dry-run", &mut [&mut fresh], opts)
+                .map_err(|e| format!("memtest: FAIL restore: {e}"))?;
+            println!(
+                "memtest: ok lib-dry-run {mib} MiB (locked {}): save {} pages in {} runs {:.2} ms, \
+                 restore {} pages ({} touched) {:.2} ms, restore into a fresh buffer ({} touched) {:.2} ms",
+                s.locked,
+                s.pages,
+                s.runs,
+                ms(s.elapsed),
+                r.pages,
+                r.touched,
+                ms(r.elapsed),
+                f.touched,
+                ms(f.elapsed)
+            );
+        }
+        Mode::Hold { mib, seed } => {
+            let mut buf = PageBuffer::populated(mib << 20).map_err(|e| e.to_string())?;
+            fill(&mut buf, seed, false);
+            let start = buf.as_ptr() as u64;
+            println!(
+                "memtest: hold pid {} range {start:#x}-{:#x}",
+                std::process::id(),
+                start + buf.len() as u64
+            );
+            let _ = std::io::stdout().flush();
+            loop {
+                // SAFETY: pause has no preconditions; it returns on any signal.
+                unsafe { libc::pause() };
+            }
+        }
+        Mode::Verify {
+            pid,
+            addr,
+            mib,
+            seed,
+        } => {
+            let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+                .map_err(|e| format!("memtest: FAIL open /proc/{pid}/mem: {e}"))?;
+            let chunk = 1 << 20;
+            let mut buf = vec![0u8; chunk];
+            for k in 0..mib {
+                let at = addr + (k * chunk) as u64;
+                mem.read_exact_at(&mut buf, at)
+                    .map_err(|e| format!("memtest: FAIL read {at:#x}: {e}"))?;
+                if let Some((off, got, want)) = first_bad(&buf, seed, (k * chunk / 8) as u64) {
+                    return Err(format!(
+                        "memtest: FAIL first bad byte at offset {:#x} (addr {:#x}) of pid {pid}: got {got:#04x} want {want:#04x}",
+                        k * chunk + off,
+                        at + off as u64
+                    ));
+                }
+            }
+            println!("memtest: ok verify pid {pid} {mib} MiB seed {seed}");
+        }
+        Mode::Bench {
+            sizes,
+            dir,
+            json,
+            freeze,
+            dry_run,
+        } => {
+            let mut tr: Box<dyn Transport> = if dry_run {
+                Box::new(DryRun)
+            } else {
+                Box::new(transport(t)?)
+            };
+            bench(tr.as_mut(), &sizes, &dir, json, freeze)?
+        }
+    }
+    Ok(())
+}
+
+/// A `hold` child, killed on drop.
+struct Holder {
+    child: std::process::Child,
+    pid: u32,
+    range: VirtRange,
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_holder(mib: usize, seed: u64) -> Result<Holder, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args([
+            "hold",
+            "--mib",
+            &mib.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn hold: {e}"))?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    // "memtest: hold pid P range S-E"
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let parsed = (|| {
+        let pid = w.get(3)?.parse().ok()?;
+        let (s, e) = w.get(5)?.split_once('-')?;
+        Some((pid, parse_hex(s).ok()?, parse_hex(e).ok()?))
+    })();
+    let Some((pid, start, end)) = parsed else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("bad hold output {line:?}"));
+    };
+    Ok(Holder {
+        child,
+        pid,
+        range: VirtRange { start, end },
+    })
+}
+
+fn bench(
+    tr: &mut dyn Transport,
+    sizes: &[usize],
+    dir: &std::path::Path,
+    json: bool,
+    freeze: FreezeMethod,
+) -> Result<(), String> {
+    for &mib in sizes {
+        let started = Instant::now();
+        let h = spawn_holder(mib, mib as u64)?;
+        let fill_ms = ms(started.elapsed());
+        let name = format!("memtest-bench-{}-{mib}", std::process::id());
+        let s = save_process(tr, h.pid, &[h.range], &name, freeze)
+            .map_err(|e| format!("bench save {mib} MiB: {e}"))?;
+        let _ = call(tr, &Request::Delete { name });
+        let out = dir.join(format!("pmsnap-memtest-copy-{}", std::process::id()));
+        let c = copy_out_process(h.pid, &[h.range], &out, freeze);
+        let _ = std::fs::remove_file(&out);
+        let c = c.map_err(|e| format!("bench copy {mib} MiB: {e}"))?;
+        let ratio = c.pause_us as f64 / s.pause_us.max(1) as f64;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "mib": mib, "save_pause_us": s.pause_us, "save_runs": s.runs,
+                    "copy_pause_us": c.pause_us, "copy_bytes": c.bytes,
+                    "copy_over_save": ratio, "freeze": s.freeze, "fill_ms": fill_ms,
+                    "save_phases": s.phases,
+                })
+            );
+        } else {
+            println!(
+                "bench: {mib} MiB resident: save pause {:.3} ms ({} runs, {}: freeze {:.3} map {:.3} vmm {:.3} thaw {:.3}), copy-out pause {:.3} ms, copy/save {:.1}x",
+                s.pause_us as f64 / 1000.0,
+                s.runs,
+                s.freeze,
+                s.phases.freeze_us as f64 / 1000.0,
+                s.phases.map_us as f64 / 1000.0,
+                s.phases.vmm_us as f64 / 1000.0,
+                s.phases.thaw_us as f64 / 1000.0,
+                c.pause_us as f64 / 1000.0,
+                ratio
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if e.starts_with("memtest:") {
+                println!("{e}");
+            } else {
+                println!("memtest: FAIL {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_checks() {
+        let mut b = vec![0u8; 4096 * 3];
+        fill(&mut b, 9, false);
+        assert_eq!(first_bad(&b, 9, 0), None);
+        assert!(first_bad(&b, 10, 0).is_some());
+        b[5000] ^= 1;
+        assert_eq!(first_bad(&b, 9, 0).map(|x| x.0), Some(5000));
+        // The inverted pattern differs in every byte.
+        let mut c = vec![0u8; 4096];
+        fill(&mut c, 9, true);
+        assert!(c.iter().zip(&b).all(|(x, y)| x != y));
+        // Index-based: a slice in the middle checks with its base index.
+        fill(&mut b, 9, false);
+        assert_eq!(first_bad(&b[4096..], 9, 512), None);
+    }
+}
