@@ -288,6 +288,41 @@ impl Guest {
     }
 
     /// Close the console input (EOF on the VMM's stdin).
+    /// Type `cmd` on the guest shell and wait for it to finish: returns what it printed
+    /// (the console lines after the echoed command) and its exit status, or `None` on
+    /// timeout.
+    pub fn run(&mut self, cmd: &str, timeout: Duration) -> Option<(String, i32)> {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // The marker is built by the shell, so the echoed command line never matches.
+        let tag = format!("rc{n}-");
+        let from = self.output_len();
+        self.send_line(&format!("{cmd}; echo {tag}\"$?\"-end"));
+        let done = |t: &str| {
+            t.lines()
+                .any(|l| l.trim_start().starts_with(&tag) && l.trim_end().ends_with("-end"))
+        };
+        self.wait_until(from, timeout, done)?;
+        let out = self.output();
+        let text = &out[from.min(out.len())..];
+        let mut lines = text.lines().skip(1); // the echoed command
+        let mut printed = String::new();
+        for l in lines.by_ref() {
+            let l = l.trim_start();
+            if let Some(rest) = l.strip_prefix(&tag) {
+                let rc = rest
+                    .trim_end()
+                    .trim_end_matches("-end")
+                    .parse()
+                    .unwrap_or(-1);
+                return Some((printed, rc));
+            }
+            printed.push_str(l);
+            printed.push('\n');
+        }
+        None
+    }
+
     pub fn close_stdin(&mut self) {
         self.stdin = None;
     }

@@ -53,6 +53,7 @@ pub fn attach_vsock(
         reason,
     };
     let mut vsock = Vsock::new(GUEST_CID, uds_path).map_err(|e| err(e.to_string()))?;
+    engine.set_agent_socket(uds_path.to_path_buf());
     let service = Arc::new(Mutex::new(ProcessService::new(engine, mem_bytes)));
     vsock
         .register_service(

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use super::error::ApiError;
 use super::name::validate_snapshot_name;
 use super::types::{
-    ApiRequest, PageRun, PagesSnapshotRequest, MAX_LABELS, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN,
-    MAX_RUNS, PAGE_SIZE,
+    ApiRequest, PageRun, PagesSnapshotRequest, ProcessSnapshotRequest, MAX_LABELS,
+    MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_RANGES, MAX_RUNS, PAGE_SIZE,
 };
 
 /// Path parameters captured by a route pattern's `{name}` segments.
@@ -74,6 +74,10 @@ pub const ROUTES: &[Route] = &[
     Route {
         pattern: "/v1/stats",
         methods: &[("GET", parse_stats)],
+    },
+    Route {
+        pattern: "/v1/process-snapshots",
+        methods: &[("POST", parse_snapshot_process)],
     },
 ];
 
@@ -227,6 +231,30 @@ fn parse_create_pages(_: &Params, body: &[u8]) -> Result<ApiRequest, ApiError> {
     Ok(ApiRequest::CreatePagesSnapshot(req))
 }
 
+fn parse_snapshot_process(_: &Params, body: &[u8]) -> Result<ApiRequest, ApiError> {
+    let req: ProcessSnapshotRequest =
+        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    validate_snapshot_name(&req.name).map_err(|e| ApiError::invalid_name(&req.name, e))?;
+    if req.pid == 0 {
+        return Err(ApiError::BadRequest("pid 0 is not a process".into()));
+    }
+    if req.ranges.len() > MAX_RANGES {
+        return Err(ApiError::BadRequest(format!(
+            "{} ranges given; at most {MAX_RANGES} are accepted",
+            req.ranges.len()
+        )));
+    }
+    for r in &req.ranges {
+        if r.start >= r.end || r.start % PAGE_SIZE != 0 || r.end % PAGE_SIZE != 0 {
+            return Err(ApiError::BadRequest(format!(
+                "range {:#x}-{:#x} is empty or not page aligned",
+                r.start, r.end
+            )));
+        }
+    }
+    Ok(ApiRequest::SnapshotProcess(req))
+}
+
 /// Check a list of page runs and return it sorted by `first_page`.
 ///
 /// Refused: no runs, more than [`MAX_RUNS`], a zero count, a run whose end page or end
@@ -316,6 +344,50 @@ pub fn validate_labels(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_snapshot_requests_are_checked() {
+        let ok = parse_request(
+            "POST",
+            "/v1/process-snapshots",
+            br#"{"name":"p1","pid":42,"ranges":[{"start":4096,"end":8192}]}"#,
+        )
+        .expect("valid");
+        assert!(
+            matches!(ok, ApiRequest::SnapshotProcess(ref r) if r.pid == 42 && r.ranges.len() == 1)
+        );
+        let no_ranges = parse_request("POST", "/v1/process-snapshots", br#"{"name":"p","pid":1}"#);
+        assert!(matches!(no_ranges, Ok(ApiRequest::SnapshotProcess(ref r)) if r.ranges.is_empty()));
+        for (body, status) in [
+            (&br#"{"name":"p","pid":0}"#[..], 400),
+            (
+                br#"{"name":"p","pid":1,"ranges":[{"start":1,"end":4096}]}"#,
+                400,
+            ),
+            (
+                br#"{"name":"p","pid":1,"ranges":[{"start":8192,"end":4096}]}"#,
+                400,
+            ),
+            (br#"{"name":"../p","pid":1}"#, 400),
+            (br#"{"name":"p"}"#, 400),
+            (br#"{"name":"p","pid":1,"extra":1}"#, 400),
+        ] {
+            let e = parse_request("POST", "/v1/process-snapshots", body).expect_err("refused");
+            assert_eq!(e.status(), status, "{}", String::from_utf8_lossy(body));
+        }
+        let many = format!(
+            r#"{{"name":"p","pid":1,"ranges":[{}]}}"#,
+            vec![r#"{"start":0,"end":4096}"#; MAX_RANGES + 1].join(",")
+        );
+        assert_eq!(
+            parse_request("POST", "/v1/process-snapshots", many.as_bytes())
+                .expect_err("too many")
+                .status(),
+            400
+        );
+        let e = parse_request("GET", "/v1/process-snapshots", b"").expect_err("GET");
+        assert_eq!(e.status(), 405);
+    }
 
     fn ok(method: &str, target: &str, body: &str) -> ApiRequest {
         parse_request(method, target, body.as_bytes())

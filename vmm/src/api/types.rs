@@ -94,7 +94,35 @@ pub enum ApiRequest {
     },
     /// `GET /v1/stats`. Answer [`ApiResponse::Stats`].
     Stats,
+    /// Ask the guest agent for a snapshot of a guest process (VMM -> agent -> VMM).
+    SnapshotProcess(ProcessSnapshotRequest),
 }
+
+/// Body of `POST /v1/process-snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSnapshotRequest {
+    /// Snapshot name.
+    pub name: String,
+    /// Guest pid.
+    pub pid: u32,
+    /// Virtual ranges to save; empty: every writable private mapping of the process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<VirtRange>,
+}
+
+/// A guest virtual address range `[start, end)`, page aligned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtRange {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+}
+
+/// Most ranges in one process snapshot request.
+pub const MAX_RANGES: usize = 1024;
 
 /// Run state of the VM's vCPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,8 +12,8 @@ use clap::{Args, Subcommand};
 
 use crate::api::client::{decode, snapshot_path, ApiClient, ClientError};
 use crate::api::{
-    ApiStats, Deleted, DirtyPages, PageRun, PagesSnapshotRequest, SnapshotInfo, SnapshotList,
-    VmStatus, PAGE_SIZE,
+    ApiStats, Deleted, DirtyPages, PageRun, PagesSnapshotRequest, ProcessSnapshotRequest,
+    SnapshotInfo, SnapshotList, VirtRange, VmStatus, PAGE_SIZE,
 };
 
 /// Arguments of `pmsnap ctl`.
@@ -71,6 +71,31 @@ pub enum CtlCommand {
     },
     /// Show copy-before-write and store statistics.
     Stats,
+    /// Snapshot a guest process through the guest agent (needs --vsock-sock on the VMM
+    /// and `pmsnap-agent serve` in the guest, which the default image starts).
+    SnapshotProcess {
+        /// Guest pid.
+        #[arg(long)]
+        pid: u32,
+        /// Name of the new snapshot.
+        #[arg(long)]
+        name: String,
+        /// A virtual range START-END (hex with 0x, or decimal) to save; repeat for more.
+        /// Default: every writable private mapping of the process.
+        #[arg(long = "range", value_name = "START-END", value_parser = parse_range)]
+        ranges: Vec<VirtRange>,
+    },
+}
+
+/// Parse `START-END`.
+fn parse_range(s: &str) -> Result<VirtRange, String> {
+    let (start, end) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not START-END"))?;
+    Ok(VirtRange {
+        start: parse_u64(start)?,
+        end: parse_u64(end)?,
+    })
 }
 
 /// Parse `FIRST:COUNT` (decimal or `0x` hex).
@@ -142,6 +167,16 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
         CtlCommand::Delete { name } => ("DELETE", snapshot_path(name, "")?, None),
         CtlCommand::Dirty { since } => ("GET", snapshot_path(since, "/dirty")?, None),
         CtlCommand::Stats => ("GET", "/v1/stats".to_string(), None),
+        CtlCommand::SnapshotProcess { pid, name, ranges } => {
+            let req = ProcessSnapshotRequest {
+                name: name.clone(),
+                pid: *pid,
+                ranges: ranges.clone(),
+            };
+            let body = serde_json::to_value(&req)
+                .map_err(|e| ClientError::BadResponse(format!("cannot encode the request: {e}")))?;
+            ("POST", "/v1/process-snapshots".to_string(), Some(body))
+        }
     };
     let value = client.request_json(method, &target, body.as_ref())?;
     if json {
@@ -154,7 +189,7 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
         CtlCommand::Status | CtlCommand::Pause | CtlCommand::Resume => {
             render_status(&decode::<VmStatus>(value)?)
         }
-        CtlCommand::SnapshotPages { .. } => {
+        CtlCommand::SnapshotPages { .. } | CtlCommand::SnapshotProcess { .. } => {
             format!(
                 "created {}",
                 render_snapshot(&decode::<SnapshotInfo>(value)?)

@@ -112,6 +112,7 @@ pub struct Engine {
     faults: Arc<FaultStats>,
     dirty: Mutex<DirtyTracker>,
     vm: OnceLock<Arc<dyn VmControl>>,
+    agent_uds: OnceLock<std::path::PathBuf>,
     info: VmInfo,
     started: Instant,
     // Last, so the handler thread stops before the rest goes away.
@@ -184,6 +185,7 @@ impl Engine {
             faults: handler.stats(),
             dirty: Mutex::new(dirty),
             vm: OnceLock::new(),
+            agent_uds: OnceLock::new(),
             info,
             started: Instant::now(),
             _handler: Some(handler),
@@ -194,6 +196,13 @@ impl Engine {
     pub fn set_vm_control(&self, vm: Arc<dyn VmControl>) {
         if self.vm.set(vm).is_err() {
             warn!("the vCPU control was already set");
+        }
+    }
+
+    /// The host socket of the guest's vsock device, to reach the guest agent.
+    pub fn set_agent_socket(&self, path: std::path::PathBuf) {
+        if self.agent_uds.set(path).is_err() {
+            warn!("the agent socket was already set");
         }
     }
 
@@ -357,6 +366,18 @@ impl Engine {
                 }))
             }
             ApiRequest::Stats => Ok(ApiResponse::Stats(self.stats())),
+            ApiRequest::SnapshotProcess(r) => {
+                let uds = self.agent_uds.get().ok_or_else(|| {
+                    ApiError::InvalidState(
+                        "this VMM has no vsock device (start it with --vsock-sock)".into(),
+                    )
+                })?;
+                super::agent_client::snapshot_process(uds, &r)?;
+                lock_pool(&self.pool)
+                    .inspect(r.name.as_str())
+                    .map(|s| ApiResponse::SnapshotCreated(to_api_info(s, false)))
+                    .map_err(api_error)
+            }
         }
     }
 

@@ -1,0 +1,155 @@
+//! The guest agent end to end: a real Linux guest, real KVM, virtio-vsock, the VMM's
+//! snapshot service and the store. One guest boot serves every check, in order.
+
+use std::time::Duration;
+
+use pmsnap_tests::{image, require_kvm, run_pmsnap, Guest, READY_TIMEOUT};
+
+const CMD_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn s(p: &std::path::Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+fn ctl_json(api: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["ctl", "--api-sock", s(api)];
+    full.extend_from_slice(args);
+    full.push("--json");
+    let out = run_pmsnap(&full, &[]);
+    assert!(out.status.success(), "pmsnap {full:?}: {}", out.stderr);
+    serde_json::from_str(&out.stdout).expect("ctl JSON")
+}
+
+#[test]
+fn agent_saves_and_restores_process_memory_in_a_real_guest() {
+    require_kvm!("agent_saves_and_restores_process_memory_in_a_real_guest");
+    let (kernel, initrd) = image();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = dir.path().join("api.sock");
+    let vsock = dir.path().join("vsock.sock");
+    let mut g = Guest::spawn(
+        &[
+            "run",
+            "--kernel",
+            s(&kernel),
+            "--initrd",
+            s(&initrd),
+            "--api-sock",
+            s(&api),
+            "--vsock-sock",
+            s(&vsock),
+        ],
+        &[],
+    );
+    assert!(
+        g.wait_for(0, "pmsnap-guest: ready", READY_TIMEOUT)
+            .is_some(),
+        "no ready line; console:\n{}\nstderr:\n{}",
+        g.output(),
+        g.stderr()
+    );
+    assert!(
+        g.sync_shell(Duration::from_secs(120)),
+        "no shell:\n{}",
+        g.output()
+    );
+    let mut run = |cmd: &str| {
+        g.run(cmd, CMD_TIMEOUT)
+            .unwrap_or_else(|| panic!("{cmd:?} did not finish"))
+    };
+
+    // 64 MiB filled from a seed, saved (no copy), scribbled over, restored, checked.
+    let (out, rc) = run("pmsnap-memtest fill-save-restore --mib 64 --seed 11 --name fsr 2>&1");
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        out.contains("memtest: ok fill-save-restore 64 MiB"),
+        "{out}"
+    );
+    // The same snapshot restored into a second, fresh process.
+    let (out, rc) = run("pmsnap-memtest restore-check --mib 64 --seed 11 --name fsr 2>&1");
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("memtest: ok"), "{out}");
+
+    // A held process, saved twice without changes: the two saves share every page.
+    let (out, rc) =
+        run("pmsnap-memtest hold --mib 8 --seed 5 > /tmp/hold & sleep 2; cat /tmp/hold");
+    assert_eq!(rc, 0, "{out}");
+    let hold = out
+        .lines()
+        .find(|l| l.starts_with("memtest: hold pid"))
+        .unwrap_or_else(|| panic!("no hold line in {out}"));
+    let words: Vec<&str> = hold.split_whitespace().collect();
+    let (pid, range) = (words[3], words[5]);
+    let addr = range.split('-').next().expect("range start");
+    for name in ["h1", "h2"] {
+        let (out, rc) = run(&format!(
+            "pmsnap-agent save --pid {pid} --range {range} --name {name} 2>&1"
+        ));
+        assert_eq!(rc, 0, "save {name}: {out}");
+    }
+    // The host asks for a process snapshot: VMM -> agent (vsock) -> VMM.
+    let hp = ctl_json(
+        &api,
+        &["snapshot-process", "--pid", pid, "--name", "hp", "--range", range],
+    );
+    assert_eq!(hp["pages"], 2048, "8 MiB of the held process: {hp}");
+    assert_eq!(hp["kind"], "process", "{hp}");
+    let stats = ctl_json(&api, &["stats"]);
+    let shared = stats["store"]["shared_bytes"]
+        .as_u64()
+        .expect("shared_bytes");
+    assert!(
+        shared >= 8 << 20,
+        "two saves of an unchanged 8 MiB share it: {stats}"
+    );
+    // Deleting one leaves the other intact: scribble, restore h2, verify.
+    let (out, rc) = run("pmsnap-agent rm h1 2>&1");
+    assert_eq!(rc, 0, "{out}");
+    let (out, rc) = run(&format!(
+        "pmsnap-agent restore --name h2 --pid {pid} --range {range} 2>&1 && \
+         pmsnap-memtest verify --pid {pid} --addr {addr} --mib 8 --seed 5 2>&1"
+    ));
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("memtest: ok verify"), "{out}");
+    let (out, rc) = run("pmsnap-agent list --json");
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("\"h2\"") && !out.contains("\"h1\""), "{out}");
+    assert!(out.contains("\"hp\""), "{out}");
+
+    // Errors: each a clear one-line message and a non-zero exit.
+    let cases = [
+        (
+            format!("pmsnap-agent restore --name nope --pid {pid} --range {range}"),
+            "NotFound",
+        ),
+        (
+            "pmsnap-agent save --pid 999999 --name ghost".to_string(),
+            "999999",
+        ),
+        (
+            format!("pmsnap-agent save --pid {pid} --range 0x1000-0x3000 --name unmapped"),
+            "not mapped",
+        ),
+        (
+            format!("pmsnap-agent restore --name fsr --pid {pid} --range {range}"),
+            "SizeMismatch",
+        ),
+    ];
+    for (cmd, want) in cases {
+        let (out, rc) = run(&format!("{cmd} 2>&1"));
+        assert_ne!(rc, 0, "{cmd}: {out}");
+        assert!(out.contains("pmsnap-agent: error:"), "{cmd}: {out}");
+        assert!(out.contains(want), "{cmd}: wanted {want:?} in {out}");
+    }
+    let stats = ctl_json(&api, &["stats"]);
+    assert!(stats["faults"].as_u64().expect("faults") > 0, "{stats}");
+
+    g.send_line("poweroff -f");
+    let status = g.wait_exit(Duration::from_secs(120));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "stderr:\n{}",
+        g.stderr()
+    );
+}
