@@ -100,6 +100,9 @@ impl ApiHandler for Fake {
     fn handle(&mut self, req: ApiRequest) -> Result<ApiResponse, ApiError> {
         match req {
             ApiRequest::Status => Ok(ApiResponse::Status(self.status())),
+            ApiRequest::SnapshotProcess(_) => Err(ApiError::InvalidState(
+                "the test double has no guest agent".into(),
+            )),
             ApiRequest::Pause => {
                 self.paused = true;
                 Ok(ApiResponse::Status(self.status()))
