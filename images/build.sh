@@ -17,12 +17,12 @@ Builds the default pmsnap guest image and prints its paths, sizes and sha256 sum
      it does not name), checks that every option of the fragment survived, and
      builds the uncompressed ELF `vmlinux` (about 5.5 min with 2 cores).
   3. Builds the guest-agent crate statically (-C target-feature=+crt-static).
-  4. Initramfs: an uncompressed newc cpio with busybox, every guest-agent binary
-     and images/init.
+  4. Initramfs: an uncompressed newc cpio with busybox (links for the applets in
+     images/applets), every guest-agent binary, images/init and images/rootfs/.
 
 Outputs are cached in images/cache/, keyed by sha256 of all inputs:
   kernel-<key>/vmlinux        key: fragment, patches, kernel recipe, linux-source + gcc versions
-  initramfs-<key>/initramfs.cpio  key: init, this script, busybox, agent binaries
+  initramfs-<key>/initramfs.cpio  key: init, applets, rootfs/, this script, busybox, agent binaries
   image-<key>/                symlinks to both (key: both keys)
   default -> image-<key>      the image `pmsnap run` boots by default
 A run with unchanged inputs only rebuilds the agent incrementally and takes seconds.
@@ -55,6 +55,8 @@ CACHE="$IMAGES/cache"
 SHARED="$ROOT/../shared/images"
 FRAGMENT="$IMAGES/kernel.fragment"
 INIT="$IMAGES/init"
+APPLETS="$IMAGES/applets"
+ROOTFS="$IMAGES/rootfs"
 PATCHES=("$IMAGES"/patches/*.patch)
 AGENT_TARGET_DIR="$ROOT/target/guest"
 RUST_TARGET="x86_64-unknown-linux-gnu"
@@ -248,6 +250,11 @@ INITRAMFS_KEY="$({
     echo "busybox-static $(pkg_version busybox-static)"
     sha256sum <"$BUSYBOX"
     echo "init"; cat "$INIT"
+    echo "applets"; cat "$APPLETS"
+    # Names, modes and contents of the files under images/rootfs.
+    (cd "$ROOTFS" && find . -type f | LC_ALL=C sort | while IFS= read -r f; do
+        echo "rootfs $f $(stat -c %a "$f") $(sha <"$f")"
+    done)
     for b in "${AGENT_BINS[@]}"; do echo "agent $(basename "$b") $(sha <"$b")"; done
     echo "build.sh"; cat "${BASH_SOURCE[0]}"
 } | sha)"
@@ -260,18 +267,24 @@ build_initramfs() {
     local root="$tmp/root"
     mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,root,etc}
     cp "$BUSYBOX" "$root/bin/busybox"
-    # Applet links at the paths busybox itself lists (bin/sh, sbin/poweroff, ...).
-    local applet
-    while IFS= read -r applet; do
-        [[ "$applet" == bin/busybox ]] && continue
-        mkdir -p "$root/$(dirname "$applet")"
-        ln -sf /bin/busybox "$root/$applet"
-    done < <("$BUSYBOX" --list-full)
+    # Links for the applets listed in images/applets, at the paths busybox
+    # itself gives (bin/sh, sbin/poweroff, ...). Not all: see images/applets.
+    local all name path
+    all="$("$BUSYBOX" --list-full)"
+    while IFS= read -r name; do
+        path="$(grep -E "(^|/)${name}\$" <<<"$all" | head -n 1)" ||
+            die "images/applets: '$name' is not a busybox applet"
+        [[ -n "$path" ]] || die "images/applets: '$name' is not a busybox applet"
+        mkdir -p "$root/$(dirname "$path")"
+        ln -sf /bin/busybox "$root/$path"
+    done < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$APPLETS")
     local b
     for b in "${AGENT_BINS[@]}"; do
         install -m 0755 "$b" "$root/bin/$(basename "$b")"
     done
     install -m 0755 "$INIT" "$root/init"
+    # Plain files of the guest's root (/etc/fstab, ...).
+    cp -R --no-preserve=ownership "$ROOTFS/." "$root/"
     chmod 1777 "$root/tmp"
     chmod 0700 "$root/root"
     # Fixed mtimes, owners and order: the same inputs give the same bytes.
