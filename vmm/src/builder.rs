@@ -272,7 +272,11 @@ impl VmBuilder {
     ) -> Result<Self, BuildError> {
         config::validate_mem(cfg.mem_bytes)?;
         config::check_image_file(
-            if payload.is_some() { "payload" } else { "kernel" },
+            if payload.is_some() {
+                "payload"
+            } else {
+                "kernel"
+            },
             &cfg.kernel,
             false,
         )?;
@@ -321,9 +325,7 @@ impl VmBuilder {
         };
         let initrd = match (&cfg.initrd, payload) {
             (_, Some(_)) => None,
-            (Some(path), None) => {
-                Some(Self::load_initrd(&vm, path, cfg.mem_bytes, kernel.end)?)
-            }
+            (Some(path), None) => Some(Self::load_initrd(&vm, path, cfg.mem_bytes, kernel.end)?),
             (None, None) => {
                 config::place_initrd(
                     cfg.mem_bytes,

@@ -348,6 +348,7 @@ fn paused_and_unpaused_snapshots_of_the_whole_region() {
     let ram = RamView::new(&pool_path, ram_offset);
     let vm = Vm::start(dir.path(), "vm", &pool_path, &bin);
     ram.wait_rounds(2, Duration::from_secs(60));
+    eprintln!("running at {:?}", t0.elapsed());
     let whole = [(REGION_FIRST, REGION_PAGES)];
 
     let mut paused: Vec<(String, Vec<u64>)> = Vec::new();
@@ -390,8 +391,10 @@ fn paused_and_unpaused_snapshots_of_the_whole_region() {
         stats.preserved_pages >= 2 * REGION_PAGES,
         "the payload rewrote every page after each snapshot: {stats:?}"
     );
+    eprintln!("snapshots done at {:?}", t0.elapsed());
     vm.stop();
     drop(ram);
+    eprintln!("stopped at {:?}", t0.elapsed());
 
     let pool = Pool::open(&pool_path).expect("open pool after the VMM");
     for (name, copy) in &paused {
@@ -411,6 +414,7 @@ fn paused_and_unpaused_snapshots_of_the_whole_region() {
             );
         }
         assert_eq!(in_blocks, REGION_PAGES, "{name}: every page was preserved");
+        eprintln!("{name} checked at {:?}", t0.elapsed());
     }
     for (name, before, after) in &unpaused {
         let observed_rounds = before.iter().map(|k| k.1).min().expect("pages");

@@ -11,9 +11,9 @@ use crate::builder::VmBuilder;
 use crate::config::{self, VmConfig};
 use crate::device_manager;
 use crate::devices::legacy::serial::StdoutWriter;
-use crate::payload::{PayloadProgress, PROGRESS_PORT};
 use crate::devices::legacy::{terminal, RawModeGuard, StdinInput};
 use crate::event_loop::EventLoop;
+use crate::payload::{PayloadProgress, PROGRESS_PORT};
 use crate::vstate::vcpu::VmStop;
 
 /// Arguments of `pmsnap run`.

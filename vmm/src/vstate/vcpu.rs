@@ -337,7 +337,12 @@ impl Vcpu {
             .set_sregs(&crate::payload::sregs(sregs))
             .map_err(self.kvm_err("SET_SREGS"))?;
         self.fd
-            .set_regs(&crate::payload::regs(u64::from(self.id), count, base, bytes))
+            .set_regs(&crate::payload::regs(
+                u64::from(self.id),
+                count,
+                base,
+                bytes,
+            ))
             .map_err(self.kvm_err("SET_REGS"))?;
         let runnable = kvm_bindings::kvm_mp_state {
             mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
