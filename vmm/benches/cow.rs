@@ -231,12 +231,16 @@ fn loadavg() -> String {
 }
 
 fn main() {
-    // cargo bench passes `--bench`; a plain number sets the repeats.
-    let repeats: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(5)
-        .max(1);
+    // cargo bench passes `--bench`; a plain number sets the repeats, `a`, `b` or `c`
+    // picks sections (default: all).
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let repeats: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(5).max(1);
+    let picked: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| ["a", "b", "c"].contains(a))
+        .collect();
+    let want = |s: &str| picked.is_empty() || picked.contains(&s);
     if !Path::new("/dev/shm").is_dir() {
         println!("SKIPPED cow bench: /dev/shm is missing");
         return;
@@ -249,7 +253,21 @@ fn main() {
         loadavg().trim()
     );
 
-    // (a) Snapshot pause versus copy.
+    if want("a") {
+        section_a(repeats);
+    }
+    if want("b") {
+        section_b(repeats);
+    }
+    if want("c") {
+        section_c(repeats, cpus);
+    }
+    println!();
+    println!("load after: {}", loadavg().trim());
+}
+
+/// (a) Snapshot pause versus copy.
+fn section_a(repeats: usize) {
     let rig = engine_rig(HandlerOptions::default());
     let all = [PageRun::new(0, PAGES)];
     let mut snap = Vec::new();
@@ -275,16 +293,53 @@ fn main() {
     std::hint::black_box(&buf);
     drop(buf);
     let copy_ms = median(copy);
+    // The share of the write-protect ioctl alone, on a populated tmpfs mapping.
+    let bare = bare_rig(HandlerOptions::default());
+    let mut wp = Vec::new();
+    for _ in 0..repeats {
+        let t = Instant::now();
+        bare.prot.protect(0, PAGES).expect("protect");
+        wp.push(t.elapsed().as_secs_f64() * 1e3);
+        bare.prot.unprotect(0, PAGES).expect("unprotect");
+    }
+    drop(bare);
+    let wp_ms = median(wp);
+    // The share of the store's record alone (no protection).
+    let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir on tmpfs");
+    let mut pool = Pool::create(dir.path().join("rec.pool"), RAM, PoolOptions::default())
+        .expect("create pool");
+    let mut rec = Vec::new();
+    for i in 0..repeats {
+        let name = format!("r{i}");
+        let t = Instant::now();
+        pool.snapshot_with(
+            &name,
+            SnapshotKind::Pages,
+            &all,
+            SnapshotMeta::default(),
+            |_| Ok(()),
+        )
+        .expect("record");
+        rec.push(t.elapsed().as_secs_f64() * 1e3);
+        pool.delete(name.as_str()).expect("delete");
+    }
+    drop(pool);
+    let rec_ms = median(rec);
     println!();
     println!("(a) pause for a snapshot of {PAGES} pages (256 MiB)");
     println!("    Engine::snapshot (protect + record)   {snap_ms:9.2} ms");
+    println!("      of which the bare protect ioctl     {wp_ms:9.2} ms");
+    println!("      of which the store record alone     {rec_ms:9.2} ms");
     println!("    memcpy of 256 MiB (pre-faulted dst)   {copy_ms:9.2} ms");
     println!(
         "    ratio snapshot / copy                  {:9.3}   (goal <= 0.200)",
         snap_ms / copy_ms
     );
+}
 
-    // (b) First write to a protected page: store sink versus bare round trip.
+/// (b) First write to a protected page: store sink versus bare round trip.
+fn section_b(repeats: usize) {
+    let rig = engine_rig(HandlerOptions::default());
     let store = engine_fault_ns(&rig, repeats, None);
     drop(rig);
     let bare = bare_rig(HandlerOptions::default());
@@ -300,8 +355,10 @@ fn main() {
         "    ratio engine / bare                         {:9.2}   (goal <= 1.30)",
         store / bare_ns
     );
+}
 
-    // (c) Placement.
+/// (c) Handler placement.
+fn section_c(repeats: usize, cpus: usize) {
     println!();
     println!("(c) handler placement, per page (handler pinned via HandlerOptions.cpu)");
     println!(
@@ -339,6 +396,4 @@ fn main() {
             );
         }
     }
-    println!();
-    println!("load after: {}", loadavg().trim());
 }
