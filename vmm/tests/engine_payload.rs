@@ -296,12 +296,15 @@ fn pattern_ks(words: &[u64], page: u64) -> Result<(u64, u64), String> {
     Ok((first, last))
 }
 
+/// Per-page (newest, oldest) rounds.
+type Rounds = Vec<(u64, u64)>;
+
 /// Per-page (newest, oldest) rounds over the words of a copy made while the vCPUs run.
 /// Such a copy mixes instants in any order (memcpy's order and the writers' are
 /// unrelated), so only word-wise facts hold: each word is `(k << 32) | page`, and each
 /// word's k only grows over time. So a snapshot taken after the copy has, per page, an
 /// oldest word no older than this oldest, and one taken before it a newest word no newer.
-fn live_ks(copy: &[u64]) -> Vec<(u64, u64)> {
+fn live_ks(copy: &[u64]) -> Rounds {
     copy.chunks_exact(WORDS)
         .enumerate()
         .map(|(p, words)| {
@@ -353,7 +356,7 @@ fn paused_and_unpaused_snapshots_of_the_whole_region() {
 
     let mut paused: Vec<(String, Vec<u64>)> = Vec::new();
     // (name, per-page rounds read before the snapshot, read after it)
-    let mut unpaused: Vec<(String, Vec<(u64, u64)>, Vec<(u64, u64)>)> = Vec::new();
+    let mut unpaused: Vec<(String, Rounds, Rounds)> = Vec::new();
     let mut scratch = region_buf();
     for i in 0..2 {
         // Paused: the snapshot is the memory of the pause instant.
@@ -497,7 +500,7 @@ fn thousand_snapshots_and_deletes_under_writers() {
     let end_rounds = ram.completed_rounds();
     let stats = vm.api.stats().expect("stats");
     assert!(
-        stats.preserved_pages > 0 && stats.faults >= stats.preserved_pages,
+        stats.preserved_pages > 0 && stats.faults > 0,
         "the writers hit protected pages: {stats:?}"
     );
     while let Some(name) = live.pop_front() {
@@ -518,8 +521,11 @@ fn thousand_snapshots_and_deletes_under_writers() {
         end_rounds[0] > start_rounds[0] && end_rounds[1] > start_rounds[1],
         "both vCPUs kept writing during the stress"
     );
-    // Every page writable again: one more full round adds no fault.
-    let faults = stats.faults;
+    // Every page writable again: once a fault in flight at the last delete is counted,
+    // two more full rounds add none.
+    let r = ram.completed_rounds();
+    ram.wait_rounds(r[0].max(r[1]) + 1, Duration::from_secs(60));
+    let faults = vm.api.stats().expect("stats").faults;
     let r = ram.completed_rounds();
     ram.wait_rounds(r[0].max(r[1]) + 2, Duration::from_secs(60));
     assert_eq!(vm.api.stats().expect("stats").faults, faults);
