@@ -175,7 +175,10 @@ impl Vm {
     fn start(dir: &Path, tag: &str, pool: &Path, payload: &Path) -> Self {
         let sock = dir.join(format!("{tag}.sock"));
         let stderr = dir.join(format!("{tag}.stderr"));
-        let child = Command::new(env!("CARGO_BIN_EXE_pmsnap"))
+        // PMSNAP_BIN picks another build (the ignored measurement uses a release one).
+        let bin =
+            std::env::var("PMSNAP_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pmsnap").into());
+        let child = Command::new(bin)
             .args(["run", "--mem", "272M", "--vcpus", "2", "--payload"])
             .arg(payload)
             .arg("--pool")
@@ -631,4 +634,64 @@ fn snapshot_survives_sigkill_and_a_new_vmm() {
     drop(pool);
     assert_eq!(check("after a second VMM"), REGION_PAGES);
     eprintln!("SIGKILL test took {:?}", t0.elapsed());
+}
+
+/// Not a check but a measurement (ignored by default): the cost of the first write to a
+/// protected page when the writers are the payload's 2 vCPUs. Run with a release VMM:
+/// `cargo build --release -p vmm --bin pmsnap && PMSNAP_BIN=target/release/pmsnap
+/// cargo test -p vmm --test engine_payload vcpu_first_write_cost -- --ignored --nocapture`
+#[test]
+#[ignore = "measurement; see docs/perf-engine.md"]
+fn vcpu_first_write_cost() {
+    if kvm_missing("vcpu_first_write_cost") {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir");
+    let bin = payload(dir.path());
+    let pool_path = dir.path().join("p.pool");
+    let ram_offset = create_pool(&pool_path, Some(6 * REGION_PAGES));
+    let ram = RamView::new(&pool_path, ram_offset);
+    let vm = Vm::start(dir.path(), "vm", &pool_path, &bin);
+    ram.wait_rounds(2, Duration::from_secs(60));
+    // A plain round, for the writing time itself.
+    let r = ram.completed_rounds();
+    let target = r[0].max(r[1]) + 1;
+    ram.wait_rounds(target, Duration::from_secs(60));
+    let t = Instant::now();
+    ram.wait_rounds(target + 2, Duration::from_secs(60));
+    let plain = t.elapsed() / 2;
+    let mut per_page = Vec::new();
+    for i in 0..5 {
+        let before = vm.api.stats().expect("stats");
+        let t = Instant::now();
+        vm.snapshot(&format!("m{i}"), &[(REGION_FIRST, REGION_PAGES)]);
+        let snap = t.elapsed();
+        let stats = loop {
+            let s = vm.api.stats().expect("stats");
+            if s.preserved_pages >= before.preserved_pages + REGION_PAGES {
+                break s;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        let all = t.elapsed() - snap;
+        let ns = all.as_nanos() as f64 / REGION_PAGES as f64;
+        let handler = (stats.fault_handler.total_ns - before.fault_handler.total_ns) as f64
+            / (stats.faults - before.faults) as f64;
+        eprintln!(
+            "run {i}: snapshot {snap:?}, all 65,536 pages preserved {all:?} later: \
+             {ns:.0} ns per page (2 vCPUs, one handler), handler time {handler:.0} ns per fault"
+        );
+        per_page.push(ns);
+    }
+    per_page.sort_by(|a, b| a.total_cmp(b));
+    eprintln!(
+        "median {:.0} ns per first write; a plain round of 65,536 pages takes {plain:?} \
+         ({:.0} ns per page); load {}",
+        per_page[per_page.len() / 2],
+        plain.as_nanos() as f64 / REGION_PAGES as f64,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    vm.stop();
 }
