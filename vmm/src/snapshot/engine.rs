@@ -48,7 +48,21 @@ struct StoreSink {
 
 impl PreserveSink for StoreSink {
     fn before_write(&self, page: u64) -> Result<(), String> {
+        self.preserve_locked(&mut lock_pool(&self.pool), page)
+    }
+
+    /// Preserve and unprotect under one hold of the store lock: a snapshot cannot
+    /// protect the page again in between (see the trait).
+    fn before_write_then(&self, page: u64, unprotect: &mut dyn FnMut()) -> Result<(), String> {
         let mut pool = lock_pool(&self.pool);
+        let res = self.preserve_locked(&mut pool, page);
+        unprotect();
+        res
+    }
+}
+
+impl StoreSink {
+    fn preserve_locked(&self, pool: &mut Pool, page: u64) -> Result<(), String> {
         match pool.preserve(page) {
             Ok(true) => {
                 self.preserved.fetch_add(1, Ordering::Relaxed);
@@ -242,11 +256,12 @@ impl Engine {
         match res {
             Ok(id) => pool.inspect(id),
             Err(e) => {
-                drop(pool);
-                self.dirty().forget(name);
+                // As in delete: unprotect while no other snapshot can protect these pages.
                 if let PoolError::SnapshotAborted { unprotect, .. } = &e {
                     unprotect_runs(self.protector.as_ref(), unprotect);
                 }
+                drop(pool);
+                self.dirty().forget(name);
                 Err(e)
             }
         }
@@ -254,8 +269,14 @@ impl Engine {
 
     /// Delete a snapshot; pages no other snapshot references become writable again.
     pub fn delete(&self, name: &str) -> Result<u64, PoolError> {
-        let runs = lock_pool(&self.pool).delete(name)?;
-        unprotect_runs(self.protector.as_ref(), &runs);
+        // Unprotect before the lock is released: a snapshot taken right after the delete
+        // may protect some of these pages again, and must keep that protection.
+        let runs = {
+            let mut pool = lock_pool(&self.pool);
+            let runs = pool.delete(name)?;
+            unprotect_runs(self.protector.as_ref(), &runs);
+            runs
+        };
         self.dirty().forget(name);
         Ok(runs.iter().map(|r| r.count).sum())
     }
@@ -540,6 +561,28 @@ mod tests {
         assert!(
             !lock_pool(engine.pool()).is_protected(10),
             "a refused snapshot protects nothing"
+        );
+    }
+
+    #[test]
+    fn the_store_sink_unprotects_while_holding_the_store_lock() {
+        let (_dir, engine, _ram) = setup(16);
+        engine.handle(req("a", &[(0, 4)])).expect("snapshot");
+        let mut locked_during_unprotect = None;
+        engine
+            .sink
+            .before_write_then(2, &mut || {
+                locked_during_unprotect = Some(engine.pool().try_lock().is_err());
+            })
+            .expect("preserve");
+        assert_eq!(
+            locked_during_unprotect,
+            Some(true),
+            "a snapshot must not be able to protect the page between preserve and unprotect"
+        );
+        assert!(
+            !lock_pool(engine.pool()).is_protected(2),
+            "page 2 was preserved"
         );
     }
 
