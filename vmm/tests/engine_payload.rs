@@ -122,6 +122,22 @@ impl RamView {
         };
     }
 
+    /// Copy region pages `first..first + count` (indices inside the region).
+    fn copy_pages(&self, first: u64, count: u64) -> Vec<u64> {
+        let mut dst = vec![0u64; count as usize * WORDS];
+        let off = (REGION_FIRST + first) as usize * PAGE;
+        assert!(off + dst.len() * 8 <= self.len);
+        // SAFETY: as in copy_region: in bounds (checked), distinct destination buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.add(off),
+                dst.as_mut_ptr().cast::<u8>(),
+                dst.len() * 8,
+            )
+        };
+        dst
+    }
+
     /// One word of region page `page` (index inside the region).
     fn word(&self, page: u64, word: usize) -> u64 {
         let off = (REGION_FIRST + page) as usize * PAGE + word * 8;
@@ -302,22 +318,27 @@ fn pattern_ks(words: &[u64], page: u64) -> Result<(u64, u64), String> {
 /// Per-page (newest, oldest) rounds.
 type Rounds = Vec<(u64, u64)>;
 
+/// Per run: its first region page and the rounds of its pages.
+type RunBounds = Vec<(u64, Rounds)>;
+
 /// Per-page (newest, oldest) rounds over the words of a copy made while the vCPUs run.
 /// Such a copy mixes instants in any order (memcpy's order and the writers' are
 /// unrelated), so only word-wise facts hold: each word is `(k << 32) | page`, and each
 /// word's k only grows over time. So a snapshot taken after the copy has, per page, an
 /// oldest word no older than this oldest, and one taken before it a newest word no newer.
 fn live_ks(copy: &[u64]) -> Rounds {
+    live_ks_from(copy, 0)
+}
+
+/// [`live_ks`] of a copy whose first page is region page `first`.
+fn live_ks_from(copy: &[u64], first: u64) -> Rounds {
     copy.chunks_exact(WORDS)
         .enumerate()
-        .map(|(p, words)| {
+        .map(|(i, words)| {
+            let p = first + i as u64;
             let (mut newest, mut oldest) = (0, u64::MAX);
             for (i, &w) in words.iter().enumerate() {
-                assert_eq!(
-                    w & 0xffff_ffff,
-                    p as u64,
-                    "live RAM page {p} word {i}: {w:#x}"
-                );
+                assert_eq!(w & 0xffff_ffff, p, "live RAM page {p} word {i}: {w:#x}");
                 newest = newest.max(w >> 32);
                 oldest = oldest.min(w >> 32);
             }
@@ -482,6 +503,8 @@ fn thousand_snapshots_and_deletes_under_writers() {
 
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut live: VecDeque<String> = VecDeque::new();
+    // (name, per-run bounds before the snapshot, after it) of the last window.
+    let mut kept: Vec<(String, RunBounds, RunBounds)> = Vec::new();
     let third = REGION_PAGES / 3;
     for i in 0..COUNT {
         // 1 to 3 disjoint runs, each inside its own third of the region.
@@ -494,7 +517,26 @@ fn thousand_snapshots_and_deletes_under_writers() {
             })
             .collect();
         let name = format!("s{i}");
+        // The last window is checked for content later: note per-page bounds around it.
+        let bounds_of = |runs: &[(u64, u64)]| -> RunBounds {
+            runs.iter()
+                .map(|&(f, c)| {
+                    let i = f - REGION_FIRST;
+                    (i, live_ks_from(&ram.copy_pages(i, c), i))
+                })
+                .collect()
+        };
+        let checked = i >= COUNT - WINDOW;
+        let before = if checked {
+            bounds_of(&runs)
+        } else {
+            Vec::new()
+        };
         vm.snapshot(&name, &runs);
+        if checked {
+            let after = bounds_of(&runs);
+            kept.push((name.clone(), before, after));
+        }
         live.push_back(name);
         if live.len() > WINDOW {
             vm.delete(&live.pop_front().expect("non-empty"));
@@ -506,16 +548,10 @@ fn thousand_snapshots_and_deletes_under_writers() {
         stats.preserved_pages > 0 && stats.faults > 0,
         "the writers hit protected pages: {stats:?}"
     );
-    while let Some(name) = live.pop_front() {
-        vm.delete(&name);
-    }
-    let stats = vm.api.stats().expect("stats");
-    assert_eq!(stats.snapshots, 0);
-    assert_eq!(stats.protected_pages, 0, "{stats:?}");
-    assert_eq!(stats.store["blocks_used"], 0, "{stats:?}");
     eprintln!(
-        "{COUNT} snapshots + deletes in {:?}: faults {} preserved {}, rounds {start_rounds:?} -> \
-         {end_rounds:?}",
+        "{COUNT} snapshots, {} deletes in {:?}: faults {} preserved {}, rounds \
+         {start_rounds:?} -> {end_rounds:?}",
+        COUNT - WINDOW,
         t0.elapsed(),
         stats.faults,
         stats.preserved_pages
@@ -524,13 +560,46 @@ fn thousand_snapshots_and_deletes_under_writers() {
         end_rounds[0] > start_rounds[0] && end_rounds[1] > start_rounds[1],
         "both vCPUs kept writing during the stress"
     );
+    vm.stop();
+
+    // The last window's content: every page within what was seen around its snapshot.
+    {
+        let pool = Pool::open(&pool_path).expect("open pool");
+        for (name, before, after) in &kept {
+            for ((first, b), (_, a)) in before.iter().zip(after) {
+                for (j, (b, a)) in b.iter().zip(a).enumerate() {
+                    let i = first + j as u64;
+                    let (_, got) = pool
+                        .read_snapshot_page(name.as_str(), REGION_FIRST + i)
+                        .expect("read");
+                    let (newest, oldest) =
+                        pattern_ks(&page_words(&got), i).unwrap_or_else(|e| panic!("{name}: {e}"));
+                    assert!(
+                        oldest >= b.1 && newest <= a.0,
+                        "{name}: page {i} has rounds {newest}..{oldest}, outside {b:?}..{a:?}"
+                    );
+                }
+            }
+        }
+        let report = pool.verify(|_, _| ());
+        assert!(report.is_clean(), "verify: {report:?}");
+    }
+
+    // A new VMM re-protects the window's pages; its API deletes the rest.
+    let vm = Vm::start(dir.path(), "vm2", &pool_path, &bin);
+    while let Some(name) = live.pop_front() {
+        vm.delete(&name);
+    }
+    let stats = vm.api.stats().expect("stats");
+    assert_eq!(stats.snapshots, 0);
+    assert_eq!(stats.protected_pages, 0, "{stats:?}");
+    assert_eq!(stats.store["blocks_used"], 0, "{stats:?}");
     // Every page writable again: once a fault in flight at the last delete is counted,
-    // two more full rounds add none.
-    let r = ram.completed_rounds();
-    ram.wait_rounds(r[0].max(r[1]) + 1, Duration::from_secs(60));
-    let faults = vm.api.stats().expect("stats").faults;
-    let r = ram.completed_rounds();
-    ram.wait_rounds(r[0].max(r[1]) + 2, Duration::from_secs(60));
+    // the payload's next rounds (each takes tens of ms) add none.
+    std::thread::sleep(Duration::from_millis(300));
+    let (faults, w) = (vm.api.stats().expect("stats").faults, ram.word(0, 0));
+    std::thread::sleep(Duration::from_millis(700));
+    assert_ne!(ram.word(0, 0), w, "the second payload is running");
     assert_eq!(vm.api.stats().expect("stats").faults, faults);
     vm.stop();
     drop(ram);
