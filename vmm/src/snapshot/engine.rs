@@ -48,7 +48,21 @@ struct StoreSink {
 
 impl PreserveSink for StoreSink {
     fn before_write(&self, page: u64) -> Result<(), String> {
+        self.preserve_locked(&mut lock_pool(&self.pool), page)
+    }
+
+    /// Preserve and unprotect under one hold of the store lock: a snapshot cannot
+    /// protect the page again in between (see the trait).
+    fn before_write_then(&self, page: u64, unprotect: &mut dyn FnMut()) -> Result<(), String> {
         let mut pool = lock_pool(&self.pool);
+        let res = self.preserve_locked(&mut pool, page);
+        unprotect();
+        res
+    }
+}
+
+impl StoreSink {
+    fn preserve_locked(&self, pool: &mut Pool, page: u64) -> Result<(), String> {
         match pool.preserve(page) {
             Ok(true) => {
                 self.preserved.fetch_add(1, Ordering::Relaxed);
@@ -229,12 +243,18 @@ impl Engine {
         runs: &[PageRun],
         meta: SnapshotMeta,
     ) -> Result<pmem_backend::SnapshotInfo, PoolError> {
+        let mut pool = lock_pool(&self.pool);
+        // A duplicate name must not touch the existing snapshot's dirty tracking (start
+        // would reset it, and the failure path would forget it). Checked under the pool
+        // lock, which is held until the snapshot is in, so no other creation can race.
+        if pool.inspect(name).is_ok() {
+            return Err(PoolError::DuplicateName(name.to_string()));
+        }
         // Track writes from before the pages are protected: a write in between is counted
-        // as dirty (harmless for rollback) rather than missed.
+        // as dirty (harmless for rollback) rather than missed. Lock order: pool, then dirty.
         if let Err(e) = self.dirty().start(name) {
             warn!("dirty tracking for {name:?} could not start: {e}");
         }
-        let mut pool = lock_pool(&self.pool);
         let protector = self.protector.clone();
         let res = pool.snapshot_with(name, kind, runs, meta, |newly| {
             for r in newly {
@@ -245,11 +265,12 @@ impl Engine {
         match res {
             Ok(id) => pool.inspect(id),
             Err(e) => {
-                drop(pool);
-                self.dirty().forget(name);
+                // As in delete: unprotect while no other snapshot can protect these pages.
                 if let PoolError::SnapshotAborted { unprotect, .. } = &e {
                     unprotect_runs(self.protector.as_ref(), unprotect);
                 }
+                drop(pool);
+                self.dirty().forget(name);
                 Err(e)
             }
         }
@@ -257,8 +278,14 @@ impl Engine {
 
     /// Delete a snapshot; pages no other snapshot references become writable again.
     pub fn delete(&self, name: &str) -> Result<u64, PoolError> {
-        let runs = lock_pool(&self.pool).delete(name)?;
-        unprotect_runs(self.protector.as_ref(), &runs);
+        // Unprotect before the lock is released: a snapshot taken right after the delete
+        // may protect some of these pages again, and must keep that protection.
+        let runs = {
+            let mut pool = lock_pool(&self.pool);
+            let runs = pool.delete(name)?;
+            unprotect_runs(self.protector.as_ref(), &runs);
+            runs
+        };
         self.dirty().forget(name);
         Ok(runs.iter().map(|r| r.count).sum())
     }
@@ -498,15 +525,30 @@ mod tests {
             "a page shared by two snapshots is preserved once"
         );
         assert_eq!(page_of(&engine, "a", 6), (PageLocation::Ram(6), 1));
-        let stats = engine.stats();
+        // The handler counts a fault after it has unprotected the page, which lets the
+        // writer go on: wait for the count instead of racing it.
+        let stats = settled_stats(&engine, 3);
         assert_eq!((stats.faults, stats.preserved_pages), (3, 3));
         // Delete a: pages only a referenced become writable without a fault.
         engine
             .handle(ApiRequest::DeleteSnapshot { name: "a".into() })
             .expect("delete a");
         ram.write(12, 9);
+        std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(engine.stats().faults, 3, "page 12 is no longer protected");
         assert!(lock_pool(engine.pool()).verify(|_, _| ()).is_clean());
+    }
+
+    /// Stats once the handler has counted `faults` faults (or after 5 s).
+    fn settled_stats(engine: &Engine, faults: u64) -> api::ApiStats {
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let stats = engine.stats();
+            if stats.faults >= faults || Instant::now() >= deadline {
+                return stats;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     fn page_block(engine: &Engine, snap: &str, p: u64) -> u64 {
@@ -540,6 +582,43 @@ mod tests {
         assert!(
             !lock_pool(engine.pool()).is_protected(10),
             "a refused snapshot protects nothing"
+        );
+    }
+
+    #[test]
+    fn the_store_sink_unprotects_while_holding_the_store_lock() {
+        let (_dir, engine, _ram) = setup(16);
+        engine.handle(req("a", &[(0, 4)])).expect("snapshot");
+        let mut locked_during_unprotect = None;
+        engine
+            .sink
+            .before_write_then(2, &mut || {
+                locked_during_unprotect = Some(engine.pool().try_lock().is_err());
+            })
+            .expect("preserve");
+        assert_eq!(
+            locked_during_unprotect,
+            Some(true),
+            "a snapshot must not be able to protect the page between preserve and unprotect"
+        );
+        assert!(
+            !lock_pool(engine.pool()).is_protected(2),
+            "page 2 was preserved"
+        );
+    }
+
+    #[test]
+    fn a_duplicate_name_keeps_the_existing_snapshots_dirty_tracking() {
+        let (_dir, engine, _ram) = setup(16);
+        engine.handle(req("a", &[(0, 4)])).expect("snapshot");
+        engine.after_vmm_write(&[5]);
+        let dup = engine.handle(req("a", &[(8, 1)])).expect_err("duplicate");
+        assert_eq!(dup.status(), 409);
+        let runs = engine.dirty_since("a").expect("a is still tracked");
+        assert_eq!(
+            runs,
+            vec![PageRun::new(5, 1)],
+            "page 5 is still dirty since a"
         );
     }
 

@@ -27,6 +27,17 @@ pub trait PreserveSink: Send + Sync {
     /// visible (for example marked the snapshots that lose the page as damaged): the
     /// handler removes the protection either way, since a vCPU blocked forever helps no one.
     fn before_write(&self, page: u64) -> Result<(), String>;
+
+    /// [`Self::before_write`], then `unprotect` (which makes the page writable and wakes
+    /// the writer). A sink whose store can protect the page again concurrently (a new
+    /// snapshot) must run both inside one critical section of that store: otherwise a
+    /// snapshot taken between the preserve and the unprotect has its protection removed
+    /// by this unprotect, and the next write changes its page without a preserve.
+    fn before_write_then(&self, page: u64, unprotect: &mut dyn FnMut()) -> Result<(), String> {
+        let res = self.before_write(page);
+        unprotect();
+        res
+    }
 }
 
 /// How the handler thread waits for faults.
@@ -235,16 +246,18 @@ fn handle_wp_fault(
         error!("fault handler: write fault at {addr:#x} outside guest RAM");
         return;
     };
-    let ok = match sink.before_write(page) {
+    let mut unprotect = || {
+        if let Err(e) = protector.unprotect(page, 1) {
+            error!("fault handler: unprotecting guest page {page} failed: {e}");
+        }
+    };
+    let ok = match sink.before_write_then(page, &mut unprotect) {
         Ok(()) => true,
         Err(e) => {
             error!("fault handler: preserving guest page {page} failed: {e}");
             false
         }
     };
-    if let Err(e) = protector.unprotect(page, 1) {
-        error!("fault handler: unprotecting guest page {page} failed: {e}");
-    }
     stats.record(start.elapsed().as_nanos() as u64, ok);
 }
 
