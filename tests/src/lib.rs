@@ -294,10 +294,11 @@ impl Guest {
     pub fn run(&mut self, cmd: &str, timeout: Duration) -> Option<(String, i32)> {
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // The marker is built by the shell, so the echoed command line never matches.
+        // The marker is joined by the shell ("rc" "N-"), so the echoed command line (which
+        // the console may also wrap anywhere) never contains it.
         let tag = format!("rc{n}-");
         let from = self.output_len();
-        self.send_line(&format!("{cmd}; echo {tag}\"$?\"-end"));
+        self.send_line(&format!("{cmd}; echo \"rc\"\"{n}-$?-end\""));
         let done = |t: &str| {
             t.lines()
                 .any(|l| l.trim_start().starts_with(&tag) && l.trim_end().ends_with("-end"))

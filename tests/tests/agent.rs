@@ -71,8 +71,9 @@ fn agent_saves_and_restores_process_memory_in_a_real_guest() {
     assert!(out.contains("memtest: ok"), "{out}");
 
     // A held process, saved twice without changes: the two saves share every page.
-    let (out, rc) =
-        run("pmsnap-memtest hold --mib 8 --seed 5 > /tmp/hold & sleep 2; cat /tmp/hold");
+    // The holder prints its line once its buffer is filled; wait for it.
+    let (out, rc) = run("pmsnap-memtest hold --mib 8 --seed 5 > /tmp/hold & \
+         until [ -s /tmp/hold ]; do sleep 1; done; cat /tmp/hold");
     assert_eq!(rc, 0, "{out}");
     let hold = out
         .lines()
@@ -90,7 +91,15 @@ fn agent_saves_and_restores_process_memory_in_a_real_guest() {
     // The host asks for a process snapshot: VMM -> agent (vsock) -> VMM.
     let hp = ctl_json(
         &api,
-        &["snapshot-process", "--pid", pid, "--name", "hp", "--range", range],
+        &[
+            "snapshot-process",
+            "--pid",
+            pid,
+            "--name",
+            "hp",
+            "--range",
+            range,
+        ],
     );
     assert_eq!(hp["pages"], 2048, "8 MiB of the held process: {hp}");
     assert_eq!(hp["kind"], "process", "{hp}");
