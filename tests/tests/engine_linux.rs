@@ -86,6 +86,7 @@ fn linux_guest_snapshot_of_all_ram_equals_the_paused_copy() {
                 count: PAGES,
             }],
             labels: Default::default(),
+            pause: false,
         })
         .expect("snapshot");
     let took = t.elapsed();

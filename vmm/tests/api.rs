@@ -216,6 +216,7 @@ fn req(name: &str, runs: &[(u64, u64)]) -> PagesSnapshotRequest {
             .map(|&(first_page, count)| PageRun { first_page, count })
             .collect(),
         labels: BTreeMap::new(),
+        pause: false,
     }
 }
 
@@ -361,6 +362,7 @@ fn ctl_commands_render_text_and_json() {
             count: 16,
         }],
         labels: vec![("k".into(), "v".into())],
+        pause: false,
     };
     let text = send(&c, &snap, false).expect("snapshot-pages");
     assert!(text.starts_with("created n1\n"), "{text}");

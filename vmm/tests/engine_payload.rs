@@ -234,6 +234,7 @@ impl Vm {
                 .map(|&(first_page, count)| PageRun { first_page, count })
                 .collect(),
             labels: Default::default(),
+            pause: false,
         };
         let info = self
             .api

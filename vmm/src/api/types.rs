@@ -57,6 +57,11 @@ pub struct PagesSnapshotRequest {
     /// Free-form labels stored with the snapshot.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Pause the vCPUs for the snapshot, so all pages share one instant. The pages are
+    /// write-protected before the pause, so the pause only covers the pages written
+    /// meanwhile and the record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pause: bool,
 }
 
 /// A request that passed the API layer's checks, for the VMM to carry out.

@@ -50,6 +50,10 @@ pub enum CtlCommand {
         /// A label KEY=VALUE stored with the snapshot; repeat for more.
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Pause the vCPUs around the snapshot (one instant for all pages; the pages are
+        /// write-protected before the pause, so it stays short).
+        #[arg(long)]
+        pause: bool,
     },
     /// List snapshots.
     List,
@@ -152,9 +156,15 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
         CtlCommand::Status => ("GET", "/v1/status".to_string(), None),
         CtlCommand::Pause => ("PUT", "/v1/pause".to_string(), None),
         CtlCommand::Resume => ("PUT", "/v1/resume".to_string(), None),
-        CtlCommand::SnapshotPages { name, runs, labels } => {
+        CtlCommand::SnapshotPages {
+            name,
+            runs,
+            labels,
+            pause,
+        } => {
             let req = PagesSnapshotRequest {
                 name: name.clone(),
+                pause: *pause,
                 runs: runs.clone(),
                 labels: labels.iter().cloned().collect::<BTreeMap<_, _>>(),
             };
@@ -372,7 +382,13 @@ mod tests {
         assert!(a.json);
         assert_eq!(a.api_sock, Some(PathBuf::from("/tmp/s")));
         match a.command {
-            CtlCommand::SnapshotPages { name, runs, labels } => {
+            CtlCommand::SnapshotPages {
+                name,
+                runs,
+                labels,
+                pause,
+            } => {
+                assert!(!pause);
                 assert_eq!(name, "n1");
                 assert_eq!(
                     runs,
