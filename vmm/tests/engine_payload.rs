@@ -690,18 +690,9 @@ fn snapshot_survives_sigkill_and_a_new_vmm() {
         std::thread::sleep(Duration::from_millis(5));
     }
     vm.stop();
-    let pool = Pool::open(&pool_path).expect("open pool");
-    let low = (0..REGION_PAGES)
-        .filter(|&i| {
-            let w = page_words(&pool.read_ram_page(REGION_FIRST + i).expect("RAM"));
-            w[WORDS - 1] >> 32 < copy[(i as usize + 1) * WORDS - 1] >> 32
-        })
-        .count();
-    assert!(
-        low > 0,
-        "the second payload rewrote RAM with its lower rounds"
-    );
-    drop(pool);
+    // The second VMM's writes are proven by its preserve count above (each preserve is
+    // a first write to a protected page). Comparing rounds in RAM against the copy is
+    // not: under load both payloads may stand at the same round, and the bytes match.
     assert_eq!(check("after a second VMM"), REGION_PAGES);
     eprintln!("SIGKILL test took {:?}", t0.elapsed());
 }
