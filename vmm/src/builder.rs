@@ -497,7 +497,7 @@ impl BuiltVm {
         self.engine.set_vm_control(vcpus.clone());
         Ok(RunningVm {
             vcpus,
-            vm: self.vm,
+            vm: Arc::new(self.vm),
             engine: self.engine,
         })
     }
@@ -508,7 +508,7 @@ impl BuiltVm {
 #[derive(Debug)]
 pub struct RunningVm {
     vcpus: Arc<VcpuControl>,
-    vm: Vm,
+    vm: Arc<Vm>,
     engine: Arc<Engine>,
 }
 
@@ -531,6 +531,11 @@ impl RunningVm {
     /// The snapshot engine.
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// The VM, shared (whole-VM state capture keeps a handle).
+    pub fn vm_arc(&self) -> Arc<Vm> {
+        self.vm.clone()
     }
 
     /// Stop and join the vCPU threads.

@@ -71,6 +71,16 @@ pub enum CtlCommand {
     },
     /// Show copy-before-write and store statistics.
     Stats,
+    /// Snapshot the whole VM (vCPU, VM and device state; no page data copied).
+    SnapshotVm {
+        /// Name of the new snapshot.
+        name: String,
+    },
+    /// Roll the running VM back to a VM snapshot, in place.
+    Rollback {
+        /// Snapshot name.
+        name: String,
+    },
 }
 
 /// Parse `FIRST:COUNT` (decimal or `0x` hex).
@@ -142,6 +152,18 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
         CtlCommand::Delete { name } => ("DELETE", snapshot_path(name, "")?, None),
         CtlCommand::Dirty { since } => ("GET", snapshot_path(since, "/dirty")?, None),
         CtlCommand::Stats => ("GET", "/v1/stats".to_string(), None),
+        CtlCommand::SnapshotVm { name } => {
+            snapshot_path(name, "")?;
+            (
+                "POST",
+                "/v1/vm-snapshots".to_string(),
+                Some(serde_json::json!({ "name": name })),
+            )
+        }
+        CtlCommand::Rollback { name } => {
+            snapshot_path(name, "")?;
+            ("POST", format!("/v1/vm-snapshots/{name}/rollback"), None)
+        }
     };
     let value = client.request_json(method, &target, body.as_ref())?;
     if json {
@@ -165,6 +187,30 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
         CtlCommand::Delete { .. } => format!("deleted {}\n", decode::<Deleted>(value)?.deleted),
         CtlCommand::Dirty { .. } => render_dirty(&decode::<DirtyPages>(value)?),
         CtlCommand::Stats => render_stats(&decode::<ApiStats>(value)?),
+        CtlCommand::SnapshotVm { .. } => {
+            let r: crate::persist::ops::VmSnapshotCreated = decode(value)?;
+            format!(
+                "created VM snapshot {} ({} pages, {} of state), paused {:.3} ms (capture {:.3} ms, store {:.3} ms)\n",
+                r.name,
+                r.pages,
+                human_bytes(r.state_bytes),
+                r.pause_us as f64 / 1000.0,
+                r.capture_us as f64 / 1000.0,
+                r.store_us as f64 / 1000.0
+            )
+        }
+        CtlCommand::Rollback { .. } => {
+            let r: crate::persist::ops::RolledBack = decode(value)?;
+            format!(
+                "rolled back to {}: {} pages copied ({} dirty), paused {:.3} ms (copy {:.3} ms, state {:.3} ms)\n",
+                r.name,
+                r.pages_copied,
+                r.dirty_pages,
+                r.pause_us as f64 / 1000.0,
+                r.copy_us as f64 / 1000.0,
+                r.restore_us as f64 / 1000.0
+            )
+        }
     })
 }
 

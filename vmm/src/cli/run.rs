@@ -137,6 +137,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     event_loop.handle_termination_signals()?;
     let mut builder = VmBuilder::new(&cfg, event_loop.stop_notifier()?)?;
     let serial = builder.serial();
+    let serial_for_state = serial.clone();
     let engine = builder.engine().clone();
     if let Some(path) = &args.vsock_sock {
         let vsock =
@@ -168,6 +169,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let _raw = RawModeGuard::new(0)?;
     log::debug!("starting {} vCPUs after {:?}", cfg.vcpus, started.elapsed());
     let mut running = built.start(&event_loop.stop_notifier()?)?;
+    crate::persist::live::attach(&running, serial_for_state, cfg.mem_bytes);
     let why = event_loop.run_until_stopped()?;
     running.stop();
     drop(running);
