@@ -245,10 +245,32 @@ impl VmBuilder {
         stop: StopNotifier,
         console: Box<dyn std::io::Write + Send>,
     ) -> Result<Self, BuildError> {
+        Self::create(cfg, stop, console, true)
+    }
+
+    /// Same as [`Self::with_console`] for a VM restored from a snapshot: guest RAM is the
+    /// existing pool's, and no kernel, initrd or boot data is loaded (`cfg.kernel` and
+    /// `cfg.initrd` are ignored). Finish with [`Self::build_restored`].
+    pub fn for_restore(
+        cfg: &VmConfig,
+        stop: StopNotifier,
+        console: Box<dyn std::io::Write + Send>,
+    ) -> Result<Self, BuildError> {
+        Self::create(cfg, stop, console, false)
+    }
+
+    fn create(
+        cfg: &VmConfig,
+        stop: StopNotifier,
+        console: Box<dyn std::io::Write + Send>,
+        boot: bool,
+    ) -> Result<Self, BuildError> {
         config::validate_mem(cfg.mem_bytes)?;
-        config::check_image_file("kernel", &cfg.kernel, false)?;
-        if let Some(i) = &cfg.initrd {
-            config::check_image_file("initrd", i, false)?;
+        if boot {
+            config::check_image_file("kernel", &cfg.kernel, false)?;
+            if let Some(i) = &cfg.initrd {
+                config::check_image_file("initrd", i, false)?;
+            }
         }
         if cfg.vcpus == 0 {
             return Err(ConfigError::NoVcpus.into());
@@ -268,6 +290,32 @@ impl VmBuilder {
         // snapshots already in the pool reference are protected again first, so loading
         // the kernel preserves them instead of overwriting them.
         let engine = Self::start_engine(&vm, pool, cfg)?;
+        if !boot {
+            let mut b = Self {
+                kvm,
+                vm,
+                vcpu_count,
+                mem_bytes: cfg.mem_bytes,
+                cmdline: Cmdline::new(1).map_err(|e| ConfigError::Cmdline(e.to_string()))?,
+                kernel: LoadedKernel {
+                    entry: 0,
+                    end: 0,
+                    header: None,
+                },
+                initrd: None,
+                pio: Bus::new(),
+                mmio: Bus::new(),
+                next_mmio: MMIO_DEVICES_START,
+                next_irq: IRQ_BASE,
+                serial: Arc::new(Mutex::new(SerialDevice::new(
+                    EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Eventfd)?),
+                    console,
+                ))),
+                engine,
+            };
+            b.add_legacy_devices(stop)?;
+            return Ok(b);
+        }
 
         let initrd_size = cfg
             .initrd
@@ -464,6 +512,36 @@ impl VmBuilder {
             self.initrd,
             self.cmdline.as_cstring().ok()
         );
+        Ok(BuiltVm {
+            vm: self.vm,
+            vcpus,
+            engine: self.engine,
+        })
+    }
+}
+
+impl VmBuilder {
+    /// Create the vCPUs with this host's CPUID and put `states` (one per vCPU, in id
+    /// order, validated by the caller) into them. Writes nothing into guest RAM.
+    pub fn build_restored(
+        self,
+        states: &[crate::persist::VcpuState],
+    ) -> Result<BuiltVm, crate::persist::PersistError> {
+        let pio = Arc::new(self.pio);
+        let mmio = Arc::new(self.mmio);
+        let vcpu_err = |e: VcpuError| crate::persist::PersistError::Vcpu(e.to_string());
+        let supported = self
+            .kvm
+            .supported_cpuid()
+            .map_err(|e| crate::persist::PersistError::Vcpu(e.to_string()))?;
+        let mut vcpus = Vec::with_capacity(usize::from(self.vcpu_count));
+        for (id, st) in (0..self.vcpu_count).zip(states) {
+            let v = Vcpu::new(&self.vm, id, pio.clone(), mmio.clone()).map_err(vcpu_err)?;
+            v.configure(&cpuid::for_vcpu(&supported, id, self.vcpu_count), None)
+                .map_err(vcpu_err)?;
+            crate::persist::vcpu::restore(v.fd(), st)?;
+            vcpus.push(v);
+        }
         Ok(BuiltVm {
             vm: self.vm,
             vcpus,

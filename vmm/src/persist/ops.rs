@@ -112,11 +112,12 @@ pub fn snapshot_vm(engine: &Engine, name: &str) -> Result<ApiResponse, ApiError>
 }
 
 /// Read and validate the state of VM snapshot `name` from the pool: it must exist, be a
-/// VM snapshot, pass its checksums and fit a VM of `vcpus` vCPUs and `mem_bytes` RAM.
+/// VM snapshot, pass its checksums and fit a VM of `vcpus` vCPUs (None: as saved) and
+/// `mem_bytes` RAM.
 pub fn load_vm_state(
     pool: &pmem_backend::Pool,
     name: &str,
-    vcpus: usize,
+    vcpus: Option<usize>,
     mem_bytes: u64,
 ) -> Result<VmState, LoadError> {
     let info = pool.inspect(name)?;
@@ -128,7 +129,7 @@ pub fn load_vm_state(
     }
     let blob = pool.read_state(name)?;
     let state = VmState::decode(&blob)?;
-    state.validate(vcpus, mem_bytes)?;
+    state.validate(vcpus.unwrap_or(state.vcpus.len()), mem_bytes)?;
     Ok(state)
 }
 
@@ -151,8 +152,9 @@ pub enum LoadError {
     State(#[from] super::PersistError),
 }
 
-fn load_error(e: LoadError) -> ApiError {
+fn load_error(name: &str, e: LoadError) -> ApiError {
     match e {
+        LoadError::Pool(PoolError::NoSuchSnapshot(_)) => ApiError::UnknownSnapshot(name.into()),
         LoadError::Pool(e) => api_error(e),
         e @ LoadError::NotVm { .. } => ApiError::InvalidState(e.to_string()),
         LoadError::State(e) => ApiError::InvalidState(e.to_string()),
@@ -187,10 +189,10 @@ pub fn rollback(engine: &Engine, name: &str) -> Result<ApiResponse, ApiError> {
     let state = load_vm_state(
         &lock_pool(engine.pool()),
         name,
-        port.vcpu_count(),
+        Some(port.vcpu_count()),
         port.mem_bytes(),
     )
-    .map_err(load_error)?;
+    .map_err(|e| load_error(name, e))?;
     let ((dirty_pages, pages_copied, copy_us, restore_us), pause_us) = paused(engine, || {
         let t = Instant::now();
         let dirty = engine.dirty_since(name)?;
