@@ -119,7 +119,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     let _raw = RawModeGuard::new(0)?;
     let mut running = built.start(&event_loop.stop_notifier()?)?;
     let to_run = started.elapsed();
-    crate::persist::live::attach(&running, serial, mem_bytes);
+    crate::persist::live::attach(&running, serial, mem_bytes, 0);
     log::info!(
         "restored snapshot {name:?}: {} of {} pages copied back in {copy_time:?}; vCPUs running {to_run:?} after start",
         written.len(),

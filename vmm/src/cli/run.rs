@@ -169,7 +169,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let _raw = RawModeGuard::new(0)?;
     log::debug!("starting {} vCPUs after {:?}", cfg.vcpus, started.elapsed());
     let mut running = built.start(&event_loop.stop_notifier()?)?;
-    crate::persist::live::attach(&running, serial_for_state, cfg.mem_bytes);
+    let virtio = usize::from(args.vsock_sock.is_some());
+    crate::persist::live::attach(&running, serial_for_state, cfg.mem_bytes, virtio);
     let why = event_loop.run_until_stopped()?;
     running.stop();
     drop(running);
