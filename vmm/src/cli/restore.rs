@@ -43,6 +43,10 @@ pub struct RestoreArgs {
     /// Serve the control API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Host socket of the virtio-vsock device; required when the snapshot had one (its
+    /// connections are reset; the guest agent reconnects).
+    #[arg(long, value_name = "PATH")]
+    pub vsock_sock: Option<PathBuf>,
 }
 
 fn parse_mem(s: &str) -> std::result::Result<u64, String> {
@@ -85,9 +89,33 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     };
     let mut event_loop = EventLoop::new()?;
     event_loop.handle_termination_signals()?;
-    let builder =
+    let want = usize::from(args.vsock_sock.is_some());
+    if state.mmio.len() != want {
+        return Err(format!(
+            "snapshot {name:?} has {} virtio devices; restore it {} --vsock-sock",
+            state.mmio.len(),
+            if state.mmio.is_empty() {
+                "without"
+            } else {
+                "with"
+            }
+        )
+        .into());
+    }
+    let mut builder =
         VmBuilder::for_restore(&cfg, event_loop.stop_notifier()?, Box::new(StdoutWriter))?;
     let engine = builder.engine().clone();
+    let mut virtio = Vec::new();
+    if let Some(path) = &args.vsock_sock {
+        let (vsock, slot) = crate::device_manager::attach_vsock_with_state(
+            &mut builder,
+            path,
+            engine.clone(),
+            mem_bytes,
+        )?;
+        virtio.push(slot);
+        event_loop.add_subscriber(vsock);
+    }
     let t_copy = Instant::now();
     let written = {
         let mut pool = lock_pool(engine.pool());
@@ -100,6 +128,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     builder.serial().restore(&state.serial)?;
     let serial = builder.serial();
     let built = builder.build_restored(&state.vcpus)?;
+    crate::persist::live::restore_virtio(&virtio, &state.mmio)?;
     let _api = match &args.api_sock {
         Some(path) => {
             let engine = engine.clone();
@@ -119,7 +148,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     let _raw = RawModeGuard::new(0)?;
     let mut running = built.start(&event_loop.stop_notifier()?)?;
     let to_run = started.elapsed();
-    crate::persist::live::attach(&running, serial, mem_bytes, 0);
+    crate::persist::live::attach(&running, serial, mem_bytes, virtio);
     log::info!(
         "restored snapshot {name:?}: {} of {} pages copied back in {copy_time:?}; vCPUs running {to_run:?} after start",
         written.len(),

@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use super::{Persist, PersistError, VmState};
 use crate::devices::legacy::SerialDevice;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vsock::Vsock;
 use crate::vstate::control::VcpuControl;
 use crate::vstate::vm::Vm;
 
@@ -39,6 +41,63 @@ pub fn msr_index_list() -> Result<Vec<u32>, PersistError> {
     Ok(list.as_slice().to_vec())
 }
 
+/// A virtio-mmio device as VM snapshots see it: the transport (saved and restored) and,
+/// for vsock, the device (told to reset its connections after a restore).
+#[derive(Clone)]
+pub struct VirtioSlot {
+    /// The transport on the MMIO bus.
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// The vsock device behind it, if it is one.
+    pub vsock: Option<Arc<Mutex<Vsock>>>,
+}
+
+impl std::fmt::Debug for VirtioSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioSlot")
+            .field("vsock", &self.vsock.is_some())
+            .finish()
+    }
+}
+
+/// Put saved transport states back into `slots` (same count and order, checked) and
+/// reset vsock connections, as Firecracker does: the guest drops its sockets and the
+/// agent reconnects.
+pub fn restore_virtio(
+    slots: &[VirtioSlot],
+    states: &[crate::devices::virtio::mmio::MmioState],
+) -> Result<(), PersistError> {
+    if slots.len() != states.len() {
+        return Err(PersistError::Mismatch {
+            field: "mmio",
+            detail: format!(
+                "snapshot has {} virtio devices, this VM {}",
+                states.len(),
+                slots.len()
+            ),
+        });
+    }
+    for (slot, st) in slots.iter().zip(states) {
+        slot.transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore_in_place(st)
+            .map_err(|e| PersistError::Device {
+                device: "virtio-mmio",
+                reason: e.to_string(),
+            })?;
+        if let Some(v) = &slot.vsock {
+            if !v
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send_transport_reset()
+            {
+                log::info!("vsock: no transport reset sent (device inactive or no event buffer)");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A running VM: its vCPU threads, KVM VM and devices.
 pub struct LiveVm {
     vcpus: Arc<VcpuControl>,
@@ -46,7 +105,7 @@ pub struct LiveVm {
     serial: Arc<Mutex<SerialDevice>>,
     msrs: Mutex<Arc<Vec<u32>>>,
     mem_bytes: u64,
-    virtio_devices: usize,
+    virtio: Vec<VirtioSlot>,
 }
 
 impl std::fmt::Debug for LiveVm {
@@ -58,15 +117,13 @@ impl std::fmt::Debug for LiveVm {
 }
 
 impl LiveVm {
-    /// The VM whose vCPUs `vcpus` control. `virtio_devices` counts the virtio-mmio
-    /// devices attached: their state is not captured yet, so with any, capture refuses
-    /// (a rollback would leave the guest driver and the device out of step).
+    /// The VM whose vCPUs `vcpus` control, with its virtio devices in slot order.
     pub fn new(
         vcpus: Arc<VcpuControl>,
         vm: Arc<Vm>,
         serial: Arc<Mutex<SerialDevice>>,
         mem_bytes: u64,
-        virtio_devices: usize,
+        virtio: Vec<VirtioSlot>,
     ) -> Result<Self, PersistError> {
         Ok(Self {
             vcpus,
@@ -74,21 +131,13 @@ impl LiveVm {
             serial,
             msrs: Mutex::new(Arc::new(msr_index_list()?)),
             mem_bytes,
-            virtio_devices,
+            virtio,
         })
     }
 }
 
 impl VmPersist for LiveVm {
     fn capture(&self) -> Result<VmState, PersistError> {
-        if self.virtio_devices > 0 {
-            return Err(PersistError::Device {
-                device: "virtio-mmio",
-                reason: "saving virtio device state is not implemented yet; VM snapshots \
-                         need a VM without --vsock-sock"
-                    .into(),
-            });
-        }
         let msrs = self.msrs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let vm = self.vm.save()?;
         let vcpus = self.vcpus.vcpus().save_states(&msrs)?;
@@ -104,15 +153,35 @@ impl VmPersist for LiveVm {
             vcpus,
             vm,
             serial: self.serial.save()?,
-            mmio: Vec::new(),
+            mmio: self
+                .virtio
+                .iter()
+                .map(|v| {
+                    v.transport
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .save_state()
+                })
+                .collect(),
         })
     }
 
     fn apply(&self, state: &VmState) -> Result<(), PersistError> {
         state.validate(self.vcpu_count(), self.mem_bytes)?;
+        if state.mmio.len() != self.virtio.len() {
+            return Err(PersistError::Mismatch {
+                field: "mmio",
+                detail: format!(
+                    "snapshot has {} virtio devices, this VM {}",
+                    state.mmio.len(),
+                    self.virtio.len()
+                ),
+            });
+        }
         self.vm.restore(&state.vm)?;
         self.vcpus.vcpus().restore_states(&state.vcpus)?;
         self.serial.restore(&state.serial)?;
+        restore_virtio(&self.virtio, &state.mmio)?;
         Ok(())
     }
 
@@ -131,14 +200,14 @@ pub fn attach(
     running: &crate::builder::RunningVm,
     serial: Arc<Mutex<SerialDevice>>,
     mem_bytes: u64,
-    virtio_devices: usize,
+    virtio: Vec<VirtioSlot>,
 ) {
     match LiveVm::new(
         running.control().clone(),
         running.vm_arc(),
         serial,
         mem_bytes,
-        virtio_devices,
+        virtio,
     ) {
         Ok(live) => running.engine().set_vm_persist(Arc::new(live)),
         Err(e) => log::warn!("VM snapshots unavailable: {e}"),
