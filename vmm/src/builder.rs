@@ -296,7 +296,8 @@ impl VmBuilder {
                 vm,
                 vcpu_count,
                 mem_bytes: cfg.mem_bytes,
-                cmdline: Cmdline::new(1).map_err(|e| ConfigError::Cmdline(e.to_string()))?,
+                // Unused (nothing is loaded), but devices still describe themselves on it.
+                cmdline: Cmdline::new(4096).map_err(|e| ConfigError::Cmdline(e.to_string()))?,
                 kernel: LoadedKernel {
                     entry: 0,
                     end: 0,
