@@ -2,7 +2,9 @@
 //! loop prints a counter; `ctl snapshot-vm`; let it run; `ctl rollback` makes the counter
 //! continue from the snapshot's value; SIGKILL the VMM; `pmsnap restore` in a new
 //! process continues from the snapshot again and its console answers; then the errors
-//! of `pmsnap restore` (locked pool, unknown snapshot, wrong kind, wrong size).
+//! of `pmsnap restore` (locked pool, missing vsock, unknown snapshot, wrong kind, wrong size).
+//! The guest has a virtio-vsock device throughout, so its transport state is saved and
+//! restored too.
 
 use std::path::Path;
 use std::time::Duration;
@@ -59,6 +61,7 @@ fn snapshot_rollback_sigkill_and_restore_in_a_new_vmm() {
     ));
     let _rm = RemoveOnDrop(pool.clone());
     let api = dir.path().join("api.sock");
+    let vsock = dir.path().join("v.sock");
     let mut g = Guest::spawn(
         &[
             "run",
@@ -70,6 +73,8 @@ fn snapshot_rollback_sigkill_and_restore_in_a_new_vmm() {
             s(&pool),
             "--api-sock",
             s(&api),
+            "--vsock-sock",
+            s(&vsock),
         ],
         &[],
     );
@@ -121,6 +126,7 @@ fn snapshot_rollback_sigkill_and_restore_in_a_new_vmm() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     assert!(g.wait_exit(Duration::from_secs(10)).is_some());
     let _ = std::fs::remove_file(&api);
+    let _ = std::fs::remove_file(&vsock);
     let api2 = dir.path().join("api2.sock");
     let mut r = Guest::spawn(
         &[
@@ -131,6 +137,8 @@ fn snapshot_rollback_sigkill_and_restore_in_a_new_vmm() {
             "s1",
             "--api-sock",
             s(&api2),
+            "--vsock-sock",
+            s(&vsock),
         ],
         &[("RUST_LOG", "info")],
     );
@@ -149,6 +157,19 @@ fn snapshot_rollback_sigkill_and_restore_in_a_new_vmm() {
         r.sync_shell(Duration::from_secs(120)),
         "restored console answers"
     );
+    // The guest still has its virtio-mmio (vsock) interrupt line after the restore.
+    let from = r.output_len();
+    r.send_line("echo VI-$(grep -c virtio /proc/interrupts)-END");
+    let count = |t: &str| -> Option<u32> {
+        t.split("VI-")
+            .filter_map(|x| x.split_once("-END").and_then(|(d, _)| d.parse().ok()))
+            .next()
+    };
+    assert!(r
+        .wait_until(from, Duration::from_secs(60), |t| count(t).is_some())
+        .is_some());
+    let n = count(&r.output()[from..]).unwrap_or(0);
+    assert!(n >= 1, "no virtio interrupt line in the restored guest");
     eprintln!(
         "restore log: {}",
         r.stderr()
@@ -164,6 +185,8 @@ fn snapshot_rollback_sigkill_and_restore_in_a_new_vmm() {
     let locked = run_pmsnap(&["restore", "--pool", s(&pool), "--snapshot", "s1"], &[]);
     locked.expect_error("locked");
     drop(r);
+    run_pmsnap(&["restore", "--pool", s(&pool), "--snapshot", "s1"], &[])
+        .expect_error("with --vsock-sock");
     run_pmsnap(&["restore", "--pool", s(&pool), "--snapshot", "nope"], &[])
         .expect_error("no snapshot");
     run_pmsnap(&["restore", "--pool", s(&pool), "--snapshot", "pg"], &[])

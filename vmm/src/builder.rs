@@ -245,26 +245,29 @@ impl VmBuilder {
         stop: StopNotifier,
         console: Box<dyn std::io::Write + Send>,
     ) -> Result<Self, BuildError> {
-        Self::create(cfg, stop, console, true)
+        Self::create(cfg, stop, console, None)
     }
 
     /// Same as [`Self::with_console`] for a VM restored from a snapshot: guest RAM is the
     /// existing pool's, and no kernel, initrd or boot data is loaded (`cfg.kernel` and
-    /// `cfg.initrd` are ignored). Finish with [`Self::build_restored`].
+    /// `cfg.initrd` are ignored). `pool` is the already opened (and locked) pool, of
+    /// `cfg.mem_bytes` RAM. Finish with [`Self::build_restored`].
     pub fn for_restore(
         cfg: &VmConfig,
         stop: StopNotifier,
         console: Box<dyn std::io::Write + Send>,
+        pool: Pool,
     ) -> Result<Self, BuildError> {
-        Self::create(cfg, stop, console, false)
+        Self::create(cfg, stop, console, Some(pool))
     }
 
     fn create(
         cfg: &VmConfig,
         stop: StopNotifier,
         console: Box<dyn std::io::Write + Send>,
-        boot: bool,
+        restore_pool: Option<Pool>,
     ) -> Result<Self, BuildError> {
+        let boot = restore_pool.is_none();
         config::validate_mem(cfg.mem_bytes)?;
         if boot {
             config::check_image_file("kernel", &cfg.kernel, false)?;
@@ -277,13 +280,19 @@ impl VmBuilder {
         }
         let (fs, fs_free) = memory::statfs_pool(&cfg.pool)?;
         memory::check_pool_filesystem(&cfg.pool, fs)?;
-        let available = read_mem_available().unwrap_or(u64::MAX);
-        config::check_host_memory(cfg.mem_bytes, available, fs_free)?;
+        if boot {
+            // A restored VM's RAM is already in the (existing) pool file.
+            let available = read_mem_available().unwrap_or(u64::MAX);
+            config::check_host_memory(cfg.mem_bytes, available, fs_free)?;
+        }
         let kvm = KvmContext::from_env()?;
         config::validate_vcpus(cfg.vcpus as usize, kvm.max_vcpus(), mptable::MAX_CPUS)?;
         let vcpu_count = u8::try_from(cfg.vcpus).expect("validate_vcpus caps the count at 254");
 
-        let pool = memory::open_or_create_pool(&cfg.pool, cfg.mem_bytes)?;
+        let pool = match restore_pool {
+            Some(p) => p,
+            None => memory::open_or_create_pool(&cfg.pool, cfg.mem_bytes)?,
+        };
         let mem = memory::create_guest_memory(pool.file(), pool.ram_offset(), cfg.mem_bytes)?;
         let vm = Vm::new(&kvm, mem)?;
         // The engine starts before anything is written into guest RAM: pages that

@@ -60,7 +60,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     crate::api::validate_snapshot_name(name)
         .map_err(|e| format!("invalid snapshot name {name:?}: {e}"))?;
     // Validate everything with the pool's lock held, before building anything.
-    let (state, mem_bytes) = {
+    let (state, mem_bytes, pool) = {
         let pool = pmem_backend::Pool::open(&args.pool)
             .map_err(|e| format!("cannot open pool {}: {e}", args.pool.display()))?;
         let mem_bytes = pool.ram_size();
@@ -77,8 +77,12 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         let vcpus = args.vcpus.map(|v| v as usize);
         let state = load_vm_state(&pool, name, vcpus, mem_bytes)
             .map_err(|e| format!("cannot restore snapshot {name:?}: {e}"))?;
-        (state, mem_bytes)
+        (state, mem_bytes, pool)
     };
+    log::debug!(
+        "pool opened and state checked after {:?}",
+        started.elapsed()
+    );
     let cfg = VmConfig {
         kernel: PathBuf::new(),
         initrd: None,
@@ -102,8 +106,13 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         )
         .into());
     }
-    let mut builder =
-        VmBuilder::for_restore(&cfg, event_loop.stop_notifier()?, Box::new(StdoutWriter))?;
+    let mut builder = VmBuilder::for_restore(
+        &cfg,
+        event_loop.stop_notifier()?,
+        Box::new(StdoutWriter),
+        pool,
+    )?;
+    log::debug!("VM and engine created after {:?}", started.elapsed());
     let engine = builder.engine().clone();
     let mut virtio = Vec::new();
     if let Some(path) = &args.vsock_sock {
@@ -128,6 +137,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     builder.serial().restore(&state.serial)?;
     let serial = builder.serial();
     let built = builder.build_restored(&state.vcpus)?;
+    log::debug!("vCPUs restored after {:?}", started.elapsed());
     crate::persist::live::restore_virtio(&virtio, &state.mmio)?;
     let _api = match &args.api_sock {
         Some(path) => {
