@@ -172,10 +172,11 @@ pub fn copy_back(
     let mut written = Vec::new();
     for r in runs {
         for p in r.first..r.end() {
-            let (loc, data) = pool.read_snapshot_page(name, p)?;
-            if loc == PageLocation::Ram(p) {
+            // Only the location first: reading every in-place page would copy all of RAM.
+            if pool.snapshot_page_location(name, p)? == PageLocation::Ram(p) {
                 continue;
             }
+            let (_, data) = pool.read_snapshot_page(name, p)?;
             pool.write_ram_page(p, &data)?;
             written.push(p);
         }
