@@ -227,3 +227,80 @@ pub fn rollback(engine: &Engine, name: &str) -> Result<ApiResponse, ApiError> {
         .map_err(internal)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pmem_backend::{Pool, PoolOptions};
+
+    fn page(b: u8) -> [u8; 4096] {
+        [b; 4096]
+    }
+
+    fn meta(state: Vec<u8>) -> SnapshotMeta {
+        SnapshotMeta {
+            state,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn copy_back_restores_preserved_pages_keeping_later_snapshots() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut pool = Pool::create(dir.path().join("p.pool"), 16 * 4096, PoolOptions::default())
+            .expect("pool");
+        for p in 0..16 {
+            pool.write_ram_page(p, &page(p as u8)).expect("write");
+        }
+        let all = [PageRun::new(0, 16)];
+        pool.snapshot("a", SnapshotKind::Vm, &all, meta(super::super::seal(&[1])))
+            .expect("a");
+        pool.write_ram_page(3, &page(0xee)).expect("write 3");
+        pool.write_ram_page(9, &page(0xdd)).expect("write 9");
+        pool.snapshot("b", SnapshotKind::Vm, &all, meta(super::super::seal(&[2])))
+            .expect("b");
+        let written = copy_back(&mut pool, "a", &all).expect("copy back");
+        assert_eq!(written, vec![3, 9], "only the preserved pages are copied");
+        for p in 0..16 {
+            assert_eq!(
+                pool.read_ram_page(p).expect("read"),
+                page(p as u8),
+                "page {p}"
+            );
+        }
+        // b still sees what RAM held when it was taken: preserved before the copy.
+        assert_eq!(pool.read_snapshot_page("b", 3).expect("b 3").1, page(0xee));
+        assert_eq!(pool.read_snapshot_page("b", 9).expect("b 9").1, page(0xdd));
+    }
+
+    #[test]
+    fn load_vm_state_refuses_wrong_kind_unknown_and_bad_blobs() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut pool = Pool::create(dir.path().join("p.pool"), 8 * 4096, PoolOptions::default())
+            .expect("pool");
+        pool.snapshot(
+            "pg",
+            SnapshotKind::Pages,
+            &[PageRun::new(0, 2)],
+            meta(Vec::new()),
+        )
+        .expect("pages");
+        pool.snapshot(
+            "bad",
+            SnapshotKind::Vm,
+            &[PageRun::new(0, 8)],
+            meta(b"junk".to_vec()),
+        )
+        .expect("vm with a bad blob");
+        assert!(matches!(
+            load_vm_state(&pool, "pg", None, 8 * 4096),
+            Err(LoadError::NotVm { kind: "pages", .. })
+        ));
+        assert!(matches!(
+            load_vm_state(&pool, "zz", None, 8 * 4096),
+            Err(LoadError::Pool(PoolError::NoSuchSnapshot(_)))
+        ));
+        let e = load_vm_state(&pool, "bad", None, 8 * 4096).expect_err("bad blob");
+        assert!(matches!(e, LoadError::State(_)), "{e}");
+    }
+}
