@@ -124,6 +124,16 @@ pub enum BuildError {
 }
 
 /// The kernel as loaded.
+/// What a VM starts from.
+enum Boot<'a> {
+    /// Load the kernel (and initrd) named by the config.
+    Linux,
+    /// Run a user-mode payload (tests).
+    Payload(&'a [u8]),
+    /// Resume from a snapshot in this already opened pool (nothing is loaded).
+    Restore(Box<Pool>),
+}
+
 #[derive(Debug, Clone, Copy)]
 struct LoadedKernel {
     entry: u64,
@@ -250,7 +260,7 @@ impl VmBuilder {
         stop: StopNotifier,
         console: Box<dyn std::io::Write + Send>,
     ) -> Result<Self, BuildError> {
-        Self::create(cfg, stop, console, None)
+        Self::create(cfg, stop, console, Boot::Linux)
     }
 
     /// Like [`VmBuilder::with_console`], but run `code` in guest user mode on every vCPU
@@ -261,46 +271,96 @@ impl VmBuilder {
         console: Box<dyn std::io::Write + Send>,
         code: &[u8],
     ) -> Result<Self, BuildError> {
-        Self::create(cfg, stop, console, Some(code))
+        Self::create(cfg, stop, console, Boot::Payload(code))
+    }
+
+    /// Same as [`Self::with_console`] for a VM restored from a snapshot: guest RAM is the
+    /// existing pool's, and no kernel, initrd or boot data is loaded (`cfg.kernel` and
+    /// `cfg.initrd` are ignored). `pool` is the already opened (and locked) pool, of
+    /// `cfg.mem_bytes` RAM. Finish with [`Self::build_restored`].
+    pub fn for_restore(
+        cfg: &VmConfig,
+        stop: StopNotifier,
+        console: Box<dyn std::io::Write + Send>,
+        pool: Pool,
+    ) -> Result<Self, BuildError> {
+        Self::create(cfg, stop, console, Boot::Restore(Box::new(pool)))
     }
 
     fn create(
         cfg: &VmConfig,
         stop: StopNotifier,
         console: Box<dyn std::io::Write + Send>,
-        payload: Option<&[u8]>,
+        boot: Boot<'_>,
     ) -> Result<Self, BuildError> {
         config::validate_mem(cfg.mem_bytes)?;
-        config::check_image_file(
-            if payload.is_some() {
-                "payload"
-            } else {
-                "kernel"
-            },
-            &cfg.kernel,
-            false,
-        )?;
-        if let Some(i) = &cfg.initrd {
-            config::check_image_file("initrd", i, false)?;
+        match &boot {
+            Boot::Linux => {
+                config::check_image_file("kernel", &cfg.kernel, false)?;
+                if let Some(i) = &cfg.initrd {
+                    config::check_image_file("initrd", i, false)?;
+                }
+            }
+            Boot::Payload(_) => config::check_image_file("payload", &cfg.kernel, false)?,
+            Boot::Restore(_) => {}
         }
         if cfg.vcpus == 0 {
             return Err(ConfigError::NoVcpus.into());
         }
         let (fs, fs_free) = memory::statfs_pool(&cfg.pool)?;
         memory::check_pool_filesystem(&cfg.pool, fs)?;
-        let available = read_mem_available().unwrap_or(u64::MAX);
-        config::check_host_memory(cfg.mem_bytes, available, fs_free)?;
+        if !matches!(boot, Boot::Restore(_)) {
+            // A restored VM's RAM is already in the (existing) pool file.
+            let available = read_mem_available().unwrap_or(u64::MAX);
+            config::check_host_memory(cfg.mem_bytes, available, fs_free)?;
+        }
         let kvm = KvmContext::from_env()?;
         config::validate_vcpus(cfg.vcpus as usize, kvm.max_vcpus(), mptable::MAX_CPUS)?;
         let vcpu_count = u8::try_from(cfg.vcpus).expect("validate_vcpus caps the count at 254");
 
-        let pool = memory::open_or_create_pool(&cfg.pool, cfg.mem_bytes)?;
+        let restoring = matches!(boot, Boot::Restore(_));
+        let (pool, payload) = match boot {
+            Boot::Restore(p) => (*p, None),
+            Boot::Payload(code) => (
+                memory::open_or_create_pool(&cfg.pool, cfg.mem_bytes)?,
+                Some(code),
+            ),
+            Boot::Linux => (memory::open_or_create_pool(&cfg.pool, cfg.mem_bytes)?, None),
+        };
         let mem = memory::create_guest_memory(pool.file(), pool.ram_offset(), cfg.mem_bytes)?;
         let vm = Vm::new(&kvm, mem)?;
         // The engine starts before anything is written into guest RAM: pages that
         // snapshots already in the pool reference are protected again first, so loading
         // the kernel preserves them instead of overwriting them.
         let engine = Self::start_engine(&vm, pool, cfg)?;
+        if restoring {
+            let mut b = Self {
+                kvm,
+                vm,
+                vcpu_count,
+                mem_bytes: cfg.mem_bytes,
+                // Unused (nothing is loaded), but devices still describe themselves on it.
+                cmdline: Cmdline::new(4096).map_err(|e| ConfigError::Cmdline(e.to_string()))?,
+                kernel: LoadedKernel {
+                    entry: 0,
+                    end: 0,
+                    header: None,
+                },
+                initrd: None,
+                payload_region: None,
+                pio: Bus::new(),
+                mmio: Bus::new(),
+                next_mmio: MMIO_DEVICES_START,
+                next_irq: IRQ_BASE,
+                serial: Arc::new(Mutex::new(SerialDevice::new(
+                    EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Eventfd)?),
+                    console,
+                ))),
+                engine,
+            };
+            b.add_legacy_devices(stop)?;
+            return Ok(b);
+        }
 
         let initrd_size = cfg
             .initrd
@@ -548,6 +608,36 @@ impl VmBuilder {
     }
 }
 
+impl VmBuilder {
+    /// Create the vCPUs with this host's CPUID and put `states` (one per vCPU, in id
+    /// order, validated by the caller) into them. Writes nothing into guest RAM.
+    pub fn build_restored(
+        self,
+        states: &[crate::persist::VcpuState],
+    ) -> Result<BuiltVm, crate::persist::PersistError> {
+        let pio = Arc::new(self.pio);
+        let mmio = Arc::new(self.mmio);
+        let vcpu_err = |e: VcpuError| crate::persist::PersistError::Vcpu(e.to_string());
+        let supported = self
+            .kvm
+            .supported_cpuid()
+            .map_err(|e| crate::persist::PersistError::Vcpu(e.to_string()))?;
+        let mut vcpus = Vec::with_capacity(usize::from(self.vcpu_count));
+        for (id, st) in (0..self.vcpu_count).zip(states) {
+            let v = Vcpu::new(&self.vm, id, pio.clone(), mmio.clone()).map_err(vcpu_err)?;
+            v.configure(&cpuid::for_vcpu(&supported, id, self.vcpu_count), None)
+                .map_err(vcpu_err)?;
+            crate::persist::vcpu::restore(v.fd(), st)?;
+            vcpus.push(v);
+        }
+        Ok(BuiltVm {
+            vm: self.vm,
+            vcpus,
+            engine: self.engine,
+        })
+    }
+}
+
 /// A VM ready to run: configured vCPUs not yet started.
 #[derive(Debug)]
 pub struct BuiltVm {
@@ -573,7 +663,7 @@ impl BuiltVm {
         self.engine.set_vm_control(vcpus.clone());
         Ok(RunningVm {
             vcpus,
-            vm: self.vm,
+            vm: Arc::new(self.vm),
             engine: self.engine,
         })
     }
@@ -584,7 +674,7 @@ impl BuiltVm {
 #[derive(Debug)]
 pub struct RunningVm {
     vcpus: Arc<VcpuControl>,
-    vm: Vm,
+    vm: Arc<Vm>,
     engine: Arc<Engine>,
 }
 
@@ -607,6 +697,11 @@ impl RunningVm {
     /// The snapshot engine.
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// The VM, shared (whole-VM state capture keeps a handle).
+    pub fn vm_arc(&self) -> Arc<Vm> {
+        self.vm.clone()
     }
 
     /// Stop and join the vCPU threads.

@@ -11,6 +11,7 @@ use crate::builder::{BuildError, MmioSlot, VmBuilder};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::{AgentServiceFactory, Vsock};
 use crate::event_loop::Subscriber;
+use crate::persist::live::VirtioSlot;
 use crate::snapshot::engine::Engine;
 use crate::snapshot::process::{guest_phys_pages, ProcessService};
 
@@ -48,6 +49,16 @@ pub fn attach_vsock(
     engine: Arc<Engine>,
     mem_bytes: u64,
 ) -> Result<Subscriber, DeviceError> {
+    attach_vsock_with_state(builder, uds_path, engine, mem_bytes).map(|(s, _)| s)
+}
+
+/// [`attach_vsock`], also returning the transport and device for VM snapshots.
+pub fn attach_vsock_with_state(
+    builder: &mut VmBuilder,
+    uds_path: &Path,
+    engine: Arc<Engine>,
+    mem_bytes: u64,
+) -> Result<(Subscriber, VirtioSlot), DeviceError> {
     let err = |reason: String| DeviceError::Vsock {
         path: uds_path.display().to_string(),
         reason,
@@ -78,7 +89,8 @@ pub fn attach_vsock(
         .map(|e| e.try_clone())
         .collect::<Result<_, _>>()
         .map_err(BuildError::Eventfd)?;
-    let slot: MmioSlot = builder.add_mmio_device(Arc::new(Mutex::new(transport)))?;
+    let transport = Arc::new(Mutex::new(transport));
+    let slot: MmioSlot = builder.add_mmio_device(transport.clone())?;
     builder
         .vm()
         .register_irqfd(&irq, slot.irq)
@@ -100,5 +112,9 @@ pub fn attach_vsock(
         slot.addr,
         slot.irq
     );
-    Ok(vsock)
+    let state = VirtioSlot {
+        transport,
+        vsock: Some(vsock.clone()),
+    };
+    Ok((vsock, state))
 }

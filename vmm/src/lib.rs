@@ -9,5 +9,6 @@ pub mod device_manager;
 pub mod devices;
 pub mod event_loop;
 pub mod payload;
+pub mod persist;
 pub mod snapshot;
 pub mod vstate;

@@ -135,6 +135,9 @@ impl ApiHandler for Fake {
                 self.snapshots.remove(&name);
                 Ok(ApiResponse::Deleted(name))
             }
+            ApiRequest::CreateVmSnapshot { .. } | ApiRequest::RollbackVm { .. } => Err(
+                ApiError::NotImplemented("VM snapshots in the test double".into()),
+            ),
             ApiRequest::DirtySince { name } => {
                 let before = &self.get(&name)?.1;
                 let now = self.written.lock().expect("lock").clone();

@@ -208,6 +208,22 @@ impl ApiClient {
     pub fn stats(&self) -> Result<ApiStats, ClientError> {
         self.typed("GET", "/v1/stats", None)
     }
+
+    /// `POST /v1/vm-snapshots`: snapshot the whole VM.
+    pub fn snapshot_vm(
+        &self,
+        name: &str,
+    ) -> Result<crate::persist::ops::VmSnapshotCreated, ClientError> {
+        snapshot_path(name, "")?;
+        let body = serde_json::json!({ "name": name });
+        self.typed("POST", "/v1/vm-snapshots", Some(&body))
+    }
+
+    /// `POST /v1/vm-snapshots/{name}/rollback`: roll the VM back in place.
+    pub fn rollback(&self, name: &str) -> Result<crate::persist::ops::RolledBack, ClientError> {
+        snapshot_path(name, "")?;
+        self.typed("POST", &format!("/v1/vm-snapshots/{name}/rollback"), None)
+    }
 }
 
 /// The path of a snapshot resource; the name is checked first, since a name with `/` or

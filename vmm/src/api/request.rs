@@ -79,6 +79,14 @@ pub const ROUTES: &[Route] = &[
         pattern: "/v1/process-snapshots",
         methods: &[("POST", parse_snapshot_process)],
     },
+    Route {
+        pattern: "/v1/vm-snapshots",
+        methods: &[("POST", parse_create_vm)],
+    },
+    Route {
+        pattern: "/v1/vm-snapshots/{name}/rollback",
+        methods: &[("POST", parse_rollback)],
+    },
 ];
 
 /// Parse and validate one request against [`ROUTES`].
@@ -253,6 +261,20 @@ fn parse_snapshot_process(_: &Params, body: &[u8]) -> Result<ApiRequest, ApiErro
         }
     }
     Ok(ApiRequest::SnapshotProcess(req))
+}
+
+fn parse_create_vm(_: &Params, body: &[u8]) -> Result<ApiRequest, ApiError> {
+    let req: super::types::VmSnapshotRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::InvalidJson(format!("{e}; expected {{\"name\": \"...\"}}")))?;
+    validate_snapshot_name(&req.name).map_err(|e| ApiError::invalid_name(&req.name, e))?;
+    Ok(ApiRequest::CreateVmSnapshot { name: req.name })
+}
+
+fn parse_rollback(params: &Params, body: &[u8]) -> Result<ApiRequest, ApiError> {
+    expect_no_body(body)?;
+    Ok(ApiRequest::RollbackVm {
+        name: name_param(params)?,
+    })
 }
 
 /// Check a list of page runs and return it sorted by `first_page`.

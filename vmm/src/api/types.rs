@@ -101,6 +101,26 @@ pub enum ApiRequest {
     Stats,
     /// Ask the guest agent for a snapshot of a guest process (VMM -> agent -> VMM).
     SnapshotProcess(ProcessSnapshotRequest),
+    /// `POST /v1/vm-snapshots {"name"}`: pause, capture the whole VM, reference every
+    /// guest page, resume. Answer [`ApiResponse::Json`] 201 with the pause time.
+    CreateVmSnapshot {
+        /// Validated snapshot name.
+        name: String,
+    },
+    /// `POST /v1/vm-snapshots/{name}/rollback`: put back the pages written since and the
+    /// VM state. Answer [`ApiResponse::Json`] 200 with pages copied and times.
+    RollbackVm {
+        /// Validated snapshot name.
+        name: String,
+    },
+}
+
+/// Body of `POST /v1/vm-snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSnapshotRequest {
+    /// Snapshot name (see [`super::validate_snapshot_name`]).
+    pub name: String,
 }
 
 /// Body of `POST /v1/process-snapshots`.

@@ -89,6 +89,16 @@ pub enum CtlCommand {
         #[arg(long = "range", value_name = "START-END", value_parser = parse_range)]
         ranges: Vec<VirtRange>,
     },
+    /// Snapshot the whole VM (vCPU, VM and device state; no page data copied).
+    SnapshotVm {
+        /// Name of the new snapshot.
+        name: String,
+    },
+    /// Roll the running VM back to a VM snapshot, in place.
+    Rollback {
+        /// Snapshot name.
+        name: String,
+    },
 }
 
 /// Parse `START-END`.
@@ -187,6 +197,18 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
                 .map_err(|e| ClientError::BadResponse(format!("cannot encode the request: {e}")))?;
             ("POST", "/v1/process-snapshots".to_string(), Some(body))
         }
+        CtlCommand::SnapshotVm { name } => {
+            snapshot_path(name, "")?;
+            (
+                "POST",
+                "/v1/vm-snapshots".to_string(),
+                Some(serde_json::json!({ "name": name })),
+            )
+        }
+        CtlCommand::Rollback { name } => {
+            snapshot_path(name, "")?;
+            ("POST", format!("/v1/vm-snapshots/{name}/rollback"), None)
+        }
     };
     let value = client.request_json(method, &target, body.as_ref())?;
     if json {
@@ -210,6 +232,30 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
         CtlCommand::Delete { .. } => format!("deleted {}\n", decode::<Deleted>(value)?.deleted),
         CtlCommand::Dirty { .. } => render_dirty(&decode::<DirtyPages>(value)?),
         CtlCommand::Stats => render_stats(&decode::<ApiStats>(value)?),
+        CtlCommand::SnapshotVm { .. } => {
+            let r: crate::persist::ops::VmSnapshotCreated = decode(value)?;
+            format!(
+                "created VM snapshot {} ({} pages, {} of state), paused {:.3} ms (capture {:.3} ms, store {:.3} ms)\n",
+                r.name,
+                r.pages,
+                human_bytes(r.state_bytes),
+                r.pause_us as f64 / 1000.0,
+                r.capture_us as f64 / 1000.0,
+                r.store_us as f64 / 1000.0
+            )
+        }
+        CtlCommand::Rollback { .. } => {
+            let r: crate::persist::ops::RolledBack = decode(value)?;
+            format!(
+                "rolled back to {}: {} pages copied ({} dirty), paused {:.3} ms (copy {:.3} ms, state {:.3} ms)\n",
+                r.name,
+                r.pages_copied,
+                r.dirty_pages,
+                r.pause_us as f64 / 1000.0,
+                r.copy_us as f64 / 1000.0,
+                r.restore_us as f64 / 1000.0
+            )
+        }
     })
 }
 

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod ctl;
+pub mod restore;
 pub mod run;
 pub mod store;
 
@@ -29,6 +30,8 @@ pub enum Command {
     Ctl(ctl::CtlArgs),
     /// Boot a guest with its console on this terminal.
     Run(run::RunArgs),
+    /// Resume a guest from a VM snapshot in its pool, in this new VMM process.
+    Restore(restore::RestoreArgs),
 }
 
 /// Run the parsed command line; returns the process exit code.
@@ -37,6 +40,7 @@ pub fn run(cli: Cli) -> anyhow_like::Result<i32> {
         Command::Store(args) => store::run(args),
         Command::Ctl(args) => ctl::run(args),
         Command::Run(args) => run::run(args),
+        Command::Restore(args) => restore::run(args),
     }
 }
 

@@ -218,10 +218,17 @@ pub fn run(args: RunArgs) -> Result<i32> {
         }
     };
     let serial = builder.serial();
+    let serial_for_state = serial.clone();
+    let mut virtio = Vec::new();
     let engine = builder.engine().clone();
     if let Some(path) = &args.vsock_sock {
-        let vsock =
-            device_manager::attach_vsock(&mut builder, path, engine.clone(), cfg.mem_bytes)?;
+        let (vsock, slot) = device_manager::attach_vsock_with_state(
+            &mut builder,
+            path,
+            engine.clone(),
+            cfg.mem_bytes,
+        )?;
+        virtio.push(slot);
         event_loop.add_subscriber(vsock);
     }
     if let Some(name) = args.snapshot_at_ready.clone() {
@@ -256,6 +263,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let _raw = RawModeGuard::new(0)?;
     log::debug!("starting {} vCPUs after {:?}", cfg.vcpus, started.elapsed());
     let mut running = built.start(&event_loop.stop_notifier()?)?;
+    crate::persist::live::attach(&running, serial_for_state, cfg.mem_bytes, virtio);
     let why = event_loop.run_until_stopped()?;
     running.stop();
     drop(running);

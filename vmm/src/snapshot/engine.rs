@@ -20,6 +20,7 @@ use super::dirty::{DirtySource, DirtyTracker};
 use super::fault::{FaultHandler, FaultStats, HandlerOptions, PreserveSink};
 use super::protect::{PageProtector, UffdProtector};
 use crate::api::{self, ApiError, ApiRequest, ApiResponse};
+use crate::persist::live::VmPersist;
 
 /// Pause and resume of the vCPUs, as the engine needs them.
 pub trait VmControl: Send + Sync {
@@ -157,6 +158,7 @@ pub struct Engine {
     dirty: Mutex<DirtyTracker>,
     vm: OnceLock<Arc<dyn VmControl>>,
     agent_uds: OnceLock<std::path::PathBuf>,
+    persist: OnceLock<Arc<dyn VmPersist>>,
     info: VmInfo,
     started: Instant,
     // Last, so the handler thread stops before the rest goes away.
@@ -231,6 +233,7 @@ impl Engine {
             dirty: Mutex::new(dirty),
             vm: OnceLock::new(),
             agent_uds: OnceLock::new(),
+            persist: OnceLock::new(),
             info,
             started: Instant::now(),
             _handler: Some(handler),
@@ -249,6 +252,32 @@ impl Engine {
         if self.agent_uds.set(path).is_err() {
             warn!("the agent socket was already set");
         }
+    }
+
+    /// Connect whole-VM state capture (VM snapshots and rollback need it).
+    pub fn set_vm_persist(&self, p: Arc<dyn VmPersist>) {
+        if self.persist.set(p).is_err() {
+            warn!("the VM state port was already set");
+        }
+    }
+
+    /// Whole-VM state capture, once connected.
+    pub fn vm_persist(&self) -> Result<&Arc<dyn VmPersist>, ApiError> {
+        self.persist
+            .get()
+            .ok_or_else(|| ApiError::InvalidState("VM state capture is not available".into()))
+    }
+
+    /// Pause and resume of the vCPUs, once they run.
+    pub fn vm_control(&self) -> Result<&Arc<dyn VmControl>, ApiError> {
+        self.vm()
+    }
+
+    /// Reset the dirty tracking of `name` to "nothing written" (after a rollback to it).
+    pub fn reset_dirty(&self, name: &str) -> Result<(), ApiError> {
+        self.dirty()
+            .reset(name)
+            .map_err(|e| ApiError::Internal(e.to_string()))
     }
 
     fn vm(&self) -> Result<&Arc<dyn VmControl>, ApiError> {
@@ -489,6 +518,8 @@ impl Engine {
                     .map(|s| ApiResponse::SnapshotCreated(to_api_info(s, false)))
                     .map_err(api_error)
             }
+            ApiRequest::CreateVmSnapshot { name } => crate::persist::ops::snapshot_vm(self, &name),
+            ApiRequest::RollbackVm { name } => crate::persist::ops::rollback(self, &name),
         }
     }
 

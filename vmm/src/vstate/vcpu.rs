@@ -35,6 +35,7 @@ use super::memory::GuestMemoryMmap;
 use super::vm::Vm;
 use crate::arch::x86_64::{msr, regs};
 use crate::devices::bus::Bus;
+use crate::persist::{self, PersistError, VcpuState};
 
 /// How long `pause`/`resume` wait for each vCPU to acknowledge. Generous: a vCPU in the
 /// middle of an emulated instruction stream on this host can take a while to notice.
@@ -94,7 +95,7 @@ pub enum VcpuError {
 }
 
 /// A request to a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuRequest {
     /// Leave the guest and wait (acknowledged with `Paused`).
     Pause,
@@ -102,6 +103,11 @@ pub enum VcpuRequest {
     Resume,
     /// End the thread.
     Exit,
+    /// While paused: save this vCPU's state (reading the given MSRs); answered on the
+    /// channel, not with a [`VcpuAck`].
+    SaveState(Arc<Vec<u32>>, Sender<Result<VcpuState, PersistError>>),
+    /// While paused: restore this state; answered on the channel.
+    RestoreState(Box<VcpuState>, Sender<Result<(), PersistError>>),
 }
 
 /// A vCPU thread's answer to `Pause` / `Resume`.
@@ -593,6 +599,28 @@ impl Vcpu {
                         state = State::Exiting;
                         None
                     }
+                    (VcpuRequest::SaveState(msrs, tx), State::Paused) => {
+                        let _ = tx.send(persist::vcpu::save(&self.fd, self.id, &msrs));
+                        None
+                    }
+                    (VcpuRequest::RestoreState(st, tx), State::Paused) => {
+                        let _ = tx.send(persist::vcpu::restore(&self.fd, &st));
+                        None
+                    }
+                    (VcpuRequest::SaveState(_, tx), _) => {
+                        let _ = tx.send(Err(PersistError::Vcpu(format!(
+                            "vCPU {} is not paused",
+                            self.id
+                        ))));
+                        None
+                    }
+                    (VcpuRequest::RestoreState(_, tx), _) => {
+                        let _ = tx.send(Err(PersistError::Vcpu(format!(
+                            "vCPU {} is not paused",
+                            self.id
+                        ))));
+                        None
+                    }
                     (_, State::Stopped) => Some(VcpuAck::Stopped),
                     (VcpuRequest::Pause, State::Running) => {
                         self.complete_pending_io();
@@ -729,6 +757,49 @@ impl Vcpus {
             }
         }
         result
+    }
+
+    /// Save every vCPU's state; the vCPUs must be paused. Each thread saves its own
+    /// vCPU, in parallel.
+    pub fn save_states(&self, msrs: &Arc<Vec<u32>>) -> Result<Vec<VcpuState>, PersistError> {
+        let mut answers = Vec::with_capacity(self.handles.len());
+        for h in &self.handles {
+            let (tx, rx) = mpsc::channel();
+            h.send(VcpuRequest::SaveState(msrs.clone(), tx))
+                .map_err(|e| PersistError::Vcpu(e.to_string()))?;
+            answers.push((h.id, rx));
+        }
+        answers
+            .into_iter()
+            .map(|(id, rx)| {
+                rx.recv_timeout(ACK_TIMEOUT)
+                    .map_err(|_| PersistError::Vcpu(format!("vCPU {id} did not save its state")))?
+            })
+            .collect()
+    }
+
+    /// Restore every vCPU's state (one entry per vCPU, in id order); the vCPUs must be
+    /// paused.
+    pub fn restore_states(&self, states: &[VcpuState]) -> Result<(), PersistError> {
+        if states.len() != self.handles.len() {
+            return Err(PersistError::Mismatch {
+                field: "vcpus",
+                detail: format!("{} saved, {} running", states.len(), self.handles.len()),
+            });
+        }
+        let mut answers = Vec::with_capacity(self.handles.len());
+        for (h, st) in self.handles.iter().zip(states) {
+            let (tx, rx) = mpsc::channel();
+            h.send(VcpuRequest::RestoreState(Box::new(st.clone()), tx))
+                .map_err(|e| PersistError::Vcpu(e.to_string()))?;
+            answers.push((h.id, rx));
+        }
+        for (id, rx) in answers {
+            rx.recv_timeout(ACK_TIMEOUT).map_err(|_| {
+                PersistError::Vcpu(format!("vCPU {id} did not restore its state"))
+            })??;
+        }
+        Ok(())
     }
 
     /// Tell every vCPU thread to exit and join them. Idempotent.

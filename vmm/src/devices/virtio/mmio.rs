@@ -413,6 +413,16 @@ impl MmioTransport {
         state: &MmioState,
     ) -> Result<Self, MmioError> {
         let mut t = Self::new(mem, device)?;
+        t.restore_in_place(state)?;
+        Ok(t)
+    }
+
+    /// Put saved `state` into this transport (VM rollback in place, or a fresh
+    /// transport): an active device is reset first (vsock drops its connections), then
+    /// the state is checked and applied as in [`Self::restore`].
+    pub fn restore_in_place(&mut self, state: &MmioState) -> Result<(), MmioError> {
+        self.reset();
+        let t = self;
         let bad = |m: String| Err(MmioError::BadState(m));
         if state.device_type != t.device_type {
             return bad(format!(
@@ -462,7 +472,7 @@ impl MmioTransport {
         }
         t.status = state.status;
         t.interrupt.restore_status(state.interrupt_status);
-        Ok(t)
+        Ok(())
     }
 
     /// Build and check the queues, then hand them to the device.
@@ -1006,6 +1016,27 @@ mod tests {
         assert_eq!(a.queues[1], (4, 0x2_0000, 0x2_1000, 0x2_2000, true));
         // The dummy adds (3, 2) to what it was given: given (3, 2), reports (6, 4).
         assert_eq!(a.positions, vec![(6, 4), (6, 4)]);
+    }
+
+    #[test]
+    fn restore_in_place_resets_then_reactivates_the_same_device() {
+        let (mut t, dev) = running();
+        let state = t.save_state();
+        // The driver moves on: resets the device and leaves it unconfigured.
+        wr(&mut t, reg::STATUS, 0);
+        assert!(dev.lock().expect("lock").activated.is_none());
+        t.restore_in_place(&state).expect("restore in place");
+        assert_eq!(rd(&mut t, reg::STATUS), 0b1111);
+        {
+            let d = dev.lock().expect("lock");
+            let a = d.activated.as_ref().expect("re-activated");
+            assert_eq!(a.queues[0], (16, 0x1_0000, 0x1_1000, 0x1_2000, true));
+        }
+        // Restoring over a running device resets it first.
+        let resets = dev.lock().expect("lock").resets;
+        t.restore_in_place(&state).expect("again");
+        assert_eq!(dev.lock().expect("lock").resets, resets + 1);
+        assert!(dev.lock().expect("lock").activated.is_some());
     }
 
     #[test]

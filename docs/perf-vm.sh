@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Measure whole-VM snapshot pause, rollback and restore (docs/perf-vm.md).
+# Usage: PMSNAP=target/release/pmsnap PMSNAP_IMAGE_DIR=... docs/perf-vm.sh 256M 1G
+set -u
+BIN=${PMSNAP:-target/release/pmsnap}
+W=$(mktemp -d /tmp/pmsnap-perf.XXXXXX)
+cleanup() { [ -n "${VMM:-}" ] && kill -9 "$VMM" 2>/dev/null; [ -n "${HOLD:-}" ] && kill "$HOLD" 2>/dev/null; rm -rf "$W" /dev/shm/pmsnap-perf-*.pool /dev/shm/pmsnap-perf-copy; }
+trap cleanup EXIT
+json() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
+wait_out() { # file needle timeout_s
+  for _ in $(seq 1 $(( $3 * 10 ))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+for MEM in "$@"; do
+  MIB=$(( $(numfmt --from=iec "$MEM") >> 20 )); PAGES=$(( MIB * 256 ))
+  POOL=/dev/shm/pmsnap-perf-$MIB.pool; rm -f "$POOL" "$W"/*
+  mkfifo "$W/in"; sleep 100000 > "$W/in" & HOLD=$!
+  "$BIN" run --mem "$MEM" --pool "$POOL" --api-sock "$W/api" < "$W/in" > "$W/out" 2> "$W/err" & VMM=$!
+  wait_out "$W/out" "pmsnap-guest: ready" 600 || { echo "no boot"; cat "$W/err"; exit 1; }
+  sleep 3
+  CTL="$BIN ctl --api-sock $W/api --json"
+  P1=$($CTL snapshot-vm s1 | json pause_us); P2=$($CTL snapshot-vm s2 | json pause_us)
+  $CTL delete s2 > /dev/null
+  T0=$(date +%s%N); dd if="$POOL" of=/dev/shm/pmsnap-perf-copy bs=1M count="$MIB" status=none; T1=$(date +%s%N)
+  rm -f /dev/shm/pmsnap-perf-copy
+  COPY_US=$(( (T1 - T0) / 1000 ))
+  echo "mem=$MEM snapshot-vm pause: first ${P1} us, second ${P2} us; copying all RAM (dd tmpfs->tmpfs): ${COPY_US} us"
+  for PCT in 1 10; do
+    N=$(( PAGES * PCT / 100 ))
+    echo "dd if=/dev/zero of=/tmp/fill bs=4096 count=$N 2>/dev/null; echo FILLED-$PCT-\$((1+1))" > "$W/in"
+    wait_out "$W/out" "FILLED-$PCT-2" 900 || { echo "fill $PCT% timed out"; break; }
+    R=$($CTL rollback s1)
+    echo "mem=$MEM rollback after writing $PCT% ($N pages): $(echo "$R" | json pages_copied) pages copied of $(echo "$R" | json dirty_pages) dirty, pause $(echo "$R" | json pause_us) us (copy $(echo "$R" | json copy_us) us, state $(echo "$R" | json restore_us) us)"
+    sleep 2
+  done
+  kill -9 "$VMM"; wait "$VMM" 2>/dev/null; VMM=
+  for i in 1 2 3; do
+    RUST_LOG=info "$BIN" restore --pool "$POOL" --snapshot s1 < /dev/null > "$W/rout" 2> "$W/rerr" & VMM=$!
+    wait_out "$W/rerr" "vCPUs running" 60
+    echo "mem=$MEM restore #$i: $(grep -o 'restored snapshot.*' "$W/rerr")"
+    kill -9 "$VMM"; wait "$VMM" 2>/dev/null; VMM=
+  done
+  kill "$HOLD"; HOLD=; rm -f "$POOL"
+done

@@ -1,0 +1,176 @@
+//! `pmsnap restore`: resume a guest from a VM snapshot in its pool, in a new VMM process
+//! (for example after the first one was killed).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use clap::Args;
+
+use super::anyhow_like::Result;
+use crate::api::ApiServer;
+use crate::builder::VmBuilder;
+use crate::config::{self, VmConfig};
+use crate::devices::legacy::serial::StdoutWriter;
+use crate::devices::legacy::{terminal, RawModeGuard, StdinInput};
+use crate::event_loop::EventLoop;
+use crate::persist::ops::{copy_back, load_vm_state};
+use crate::persist::Persist;
+use crate::snapshot::engine::lock_pool;
+use crate::vstate::vcpu::VmStop;
+
+/// Arguments of `pmsnap restore`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "The pool must not be in use by another VMM (its lock is taken). \
+Guest RAM becomes the snapshot's: pages the snapshot still references in place need no \
+copy; preserved pages are copied back (what other snapshots still need is preserved \
+first). The console is this terminal, as with `pmsnap run`."
+)]
+pub struct RestoreArgs {
+    /// Pool file holding the snapshot (and guest RAM).
+    #[arg(long, value_name = "PATH")]
+    pub pool: PathBuf,
+    /// Name of the VM snapshot to resume.
+    #[arg(long, value_name = "NAME")]
+    pub snapshot: String,
+    /// Expected guest RAM (checked against the snapshot), with K, M or G suffix.
+    #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
+    pub mem: Option<u64>,
+    /// Expected number of vCPUs (checked against the snapshot).
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u32>,
+    /// Serve the control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Host socket of the virtio-vsock device; required when the snapshot had one (its
+    /// connections are reset; the guest agent reconnects).
+    #[arg(long, value_name = "PATH")]
+    pub vsock_sock: Option<PathBuf>,
+}
+
+fn parse_mem(s: &str) -> std::result::Result<u64, String> {
+    config::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// Run `pmsnap restore`.
+pub fn run(args: RestoreArgs) -> Result<i32> {
+    let started = Instant::now();
+    let name = args.snapshot.as_str();
+    crate::api::validate_snapshot_name(name)
+        .map_err(|e| format!("invalid snapshot name {name:?}: {e}"))?;
+    // Validate everything with the pool's lock held, before building anything.
+    let (state, mem_bytes, pool) = {
+        let pool = pmem_backend::Pool::open(&args.pool)
+            .map_err(|e| format!("cannot open pool {}: {e}", args.pool.display()))?;
+        let mem_bytes = pool.ram_size();
+        if let Some(m) = args.mem {
+            if m != mem_bytes {
+                return Err(format!(
+                    "snapshot {name:?} is of a {} MiB guest, --mem asks for {} MiB",
+                    mem_bytes >> 20,
+                    m >> 20
+                )
+                .into());
+            }
+        }
+        let vcpus = args.vcpus.map(|v| v as usize);
+        let state = load_vm_state(&pool, name, vcpus, mem_bytes)
+            .map_err(|e| format!("cannot restore snapshot {name:?}: {e}"))?;
+        (state, mem_bytes, pool)
+    };
+    log::debug!(
+        "pool opened and state checked after {:?}",
+        started.elapsed()
+    );
+    let cfg = VmConfig {
+        kernel: PathBuf::new(),
+        initrd: None,
+        extra_cmdline: String::new(),
+        mem_bytes,
+        vcpus: state.vcpus.len() as u32,
+        pool: args.pool.clone(),
+    };
+    let mut event_loop = EventLoop::new()?;
+    event_loop.handle_termination_signals()?;
+    let want = usize::from(args.vsock_sock.is_some());
+    if state.mmio.len() != want {
+        return Err(format!(
+            "snapshot {name:?} has {} virtio devices; restore it {} --vsock-sock",
+            state.mmio.len(),
+            if state.mmio.is_empty() {
+                "without"
+            } else {
+                "with"
+            }
+        )
+        .into());
+    }
+    let mut builder = VmBuilder::for_restore(
+        &cfg,
+        event_loop.stop_notifier()?,
+        Box::new(StdoutWriter),
+        pool,
+    )?;
+    log::debug!("VM and engine created after {:?}", started.elapsed());
+    let engine = builder.engine().clone();
+    let mut virtio = Vec::new();
+    if let Some(path) = &args.vsock_sock {
+        let (vsock, slot) = crate::device_manager::attach_vsock_with_state(
+            &mut builder,
+            path,
+            engine.clone(),
+            mem_bytes,
+        )?;
+        virtio.push(slot);
+        event_loop.add_subscriber(vsock);
+    }
+    let t_copy = Instant::now();
+    let written = {
+        let mut pool = lock_pool(engine.pool());
+        let runs = pool.inspect(name)?.runs;
+        copy_back(&mut pool, name, &runs)?
+    };
+    engine.after_vmm_write(&written);
+    let copy_time = t_copy.elapsed();
+    builder.vm().restore(&state.vm)?;
+    builder.serial().restore(&state.serial)?;
+    let serial = builder.serial();
+    let built = builder.build_restored(&state.vcpus)?;
+    log::debug!("vCPUs restored after {:?}", started.elapsed());
+    crate::persist::live::restore_virtio(&virtio, &state.mmio)?;
+    let _api = match &args.api_sock {
+        Some(path) => {
+            let engine = engine.clone();
+            let server = ApiServer::start(path, move |req| engine.handle(req))?;
+            log::info!("control API on {}", path.display());
+            Some(server)
+        }
+        None => None,
+    };
+    let interactive = terminal::is_terminal(0);
+    event_loop.add_subscriber(Arc::new(Mutex::new(StdinInput::new(
+        serial.clone(),
+        0,
+        interactive,
+        event_loop.stop_notifier()?,
+    ))));
+    let _raw = RawModeGuard::new(0)?;
+    let mut running = built.start(&event_loop.stop_notifier()?)?;
+    let to_run = started.elapsed();
+    crate::persist::live::attach(&running, serial, mem_bytes, virtio);
+    log::info!(
+        "restored snapshot {name:?}: {} of {} pages copied back in {copy_time:?}; vCPUs running {to_run:?} after start",
+        written.len(),
+        mem_bytes / 4096
+    );
+    let why = event_loop.run_until_stopped()?;
+    running.stop();
+    drop(running);
+    drop(_raw);
+    match why {
+        VmStop::Reset | VmStop::Shutdown => Ok(0),
+        VmStop::Terminated(sig) => Ok(128 + sig),
+        VmStop::Error(msg) => Err(msg.into()),
+    }
+}

@@ -1,0 +1,242 @@
+//! Per-vCPU state, saved and restored in Firecracker's order.
+//!
+//! Save: MP state first (`KVM_GET_MP_STATE` accepts pending APIC events and may change
+//! LAPIC state), then registers, special registers, XSAVE, XCRs, debug registers, LAPIC,
+//! MSRs, and vCPU events last. Restore: MP state first, then registers, special
+//! registers, XSAVE, XCRs, debug registers, LAPIC before MSRs (the TSC deadline MSR is
+//! only accepted with the LAPIC in place, and after `IA32_TSC`), vCPU events last.
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+};
+use kvm_ioctls::VcpuFd;
+use serde::{Deserialize, Serialize};
+
+use super::PersistError;
+
+/// IA32_TSC.
+pub const MSR_IA32_TSC: u32 = 0x10;
+/// IA32_TSC_DEADLINE.
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// IA32_ARCH_CAPABILITIES: KVM here accepts only 0 from userspace for it.
+pub const MSR_IA32_ARCH_CAPABILITIES: u32 = 0x10a;
+/// Most MSRs per KVM_GET/SET_MSRS call (KVM's own limit is higher; the FAM wrapper's is 256).
+const MSR_CHUNK: usize = 200;
+
+/// The saved state of one vCPU.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// vCPU index (and APIC ID).
+    pub id: u8,
+    /// Running, halted, waiting for SIPI...
+    pub mp_state: kvm_mp_state,
+    /// General-purpose registers.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers.
+    pub sregs: kvm_sregs,
+    /// x87/SSE (and extended) state, which also covers what KVM_GET_FPU reports: the
+    /// legacy 4 KiB `kvm_xsave` region as 1024 words.
+    pub xsave: Vec<u32>,
+    /// Extended control registers (None where KVM lacks KVM_CAP_XCRS).
+    pub xcrs: Option<kvm_xcrs>,
+    /// Debug registers.
+    pub debug_regs: kvm_debugregs,
+    /// Local APIC registers.
+    pub lapic: kvm_lapic_state,
+    /// MSRs, in the order they are restored.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending exceptions, interrupts, NMIs, SMM state.
+    pub vcpu_events: kvm_vcpu_events,
+}
+
+fn kvm(op: &'static str, id: u8) -> impl FnOnce(kvm_ioctls::Error) -> PersistError {
+    move |source| PersistError::Kvm {
+        op,
+        vcpu: Some(id),
+        source,
+    }
+}
+
+fn msrs_of(entries: &[kvm_msr_entry]) -> Result<Msrs, PersistError> {
+    Msrs::from_entries(entries).map_err(|e| PersistError::Encode(format!("MSR list: {e:?}")))
+}
+
+/// Read the MSRs in `indices` that KVM lets this vCPU read. An index KVM refuses is
+/// dropped (KVM stops at the first one it cannot read), so the result lists only MSRs
+/// that read back; callers keep its indices for the next save.
+pub fn read_msrs(fd: &VcpuFd, id: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, PersistError> {
+    let mut out = Vec::with_capacity(indices.len());
+    let mut rest: Vec<u32> = indices.to_vec();
+    while !rest.is_empty() {
+        let n = rest.len().min(MSR_CHUNK);
+        let entries: Vec<kvm_msr_entry> = rest[..n]
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = msrs_of(&entries)?;
+        let read = fd.get_msrs(&mut msrs).map_err(kvm("GET_MSRS", id))?;
+        out.extend_from_slice(&msrs.as_slice()[..read.min(n)]);
+        if read < n {
+            log::debug!(
+                "vCPU {id}: MSR {:#x} does not read back; not saved",
+                rest[read]
+            );
+            rest.drain(..=read);
+        } else {
+            rest.drain(..n);
+        }
+    }
+    Ok(out)
+}
+
+/// Order MSRs for restore: IA32_TSC before IA32_TSC_DEADLINE (KVM computes the
+/// deadline relative to the TSC), and a zero deadline becomes the TSC value so a timer
+/// that was armed fires right after restore instead of never (as Firecracker does).
+pub fn order_msrs(msrs: &mut Vec<kvm_msr_entry>) {
+    let tsc = msrs
+        .iter()
+        .find(|m| m.index == MSR_IA32_TSC)
+        .map(|m| m.data);
+    if let Some(pos) = msrs.iter().position(|m| m.index == MSR_IA32_TSC_DEADLINE) {
+        let mut d = msrs.remove(pos);
+        if d.data == 0 {
+            if let Some(t) = tsc {
+                d.data = t;
+            }
+        }
+        msrs.push(d);
+    }
+}
+
+/// Save vCPU `id`'s state. The vCPU must not be in KVM_RUN (paused, or not started).
+pub fn save(fd: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, PersistError> {
+    let mp_state = fd.get_mp_state().map_err(kvm("GET_MP_STATE", id))?;
+    let regs = fd.get_regs().map_err(kvm("GET_REGS", id))?;
+    let sregs = fd.get_sregs().map_err(kvm("GET_SREGS", id))?;
+    // The legacy 4 KiB area holds all the state a guest running with `noxsave` (the
+    // default command line) uses.
+    let xsave = fd
+        .get_xsave()
+        .map_err(kvm("GET_XSAVE", id))?
+        .region
+        .to_vec();
+    let xcrs = fd.get_xcrs().ok();
+    let debug_regs = fd.get_debug_regs().map_err(kvm("GET_DEBUGREGS", id))?;
+    let lapic = fd.get_lapic().map_err(kvm("GET_LAPIC", id))?;
+    let mut msrs = read_msrs(fd, id, msr_indices)?;
+    order_msrs(&mut msrs);
+    let vcpu_events = fd.get_vcpu_events().map_err(kvm("GET_VCPU_EVENTS", id))?;
+    Ok(VcpuState {
+        id,
+        mp_state,
+        regs,
+        sregs,
+        xsave,
+        xcrs,
+        debug_regs,
+        lapic,
+        msrs,
+        vcpu_events,
+    })
+}
+
+/// Write MSRs, skipping IA32_ARCH_CAPABILITIES when KVM refuses its value (it accepts
+/// only 0 from userspace here). Any other refusal is an error naming the MSR.
+fn write_msrs(fd: &VcpuFd, id: u8, msrs: &[kvm_msr_entry]) -> Result<(), PersistError> {
+    let mut rest: Vec<kvm_msr_entry> = msrs.to_vec();
+    while !rest.is_empty() {
+        let n = rest.len().min(MSR_CHUNK);
+        let set = fd
+            .set_msrs(&msrs_of(&rest[..n])?)
+            .map_err(kvm("SET_MSRS", id))?;
+        if set >= n {
+            rest.drain(..n);
+            continue;
+        }
+        let bad = rest[set];
+        if bad.index == MSR_IA32_ARCH_CAPABILITIES {
+            log::debug!(
+                "vCPU {id}: IA32_ARCH_CAPABILITIES {:#x} not accepted; left as KVM set it",
+                bad.data
+            );
+            rest.drain(..=set);
+            continue;
+        }
+        return Err(PersistError::Mismatch {
+            field: "vcpu.msrs",
+            detail: format!(
+                "vCPU {id}: KVM refuses MSR {:#x} = {:#x}",
+                bad.index, bad.data
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Restore `state` into a vCPU whose CPUID is already set. The vCPU must not be in
+/// KVM_RUN.
+pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), PersistError> {
+    let id = state.id;
+    fd.set_mp_state(state.mp_state)
+        .map_err(kvm("SET_MP_STATE", id))?;
+    fd.set_regs(&state.regs).map_err(kvm("SET_REGS", id))?;
+    fd.set_sregs(&state.sregs).map_err(kvm("SET_SREGS", id))?;
+    let mut xsave = kvm_xsave::default();
+    if state.xsave.len() != xsave.region.len() {
+        return Err(PersistError::Mismatch {
+            field: "vcpu.xsave",
+            detail: format!(
+                "vCPU {id}: {} words saved, {} expected",
+                state.xsave.len(),
+                xsave.region.len()
+            ),
+        });
+    }
+    xsave.region.copy_from_slice(&state.xsave);
+    // SAFETY: `xsave` is a complete legacy 4 KiB `kvm_xsave` (no trailing extension
+    // area is used), which is exactly what KVM_SET_XSAVE reads.
+    unsafe { fd.set_xsave(&xsave) }.map_err(kvm("SET_XSAVE", id))?;
+    if let Some(x) = &state.xcrs {
+        fd.set_xcrs(x).map_err(kvm("SET_XCRS", id))?;
+    }
+    fd.set_debug_regs(&state.debug_regs)
+        .map_err(kvm("SET_DEBUGREGS", id))?;
+    fd.set_lapic(&state.lapic).map_err(kvm("SET_LAPIC", id))?;
+    write_msrs(fd, id, &state.msrs)?;
+    fd.set_vcpu_events(&state.vcpu_events)
+        .map_err(kvm("SET_VCPU_EVENTS", id))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(index: u32, data: u64) -> kvm_msr_entry {
+        kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tsc_deadline_goes_after_tsc_and_zero_becomes_tsc() {
+        let mut m = vec![
+            e(MSR_IA32_TSC_DEADLINE, 0),
+            e(0x1b, 5),
+            e(MSR_IA32_TSC, 777),
+        ];
+        order_msrs(&mut m);
+        let idx: Vec<u32> = m.iter().map(|x| x.index).collect();
+        assert_eq!(idx, vec![0x1b, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE]);
+        assert_eq!(m[2].data, 777);
+        let mut m = vec![e(MSR_IA32_TSC_DEADLINE, 9), e(MSR_IA32_TSC, 777)];
+        order_msrs(&mut m);
+        assert_eq!(m[1].data, 9, "an armed deadline is kept");
+    }
+}
