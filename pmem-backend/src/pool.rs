@@ -16,6 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Default redirect-log capacity (records): 1 MiB of log.
@@ -62,7 +63,7 @@ pub(crate) enum BlockUse {
 pub struct Pool {
     pub(crate) path: PathBuf,
     pub(crate) file: File,
-    pub(crate) map: Mapping,
+    pub(crate) map: Arc<Mapping>,
     pub(crate) persist: Box<dyn Persist>,
     pub(crate) geo: Geometry,
     pub(crate) sb: Superblock,
@@ -79,6 +80,32 @@ pub struct Pool {
     pub(crate) free_blocks: Vec<u32>,
     pub(crate) log_tail: u32,
     pub(crate) recovery: RecoveryReport,
+    /// The background pre-fault (see `assemble`): its stop flag and thread.
+    prefault: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // The thread holds the mapping, and the mapping holds the file and so its flock:
+        // stop it before the pool is considered closed, so a reopen finds it unlocked.
+        if let Some((stop, thread)) = self.prefault.take() {
+            stop.store(true, Ordering::Relaxed);
+            if thread.join().is_err() {
+                log::warn!("the pool's pre-fault thread panicked");
+            }
+        }
+    }
+}
+
+/// Pre-fault `len` bytes at `off` in 64 MiB steps, stopping early when asked to.
+fn populate_until_stopped(map: &Mapping, off: u64, len: u64, write: bool, stop: &AtomicBool) {
+    const STEP: u64 = 64 << 20;
+    let mut at = off;
+    while at < off + len && !stop.load(Ordering::Relaxed) {
+        let n = STEP.min(off + len - at);
+        map.populate(at, n, write);
+        at += n;
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -252,10 +279,31 @@ impl Pool {
         let persist = persist.unwrap_or_else(|| Box::new(MsyncPersist::for_file(&file)));
         let geo = sb.geometry;
         // Pre-fault the store's own mapping: metadata and blocks for writing, RAM for
-        // reading, so preserve (on the VMM's fault path) never page-faults itself.
+        // reading, so preserve (on the VMM's fault path) rarely page-faults itself. The
+        // metadata is small and done now; RAM and blocks (the whole pool, e.g. 330 ms for
+        // a 2 GiB pool) are done by a background thread, so opening a pool (and so
+        // `pmsnap restore`) does not wait for them. Populating only fills page tables:
+        // it races harmlessly with the store's own accesses, and holds the mapping alive.
+        let map = Arc::new(map);
         map.populate(0, geo.ram_offset, true);
-        map.populate(geo.ram_offset, geo.ram_size, false);
-        map.populate(geo.block_offset, geo.file_size - geo.block_offset, true);
+        let (bg, stop) = (map.clone(), Arc::new(AtomicBool::new(false)));
+        let bg_stop = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pmsnap-prefault".into())
+            .spawn(move || {
+                populate_until_stopped(&bg, geo.ram_offset, geo.ram_size, false, &bg_stop);
+                let blocks = geo.file_size - geo.block_offset;
+                populate_until_stopped(&bg, geo.block_offset, blocks, true, &bg_stop);
+            });
+        let prefault = match spawned {
+            Ok(t) => Some((stop, t)),
+            Err(e) => {
+                log::debug!("no background pre-fault thread ({e}); pre-faulting now");
+                map.populate(geo.ram_offset, geo.ram_size, false);
+                map.populate(geo.block_offset, geo.file_size - geo.block_offset, true);
+                None
+            }
+        };
         let blocks = geo.block_count as usize;
         Pool {
             path: path.to_path_buf(),
@@ -274,6 +322,7 @@ impl Pool {
             free_blocks: (0..blocks as u32).rev().collect(),
             log_tail: 0,
             recovery: RecoveryReport::default(),
+            prefault,
         }
     }
 
