@@ -28,7 +28,7 @@ impl PageRun {
 }
 
 /// Turn a sorted sequence of pages into runs.
-pub(crate) fn pages_to_runs(pages: impl IntoIterator<Item = u64>) -> Vec<PageRun> {
+pub fn pages_to_runs(pages: impl IntoIterator<Item = u64>) -> Vec<PageRun> {
     let mut out: Vec<PageRun> = Vec::new();
     for p in pages {
         match out.last_mut() {
@@ -81,7 +81,7 @@ impl RunBuilder {
 }
 
 /// Sort and merge runs into the disjoint page set they cover.
-pub(crate) fn normalize_runs(runs: &[PageRun]) -> Vec<PageRun> {
+pub fn normalize_runs(runs: &[PageRun]) -> Vec<PageRun> {
     let mut v: Vec<PageRun> = runs.iter().copied().filter(|r| r.count > 0).collect();
     v.sort_unstable();
     let mut out: Vec<PageRun> = Vec::with_capacity(v.len());

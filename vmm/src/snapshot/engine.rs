@@ -14,7 +14,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use log::{error, info, warn};
-use pmem_backend::{PageLocation, PageRun, Pool, PoolError, SnapshotKind, SnapshotMeta};
+use pmem_backend::{
+    normalize_runs, pages_to_runs, PageLocation, PageRun, Pool, PoolError, SnapshotKind,
+    SnapshotMeta,
+};
 
 use super::dirty::{DirtySource, DirtyTracker};
 use super::fault::{FaultHandler, FaultStats, HandlerOptions, PreserveSink};
@@ -347,7 +350,7 @@ impl Engine {
     /// preserve yet); the handler records them. Pre-protected pages that no snapshot
     /// takes fault once later and are released then.
     pub fn preprotect(&self, runs: &[PageRun]) -> Result<(), PoolError> {
-        let runs = normalize(runs);
+        let runs = normalize_runs(runs);
         *self.sink.armed() = Some(PreProtect {
             runs: runs.clone(),
             unprotected: Vec::new(),
@@ -414,19 +417,13 @@ impl Engine {
     /// dirty for every tracked snapshot, and drop stale write protection on pages that
     /// no snapshot references any more (the store preserved them before the write).
     pub fn after_vmm_write(&self, pages: &[u64]) {
-        let runs: Vec<(u64, u64)> = {
-            let mut v: Vec<u64> = pages.to_vec();
-            v.sort_unstable();
-            v.dedup();
-            let mut runs: Vec<(u64, u64)> = Vec::new();
-            for p in v {
-                match runs.last_mut() {
-                    Some((f, c)) if *f + *c == p => *c += 1,
-                    _ => runs.push((p, 1)),
-                }
-            }
-            runs
-        };
+        let mut sorted = pages.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let runs: Vec<(u64, u64)> = pages_to_runs(sorted)
+            .into_iter()
+            .map(|r| (r.first, r.count))
+            .collect();
         self.dirty().mark(&runs);
         let pool = lock_pool(&self.pool);
         for &(first, count) in &runs {
@@ -557,23 +554,6 @@ impl Engine {
     }
 }
 
-/// Sort and merge runs.
-fn normalize(runs: &[PageRun]) -> Vec<PageRun> {
-    let mut v: Vec<PageRun> = runs.iter().copied().filter(|r| r.count > 0).collect();
-    v.sort_unstable_by_key(|r| r.first);
-    let mut out: Vec<PageRun> = Vec::with_capacity(v.len());
-    for r in v {
-        match out.last_mut() {
-            Some(l) if r.first <= l.first + l.count => {
-                let end = (l.first + l.count).max(r.first + r.count);
-                l.count = end - l.first;
-            }
-            _ => out.push(r),
-        }
-    }
-    out
-}
-
 /// The runs a snapshot must write-protect: its newly referenced pages, less those a
 /// pre-protection already covers and that were not made writable since.
 fn to_protect(newly: &[PageRun], pre: Option<&PreProtect>) -> Vec<PageRun> {
@@ -604,7 +584,7 @@ fn to_protect(newly: &[PageRun], pre: Option<&PreProtect>) -> Vec<PageRun> {
     pages.sort_unstable();
     pages.dedup();
     out.extend(pages.into_iter().map(|p| PageRun::new(p, 1)));
-    normalize(&out)
+    normalize_runs(&out)
 }
 
 /// Map a store error to the API error a client should see.
