@@ -120,6 +120,52 @@ fn snapshot_rollback_sigkill_and_restore_in_a_new_vmm() {
         "after rollback the counter continues from the snapshot's {at_snapshot}: got {next} (was at {ahead})"
     );
 
+    // A chain of three VM snapshots taken while the counter runs: they share the pages
+    // that did not change between them, and each one rolls back exactly, in any order.
+    let mut chain: Vec<(&str, u64)> = Vec::new();
+    for name in ["c1", "c2", "c3"] {
+        let from = g.output_len();
+        let seen = wait_counter_above(&g, from, 0, Duration::from_secs(120))
+            .expect("counter runs before the chain snapshot");
+        let snap = ctl_json(&api, &["snapshot-vm", name]);
+        assert_eq!(
+            snap["pages"].as_u64(),
+            Some((256u64 << 20) / 4096),
+            "{snap}"
+        );
+        let at = *counters(&g.output()[from..]).last().expect("a counter");
+        assert!(at >= seen);
+        chain.push((name, at));
+        wait_counter_above(&g, g.output_len(), at + 1, Duration::from_secs(120))
+            .expect("counter moves on after the snapshot");
+    }
+    let stats = ctl_json(&api, &["stats"]);
+    let per: Vec<&serde_json::Value> = stats["store"]["per_snapshot"]
+        .as_array()
+        .expect("per_snapshot")
+        .iter()
+        .filter(|s| s["name"].as_str().is_some_and(|n| n.starts_with('c')))
+        .collect();
+    assert_eq!(per.len(), 3, "{stats}");
+    assert!(
+        stats["store"]["shared_bytes"]
+            .as_u64()
+            .expect("shared_bytes")
+            >= 3 * (256 << 20) / 4,
+        "three snapshots of a mostly idle guest share most pages: {stats}"
+    );
+    for (name, at) in [chain[1], chain[0], chain[2]] {
+        let before = g.output_len();
+        let rb = ctl_json(&api, &["rollback", name]);
+        eprintln!("rollback {name}: {rb}");
+        let next = wait_counter_above(&g, before, 0, Duration::from_secs(120))
+            .expect("counter runs after the rollback");
+        assert!(
+            next >= at && next <= at + 1,
+            "after rollback to {name} the counter continues from {at}: got {next}"
+        );
+    }
+
     // SIGKILL the VMM; restore the snapshot in a new process.
     let pid = g.pid() as i32;
     // SAFETY: kill(2) on our own child, not yet reaped (Guest reaps it in wait_exit).
