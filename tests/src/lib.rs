@@ -375,3 +375,17 @@ impl Drop for Guest {
         }
     }
 }
+
+/// A path as `&str` for a command line (test paths are always UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// `pmsnap ctl --api-sock SOCK ARGS... --json`, which must succeed; its JSON answer.
+pub fn ctl_json(sock: &Path, args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["ctl", "--api-sock", s(sock), "--json"];
+    full.extend_from_slice(args);
+    let out = run_pmsnap(&full, &[]);
+    assert!(out.status.success(), "pmsnap {full:?}: {}", out.stderr);
+    serde_json::from_str(&out.stdout).expect("ctl --json prints JSON")
+}

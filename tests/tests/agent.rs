@@ -3,22 +3,9 @@
 
 use std::time::Duration;
 
-use pmsnap_tests::{image, require_kvm, run_pmsnap, Guest, READY_TIMEOUT};
+use pmsnap_tests::{ctl_json, image, require_kvm, s, Guest, READY_TIMEOUT};
 
 const CMD_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn s(p: &std::path::Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-fn ctl_json(api: &std::path::Path, args: &[&str]) -> serde_json::Value {
-    let mut full = vec!["ctl", "--api-sock", s(api)];
-    full.extend_from_slice(args);
-    full.push("--json");
-    let out = run_pmsnap(&full, &[]);
-    assert!(out.status.success(), "pmsnap {full:?}: {}", out.stderr);
-    serde_json::from_str(&out.stdout).expect("ctl JSON")
-}
 
 #[test]
 fn agent_saves_and_restores_process_memory_in_a_real_guest() {

@@ -1,11 +1,11 @@
 //! `pmsnap run` end to end: one real boot of the default image through the binary, one
 //! short library boot for pause/resume, and one test per bad input (no boot needed).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pmsnap_tests::{image, require_kvm, run_pmsnap, Guest, READY_TIMEOUT};
+use pmsnap_tests::{ctl_json, image, require_kvm, run_pmsnap, s, Guest, READY_TIMEOUT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// A kernel and initrd that exist but are not a real image (for checks that happen
@@ -21,10 +21,6 @@ fn dummy_image() -> (tempfile::TempDir, PathBuf, PathBuf) {
     .expect("write");
     std::fs::write(&i, b"070701").expect("write");
     (d, k, i)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }
 
 fn leftover_pools(pid: u32) -> Vec<String> {
@@ -74,9 +70,7 @@ fn boots_default_image_with_two_vcpus_and_powers_off() {
     );
 
     // The main job's snapshot: all guest RAM, taken when the guest said it was ready.
-    let list = run_pmsnap(&["ctl", "--api-sock", s(&api), "list", "--json"], &[]);
-    assert!(list.status.success(), "ctl list: {}", list.stderr);
-    let snaps: serde_json::Value = serde_json::from_str(&list.stdout).expect("ctl list JSON");
+    let snaps = ctl_json(&api, &["list"]);
     let boot = snaps
         .as_array()
         .or_else(|| snaps["snapshots"].as_array())

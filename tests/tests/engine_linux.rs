@@ -6,16 +6,12 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use pmem_backend::{PageLocation, Pool, PoolOptions};
-use pmsnap_tests::{image, require_kvm, Guest, READY_TIMEOUT};
+use pmsnap_tests::{image, require_kvm, s, Guest, READY_TIMEOUT};
 use vmm::api::client::ApiClient;
 use vmm::api::{PageRun, PagesSnapshotRequest};
 
 const MEM: u64 = 256 << 20;
 const PAGES: u64 = MEM / 4096;
-
-fn s(p: &std::path::Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 #[test]
 fn linux_guest_snapshot_of_all_ram_equals_the_paused_copy() {

@@ -6,14 +6,9 @@
 //! The guest has a virtio-vsock device throughout, so its transport state is saved and
 //! restored too.
 
-use std::path::Path;
 use std::time::Duration;
 
-use pmsnap_tests::{image, require_kvm, run_pmsnap, Guest, READY_TIMEOUT};
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
+use pmsnap_tests::{ctl_json, image, require_kvm, run_pmsnap, s, Guest, READY_TIMEOUT};
 
 /// Counter values `C=N` printed in `text`, in order (partial lines ignored).
 fn counters(text: &str) -> Vec<u64> {
@@ -33,14 +28,6 @@ fn counters(text: &str) -> Vec<u64> {
 fn wait_counter_above(g: &Guest, from: usize, min: u64, timeout: Duration) -> Option<u64> {
     g.wait_until(from, timeout, |t| counters(t).iter().any(|&c| c > min))?;
     counters(&g.output()[from..]).into_iter().find(|&c| c > min)
-}
-
-fn ctl_json(sock: &Path, args: &[&str]) -> serde_json::Value {
-    let mut a = vec!["ctl", "--api-sock", s(sock), "--json"];
-    a.extend_from_slice(args);
-    let out = run_pmsnap(&a, &[]);
-    assert!(out.status.success(), "ctl {args:?}: {}", out.stderr);
-    serde_json::from_str(&out.stdout).expect("ctl --json prints JSON")
 }
 
 struct RemoveOnDrop(std::path::PathBuf);
