@@ -116,22 +116,22 @@ impl Vmm {
         Ok(vmm)
     }
 
-    fn run_payload(dir: &Path, pool: &Path, bin: &Path) -> Result<Self, String> {
+    fn run_payload(dir: &Path, tag: &str, pool: &Path, bin: &Path) -> Result<Self, String> {
         let args = ["run", "--mem", MEM_ARG, "--vcpus", "2", "--payload"]
             .iter()
             .map(OsString::from)
             .chain([bin.into(), "--pool".into(), pool.into()])
             .collect();
-        Self::spawn(dir, "run", args)
+        Self::spawn(dir, tag, args)
     }
 
-    fn restore_paused(dir: &Path, pool: &Path, name: &str) -> Result<Self, String> {
+    fn restore_paused(dir: &Path, tag: &str, pool: &Path, name: &str) -> Result<Self, String> {
         let args = ["restore", "--paused", "--snapshot", name, "--pool"]
             .iter()
             .map(OsString::from)
             .chain([pool.into()])
             .collect();
-        Self::spawn(dir, "restore", args)
+        Self::spawn(dir, tag, args)
     }
 
     fn log(&self) -> String {
@@ -147,7 +147,10 @@ impl Vmm {
             if let Some(st) = self.child.try_wait().expect("wait") {
                 return match st.signal() {
                     Some(libc::SIGKILL) => Ok(()),
-                    _ => Err(format!("VMM ended with {st}, not by SIGKILL: {}", self.log())),
+                    _ => Err(format!(
+                        "VMM ended with {st}, not by SIGKILL: {}",
+                        self.log()
+                    )),
                 };
             }
             if Instant::now() > deadline {
@@ -173,25 +176,103 @@ impl Drop for Vmm {
     }
 }
 
-/// Guest RAM as the pool file holds it (a host read of the RAM area).
-fn read_ram(pool: &Path, ram_offset: u64) -> Vec<u8> {
+/// 8-byte words per page.
+const WORDS: usize = PAGE / 8;
+
+/// Guest RAM as the pool file holds it (a host read of the RAM area), as words.
+fn read_ram(pool: &Path, ram_offset: u64) -> Vec<u64> {
     let f = std::fs::File::open(pool).expect("open pool file");
-    let mut buf = vec![0u8; MEM as usize];
-    f.read_exact_at(&mut buf, ram_offset)
+    let mut words = vec![0u64; MEM as usize / 8];
+    // SAFETY: a byte view of the whole word buffer, used only for this read; any byte
+    // pattern is a valid u64.
+    let bytes =
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8) };
+    f.read_exact_at(bytes, ram_offset)
         .expect("read the RAM area of the pool file");
-    buf
+    words
 }
 
 /// The first guest page where `got` and `want` differ, with how many pages differ.
-fn first_difference(got: &[u8], want: &[u8]) -> Option<(usize, usize)> {
+fn first_difference(got: &[u64], want: &[u64]) -> Option<(usize, usize)> {
     let mut differing = got
-        .chunks_exact(PAGE)
-        .zip(want.chunks_exact(PAGE))
+        .chunks_exact(WORDS)
+        .zip(want.chunks_exact(WORDS))
         .enumerate()
         .filter(|(_, (a, b))| a != b)
         .map(|(p, _)| p);
     let first = differing.next()?;
     Some((first, 1 + differing.count()))
+}
+
+/// First guest page of the payload's region (payload::REGION_BASE).
+const REGION_FIRST: usize = (16 << 20) / PAGE;
+/// Pages of the region (payload::region for 64 MiB and 2 vCPUs).
+const REGION_PAGES: usize = PAGES as usize - REGION_FIRST;
+/// Guest page of the payload's top page table (payload::PML4_ADDR); the PDPT and page
+/// directories follow it.
+const PML4_PAGE: usize = 0x9000 / PAGE;
+/// Accessed (bit 5) and dirty (bit 6) bits of a page-table entry.
+const ACCESSED_DIRTY: u64 = 0x60;
+
+/// Check that a guest restored from a snapshot with content `from`, whose vCPUs were
+/// then in rounds `rounds` (from the saved registers), and resumed went on from there:
+/// below the region nothing changed but page-table accessed/dirty bits; in the region
+/// every word that changed reads `(round << 32) | page` with a round no older than its
+/// vCPU's round at the snapshot. (RAM rounds alone do not order: the pool's RAM may hold
+/// higher rounds of an earlier guest, which a new guest in round 1 overwrites.) A guest
+/// restarted, or resumed with wrong registers, writes other values. Returns the pages
+/// changed.
+fn guest_continued(now: &[u64], from: &[u64], rounds: &[u64]) -> Result<usize, String> {
+    let slice = REGION_PAGES / rounds.len().max(1);
+    let mut changed = 0;
+    for p in 0..PAGES as usize {
+        let (a, b) = (&now[p * WORDS..][..WORDS], &from[p * WORDS..][..WORDS]);
+        if a == b {
+            continue;
+        }
+        // Index loops: this runs over tens of MiB in an unoptimized test build.
+        for w in 0..WORDS {
+            let (x, y) = (a[w], b[w]);
+            if x == y {
+                continue;
+            }
+            let bad = if p < REGION_FIRST {
+                // The page tables (payload::PML4_ADDR..) may differ only in the accessed
+                // and dirty bits the MMU sets as the guest runs.
+                let table = (PML4_PAGE..PML4_PAGE + 8).contains(&p);
+                !table || (x ^ y) & !ACCESSED_DIRTY != 0
+            } else {
+                let i = p - REGION_FIRST;
+                let round = rounds.get(i / slice).copied().unwrap_or(0);
+                x & 0xffff_ffff != i as u64 || x >> 32 < round
+            };
+            if bad {
+                return Err(format!(
+                    "guest page {p} word {w} reads {x:#x}, the snapshot had {y:#x} (vCPU \
+                     rounds at the snapshot: {rounds:?})"
+                ));
+            }
+        }
+        changed += usize::from(p >= REGION_FIRST);
+    }
+    Ok(changed)
+}
+
+/// Of the pages where `before` differed from `want`, how many equal it in `after`:
+/// (pages back, pages to copy).
+fn copy_progress(before: &[u64], after: &[u64], want: &[u64]) -> (usize, usize) {
+    let (mut back, mut to_copy) = (0, 0);
+    for ((b, a), w) in before
+        .chunks_exact(WORDS)
+        .zip(after.chunks_exact(WORDS))
+        .zip(want.chunks_exact(WORDS))
+    {
+        if b != w {
+            to_copy += 1;
+            back += usize::from(a == w);
+        }
+    }
+    (back, to_copy)
 }
 
 /// Run `pmsnap store <cmd> --pool P`; returns (exit code, stdout, stderr).
@@ -211,20 +292,25 @@ fn store(pool: &Path, cmd: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// Snapshot names in the store and its used blocks (`pmsnap store ls --json`).
-fn store_names(pool: &Path) -> Result<(BTreeSet<String>, u64), String> {
-    let (code, out, err) = store(pool, &["ls", "--json"]);
-    if code != 0 {
-        return Err(format!("store ls failed ({code}): {err}"));
+/// What the store holds, read by opening the pool (no VMM may hold it): per snapshot
+/// its name and the payload's round (r12) on each vCPU in its saved registers; and the
+/// blocks in use.
+fn store_view(pool: &Path) -> Result<(BTreeMap<String, Vec<u64>>, u64), String> {
+    let p = Pool::open(pool).map_err(|e| format!("open pool: {e}"))?;
+    let mut snaps = BTreeMap::new();
+    for info in p.list() {
+        let name = info.name.as_str();
+        let blob = p
+            .read_state(name)
+            .map_err(|e| format!("state of {name}: {e}"))?;
+        let st =
+            vmm::persist::VmState::decode(&blob).map_err(|e| format!("state of {name}: {e}"))?;
+        snaps.insert(
+            info.name.clone(),
+            st.vcpus.iter().map(|v| v.regs.r12).collect(),
+        );
     }
-    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
-    let names = v["per_snapshot"]
-        .as_array()
-        .ok_or("no per_snapshot in store ls")?
-        .iter()
-        .filter_map(|s| s["name"].as_str().map(String::from))
-        .collect();
-    Ok((names, v["blocks_used"].as_u64().unwrap_or(0)))
+    Ok((snaps, p.stats().blocks_used))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -251,8 +337,8 @@ impl Op {
     fn first_window(self) -> Duration {
         match self {
             Op::SnapshotVm => Duration::from_millis(8),
-            Op::RollbackPaused | Op::RollbackRunning => Duration::from_millis(40),
-            Op::Delete => Duration::from_millis(8),
+            Op::RollbackPaused | Op::RollbackRunning => Duration::from_millis(80),
+            Op::Delete => Duration::from_millis(16),
         }
     }
 }
@@ -266,12 +352,13 @@ struct Tally {
     /// The VMM died first; of those, how many had committed the change anyway.
     killed_before_return: u32,
     committed_unacknowledged: u32,
+    /// Paused rollbacks killed with part of RAM copied back.
+    mid_copy: u32,
     op_times: Vec<Duration>,
     /// Kill delays used.
     delays: Vec<Duration>,
-    /// Kill delays are drawn from 0..window. The window grows by a quarter after a kill
-    /// that came before the answer and shrinks by as much after an answer that came
-    /// first, so about half the kills land before the operation returns however long it
+    /// Kill delays are drawn from 0..window. The window grows by half after a kill that
+    /// came before the answer and shrinks by a third after an answer that came first, so about half the kills land before the operation returns however long it
     /// takes on this machine, in this pool state (None: [`Op::first_window`]).
     window: Option<Duration>,
 }
@@ -283,15 +370,25 @@ impl Tally {
 
     fn adapt(&mut self, op: Op, returned: bool) {
         let w = self.window(op);
-        let w = if returned { w * 4 / 5 } else { w * 5 / 4 };
+        let w = if returned { w * 2 / 3 } else { w * 3 / 2 };
         self.window = Some(w.clamp(Duration::from_millis(1), Duration::from_secs(2)));
     }
+}
+
+/// The VMM the next trial uses: restored from snapshot `from` and resumed.
+struct Carried {
+    vmm: Vmm,
+    from: String,
+    /// The snapshot's reference content.
+    reference: Arc<Vec<u64>>,
+    /// Its vCPUs' payload rounds at the snapshot.
+    rounds: Vec<u64>,
 }
 
 /// What the test knows about the pool between trials.
 struct Model {
     /// Reference content of every snapshot the store may hold.
-    refs: BTreeMap<String, Arc<Vec<u8>>>,
+    refs: BTreeMap<String, Arc<Vec<u64>>>,
     /// Snapshots the store must hold: creation returned (or seen in the store since)
     /// and no returned delete removed them.
     must_exist: BTreeSet<String>,
@@ -311,9 +408,7 @@ fn sigkill_during_snapshot_rollback_and_delete() {
         t ^ (u64::from(std::process::id()) << 32)
     }) | 1;
     let trials = env_u64("PMSNAP_CRASH_TRIALS").unwrap_or(50);
-    println!(
-        "crash test: {trials} trials, seed {seed:#x} (replay: PMSNAP_CRASH_SEED={seed:#x})"
-    );
+    println!("crash test: {trials} trials, seed {seed:#x} (replay: PMSNAP_CRASH_SEED={seed:#x})");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir");
     let bin = payload(dir.path());
@@ -340,17 +435,21 @@ fn sigkill_during_snapshot_rollback_and_delete() {
     let mut restores_checked = 0u32;
     let mut max_live = 0usize;
     let mut max_blocks = 0u64;
-    let mut next: Option<Vmm> = None;
+    let mut next: Option<Carried> = None;
+    // Time spent: trial operation with its kill, store verify, reading the store, restore
+    // --paused up to the RAM comparison, SIGKILL of restored VMMs.
+    let mut phase = [Duration::ZERO; 5];
 
     for trial in 0..trials {
+        let trial_start = Instant::now();
         let mut fail = |what: String| {
             println!("  FAIL trial {trial}: {what}");
             failures.push(format!("trial {trial}: {what}"));
         };
-        let mut vmm = match next.take() {
-            Some(v) => v,
-            None => match Vmm::run_payload(dir.path(), &pool, &bin) {
-                Ok(v) => v,
+        let (mut vmm, carried) = match next.take() {
+            Some(c) => (c.vmm, Some((c.from, c.reference, c.rounds))),
+            None => match Vmm::run_payload(dir.path(), &format!("run{trial}"), &pool, &bin) {
+                Ok(v) => (v, None),
                 Err(e) => {
                     fail(format!("pmsnap run: {e}"));
                     break;
@@ -383,15 +482,29 @@ fn sigkill_during_snapshot_rollback_and_delete() {
             _ => Ok(()),
         };
         if let Err(e) = prep {
-            fail(format!("pause before {}: {e}; log: {}", op.as_str(), vmm.log()));
+            fail(format!(
+                "pause before {}: {e}; log: {}",
+                op.as_str(),
+                vmm.log()
+            ));
             break;
         }
-        if op == Op::SnapshotVm {
-            model
-                .refs
-                .insert(name.clone(), Arc::new(read_ram(&pool, ram_offset)));
+        // Guest RAM now: exact when paused (the reference of a new snapshot), a mix of
+        // instants when running (word-wise checks only).
+        let now = Arc::new(read_ram(&pool, ram_offset));
+        if let Some((from, from_ref, from_rounds)) = &carried {
+            match guest_continued(&now, from_ref, from_rounds) {
+                Ok(0) => fail(format!("the guest restored from {from} did not run")),
+                Ok(_) => {}
+                Err(e) => fail(format!("the guest restored from {from}: {e}")),
+            }
         }
-
+        if op == Op::SnapshotVm {
+            model.refs.insert(name.clone(), now.clone());
+        }
+        // RAM before a paused rollback: after a kill, how much of it went back tells
+        // whether the kill landed before, during or after the copy.
+        let before = (op == Op::RollbackPaused).then(|| now.clone());
         let window = tallies.entry(op).or_default().window(op);
         let delay = Duration::from_micros(rng.below(window.as_micros() as u64));
         let pid = vmm.child.id() as i32;
@@ -412,6 +525,7 @@ fn sigkill_during_snapshot_rollback_and_delete() {
         if let Err(e) = vmm.reap() {
             fail(e);
         }
+        phase[0] += t.elapsed();
         let returned = match &res {
             Ok(()) => true,
             Err(e @ ClientError::Api { .. }) | Err(e @ ClientError::InvalidName { .. }) => {
@@ -431,28 +545,47 @@ fn sigkill_during_snapshot_rollback_and_delete() {
             tally.killed_before_return += 1;
         }
         // A returned rollback of a paused VM left RAM exactly at the snapshot.
-        if returned && op == Op::RollbackPaused {
+        let mut rollback_progress = String::new();
+        if let Some(before) = &before {
             let ram = read_ram(&pool, ram_offset);
-            if let Some((p, n)) = first_difference(&ram, &model.refs[&name]) {
-                fail(format!(
-                    "after a returned rollback to {name}, guest page {p} differs ({n} pages)"
-                ));
+            let want = &model.refs[&name];
+            if returned {
+                if let Some((p, n)) = first_difference(&ram, want) {
+                    fail(format!(
+                        "after a returned rollback to {name}, guest page {p} differs ({n} pages)"
+                    ));
+                }
+            } else {
+                let (back, to_copy) = copy_progress(before, &ram, want);
+                rollback_progress = match back {
+                    0 => " before the copy".to_string(),
+                    b if b < to_copy => {
+                        tally.mid_copy += 1;
+                        format!(" mid-copy ({b} of {to_copy} pages back)")
+                    }
+                    _ => " after the copy".to_string(),
+                };
             }
         }
 
         // The store after the crash.
+        let t_verify = Instant::now();
         let (code, out, err) = store(&pool, &["verify"]);
         if code != 0 {
             fail(format!("store verify exit {code}: {out}{err}"));
         }
-        let (names, blocks) = match store_names(&pool) {
+        phase[1] += t_verify.elapsed();
+        let t_ls = Instant::now();
+        let (saved, blocks) = match store_view(&pool) {
             Ok(v) => v,
             Err(e) => {
                 fail(e);
                 break;
             }
         };
+        let names: BTreeSet<String> = saved.keys().cloned().collect();
         max_blocks = max_blocks.max(blocks);
+        phase[2] += t_ls.elapsed();
         let present = names.contains(&name);
         let effect = match (op, returned, present) {
             (Op::SnapshotVm, true, _) => {
@@ -485,7 +618,9 @@ fn sigkill_during_snapshot_rollback_and_delete() {
             (Op::Delete, false, true) => "not deleted",
             (_, true, _) => "rolled back",
             (_, false, _) => "rollback interrupted",
-        };
+        }
+        .to_string()
+            + &rollback_progress;
         for n in &model.must_exist {
             if !names.contains(n) {
                 fail(format!("snapshot {n} whose creation returned is gone"));
@@ -508,7 +643,10 @@ fn sigkill_during_snapshot_rollback_and_delete() {
             let Some(want) = model.refs.get(snap).cloned() else {
                 continue;
             };
-            let restored = match Vmm::restore_paused(dir.path(), &pool, snap) {
+            let last = i + 1 == order.len();
+            let tag = format!("restore{trial}-{snap}");
+            let t_restore = Instant::now();
+            let restored = match Vmm::restore_paused(dir.path(), &tag, &pool, snap) {
                 Ok(v) => v,
                 Err(e) => {
                     fail(format!("restore --paused {snap}: {e}"));
@@ -521,24 +659,37 @@ fn sigkill_during_snapshot_rollback_and_delete() {
             }
             let ram = read_ram(&pool, ram_offset);
             restores_checked += 1;
+            phase[3] += t_restore.elapsed();
             if let Some((p, n)) = first_difference(&ram, &want) {
                 fail(format!(
                     "restored {snap}: guest page {p} differs from the reference ({n} pages differ)"
                 ));
             }
             checked.push(snap.as_str());
-            if i + 1 == order.len() {
+            if last {
                 match restored.api.resume() {
-                    Ok(_) => next = Some(restored),
+                    Ok(_) => {
+                        next = Some(Carried {
+                            vmm: restored,
+                            from: snap.clone(),
+                            reference: want.clone(),
+                            rounds: saved[snap].clone(),
+                        })
+                    }
                     Err(e) => fail(format!("resume after restore of {snap}: {e}")),
                 }
-            } else if let Err(e) = restored.sigkill() {
-                fail(e);
+            } else {
+                let t_kill = Instant::now();
+                if let Err(e) = restored.sigkill() {
+                    fail(e);
+                }
+                phase[4] += t_kill.elapsed();
             }
         }
         println!(
-            "trial {trial:2}: {:17} {name:4} kill at {:6.2} ms, {} after {:6.2} ms -> {effect}; \
+            "trial {trial:2} ({:5.2} s): {:17} {name:4} kill at {:6.2} ms, {} after {:6.2} ms -> {effect}; \
              store: {} snapshots, {blocks} blocks, verify {}; restored exactly: {}",
+            trial_start.elapsed().as_secs_f64(),
             op.as_str(),
             delay.as_secs_f64() * 1e3,
             if returned { "returned" } else { "killed  " },
@@ -552,8 +703,8 @@ fn sigkill_during_snapshot_rollback_and_delete() {
             },
         );
     }
-    if let Some(v) = next.take() {
-        if let Err(e) = v.sigkill() {
+    if let Some(c) = next.take() {
+        if let Err(e) = c.vmm.sigkill() {
             failures.push(e);
         }
     }
@@ -562,7 +713,10 @@ fn sigkill_during_snapshot_rollback_and_delete() {
         failures.push(format!("final store verify exit {code}: {out}{err}"));
     }
 
-    println!("summary: {trials} trials, seed {seed:#x}, {:?}", t0.elapsed());
+    println!(
+        "summary: {trials} trials, seed {seed:#x}, {:?}",
+        t0.elapsed()
+    );
     let mut killed = 0;
     for (op, t) in &tallies {
         let mut times = t.op_times.clone();
@@ -571,22 +725,48 @@ fn sigkill_during_snapshot_rollback_and_delete() {
         killed += t.killed_before_return;
         println!(
             "  {:17} {:2} trials: {:2} returned before the kill, {:2} killed before returning \
-             ({} of them had committed); median time when returned {:.2} ms; kill delays \
+             ({} of them had committed{}); median time when returned {:.2} ms; kill delays \
              {:.1}..{:.1} ms",
             op.as_str(),
             t.trials,
             t.returned,
             t.killed_before_return,
             t.committed_unacknowledged,
+            if *op == Op::RollbackPaused {
+                format!(", {} mid-copy", t.mid_copy)
+            } else {
+                String::new()
+            },
             median.as_secs_f64() * 1e3,
-            t.delays.iter().min().copied().unwrap_or_default().as_secs_f64() * 1e3,
-            t.delays.iter().max().copied().unwrap_or_default().as_secs_f64() * 1e3,
+            t.delays
+                .iter()
+                .min()
+                .copied()
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3,
+            t.delays
+                .iter()
+                .max()
+                .copied()
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3,
         );
     }
     println!(
         "  kills before the operation returned: {killed} of {trials}; snapshots restored and \
          compared: {restores_checked}; most snapshots at once: {max_live}; most blocks used: \
          {max_blocks} of {BLOCKS}"
+    );
+    println!(
+        "  time: operations with their kill {:.1} s, store verify {:.1} s, reading the store {:.1} s, \
+         restores to the RAM comparison {:.1} s, SIGKILL of restored VMMs {:.1} s",
+        phase[0].as_secs_f64(),
+        phase[1].as_secs_f64(),
+        phase[2].as_secs_f64(),
+        phase[3].as_secs_f64(),
+        phase[4].as_secs_f64(),
     );
     println!(
         "  outcome: {}",
@@ -596,7 +776,16 @@ fn sigkill_during_snapshot_rollback_and_delete() {
             format!("{} failure(s)", failures.len())
         }
     );
-    assert!(failures.is_empty(), "seed {seed:#x}:\n{}", failures.join("\n"));
+    if !failures.is_empty() {
+        // Keep the pool and every VMM's log for a look.
+        let kept = dir.keep();
+        println!("  pool and VMM logs kept in {}", kept.display());
+    }
+    assert!(
+        failures.is_empty(),
+        "seed {seed:#x}:\n{}",
+        failures.join("\n")
+    );
     assert!(
         trials < 10 || (killed > 0 && killed < trials as u32),
         "kills must land both before and after operations returned ({killed} of {trials})"
@@ -619,7 +808,7 @@ fn restore_paused_runs_nothing_until_resume() {
     let ram_offset = Pool::create(&pool, MEM, PoolOptions::default())
         .expect("create pool")
         .ram_offset();
-    let vmm = Vmm::run_payload(dir.path(), &pool, &bin).expect("run");
+    let vmm = Vmm::run_payload(dir.path(), "run", &pool, &bin).expect("run");
     std::thread::sleep(Duration::from_millis(100));
     vmm.api.pause().expect("pause");
     let want = read_ram(&pool, ram_offset);
@@ -642,24 +831,36 @@ fn restore_paused_runs_nothing_until_resume() {
     );
     vmm.sigkill().expect("kill");
 
-    let restored = Vmm::restore_paused(dir.path(), &pool, "s").expect("restore --paused");
+    let restored =
+        Vmm::restore_paused(dir.path(), "restore", &pool, "s").expect("restore --paused");
     assert_eq!(
         restored.api.status().expect("status").state,
         VmState::Paused
     );
     for _ in 0..3 {
         let ram = read_ram(&pool, ram_offset);
-        assert_eq!(first_difference(&ram, &want), None, "paused RAM == snapshot");
+        assert_eq!(
+            first_difference(&ram, &want),
+            None,
+            "paused RAM == snapshot"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(restored.api.stats().expect("stats").faults, 0, "no guest write");
+    assert_eq!(
+        restored.api.stats().expect("stats").faults,
+        0,
+        "no guest write"
+    );
     assert_eq!(
         restored.api.resume().expect("resume").state,
         VmState::Running
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while first_difference(&read_ram(&pool, ram_offset), &want).is_none() {
-        assert!(Instant::now() < deadline, "the guest did not run after resume");
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not run after resume"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(restored.api.stats().expect("stats").faults > 0);

@@ -144,15 +144,6 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     let built = builder.build_restored(&state.vcpus)?;
     log::debug!("vCPUs restored after {:?}", started.elapsed());
     crate::persist::live::restore_virtio(&virtio, &state.mmio)?;
-    let _api = match &args.api_sock {
-        Some(path) => {
-            let engine = engine.clone();
-            let server = ApiServer::start(path, move |req| engine.handle(req))?;
-            log::info!("control API on {}", path.display());
-            Some(server)
-        }
-        None => None,
-    };
     let interactive = terminal::is_terminal(0);
     event_loop.add_subscriber(Arc::new(Mutex::new(StdinInput::new(
         serial.clone(),
@@ -168,6 +159,17 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     };
     let to_run = started.elapsed();
     crate::persist::live::attach(&running, serial, mem_bytes, virtio);
+    // Served once the vCPUs and state capture exist, so a client that sees the socket
+    // can pause, resume or snapshot at once (with --paused, POST /v1/resume is next).
+    let _api = match &args.api_sock {
+        Some(path) => {
+            let engine = engine.clone();
+            let server = ApiServer::start(path, move |req| engine.handle(req))?;
+            log::info!("control API on {}", path.display());
+            Some(server)
+        }
+        None => None,
+    };
     log::info!(
         "restored snapshot {name:?}: {} of {} pages copied back in {copy_time:?}; vCPUs {} {to_run:?} after start",
         written.len(),
