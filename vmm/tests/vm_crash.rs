@@ -15,10 +15,16 @@
 //! must still be listed; each snapshot in the store is restored by a new VMM with
 //! `pmsnap restore --paused` and guest RAM, read from the pool file, must equal its
 //! reference byte for byte. Each restored VMM is SIGKILLed too (a crash right after a
-//! restore), except one chosen at random, which is resumed and carries the next trial.
+//! restore), except one chosen at random, which is resumed and carries the next trial;
+//! that guest must go on from its saved registers (checked on the RAM it writes next).
+//! A rollback of a paused VM that returned must have left RAM equal to the snapshot; one
+//! killed before returning is classified by how much of RAM went back (before, mid-copy,
+//! after the copy).
 //!
-//! `PMSNAP_CRASH_SEED` replays a run (the seed is printed); `PMSNAP_CRASH_TRIALS` changes
-//! the trial count (default 50).
+//! `PMSNAP_CRASH_SEED` replays a run's choices (operations, targets, kill delays; the
+//! seed is printed; where a kill lands within an operation still depends on the
+//! machine's speed); `PMSNAP_CRASH_TRIALS` changes the trial count (default 50);
+//! `PMSNAP_BIN` runs another `pmsnap` build. Run with `--nocapture` to see each trial.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -358,8 +364,9 @@ struct Tally {
     /// Kill delays used.
     delays: Vec<Duration>,
     /// Kill delays are drawn from 0..window. The window grows by half after a kill that
-    /// came before the answer and shrinks by a third after an answer that came first, so about half the kills land before the operation returns however long it
-    /// takes on this machine, in this pool state (None: [`Op::first_window`]).
+    /// came before the answer and shrinks by a third after an answer that came first, so
+    /// about half the kills land before the operation returns however long it takes on
+    /// this machine, in this pool state (None: [`Op::first_window`]).
     window: Option<Duration>,
 }
 
