@@ -21,9 +21,9 @@
 //! killed before returning is classified by how much of RAM went back (before, mid-copy,
 //! after the copy).
 //!
-//! `PMSNAP_CRASH_SEED` replays a run's choices (operations, targets, kill delays; the
-//! seed is printed; where a kill lands within an operation still depends on the
-//! machine's speed); `PMSNAP_CRASH_TRIALS` changes the trial count (default 50);
+//! `PMSNAP_CRASH_SEED` replays a run's random draws (the seed is printed; what a kill
+//! hits still depends on the machine's timing, and the later choices follow what earlier
+//! kills left in the store); `PMSNAP_CRASH_TRIALS` changes the trial count (default 50);
 //! `PMSNAP_BIN` runs another `pmsnap` build. Run with `--nocapture` to see each trial.
 
 use std::collections::{BTreeMap, BTreeSet};
