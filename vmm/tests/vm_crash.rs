@@ -870,7 +870,6 @@ fn restore_paused_runs_nothing_until_resume() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(restored.api.stats().expect("stats").faults > 0);
     restored.sigkill().expect("kill");
 
     // --paused without --api-sock could never be resumed: refused up front.
