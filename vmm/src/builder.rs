@@ -659,7 +659,21 @@ impl BuiltVm {
 
     /// Start one thread per vCPU.
     pub fn start(self, stop: &StopNotifier) -> Result<RunningVm, BuildError> {
-        let vcpus = Arc::new(VcpuControl::new(Vcpus::start(self.vcpus, stop)?));
+        self.start_with(stop, false)
+    }
+
+    /// Start one thread per vCPU, paused: the guest runs from the first `resume`
+    /// (`pmsnap restore --paused`).
+    pub fn start_paused(self, stop: &StopNotifier) -> Result<RunningVm, BuildError> {
+        self.start_with(stop, true)
+    }
+
+    fn start_with(self, stop: &StopNotifier, paused: bool) -> Result<RunningVm, BuildError> {
+        let vcpus = Arc::new(if paused {
+            VcpuControl::new_paused(Vcpus::start_paused(self.vcpus, stop)?)
+        } else {
+            VcpuControl::new(Vcpus::start(self.vcpus, stop)?)
+        });
         self.engine.set_vm_control(vcpus.clone());
         Ok(RunningVm {
             vcpus,

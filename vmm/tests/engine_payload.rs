@@ -19,6 +19,9 @@ use pmem_backend::{PageLocation, Pool, PoolOptions};
 use vmm::api::client::ApiClient;
 use vmm::api::{PageRun, PagesSnapshotRequest};
 
+mod common;
+use common::{kvm_missing, payload};
+
 /// Guest RAM: 16 MiB below the region plus the 256 MiB region.
 const MEM: u64 = 272 << 20;
 const PAGE: usize = 4096;
@@ -29,38 +32,6 @@ const REGION_FIRST: u64 = (16 << 20) / PAGE as u64;
 const REGION_PAGES: u64 = 65536;
 /// Each vCPU's slice.
 const SLICE: u64 = REGION_PAGES / 2;
-
-fn kvm_missing(name: &str) -> bool {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("SKIPPED {name}: /dev/kvm is missing");
-        println!("SKIPPED {name}: /dev/kvm is missing");
-        return true;
-    }
-    false
-}
-
-/// Assemble the pattern payload with GNU as + objcopy into `dir`.
-fn payload(dir: &Path) -> PathBuf {
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/payload/pattern.S");
-    let (obj, bin) = (dir.join("p.o"), dir.join("p.bin"));
-    let ok = Command::new("as")
-        .args(["--64", "-o"])
-        .arg(&obj)
-        .arg(src)
-        .status()
-        .expect("run GNU as")
-        .success();
-    assert!(ok, "GNU as failed on {src}");
-    let ok = Command::new("objcopy")
-        .args(["-O", "binary"])
-        .arg(&obj)
-        .arg(&bin)
-        .status()
-        .expect("run objcopy")
-        .success();
-    assert!(ok, "objcopy failed");
-    bin
-}
 
 /// Create the pool file and return where guest RAM starts in it.
 fn create_pool(path: &Path, blocks: Option<u64>) -> u64 {
@@ -192,9 +163,7 @@ impl Vm {
         let sock = dir.join(format!("{tag}.sock"));
         let stderr = dir.join(format!("{tag}.stderr"));
         // PMSNAP_BIN picks another build (the ignored measurement uses a release one).
-        let bin =
-            std::env::var("PMSNAP_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pmsnap").into());
-        let child = Command::new(bin)
+        let child = Command::new(common::pmsnap_bin())
             .args(["run", "--mem", "272M", "--vcpus", "2", "--payload"])
             .arg(payload)
             .arg("--pool")

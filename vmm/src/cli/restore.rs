@@ -47,6 +47,11 @@ pub struct RestoreArgs {
     /// connections are reset; the guest agent reconnects).
     #[arg(long, value_name = "PATH")]
     pub vsock_sock: Option<PathBuf>,
+    /// Restore everything but leave the vCPUs paused until `POST /v1/resume` on the API
+    /// socket (`pmsnap ctl --api-sock PATH resume`); needs --api-sock. Guest RAM then
+    /// holds exactly the snapshot until the resume.
+    #[arg(long, requires = "api_sock")]
+    pub paused: bool,
 }
 
 fn parse_mem(s: &str) -> std::result::Result<u64, String> {
@@ -139,6 +144,23 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     let built = builder.build_restored(&state.vcpus)?;
     log::debug!("vCPUs restored after {:?}", started.elapsed());
     crate::persist::live::restore_virtio(&virtio, &state.mmio)?;
+    let interactive = terminal::is_terminal(0);
+    event_loop.add_subscriber(Arc::new(Mutex::new(StdinInput::new(
+        serial.clone(),
+        0,
+        interactive,
+        event_loop.stop_notifier()?,
+    ))));
+    let _raw = RawModeGuard::new(0)?;
+    let mut running = if args.paused {
+        built.start_paused(&event_loop.stop_notifier()?)?
+    } else {
+        built.start(&event_loop.stop_notifier()?)?
+    };
+    let to_run = started.elapsed();
+    crate::persist::live::attach(&running, serial, mem_bytes, virtio);
+    // Served once the vCPUs and state capture exist, so a client that sees the socket
+    // can pause, resume or snapshot at once (with --paused, POST /v1/resume is next).
     let _api = match &args.api_sock {
         Some(path) => {
             let engine = engine.clone();
@@ -148,21 +170,15 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         }
         None => None,
     };
-    let interactive = terminal::is_terminal(0);
-    event_loop.add_subscriber(Arc::new(Mutex::new(StdinInput::new(
-        serial.clone(),
-        0,
-        interactive,
-        event_loop.stop_notifier()?,
-    ))));
-    let _raw = RawModeGuard::new(0)?;
-    let mut running = built.start(&event_loop.stop_notifier()?)?;
-    let to_run = started.elapsed();
-    crate::persist::live::attach(&running, serial, mem_bytes, virtio);
     log::info!(
-        "restored snapshot {name:?}: {} of {} pages copied back in {copy_time:?}; vCPUs running {to_run:?} after start",
+        "restored snapshot {name:?}: {} of {} pages copied back in {copy_time:?}; vCPUs {} {to_run:?} after start",
         written.len(),
-        mem_bytes / 4096
+        mem_bytes / 4096,
+        if args.paused {
+            "paused (POST /v1/resume runs them)"
+        } else {
+            "running"
+        }
     );
     let why = event_loop.run_until_stopped()?;
     running.stop();

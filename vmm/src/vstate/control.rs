@@ -28,6 +28,13 @@ impl VcpuControl {
         }
     }
 
+    /// Wrap vCPUs started with [`Vcpus::start_paused`].
+    pub fn new_paused(vcpus: Vcpus) -> Self {
+        let c = Self::new(vcpus);
+        c.paused.store(true, Ordering::SeqCst);
+        c
+    }
+
     /// The vCPUs.
     pub fn vcpus(&self) -> MutexGuard<'_, Vcpus> {
         self.vcpus.lock().unwrap_or_else(|e| e.into_inner())

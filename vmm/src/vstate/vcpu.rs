@@ -573,7 +573,13 @@ impl Vcpu {
     }
 
     /// The thread body: the state machine described in the module docs.
-    fn thread_main(mut self, rx: Receiver<VcpuRequest>, ack: Sender<VcpuAck>, stop: StopNotifier) {
+    fn thread_main(
+        mut self,
+        rx: Receiver<VcpuRequest>,
+        ack: Sender<VcpuAck>,
+        stop: StopNotifier,
+        paused: bool,
+    ) {
         #[derive(PartialEq)]
         enum State {
             Running,
@@ -582,7 +588,12 @@ impl Vcpu {
             Exiting,
         }
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
-        let mut state = State::Running;
+        // Starting paused, the vCPU enters the guest only after a Resume.
+        let mut state = if paused {
+            State::Paused
+        } else {
+            State::Running
+        };
         while state != State::Exiting {
             let request = if state == State::Running {
                 match rx.try_recv() {
@@ -700,6 +711,16 @@ impl std::fmt::Debug for Vcpus {
 impl Vcpus {
     /// Start one thread per vCPU, running. Stops are reported through `stop`.
     pub fn start(vcpus: Vec<Vcpu>, stop: &StopNotifier) -> Result<Self, VcpuError> {
+        Self::start_in(vcpus, stop, false)
+    }
+
+    /// Start one thread per vCPU, paused: no guest instruction runs before
+    /// [`Vcpus::resume`] (a restore that waits for `POST /resume`).
+    pub fn start_paused(vcpus: Vec<Vcpu>, stop: &StopNotifier) -> Result<Self, VcpuError> {
+        Self::start_in(vcpus, stop, true)
+    }
+
+    fn start_in(vcpus: Vec<Vcpu>, stop: &StopNotifier, paused: bool) -> Result<Self, VcpuError> {
         register_kick_handler()?;
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
@@ -709,7 +730,7 @@ impl Vcpus {
             let notifier = stop.try_clone().map_err(|e| VcpuError::Spawn(id, e))?;
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu.thread_main(rx, ack_tx, notifier))
+                .spawn(move || vcpu.thread_main(rx, ack_tx, notifier, paused))
                 .map_err(|e| VcpuError::Spawn(id, e))?;
             handles.push(VcpuHandle {
                 id,
@@ -969,6 +990,35 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(count.load(SeqCst) > frozen, "guest runs again after resume");
+    }
+
+    #[test]
+    fn a_vcpu_started_paused_runs_nothing_until_resumed() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut pio = Bus::new();
+        pio.insert(
+            Arc::new(std::sync::Mutex::new(PortCounter(count.clone()))),
+            0x80,
+            1,
+        )
+        .expect("insert");
+        // mov al, 0x41; out 0x80, al; jmp back
+        let Some((_vm, vcpu)) = tiny_vm(&[0xb0, 0x41, 0xe6, 0x80, 0xeb, 0xfa], pio) else {
+            return;
+        };
+        let (stop, _stops) = StopNotifier::new().expect("notifier");
+        let mut vcpus = Vcpus::start_paused(vec![vcpu], &stop).expect("start paused");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(count.load(SeqCst), 0, "no guest instruction before resume");
+        vcpus.pause().expect("pause while paused is a no-op");
+        vcpus.resume().expect("resume");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while count.load(SeqCst) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(count.load(SeqCst) > 0, "the guest runs after resume");
+        vcpus.stop();
     }
 
     #[derive(Default)]
