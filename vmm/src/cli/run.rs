@@ -239,15 +239,6 @@ pub fn run(args: RunArgs) -> Result<i32> {
             .spawn(move || snapshot_when_ready(&ready_rx, &engine, &name, pages))?;
     }
     let built = builder.build()?;
-    let _api = match &args.api_sock {
-        Some(path) => {
-            let engine = engine.clone();
-            let server = ApiServer::start(path, move |req| engine.handle(req))?;
-            log::info!("control API on {}", path.display());
-            Some(server)
-        }
-        None => None,
-    };
     if temporary && args.keep_pool {
         log::info!("pool: {}", cfg.pool.display());
     }
@@ -264,6 +255,17 @@ pub fn run(args: RunArgs) -> Result<i32> {
     log::debug!("starting {} vCPUs after {:?}", cfg.vcpus, started.elapsed());
     let mut running = built.start(&event_loop.stop_notifier()?)?;
     crate::persist::live::attach(&running, serial_for_state, cfg.mem_bytes, virtio);
+    // Served once the vCPUs and state capture exist, so a client that sees the socket
+    // can pause, resume or snapshot at once.
+    let _api = match &args.api_sock {
+        Some(path) => {
+            let engine = engine.clone();
+            let server = ApiServer::start(path, move |req| engine.handle(req))?;
+            log::info!("control API on {}", path.display());
+            Some(server)
+        }
+        None => None,
+    };
     let why = event_loop.run_until_stopped()?;
     running.stop();
     drop(running);
