@@ -678,3 +678,63 @@ pub fn ready_guest_in(pool: RemoveOnDrop, env: &[(&str, &str)]) -> ReadyGuest {
         dir,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn template_key_follows_every_input() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (k, i, b) = (d.path().join("k"), d.path().join("i"), d.path().join("b"));
+        for (p, c) in [(&k, "kernel"), (&i, "initrd"), (&b, "bin")] {
+            std::fs::write(p, c).expect("write");
+        }
+        let key = template_key(&k, &i, &b);
+        assert_eq!(key, template_key(&k, &i, &b), "stable");
+        for p in [&k, &i, &b] {
+            let old = std::fs::read(p).expect("read");
+            std::fs::write(p, b"changed").expect("write");
+            assert_ne!(template_key(&k, &i, &b), key, "{}", p.display());
+            std::fs::write(p, old).expect("write");
+        }
+        assert_eq!(template_key(&k, &i, &b), key);
+    }
+
+    #[test]
+    fn sparse_copy_keeps_content_and_holes() {
+        let d = tempfile::tempdir_in("/dev/shm").expect("tempdir on tmpfs");
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        let f = std::fs::File::create(&a).expect("create");
+        f.set_len(64 << 20).expect("set_len");
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"data at 1 MiB", 1 << 20).expect("write");
+        drop(f);
+        copy_sparse(&a, &b);
+        assert_eq!(std::fs::read(&a).expect("a"), std::fs::read(&b).expect("b"));
+        let blocks = std::fs::metadata(&b).expect("stat").blocks();
+        assert!(blocks * 512 < 1 << 20, "copy is sparse: {blocks} blocks");
+    }
+
+    #[test]
+    fn file_lock_excludes_a_second_holder_until_dropped() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("lock");
+        let first = FileLock::take(&path);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        let t = std::thread::spawn(move || {
+            let _second = FileLock::take(&p);
+            tx.send(()).expect("send");
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "second lock taken while the first is held"
+        );
+        drop(first);
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("second lock taken after the first is dropped");
+        t.join().expect("join");
+    }
+}
