@@ -609,10 +609,32 @@ pub struct ReadyGuest {
     pub dir: tempfile::TempDir,
 }
 
+/// Remove pool copies in /dev/shm left by test processes that died before their drop
+/// ran (each holds a whole guest's RAM).
+fn remove_stale_copies() {
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix("pmsnap-test-template-")
+            .or_else(|| name.strip_prefix("pmsnap-test-"))
+        else {
+            continue;
+        };
+        let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if !pid.is_empty() && !Path::new("/proc").join(&pid).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// A fresh copy of the ready template at a new path in /dev/shm (removed on drop).
 pub fn ready_pool_copy() -> RemoveOnDrop {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let template = ready_template();
+    remove_stale_copies();
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let pool = PathBuf::from(format!(
         "/dev/shm/pmsnap-test-{}-{n}.pool",
