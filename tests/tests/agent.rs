@@ -16,8 +16,13 @@ fn agent_saves_and_restores_process_memory_in_a_real_guest() {
     let api = rg.api.clone();
     let mut g = rg.guest;
     let mut run = |cmd: &str| {
-        g.run(cmd, CMD_TIMEOUT)
-            .unwrap_or_else(|| panic!("{cmd:?} did not finish"))
+        let t = std::time::Instant::now();
+        let r = g
+            .run(cmd, CMD_TIMEOUT)
+            .unwrap_or_else(|| panic!("{cmd:?} did not finish"));
+        // Where the time goes: guest kernel work is slow on emulating hosts.
+        eprintln!("{:>8.1} s  {cmd}", t.elapsed().as_secs_f64());
+        r
     };
 
     // 64 MiB filled from a seed, saved (no copy), scribbled over, restored, checked.
