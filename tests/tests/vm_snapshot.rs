@@ -112,7 +112,7 @@ fn snapshot_rollback_sigkill_and_restore_in_a_new_vmm() {
     g.send_line("pmsnap-memtest churn --interval-ms 500 &");
     assert!(
         wait_step_above(&g, from, 1, WAIT).is_some(),
-        "no churn steps; console:\n{}",
+        "no churn steps (an image older than `pmsnap-memtest churn`? run images/build.sh); console:\n{}",
         &g.output()[from..]
     );
 
