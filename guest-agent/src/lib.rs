@@ -6,6 +6,7 @@
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub mod app;
+pub mod churn;
 pub mod client;
 pub mod freeze;
 pub mod ops;

@@ -389,3 +389,374 @@ pub fn ctl_json(sock: &Path, args: &[&str]) -> serde_json::Value {
     assert!(out.status.success(), "pmsnap {full:?}: {}", out.stderr);
     serde_json::from_str(&out.stdout).expect("ctl --json prints JSON")
 }
+
+/// Guest RAM of the ready template (and of every guest restored from it).
+pub const TEMPLATE_MEM: &str = "256M";
+/// vCPUs of the ready template.
+pub const TEMPLATE_VCPUS: &str = "2";
+/// Name of the VM snapshot in the template pool.
+pub const TEMPLATE_SNAPSHOT: &str = "ready";
+/// What the template is made of besides the image and the VMM binary: bump when the
+/// way it is made changes, so older templates are not used.
+const TEMPLATE_RECIPE: &str = "ready-v1: run --mem 256M --vcpus 2 --vsock-sock; ready line; shell; snapshot-vm ready; SIGKILL";
+
+/// The cargo target directory this test runs from (`target/<profile>/deps/<test>`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe has a directory").to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    dir.pop(); // the profile directory
+    dir
+}
+
+/// Where the ready template lives: `target/pmsnap-test-cache/`.
+pub fn test_cache_dir() -> PathBuf {
+    target_dir().join("pmsnap-test-cache")
+}
+
+/// Key of the template: sha256 of the kernel, the initrd, the `pmsnap` binary and the
+/// recipe, so a change to any of them makes a new template.
+fn template_key(kernel: &Path, initrd: &Path, bin: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .args([kernel, initrd, bin])
+        .output()
+        .expect("run sha256sum");
+    assert!(out.status.success(), "sha256sum failed: {out:?}");
+    let sums: String = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (sums, TEMPLATE_RECIPE).hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// An exclusive flock on a file, released on drop (also when the process dies).
+struct FileLock(std::fs::File);
+
+impl FileLock {
+    fn take(path: &Path) -> Self {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("open lock file {}: {e}", path.display()));
+        use std::os::fd::AsRawFd;
+        loop {
+            // SAFETY: flock on a valid fd owned by `f`; no memory is passed.
+            let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+            if rc == 0 {
+                return Self(f);
+            }
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "flock: {e}");
+        }
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: unlocking our own valid fd; closing it would release the lock anyway.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// A file removed on drop.
+#[derive(Debug)]
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Sparse-aware copy (`cp --sparse=always`): a pool is mostly holes, and /dev/shm is
+/// tmpfs, where a plain copy would allocate every page.
+pub fn copy_sparse(from: &Path, to: &Path) {
+    let out = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .output()
+        .expect("run cp");
+    assert!(
+        out.status.success(),
+        "cp {} {}: {}",
+        from.display(),
+        to.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Boot the default image with the standard test configuration, wait for the ready line
+/// and a shell answer, take VM snapshot `ready`, SIGKILL the VMM (the snapshot survives
+/// in the pool) and copy the pool to `dest`.
+fn make_template(kernel: &Path, initrd: &Path, dest: &Path) {
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pool = PathBuf::from(format!(
+        "/dev/shm/pmsnap-test-template-{}.pool",
+        std::process::id()
+    ));
+    let _rm = RemoveOnDrop(pool.clone());
+    let _ = std::fs::remove_file(&pool);
+    let api = dir.path().join("api.sock");
+    let vsock = dir.path().join("v.sock");
+    let mut g = Guest::spawn(
+        &[
+            "run",
+            "--kernel",
+            s(kernel),
+            "--initrd",
+            s(initrd),
+            "--mem",
+            TEMPLATE_MEM,
+            "--vcpus",
+            TEMPLATE_VCPUS,
+            "--pool",
+            s(&pool),
+            "--api-sock",
+            s(&api),
+            "--vsock-sock",
+            s(&vsock),
+        ],
+        &[],
+    );
+    assert!(
+        g.wait_for(0, "pmsnap-guest: ready", READY_TIMEOUT)
+            .is_some(),
+        "template guest not ready; console:\n{}\nstderr:\n{}",
+        g.output(),
+        g.stderr()
+    );
+    assert!(
+        g.sync_shell(Duration::from_secs(300)),
+        "template guest's shell does not answer:\n{}",
+        g.output()
+    );
+    let snap = ctl_json(&api, &["snapshot-vm", TEMPLATE_SNAPSHOT]);
+    assert_eq!(snap["name"], TEMPLATE_SNAPSHOT, "{snap}");
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(g.pid() as i32, libc::SIGKILL) }, 0);
+    assert!(
+        g.wait_exit(Duration::from_secs(30)).is_some(),
+        "VMM survived SIGKILL"
+    );
+    let tmp = dest.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    copy_sparse(&pool, &tmp);
+    std::fs::rename(&tmp, dest).expect("rename the template into place");
+    eprintln!(
+        "ready template {} made in {:?}",
+        dest.display(),
+        t0.elapsed()
+    );
+}
+
+/// The pool of the ready template: a guest of the standard test configuration
+/// ([`TEMPLATE_MEM`], [`TEMPLATE_VCPUS`], a vsock device) snapshotted as
+/// [`TEMPLATE_SNAPSHOT`] once its shell answered. Made by the first caller (across test
+/// processes, under a lock in [`test_cache_dir`]) and kept until the image or the
+/// `pmsnap` binary changes. Copy it before use ([`ready_guest`] does).
+pub fn ready_template() -> PathBuf {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE
+        .get_or_init(|| {
+            let (kernel, initrd) = image();
+            let bin = pmsnap_bin();
+            let cache = test_cache_dir();
+            std::fs::create_dir_all(&cache).expect("create the test cache directory");
+            let key = template_key(&kernel, &initrd, &bin);
+            let path = cache.join(format!("ready-{key}.pool"));
+            let _lock = FileLock::take(&cache.join("template.lock"));
+            if !path.is_file() {
+                // Templates of older images or binaries are no use any more.
+                for e in std::fs::read_dir(&cache)
+                    .expect("list the test cache")
+                    .flatten()
+                {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if n.starts_with("ready-") {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+                make_template(&kernel, &initrd, &path);
+            }
+            path
+        })
+        .clone()
+}
+
+/// A guest restored from a copy of the ready template, whose shell answers. Dropping it
+/// stops the VMM, then removes the pool copy and the sockets.
+#[derive(Debug)]
+pub struct ReadyGuest {
+    /// The running `pmsnap restore`.
+    pub guest: Guest,
+    /// Its pool (a copy of the template in /dev/shm), removed on drop.
+    pub pool: RemoveOnDrop,
+    /// Control API socket.
+    pub api: PathBuf,
+    /// Host socket of the vsock device.
+    pub vsock: PathBuf,
+    /// Directory of the sockets.
+    pub dir: tempfile::TempDir,
+}
+
+/// Remove pool copies in /dev/shm left by test processes that died before their drop
+/// ran (each holds a whole guest's RAM).
+fn remove_stale_copies() {
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix("pmsnap-test-template-")
+            .or_else(|| name.strip_prefix("pmsnap-test-"))
+        else {
+            continue;
+        };
+        let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if !pid.is_empty() && !Path::new("/proc").join(&pid).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// A fresh copy of the ready template at a new path in /dev/shm (removed on drop).
+pub fn ready_pool_copy() -> RemoveOnDrop {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let template = ready_template();
+    remove_stale_copies();
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pool = PathBuf::from(format!(
+        "/dev/shm/pmsnap-test-{}-{n}.pool",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&pool);
+    let rm = RemoveOnDrop(pool);
+    copy_sparse(&template, &rm.0);
+    rm
+}
+
+/// The arguments of `pmsnap restore` for `snapshot` of `pool` with these sockets.
+pub fn restore_args<'a>(
+    pool: &'a Path,
+    snapshot: &'a str,
+    api: &'a Path,
+    vsock: &'a Path,
+) -> Vec<&'a str> {
+    vec![
+        "restore",
+        "--pool",
+        s(pool),
+        "--snapshot",
+        snapshot,
+        "--api-sock",
+        s(api),
+        "--vsock-sock",
+        s(vsock),
+    ]
+}
+
+/// Start a guest from a copy of the ready template instead of booting one: `pmsnap
+/// restore` of [`TEMPLATE_SNAPSHOT`], then wait until its (fresh) console's shell answers
+/// and its control API listens.
+pub fn ready_guest(env: &[(&str, &str)]) -> ReadyGuest {
+    ready_guest_in(ready_pool_copy(), env)
+}
+
+/// [`ready_guest`] on a given copy of the template (made with [`ready_pool_copy`]), for
+/// tests that look at the pool before the VMM takes its lock.
+pub fn ready_guest_in(pool: RemoveOnDrop, env: &[(&str, &str)]) -> ReadyGuest {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = dir.path().join("api.sock");
+    let vsock = dir.path().join("v.sock");
+    let t0 = Instant::now();
+    let mut guest = Guest::spawn(&restore_args(&pool.0, TEMPLATE_SNAPSHOT, &api, &vsock), env);
+    assert!(
+        guest.sync_shell(Duration::from_secs(300)),
+        "restored guest's shell does not answer; console:\n{}\nstderr:\n{}",
+        guest.output(),
+        guest.stderr()
+    );
+    assert!(api.exists(), "no API socket; stderr:\n{}", guest.stderr());
+    eprintln!(
+        "guest restored from the ready template, shell after {:?}",
+        t0.elapsed()
+    );
+    ReadyGuest {
+        guest,
+        pool,
+        api,
+        vsock,
+        dir,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn template_key_follows_every_input() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (k, i, b) = (d.path().join("k"), d.path().join("i"), d.path().join("b"));
+        for (p, c) in [(&k, "kernel"), (&i, "initrd"), (&b, "bin")] {
+            std::fs::write(p, c).expect("write");
+        }
+        let key = template_key(&k, &i, &b);
+        assert_eq!(key, template_key(&k, &i, &b), "stable");
+        for p in [&k, &i, &b] {
+            let old = std::fs::read(p).expect("read");
+            std::fs::write(p, b"changed").expect("write");
+            assert_ne!(template_key(&k, &i, &b), key, "{}", p.display());
+            std::fs::write(p, old).expect("write");
+        }
+        assert_eq!(template_key(&k, &i, &b), key);
+    }
+
+    #[test]
+    fn sparse_copy_keeps_content_and_holes() {
+        let d = tempfile::tempdir_in("/dev/shm").expect("tempdir on tmpfs");
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        let f = std::fs::File::create(&a).expect("create");
+        f.set_len(64 << 20).expect("set_len");
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"data at 1 MiB", 1 << 20).expect("write");
+        drop(f);
+        copy_sparse(&a, &b);
+        assert_eq!(std::fs::read(&a).expect("a"), std::fs::read(&b).expect("b"));
+        let blocks = std::fs::metadata(&b).expect("stat").blocks();
+        assert!(blocks * 512 < 1 << 20, "copy is sparse: {blocks} blocks");
+    }
+
+    #[test]
+    fn file_lock_excludes_a_second_holder_until_dropped() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("lock");
+        let first = FileLock::take(&path);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        let t = std::thread::spawn(move || {
+            let _second = FileLock::take(&p);
+            tx.send(()).expect("send");
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "second lock taken while the first is held"
+        );
+        drop(first);
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("second lock taken after the first is dropped");
+        t.join().expect("join");
+    }
+}

@@ -1,12 +1,13 @@
-//! The copy-before-write engine with the real Linux guest: while a shell loop writes,
+//! The copy-before-write engine with the real Linux guest (restored from the suite's
+//! ready template, so no boot here): while a shell loop writes,
 //! pause, copy all guest RAM, snapshot all of it, resume; let the guest run on; after the
 //! VMM stops, the snapshot must equal the paused copy bit for bit while RAM moved on.
 
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use pmem_backend::{PageLocation, Pool, PoolOptions};
-use pmsnap_tests::{image, require_kvm, s, Guest, READY_TIMEOUT};
+use pmem_backend::{PageLocation, Pool};
+use pmsnap_tests::{ready_guest_in, ready_pool_copy, require_kvm};
 use vmm::api::client::ApiClient;
 use vmm::api::{PageRun, PagesSnapshotRequest};
 
@@ -17,14 +18,15 @@ const PAGES: u64 = MEM / 4096;
 fn linux_guest_snapshot_of_all_ram_equals_the_paused_copy() {
     require_kvm!("linux_guest_snapshot_of_all_ram_equals_the_paused_copy");
     let t0 = Instant::now();
-    let (kernel, initrd) = image();
-    let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir");
-    let pool_path = dir.path().join("linux.pool");
-    let sock = dir.path().join("api.sock");
-    // Create the pool ourselves to learn where guest RAM lies in the file.
-    let ram_offset = Pool::create(&pool_path, MEM, PoolOptions::default())
-        .expect("create pool")
-        .ram_offset();
+    // The guest is restored from a copy of the suite's ready template (no boot). Open the
+    // copy first, before the VMM takes its lock, to learn where guest RAM lies in it.
+    let pool_copy = ready_pool_copy();
+    let pool_path = pool_copy.0.clone();
+    let ram_offset = {
+        let pool = Pool::open(&pool_path).expect("open the pool copy");
+        assert_eq!(pool.ram_size(), MEM, "the template is a {MEM}-byte guest");
+        pool.ram_offset()
+    };
     let file = std::fs::File::open(&pool_path).expect("open pool");
     // SAFETY: a fresh read-only shared mapping of the pool's RAM area, unmapped below.
     let ram = unsafe {
@@ -39,30 +41,9 @@ fn linux_guest_snapshot_of_all_ram_equals_the_paused_copy() {
     };
     assert_ne!(ram, libc::MAP_FAILED);
 
-    let mut g = Guest::spawn(
-        &[
-            "run",
-            "--kernel",
-            s(&kernel),
-            "--initrd",
-            s(&initrd),
-            "--mem",
-            "256M",
-            "--pool",
-            s(&pool_path),
-            "--api-sock",
-            s(&sock),
-        ],
-        &[],
-    );
-    assert!(
-        g.wait_for(0, "pmsnap-guest: ready", READY_TIMEOUT)
-            .is_some(),
-        "no ready line; console:\n{}\nstderr:\n{}",
-        g.output(),
-        g.stderr()
-    );
-    assert!(g.sync_shell(Duration::from_secs(120)), "{}", g.output());
+    let rg = ready_guest_in(pool_copy, &[]);
+    let sock = rg.api.clone();
+    let mut g = rg.guest;
     eprintln!("shell after {:?}", t0.elapsed());
     g.send_line("i=0; while true; do i=$((i+1)); echo $i > /tmp/c; done &");
     std::thread::sleep(Duration::from_secs(2));

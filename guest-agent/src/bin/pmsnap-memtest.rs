@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use guest_agent::app::{self, Options, PageBuffer, Pin};
+use guest_agent::churn::Churn;
 use guest_agent::client::{call, DryRun, SocketTransport, Transport};
 use guest_agent::freeze::FreezeMethod;
 use guest_agent::ops::{copy_out_process, save_process};
@@ -91,6 +92,16 @@ enum Mode {
         /// Expected seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+    /// The whole-VM snapshot workload: change a 16 MiB buffer step by step (see
+    /// `guest_agent::churn`) and print `C=<step> S=<checksum of all of it>` after each.
+    Churn {
+        /// Pause between steps, in milliseconds.
+        #[arg(long, default_value_t = 500)]
+        interval_ms: u64,
+        /// Stop after this many steps (default: run until killed).
+        #[arg(long)]
+        steps: Option<u64>,
     },
     /// Measure the save pause against copying the same pages out, per size.
     Bench {
@@ -309,6 +320,18 @@ fn run(cli: Cli) -> Result<(), String> {
                 }
             }
             println!("memtest: ok verify pid {pid} {mib} MiB seed {seed}");
+        }
+        Mode::Churn { interval_ms, steps } => {
+            let mut c = Churn::new();
+            let mut out = std::io::stdout().lock();
+            while steps.is_none_or(|max| c.steps() < max) {
+                let n = c.step();
+                // Flushed per line: the host reads each step as it happens.
+                writeln!(out, "{}", Churn::line(n, c.checksum()))
+                    .and_then(|()| out.flush())
+                    .map_err(|e| format!("memtest: FAIL write: {e}"))?;
+                std::thread::sleep(std::time::Duration::from_millis(interval_ms));
+            }
         }
         Mode::Bench {
             sizes,
