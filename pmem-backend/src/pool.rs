@@ -214,6 +214,7 @@ impl Pool {
             created_unix_ns: now_ns(),
         };
         let mut pool = Pool::assemble(path, file, map, options.persist, sb);
+        pool.rebuild_free_list();
         // Generations 1 and 2: the empty catalog, committed like any other, twice so that
         // both superblock copies are valid from the start (and byte 0 holds the magic).
         pool.commit(None, None, 1)?;
@@ -342,7 +343,7 @@ impl Pool {
             block_refs: vec![0; blocks],
             block_use: vec![BlockUse::Free; blocks],
             page_blocks: BTreeMap::new(),
-            free_blocks: (0..blocks as u32).rev().collect(),
+            free_blocks: Vec::new(),
             log_tail: 0,
             recovery: RecoveryReport::default(),
             prefault: None,
@@ -396,17 +397,19 @@ impl Pool {
                 self.block_refs[b as usize] = 1;
             }
         }
+        // Run by run, not page by page: a VM snapshot covers all of RAM (a quarter of a
+        // million pages per GiB), and this is on the way to a restored guest's first
+        // instruction.
         for s in &cat.snapshots {
-            let mut red = s.redirects.iter().peekable();
-            for p in s.pages() {
-                if red.peek().is_some_and(|(&rp, _)| rp == p) {
-                    let (_, &b) = red.next().expect("peeked");
+            for r in &s.page_set {
+                let mut at = r.first;
+                for (&p, &b) in s.redirects.range(r.first..r.end()) {
+                    self.add_ram_refs(at, p - at);
                     self.block_refs[b as usize] += 1;
                     self.block_use[b as usize] = BlockUse::Page;
-                } else {
-                    self.ram_refs[p as usize] += 1;
-                    self.protected.set(p, true);
+                    at = p + 1;
                 }
+                self.add_ram_refs(at, r.end() - at);
             }
         }
         for (&b, &crc) in &cat.block_crcs {
@@ -416,10 +419,18 @@ impl Pool {
                 self.page_blocks.insert(b, crc);
             }
         }
-        self.rebuild_free_list();
+        // (The free list is built once, after the log replay.)
         self.next_id = cat.next_snapshot_id.max(1);
         self.snapshots = cat.snapshots;
         Ok(())
+    }
+
+    /// One more snapshot references RAM pages `first..first + count` in place.
+    fn add_ram_refs(&mut self, first: u64, count: u64) {
+        for refs in &mut self.ram_refs[first as usize..(first + count) as usize] {
+            *refs += 1;
+        }
+        self.protected.set_range(first, count, true);
     }
 
     /// Replay the redirect log of the current generation (see `redirect_log.rs`).
@@ -838,6 +849,45 @@ mod tests {
         patch(&path2, off, &[0x99]);
         match Pool::open(&path2) {
             Err(PoolError::Corrupt(m)) => assert!(m.contains("record 1"), "{m}"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    /// `load` counts references run by run and relies on every redirect lying inside
+    /// its snapshot's pages: a catalog breaking that is refused.
+    #[test]
+    fn catalog_redirect_outside_its_snapshot_is_corrupt() {
+        let d = tmpdir();
+        let (path, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        let meta = SnapshotMeta::default;
+        pool.snapshot("a", SnapshotKind::Vm, &[PageRun::new(0, 4)], meta())
+            .expect("a");
+        pool.write_ram_page(1, &pattern(6))
+            .expect("preserve 1, then write");
+        // The next commit puts a's redirect of page 1 into the catalog.
+        pool.snapshot("b", SnapshotKind::Vm, &[PageRun::new(8, 2)], meta())
+            .expect("b");
+        assert_eq!(pool.snapshots[0].redirects.len(), 1);
+        // Rewrite the catalog (same length) with a's redirect moved to page 9, which a
+        // does not cover (b does).
+        let mut a = pool.snapshots[0].clone();
+        let b = a.redirects.pop_first().map(|(_, b)| b).expect("redirect");
+        a.redirects.insert(9, b);
+        let blocks: Vec<(u32, u32)> = pool.page_blocks.iter().map(|(&b, &c)| (b, c)).collect();
+        let bytes = catalog::encode(
+            pool.sb.generation,
+            pool.next_id,
+            [&a, &pool.snapshots[1]].into_iter(),
+            blocks.into_iter(),
+        );
+        assert_eq!(bytes.len() as u64, pool.sb.catalog_len);
+        let off = pool.geo.meta_slot_offset(pool.sb.catalog_slot);
+        drop(pool);
+        patch(&path, off, &bytes);
+        match Pool::open(&path) {
+            Err(PoolError::Corrupt(m)) => {
+                assert!(m.contains("redirect of page 9 it does not cover"), "{m}")
+            }
             other => panic!("expected Corrupt, got {other:?}"),
         }
     }

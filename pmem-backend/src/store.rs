@@ -431,6 +431,38 @@ impl Pool {
         })
     }
 
+    /// The pages among `runs` (any order, may overlap) that snapshot `sel` holds in
+    /// blocks rather than in place, ascending: what a copy back to RAM has to copy.
+    /// Costs the number of such pages, not the number of pages in `runs`. Fails with
+    /// `PageNotInSnapshot` (naming the first one) if `runs` has a page the snapshot does
+    /// not cover.
+    pub fn preserved_pages<'a>(
+        &self,
+        sel: impl Into<SnapshotSel<'a>>,
+        runs: &[PageRun],
+    ) -> Result<Vec<u64>> {
+        let s = &self.snapshots[self.find(sel.into())?];
+        let mut out = Vec::new();
+        for r in normalize_runs(runs) {
+            // The page set is merged, so a covered run lies inside one of its runs.
+            let i = s.page_set.partition_point(|x| x.first <= r.first);
+            let inside = i > 0 && s.page_set[i - 1].end() >= r.end();
+            if !inside {
+                let page = if i > 0 && s.page_set[i - 1].contains(r.first) {
+                    s.page_set[i - 1].end()
+                } else {
+                    r.first
+                };
+                return Err(PoolError::PageNotInSnapshot {
+                    snapshot: s.name.clone(),
+                    page,
+                });
+            }
+            out.extend(s.redirects.range(r.first..r.end()).map(|(&p, _)| p));
+        }
+        Ok(out)
+    }
+
     /// Read guest page p of a snapshot: where it is and its content. Block content is
     /// checked against its crc32c.
     pub fn read_snapshot_page<'a>(
@@ -591,6 +623,60 @@ mod tests {
         for p in pages {
             pool.write_ram_page(p, &pattern(seed + p)).expect("write");
         }
+    }
+
+    #[test]
+    fn preserved_pages_lists_exactly_the_redirected_pages() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 64, PoolOptions::default());
+        vm(&mut pool, "a", &[PageRun::new(0, 20), PageRun::new(30, 10)]);
+        for p in [3, 4, 19, 31, 39] {
+            pool.write_ram_page(p, &pattern(p)).expect("write");
+        }
+        vm(&mut pool, "b", &[PageRun::new(0, 64)]);
+        pool.write_ram_page(4, &pattern(99)).expect("write again");
+        pool.write_ram_page(50, &pattern(50)).expect("write");
+        let brute = |pool: &Pool, name: &str, runs: &[PageRun]| -> Vec<u64> {
+            let mut v: Vec<u64> = normalize_runs(runs)
+                .iter()
+                .flat_map(|r| r.first..r.end())
+                .filter(|&p| {
+                    pool.snapshot_page_location(name, p).expect("covered") != PageLocation::Ram(p)
+                })
+                .collect();
+            v.dedup();
+            v
+        };
+        let a_runs = [PageRun::new(30, 10), PageRun::new(0, 20)];
+        assert_eq!(
+            pool.preserved_pages("a", &a_runs).expect("a"),
+            vec![3, 4, 19, 31, 39]
+        );
+        assert_eq!(brute(&pool, "a", &a_runs), vec![3, 4, 19, 31, 39]);
+        let some = [PageRun::new(4, 10), PageRun::new(2, 3), PageRun::new(35, 5)];
+        assert_eq!(
+            pool.preserved_pages("a", &some).expect("a"),
+            brute(&pool, "a", &some)
+        );
+        let all = [PageRun::new(0, 64)];
+        assert_eq!(pool.preserved_pages("b", &all).expect("b"), vec![4, 50]);
+        assert_eq!(brute(&pool, "b", &all), vec![4, 50]);
+        for (runs, page) in [
+            (vec![PageRun::new(15, 10)], 20),
+            (vec![PageRun::new(25, 2)], 25),
+            (vec![PageRun::new(0, 3), PageRun::new(39, 2)], 40),
+        ] {
+            match pool.preserved_pages("a", &runs) {
+                Err(PoolError::PageNotInSnapshot { page: p, .. }) => {
+                    assert_eq!(p, page, "{runs:?}")
+                }
+                other => panic!("{runs:?}: expected PageNotInSnapshot, got {other:?}"),
+            }
+        }
+        assert!(matches!(
+            pool.preserved_pages("zz", &all),
+            Err(PoolError::NoSuchSnapshot(_))
+        ));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use pmem_backend::{PageLocation, PageRun, PoolError, SnapshotKind, SnapshotMeta};
+use pmem_backend::{PageRun, PoolError, SnapshotKind, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 
 use super::VmState;
@@ -169,19 +169,16 @@ pub fn copy_back(
     name: &str,
     runs: &[PageRun],
 ) -> Result<Vec<u64>, PoolError> {
-    let mut written = Vec::new();
-    for r in runs {
-        for p in r.first..r.end() {
-            // Only the location first: reading every in-place page would copy all of RAM.
-            if pool.snapshot_page_location(name, p)? == PageLocation::Ram(p) {
-                continue;
-            }
-            let (_, data) = pool.read_snapshot_page(name, p)?;
-            pool.write_ram_page(p, &data)?;
-            written.push(p);
-        }
+    // Only the preserved pages, found from the snapshot's redirects: asking page by page
+    // would cost a lookup per page of `runs` (all of RAM on a restore), and reading
+    // every in-place page would copy all of RAM. Writing page p preserves RAM(p) for the
+    // other snapshots that still need it, and changes no page of `name`.
+    let preserved = pool.preserved_pages(name, runs)?;
+    for &p in &preserved {
+        let (_, data) = pool.read_snapshot_page(name, p)?;
+        pool.write_ram_page(p, &data)?;
     }
-    Ok(written)
+    Ok(preserved)
 }
 
 /// `POST /v1/vm-snapshots/{name}/rollback`.
