@@ -463,6 +463,68 @@ impl Pool {
         Ok(out)
     }
 
+    /// Make RAM hold snapshot `sel`'s content for the pages of `runs` (a rollback or a
+    /// restore): the pages it holds in blocks are checked against their crc32c and
+    /// copied into RAM(p), each after RAM(p) was preserved for any other snapshot that
+    /// still references it; pages it references in place already hold it. The RAM
+    /// writes are persisted as one batch at the end (no snapshot references them in
+    /// place any more, so their order does not matter). Returns the pages written,
+    /// ascending. A bad block fails with `BadBlock` naming the page; the pages before it
+    /// are written.
+    pub fn copy_back<'a>(
+        &mut self,
+        sel: impl Into<SnapshotSel<'a>>,
+        runs: &[PageRun],
+    ) -> Result<Vec<u64>> {
+        let idx = self.find(sel.into())?;
+        let pages = self.preserved_pages(SnapshotSel::Id(self.snapshots[idx].id), runs)?;
+        let mut done = RunBuilder::default();
+        let res = pages.iter().try_for_each(|&p| {
+            // `preserve` re-points other snapshots only: this one's redirect of p stays.
+            self.preserve(p)?;
+            let b = self.snapshots[idx]
+                .redirects
+                .get(&p)
+                .copied()
+                .ok_or_else(|| {
+                    PoolError::Corrupt(format!("page {p} lost its block during copy back"))
+                })?;
+            let boff = self.geo.block_offset_of(u64::from(b));
+            let io = |e: std::io::Error| PoolError::Corrupt(format!("block {b}: {e}"));
+            let actual = self.map.crc32c(boff, PAGE_SIZE).map_err(io)?;
+            let expected = self.page_blocks.get(&b).copied().unwrap_or(0);
+            if actual != expected {
+                return Err(PoolError::BadBlock {
+                    snapshot: self.snapshots[idx].name.clone(),
+                    page: p,
+                    block: u64::from(b),
+                    expected,
+                    actual,
+                });
+            }
+            self.map
+                .copy_within(boff, self.geo.ram_page_offset(p), PAGE_SIZE)
+                .map_err(io)?;
+            done.push(p);
+            Ok(())
+        });
+        let ranges: Vec<std::ops::Range<u64>> = done
+            .runs
+            .iter()
+            .map(|r| {
+                let off = self.geo.ram_page_offset(r.first);
+                off..off + r.count * PAGE_SIZE as u64
+            })
+            .collect();
+        self.persist
+            .persist_batch(&self.map, &ranges)
+            .map_err(|source| PoolError::Persist {
+                what: "RAM pages copied back",
+                source,
+            })?;
+        res.map(|()| pages)
+    }
+
     /// Read guest page p of a snapshot: where it is and its content. Block content is
     /// checked against its crc32c.
     pub fn read_snapshot_page<'a>(
@@ -623,6 +685,76 @@ mod tests {
         for p in pages {
             pool.write_ram_page(p, &pattern(seed + p)).expect("write");
         }
+    }
+
+    #[test]
+    fn copy_back_restores_preserved_pages_and_keeps_later_snapshots() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 32, PoolOptions::default());
+        fill(&mut pool, 0..32, 1);
+        let all = [PageRun::new(0, 32)];
+        vm(&mut pool, "a", &all);
+        for p in [3, 4, 5, 20] {
+            pool.write_ram_page(p, &pattern(1000 + p)).expect("write");
+        }
+        vm(&mut pool, "b", &all);
+        pool.write_ram_page(4, &pattern(2000)).expect("write again");
+        let written = pool.copy_back("a", &all).expect("copy back");
+        assert_eq!(written, vec![3, 4, 5, 20], "only the preserved pages");
+        for p in 0..32 {
+            let want = pool.read_snapshot_page("a", p).expect("a").1;
+            assert_eq!(pool.read_ram_page(p).expect("ram"), want, "page {p}");
+        }
+        // b still sees what RAM held when it was taken: preserved before the copy.
+        for p in [3, 5, 20] {
+            assert_eq!(
+                pool.read_snapshot_page("b", p).expect("b").1,
+                pattern(1000 + p)
+            );
+        }
+        assert_eq!(pool.read_snapshot_page("b", 4).expect("b").1, pattern(1004));
+        assert!(pool.verify(|_, _| ()).is_clean());
+        // Copying a back preserved 3 and 5 for b. Only the runs asked for are copied;
+        // doing it twice gives the same.
+        pool.write_ram_page(21, &pattern(3000)).expect("write");
+        for _ in 0..2 {
+            let first = [PageRun::new(0, 10)];
+            assert_eq!(pool.copy_back("b", &first).expect("b"), vec![3, 4, 5]);
+            for p in 3..6 {
+                assert_eq!(pool.read_ram_page(p).expect("ram"), pattern(1000 + p));
+            }
+            assert_eq!(pool.read_ram_page(21).expect("ram"), pattern(3000));
+        }
+    }
+
+    #[test]
+    fn copy_back_names_a_bad_block() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        fill(&mut pool, 0..16, 1);
+        vm(&mut pool, "a", &[PageRun::new(0, 16)]);
+        pool.write_ram_page(2, &pattern(7)).expect("write");
+        pool.write_ram_page(9, &pattern(8)).expect("write");
+        let PageLocation::Block(b) = pool.snapshot_page_location("a", 9).expect("loc") else {
+            panic!("9 not preserved")
+        };
+        pool.map
+            .write_at(pool.geo.block_offset_of(b), &[0xee; 8])
+            .expect("damage");
+        match pool.copy_back("a", &[PageRun::new(0, 16)]) {
+            Err(PoolError::BadBlock { page: 9, block, .. }) => assert_eq!(block, b),
+            other => panic!("expected BadBlock for page 9, got {other:?}"),
+        }
+        assert_eq!(
+            pool.read_ram_page(2).expect("ram"),
+            pool.read_snapshot_page("a", 2).expect("a").1,
+            "the page before the bad one was copied"
+        );
+        assert_eq!(
+            pool.read_ram_page(9).expect("ram"),
+            pattern(8),
+            "9 untouched"
+        );
     }
 
     #[test]

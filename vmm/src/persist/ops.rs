@@ -169,16 +169,10 @@ pub fn copy_back(
     name: &str,
     runs: &[PageRun],
 ) -> Result<Vec<u64>, PoolError> {
-    // Only the preserved pages, found from the snapshot's redirects: asking page by page
-    // would cost a lookup per page of `runs` (all of RAM on a restore), and reading
-    // every in-place page would copy all of RAM. Writing page p preserves RAM(p) for the
-    // other snapshots that still need it, and changes no page of `name`.
-    let preserved = pool.preserved_pages(name, runs)?;
-    for &p in &preserved {
-        let (_, data) = pool.read_snapshot_page(name, p)?;
-        pool.write_ram_page(p, &data)?;
-    }
-    Ok(preserved)
+    // The store finds the preserved pages from the snapshot's redirects (asking page by
+    // page would cost a lookup per page of `runs`, all of RAM on a restore) and copies
+    // each block into RAM within its own mapping, persisting them as one batch.
+    pool.copy_back(name, runs)
 }
 
 /// `POST /v1/vm-snapshots/{name}/rollback`.
