@@ -478,6 +478,17 @@ impl Pool {
     ) -> Result<Vec<u64>> {
         let idx = self.find(sel.into())?;
         let pages = self.preserved_pages(SnapshotSel::Id(self.snapshots[idx].id), runs)?;
+        // Fault in what the loop will touch with a few madvise calls: a page fault per
+        // page (a RAM write and a block read each) costs more than the copy itself.
+        let s = &self.snapshots[idx];
+        let mut blocks: Vec<u64> = pages
+            .iter()
+            .filter_map(|p| s.redirects.get(p))
+            .map(|&b| self.geo.block_offset_of(u64::from(b)))
+            .collect();
+        blocks.sort_unstable();
+        self.populate_near(blocks.into_iter(), false);
+        self.populate_near(pages.iter().map(|&p| self.geo.ram_page_offset(p)), true);
         let mut done = RunBuilder::default();
         let res = pages.iter().try_for_each(|&p| {
             // `preserve` re-points other snapshots only: this one's redirect of p stays.
@@ -523,6 +534,28 @@ impl Pool {
                 source,
             })?;
         res.map(|()| pages)
+    }
+
+    /// Pre-fault the pages at `offsets` (ascending) in the store's mapping, one madvise
+    /// per run of adjacent pages. Only adjacent ones: populating a gap costs about what
+    /// the fault it saves does (measured: every third page of 81000, gaps included,
+    /// took 1.7 times as long as a call per page).
+    fn populate_near(&self, offsets: impl Iterator<Item = u64>, write: bool) {
+        let page = PAGE_SIZE as u64;
+        let mut run: Option<(u64, u64)> = None;
+        for off in offsets {
+            run = match run {
+                Some((start, end)) if off == end => Some((start, end + page)),
+                Some((start, end)) => {
+                    self.map.populate(start, end - start, write);
+                    Some((off, off + page))
+                }
+                None => Some((off, off + page)),
+            };
+        }
+        if let Some((start, end)) = run {
+            self.map.populate(start, end - start, write);
+        }
     }
 
     /// Read guest page p of a snapshot: where it is and its content. Block content is
