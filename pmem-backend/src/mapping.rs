@@ -150,63 +150,6 @@ impl Mapping {
         };
         Ok(())
     }
-
-    /// Write `each` bytes from every mapping offset in `srcs`, in order, into `file` (the
-    /// file this mapping maps, from its start) at offset `dst`: one `pwritev` per 1024
-    /// sources. The file's page cache is what the mapping shows, so this equals copying
-    /// within the mapping, without filling the destination's page-table entries (on a
-    /// fresh mapping that is a page fault per page, dearer than the copy). Where the
-    /// filesystem has no write (hugetlbfs) or the write comes up short, the same bytes
-    /// are copied through the mapping instead. Sources must not overlap the destination.
-    pub fn gather_to_file(
-        &self,
-        file: &File,
-        dst: u64,
-        srcs: &[u64],
-        each: usize,
-    ) -> io::Result<()> {
-        const IOV_MAX: usize = 1024;
-        let total = srcs.len() * each;
-        let d = self.check(dst, total)?;
-        let mut iov = Vec::with_capacity(srcs.len().min(IOV_MAX));
-        let mut at = dst;
-        for chunk in srcs.chunks(IOV_MAX) {
-            iov.clear();
-            for &src in chunk {
-                let s = self.check(src, each)?;
-                if s < d + total && d < s + each {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "overlapping copy",
-                    ));
-                }
-                iov.push(libc::iovec {
-                    // SAFETY: `check` proved s..s+each lies inside the live mapping.
-                    iov_base: unsafe { self.ptr.as_ptr().add(s) }.cast(),
-                    iov_len: each,
-                });
-            }
-            let want = chunk.len() * each;
-            let off = libc::off_t::try_from(at).map_err(|_| oob(at, want, self.len))?;
-            // SAFETY: every iovec points at `each` readable bytes of this mapping, which
-            // outlives the call; the kernel only reads them. `file` is a valid fd.
-            let n = unsafe {
-                libc::pwritev(
-                    file.as_raw_fd(),
-                    iov.as_ptr(),
-                    chunk.len() as libc::c_int,
-                    off,
-                )
-            };
-            if usize::try_from(n).ok() != Some(want) {
-                for (i, &src) in chunk.iter().enumerate() {
-                    self.copy_within(src, at + (i * each) as u64, each)?;
-                }
-            }
-            at += want as u64;
-        }
-        Ok(())
-    }
 }
 
 fn oob(off: u64, n: usize, len: usize) -> io::Error {
@@ -244,45 +187,5 @@ mod tests {
         m.read_at(0, &mut b).expect("read");
         assert_eq!(b, [1, 2]);
         assert!(m.copy_within(0, 1, 2).is_err());
-    }
-
-    #[test]
-    fn gather_to_file_writes_what_the_mapping_then_shows() {
-        use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("f");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .expect("file");
-        f.set_len(16 * 4096).expect("set_len");
-        let m = Mapping::new(&f, 16 * 4096).expect("map");
-        for i in 8..16u8 {
-            m.write_at(u64::from(i) * 4096, &[i; 4096]).expect("fill");
-        }
-        // Pages 12, 9, 15 land at 1, 2, 3; the file and the mapping both show them.
-        let srcs = [12 * 4096, 9 * 4096, 15 * 4096];
-        m.gather_to_file(&f, 4096, &srcs, 4096).expect("gather");
-        for (i, want) in [(1u64, 12u8), (2, 9), (3, 15)] {
-            let mut b = [0u8; 4096];
-            m.read_at(i * 4096, &mut b).expect("read");
-            assert!(b.iter().all(|&x| x == want), "page {i} via the mapping");
-            f.read_exact_at(&mut b, i * 4096).expect("pread");
-            assert!(b.iter().all(|&x| x == want), "page {i} via the file");
-        }
-        // A file that refuses writes (read-only fd): the bytes go through the mapping.
-        let ro = std::fs::File::open(&path).expect("read-only");
-        m.gather_to_file(&ro, 4 * 4096, &[8 * 4096, 10 * 4096], 4096)
-            .expect("fallback");
-        let mut b = [0u8; 4096];
-        m.read_at(5 * 4096, &mut b).expect("read");
-        assert!(b.iter().all(|&x| x == 10));
-        // Bounds and overlap are checked before anything is written.
-        assert!(m.gather_to_file(&f, 15 * 4096, &srcs, 4096).is_err());
-        assert!(m.gather_to_file(&f, 0, &[17 * 4096], 4096).is_err());
-        assert!(m.gather_to_file(&f, 12 * 4096, &[12 * 4096], 4096).is_err());
     }
 }

@@ -478,9 +478,8 @@ impl Pool {
     ) -> Result<Vec<u64>> {
         let idx = self.find(sel.into())?;
         let pages = self.preserved_pages(SnapshotSel::Id(self.snapshots[idx].id), runs)?;
-        // Fault in the blocks the loop will read with a few madvise calls (a page fault
-        // per block costs more than the copy itself). RAM pages are written through the
-        // file, in batches of adjacent pages, which needs no page-table entries at all.
+        // Fault in what the loop will touch with a few madvise calls: a page fault per
+        // page (a RAM write and a block read each) costs more than the copy itself.
         let s = &self.snapshots[idx];
         let mut blocks: Vec<u64> = pages
             .iter()
@@ -489,35 +488,37 @@ impl Pool {
             .collect();
         blocks.sort_unstable();
         self.populate_near(blocks.into_iter(), false);
-        let mut written: Vec<u64> = Vec::with_capacity(pages.len());
-        // The batch: adjacent RAM pages from `first` on, and the blocks to copy into them.
-        let (mut first, mut srcs) = (0, Vec::new());
-        let mut res = Ok(());
-        for &p in &pages {
-            if !srcs.is_empty() && p != first + srcs.len() as u64 {
-                res = self.write_ram_batch(first, &mut srcs, &mut written);
-                if res.is_err() {
-                    break;
-                }
-            }
-            if srcs.is_empty() {
-                first = p;
-            }
-            match self.prepare_copy_back(idx, p) {
-                Ok(boff) => srcs.push(boff),
-                Err(e) => {
-                    res = Err(e);
-                    break;
-                }
-            }
-        }
-        // What passed its checks is written even when a later page failed.
-        let last = self.write_ram_batch(first, &mut srcs, &mut written);
-        let res = res.and(last);
+        self.populate_near(pages.iter().map(|&p| self.geo.ram_page_offset(p)), true);
         let mut done = RunBuilder::default();
-        for &p in &written {
+        let res = pages.iter().try_for_each(|&p| {
+            // `preserve` re-points other snapshots only: this one's redirect of p stays.
+            self.preserve(p)?;
+            let b = self.snapshots[idx]
+                .redirects
+                .get(&p)
+                .copied()
+                .ok_or_else(|| {
+                    PoolError::Corrupt(format!("page {p} lost its block during copy back"))
+                })?;
+            let boff = self.geo.block_offset_of(u64::from(b));
+            let io = |e: std::io::Error| PoolError::Corrupt(format!("block {b}: {e}"));
+            let actual = self.map.crc32c(boff, PAGE_SIZE).map_err(io)?;
+            let expected = self.page_blocks.get(&b).copied().unwrap_or(0);
+            if actual != expected {
+                return Err(PoolError::BadBlock {
+                    snapshot: self.snapshots[idx].name.clone(),
+                    page: p,
+                    block: u64::from(b),
+                    expected,
+                    actual,
+                });
+            }
+            self.map
+                .copy_within(boff, self.geo.ram_page_offset(p), PAGE_SIZE)
+                .map_err(io)?;
             done.push(p);
-        }
+            Ok(())
+        });
         let ranges: Vec<std::ops::Range<u64>> = done
             .runs
             .iter()
@@ -532,63 +533,7 @@ impl Pool {
                 what: "RAM pages copied back",
                 source,
             })?;
-        res.map(|()| written)
-    }
-
-    /// Copy back page p of snapshot `idx`, first part: preserve RAM(p) for any other
-    /// snapshot that still references it, and check p's block against its crc32c.
-    /// Returns the block's offset.
-    fn prepare_copy_back(&mut self, idx: usize, p: u64) -> Result<u64> {
-        // `preserve` re-points other snapshots only: this one's redirect of p stays.
-        self.preserve(p)?;
-        let b = self.snapshots[idx]
-            .redirects
-            .get(&p)
-            .copied()
-            .ok_or_else(|| {
-                PoolError::Corrupt(format!("page {p} lost its block during copy back"))
-            })?;
-        let boff = self.geo.block_offset_of(u64::from(b));
-        let actual = self
-            .map
-            .crc32c(boff, PAGE_SIZE)
-            .map_err(|e| PoolError::Corrupt(format!("block {b}: {e}")))?;
-        let expected = self.page_blocks.get(&b).copied().unwrap_or(0);
-        if actual != expected {
-            return Err(PoolError::BadBlock {
-                snapshot: self.snapshots[idx].name.clone(),
-                page: p,
-                block: u64::from(b),
-                expected,
-                actual,
-            });
-        }
-        Ok(boff)
-    }
-
-    /// Copy back, second part: write the blocks at `srcs` into RAM pages `first..`
-    /// (one page each), add those pages to `written` and empty `srcs`. Not persisted.
-    fn write_ram_batch(
-        &mut self,
-        first: u64,
-        srcs: &mut Vec<u64>,
-        written: &mut Vec<u64>,
-    ) -> Result<()> {
-        if srcs.is_empty() {
-            return Ok(());
-        }
-        let res = self
-            .map
-            .gather_to_file(&self.file, self.geo.ram_page_offset(first), srcs, PAGE_SIZE)
-            .map_err(|source| PoolError::Persist {
-                what: "RAM pages copied back",
-                source,
-            });
-        if res.is_ok() {
-            written.extend(first..first + srcs.len() as u64);
-        }
-        srcs.clear();
-        res
+        res.map(|()| pages)
     }
 
     /// Pre-fault the pages at `offsets` (ascending) in the store's mapping, one madvise
