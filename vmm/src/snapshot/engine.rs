@@ -416,8 +416,6 @@ impl Engine {
     /// The VMM wrote `pages` through the store's own mapping (restore): record them as
     /// dirty for every tracked snapshot, and drop stale write protection on pages that
     /// no snapshot references any more (the store preserved them before the write).
-    /// Pages the protector knows are not protected are skipped: on a restore that is
-    /// every copied page, and an unprotect costs an ioctl per run (about 1 us each).
     pub fn after_vmm_write(&self, pages: &[u64]) {
         let mut sorted = pages.to_vec();
         sorted.sort_unstable();
@@ -428,18 +426,13 @@ impl Engine {
             .collect();
         self.dirty().mark(&runs);
         let pool = lock_pool(&self.pool);
-        let mut stale = Vec::new();
         for &(first, count) in &runs {
             for p in first..first + count {
-                if !pool.is_protected(p) && self.protector.may_be_protected(p) {
-                    match stale.last_mut() {
-                        Some(PageRun { first, count }) if *first + *count == p => *count += 1,
-                        _ => stale.push(PageRun::new(p, 1)),
-                    }
+                if !pool.is_protected(p) {
+                    self.sink.unprotect(&[PageRun::new(p, 1)]);
                 }
             }
         }
-        self.sink.unprotect(&stale);
     }
 
     /// Pages preserved by the fault handler since start.

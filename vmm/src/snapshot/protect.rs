@@ -4,7 +4,6 @@
 //! backend would implement the same trait differently.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
@@ -58,12 +57,6 @@ pub trait PageProtector: Send + Sync {
     fn unprotect(&self, first: u64, count: u64) -> Result<(), ProtectError>;
     /// Number of guest pages covered.
     fn pages(&self) -> u64;
-    /// Whether page p may be write-protected: false only if it certainly is not, so a
-    /// caller may skip unprotecting it. Never needed for correctness (a stale protection
-    /// costs one fault, which unprotects it).
-    fn may_be_protected(&self, _p: u64) -> bool {
-        true
-    }
 }
 
 /// One host mapping of a stretch of guest RAM pages.
@@ -81,10 +74,6 @@ pub struct UffdProtector {
     uffd: Uffd,
     ranges: Vec<HostRange>,
     pages: u64,
-    /// One bit per page, set from before a protect until after the unprotect that ends
-    /// it: a superset of the protected pages (but for races that only leave a page
-    /// protected while its bit is clear, see [`PageProtector::may_be_protected`]).
-    maybe: Box<[AtomicU64]>,
 }
 
 impl UffdProtector {
@@ -127,7 +116,6 @@ impl UffdProtector {
             uffd,
             ranges,
             pages,
-            maybe: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
         })
     }
 
@@ -184,96 +172,18 @@ impl AsRawFd for UffdProtector {
     }
 }
 
-impl UffdProtector {
-    /// Set or clear the `maybe` bits of pages `first..first + count` (clipped to RAM).
-    fn mark(&self, first: u64, count: u64, on: bool) {
-        let end = first.saturating_add(count).min(self.pages);
-        let mut p = first;
-        while p < end {
-            let n = (64 - p % 64).min(end - p);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << (p % 64)
-            };
-            let w = &self.maybe[(p / 64) as usize];
-            if on {
-                w.fetch_or(mask, Ordering::AcqRel);
-            } else {
-                w.fetch_and(!mask, Ordering::AcqRel);
-            }
-            p += n;
-        }
-    }
-}
-
 impl PageProtector for UffdProtector {
     fn protect(&self, first: u64, count: u64) -> Result<(), ProtectError> {
-        self.mark(first, count, true);
         self.each_host_range(first, count, |addr, len| self.uffd.write_protect(addr, len))
     }
 
     fn unprotect(&self, first: u64, count: u64) -> Result<(), ProtectError> {
         self.each_host_range(first, count, |addr, len| {
             self.uffd.remove_write_protection(addr, len, true)
-        })?;
-        self.mark(first, count, false);
-        Ok(())
-    }
-
-    fn may_be_protected(&self, p: u64) -> bool {
-        p < self.pages
-            && self.maybe[(p / 64) as usize].load(Ordering::Acquire) & (1 << (p % 64)) != 0
+        })
     }
 
     fn pages(&self) -> u64 {
         self.pages
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn may_be_protected_follows_protect_and_unprotect() {
-        let len = 130 * 4096;
-        // SAFETY: memfd_create with a valid C string; the fd is checked.
-        let fd = unsafe { libc::memfd_create(c"pmsnap-protect-test".as_ptr(), 0) };
-        assert!(fd >= 0);
-        // SAFETY: fd is a fresh memfd.
-        assert_eq!(unsafe { libc::ftruncate(fd, len as i64) }, 0);
-        // SAFETY: a new shared mapping of the memfd, checked for MAP_FAILED; it is
-        // unmapped at the end and nothing else refers to it.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        let prot = UffdProtector::new(ptr.cast(), len).expect("uffd register");
-        assert!((0..130).all(|p| !prot.may_be_protected(p)), "nothing yet");
-        prot.protect(60, 70).expect("protect");
-        for p in 0..130 {
-            assert_eq!(prot.may_be_protected(p), p >= 60, "page {p} after protect");
-        }
-        prot.unprotect(64, 64).expect("unprotect");
-        for p in 0..130 {
-            let want = (60..64).contains(&p) || p >= 128;
-            assert_eq!(prot.may_be_protected(p), want, "page {p} after unprotect");
-        }
-        assert!(!prot.may_be_protected(130) && !prot.may_be_protected(u64::MAX));
-        assert!(prot.protect(129, 2).is_err(), "out of range");
-        drop(prot);
-        // SAFETY: ptr/len are the mapping made above, unused from here on; fd is ours.
-        unsafe {
-            libc::munmap(ptr, len);
-            libc::close(fd);
-        }
     }
 }
