@@ -80,7 +80,7 @@ pub struct Pool {
     pub(crate) free_blocks: Vec<u32>,
     pub(crate) log_tail: u32,
     pub(crate) recovery: RecoveryReport,
-    /// The background pre-fault (see `assemble`): its stop flag and thread.
+    /// The background pre-fault (see `start_prefault`): its stop flag and thread.
     prefault: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
@@ -97,9 +97,11 @@ impl Drop for Pool {
     }
 }
 
-/// Pre-fault `len` bytes at `off` in 64 MiB steps, stopping early when asked to.
+/// Pre-fault `len` bytes at `off` in 4 MiB steps, stopping early when asked to. Small
+/// steps: each one holds the process's mmap lock for reading, and a thread that wants it
+/// for writing (any mmap or munmap) waits for the step in progress.
 fn populate_until_stopped(map: &Mapping, off: u64, len: u64, write: bool, stop: &AtomicBool) {
-    const STEP: u64 = 64 << 20;
+    const STEP: u64 = 4 << 20;
     let mut at = off;
     while at < off + len && !stop.load(Ordering::Relaxed) {
         let n = STEP.min(off + len - at);
@@ -212,10 +214,14 @@ impl Pool {
             created_unix_ns: now_ns(),
         };
         let mut pool = Pool::assemble(path, file, map, options.persist, sb);
+        pool.rebuild_free_list();
         // Generations 1 and 2: the empty catalog, committed like any other, twice so that
         // both superblock copies are valid from the start (and byte 0 holds the magic).
         pool.commit(None, None, 1)?;
         pool.commit(None, None, 1)?;
+        // A new pool is about to get its guest: pre-fault at once (`open` leaves it to
+        // the caller, see `start_prefault`).
+        pool.start_prefault();
         Ok(pool)
     }
 
@@ -257,16 +263,59 @@ impl Pool {
                 actual: len,
             });
         }
+        let t0 = std::time::Instant::now();
         let map = Mapping::new(&file, geo.file_size as usize).map_err(io_err("mapping", path))?;
         let mut pool = Pool::assemble(path, file, map, persist, sb);
+        let t1 = t0.elapsed();
         let mut bytes = vec![0u8; sb.catalog_len as usize];
         pool.map
             .read_at(geo.meta_slot_offset(sb.catalog_slot), &mut bytes)
             .map_err(|e| PoolError::Corrupt(format!("catalog out of bounds: {e}")))?;
         let cat = catalog::decode(&bytes, sb.generation).map_err(PoolError::Corrupt)?;
+        let t2 = t0.elapsed();
         pool.load(cat)?;
+        let t3 = t0.elapsed();
         pool.replay_log()?;
+        log::debug!(
+            "pool {} opened: mapped after {t1:?}, catalog read after {t2:?}, loaded after {t3:?}, log replayed after {:?}",
+            path.display(),
+            t0.elapsed()
+        );
         Ok(pool)
+    }
+
+    /// Pre-fault the store's own mapping in a background thread: metadata and blocks
+    /// for writing, RAM for reading, so that preserve (on the VMM's fault path) rarely
+    /// page-faults itself. `create` starts it; `open` does not, so opening a pool (and
+    /// so `pmsnap restore` up to running vCPUs, or `pmsnap store ls`) does not share the
+    /// CPUs and the mmap lock with it: a VMM calls this once its vCPUs run. Populating
+    /// only fills page tables, so it races harmlessly with the store's own accesses; the
+    /// thread holds the mapping alive and is stopped and joined when the pool is
+    /// dropped. It runs at the lowest CPU priority. Calling it again does nothing.
+    pub fn start_prefault(&mut self) {
+        if self.prefault.is_some() {
+            return;
+        }
+        let geo = self.geo;
+        let (bg, stop) = (self.map.clone(), Arc::new(AtomicBool::new(false)));
+        let bg_stop = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pmsnap-prefault".into())
+            .spawn(move || {
+                // SAFETY: plain syscall on this thread (who 0 = the calling thread).
+                if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0 {
+                    log::debug!("pre-fault thread keeps its priority");
+                }
+                populate_until_stopped(&bg, 0, geo.ram_offset, true, &bg_stop);
+                populate_until_stopped(&bg, geo.ram_offset, geo.ram_size, false, &bg_stop);
+                let blocks = geo.file_size - geo.block_offset;
+                populate_until_stopped(&bg, geo.block_offset, blocks, true, &bg_stop);
+            });
+        match spawned {
+            Ok(t) => self.prefault = Some((stop, t)),
+            // Only a speed-up: without a thread, accesses fault pages in as they come.
+            Err(e) => log::debug!("no background pre-fault thread: {e}"),
+        }
     }
 
     fn assemble(
@@ -278,32 +327,7 @@ impl Pool {
     ) -> Pool {
         let persist = persist.unwrap_or_else(|| Box::new(MsyncPersist::for_file(&file)));
         let geo = sb.geometry;
-        // Pre-fault the store's own mapping: metadata and blocks for writing, RAM for
-        // reading, so preserve (on the VMM's fault path) rarely page-faults itself. The
-        // metadata is small and done now; RAM and blocks (the whole pool, e.g. 330 ms for
-        // a 2 GiB pool) are done by a background thread, so opening a pool (and so
-        // `pmsnap restore`) does not wait for them. Populating only fills page tables:
-        // it races harmlessly with the store's own accesses, and holds the mapping alive.
         let map = Arc::new(map);
-        map.populate(0, geo.ram_offset, true);
-        let (bg, stop) = (map.clone(), Arc::new(AtomicBool::new(false)));
-        let bg_stop = stop.clone();
-        let spawned = std::thread::Builder::new()
-            .name("pmsnap-prefault".into())
-            .spawn(move || {
-                populate_until_stopped(&bg, geo.ram_offset, geo.ram_size, false, &bg_stop);
-                let blocks = geo.file_size - geo.block_offset;
-                populate_until_stopped(&bg, geo.block_offset, blocks, true, &bg_stop);
-            });
-        let prefault = match spawned {
-            Ok(t) => Some((stop, t)),
-            Err(e) => {
-                log::debug!("no background pre-fault thread ({e}); pre-faulting now");
-                map.populate(geo.ram_offset, geo.ram_size, false);
-                map.populate(geo.block_offset, geo.file_size - geo.block_offset, true);
-                None
-            }
-        };
         let blocks = geo.block_count as usize;
         Pool {
             path: path.to_path_buf(),
@@ -319,10 +343,10 @@ impl Pool {
             block_refs: vec![0; blocks],
             block_use: vec![BlockUse::Free; blocks],
             page_blocks: BTreeMap::new(),
-            free_blocks: (0..blocks as u32).rev().collect(),
+            free_blocks: Vec::new(),
             log_tail: 0,
             recovery: RecoveryReport::default(),
-            prefault,
+            prefault: None,
         }
     }
 
@@ -373,17 +397,19 @@ impl Pool {
                 self.block_refs[b as usize] = 1;
             }
         }
+        // Run by run, not page by page: a VM snapshot covers all of RAM (a quarter of a
+        // million pages per GiB), and this is on the way to a restored guest's first
+        // instruction.
         for s in &cat.snapshots {
-            let mut red = s.redirects.iter().peekable();
-            for p in s.pages() {
-                if red.peek().is_some_and(|(&rp, _)| rp == p) {
-                    let (_, &b) = red.next().expect("peeked");
+            for r in &s.page_set {
+                let mut at = r.first;
+                for (&p, &b) in s.redirects.range(r.first..r.end()) {
+                    self.add_ram_refs(at, p - at);
                     self.block_refs[b as usize] += 1;
                     self.block_use[b as usize] = BlockUse::Page;
-                } else {
-                    self.ram_refs[p as usize] += 1;
-                    self.protected.set(p, true);
+                    at = p + 1;
                 }
+                self.add_ram_refs(at, r.end() - at);
             }
         }
         for (&b, &crc) in &cat.block_crcs {
@@ -393,10 +419,18 @@ impl Pool {
                 self.page_blocks.insert(b, crc);
             }
         }
-        self.rebuild_free_list();
+        // (The free list is built once, after the log replay.)
         self.next_id = cat.next_snapshot_id.max(1);
         self.snapshots = cat.snapshots;
         Ok(())
+    }
+
+    /// One more snapshot references RAM pages `first..first + count` in place.
+    fn add_ram_refs(&mut self, first: u64, count: u64) {
+        for refs in &mut self.ram_refs[first as usize..(first + count) as usize] {
+            *refs += 1;
+        }
+        self.protected.set_range(first, count, true);
     }
 
     /// Replay the redirect log of the current generation (see `redirect_log.rs`).
@@ -694,6 +728,28 @@ mod tests {
     }
 
     #[test]
+    fn prefault_starts_with_create_or_when_asked_and_stops_with_the_pool() {
+        let d = tmpdir();
+        let (path, pool) = small_pool(&d, 64, PoolOptions::default());
+        assert!(pool.prefault.is_some(), "a new pool pre-faults at once");
+        drop(pool);
+        let mut pool = Pool::open(&path).expect("open");
+        assert!(pool.prefault.is_none(), "opening leaves it to the caller");
+        pool.start_prefault();
+        let id = pool.prefault.as_ref().map(|(_, t)| t.thread().id());
+        assert!(id.is_some());
+        pool.start_prefault();
+        assert_eq!(
+            pool.prefault.as_ref().map(|(_, t)| t.thread().id()),
+            id,
+            "a second call starts no second thread"
+        );
+        drop(pool);
+        // The thread held the mapping (and so the file and its lock): it is gone now.
+        Pool::open(&path).expect("reopen after the pre-fault thread stopped");
+    }
+
+    #[test]
     fn second_opener_is_locked_out() {
         let d = tmpdir();
         let (path, pool) = small_pool(&d, 16, PoolOptions::default());
@@ -793,6 +849,45 @@ mod tests {
         patch(&path2, off, &[0x99]);
         match Pool::open(&path2) {
             Err(PoolError::Corrupt(m)) => assert!(m.contains("record 1"), "{m}"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    /// `load` counts references run by run and relies on every redirect lying inside
+    /// its snapshot's pages: a catalog breaking that is refused.
+    #[test]
+    fn catalog_redirect_outside_its_snapshot_is_corrupt() {
+        let d = tmpdir();
+        let (path, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        let meta = SnapshotMeta::default;
+        pool.snapshot("a", SnapshotKind::Vm, &[PageRun::new(0, 4)], meta())
+            .expect("a");
+        pool.write_ram_page(1, &pattern(6))
+            .expect("preserve 1, then write");
+        // The next commit puts a's redirect of page 1 into the catalog.
+        pool.snapshot("b", SnapshotKind::Vm, &[PageRun::new(8, 2)], meta())
+            .expect("b");
+        assert_eq!(pool.snapshots[0].redirects.len(), 1);
+        // Rewrite the catalog (same length) with a's redirect moved to page 9, which a
+        // does not cover (b does).
+        let mut a = pool.snapshots[0].clone();
+        let b = a.redirects.pop_first().map(|(_, b)| b).expect("redirect");
+        a.redirects.insert(9, b);
+        let blocks: Vec<(u32, u32)> = pool.page_blocks.iter().map(|(&b, &c)| (b, c)).collect();
+        let bytes = catalog::encode(
+            pool.sb.generation,
+            pool.next_id,
+            [&a, &pool.snapshots[1]].into_iter(),
+            blocks.into_iter(),
+        );
+        assert_eq!(bytes.len() as u64, pool.sb.catalog_len);
+        let off = pool.geo.meta_slot_offset(pool.sb.catalog_slot);
+        drop(pool);
+        patch(&path, off, &bytes);
+        match Pool::open(&path) {
+            Err(PoolError::Corrupt(m)) => {
+                assert!(m.contains("redirect of page 9 it does not cover"), "{m}")
+            }
             other => panic!("expected Corrupt, got {other:?}"),
         }
     }

@@ -314,6 +314,7 @@ impl VmBuilder {
             let available = read_mem_available().unwrap_or(u64::MAX);
             config::check_host_memory(cfg.mem_bytes, available, fs_free)?;
         }
+        let t0 = std::time::Instant::now();
         let kvm = KvmContext::from_env()?;
         config::validate_vcpus(cfg.vcpus as usize, kvm.max_vcpus(), mptable::MAX_CPUS)?;
         let vcpu_count = u8::try_from(cfg.vcpus).expect("validate_vcpus caps the count at 254");
@@ -327,12 +328,19 @@ impl VmBuilder {
             ),
             Boot::Linux => (memory::open_or_create_pool(&cfg.pool, cfg.mem_bytes)?, None),
         };
+        let t1 = t0.elapsed();
         let mem = memory::create_guest_memory(pool.file(), pool.ram_offset(), cfg.mem_bytes)?;
+        let t2 = t0.elapsed();
         let vm = Vm::new(&kvm, mem)?;
+        let t3 = t0.elapsed();
         // The engine starts before anything is written into guest RAM: pages that
         // snapshots already in the pool reference are protected again first, so loading
         // the kernel preserves them instead of overwriting them.
         let engine = Self::start_engine(&vm, pool, cfg)?;
+        log::debug!(
+            "VM created: KVM (and the pool) opened after {t1:?}, guest RAM mapped after {t2:?}, VM and memslots after {t3:?}, engine after {:?}",
+            t0.elapsed()
+        );
         if restoring {
             let mut b = Self {
                 kvm,
@@ -675,6 +683,9 @@ impl BuiltVm {
             VcpuControl::new(Vcpus::start(self.vcpus, stop)?)
         });
         self.engine.set_vm_control(vcpus.clone());
+        // Only now, so that it does not compete with getting the vCPUs running (a
+        // restore's critical path); a newly created pool started it already.
+        crate::snapshot::engine::lock_pool(self.engine.pool()).start_prefault();
         Ok(RunningVm {
             vcpus,
             vm: Arc::new(self.vm),

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use pmem_backend::{PageLocation, PageRun, PoolError, SnapshotKind, SnapshotMeta};
+use pmem_backend::{PageRun, PoolError, SnapshotKind, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 
 use super::VmState;
@@ -169,19 +169,10 @@ pub fn copy_back(
     name: &str,
     runs: &[PageRun],
 ) -> Result<Vec<u64>, PoolError> {
-    let mut written = Vec::new();
-    for r in runs {
-        for p in r.first..r.end() {
-            // Only the location first: reading every in-place page would copy all of RAM.
-            if pool.snapshot_page_location(name, p)? == PageLocation::Ram(p) {
-                continue;
-            }
-            let (_, data) = pool.read_snapshot_page(name, p)?;
-            pool.write_ram_page(p, &data)?;
-            written.push(p);
-        }
-    }
-    Ok(written)
+    // The store finds the preserved pages from the snapshot's redirects (asking page by
+    // page would cost a lookup per page of `runs`, all of RAM on a restore) and copies
+    // each block into RAM within its own mapping, persisting them as one batch.
+    pool.copy_back(name, runs)
 }
 
 /// `POST /v1/vm-snapshots/{name}/rollback`.

@@ -425,14 +425,24 @@ impl Engine {
             .map(|r| (r.first, r.count))
             .collect();
         self.dirty().mark(&runs);
+        // One unprotect per run of such pages, not per page. Every written page gets
+        // it, protected or not: the ioctl also makes KVM drop its mappings of the range
+        // (an mmu-notifier invalidation), and a shadow-paging KVM (this host's kvm_pvm)
+        // needs that after the VMM rewrote guest page tables behind its back: skipping
+        // it for pages known to be unprotected crashed the guest after a rollback.
         let pool = lock_pool(&self.pool);
+        let mut stale: Vec<PageRun> = Vec::new();
         for &(first, count) in &runs {
             for p in first..first + count {
                 if !pool.is_protected(p) {
-                    self.sink.unprotect(&[PageRun::new(p, 1)]);
+                    match stale.last_mut() {
+                        Some(r) if r.first + r.count == p => r.count += 1,
+                        _ => stale.push(PageRun::new(p, 1)),
+                    }
                 }
             }
         }
+        self.sink.unprotect(&stale);
     }
 
     /// Pages preserved by the fault handler since start.
