@@ -34,16 +34,22 @@ for MEM in "$@"; do
   CTL="$BIN ctl --api-sock $W/api --json"
   P1=$($CTL snapshot-vm s1 | json pause_us); P2=$($CTL snapshot-vm s2 | json pause_us)
   $CTL delete s2 > /dev/null
-  T0=$(date +%s%N); dd if="$POOL" of=/dev/shm/pmsnap-perf-copy bs=1M count="$MIB" status=none; T1=$(date +%s%N)
-  rm -f /dev/shm/pmsnap-perf-copy
-  COPY_US=$(( (T1 - T0) / 1000 ))
-  echo "mem=$MEM snapshot-vm pause: first ${P1} us, second ${P2} us; copying all RAM (dd tmpfs->tmpfs): ${COPY_US} us"
+  # The copy baseline is noisy here (host page allocation: 0.4-1.9 s for 1 GiB in a row),
+  # so copy three times and compare against the fastest: the conservative ratio.
+  COPY_US= ; COPIES=
+  for _ in 1 2 3; do
+    T0=$(date +%s%N); dd if="$POOL" of=/dev/shm/pmsnap-perf-copy bs=1M count="$MIB" status=none; T1=$(date +%s%N)
+    rm -f /dev/shm/pmsnap-perf-copy
+    C=$(( (T1 - T0) / 1000 )); COPIES="$COPIES $C"
+    if [ -z "$COPY_US" ] || [ "$C" -lt "$COPY_US" ]; then COPY_US=$C; fi
+  done
+  echo "mem=$MEM snapshot-vm pause: first ${P1} us, second ${P2} us; copying all RAM (dd tmpfs->tmpfs, fastest of 3:$COPIES us): ${COPY_US} us"
   for PCT in 1 10; do
     N=$(( PAGES * PCT / 100 ))
     echo "dd if=/dev/zero of=/tmp/fill bs=4096 count=$N 2>/dev/null; echo FILLED-$PCT-\$((1+1))" > "$W/in"
     wait_out "$W/out" "FILLED-$PCT-2" 900 || { echo "fill $PCT% timed out"; break; }
     R=$($CTL rollback s1)
-    echo "mem=$MEM rollback after writing $PCT% ($N pages): $(echo "$R" | json pages_copied) pages copied of $(echo "$R" | json dirty_pages) dirty, pause $(echo "$R" | json pause_us) us (copy $(echo "$R" | json copy_us) us, state $(echo "$R" | json restore_us) us)"
+    echo "mem=$MEM rollback after writing $PCT% ($N pages): $(echo "$R" | json pages_copied) pages copied of $(echo "$R" | json dirty_pages) dirty, pause $(echo "$R" | json pause_us) us (stop $(echo "$R" | json stop_us) us, copy $(echo "$R" | json copy_us) us, state $(echo "$R" | json restore_us) us)"
     sleep 2
   done
   kill -9 "$VMM"; wait "$VMM" 2>/dev/null; VMM=

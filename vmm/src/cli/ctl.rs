@@ -235,11 +235,12 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
         CtlCommand::SnapshotVm { .. } => {
             let r: crate::persist::ops::VmSnapshotCreated = decode(value)?;
             format!(
-                "created VM snapshot {} ({} pages, {} of state), paused {:.3} ms (capture {:.3} ms, store {:.3} ms)\n",
+                "created VM snapshot {} ({} pages, {} of state), paused {:.3} ms (stop {:.3} ms, capture {:.3} ms, store {:.3} ms)\n",
                 r.name,
                 r.pages,
                 human_bytes(r.state_bytes),
                 r.pause_us as f64 / 1000.0,
+                r.stop_us as f64 / 1000.0,
                 r.capture_us as f64 / 1000.0,
                 r.store_us as f64 / 1000.0
             )
@@ -247,11 +248,12 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
         CtlCommand::Rollback { .. } => {
             let r: crate::persist::ops::RolledBack = decode(value)?;
             format!(
-                "rolled back to {}: {} pages copied ({} dirty), paused {:.3} ms (copy {:.3} ms, state {:.3} ms)\n",
+                "rolled back to {}: {} pages copied ({} dirty), paused {:.3} ms (stop {:.3} ms, copy {:.3} ms, state {:.3} ms)\n",
                 r.name,
                 r.pages_copied,
                 r.dirty_pages,
                 r.pause_us as f64 / 1000.0,
+                r.stop_us as f64 / 1000.0,
                 r.copy_us as f64 / 1000.0,
                 r.restore_us as f64 / 1000.0
             )

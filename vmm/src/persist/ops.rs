@@ -22,6 +22,9 @@ pub struct VmSnapshotCreated {
     pub state_bytes: u64,
     /// Time the vCPUs were paused, in microseconds (pause request to resume done).
     pub pause_us: u64,
+    /// Of that, waiting for every vCPU to stop (a vCPU in emulated guest kernel code
+    /// can take milliseconds to leave it).
+    pub stop_us: u64,
     /// Of that, capturing vCPU, VM and device state.
     pub capture_us: u64,
     /// Of that, recording the snapshot in the store and write-protecting RAM.
@@ -39,7 +42,9 @@ pub struct RolledBack {
     pub pages_copied: u64,
     /// Time the vCPUs were paused, in microseconds.
     pub pause_us: u64,
-    /// Of that, copying pages back.
+    /// Of that, waiting for every vCPU to stop.
+    pub stop_us: u64,
+    /// Of that, reading the dirty log and copying pages back.
     pub copy_us: u64,
     /// Of that, restoring vCPU, VM and device state.
     pub restore_us: u64,
@@ -50,17 +55,19 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 /// Run `f` with the vCPUs paused; resume afterwards unless they were paused before.
-/// Returns `f`'s result and the time from the pause request to the end of the resume.
+/// Returns `f`'s result, the time from the pause request to the end of the resume, and
+/// of that the time until every vCPU had stopped.
 fn paused<T>(
     engine: &Engine,
     f: impl FnOnce() -> Result<T, ApiError>,
-) -> Result<(T, u64), ApiError> {
+) -> Result<(T, u64, u64), ApiError> {
     let vm = engine.vm_control()?;
     let was_paused = vm.is_paused();
     let t = Instant::now();
     if !was_paused {
         vm.pause().map_err(ApiError::Internal)?;
     }
+    let stop_us = t.elapsed().as_micros() as u64;
     let res = f();
     if !was_paused {
         if let Err(e) = vm.resume() {
@@ -68,7 +75,7 @@ fn paused<T>(
         }
     }
     let us = t.elapsed().as_micros() as u64;
-    res.map(|v| (v, us))
+    res.map(|v| (v, us, stop_us))
 }
 
 /// `POST /v1/vm-snapshots {"name"}`.
@@ -78,7 +85,7 @@ pub fn snapshot_vm(engine: &Engine, name: &str) -> Result<ApiResponse, ApiError>
     if lock_pool(engine.pool()).inspect(name).is_ok() {
         return Err(ApiError::DuplicateName(name.to_string()));
     }
-    let ((capture_us, store_us, state_bytes), pause_us) = paused(engine, || {
+    let ((capture_us, store_us, state_bytes), pause_us, stop_us) = paused(engine, || {
         let t = Instant::now();
         let state = port.capture().map_err(internal)?;
         let blob = state.encode().map_err(internal)?;
@@ -104,6 +111,7 @@ pub fn snapshot_vm(engine: &Engine, name: &str) -> Result<ApiResponse, ApiError>
             pages,
             state_bytes,
             pause_us,
+            stop_us,
             capture_us,
             store_us,
         })
@@ -185,23 +193,25 @@ pub fn rollback(engine: &Engine, name: &str) -> Result<ApiResponse, ApiError> {
         port.mem_bytes(),
     )
     .map_err(|e| load_error(name, e))?;
-    let ((dirty_pages, pages_copied, copy_us, restore_us), pause_us) = paused(engine, || {
-        let t = Instant::now();
-        let dirty = engine.dirty_since(name)?;
-        let dirty_pages = dirty.iter().map(|r| r.count).sum();
-        let written = copy_back(&mut lock_pool(engine.pool()), name, &dirty).map_err(api_error)?;
-        engine.after_vmm_write(&written);
-        let copy_us = t.elapsed().as_micros() as u64;
-        let t = Instant::now();
-        port.apply(&state).map_err(internal)?;
-        engine.reset_dirty(name)?;
-        Ok((
-            dirty_pages,
-            written.len() as u64,
-            copy_us,
-            t.elapsed().as_micros() as u64,
-        ))
-    })?;
+    let ((dirty_pages, pages_copied, copy_us, restore_us), pause_us, stop_us) =
+        paused(engine, || {
+            let t = Instant::now();
+            let dirty = engine.dirty_since(name)?;
+            let dirty_pages = dirty.iter().map(|r| r.count).sum();
+            let written =
+                copy_back(&mut lock_pool(engine.pool()), name, &dirty).map_err(api_error)?;
+            engine.after_vmm_write(&written);
+            let copy_us = t.elapsed().as_micros() as u64;
+            let t = Instant::now();
+            port.apply(&state).map_err(internal)?;
+            engine.reset_dirty(name)?;
+            Ok((
+                dirty_pages,
+                written.len() as u64,
+                copy_us,
+                t.elapsed().as_micros() as u64,
+            ))
+        })?;
     log::info!(
         "rolled back to {name:?}: {pages_copied} of {dirty_pages} dirty pages copied, paused {pause_us} us"
     );
@@ -212,6 +222,7 @@ pub fn rollback(engine: &Engine, name: &str) -> Result<ApiResponse, ApiError> {
             dirty_pages,
             pages_copied,
             pause_us,
+            stop_us,
             copy_us,
             restore_us,
         })
