@@ -44,6 +44,22 @@ pub fn run(cli: Cli) -> anyhow_like::Result<i32> {
     }
 }
 
+/// Serve the control API on `path` (when given) for `engine`, until the returned handle
+/// drops. `run` and `restore` call it once the vCPUs and state capture exist, so a client
+/// that sees the socket can pause, resume or snapshot at once.
+fn serve_api(
+    path: Option<&std::path::Path>,
+    engine: &std::sync::Arc<crate::snapshot::engine::Engine>,
+) -> anyhow_like::Result<Option<crate::api::ApiServerHandle>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let engine = engine.clone();
+    let server = crate::api::ApiServer::start(path, move |req| engine.handle(req))?;
+    log::info!("control API on {}", path.display());
+    Ok(Some(server))
+}
+
 /// A minimal boxed-error result used at the top of the binary, where the cause chain is
 /// printed once.
 pub mod anyhow_like {

@@ -8,7 +8,6 @@ use std::time::Instant;
 use clap::Args;
 
 use super::anyhow_like::Result;
-use crate::api::ApiServer;
 use crate::builder::VmBuilder;
 use crate::config::{self, VmConfig};
 use crate::devices::legacy::serial::StdoutWriter;
@@ -161,15 +160,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     crate::persist::live::attach(&running, serial, mem_bytes, virtio);
     // Served once the vCPUs and state capture exist, so a client that sees the socket
     // can pause, resume or snapshot at once (with --paused, POST /v1/resume is next).
-    let _api = match &args.api_sock {
-        Some(path) => {
-            let engine = engine.clone();
-            let server = ApiServer::start(path, move |req| engine.handle(req))?;
-            log::info!("control API on {}", path.display());
-            Some(server)
-        }
-        None => None,
-    };
+    let _api = super::serve_api(args.api_sock.as_deref(), &engine)?;
     log::info!(
         "restored snapshot {name:?}: {} of {} pages copied back in {copy_time:?}; vCPUs {} {to_run:?} after start",
         written.len(),

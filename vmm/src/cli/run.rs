@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use clap::Args;
 
 use super::anyhow_like::Result;
-use crate::api::ApiServer;
 use crate::builder::VmBuilder;
 use crate::config::{self, VmConfig};
 use crate::device_manager;
@@ -257,15 +256,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     crate::persist::live::attach(&running, serial_for_state, cfg.mem_bytes, virtio);
     // Served once the vCPUs and state capture exist, so a client that sees the socket
     // can pause, resume or snapshot at once.
-    let _api = match &args.api_sock {
-        Some(path) => {
-            let engine = engine.clone();
-            let server = ApiServer::start(path, move |req| engine.handle(req))?;
-            log::info!("control API on {}", path.display());
-            Some(server)
-        }
-        None => None,
-    };
+    let _api = super::serve_api(args.api_sock.as_deref(), &engine)?;
     let why = event_loop.run_until_stopped()?;
     running.stop();
     drop(running);

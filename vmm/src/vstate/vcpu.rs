@@ -955,9 +955,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn port_io_goes_through_the_bus_and_stops_while_paused() {
-        use std::sync::atomic::Ordering::SeqCst;
+    /// A tiny VM looping `mov al, 0x41; out 0x80, al`, and the count of its port writes;
+    /// `None` (after a printed reason) without KVM.
+    fn port_loop_vm() -> Option<(Vm, Vcpu, Arc<std::sync::atomic::AtomicU64>)> {
         let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut pio = Bus::new();
         pio.insert(
@@ -967,17 +967,32 @@ mod tests {
         )
         .expect("insert");
         // mov al, 0x41; out 0x80, al; jmp back
-        let Some((_vm, vcpu)) = tiny_vm(&[0xb0, 0x41, 0xe6, 0x80, 0xeb, 0xfa], pio) else {
+        let (vm, vcpu) = tiny_vm(&[0xb0, 0x41, 0xe6, 0x80, 0xeb, 0xfa], pio)?;
+        Some((vm, vcpu, count))
+    }
+
+    /// Wait up to 10 s for `done(count)`; returns the last count.
+    fn wait_count(count: &std::sync::atomic::AtomicU64, done: impl Fn(u64) -> bool) -> u64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let c = count.load(std::sync::atomic::Ordering::SeqCst);
+            if done(c) || std::time::Instant::now() >= deadline {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn port_io_goes_through_the_bus_and_stops_while_paused() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let Some((_vm, vcpu, count)) = port_loop_vm() else {
             return;
         };
         let (stop, _stops) = StopNotifier::new().expect("notifier");
         let vcpus = Vcpus::start(vec![vcpu], &stop).expect("start");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while count.load(SeqCst) < 10 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
         assert!(
-            count.load(SeqCst) >= 10,
+            wait_count(&count, |c| c >= 10) >= 10,
             "guest port writes reach the device"
         );
         vcpus.pause().expect("pause");
@@ -985,26 +1000,16 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(count.load(SeqCst), frozen, "no guest I/O while paused");
         vcpus.resume().expect("resume");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while count.load(SeqCst) == frozen && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(count.load(SeqCst) > frozen, "guest runs again after resume");
+        assert!(
+            wait_count(&count, |c| c > frozen) > frozen,
+            "guest runs again after resume"
+        );
     }
 
     #[test]
     fn a_vcpu_started_paused_runs_nothing_until_resumed() {
         use std::sync::atomic::Ordering::SeqCst;
-        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let mut pio = Bus::new();
-        pio.insert(
-            Arc::new(std::sync::Mutex::new(PortCounter(count.clone()))),
-            0x80,
-            1,
-        )
-        .expect("insert");
-        // mov al, 0x41; out 0x80, al; jmp back
-        let Some((_vm, vcpu)) = tiny_vm(&[0xb0, 0x41, 0xe6, 0x80, 0xeb, 0xfa], pio) else {
+        let Some((_vm, vcpu, count)) = port_loop_vm() else {
             return;
         };
         let (stop, _stops) = StopNotifier::new().expect("notifier");
@@ -1013,11 +1018,10 @@ mod tests {
         assert_eq!(count.load(SeqCst), 0, "no guest instruction before resume");
         vcpus.pause().expect("pause while paused is a no-op");
         vcpus.resume().expect("resume");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while count.load(SeqCst) == 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(count.load(SeqCst) > 0, "the guest runs after resume");
+        assert!(
+            wait_count(&count, |c| c > 0) > 0,
+            "the guest runs after resume"
+        );
         vcpus.stop();
     }
 
