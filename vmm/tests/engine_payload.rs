@@ -11,16 +11,14 @@
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pmem_backend::{PageLocation, Pool, PoolOptions};
-use vmm::api::client::ApiClient;
 use vmm::api::{PageRun, PagesSnapshotRequest};
 
 mod common;
-use common::{kvm_missing, payload};
+use common::{kvm_missing, payload, ApiVmm as Vm};
 
 /// Guest RAM: 16 MiB below the region plus the 256 MiB region.
 const MEM: u64 = 272 << 20;
@@ -151,48 +149,14 @@ impl Drop for RamView {
     }
 }
 
-/// A running `pmsnap run --payload` on a pool, with its control API.
-struct Vm {
-    child: Child,
-    api: ApiClient,
-    stderr: PathBuf,
-}
-
 impl Vm {
     fn start(dir: &Path, tag: &str, pool: &Path, payload: &Path) -> Self {
-        let sock = dir.join(format!("{tag}.sock"));
-        let stderr = dir.join(format!("{tag}.stderr"));
         // PMSNAP_BIN picks another build (the ignored measurement uses a release one).
-        let child = Command::new(common::pmsnap_bin())
-            .args(["run", "--mem", "272M", "--vcpus", "2", "--payload"])
-            .arg(payload)
-            .arg("--pool")
-            .arg(pool)
-            .arg("--api-sock")
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("spawn pmsnap");
-        let mut vm = Self {
-            child,
-            api: ApiClient::new(&sock),
-            stderr,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !(sock.exists() && vm.api.status().is_ok()) {
-            if let Ok(Some(st)) = vm.child.try_wait() {
-                panic!("pmsnap exited early ({st}): {}", vm.log());
-            }
-            assert!(Instant::now() < deadline, "no API after 60 s: {}", vm.log());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        vm
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        let args = ["run", "--mem", "272M", "--vcpus", "2", "--payload"]
+            .into_iter()
+            .map(std::ffi::OsString::from)
+            .chain([payload.into(), "--pool".into(), pool.into()]);
+        Self::spawn(dir, tag, args).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn snapshot(&self, name: &str, runs: &[(u64, u64)]) {
@@ -220,40 +184,22 @@ impl Vm {
 
     /// SIGTERM and wait; the VMM exits with 143 and keeps the given pool.
     fn stop(mut self) {
-        // SAFETY: kill(2) on our own child, not reaped yet.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let st = self.wait(Duration::from_secs(30));
+        self.signal(libc::SIGTERM);
+        let st = self
+            .wait(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(st.code(), Some(143), "exit after SIGTERM: {}", self.log());
         assert!(!self.log().contains("panicked"), "{}", self.log());
     }
 
     /// SIGKILL, at once.
     fn kill(mut self) {
-        // SAFETY: kill(2) on our own child, not reaped yet.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
-        let st = self.wait(Duration::from_secs(30));
+        self.signal(libc::SIGKILL);
+        let st = self
+            .wait(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}"));
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(st.signal(), Some(libc::SIGKILL));
-    }
-
-    fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "pmsnap did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 

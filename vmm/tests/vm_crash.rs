@@ -30,17 +30,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pmem_backend::{Pool, PoolOptions};
-use vmm::api::client::{ApiClient, ClientError};
+use vmm::api::client::ClientError;
 use vmm::api::types::VmState;
 
 mod common;
-use common::{kvm_missing, payload, pmsnap_bin};
+use common::{kvm_missing, payload, pmsnap_bin, ApiVmm as Vmm};
 
 /// Guest RAM: 16 MiB of payload setup below the 48 MiB region the payload rewrites.
 const MEM: u64 = 64 << 20;
@@ -80,105 +80,40 @@ fn env_u64(name: &str) -> Option<u64> {
     }
 }
 
-/// One `pmsnap` VMM process with its control API.
-struct Vmm {
-    child: Child,
-    api: ApiClient,
-    stderr: PathBuf,
-}
-
 impl Vmm {
-    /// Start `pmsnap <args> --api-sock SOCK` and wait for its API. An early exit or no
-    /// API within 60 s is an error (with the VMM's log), not a panic: the caller records it.
-    fn spawn(dir: &Path, tag: &str, args: Vec<OsString>) -> Result<Self, String> {
-        let sock = dir.join(format!("{tag}.sock"));
-        let _ = std::fs::remove_file(&sock);
-        let stderr = dir.join(format!("{tag}.stderr"));
-        let child = Command::new(pmsnap_bin())
-            .args(args)
-            .arg("--api-sock")
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("spawn pmsnap");
-        let mut vmm = Self {
-            child,
-            api: ApiClient::new(&sock),
-            stderr,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        // Up once the VM's vCPUs exist (a status before that reports 0 vCPUs).
-        while !(sock.exists() && vmm.api.status().is_ok_and(|s| s.vcpus > 0)) {
-            if let Ok(Some(st)) = vmm.child.try_wait() {
-                return Err(format!("pmsnap exited early ({st}): {}", vmm.log()));
-            }
-            if Instant::now() > deadline {
-                return Err(format!("no API after 60 s: {}", vmm.log()));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(vmm)
-    }
-
     fn run_payload(dir: &Path, tag: &str, pool: &Path, bin: &Path) -> Result<Self, String> {
         let args = ["run", "--mem", MEM_ARG, "--vcpus", "2", "--payload"]
-            .iter()
+            .into_iter()
             .map(OsString::from)
-            .chain([bin.into(), "--pool".into(), pool.into()])
-            .collect();
+            .chain([bin.into(), "--pool".into(), pool.into()]);
         Self::spawn(dir, tag, args)
     }
 
     fn restore_paused(dir: &Path, tag: &str, pool: &Path, name: &str) -> Result<Self, String> {
         let args = ["restore", "--paused", "--snapshot", name, "--pool"]
-            .iter()
+            .into_iter()
             .map(OsString::from)
-            .chain([pool.into()])
-            .collect();
+            .chain([pool.into()]);
         Self::spawn(dir, tag, args)
-    }
-
-    fn log(&self) -> String {
-        let log = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(12).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
     /// Wait for the VMM to end; it must have died of SIGKILL (anything else is a bug).
     fn reap(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                return match st.signal() {
-                    Some(libc::SIGKILL) => Ok(()),
-                    _ => Err(format!(
-                        "VMM ended with {st}, not by SIGKILL: {}",
-                        self.log()
-                    )),
-                };
-            }
-            if Instant::now() > deadline {
-                return Err("VMM still alive 30 s after SIGKILL".into());
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        let st = self
+            .wait(Duration::from_secs(30))
+            .map_err(|e| format!("{e} after SIGKILL"))?;
+        match st.signal() {
+            Some(libc::SIGKILL) => Ok(()),
+            _ => Err(format!(
+                "VMM ended with {st}, not by SIGKILL: {}",
+                self.log_tail(12)
+            )),
         }
     }
 
     fn sigkill(mut self) -> Result<(), String> {
-        // SAFETY: kill(2) on our own child, not reaped yet, so the pid is still its own.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        self.signal(libc::SIGKILL);
         self.reap()
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -518,7 +453,7 @@ fn sigkill_during_snapshot_rollback_and_delete() {
             fail(format!(
                 "pause before {}: {e}; log: {}",
                 op.as_str(),
-                vmm.log()
+                vmm.log_tail(12)
             ));
             break;
         }

@@ -2,8 +2,12 @@
 //! this module with `mod common;` and uses what it needs).
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use vmm::api::client::ApiClient;
 
 /// True (after printing why the test is skipped) when `/dev/kvm` is missing.
 pub fn kvm_missing(name: &str) -> bool {
@@ -44,4 +48,96 @@ pub fn pmsnap_bin() -> PathBuf {
     std::env::var_os("PMSNAP_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pmsnap")))
+}
+
+/// A `pmsnap` VMM process started by a test, with its control API; its stderr goes to a
+/// file in the test's directory. Dropping it kills the process if it still runs.
+pub struct ApiVmm {
+    /// The process.
+    pub child: Child,
+    /// Client of its control API.
+    pub api: ApiClient,
+    /// File holding its stderr (the log).
+    pub stderr: PathBuf,
+}
+
+impl ApiVmm {
+    /// Start `pmsnap <args> --api-sock DIR/TAG.sock` and wait until its API answers with
+    /// the VM's vCPUs. An early exit or no API within 60 s is an error carrying the end of
+    /// the VMM's log.
+    pub fn spawn(
+        dir: &Path,
+        tag: &str,
+        args: impl IntoIterator<Item = impl AsRef<OsStr>>,
+    ) -> Result<Self, String> {
+        let sock = dir.join(format!("{tag}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let stderr = dir.join(format!("{tag}.stderr"));
+        let child = Command::new(pmsnap_bin())
+            .args(args)
+            .arg("--api-sock")
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawn pmsnap");
+        let mut vmm = Self {
+            child,
+            api: ApiClient::new(&sock),
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !(sock.exists() && vmm.api.status().is_ok_and(|s| s.vcpus > 0)) {
+            if let Ok(Some(st)) = vmm.child.try_wait() {
+                return Err(format!("pmsnap exited early ({st}): {}", vmm.log_tail(12)));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no API after 60 s: {}", vmm.log_tail(12)));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(vmm)
+    }
+
+    /// The VMM's whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of the VMM's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Send `sig` to the VMM.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child, not reaped yet, so the pid is still its own.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Wait up to `timeout` for the VMM to end.
+    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("pmsnap still running after {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for ApiVmm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
