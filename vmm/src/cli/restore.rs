@@ -13,7 +13,7 @@ use crate::config::{self, VmConfig};
 use crate::devices::legacy::serial::StdoutWriter;
 use crate::devices::legacy::{terminal, RawModeGuard, StdinInput};
 use crate::event_loop::EventLoop;
-use crate::persist::ops::{copy_back, load_vm_state};
+use crate::persist::ops::load_vm_state;
 use crate::persist::Persist;
 use crate::snapshot::engine::lock_pool;
 use crate::vstate::vcpu::VmStop;
@@ -133,7 +133,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     let written = {
         let mut pool = lock_pool(engine.pool());
         let runs = pool.inspect(name)?.runs;
-        copy_back(&mut pool, name, &runs)?
+        pool.copy_back(name, &runs)?
     };
     engine.after_vmm_write(&written);
     let copy_time = t_copy.elapsed();

@@ -169,20 +169,6 @@ fn load_error(name: &str, e: LoadError) -> ApiError {
     }
 }
 
-/// Copy snapshot `name`'s content back into guest RAM for `pages` (page runs), through
-/// the store's own mapping. Pages whose snapshot reference is still RAM(p) already hold
-/// it. Returns the pages written.
-pub fn copy_back(
-    pool: &mut pmem_backend::Pool,
-    name: &str,
-    runs: &[PageRun],
-) -> Result<Vec<u64>, PoolError> {
-    // The store finds the preserved pages from the snapshot's redirects (asking page by
-    // page would cost a lookup per page of `runs`, all of RAM on a restore) and copies
-    // each block into RAM within its own mapping, persisting them as one batch.
-    pool.copy_back(name, runs)
-}
-
 /// `POST /v1/vm-snapshots/{name}/rollback`.
 pub fn rollback(engine: &Engine, name: &str) -> Result<ApiResponse, ApiError> {
     let port = engine.vm_persist()?;
@@ -198,8 +184,9 @@ pub fn rollback(engine: &Engine, name: &str) -> Result<ApiResponse, ApiError> {
             let t = Instant::now();
             let dirty = engine.dirty_since(name)?;
             let dirty_pages = dirty.iter().map(|r| r.count).sum();
-            let written =
-                copy_back(&mut lock_pool(engine.pool()), name, &dirty).map_err(api_error)?;
+            let written = lock_pool(engine.pool())
+                .copy_back(name, &dirty)
+                .map_err(api_error)?;
             engine.after_vmm_write(&written);
             let copy_us = t.elapsed().as_micros() as u64;
             let t = Instant::now();
@@ -261,7 +248,7 @@ mod tests {
         pool.write_ram_page(9, &page(0xdd)).expect("write 9");
         pool.snapshot("b", SnapshotKind::Vm, &all, meta(super::super::seal(&[2])))
             .expect("b");
-        let written = copy_back(&mut pool, "a", &all).expect("copy back");
+        let written = pool.copy_back("a", &all).expect("copy back");
         assert_eq!(written, vec![3, 9], "only the preserved pages are copied");
         for p in 0..16 {
             assert_eq!(
