@@ -503,16 +503,7 @@ impl Pool {
             let boff = self.geo.block_offset_of(u64::from(b));
             let io = |e: std::io::Error| PoolError::Corrupt(format!("block {b}: {e}"));
             let actual = self.map.crc32c(boff, PAGE_SIZE).map_err(io)?;
-            let expected = self.page_blocks.get(&b).copied().unwrap_or(0);
-            if actual != expected {
-                return Err(PoolError::BadBlock {
-                    snapshot: self.snapshots[idx].name.clone(),
-                    page: p,
-                    block: u64::from(b),
-                    expected,
-                    actual,
-                });
-            }
+            self.check_block_crc(idx, p, u64::from(b), actual)?;
             self.map
                 .copy_within(boff, self.geo.ram_page_offset(p), PAGE_SIZE)
                 .map_err(io)?;
@@ -534,6 +525,25 @@ impl Pool {
                 source,
             })?;
         res.map(|()| pages)
+    }
+
+    /// `BadBlock` unless `actual` is the recorded crc32c of block `b`, which holds page
+    /// `p` of snapshot `idx`.
+    fn check_block_crc(&self, idx: usize, p: u64, b: u64, actual: u32) -> Result<()> {
+        let expected = u32::try_from(b)
+            .ok()
+            .and_then(|b| self.page_blocks.get(&b).copied())
+            .unwrap_or(0);
+        if actual == expected {
+            return Ok(());
+        }
+        Err(PoolError::BadBlock {
+            snapshot: self.snapshots[idx].name.clone(),
+            page: p,
+            block: b,
+            expected,
+            actual,
+        })
     }
 
     /// Pre-fault the pages at `offsets` (ascending) in the store's mapping, one madvise
@@ -572,17 +582,7 @@ impl Pool {
             PageLocation::Block(b) => {
                 let mut page: Page = [0; PAGE_SIZE];
                 self.read_block(b, &mut page)?;
-                let expected = self.page_blocks.get(&(b as u32)).copied().unwrap_or(0);
-                let actual = crc32c::crc32c(&page);
-                if actual != expected {
-                    return Err(PoolError::BadBlock {
-                        snapshot: self.snapshots[self.find(sel)?].name.clone(),
-                        page: p,
-                        block: b,
-                        expected,
-                        actual,
-                    });
-                }
+                self.check_block_crc(self.find(sel)?, p, b, crc32c::crc32c(&page))?;
                 Ok((loc, page))
             }
         }
