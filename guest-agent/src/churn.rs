@@ -14,8 +14,9 @@ const PAGE_WORDS: usize = 4096 / 8;
 /// Pages rewritten by each step.
 pub const PAGES_PER_STEP: usize = 8;
 
-/// splitmix64 of (a, b): a cheap, well-mixed word.
-fn mix(a: u64, b: u64) -> u64 {
+/// splitmix64 of (a, b): a cheap, well-mixed word (also the fill pattern of
+/// `pmsnap-memtest`).
+pub fn mix(a: u64, b: u64) -> u64 {
     let mut z = a
         .wrapping_mul(0x9e37_79b9_7f4a_7c15)
         .wrapping_add(b.wrapping_mul(0xbf58_476d_1ce4_e5b9))

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use guest_agent::app::{self, Options, PageBuffer, Pin};
-use guest_agent::churn::Churn;
+use guest_agent::churn::{mix, Churn};
 use guest_agent::client::{call, DryRun, SocketTransport, Transport};
 use guest_agent::freeze::FreezeMethod;
 use guest_agent::ops::{copy_out_process, save_process};
@@ -148,28 +148,17 @@ fn parse_hex(s: &str) -> Result<u64, String> {
     u64::from_str_radix(x, 16).map_err(|_| format!("{s:?} is not hex"))
 }
 
-/// splitmix64: a cheap, well-mixed word for each (seed, index).
-fn word(seed: u64, i: u64) -> u64 {
-    let mut z = seed
-        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        .wrapping_add(i.wrapping_mul(0xbf58_476d_1ce4_e5b9))
-        .wrapping_add(0x94d0_49bb_1331_11eb);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 fn fill(buf: &mut [u8], seed: u64, invert: bool) {
     let mask = if invert { u64::MAX } else { 0 };
     for (i, c) in buf.chunks_exact_mut(8).enumerate() {
-        c.copy_from_slice(&(word(seed, i as u64) ^ mask).to_le_bytes());
+        c.copy_from_slice(&(mix(seed, i as u64) ^ mask).to_le_bytes());
     }
 }
 
 /// Offset, got and want of the first byte that differs from the pattern.
 fn first_bad(buf: &[u8], seed: u64, base_index: u64) -> Option<(usize, u8, u8)> {
     for (i, c) in buf.chunks_exact(8).enumerate() {
-        let want = word(seed, base_index + i as u64).to_le_bytes();
+        let want = mix(seed, base_index + i as u64).to_le_bytes();
         if c != want {
             let j = (0..8).find(|&j| c[j] != want[j]).unwrap_or(0);
             return Some((i * 8 + j, c[j], want[j]));
@@ -217,7 +206,7 @@ fn run(cli: Cli) -> Result<(), String> {
             // The scribble must have hit every byte, or the check below proves nothing.
             if buf.iter().step_by(4093).zip(0..).any(|(&b, k)| {
                 let off = k * 4093;
-                b == word(seed, (off / 8) as u64).to_le_bytes()[off % 8]
+                b == mix(seed, (off / 8) as u64).to_le_bytes()[off % 8]
             }) {
                 return Err("memtest: FAIL scribble did not change the buffer".into());
             }
