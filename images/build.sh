@@ -67,6 +67,9 @@ BUSYBOX="/bin/busybox"
 JOBS="${JOBS:-$(nproc)}"
 
 log() { echo "build.sh: $*" >&2; }
+# No silent failure: a command that fails under set -e names itself and its line.
+trap 'rc=$?; echo "build.sh: error: line $LINENO: \`$BASH_COMMAND\` exited $rc" >&2; exit $rc' ERR
+set -o errtrace
 die() { echo "build.sh: error: $*" >&2; exit 1; }
 
 # Every `CONFIG_X=v` of the fragment must be in .config; every
@@ -101,7 +104,9 @@ PACKAGES=(
     cpio file patch xz-utils
 )
 
-pkg_version() { dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null | sed -n 's/^install ok installed //p'; }
+# Installed version of a package, empty when it is absent (dpkg-query exits 1 then,
+# which must not end the script under set -e/pipefail).
+pkg_version() { { dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null || true; } | sed -n 's/^install ok installed //p'; }
 
 install_packages() {
     local missing=() p name want have
