@@ -2,10 +2,18 @@
 # Measure whole-VM snapshot pause, rollback and restore (docs/perf-vm.md).
 # Usage: PMSNAP=target/release/pmsnap PMSNAP_IMAGE_DIR=... docs/perf-vm.sh 256M 1G
 # Prints the load average first and last: these machines are shared and noisy.
-set -u
+# A failing step stops the script with its line and command (scripts/lib.sh).
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/scripts/lib.sh"
+pmsnap_init perf-vm
 BIN=${PMSNAP:-target/release/pmsnap}
 W=$(mktemp -d /tmp/pmsnap-perf.XXXXXX)
-cleanup() { [ -n "${VMM:-}" ] && kill -9 "$VMM" 2>/dev/null; [ -n "${HOLD:-}" ] && kill "$HOLD" 2>/dev/null; rm -rf "$W" /dev/shm/pmsnap-perf-*.pool /dev/shm/pmsnap-perf-copy; }
+cleanup() {
+  if [ -n "${VMM:-}" ]; then kill -9 "$VMM" 2>/dev/null || true; fi
+  if [ -n "${HOLD:-}" ]; then kill "$HOLD" 2>/dev/null || true; fi
+  rm -rf "$W" /dev/shm/pmsnap-perf-*.pool /dev/shm/pmsnap-perf-copy
+}
+# Kill the VMM started last and reap it (its status is that of the kill, not an error).
+stop_vmm() { kill -9 "$VMM"; wait "$VMM" 2>/dev/null || true; VMM=; }
 trap cleanup EXIT
 echo "load: $(uptime)"
 json() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
@@ -52,21 +60,21 @@ for MEM in "$@"; do
     echo "mem=$MEM rollback after writing $PCT% ($N pages): $(echo "$R" | json pages_copied) pages copied of $(echo "$R" | json dirty_pages) dirty, pause $(echo "$R" | json pause_us) us (stop $(echo "$R" | json stop_us) us, copy $(echo "$R" | json copy_us) us, state $(echo "$R" | json restore_us) us)"
     sleep 2
   done
-  kill -9 "$VMM"; wait "$VMM" 2>/dev/null; VMM=
+  stop_vmm
   # Restore s1 (10% of RAM written and rolled back since: its pages are in blocks and
   # are copied back each time), three times.
   for i in 1 2 3; do
     restore s1 "s1 #$i"
-    kill -9 "$VMM"; wait "$VMM" 2>/dev/null; VMM=
+    stop_vmm
   done
   # Restore a snapshot taken just before the VMM was killed (only what the guest wrote
   # in between is copied back), three times.
   restore s1 "s1 (to take s3)" --api-sock "$W/api2"
   "$BIN" ctl --api-sock "$W/api2" snapshot-vm s3 > /dev/null; sleep 1
-  kill -9 "$VMM"; wait "$VMM" 2>/dev/null; VMM=
+  stop_vmm
   for i in 1 2 3; do
     restore s3 "s3 #$i"
-    kill -9 "$VMM"; wait "$VMM" 2>/dev/null; VMM=
+    stop_vmm
   done
   kill "$HOLD"; HOLD=; rm -f "$POOL"
 done

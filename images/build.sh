@@ -2,7 +2,9 @@
 # Build pmsnap's default guest image: a minimal Linux 6.1 kernel (ELF vmlinux)
 # and an uncompressed initramfs with busybox, the guest agent and images/init.
 # This script is the only way the default image is made. See docs/images.md.
-set -euo pipefail
+IMAGES="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+. "$IMAGES/../scripts/lib.sh"
+pmsnap_init build.sh
 
 usage() {
     cat <<'EOF'
@@ -35,7 +37,9 @@ Options:
   --verify-config FILE   only check that a kernel .config keeps every option of
                          images/kernel.fragment (exit 1 naming those it lost)
 
-Environment: JOBS (default: nproc) for the kernel build.
+Environment: JOBS (default: nproc) for the kernel build; PMSNAP_STOP_AFTER=packages
+stops after step 1 (scripts/test-scripts.sh). A failing command names the step, the
+line and the command (scripts/lib.sh) and the exit status is non-zero.
 EOF
 }
 
@@ -49,7 +53,6 @@ case "${1:-}" in
     *) echo "build.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
 esac
 
-IMAGES="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$IMAGES/.." && pwd)"
 CACHE="$IMAGES/cache"
 SHARED="$ROOT/../shared/images"
@@ -66,11 +69,6 @@ LINUX_TARBALL="/usr/src/linux-source-6.1.tar.xz"
 BUSYBOX="/bin/busybox"
 JOBS="${JOBS:-$(nproc)}"
 
-log() { echo "build.sh: $*" >&2; }
-# No silent failure: a command that fails under set -e names itself and its line.
-trap 'rc=$?; echo "build.sh: error: line $LINENO: \`$BASH_COMMAND\` exited $rc" >&2; exit $rc' ERR
-set -o errtrace
-die() { echo "build.sh: error: $*" >&2; exit 1; }
 
 # Every `CONFIG_X=v` of the fragment must be in .config; every
 # `# CONFIG_X is not set` must not be `=y` there.
@@ -104,34 +102,6 @@ PACKAGES=(
     cpio file patch xz-utils
 )
 
-# Installed version of a package, empty when it is absent (dpkg-query exits 1 then,
-# which must not end the script under set -e/pipefail).
-pkg_version() { { dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null || true; } | sed -n 's/^install ok installed //p'; }
-
-install_packages() {
-    local missing=() p name want have
-    for p in "${PACKAGES[@]}"; do
-        name="${p%%=*}"
-        have="$(pkg_version "$name")"
-        if [[ "$p" == *=* ]]; then
-            want="${p#*=}"
-            [[ "$have" == "$want" ]] || missing+=("$p")
-        else
-            [[ -n "$have" ]] || missing+=("$p")
-        fi
-    done
-    [[ ${#missing[@]} -eq 0 ]] && return 0
-    log "installing Debian packages: ${missing[*]}"
-    local sudo=()
-    if [[ $(id -u) -ne 0 ]]; then
-        command -v sudo >/dev/null || die "need root or sudo to install: ${missing[*]}"
-        sudo=(sudo)
-    fi
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-        --no-install-recommends --allow-downgrades "${missing[@]}"
-}
-
 if [[ -n "$VERIFY_ONLY" ]]; then
     [[ -f "$VERIFY_ONLY" ]] || die "no such file: $VERIFY_ONLY"
     verify_config "$VERIFY_ONLY"
@@ -139,7 +109,12 @@ if [[ -n "$VERIFY_ONLY" ]]; then
     exit 0
 fi
 
-install_packages
+step "Debian packages"
+pkg_ensure "${PACKAGES[@]}"
+if stop_after packages; then
+    log "stopping after the package step (PMSNAP_STOP_AFTER=packages)"
+    exit 0
+fi
 [[ -f "$LINUX_TARBALL" ]] || die "$LINUX_TARBALL missing after installing linux-source-6.1"
 [[ -x "$BUSYBOX" ]] || die "$BUSYBOX missing after installing busybox-static"
 command -v cargo >/dev/null || die "cargo not found: install Rust (rust-toolchain.toml pins the version)"
@@ -206,6 +181,7 @@ build_kernel() {
     rm -rf -- "$tmp"
 }
 
+PMSNAP_STEP="kernel"
 KERNEL_KEY="$({
     echo "linux-source-6.1 $(pkg_version linux-source-6.1)"
     echo "gcc $(gcc -dumpfullversion) $(pkg_version gcc)"
@@ -232,7 +208,7 @@ fi
 # ---------------------------------------------------------------------------
 # 3. Guest agent (static)
 # ---------------------------------------------------------------------------
-log "agent: cargo build (static)"
+step "agent: cargo build (static)"
 # --target keeps RUSTFLAGS away from build scripts and proc macros; the JSON
 # messages name every binary the crate builds, so new [[bin]]s get in too.
 mapfile -t AGENT_BINS < <(
@@ -251,6 +227,7 @@ done
 # ---------------------------------------------------------------------------
 # 4. Initramfs
 # ---------------------------------------------------------------------------
+PMSNAP_STEP="initramfs"
 INITRAMFS_KEY="$({
     echo "busybox-static $(pkg_version busybox-static)"
     sha256sum <"$BUSYBOX"
@@ -305,13 +282,14 @@ build_initramfs() {
 if [[ -f "$INITRAMFS_DIR/initramfs.cpio" ]]; then
     log "initramfs: cached ($INITRAMFS_DIR)"
 else
-    log "initramfs: building"
+    step "initramfs: building"
     build_initramfs
 fi
 
 # ---------------------------------------------------------------------------
 # 5. The image: both parts, and the `default` link
 # ---------------------------------------------------------------------------
+PMSNAP_STEP="image"
 IMAGE_KEY="$(printf 'kernel %s\ninitramfs %s\n' "$KERNEL_KEY" "$INITRAMFS_KEY" | sha)"
 IMAGE_DIR="$CACHE/image-$IMAGE_KEY"
 if [[ ! -d "$IMAGE_DIR" ]]; then
