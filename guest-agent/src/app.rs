@@ -526,17 +526,12 @@ mod tests {
         }
     }
 
-    fn is_root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() == 0 }
-    }
-
     #[test]
     fn save_translates_own_regions() {
-        if !is_root() {
-            eprintln!("skipping: frame numbers and mlock need root");
-            return;
-        }
+        pmsnap_testenv::require!(
+            "save_translates_own_regions",
+            pmsnap_testenv::root_unavailable("frame numbers and mlock")
+        );
         let a = PageBuffer::new(16 * 4096).expect("alloc");
         let b = PageBuffer::new(3 * 4096).expect("alloc");
         let mut t = Recorder(Vec::new());
@@ -568,10 +563,10 @@ mod tests {
 
     #[test]
     fn unlocked_save_records_untouched_pages_as_absent() {
-        if !is_root() {
-            eprintln!("skipping: frame numbers need root");
-            return;
-        }
+        pmsnap_testenv::require!(
+            "unlocked_save_records_untouched_pages_as_absent",
+            pmsnap_testenv::root_unavailable("frame numbers")
+        );
         let mut a = PageBuffer::new(8 * 4096).expect("alloc");
         for i in 0..4 {
             a[i * 4096] = 1;
@@ -594,10 +589,10 @@ mod tests {
 
     #[test]
     fn restore_touches_only_what_it_must() {
-        if !is_root() {
-            eprintln!("skipping: frame numbers need root");
-            return;
-        }
+        pmsnap_testenv::require!(
+            "restore_touches_only_what_it_must",
+            pmsnap_testenv::root_unavailable("frame numbers")
+        );
         let mut a = PageBuffer::new(8 * 4096).expect("alloc");
         for i in 0..3 {
             a[i * 4096 + 5] = 9;
@@ -624,10 +619,10 @@ mod tests {
 
     #[test]
     fn restore_reports_and_refusals() {
-        if !is_root() {
-            eprintln!("skipping: frame numbers and mlock need root");
-            return;
-        }
+        pmsnap_testenv::require!(
+            "restore_reports_and_refusals",
+            pmsnap_testenv::root_unavailable("frame numbers and mlock")
+        );
         let mut a = PageBuffer::new(8 * 4096).expect("alloc");
         let mut t = Recorder(Vec::new());
         let rep = restore_with(&mut t, "r1", &mut [&mut a]).expect("restore");
@@ -642,10 +637,10 @@ mod tests {
 
     #[test]
     fn populated_buffers_are_resident() {
-        if !is_root() {
-            eprintln!("skipping: frame numbers need root");
-            return;
-        }
+        pmsnap_testenv::require!(
+            "populated_buffers_are_resident",
+            pmsnap_testenv::root_unavailable("frame numbers")
+        );
         let b = PageBuffer::populated(32 * 4096).expect("alloc");
         assert!(b.iter().all(|&x| x == 0));
         let range = VirtRange {

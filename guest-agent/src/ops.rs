@@ -626,11 +626,6 @@ pub fn serve_connection<S: std::io::Read + std::io::Write>(
 mod tests {
     use super::*;
 
-    fn is_root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() == 0 }
-    }
-
     fn snapshot(pid: u32, ranges: &[VirtRange]) -> Vec<u8> {
         let mem = File::open(format!("/proc/{pid}/mem")).expect("mem");
         let mut out = Vec::new();
@@ -694,10 +689,10 @@ mod tests {
 
     #[test]
     fn touch_makes_pages_present_without_changing_them() {
-        if !is_root() {
-            eprintln!("skipping: pagemap frames and other processes' memory need root");
-            return;
-        }
+        pmsnap_testenv::require!(
+            "touch_makes_pages_present_without_changing_them",
+            pmsnap_testenv::root_unavailable("pagemap frames and other processes' memory")
+        );
         let mut child = std::process::Command::new("sleep")
             .arg("100")
             .spawn()

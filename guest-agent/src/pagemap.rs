@@ -526,17 +526,12 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
         ));
     }
 
-    fn is_root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() == 0 }
-    }
-
     #[test]
     fn real_process_pagemap() {
-        if !is_root() {
-            eprintln!("skipping real_process_pagemap: frame numbers need root");
-            return;
-        }
+        pmsnap_testenv::require!(
+            "real_process_pagemap",
+            pmsnap_testenv::root_unavailable("frame numbers")
+        );
         let len = 64 * PAGE_SIZE as usize;
         // SAFETY: a fresh private anonymous mapping; unmapped at the end of the test.
         let ptr = unsafe {

@@ -17,17 +17,12 @@ use guest_agent::protocol::{
 const AGENT: &str = env!("CARGO_BIN_EXE_pmsnap-agent");
 const MEMTEST: &str = env!("CARGO_BIN_EXE_pmsnap-memtest");
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 macro_rules! need_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipping: pagemap frame numbers, mlock and /proc/PID/mem need root");
-            return;
-        }
+    ($test:expr) => {
+        pmsnap_testenv::require!(
+            $test,
+            pmsnap_testenv::root_unavailable("pagemap frame numbers, mlock and /proc/PID/mem")
+        );
     };
 }
 
@@ -108,7 +103,7 @@ impl Hold {
 
 #[test]
 fn memtest_fill_save_restore_and_fresh_process() {
-    need_root!();
+    need_root!("memtest_fill_save_restore_and_fresh_process");
     let fake = FakeVmm::start();
     let o = run(
         MEMTEST,
@@ -195,7 +190,7 @@ fn memtest_fill_save_restore_and_fresh_process() {
 
 #[test]
 fn agent_save_list_restore_rm() {
-    need_root!();
+    need_root!("agent_save_list_restore_rm");
     let fake = FakeVmm::start();
     let a = Hold::start(8, 11);
     let o = run(
@@ -316,7 +311,7 @@ fn agent_save_list_restore_rm() {
 
 #[test]
 fn agent_errors_are_one_line_and_nonzero() {
-    need_root!();
+    need_root!("agent_errors_are_one_line_and_nonzero");
     let fake = FakeVmm::start();
     let h = Hold::start(1, 3);
     let pid = h.pid.to_string();
@@ -395,7 +390,7 @@ fn agent_errors_are_one_line_and_nonzero() {
 
 #[test]
 fn serve_answers_the_vmm() {
-    need_root!();
+    need_root!("serve_answers_the_vmm");
     let fake = FakeVmm::start();
     let sock = fake.dir.path().join("agent.sock");
     let log = fake.dir.path().join("agent.log");
@@ -467,7 +462,7 @@ fn serve_answers_the_vmm() {
 
 #[test]
 fn memtest_bench_reports_both_pauses() {
-    need_root!();
+    need_root!("memtest_bench_reports_both_pauses");
     let fake = FakeVmm::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let o = run(
@@ -502,7 +497,7 @@ fn memtest_bench_reports_both_pauses() {
 #[test]
 #[ignore]
 fn host_bench() {
-    need_root!();
+    need_root!("host_bench");
     let fake = FakeVmm::start();
     for freeze in ["sigstop", "cgroup-v1", "cgroup-v2"] {
         let o = run(
@@ -518,7 +513,7 @@ fn host_bench() {
 
 #[test]
 fn dry_runs_need_no_vmm() {
-    need_root!();
+    need_root!("dry_runs_need_no_vmm");
     let fake = FakeVmm::start();
     let h = Hold::start(2, 4);
     let o = run(

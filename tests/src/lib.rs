@@ -20,25 +20,14 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Why KVM tests cannot run here, or None when `/dev/kvm` can be opened.
-pub fn kvm_unavailable() -> Option<String> {
-    let p = Path::new("/dev/kvm");
-    if !p.exists() {
-        return Some("/dev/kvm does not exist on this host".into());
-    }
-    match std::fs::OpenOptions::new().read(true).write(true).open(p) {
-        Ok(_) => None,
-        Err(e) => Some(format!("/dev/kvm cannot be opened: {e}")),
-    }
-}
+pub use pmsnap_testenv::{kvm_unavailable, skip_or_fail};
 
-/// Return early from a test, loudly, when KVM is missing.
+/// When KVM is missing: fail the test under CI, return early saying why elsewhere
+/// (pmsnap_testenv).
 #[macro_export]
 macro_rules! require_kvm {
     ($name:expr) => {
-        if let Some(why) = $crate::kvm_unavailable() {
-            eprintln!("SKIPPED {}: needs KVM, but {}", $name, why);
-            println!("SKIPPED {}: needs KVM, but {}", $name, why);
+        if $crate::skip_or_fail($name, $crate::kvm_unavailable()) {
             return;
         }
     };

@@ -366,11 +366,15 @@ fn pool_on_a_filesystem_without_uffd_wp_is_refused() {
     let (_d, k, i) = dummy_image();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmpdir");
     let (fs, _) = vmm::vstate::memory::statfs_pool(dir.path()).expect("statfs");
-    if fs == vmm::vstate::memory::TMPFS_MAGIC || fs == vmm::vstate::memory::HUGETLBFS_MAGIC {
-        println!("SKIPPED pool_on_a_filesystem_without_uffd_wp_is_refused: the target dir is on tmpfs here");
-        eprintln!("SKIPPED pool_on_a_filesystem_without_uffd_wp_is_refused: the target dir is on tmpfs here");
-        return;
-    }
+    let on_tmpfs =
+        fs == vmm::vstate::memory::TMPFS_MAGIC || fs == vmm::vstate::memory::HUGETLBFS_MAGIC;
+    pmsnap_testenv::require!(
+        "pool_on_a_filesystem_without_uffd_wp_is_refused",
+        on_tmpfs.then(|| format!(
+            "needs a directory not on tmpfs/hugetlbfs, but the target dir {} is on one",
+            env!("CARGO_TARGET_TMPDIR")
+        ))
+    );
     let pool = dir.path().join("p.pool");
     let out = run_pmsnap(
         &[

@@ -696,10 +696,11 @@ fn channel_adapter_serves_from_a_vmm_thread() {
 
 #[test]
 fn curl_works_over_the_unix_socket() {
-    if Command::new("curl").arg("--version").output().is_err() {
-        println!("SKIP curl_works_over_the_unix_socket: curl is not installed");
-        return;
-    }
+    // scripts/setup.sh installs curl.
+    pmsnap_testenv::require!(
+        "curl_works_over_the_unix_socket",
+        pmsnap_testenv::tool_unavailable("curl")
+    );
     let env = Env::new();
     let sock = env.path.to_str().expect("UTF-8 path");
     let curl = |args: &[&str]| -> (u16, String) {

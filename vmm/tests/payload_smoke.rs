@@ -33,10 +33,10 @@ fn assemble(src: &str) -> Vec<u8> {
 
 #[test]
 fn user_mode_payload_writes_the_pattern() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("SKIPPED user_mode_payload_writes_the_pattern: /dev/kvm is missing");
-        return;
-    }
+    pmsnap_testenv::require!(
+        "user_mode_payload_writes_the_pattern",
+        pmsnap_testenv::kvm_unavailable()
+    );
     let code = assemble(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/payload/pattern.S"

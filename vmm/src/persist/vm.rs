@@ -175,16 +175,16 @@ impl Persist for std::sync::Mutex<SerialDevice> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vstate::kvm::{KvmContext, KVM_PATH};
+    use crate::vstate::kvm::KvmContext;
     use crate::vstate::memory::GuestMemoryMmap;
     use vm_memory::GuestAddress;
 
     #[test]
     fn vm_state_round_trips_through_kvm() {
-        if !std::path::Path::new(KVM_PATH).exists() {
-            eprintln!("SKIPPED: {KVM_PATH} is missing on this host");
-            return;
-        }
+        pmsnap_testenv::require!(
+            "vm_state_round_trips_through_kvm",
+            pmsnap_testenv::kvm_unavailable()
+        );
         let kvm = KvmContext::new().expect("KVM");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
         let vm = Vm::new(&kvm, mem).expect("VM");

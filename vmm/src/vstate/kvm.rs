@@ -133,10 +133,7 @@ mod tests {
 
     #[test]
     fn real_kvm_opens() {
-        if !Path::new(KVM_PATH).exists() {
-            eprintln!("SKIP real_kvm_opens: {KVM_PATH} is missing on this host");
-            return;
-        }
+        pmsnap_testenv::require!("real_kvm_opens", pmsnap_testenv::kvm_unavailable());
         let k = KvmContext::new().expect("open /dev/kvm");
         assert!(k.max_vcpus() >= 1);
         assert!(!k.supported_cpuid().expect("cpuid").as_slice().is_empty());

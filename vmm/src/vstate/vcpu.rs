@@ -900,9 +900,8 @@ mod tests {
     /// A one-vCPU VM in real mode running `code` at 0x1000, with `pio` as its port bus.
     /// None (after saying why) when KVM is missing.
     fn tiny_vm(code: &[u8], pio: Bus) -> Option<(Vm, Vcpu)> {
-        use crate::vstate::kvm::{KvmContext, KVM_PATH};
-        if !std::path::Path::new(KVM_PATH).exists() {
-            eprintln!("SKIPPED: {KVM_PATH} is missing on this host");
+        use crate::vstate::kvm::KvmContext;
+        if pmsnap_testenv::skip_or_fail("tiny_vm", pmsnap_testenv::kvm_unavailable()) {
             return None;
         }
         let kvm = KvmContext::new().expect("open KVM");
