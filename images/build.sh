@@ -18,7 +18,8 @@ Builds the default pmsnap guest image and prints its paths, sizes and sha256 sum
      `make tinyconfig`, merges images/kernel.fragment (allnoconfig for everything
      it does not name), checks that every option of the fragment survived, and
      builds the uncompressed ELF `vmlinux` (about 5.5 min with 2 cores).
-  3. Builds the guest-agent crate statically (-C target-feature=+crt-static).
+  3. Builds the guest-agent crate statically (-C target-feature=+crt-static) with
+     the size-optimised, stripped cargo profile `guest` (Cargo.toml).
   4. Initramfs: an uncompressed newc cpio with busybox (links for the applets in
      images/applets), every guest-agent binary, images/init and images/rootfs/.
 
@@ -62,6 +63,7 @@ APPLETS="$IMAGES/applets"
 ROOTFS="$IMAGES/rootfs"
 PATCHES=("$IMAGES"/patches/*.patch)
 AGENT_TARGET_DIR="$ROOT/target/guest"
+AGENT_PROFILE="guest"
 RUST_TARGET="x86_64-unknown-linux-gnu"
 
 LINUX_SOURCE_VERSION="6.1.192-2"
@@ -208,20 +210,27 @@ fi
 # ---------------------------------------------------------------------------
 # 3. Guest agent (static)
 # ---------------------------------------------------------------------------
-step "agent: cargo build (static)"
+step "agent: cargo build --profile guest (static, for size)"
 # --target keeps RUSTFLAGS away from build scripts and proc macros; the JSON
 # messages name every binary the crate builds, so new [[bin]]s get in too.
+# [profile.guest] (Cargo.toml): opt-level s, LTO, one codegen unit, panic=abort,
+# stripped: every byte of the initramfs is unpacked by emulated guest kernel code.
+# The JSON goes to a file, not a pipe, so that a failing cargo stops the script.
+cargo_json="$(mktemp)"
+TMPDIRS+=("$cargo_json")
+(cd "$ROOT" &&
+    RUSTFLAGS="-C target-feature=+crt-static" cargo build --profile "$AGENT_PROFILE" --quiet \
+        -p guest-agent --target "$RUST_TARGET" --target-dir "$AGENT_TARGET_DIR" \
+        --message-format=json-render-diagnostics >"$cargo_json")
 mapfile -t AGENT_BINS < <(
-    cd "$ROOT" &&
-        RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
-            -p guest-agent --target "$RUST_TARGET" --target-dir "$AGENT_TARGET_DIR" \
-            --message-format=json-render-diagnostics |
-        grep -o '"executable":"[^"]*"' | sed 's/^"executable":"\(.*\)"$/\1/' | sort -u
+    grep -o '"executable":"[^"]*"' "$cargo_json" | sed 's/^"executable":"\(.*\)"$/\1/' | sort -u
 )
 [[ ${#AGENT_BINS[@]} -gt 0 ]] || die "cargo built no guest-agent binaries"
 for b in "${AGENT_BINS[@]}"; do
-    file -L "$b" | grep -q 'statically linked\|static-pie linked' ||
-        die "$(basename "$b") is not statically linked: $(file -L "$b")"
+    info="$(file -L "$b")"
+    grep -q 'statically linked\|static-pie linked' <<<"$info" ||
+        die "$(basename "$b") is not statically linked: $info"
+    grep -q ', stripped' <<<"$info" || die "$(basename "$b") is not stripped: $info"
 done
 
 # ---------------------------------------------------------------------------

@@ -1,26 +1,42 @@
 //! Boot-time measurement: time from starting `pmsnap run` to the guest's
-//! `pmsnap-guest: ready` line, median of N runs per vCPU count.
+//! `pmsnap-guest: ready` line, median of N runs per vCPU count and image.
 //!
 //! ```text
 //! cargo run -p pmsnap-tests --bin boot-time -- [--runs 3] [--vcpus 1,2] [--mem 256M]
-//!     [--cmdline "extra words"]
+//!     [--cmdline "extra words"] [--image DIR]...
 //! ```
 //!
-//! Also prints the CPU time (user + system, all threads) the VMM process had used at
-//! the ready line: on a busy machine wall time grows with contention, CPU time much less.
+//! With several `--image DIR` (each holding `vmlinux` and `initramfs.cpio`, such as
+//! `images/cache/image-<key>`), the runs alternate between the images (round 1: A, B;
+//! round 2: A, B; ...), so that before/after images see the same machine load. Without
+//! `--image` it measures the default image (`$PMSNAP_IMAGE_DIR` or
+//! `images/cache/default`).
 //!
-//! Uses the default image (`$PMSNAP_IMAGE_DIR` or `images/cache/default`). Each VM is
-//! stopped with SIGTERM right after the ready line (clean exit, pool removed).
+//! Also prints the CPU time (user + system, all threads) the VMM process had used at
+//! the ready line: on a busy machine wall time grows with contention, CPU time much
+//! less; and the 1-minute load average before each run. Each VM is stopped with SIGTERM
+//! right after the ready line (clean exit, pool removed).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use pmsnap_tests::{image, kvm_unavailable, Guest, READY_TIMEOUT};
+
+/// One image under measurement and its results.
+struct Measured {
+    label: String,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    times: Vec<f64>,
+    cpus: Vec<f64>,
+}
 
 fn main() {
     let mut runs = 3usize;
     let mut vcpus = vec![1u32, 2];
     let mut mem = "256M".to_string();
     let mut cmdline = String::new();
+    let mut images: Vec<PathBuf> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -28,7 +44,10 @@ fn main() {
                 .unwrap_or_else(|| usage(&format!("{a} needs a value")))
         };
         match a.as_str() {
-            "--runs" => runs = val().parse().unwrap_or_else(|_| usage("--runs N")),
+            "--runs" => match val().parse() {
+                Ok(n) if n > 0 => runs = n,
+                _ => usage("--runs N (N >= 1)"),
+            },
             "--vcpus" => {
                 vcpus = val()
                     .split(',')
@@ -37,6 +56,11 @@ fn main() {
             }
             "--mem" => mem = val(),
             "--cmdline" => cmdline = val(),
+            "--image" => images.push(PathBuf::from(val())),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return;
+            }
             _ => usage(&format!("unknown argument {a}")),
         }
     }
@@ -44,61 +68,122 @@ fn main() {
         eprintln!("boot-time: cannot measure: {why}");
         std::process::exit(1);
     }
-    let (kernel, initrd) = image();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("kernel {} initrd {}", kernel.display(), initrd.display());
-    println!("load average at start: {}", load.trim());
-    for n in vcpus {
-        let mut times = Vec::with_capacity(runs);
-        let mut cpus: Vec<f64> = Vec::with_capacity(runs);
-        for i in 0..runs {
-            let n_s = n.to_string();
-            let args = [
-                "run",
-                "--vcpus",
-                &n_s,
-                "--mem",
-                &mem,
-                "--cmdline",
-                &cmdline,
-                "--kernel",
-                kernel.to_str().expect("utf-8 path"),
-                "--initrd",
-                initrd.to_str().expect("utf-8 path"),
-            ];
-            let g = Guest::spawn(&args, &[]);
-            if g.wait_for(0, "pmsnap-guest: ready", READY_TIMEOUT)
-                .is_none()
-            {
-                eprintln!(
-                    "run {i}: no ready line; console:\n{}\n{}",
-                    g.output(),
-                    g.stderr()
-                );
-                std::process::exit(1);
-            }
-            let t = g.started.elapsed();
-            let cpu = cpu_seconds(g.pid());
-            println!(
-                "vcpus={n} run={i} ready_after={:.2}s cpu={cpu:.2}s",
-                t.as_secs_f64()
-            );
-            times.push(t);
-            cpus.push(cpu);
-            drop(g);
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        times.sort();
-        cpus.sort_by(f64::total_cmp);
-        let median = times[times.len() / 2];
+    let images: Vec<(PathBuf, PathBuf)> = if images.is_empty() {
+        vec![image()]
+    } else {
+        images
+            .iter()
+            .map(|d| {
+                let (k, i) = (d.join("vmlinux"), d.join("initramfs.cpio"));
+                if !(k.is_file() && i.is_file()) {
+                    eprintln!("boot-time: {} lacks vmlinux or initramfs.cpio", d.display());
+                    std::process::exit(1);
+                }
+                (k, i)
+            })
+            .collect()
+    };
+    println!("load average at start: {}", loadavg());
+    for (n, (k, i)) in images.iter().enumerate() {
+        let initrd = std::fs::canonicalize(i).unwrap_or_else(|_| i.clone());
+        let size = std::fs::metadata(&initrd).map_or(0, |m| m.len());
         println!(
-            "vcpus={n} mem={mem} runs={runs} median={:.2}s min={:.2}s max={:.2}s median_cpu={:.2}s",
-            median.as_secs_f64(),
-            times[0].as_secs_f64(),
-            times[times.len() - 1].as_secs_f64(),
-            cpus[cpus.len() / 2]
+            "image {}: kernel {} initrd {} ({size} bytes)",
+            label(n),
+            k.display(),
+            initrd.display()
         );
     }
+    for n in vcpus {
+        let mut measured: Vec<Measured> = images
+            .iter()
+            .enumerate()
+            .map(|(idx, (k, i))| Measured {
+                label: label(idx),
+                kernel: k.clone(),
+                initrd: i.clone(),
+                times: Vec::with_capacity(runs),
+                cpus: Vec::with_capacity(runs),
+            })
+            .collect();
+        for round in 0..runs {
+            for m in &mut measured {
+                let load = loadavg();
+                let (t, cpu) = boot_once(n, &mem, &cmdline, m);
+                println!(
+                    "vcpus={n} image={} run={round} ready_after={t:.2}s cpu={cpu:.2}s load_before={}",
+                    m.label,
+                    load.split_whitespace().next().unwrap_or("?")
+                );
+                m.times.push(t);
+                m.cpus.push(cpu);
+            }
+        }
+        for m in &mut measured {
+            m.times.sort_by(f64::total_cmp);
+            m.cpus.sort_by(f64::total_cmp);
+            println!(
+                "vcpus={n} image={} mem={mem} runs={runs} median={:.2}s min={:.2}s max={:.2}s median_cpu={:.2}s",
+                m.label,
+                m.times[m.times.len() / 2],
+                m.times[0],
+                m.times[m.times.len() - 1],
+                m.cpus[m.cpus.len() / 2]
+            );
+        }
+    }
+    println!("load average at end: {}", loadavg());
+}
+
+/// A, B, C, ... for the images in the order given.
+fn label(idx: usize) -> String {
+    u8::try_from(idx)
+        .ok()
+        .filter(|i| *i < 26)
+        .map_or_else(|| format!("#{idx}"), |i| char::from(b'A' + i).to_string())
+}
+
+/// Boot `m` once with `n` vCPUs; wall seconds to the ready line and the VMM's CPU
+/// seconds by then. Exits the program when no ready line comes.
+fn boot_once(n: u32, mem: &str, cmdline: &str, m: &Measured) -> (f64, f64) {
+    let n_s = n.to_string();
+    let args = [
+        "run",
+        "--vcpus",
+        &n_s,
+        "--mem",
+        mem,
+        "--cmdline",
+        cmdline,
+        "--kernel",
+        m.kernel.to_str().expect("utf-8 path"),
+        "--initrd",
+        m.initrd.to_str().expect("utf-8 path"),
+    ];
+    let g = Guest::spawn(&args, &[]);
+    if g.wait_for(0, "pmsnap-guest: ready", READY_TIMEOUT)
+        .is_none()
+    {
+        eprintln!(
+            "image {}: no ready line; console:\n{}\n{}",
+            m.label,
+            g.output(),
+            g.stderr()
+        );
+        std::process::exit(1);
+    }
+    let t = g.started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(g.pid());
+    drop(g);
+    std::thread::sleep(Duration::from_millis(500));
+    (t, cpu)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// User + system CPU seconds of process `pid` (all threads), from /proc/PID/stat.
@@ -117,7 +202,10 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / hz
 }
 
+const USAGE: &str =
+    "usage: boot-time [--runs N] [--vcpus 1,2] [--mem SIZE] [--cmdline WORDS] [--image DIR]...";
+
 fn usage(msg: &str) -> ! {
-    eprintln!("boot-time: {msg}\nusage: boot-time [--runs N] [--vcpus 1,2] [--mem SIZE] [--cmdline WORDS]");
+    eprintln!("boot-time: {msg}\n{USAGE}");
     std::process::exit(2);
 }
