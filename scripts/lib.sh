@@ -100,10 +100,14 @@ pkg_ensure() {
         fi
     fi
     rc=0
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q || rc=$?
-    if [[ $rc -ne 0 ]]; then
-        die "\`apt-get update\` failed (exit $rc; no network or no permission?), so ${missing[*]} could not be installed; fix that, then run as root:
+    # Once per run: setup.sh's update also serves the images/build.sh it starts.
+    if [[ -z "${PMSNAP_APT_UPDATED:-}" ]]; then
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q || rc=$?
+        if [[ $rc -ne 0 ]]; then
+            die "\`apt-get update\` failed (exit $rc; no network or no permission?), so ${missing[*]} could not be installed; fix that, then run as root:
     $cmd"
+        fi
+        export PMSNAP_APT_UPDATED=1
     fi
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
         --no-install-recommends --allow-downgrades "${missing[@]}" || rc=$?

@@ -164,6 +164,8 @@ update_first() {
     [[ -n "$u" && -n "$i" && "$u" -lt "$i" ]]
 }
 
+one_update() { [[ "$(grep -c 'apt-get update' "$state/apt.log")" == 1 ]]; }
+
 # --- the cases ---------------------------------------------------------------------------
 
 begin "everything installed: no apt-get, stops after the package step"
@@ -182,6 +184,7 @@ expect "exit 0" rc_is 0
 expect "names the host packages" has "setup: installing Debian packages: libclang-dev curl"
 expect "names the pinned kernel source" has "build.sh: installing Debian packages: linux-source-6.1=$pin busybox-static"
 expect "apt-get update before install" update_first
+expect "one apt-get update for both scripts" one_update
 expect "pinned version installed" installed "linux-source-6.1 $pin"
 expect "busybox-static installed" installed "busybox-static 1.0"
 expect "no error" lacks "error"
