@@ -21,13 +21,18 @@ Builds the default pmsnap guest image and prints its paths, sizes and sha256 sum
   3. Builds the guest-agent crate statically (-C target-feature=+crt-static) with
      the size-optimised, stripped cargo profile `guest` (Cargo.toml).
   4. Initramfs: an uncompressed newc cpio with busybox (links for the applets in
-     images/applets), every guest-agent binary, images/init and images/rootfs/.
+     images/applets), the guest-agent binaries but the test-only ones
+     (TEST_ONLY_BINS: pmsnap-memtest), images/init and images/rootfs/; and the
+     same with the test-only binaries (initramfs-test.cpio) for the tests.
 
 Outputs are cached in images/cache/, keyed by sha256 of all inputs:
   kernel-<key>/vmlinux        key: fragment, patches, kernel recipe, linux-source + gcc versions
   initramfs-<key>/initramfs.cpio  key: init, applets, rootfs/, this script, busybox, agent binaries
+  initramfs-<key>/initramfs-test.cpio  the same plus the test-only binaries
   image-<key>/                symlinks to both (key: both keys)
+  image-<key>/test/           symlinks to the kernel and initramfs-test.cpio
   default -> image-<key>      the image `pmsnap run` boots by default
+  test -> image-<key>/test    the image the integration tests boot (tests/src/lib.rs)
 A run with unchanged inputs only rebuilds the agent incrementally and takes seconds.
 Only the initramfs is rebuilt when only the agent changes.
 If ../shared/images/kernel-<key>/vmlinux exists next to the repository, it is used
@@ -64,6 +69,9 @@ ROOTFS="$IMAGES/rootfs"
 PATCHES=("$IMAGES"/patches/*.patch)
 AGENT_TARGET_DIR="$ROOT/target/guest"
 AGENT_PROFILE="guest"
+# guest-agent binaries only the tests run in the guest: they go into the test image
+# (images/cache/test), not the default one, which boots faster without them.
+TEST_ONLY_BINS=(pmsnap-memtest)
 RUST_TARGET="x86_64-unknown-linux-gnu"
 
 LINUX_SOURCE_VERSION="6.1.192-2"
@@ -226,6 +234,17 @@ mapfile -t AGENT_BINS < <(
     grep -o '"executable":"[^"]*"' "$cargo_json" | sed 's/^"executable":"\(.*\)"$/\1/' | sort -u
 )
 [[ ${#AGENT_BINS[@]} -gt 0 ]] || die "cargo built no guest-agent binaries"
+# Split into what the default image boots with and what only the test image adds.
+BOOT_BINS=() TEST_BINS=()
+for b in "${AGENT_BINS[@]}"; do
+    if [[ " ${TEST_ONLY_BINS[*]} " == *" $(basename "$b") "* ]]; then
+        TEST_BINS+=("$b")
+    else
+        BOOT_BINS+=("$b")
+    fi
+done
+[[ ${#TEST_BINS[@]} -eq ${#TEST_ONLY_BINS[@]} ]] ||
+    die "TEST_ONLY_BINS (${TEST_ONLY_BINS[*]}) names a binary cargo did not build: ${AGENT_BINS[*]}"
 for b in "${AGENT_BINS[@]}"; do
     info="$(file -L "$b")"
     grep -q 'statically linked\|static-pie linked' <<<"$info" ||
@@ -270,7 +289,7 @@ build_initramfs() {
         ln -sf /bin/busybox "$root/$path"
     done < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$APPLETS")
     local b
-    for b in "${AGENT_BINS[@]}"; do
+    for b in "${BOOT_BINS[@]}"; do
         install -m 0755 "$b" "$root/bin/$(basename "$b")"
     done
     install -m 0755 "$INIT" "$root/init"
@@ -278,17 +297,25 @@ build_initramfs() {
     cp -R --no-preserve=ownership "$ROOTFS/." "$root/"
     chmod 1777 "$root/tmp"
     chmod 0700 "$root/root"
-    # Fixed mtimes, owners and order: the same inputs give the same bytes.
-    find "$root" -exec touch -h -d @0 {} +
     mkdir -p "$tmp/out"
-    (cd "$root" && find . -mindepth 1 | LC_ALL=C sort |
-        cpio --quiet -o -H newc -R 0:0 --reproducible >"$tmp/out/initramfs.cpio")
+    # Fixed mtimes, owners and order: the same inputs give the same bytes.
+    pack() {
+        find "$root" -exec touch -h -d @0 {} +
+        (cd "$root" && find . -mindepth 1 | LC_ALL=C sort |
+            cpio --quiet -o -H newc -R 0:0 --reproducible >"$1")
+    }
+    pack "$tmp/out/initramfs.cpio"
+    # The test image: the same plus the test-only binaries.
+    for b in "${TEST_BINS[@]}"; do
+        install -m 0755 "$b" "$root/bin/$(basename "$b")"
+    done
+    pack "$tmp/out/initramfs-test.cpio"
     rm -rf -- "$INITRAMFS_DIR"
     mv "$tmp/out" "$INITRAMFS_DIR"
     rm -rf -- "$tmp"
 }
 
-if [[ -f "$INITRAMFS_DIR/initramfs.cpio" ]]; then
+if [[ -f "$INITRAMFS_DIR/initramfs.cpio" && -f "$INITRAMFS_DIR/initramfs-test.cpio" ]]; then
     log "initramfs: cached ($INITRAMFS_DIR)"
 else
     step "initramfs: building"
@@ -296,7 +323,7 @@ else
 fi
 
 # ---------------------------------------------------------------------------
-# 5. The image: both parts, and the `default` link
+# 5. The image: both parts, and the `default` and `test` links
 # ---------------------------------------------------------------------------
 PMSNAP_STEP="image"
 IMAGE_KEY="$(printf 'kernel %s\ninitramfs %s\n' "$KERNEL_KEY" "$INITRAMFS_KEY" | sha)"
@@ -308,15 +335,23 @@ if [[ ! -d "$IMAGE_DIR" ]]; then
     mkdir -p "$tmp"
     ln -s "../kernel-$KERNEL_KEY/vmlinux" "$tmp/vmlinux"
     ln -s "../initramfs-$INITRAMFS_KEY/initramfs.cpio" "$tmp/initramfs.cpio"
+    # image-<key>/test: the same kernel, the initramfs with the test-only binaries.
+    mkdir "$tmp/test"
+    ln -s "../../kernel-$KERNEL_KEY/vmlinux" "$tmp/test/vmlinux"
+    ln -s "../../initramfs-$INITRAMFS_KEY/initramfs-test.cpio" "$tmp/test/initramfs.cpio"
     mv -T "$tmp" "$IMAGE_DIR"
 fi
-# Replace the link atomically: a concurrent reader sees the old or the new image.
+# Replace the links atomically: a concurrent reader sees the old or the new image.
 ln -sfn "image-$IMAGE_KEY" "$CACHE/.default.$$"
 mv -T "$CACHE/.default.$$" "$CACHE/default"
+ln -sfn "image-$IMAGE_KEY/test" "$CACHE/.test.$$"
+mv -T "$CACHE/.test.$$" "$CACHE/test"
 
-echo "pmsnap guest image: $CACHE/default -> image-$IMAGE_KEY"
-for f in vmlinux initramfs.cpio; do
-    real="$(readlink -f "$CACHE/default/$f")"
-    printf '  %-15s %10s bytes  sha256 %s\n    %s\n' "$f" "$(stat -c %s "$real")" \
-        "$(sha <"$real")" "$real"
+for link in default test; do
+    echo "pmsnap guest image: $CACHE/$link -> $(readlink "$CACHE/$link")"
+    for f in vmlinux initramfs.cpio; do
+        real="$(readlink -f "$CACHE/$link/$f")"
+        printf '  %-15s %10s bytes  sha256 %s\n    %s\n' "$f" "$(stat -c %s "$real")" \
+            "$(sha <"$real")" "$real"
+    done
 done

@@ -33,16 +33,28 @@ macro_rules! require_kvm {
     };
 }
 
-/// The default guest image directory, as `pmsnap run` resolves it.
+/// The image directory the tests boot: `$PMSNAP_IMAGE_DIR`, else `images/cache/test`,
+/// the default image plus the test-only guest programs (`pmsnap-memtest`), which
+/// images/build.sh leaves out of the default image so that it boots faster.
 pub fn image_dir() -> PathBuf {
+    match std::env::var("PMSNAP_IMAGE_DIR") {
+        Ok(d) if !d.is_empty() => PathBuf::from(d),
+        _ => workspace_root().join("images/cache/test"),
+    }
+}
+
+/// The default guest image directory, as `pmsnap run` resolves it:
+/// `$PMSNAP_IMAGE_DIR`, else `images/cache/default`.
+pub fn default_image_dir() -> PathBuf {
     match std::env::var("PMSNAP_IMAGE_DIR") {
         Ok(d) if !d.is_empty() => PathBuf::from(d),
         _ => workspace_root().join("images/cache/default"),
     }
 }
 
-/// The default image's kernel and initrd; panics with the way to build them when
-/// missing (the image is part of the project, so a missing one is a failure, not a skip).
+/// The test image's kernel and initrd (see [`image_dir`]); panics with the way to build
+/// them when missing (the image is part of the project, so a missing one is a failure,
+/// not a skip).
 pub fn image() -> (PathBuf, PathBuf) {
     let d = image_dir();
     let (k, i) = (d.join("vmlinux"), d.join("initramfs.cpio"));

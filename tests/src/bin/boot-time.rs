@@ -10,7 +10,7 @@
 //! `images/cache/image-<key>`), the runs alternate between the images (round 1: A, B;
 //! round 2: A, B; ...), so that before/after images see the same machine load. Without
 //! `--image` it measures the default image (`$PMSNAP_IMAGE_DIR` or
-//! `images/cache/default`).
+//! `images/cache/default`), the one `pmsnap run` boots.
 //!
 //! Also prints the CPU time (user + system, all threads) the VMM process had used at
 //! the ready line: on a busy machine wall time grows with contention, CPU time much
@@ -20,7 +20,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use pmsnap_tests::{image, kvm_unavailable, Guest, READY_TIMEOUT};
+use pmsnap_tests::{default_image_dir, kvm_unavailable, Guest, READY_TIMEOUT};
 
 /// One image under measurement and its results.
 struct Measured {
@@ -68,21 +68,20 @@ fn main() {
         eprintln!("boot-time: cannot measure: {why}");
         std::process::exit(1);
     }
-    let images: Vec<(PathBuf, PathBuf)> = if images.is_empty() {
-        vec![image()]
-    } else {
-        images
-            .iter()
-            .map(|d| {
-                let (k, i) = (d.join("vmlinux"), d.join("initramfs.cpio"));
-                if !(k.is_file() && i.is_file()) {
-                    eprintln!("boot-time: {} lacks vmlinux or initramfs.cpio", d.display());
-                    std::process::exit(1);
-                }
-                (k, i)
-            })
-            .collect()
-    };
+    if images.is_empty() {
+        images.push(default_image_dir());
+    }
+    let images: Vec<(PathBuf, PathBuf)> = images
+        .iter()
+        .map(|d| {
+            let (k, i) = (d.join("vmlinux"), d.join("initramfs.cpio"));
+            if !(k.is_file() && i.is_file()) {
+                eprintln!("boot-time: {} lacks vmlinux or initramfs.cpio", d.display());
+                std::process::exit(1);
+            }
+            (k, i)
+        })
+        .collect();
     println!("load average at start: {}", loadavg());
     for (n, (k, i)) in images.iter().enumerate() {
         let initrd = std::fs::canonicalize(i).unwrap_or_else(|_| i.clone());
