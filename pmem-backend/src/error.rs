@@ -56,6 +56,10 @@ pub enum PoolError {
         /// Actual file size.
         actual: u64,
     },
+    /// The superblock describes a pool this host could not hold (crafted or foreign);
+    /// refused before anything is allocated for it.
+    #[error("pool geometry refused: {0}")]
+    TooLarge(String),
     /// A checksum or a structural check failed.
     #[error("pool is corrupt: {0}")]
     Corrupt(String),

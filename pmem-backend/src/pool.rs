@@ -189,6 +189,8 @@ impl Pool {
                 .unwrap_or(DEFAULT_LOG_RECORDS.max(ram_pages)),
             meta,
         )?;
+        geo.check_limits(superblock::host_memory_bytes())
+            .map_err(PoolError::InvalidArgument)?;
         let file = match OpenOptions::new()
             .read(true)
             .write(true)
@@ -263,6 +265,10 @@ impl Pool {
                 actual: len,
             });
         }
+        // Before anything sized by the superblock is allocated (bookkeeping per page,
+        // the catalog buffer): a sparse crafted file passes the length check above.
+        geo.check_limits(superblock::host_memory_bytes())
+            .map_err(PoolError::TooLarge)?;
         let t0 = std::time::Instant::now();
         let map = Mapping::new(&file, geo.file_size as usize).map_err(io_err("mapping", path))?;
         let mut pool = Pool::assemble(path, file, map, persist, sb);
@@ -765,6 +771,39 @@ mod tests {
         }
         drop(pool);
         Pool::open(&path).expect("open after close");
+    }
+
+    /// A crafted superblock that claims more RAM and blocks than the host has, on a
+    /// sparse file as long as it claims: refused before the bookkeeping or the catalog
+    /// buffer is allocated, with an error that says why.
+    #[test]
+    fn crafted_huge_geometry_is_refused_before_allocating() {
+        let d = tmpdir();
+        let (path, pool) = small_pool(&d, 16, PoolOptions::default());
+        let mut sb = pool.sb;
+        drop(pool);
+        let host = crate::superblock::host_memory_bytes();
+        // Twice the host's memory in blocks, with a catalog length to match the slot.
+        let blocks = (2 * host / PAGE_SIZE as u64).min(u64::from(u32::MAX));
+        let g = &mut sb.geometry;
+        g.block_count = blocks;
+        g.file_size = g.block_offset + blocks * PAGE_SIZE as u64;
+        g.validate().expect("still a consistent layout");
+        let sector = sb.encode();
+        patch(&path, 0, &sector);
+        patch(&path, SB_SIZE, &sector);
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.set_len(sb.geometry.file_size).expect("sparse extend");
+        drop(f);
+        match Pool::open(&path) {
+            Err(e @ PoolError::TooLarge(_)) => {
+                let msg = e.to_string();
+                assert!(msg.contains("larger than this host's memory"), "{msg}");
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.set_len(0).expect("free the sparse file");
     }
 
     #[test]
