@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use vmm::api::channel::api_channel;
 use vmm::api::client::{parse_response, ApiClient, ClientError, RawResponse};
 use vmm::api::{
-    ApiError, ApiHandler, ApiRequest, ApiResponse, ApiServer, ApiServerHandle, ApiStats,
-    DirtyPages, HandlerTime, PageRun, PagesSnapshotRequest, ServerError, SnapshotInfo, VmState,
-    VmStatus,
+    serialized, ApiError, ApiHandler, ApiRequest, ApiResponse, ApiServer, ApiServerHandle,
+    ApiStats, DirtyPages, HandlerTime, PageRun, PagesSnapshotRequest, ServerError, SnapshotInfo,
+    VmState, VmStatus,
 };
 use vmm::cli::ctl::{send, CtlCommand};
 
@@ -96,7 +96,12 @@ impl Fake {
     }
 }
 
-impl ApiHandler for Fake {
+/// The test double behind the real server, one request at a time.
+fn served(mut fake: Fake) -> impl ApiHandler {
+    serialized(move |req| fake.handle(req))
+}
+
+impl Fake {
     fn handle(&mut self, req: ApiRequest) -> Result<ApiResponse, ApiError> {
         match req {
             ApiRequest::Status => Ok(ApiResponse::Status(self.status())),
@@ -180,7 +185,7 @@ impl Env {
         let path = dir.path().join("api.sock");
         let fake = Fake::default();
         let written = Arc::clone(&fake.written);
-        let server = ApiServer::start(&path, fake).expect("server starts");
+        let server = ApiServer::start(&path, served(fake)).expect("server starts");
         Env {
             _dir: dir,
             path,
@@ -617,10 +622,10 @@ fn socket_file_lifecycle() {
     // A stale socket (bound, nobody listening) is replaced.
     drop(UnixListener::bind(&path).expect("bind"));
     assert!(path.exists());
-    let server = ApiServer::start(&path, Fake::default()).expect("replaces stale socket");
+    let server = ApiServer::start(&path, served(Fake::default())).expect("replaces stale socket");
     ApiClient::new(&path).status().expect("serving");
     // A second server on a live socket is refused, and the first keeps serving.
-    let err = ApiServer::start(&path, Fake::default()).expect_err("in use");
+    let err = ApiServer::start(&path, served(Fake::default())).expect_err("in use");
     assert!(matches!(err, ServerError::InUse(_)), "{err}");
     ApiClient::new(&path).status().expect("still serving");
     server.stop();
@@ -628,12 +633,12 @@ fn socket_file_lifecycle() {
 
     let file = dir.path().join("regular");
     std::fs::write(&file, b"x").expect("write");
-    let err = ApiServer::start(&file, Fake::default()).expect_err("not a socket");
+    let err = ApiServer::start(&file, served(Fake::default())).expect_err("not a socket");
     assert!(matches!(err, ServerError::NotASocket(_)));
     assert!(file.exists(), "a regular file is never removed");
 
-    let err =
-        ApiServer::start(dir.path().join("no/such/dir/s"), Fake::default()).expect_err("bad dir");
+    let err = ApiServer::start(dir.path().join("no/such/dir/s"), served(Fake::default()))
+        .expect_err("bad dir");
     assert!(matches!(err, ServerError::Bind { .. }), "{err}");
 }
 
@@ -655,6 +660,64 @@ fn stop_is_prompt_with_idle_connections_open() {
         start.elapsed()
     );
     assert!(!env.path.exists());
+}
+
+/// A request that waits (a process snapshot waiting for a guest that never answers)
+/// does not hold up the others: the server calls the handler concurrently, so status
+/// is answered while the slow request is still open.
+#[test]
+fn a_waiting_request_does_not_block_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("w.sock");
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let entered_tx = Mutex::new(entered_tx);
+    let release_rx = Mutex::new(release_rx);
+    let handler = move |req: ApiRequest| match req {
+        ApiRequest::SnapshotProcess(_) => {
+            entered_tx.lock().expect("lock").send(()).expect("signal");
+            // Wait like a process snapshot whose guest does not answer.
+            let _ = release_rx
+                .lock()
+                .expect("lock")
+                .recv_timeout(Duration::from_secs(30));
+            Err(ApiError::InvalidState(
+                "the guest agent did not answer".into(),
+            ))
+        }
+        ApiRequest::Status => Ok(ApiResponse::Status(Fake::default().status())),
+        other => Err(ApiError::NotImplemented(format!("{other:?}"))),
+    };
+    let server = ApiServer::start(&path, handler).expect("start");
+    let slow_path = path.clone();
+    let slow = thread::spawn(move || {
+        let mut s = UnixStream::connect(&slow_path).expect("connect");
+        let body = r#"{"pid":1,"name":"p"}"#;
+        write!(
+            s,
+            "POST /v1/process-snapshots HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut buf = Vec::new();
+        read_one(&mut s, &mut buf).status
+    });
+    entered_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the slow request reached the handler");
+    let start = Instant::now();
+    let st = ApiClient::new(&path)
+        .status()
+        .expect("status while the other waits");
+    assert_eq!(st.state, VmState::Running);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "status took {:?} behind a waiting request",
+        start.elapsed()
+    );
+    release_tx.send(()).expect("release");
+    assert_eq!(slow.join().expect("slow client"), 409);
+    server.stop();
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //!   and starts the accept thread.
 //! - Connections: up to [`MAX_CONNECTIONS`] at once, each on its own thread so one slow
 //!   client cannot stall the others; a connection over the limit gets a 503 and is closed.
-//!   Handler calls are serialized by a mutex.
+//!   Handler calls run concurrently; the handler serializes what it must (see
+//!   [`super::ApiHandler`]).
 //! - Stop: [`ApiServerHandle::stop`] (or dropping the handle) stops accepting, lets the
 //!   connection threads finish their current request, and removes the socket file.
 //!
@@ -20,7 +21,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -79,7 +80,7 @@ struct Shared {
     stop: AtomicBool,
     active: AtomicUsize,
     requests: AtomicU64,
-    handler: Mutex<Box<dyn ApiHandler>>,
+    handler: Box<dyn ApiHandler>,
 }
 
 /// Entry point of the API server.
@@ -108,7 +109,7 @@ impl ApiServer {
             stop: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
-            handler: Mutex::new(Box::new(handler)),
+            handler: Box::new(handler),
         });
         let accept_shared = Arc::clone(&shared);
         let thread = thread::Builder::new()
@@ -315,10 +316,9 @@ fn serve_connection(stream: UnixStream, shared: &Shared) {
 /// Pass one valid request to the handler, catching a panic.
 fn call(shared: &Shared, req: super::ApiRequest) -> Result<super::ApiResponse, ApiError> {
     shared.requests.fetch_add(1, Ordering::Relaxed);
-    // A handler that panicked earlier leaves the mutex poisoned; its state is the
-    // handler's business, and the API keeps serving.
-    let mut handler = shared.handler.lock().unwrap_or_else(|p| p.into_inner());
-    match catch_unwind(AssertUnwindSafe(|| handler.handle(req))) {
+    // A handler that panicked leaves its state to the handler's own care; the API keeps
+    // serving.
+    match catch_unwind(AssertUnwindSafe(|| shared.handler.handle(req))) {
         Ok(result) => {
             if let Err(e) = &result {
                 if e.status() >= 500 {
