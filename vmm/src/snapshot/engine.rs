@@ -175,7 +175,8 @@ pub struct Engine {
     agent_uds: OnceLock<std::path::PathBuf>,
     persist: OnceLock<Arc<dyn VmPersist>>,
     /// Held by every API request that changes the VM or the store (pause, resume,
-    /// snapshots, delete, rollback), one at a time; never while waiting for the guest.
+    /// snapshots, delete, rollback, and dirty, which harvests the dirty log), one at a
+    /// time; never while waiting for the guest.
     control: Mutex<()>,
     /// Process snapshots waiting for the guest agent now (at most
     /// [`MAX_PROCESS_SNAPSHOTS_IN_FLIGHT`]).
@@ -480,7 +481,6 @@ impl Engine {
             | ApiRequest::Stats
             | ApiRequest::ListSnapshots
             | ApiRequest::InspectSnapshot { .. }
-            | ApiRequest::DirtySince { .. }
             | ApiRequest::SnapshotProcess(_) => None,
             _ => Some(self.control.lock().unwrap_or_else(|e| e.into_inner())),
         };
