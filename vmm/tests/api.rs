@@ -19,6 +19,7 @@ use vmm::api::{
     VmStatus,
 };
 use vmm::cli::ctl::{send, CtlCommand};
+use vmm::unix_socket::SocketError;
 
 /// Guest RAM of the fake VM, in pages.
 const RAM_PAGES: u64 = 1024;
@@ -383,7 +384,15 @@ fn ctl_commands_render_text_and_json() {
     send(&c, &CtlCommand::Resume, false).expect("resume");
 
     env.written.lock().expect("lock").insert(3);
-    let text = send(&c, &CtlCommand::Dirty { since: "n1".into() }, false).expect("dirty");
+    let text = send(
+        &c,
+        &CtlCommand::Dirty {
+            since: Some("n1".into()),
+            since_flag: None,
+        },
+        false,
+    )
+    .expect("dirty");
     assert_eq!(
         text,
         "1 pages (4.0 KiB) written since n1 in 1 runs\n  3:1\n"
@@ -621,7 +630,10 @@ fn socket_file_lifecycle() {
     ApiClient::new(&path).status().expect("serving");
     // A second server on a live socket is refused, and the first keeps serving.
     let err = ApiServer::start(&path, Fake::default()).expect_err("in use");
-    assert!(matches!(err, ServerError::InUse(_)), "{err}");
+    assert!(
+        matches!(err, ServerError::Socket(SocketError::InUse(_))),
+        "{err}"
+    );
     ApiClient::new(&path).status().expect("still serving");
     server.stop();
     assert!(!path.exists(), "stop removes the socket");
@@ -629,12 +641,18 @@ fn socket_file_lifecycle() {
     let file = dir.path().join("regular");
     std::fs::write(&file, b"x").expect("write");
     let err = ApiServer::start(&file, Fake::default()).expect_err("not a socket");
-    assert!(matches!(err, ServerError::NotASocket(_)));
+    assert!(matches!(
+        err,
+        ServerError::Socket(SocketError::NotASocket(_))
+    ));
     assert!(file.exists(), "a regular file is never removed");
 
     let err =
         ApiServer::start(dir.path().join("no/such/dir/s"), Fake::default()).expect_err("bad dir");
-    assert!(matches!(err, ServerError::Bind { .. }), "{err}");
+    assert!(
+        matches!(err, ServerError::Socket(SocketError::Bind { .. })),
+        "{err}"
+    );
 }
 
 #[test]

@@ -14,18 +14,12 @@ use crate::devices::legacy::watch::MarkerWatch;
 use crate::devices::legacy::{terminal, RawModeGuard, StdinInput};
 use crate::event_loop::EventLoop;
 use crate::payload::{PayloadProgress, PROGRESS_PORT};
+use crate::pool_dir;
 use crate::vstate::vcpu::VmStop;
 
 /// Arguments of `pmsnap run`.
 #[derive(Debug, Args)]
-#[command(after_help = concat!(
-    "The guest console is this terminal (raw mode; Ctrl-A x quits). Stdin may also be a pipe: \
-commands written to it are typed on the console, and its end does not stop the guest.\n\n\
-The VM ends with exit status 0 when the guest reboots or powers off (poweroff -f, reboot, \
-triple fault), and 1 on a VMM error.\n\nDefault kernel command line:\n  ",
-    "console=ttyS0 reboot=k panic=1 noxsave clearcpuid=popcnt,smap,cx16,erms,fsrm quiet \
-noreplace-smp rodata=off percpu_alloc=page norandmaps GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,..."
-))]
+#[command(after_help = after_help())]
 pub struct RunArgs {
     /// Guest kernel: an ELF vmlinux (fast here) or a bzImage.
     /// [default: $PMSNAP_IMAGE_DIR/vmlinux, else images/cache/default/vmlinux]
@@ -45,7 +39,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = config::DEFAULT_VCPUS)]
     pub vcpus: u32,
     /// Pool file holding guest RAM; must be on tmpfs (/dev/shm), hugetlbfs or a memfd.
-    /// [default: a new file in /dev/shm, removed at exit unless --keep-pool]
+    /// [default: a new file in /dev/shm/pmsnap/ (/dev/shm/pmsnap-UID/ if not root),
+    /// removed at exit unless --keep-pool; `pmsnap store prune` removes those of VMMs
+    /// that were killed]
     #[arg(long, value_name = "PATH")]
     pub pool: Option<PathBuf>,
     /// Keep the default pool file at exit (its path is logged).
@@ -53,11 +49,14 @@ pub struct RunArgs {
     pub keep_pool: bool,
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket, e.g. for
     /// `pmsnap ctl --api-sock PATH status` or `curl --unix-socket PATH http://localhost/v1/status`.
-    #[arg(long, value_name = "PATH")]
+    /// A stale socket left by a VMM that died is replaced; one a live process serves is
+    /// refused.
+    #[arg(long, value_name = "PATH", env = "PMSNAP_API_SOCK")]
     pub api_sock: Option<PathBuf>,
     /// Give the guest a virtio-vsock device whose host side is this Unix socket
     /// (Firecracker style: connect and send `CONNECT <port>\n` to reach a guest
-    /// listener). The guest agent reaches the VMM's snapshot service through it.
+    /// listener). The guest agent reaches the VMM's snapshot service through it. A stale
+    /// socket is replaced, a live one refused, as for --api-sock.
     #[arg(long, value_name = "PATH")]
     pub vsock_sock: Option<PathBuf>,
     /// Test mode: instead of Linux, run this flat binary directly in guest user mode on
@@ -121,14 +120,20 @@ impl Drop for TempPool {
 }
 
 fn default_pool_path() -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    PathBuf::from(format!(
-        "/dev/shm/pmsnap-{}-{nanos:08x}.pool",
-        std::process::id()
-    ))
+    pool_dir::new_pool_path(&pool_dir::default_dir())
+}
+
+/// The text after the options in `pmsnap run --help`, with the default kernel command
+/// line in full from [`config::DEFAULT_CMDLINE`].
+fn after_help() -> String {
+    format!(
+        "The guest console is this terminal (raw mode; Ctrl-A x quits). Stdin may also be a \
+pipe: commands written to it are typed on the console, and its end does not stop the guest.\n\n\
+Exit status: 0 when the guest reboots or powers off (poweroff -f, reboot, triple fault); \
+1 on a VMM error; 2 on a usage error; 128+N when killed by signal N.\n\n\
+Default kernel command line (--cmdline words are appended):\n  {}",
+        config::DEFAULT_CMDLINE
+    )
 }
 
 /// Resolve defaults and check the arguments that need no host access.
@@ -185,6 +190,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let (cfg, temporary, remove) = resolve(&args, env_dir.as_deref())?;
     if args.keep_pool && !temporary {
         log::debug!("--keep-pool has no effect with --pool: a given pool is always kept");
+    }
+    if temporary {
+        if let Some(dir) = cfg.pool.parent() {
+            pool_dir::ensure_dir(dir)?;
+        }
     }
     // Removal armed only for a pool we create; it must not exist before (fresh name).
     let _pool_guard = TempPool(remove.then(|| cfg.pool.clone()));
@@ -321,7 +331,7 @@ mod tests {
         std::fs::write(dir.path().join("initramfs.cpio"), b"i").expect("write");
         let (cfg, temporary, remove) = resolve(&parse(&[]).expect("parse"), Some(d)).expect("ok");
         assert!(temporary && remove);
-        assert!(cfg.pool.starts_with("/dev/shm"));
+        assert!(cfg.pool.starts_with(pool_dir::default_dir()));
         assert_eq!(cfg.kernel, dir.path().join("vmlinux"));
         let (_, _, remove) =
             resolve(&parse(&["--keep-pool"]).expect("parse"), Some(d)).expect("ok");
@@ -335,5 +345,18 @@ mod tests {
         assert_eq!(cfg.pool, PathBuf::from("/dev/shm/x.pool"));
         let e = resolve(&parse(&["--vcpus", "0"]).expect("parse"), Some(d)).expect_err("0");
         assert!(e.to_string().contains("at least 1"));
+    }
+
+    #[test]
+    fn help_prints_the_default_cmdline_in_full() {
+        use clap::CommandFactory;
+        let help = T::command().render_long_help().to_string();
+        // clap may wrap long words' line, so compare without whitespace.
+        let squash = |s: &str| s.split_whitespace().collect::<String>();
+        assert!(
+            squash(&help).contains(&squash(config::DEFAULT_CMDLINE)),
+            "{help}"
+        );
+        assert!(!help.contains('…') && !help.contains(",..."), "{help}");
     }
 }

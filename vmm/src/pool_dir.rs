@@ -1,0 +1,268 @@
+//! Where default pools live, and how the pools of VMMs that died are found and removed.
+//!
+//! `pmsnap run` without `--pool` creates its pool in a directory of its own on tmpfs,
+//! [`default_dir`] (`/dev/shm/pmsnap` for root, `/dev/shm/pmsnap-UID` for others),
+//! owner-only (0700; the pool files are 0600). It removes the pool at exit, but a VMM
+//! killed by SIGKILL or aborted cannot: its pool stays, holding guest RAM's worth of
+//! host memory. [`prune`] lists and removes such pools: a pool is in use exactly while a
+//! process holds its lock (pmem-backend's `flock`, released by the kernel when the
+//! holder dies), so only pools whose lock nobody holds are removed, each while prune
+//! itself holds the lock.
+
+use std::fs::{self, DirBuilder};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use pmem_backend::PoolUse;
+use serde::Serialize;
+
+/// The tmpfs under which the default pool directory lives.
+pub const SHM: &str = "/dev/shm";
+
+/// Errors preparing the default pool directory.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolDirError {
+    /// Creating or checking the directory failed.
+    #[error("cannot create or check the pool directory {path}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The path exists but is not a private directory of ours.
+    #[error("{path} is not a private directory of this user ({why}); remove it or pass --pool")]
+    Unsafe {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+/// The default pool directory of the user with id `uid`.
+pub fn default_dir_for(uid: u32) -> PathBuf {
+    if uid == 0 {
+        Path::new(SHM).join("pmsnap")
+    } else {
+        Path::new(SHM).join(format!("pmsnap-{uid}"))
+    }
+}
+
+/// The default pool directory of this process's user.
+pub fn default_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    default_dir_for(unsafe { libc::geteuid() })
+}
+
+/// Create `dir` owner-only (0700) if it does not exist; if it does, check that it is a
+/// real directory (not a symlink) owned by us and closed to others, since `/dev/shm` is
+/// world-writable and someone else could have made it first.
+pub fn ensure_dir(dir: &Path) -> Result<(), PoolDirError> {
+    let io_err = |source| PoolDirError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    match DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    let md = fs::symlink_metadata(dir).map_err(io_err)?;
+    let unsafe_dir = |why: String| PoolDirError::Unsafe {
+        path: dir.to_path_buf(),
+        why,
+    };
+    if !md.file_type().is_dir() {
+        return Err(unsafe_dir("not a directory".into()));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if md.uid() != uid {
+        return Err(unsafe_dir(format!("owned by uid {}", md.uid())));
+    }
+    let mode = md.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(unsafe_dir(format!("mode {mode:o}, want 700")));
+    }
+    Ok(())
+}
+
+/// A fresh pool path in `dir`: `PID-NANOS.pool`.
+pub fn new_pool_path(dir: &Path) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    dir.join(format!("{}-{nanos:08x}.pool", std::process::id()))
+}
+
+/// A pool prune removed (or, in a dry run, would remove).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PrunedPool {
+    /// The pool file.
+    pub path: PathBuf,
+    /// Memory (tmpfs) or disk it held.
+    pub bytes: u64,
+}
+
+/// A pool prune left because a live process holds its lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolInUse {
+    /// The pool file.
+    pub path: PathBuf,
+    /// The lock holder, when /proc/locks tells.
+    pub pid: Option<u32>,
+}
+
+/// What [`prune`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PruneReport {
+    /// True when nothing was removed (`--dry-run`).
+    pub dry_run: bool,
+    /// Pools of dead VMMs, removed (or to remove in a dry run).
+    pub removed: Vec<PrunedPool>,
+    /// Pools in use by a live process, kept.
+    pub in_use: Vec<PoolInUse>,
+    /// Sum of `removed[].bytes`.
+    pub freed_bytes: u64,
+}
+
+/// The pool files prune considers: every `*.pool` file in `dir`, and with `legacy`
+/// also `SHM/pmsnap-*.pool` (where default pools lived before they got a directory).
+pub fn candidates(dir: &Path, legacy: Option<&Path>) -> io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut scan = |d: &Path, prefix: &str| -> io::Result<()> {
+        let entries = match fs::read_dir(d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(prefix) && name.ends_with(".pool") && entry.file_type()?.is_file() {
+                out.push(entry.path());
+            }
+        }
+        Ok(())
+    };
+    scan(dir, "")?;
+    if let Some(shm) = legacy {
+        scan(shm, "pmsnap-")?;
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Remove (unless `dry_run`) each of `pools` whose lock nobody holds, holding the lock
+/// while removing so that no VMM can open it meanwhile; pools in use are listed.
+pub fn prune(pools: &[PathBuf], dry_run: bool) -> io::Result<PruneReport> {
+    let mut report = PruneReport {
+        dry_run,
+        ..Default::default()
+    };
+    for path in pools {
+        let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        match pmem_backend::claim_unused(path).map_err(with_path)? {
+            PoolUse::Gone => {}
+            PoolUse::InUse(pid) => report.in_use.push(PoolInUse {
+                path: path.clone(),
+                pid,
+            }),
+            PoolUse::Unused(claim) => {
+                let bytes = claim.allocated_bytes().map_err(with_path)?;
+                if !dry_run {
+                    claim.remove().map_err(with_path)?;
+                }
+                report.freed_bytes += bytes;
+                report.removed.push(PrunedPool {
+                    path: path.clone(),
+                    bytes,
+                });
+            }
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_dirs() {
+        assert_eq!(default_dir_for(0), PathBuf::from("/dev/shm/pmsnap"));
+        assert_eq!(default_dir_for(1000), PathBuf::from("/dev/shm/pmsnap-1000"));
+        let p = new_pool_path(Path::new("/x"));
+        assert!(p.starts_with("/x") && p.extension().is_some_and(|e| e == "pool"));
+    }
+
+    #[test]
+    fn dir_is_created_private_and_checked() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let d = t.path().join("pools");
+        ensure_dir(&d).expect("create");
+        let mode = fs::metadata(&d).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        ensure_dir(&d).expect("exists already: fine");
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).expect("chmod");
+        let e = ensure_dir(&d).expect_err("open to others");
+        assert!(e.to_string().contains("mode 777"), "{e}");
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&d, &link).expect("symlink");
+        let e = ensure_dir(&link).expect_err("symlink");
+        assert!(e.to_string().contains("not a directory"), "{e}");
+    }
+
+    #[test]
+    fn prune_removes_only_pools_nobody_holds() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let (dir, shm) = (t.path().join("pmsnap"), t.path());
+        ensure_dir(&dir).expect("dir");
+        let opts = pmem_backend::PoolOptions::default;
+        // A live VMM's pool: its Pool (and lock) is held.
+        let live = new_pool_path(&dir);
+        let _held = pmem_backend::Pool::create(&live, 1 << 20, opts()).expect("create");
+        // A dead VMM's pool: created, then its process "died" (the Pool was dropped).
+        let dead = dir.join("dead.pool");
+        drop(pmem_backend::Pool::create(&dead, 1 << 20, opts()).expect("create"));
+        // An old-style default pool, and files prune must not touch.
+        let legacy = shm.join("pmsnap-1-2.pool");
+        drop(pmem_backend::Pool::create(&legacy, 1 << 20, opts()).expect("create"));
+        let other = shm.join("other.pool");
+        fs::write(&other, b"x").expect("write");
+        fs::write(dir.join("notes.txt"), b"x").expect("write");
+
+        let pools = candidates(&dir, Some(shm)).expect("scan");
+        assert_eq!(pools.len(), 3, "{pools:?}");
+        let dry = prune(&pools, true).expect("dry run");
+        assert!(dry.dry_run);
+        assert_eq!(dry.removed.len(), 2, "{dry:?}");
+        assert!(
+            dead.exists() && legacy.exists(),
+            "a dry run removes nothing"
+        );
+        assert!(dry.freed_bytes >= 2 << 20, "{dry:?}");
+
+        let rep = prune(&pools, false).expect("prune");
+        let removed: Vec<&Path> = rep.removed.iter().map(|p| p.path.as_path()).collect();
+        assert_eq!(removed, vec![dead.as_path(), legacy.as_path()]);
+        assert_eq!(rep.in_use.len(), 1);
+        assert_eq!(rep.in_use[0].path, live);
+        if let Some(pid) = rep.in_use[0].pid {
+            assert_eq!(pid, std::process::id());
+        }
+        assert!(!dead.exists() && !legacy.exists());
+        assert!(live.exists() && other.exists() && dir.join("notes.txt").exists());
+        // Pool files are owner-only.
+        let mode = fs::metadata(&live).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Again: nothing left to remove.
+        let again = prune(&candidates(&dir, Some(shm)).expect("scan"), false).expect("prune");
+        assert!(again.removed.is_empty() && again.in_use.len() == 1);
+    }
+}
