@@ -177,6 +177,65 @@ impl NameArg {
     }
 }
 
+/// The `--help` blocks of a document: a line `<!-- help: CMD ARGS -->` followed by a
+/// ```` ```text ```` fence holding the output of `CMD ARGS --help`. Returns the document
+/// with every block whose command starts with `program` replaced by `help(ARGS)`, and
+/// the commands whose block differed (the docs' tests fail on those; with
+/// `PMSNAP_UPDATE_DOCS=1` they write the returned text instead). A marker without its
+/// fence is an error.
+pub fn refresh_help_blocks(
+    doc: &str,
+    program: &str,
+    mut help: impl FnMut(&[&str]) -> String,
+) -> Result<(String, Vec<String>, usize), String> {
+    const MARK: &str = "<!-- help: ";
+    const FENCE: &str = "```text\n";
+    let mut out = String::with_capacity(doc.len());
+    let (mut stale, mut seen, mut pos) = (Vec::new(), 0, 0);
+    while let Some(i) = doc[pos..].find(MARK) {
+        let start = pos + i;
+        let line_end = start
+            + doc[start..]
+                .find('\n')
+                .ok_or("help marker on the last line")?;
+        let cmd = doc[start + MARK.len()..line_end]
+            .trim_end()
+            .trim_end_matches("-->")
+            .trim()
+            .to_string();
+        let body = line_end + 1;
+        if !doc[body..].starts_with(FENCE) {
+            return Err(format!(
+                "help block {cmd:?}: no ```text fence after the marker"
+            ));
+        }
+        let body = body + FENCE.len();
+        let end = if doc[body..].starts_with("```") {
+            body
+        } else {
+            body + doc[body..]
+                .find("\n```")
+                .ok_or_else(|| format!("help block {cmd:?}: no closing fence"))?
+                + 1
+        };
+        out.push_str(&doc[pos..body]);
+        let words: Vec<&str> = cmd.split_whitespace().collect();
+        if words.first() == Some(&program) {
+            let want = help(&words[1..]);
+            if doc[body..end] != want {
+                stale.push(cmd.clone());
+            }
+            out.push_str(&want);
+            seen += 1;
+        } else {
+            out.push_str(&doc[body..end]);
+        }
+        pos = end;
+    }
+    out.push_str(&doc[pos..]);
+    Ok((out, stale, seen))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +321,28 @@ mod tests {
         assert!(wants_json(["pmsnap", "ctl", "--json", "ls"]));
         assert!(!wants_json(["pmsnap", "ctl", "ls"]));
         assert!(!wants_json(["pmsnap", "--", "--json"]));
+    }
+
+    #[test]
+    fn help_blocks_are_found_compared_and_refreshed() {
+        let doc = "intro\n<!-- help: tool sub -->\n```text\nold\n```\nmid\n\
+                   <!-- help: other -->\n```text\nkeep\n```\n<!-- help: tool -->\n```text\n```\nend\n";
+        let help = |a: &[&str]| format!("help of {a:?}\n");
+        let (out, stale, seen) = refresh_help_blocks(doc, "tool", help).expect("parse");
+        assert_eq!(seen, 2);
+        assert_eq!(stale, vec!["tool sub".to_string(), "tool".to_string()]);
+        assert!(
+            out.contains("```text\nhelp of [\"sub\"]\n```\nmid"),
+            "{out}"
+        );
+        assert!(out.contains("```text\nkeep\n```"), "{out}");
+        assert!(out.contains("```text\nhelp of []\n```\nend\n"), "{out}");
+        // Refreshed text is up to date.
+        let (again, stale, _) = refresh_help_blocks(&out, "tool", help).expect("parse");
+        assert!(stale.is_empty());
+        assert_eq!(again, out);
+        assert!(refresh_help_blocks("<!-- help: tool -->\nno fence\n", "tool", help).is_err());
+        assert!(refresh_help_blocks("<!-- help: tool -->\n```text\nx", "tool", help).is_err());
     }
 
     #[derive(Debug, clap::Parser)]

@@ -25,12 +25,13 @@ const QUEUE_NOTIFY: u64 = 0x50;
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// The vsock device could not be created (socket path in use, ...).
-    #[error("cannot create the vsock device on {path}: {reason}")]
+    #[error("cannot create the vsock device on {path}")]
     Vsock {
         /// The host socket path.
         path: String,
         /// Why.
-        reason: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Building failed.
     #[error(transparent)]
@@ -59,11 +60,11 @@ pub fn attach_vsock_with_state(
     engine: Arc<Engine>,
     mem_bytes: u64,
 ) -> Result<(Subscriber, VirtioSlot), DeviceError> {
-    let err = |reason: String| DeviceError::Vsock {
+    let err = |source: Box<dyn std::error::Error + Send + Sync>| DeviceError::Vsock {
         path: uds_path.display().to_string(),
-        reason,
+        source,
     };
-    let mut vsock = Vsock::new(GUEST_CID, uds_path).map_err(|e| err(e.to_string()))?;
+    let mut vsock = Vsock::new(GUEST_CID, uds_path).map_err(|e| err(e.into()))?;
     engine.set_agent_socket(uds_path.to_path_buf());
     let service = Arc::new(Mutex::new(ProcessService::new(engine, mem_bytes)));
     vsock
@@ -74,10 +75,10 @@ pub fn attach_vsock_with_state(
                 guest_phys_pages(mem_bytes),
             )),
         )
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(e.into()))?;
     let vsock = Arc::new(Mutex::new(vsock));
-    let transport = MmioTransport::new(builder.memory().clone(), vsock.clone())
-        .map_err(|e| err(e.to_string()))?;
+    let transport =
+        MmioTransport::new(builder.memory().clone(), vsock.clone()).map_err(|e| err(e.into()))?;
     let irq = transport
         .interrupt()
         .eventfd()

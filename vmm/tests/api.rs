@@ -255,7 +255,11 @@ fn raw_exchange(path: &Path, bytes: &[u8], half_close: bool) -> RawResponse {
     let mut s = UnixStream::connect(path).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(15)))
         .expect("timeout");
-    s.write_all(bytes).expect("write");
+    // A server that answers before reading (503 at the connection limit) may have
+    // closed already: its answer is still there to read.
+    if let Err(e) = s.write_all(bytes) {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write: {e}");
+    }
     if half_close {
         s.shutdown(std::net::Shutdown::Write).expect("shutdown");
     }
@@ -398,7 +402,11 @@ fn ctl_commands_render_text_and_json() {
         "1 pages (4.0 KiB) written since n1 in 1 runs\n  3:1\n"
     );
     let text = send(&c, &CtlCommand::Stats, false).expect("stats");
-    assert!(text.contains("blocks_free: 61"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.split_whitespace().eq(["blocks", "free", "61"])),
+        "{text}"
+    );
     let text = send(&c, &CtlCommand::Inspect { name: "n1".into() }, false).expect("inspect");
     assert!(text.contains("    0:16\n"), "{text}");
 

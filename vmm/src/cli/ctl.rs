@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use guest_agent::cli::{exit, format_time_ms, json_error, parse_number, parse_range, NameArg};
 
+use super::anyhow_like::context;
 use crate::api::client::{decode, snapshot_path, ApiClient, ClientError};
 use crate::api::{
     ApiStats, Deleted, DirtyPages, PageRun, PagesSnapshotRequest, ProcessSnapshotRequest,
@@ -23,7 +24,13 @@ use crate::api::{
 #[command(after_help = exit::HELP)]
 pub struct CtlArgs {
     /// The VMM's API socket (`pmsnap run --api-sock PATH`); required.
-    #[arg(long, value_name = "PATH", global = true, env = "PMSNAP_API_SOCK")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        global = true,
+        env = "PMSNAP_API_SOCK",
+        hide_env_values = true
+    )]
     pub api_sock: Option<PathBuf>,
     /// Print the VMM's JSON answer instead of text (errors too, on stdout; times in unix
     /// milliseconds).
@@ -165,7 +172,7 @@ pub fn run(args: CtlArgs) -> super::anyhow_like::Result<i32> {
             }
             Ok(exit::ERROR)
         }
-        Err(e) => Err(format!("{}: {e}", sock.display()).into()),
+        Err(e) => Err(context(format!("pmsnap ctl: {}", sock.display()))(e)),
     }
 }
 
@@ -393,9 +400,17 @@ fn human_ns(ns: u64) -> String {
     }
 }
 
-/// Rows `label  value`, the labels padded to one column.
-fn render_rows(out: &mut String, rows: &[(&str, String)]) {
-    let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+/// How one store figure is shown.
+type Figure = dyn Fn(u64) -> String;
+
+/// Rows `label  value`, the labels padded to one column at least `min_w` wide.
+fn render_rows(out: &mut String, rows: &[(&str, String)], min_w: usize) {
+    let w = rows
+        .iter()
+        .map(|(k, _)| k.len())
+        .max()
+        .unwrap_or(0)
+        .max(min_w);
     for (k, v) in rows {
         let _ = writeln!(out, "  {k:<w$}  {v}");
     }
@@ -404,74 +419,79 @@ fn render_rows(out: &mut String, rows: &[(&str, String)]) {
 /// `ctl stats` as text: the VMM's counters, the store's figures, and a table of the
 /// store's snapshots (the API's JSON has them all, `--json` prints it).
 fn render_stats(s: &ApiStats) -> String {
+    let vmm_rows = [
+        ("write faults", s.faults.to_string()),
+        (
+            "pages preserved",
+            format!(
+                "{} ({})",
+                s.preserved_pages,
+                human_bytes(s.preserved_pages.saturating_mul(PAGE_SIZE))
+            ),
+        ),
+        (
+            "pages protected now",
+            format!(
+                "{} ({})",
+                s.protected_pages,
+                human_bytes(s.protected_pages.saturating_mul(PAGE_SIZE))
+            ),
+        ),
+        ("snapshots", s.snapshots.to_string()),
+        (
+            "fault handler time",
+            format!(
+                "total {}, mean {}, max {}",
+                human_ns(s.fault_handler.total_ns),
+                human_ns(s.fault_handler.mean_ns),
+                human_ns(s.fault_handler.max_ns)
+            ),
+        ),
+    ];
     let mut out = String::from("copy-before-write (since the VMM started):\n");
-    render_rows(
-        &mut out,
-        &[
-            ("write faults", s.faults.to_string()),
-            (
-                "pages preserved",
-                format!(
-                    "{} ({})",
-                    s.preserved_pages,
-                    human_bytes(s.preserved_pages.saturating_mul(PAGE_SIZE))
-                ),
-            ),
-            (
-                "pages protected now",
-                format!(
-                    "{} ({})",
-                    s.protected_pages,
-                    human_bytes(s.protected_pages.saturating_mul(PAGE_SIZE))
-                ),
-            ),
-            ("snapshots", s.snapshots.to_string()),
-            (
-                "fault handler time",
-                format!(
-                    "total {}, mean {}, max {}",
-                    human_ns(s.fault_handler.total_ns),
-                    human_ns(s.fault_handler.mean_ns),
-                    human_ns(s.fault_handler.max_ns)
-                ),
-            ),
-        ],
-    );
     let serde_json::Value::Object(store) = &s.store else {
+        render_rows(&mut out, &vmm_rows, 0);
         return out;
     };
-    let num = |k: &str| store.get(k).and_then(serde_json::Value::as_u64);
-    let mut rows: Vec<(&str, String)> = Vec::new();
     let pages = |n: u64| format!("{n} ({})", human_bytes(n.saturating_mul(PAGE_SIZE)));
-    if let (Some(ram), Some(in_ram)) = (num("ram_pages"), num("pages_in_ram")) {
-        rows.push(("guest RAM pages", pages(ram)));
-        rows.push(("referenced in place", pages(in_ram)));
+    let count = |n: u64| n.to_string();
+    let known: [(&str, &str, &Figure); 12] = [
+        ("ram_pages", "guest RAM pages", &pages),
+        ("pages_in_ram", "referenced in place", &pages),
+        ("pages_in_blocks", "preserved in blocks", &pages),
+        ("blob_blocks", "state blob blocks", &count),
+        ("shared_bytes", "shared", &human_bytes),
+        ("saved_bytes", "saved by sharing", &human_bytes),
+        ("blocks_used", "blocks used", &count),
+        ("blocks_free", "blocks free", &count),
+        ("blocks_total", "blocks total", &count),
+        ("log_records", "redirect log records", &count),
+        ("log_capacity", "redirect log capacity", &count),
+        ("generation", "generation", &count),
+    ];
+    let mut rows: Vec<(&str, String)> = known
+        .iter()
+        .filter_map(|(k, label, f)| store.get(*k)?.as_u64().map(|n| (*label, f(n))))
+        .collect();
+    // Figures a newer store reports that this client has no label for: as they come.
+    for (k, v) in store {
+        let listed = known.iter().any(|(name, ..)| name == k);
+        if !listed && k != "snapshots" && !v.is_array() && !v.is_object() {
+            rows.push((k.as_str(), v.to_string()));
+        }
     }
-    if let Some(n) = num("pages_in_blocks") {
-        rows.push(("preserved in blocks", pages(n)));
+    // One label column for both sections.
+    let w = vmm_rows
+        .iter()
+        .chain(&rows)
+        .map(|(k, _)| k.len())
+        .max()
+        .unwrap_or(0);
+    render_rows(&mut out, &vmm_rows, w);
+    if !rows.is_empty() {
+        out.push_str("store:\n");
+        render_rows(&mut out, &rows, w);
     }
-    if let Some(n) = num("blob_blocks") {
-        rows.push(("state blob blocks", n.to_string()));
-    }
-    if let (Some(shared), Some(saved)) = (num("shared_bytes"), num("saved_bytes")) {
-        rows.push((
-            "shared / saved",
-            format!("{} / {}", human_bytes(shared), human_bytes(saved)),
-        ));
-    }
-    if let (Some(used), Some(free), Some(total)) =
-        (num("blocks_used"), num("blocks_free"), num("blocks_total"))
-    {
-        rows.push(("blocks", format!("{used} used, {free} free, {total} total")));
-    }
-    if let (Some(n), Some(cap)) = (num("log_records"), num("log_capacity")) {
-        rows.push(("redirect log", format!("{n} of {cap} records")));
-    }
-    if let Some(g) = num("generation") {
-        rows.push(("generation", g.to_string()));
-    }
-    out.push_str("store:\n");
-    render_rows(&mut out, &rows);
     let snaps = store
         .get("per_snapshot")
         .and_then(serde_json::Value::as_array)
@@ -742,17 +762,18 @@ mod tests {
             !text.contains('{') && !text.contains('['),
             "a table, not JSON: {text}"
         );
-        assert!(text.contains("  write faults         10\n"), "{text}");
+        assert!(text.contains("  write faults           10\n"), "{text}");
+        assert!(text.contains("  blocks free            256\n"), "{text}");
         assert!(
             text.contains("total 1.0 us, mean 100 ns, max 2.5 ms"),
             "{text}"
         );
         assert!(
-            text.contains("guest RAM pages      256 (1.0 MiB)"),
+            text.contains("guest RAM pages        256 (1.0 MiB)"),
             "{text}"
         );
         assert!(
-            text.contains("referenced in place  16 (64.0 KiB)"),
+            text.contains("referenced in place    16 (64.0 KiB)"),
             "{text}"
         );
         let row = text

@@ -74,4 +74,25 @@ pub mod anyhow_like {
     pub type Error = Box<dyn std::error::Error + Send + Sync + 'static>;
     /// Result with a boxed error.
     pub type Result<T> = std::result::Result<T, Error>;
+
+    /// An error with what was being done, keeping the cause as its `source()` so the
+    /// whole chain is printed once at the top.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{what}")]
+    pub struct Context {
+        what: String,
+        #[source]
+        source: Error,
+    }
+
+    /// For `map_err`: wrap an error in a [`Context`] saying `what` was being done.
+    pub fn context<E: Into<Error>>(what: impl Into<String>) -> impl FnOnce(E) -> Error {
+        let what = what.into();
+        move |e| {
+            Box::new(Context {
+                what,
+                source: e.into(),
+            })
+        }
+    }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use super::anyhow_like::Result;
+use super::anyhow_like::{context, Result};
 use crate::builder::VmBuilder;
 use crate::config::{self, VmConfig};
 use crate::devices::legacy::serial::StdoutWriter;
@@ -51,7 +51,12 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "N")]
     pub vcpus: Option<u32>,
     /// Serve the control API on this Unix socket.
-    #[arg(long, value_name = "PATH", env = "PMSNAP_API_SOCK")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "PMSNAP_API_SOCK",
+        hide_env_values = true
+    )]
     pub api_sock: Option<PathBuf>,
     /// Host socket of the virtio-vsock device; required when the snapshot had one (its
     /// connections are reset; the guest agent reconnects).
@@ -77,11 +82,11 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         .or(args.snapshot_flag.as_deref())
         .unwrap_or_default();
     crate::api::validate_snapshot_name(name)
-        .map_err(|e| format!("invalid snapshot name {name:?}: {e}"))?;
+        .map_err(context(format!("invalid snapshot name {name:?}")))?;
     // Validate everything with the pool's lock held, before building anything.
     let (state, mem_bytes, pool) = {
         let pool = pmem_backend::Pool::open(&args.pool)
-            .map_err(|e| format!("cannot open pool {}: {e}", args.pool.display()))?;
+            .map_err(context(format!("cannot open pool {}", args.pool.display())))?;
         let mem_bytes = pool.ram_size();
         if let Some(m) = args.mem {
             if m != mem_bytes {
@@ -95,7 +100,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         }
         let vcpus = args.vcpus.map(|v| v as usize);
         let state = load_vm_state(&pool, name, vcpus, mem_bytes)
-            .map_err(|e| format!("cannot restore snapshot {name:?}: {e}"))?;
+            .map_err(context(format!("cannot restore snapshot {name:?}")))?;
         (state, mem_bytes, pool)
     };
     log::debug!(

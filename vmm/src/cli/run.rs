@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 
-use super::anyhow_like::Result;
+use super::anyhow_like::{context, Result};
 use crate::builder::VmBuilder;
 use crate::config::{self, VmConfig};
 use crate::device_manager;
@@ -51,7 +51,12 @@ pub struct RunArgs {
     /// `pmsnap ctl --api-sock PATH status` or `curl --unix-socket PATH http://localhost/v1/status`.
     /// A stale socket left by a VMM that died is replaced; one a live process serves is
     /// refused.
-    #[arg(long, value_name = "PATH", env = "PMSNAP_API_SOCK")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "PMSNAP_API_SOCK",
+        hide_env_values = true
+    )]
     pub api_sock: Option<PathBuf>,
     /// Give the guest a virtio-vsock device whose host side is this Unix socket
     /// (Firecracker style: connect and send `CONNECT <port>\n` to reach a guest
@@ -211,7 +216,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         )?,
         Some(path) => {
             let code = std::fs::read(path)
-                .map_err(|e| format!("cannot read payload {}: {e}", path.display()))?;
+                .map_err(context(format!("cannot read payload {}", path.display())))?;
             let mut b = VmBuilder::with_payload(
                 &cfg,
                 event_loop.stop_notifier()?,

@@ -13,6 +13,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use super::anyhow_like::context;
 use crate::pool_dir::{self, PruneReport};
 
 /// Exit code of `verify` when it found damage.
@@ -98,7 +99,7 @@ pub fn run_with(
             ),
         };
         let pools = pool_dir::candidates(&dir, legacy)
-            .map_err(|e| format!("listing pools in {}: {e}", dir.display()))?;
+            .map_err(context(format!("listing pools in {}", dir.display())))?;
         let report = pool_dir::prune(&pools, *dry_run)?;
         if json {
             serde_json::to_writer_pretty(&mut *out, &report)?;
@@ -110,7 +111,7 @@ pub fn run_with(
     }
     let path = args.pool.ok_or("--pool PATH is required")?;
     let mut pool =
-        Pool::open(&path).map_err(|e| format!("opening pool {}: {e}", path.display()))?;
+        Pool::open(&path).map_err(context(format!("opening pool {}", path.display())))?;
     match args.command {
         StoreCommand::Ls => {
             let stats = pool.stats();
@@ -455,10 +456,9 @@ mod tests {
         let _held = Pool::open(&path).expect("hold the lock");
         let err =
             run_with(args(&path, false, StoreCommand::Ls), &mut sink, false).expect_err("locked");
-        assert!(
-            err.to_string().contains("locked by another process"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("opening pool"), "{err}");
+        let cause = err.source().map(|s| s.to_string()).unwrap_or_default();
+        assert!(cause.contains("locked by another process"), "{cause}");
     }
 
     #[test]

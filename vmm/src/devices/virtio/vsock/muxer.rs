@@ -34,7 +34,7 @@ const LOCAL_PORT_BASE: u32 = 1 << 30;
 pub enum MuxerError {
     /// The listening socket could not be created (a live process serves the path, or
     /// it is not a socket, or binding failed).
-    #[error("vsock host socket")]
+    #[error(transparent)]
     Listen(#[from] SocketError),
     /// A service is already registered on the port.
     #[error("vsock port {0} already has a service")]
