@@ -14,6 +14,7 @@ use crate::event_loop::Subscriber;
 use crate::persist::live::VirtioSlot;
 use crate::snapshot::engine::Engine;
 use crate::snapshot::process::{guest_phys_pages, ProcessService};
+use crate::unix_socket::SocketFile;
 
 /// The guest's vsock CID (2 is the host; 3 is the first guest CID).
 pub const GUEST_CID: u64 = 3;
@@ -50,21 +51,24 @@ pub fn attach_vsock(
     engine: Arc<Engine>,
     mem_bytes: u64,
 ) -> Result<Subscriber, DeviceError> {
-    attach_vsock_with_state(builder, uds_path, engine, mem_bytes).map(|(s, _)| s)
+    attach_vsock_with_state(builder, uds_path, engine, mem_bytes).map(|(s, ..)| s)
 }
 
-/// [`attach_vsock`], also returning the transport and device for VM snapshots.
+/// [`attach_vsock`], also returning the transport and device for VM snapshots, and the
+/// host socket file: the device lives as long as the VMM's state, so the caller removes
+/// the file when the VM ends (see [`crate::unix_socket::RemoveOnDrop`]).
 pub fn attach_vsock_with_state(
     builder: &mut VmBuilder,
     uds_path: &Path,
     engine: Arc<Engine>,
     mem_bytes: u64,
-) -> Result<(Subscriber, VirtioSlot), DeviceError> {
+) -> Result<(Subscriber, VirtioSlot, SocketFile), DeviceError> {
     let err = |source: Box<dyn std::error::Error + Send + Sync>| DeviceError::Vsock {
         path: uds_path.display().to_string(),
         source,
     };
     let mut vsock = Vsock::new(GUEST_CID, uds_path).map_err(|e| err(e.into()))?;
+    let socket_file = vsock.muxer().socket_file().clone();
     engine.set_agent_socket(uds_path.to_path_buf());
     let service = Arc::new(Mutex::new(ProcessService::new(engine, mem_bytes)));
     vsock
@@ -117,5 +121,5 @@ pub fn attach_vsock_with_state(
         transport,
         vsock: Some(vsock.clone()),
     };
-    Ok((vsock, state))
+    Ok((vsock, state, socket_file))
 }

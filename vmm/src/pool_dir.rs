@@ -130,11 +130,33 @@ pub struct PruneReport {
     pub freed_bytes: u64,
 }
 
+/// Whether `name` is a default pool's name from before default pools got their own
+/// directory: `pmsnap-PID-NANOS.pool` (NANOS 8 hex digits), directly in `/dev/shm`.
+/// Other `pmsnap-*.pool` files there (a test's, a user's) are not ours to remove.
+pub fn is_legacy_default_name(name: &str) -> bool {
+    let Some(rest) = name
+        .strip_prefix("pmsnap-")
+        .and_then(|r| r.strip_suffix(".pool"))
+    else {
+        return false;
+    };
+    match rest.split_once('-') {
+        Some((pid, nanos)) => {
+            !pid.is_empty()
+                && pid.bytes().all(|b| b.is_ascii_digit())
+                && nanos.len() == 8
+                && nanos.bytes().all(|b| b.is_ascii_hexdigit())
+        }
+        None => false,
+    }
+}
+
 /// The pool files prune considers: every `*.pool` file in `dir`, and with `legacy`
-/// also `SHM/pmsnap-*.pool` (where default pools lived before they got a directory).
+/// also the old-style default pools directly in that directory
+/// ([`is_legacy_default_name`]).
 pub fn candidates(dir: &Path, legacy: Option<&Path>) -> io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
-    let mut scan = |d: &Path, prefix: &str| -> io::Result<()> {
+    let mut scan = |d: &Path, wanted: &dyn Fn(&str) -> bool| -> io::Result<()> {
         let entries = match fs::read_dir(d) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -144,15 +166,15 @@ pub fn candidates(dir: &Path, legacy: Option<&Path>) -> io::Result<Vec<PathBuf>>
             let entry = entry?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with(prefix) && name.ends_with(".pool") && entry.file_type()?.is_file() {
+            if wanted(&name) && entry.file_type()?.is_file() {
                 out.push(entry.path());
             }
         }
         Ok(())
     };
-    scan(dir, "")?;
+    scan(dir, &|n| n.ends_with(".pool"))?;
     if let Some(shm) = legacy {
-        scan(shm, "pmsnap-")?;
+        scan(shm, &is_legacy_default_name)?;
     }
     out.sort();
     Ok(out)
@@ -202,6 +224,22 @@ mod tests {
     }
 
     #[test]
+    fn legacy_names() {
+        assert!(is_legacy_default_name("pmsnap-4242-0000abcd.pool"));
+        for n in [
+            "pmsnap-test-template-1.pool",
+            "pmsnap-test-7-3.pool",
+            "pmsnap-12-abc.pool",
+            "pmsnap--0000abcd.pool",
+            "pmsnap-1-0000abcd.pool.bak",
+            "other-1-0000abcd.pool",
+            "pmsnap-x1-0000abcd.pool",
+        ] {
+            assert!(!is_legacy_default_name(n), "{n}");
+        }
+    }
+
+    #[test]
     fn dir_is_created_private_and_checked() {
         let t = tempfile::tempdir().expect("tempdir");
         let d = t.path().join("pools");
@@ -231,10 +269,13 @@ mod tests {
         let dead = dir.join("dead.pool");
         drop(pmem_backend::Pool::create(&dead, 1 << 20, opts()).expect("create"));
         // An old-style default pool, and files prune must not touch.
-        let legacy = shm.join("pmsnap-1-2.pool");
+        let legacy = shm.join("pmsnap-1234-0badf00d.pool");
         drop(pmem_backend::Pool::create(&legacy, 1 << 20, opts()).expect("create"));
         let other = shm.join("other.pool");
         fs::write(&other, b"x").expect("write");
+        // A test's pool next to the old-style ones: not a default pool.
+        let test_pool = shm.join("pmsnap-test-template-1.pool");
+        fs::write(&test_pool, b"x").expect("write");
         fs::write(dir.join("notes.txt"), b"x").expect("write");
 
         let pools = candidates(&dir, Some(shm)).expect("scan");
@@ -258,6 +299,7 @@ mod tests {
         }
         assert!(!dead.exists() && !legacy.exists());
         assert!(live.exists() && other.exists() && dir.join("notes.txt").exists());
+        assert!(test_pool.exists());
         // Pool files are owner-only.
         let mode = fs::metadata(&live).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);

@@ -79,6 +79,17 @@ impl SocketFile {
     }
 }
 
+/// Removes a [`SocketFile`] when dropped (if still ours): for the owner of a listener
+/// that may outlive it, such as the vsock device, which the VMM's state keeps alive.
+#[derive(Debug)]
+pub struct RemoveOnDrop(pub SocketFile);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        self.0.remove_if_ours();
+    }
+}
+
 /// Bind a listening Unix stream socket at `path`, made owner-only (0600: whoever can
 /// connect can pause the VM or reach the guest): a stale socket file there is replaced,
 /// a socket a live process serves is refused ([`SocketError::InUse`]), and any other

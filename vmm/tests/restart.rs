@@ -184,4 +184,28 @@ fn kill_9_then_restore_with_the_same_sockets() {
     let api = again.wait_api(&api_sock);
     assert_eq!(api.status().expect("status").state, VmState::Running);
     again.sigkill();
+
+    // 5. `pmsnap run` replaces stale sockets the same way.
+    let mut args = run_args(&pool2);
+    args.extend([
+        "--api-sock".into(),
+        os(&api_sock),
+        "--vsock-sock".into(),
+        os(&vsock),
+    ]);
+    let mut fresh = Vmm::spawn(d, "run2", &args);
+    let api = fresh.wait_api(&api_sock);
+    assert_eq!(api.status().expect("status").state, VmState::Running);
+    vmm::unix_socket::connect_nonblocking(vsock.as_os_str()).expect("vsock served");
+    // A clean stop (SIGTERM) removes both socket files.
+    // SAFETY: kill(2) on our own child, not reaped yet.
+    unsafe { libc::kill(fresh.child.id() as i32, libc::SIGTERM) };
+    let st = fresh.wait();
+    assert_eq!(st.code(), Some(128 + libc::SIGTERM), "{}", fresh.log());
+    assert!(
+        !api_sock.exists() && !vsock.exists(),
+        "a VMM that stops cleanly removes its sockets (api {}, vsock {})",
+        api_sock.exists(),
+        vsock.exists()
+    );
 }

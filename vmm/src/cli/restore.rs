@@ -139,8 +139,10 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     log::debug!("VM and engine created after {:?}", started.elapsed());
     let engine = builder.engine().clone();
     let mut virtio = Vec::new();
-    if let Some(path) = &args.vsock_sock {
-        let (vsock, slot) = crate::device_manager::attach_vsock_with_state(
+    // Removed when this function returns, on every path (the device itself lives on in
+    // the VMM's state).
+    let _vsock_file = if let Some(path) = &args.vsock_sock {
+        let (vsock, slot, socket_file) = crate::device_manager::attach_vsock_with_state(
             &mut builder,
             path,
             engine.clone(),
@@ -148,7 +150,10 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         )?;
         virtio.push(slot);
         event_loop.add_subscriber(vsock);
-    }
+        Some(crate::unix_socket::RemoveOnDrop(socket_file))
+    } else {
+        None
+    };
     let t_copy = Instant::now();
     let written = {
         let mut pool = lock_pool(engine.pool());

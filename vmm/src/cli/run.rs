@@ -235,8 +235,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let serial_for_state = serial.clone();
     let mut virtio = Vec::new();
     let engine = builder.engine().clone();
-    if let Some(path) = &args.vsock_sock {
-        let (vsock, slot) = device_manager::attach_vsock_with_state(
+    // Removed when this function returns, on every path (the device itself lives on in
+    // the VMM's state).
+    let _vsock_file = if let Some(path) = &args.vsock_sock {
+        let (vsock, slot, socket_file) = device_manager::attach_vsock_with_state(
             &mut builder,
             path,
             engine.clone(),
@@ -244,7 +246,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
         )?;
         virtio.push(slot);
         event_loop.add_subscriber(vsock);
-    }
+        Some(crate::unix_socket::RemoveOnDrop(socket_file))
+    } else {
+        None
+    };
     if let Some(name) = args.snapshot_at_ready.clone() {
         let engine = engine.clone();
         let pages = cfg.mem_bytes / 4096;

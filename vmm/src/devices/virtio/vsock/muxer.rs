@@ -115,6 +115,11 @@ impl std::fmt::Debug for VsockMuxer {
 }
 
 impl VsockMuxer {
+    /// The host socket file.
+    pub fn socket_file(&self) -> &SocketFile {
+        &self.socket_file
+    }
+
     /// Listen on `uds_path` for host programs: a stale socket left there by a VMM that
     /// died is replaced, one a live process serves is refused (see
     /// [`crate::unix_socket::bind_listener`]).
