@@ -1,8 +1,9 @@
 //! Where default pools live, and how the pools of VMMs that died are found and removed.
 //!
 //! `pmsnap run` without `--pool` creates its pool in a directory of its own on tmpfs,
-//! [`default_dir`] (`/dev/shm/pmsnap` for root, `/dev/shm/pmsnap-UID` for others),
-//! owner-only (0700; the pool files are 0600). It removes the pool at exit, but a VMM
+//! [`default_dir`] (`/dev/shm/pmsnap` for root, `/dev/shm/pmsnap-UID` for others, or
+//! `$PMSNAP_POOL_DIR`, e.g. a directory on hugetlbfs), owner-only (0700; the pool files
+//! are 0600). It removes the pool at exit, but a VMM
 //! killed by SIGKILL or aborted cannot: its pool stays, holding guest RAM's worth of
 //! host memory. [`prune`] lists and removes such pools: a pool is in use exactly while a
 //! process holds its lock (pmem-backend's `flock`, released by the kernel when the
@@ -51,10 +52,20 @@ pub fn default_dir_for(uid: u32) -> PathBuf {
     }
 }
 
-/// The default pool directory of this process's user.
+/// The environment variable that moves the default pool directory.
+pub const DIR_ENV: &str = "PMSNAP_POOL_DIR";
+
+/// The default pool directory given by [`DIR_ENV`], if set and not empty.
+pub fn env_dir() -> Option<PathBuf> {
+    std::env::var_os(DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The default pool directory: [`env_dir`], else that of this process's user.
 pub fn default_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions and cannot fail.
-    default_dir_for(unsafe { libc::geteuid() })
+    env_dir().unwrap_or_else(|| default_dir_for(unsafe { libc::geteuid() }))
 }
 
 /// Create `dir` owner-only (0700) if it does not exist; if it does, check that it is a

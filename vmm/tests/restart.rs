@@ -5,6 +5,7 @@
 //! user-mode payload guest (tests/payload/pattern.S), which boots in milliseconds.
 
 use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -27,9 +28,15 @@ impl Vmm {
     /// Start `pmsnap ARGS` (the socket files are not touched first, unlike the shared
     /// helper: that they are left as found is the point of this test).
     fn spawn(dir: &Path, tag: &str, args: &[OsString]) -> Self {
+        Self::spawn_env(dir, tag, args, &[])
+    }
+
+    /// [`Vmm::spawn`] with environment variables.
+    fn spawn_env(dir: &Path, tag: &str, args: &[OsString], env: &[(&str, &Path)]) -> Self {
         let log = dir.join(format!("{tag}.stderr"));
         let child = Command::new(pmsnap_bin())
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -208,4 +215,102 @@ fn kill_9_then_restore_with_the_same_sockets() {
         api_sock.exists(),
         vsock.exists()
     );
+}
+
+/// The default pools of VMMs killed with SIGKILL stay behind; `pmsnap store prune`
+/// removes exactly those, not the pool of a VMM still running.
+#[test]
+fn prune_removes_the_pools_of_killed_vmms_only() {
+    if kvm_missing("prune_removes_the_pools_of_killed_vmms_only") {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir");
+    let d = dir.path();
+    let bin = payload(d);
+    let pools = d.join("pools");
+    let env = [("PMSNAP_POOL_DIR", pools.as_path())];
+    let start = |tag: &str| {
+        let sock = d.join(format!("{tag}.sock"));
+        let args: Vec<OsString> = vec![
+            "run".into(),
+            "--mem".into(),
+            "32M".into(),
+            "--vcpus".into(),
+            "1".into(),
+            "--payload".into(),
+            bin.clone().into(),
+            "--api-sock".into(),
+            sock.clone().into(),
+        ];
+        let mut vmm = Vmm::spawn_env(d, tag, &args, &env);
+        vmm.wait_api(&sock);
+        vmm
+    };
+    let pool_of = |pid: u32| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&pools)
+            .expect("pool dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pid}-")))
+            })
+            .collect()
+    };
+    let mut dead = start("dead");
+    let mut live = start("live");
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&pools), 0o700, "the pool directory is private");
+    let dead_pid = dead.child.id();
+    let dead_pool = pool_of(dead_pid);
+    assert_eq!(dead_pool.len(), 1, "{dead_pool:?}");
+    assert_eq!(mode(&dead_pool[0]), 0o600, "pool files are private");
+    dead.sigkill();
+    assert!(dead_pool[0].exists(), "SIGKILL leaves the pool behind");
+    let live_pool = pool_of(live.child.id());
+    assert_eq!(live_pool.len(), 1);
+
+    let prune = |extra: &[&str]| {
+        let o = Command::new(pmsnap_bin())
+            .args(["store", "prune", "--json"])
+            .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
+            .output()
+            .expect("run prune");
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("json")
+    };
+    let path = |p: &Path| p.to_str().expect("utf8").to_string();
+    let v = prune(&["--dry-run"]);
+    assert_eq!(v["removed"][0]["path"], path(&dead_pool[0]), "{v}");
+    assert!(dead_pool[0].exists(), "a dry run removes nothing");
+    let v = prune(&[]);
+    assert_eq!(v["removed"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["removed"][0]["path"], path(&dead_pool[0]), "{v}");
+    assert!(v["freed_bytes"].as_u64().is_some_and(|b| b > 0), "{v}");
+    assert_eq!(v["in_use"][0]["path"], path(&live_pool[0]), "{v}");
+    if let Some(pid) = v["in_use"][0]["pid"].as_u64() {
+        assert_eq!(pid, u64::from(live.child.id()), "{v}");
+    }
+    assert!(!dead_pool[0].exists() && live_pool[0].exists());
+    assert_eq!(
+        live.wait_api(&d.join("live.sock"))
+            .status()
+            .expect("status")
+            .state,
+        VmState::Running,
+        "prune left the live VMM alone"
+    );
+    // A clean stop removes the pool itself; nothing left to prune.
+    // SAFETY: kill(2) on our own child, not reaped yet.
+    unsafe { libc::kill(live.child.id() as i32, libc::SIGTERM) };
+    live.wait();
+    assert!(!live_pool[0].exists(), "removed at a clean exit");
+    let v = prune(&[]);
+    assert_eq!(v["removed"], serde_json::json!([]), "{v}");
+    assert_eq!(v["in_use"], serde_json::json!([]), "{v}");
 }

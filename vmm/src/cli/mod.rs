@@ -9,7 +9,8 @@ pub mod store;
 
 /// The text after the commands in `pmsnap --help`.
 const AFTER_HELP: &str = "Environment: PMSNAP_API_SOCK sets --api-sock (run, restore, ctl); \
-PMSNAP_IMAGE_DIR the default image directory (run); RUST_LOG the log filter.\n\n\
+PMSNAP_IMAGE_DIR the default image directory (run); PMSNAP_POOL_DIR the default pool \
+directory (run, store prune); RUST_LOG the log filter.\n\n\
 Exit codes: 0 success; 1 error; 2 usage error (bad command, option or value); 3 `store \
 verify` found damage. run and restore: 0 when the guest powers off or reboots, 128+N when \
 killed by signal N.";

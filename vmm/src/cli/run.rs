@@ -39,9 +39,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = config::DEFAULT_VCPUS)]
     pub vcpus: u32,
     /// Pool file holding guest RAM; must be on tmpfs (/dev/shm), hugetlbfs or a memfd.
-    /// [default: a new file in /dev/shm/pmsnap/ (/dev/shm/pmsnap-UID/ if not root),
-    /// removed at exit unless --keep-pool; `pmsnap store prune` removes those of VMMs
-    /// that were killed]
+    /// [default: a new file in $PMSNAP_POOL_DIR, else /dev/shm/pmsnap/
+    /// (/dev/shm/pmsnap-UID/ if not root), removed at exit unless --keep-pool;
+    /// `pmsnap store prune` removes those of VMMs that were killed]
     #[arg(long, value_name = "PATH")]
     pub pool: Option<PathBuf>,
     /// Keep the default pool file at exit (its path is logged).

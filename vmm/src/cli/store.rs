@@ -91,9 +91,12 @@ pub fn run_with(
         if args.pool.is_some() {
             return Err("prune takes --dir DIR, not --pool".into());
         }
-        let (dir, legacy) = match dir {
-            Some(d) => (d.clone(), None),
-            None => (
+        // Old-style default pools sat directly in /dev/shm: looked at only when the
+        // directory is the built-in default.
+        let (dir, legacy) = match (dir, pool_dir::env_dir()) {
+            (Some(d), _) => (d.clone(), None),
+            (None, Some(env)) => (env, None),
+            (None, None) => (
                 pool_dir::default_dir(),
                 Some(std::path::Path::new(pool_dir::SHM)),
             ),
