@@ -451,10 +451,38 @@ fn ctl_binary_exit_codes_and_messages() {
         "{err}"
     );
 
-    let out = run(&["list", "--json"]);
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(v["snapshots"][0]["pages"], 6);
+    // With --json the API's error is JSON on stdout too, with its status and code.
+    let out = run(&["snapshot-pages", "b1", "--runs", "0:1", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON error");
+    assert_eq!(v["error"]["status"], 409, "{v}");
+    assert_eq!(v["error"]["code"], "duplicate_name", "{v}");
+    assert_eq!(v["error"]["exit_code"], 1, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already exists")),
+        "{v}"
+    );
+
+    for verb in ["list", "ls"] {
+        let out = run(&[verb, "--json"]);
+        assert!(out.status.success());
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        assert_eq!(v["snapshots"][0]["pages"], 6);
+        assert!(v["snapshots"][0]["created_unix_ms"].is_u64(), "{v}");
+    }
+    // Text: RFC 3339.
+    let out = run(&["inspect", "b1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let created = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("created:"))
+        .expect("created line");
+    assert!(
+        created.trim().ends_with('Z') && created.contains('T'),
+        "{text}"
+    );
 
     let out = run(&["snapshot-pages", "--name", "b2", "--runs", "0:0"]);
     assert_eq!(out.status.code(), Some(1));

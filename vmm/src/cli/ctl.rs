@@ -642,6 +642,31 @@ mod tests {
     }
 
     #[test]
+    fn ranges_read_as_the_agent_reads_them() {
+        let ranges = |r: &str| match parse(&["snapshot-process", "p", "--pid", "1", "--range", r])
+            .map(|a| a.command)
+        {
+            Ok(CtlCommand::SnapshotProcess { ranges, .. }) => Ok(ranges),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        let want = vec![VirtRange {
+            start: 0x1000,
+            end: 0x2000,
+        }];
+        assert_eq!(ranges("4096-8192").expect("decimal"), want);
+        assert_eq!(ranges("0x1000-0x2000").expect("hex"), want);
+        // The one parser: the same answer, the same refusal.
+        assert_eq!(Ok(want[0]), guest_agent::cli::parse_range("4096-8192"));
+        for bad in ["1000-2000", "7f00-8f00", "0x2000-0x1000"] {
+            let e = ranges(bad).expect_err(bad);
+            let shared = guest_agent::cli::parse_range(bad).expect_err(bad);
+            assert!(e.to_string().contains(&shared.to_string()), "{e}");
+            assert_eq!(e.exit_code(), exit::USAGE);
+        }
+    }
+
+    #[test]
     fn refuses_bad_runs_and_labels() {
         for runs in ["5", "a:1", "1:", ":1", "1:2:3", "-1:2", "0x:1", "1f:1"] {
             let e = parse(&["--api-sock", "/s", "snapshot-pages", "n", "--runs", runs])
