@@ -123,6 +123,11 @@ pub fn report_clap_error(e: &clap::Error, json: bool) -> i32 {
     }
     let _ = e.print();
     if json {
+        if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            let msg = "a command is required (see --help)";
+            println!("{}", json_error(msg, exit::USAGE, Default::default()));
+            return exit::USAGE;
+        }
         let msg = e.render().to_string();
         let first = msg
             .lines()
@@ -361,6 +366,26 @@ mod tests {
         assert_eq!(e.exit_code(), exit::USAGE);
         assert!(p(&["a", "--name", "b"]).is_err(), "both spellings at once");
         assert_eq!(NameArg::new("x").get(), "x");
+    }
+
+    #[test]
+    fn clap_errors_map_to_the_documented_codes() {
+        let cmd = || {
+            clap::Command::new("t")
+                .subcommand_required(true)
+                .arg_required_else_help(true)
+                .subcommand(clap::Command::new("ls"))
+        };
+        let help = cmd()
+            .try_get_matches_from(["t", "--help"])
+            .expect_err("help");
+        assert_eq!(report_clap_error(&help, true), exit::OK);
+        let missing = cmd().try_get_matches_from(["t"]).expect_err("no command");
+        assert_eq!(report_clap_error(&missing, true), exit::USAGE);
+        let bad = cmd()
+            .try_get_matches_from(["t", "nope"])
+            .expect_err("bad command");
+        assert_eq!(report_clap_error(&bad, false), exit::USAGE);
     }
 
     #[test]
