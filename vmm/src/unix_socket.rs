@@ -113,8 +113,11 @@ pub fn bind_listener(path: &Path) -> Result<(UnixListener, SocketFile), SocketEr
     ))
 }
 
-/// Make `path` free for binding: nothing there, or a socket nobody listens on (removed).
-fn remove_stale(path: &Path) -> Result<(), SocketError> {
+/// Make `path` free for binding, as [`bind_listener`] does first: nothing there, or a
+/// socket nobody listens on (removed); a live one is [`SocketError::InUse`]. The VMM
+/// calls it at start for every socket it will serve, so a socket in use fails before
+/// any work (a restore's copy-back, starting vCPUs) rather than after.
+pub fn remove_stale(path: &Path) -> Result<(), SocketError> {
     let stale = |source| SocketError::Stale {
         path: path.to_path_buf(),
         source,

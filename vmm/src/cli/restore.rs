@@ -83,6 +83,10 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         .unwrap_or_default();
     crate::api::validate_snapshot_name(name)
         .map_err(context(format!("invalid snapshot name {name:?}")))?;
+    // A socket a live process serves fails now, before any work; stale ones go.
+    for sock in [&args.api_sock, &args.vsock_sock].into_iter().flatten() {
+        crate::unix_socket::remove_stale(sock)?;
+    }
     // Validate everything with the pool's lock held, before building anything.
     let (state, mem_bytes, pool) = {
         let pool = pmem_backend::Pool::open(&args.pool)

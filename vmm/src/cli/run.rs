@@ -193,6 +193,10 @@ pub fn resolve(args: &RunArgs, image_dir_env: Option<&str>) -> Result<(VmConfig,
 pub fn run(args: RunArgs) -> Result<i32> {
     let env_dir = std::env::var("PMSNAP_IMAGE_DIR").ok();
     let (cfg, temporary, remove) = resolve(&args, env_dir.as_deref())?;
+    // A socket a live process serves fails now, before any work; stale ones go.
+    for sock in [&args.api_sock, &args.vsock_sock].into_iter().flatten() {
+        crate::unix_socket::remove_stale(sock)?;
+    }
     if args.keep_pool && !temporary {
         log::debug!("--keep-pool has no effect with --pool: a given pool is always kept");
     }
