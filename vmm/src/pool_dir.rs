@@ -101,13 +101,36 @@ pub fn ensure_dir(dir: &Path) -> Result<(), PoolDirError> {
     Ok(())
 }
 
-/// A fresh pool path in `dir`: `PID-NANOS.pool`.
-pub fn new_pool_path(dir: &Path) -> PathBuf {
+/// A fresh pool path in `dir`: `PID-NANOS.pool` (NANOS 8 hex digits), removed at exit
+/// and by [`prune`] once its VMM died; with `keep` (`--keep-pool`)
+/// `PID-NANOS.kept.pool`, which prune never touches: it is kept on purpose.
+pub fn new_pool_path(dir: &Path, keep: bool) -> PathBuf {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    dir.join(format!("{}-{nanos:08x}.pool", std::process::id()))
+    let kept = if keep { ".kept" } else { "" };
+    dir.join(format!("{}-{nanos:08x}{kept}.pool", std::process::id()))
+}
+
+/// Whether `rest` is `PID-NANOS` as [`new_pool_path`] writes it.
+fn is_pid_nanos(rest: &str) -> bool {
+    match rest.split_once('-') {
+        Some((pid, nanos)) => {
+            !pid.is_empty()
+                && pid.bytes().all(|b| b.is_ascii_digit())
+                && nanos.len() == 8
+                && nanos.bytes().all(|b| b.is_ascii_hexdigit())
+        }
+        None => false,
+    }
+}
+
+/// Whether `name` is a temporary default pool's (`PID-NANOS.pool`): the only files
+/// [`prune`] considers in a pool directory. Kept pools and pools named with `--pool`
+/// are never pruned.
+pub fn is_default_pool_name(name: &str) -> bool {
+    name.strip_suffix(".pool").is_some_and(is_pid_nanos)
 }
 
 /// A pool prune removed (or, in a dry run, would remove).
@@ -145,24 +168,13 @@ pub struct PruneReport {
 /// directory: `pmsnap-PID-NANOS.pool` (NANOS 8 hex digits), directly in `/dev/shm`.
 /// Other `pmsnap-*.pool` files there (a test's, a user's) are not ours to remove.
 pub fn is_legacy_default_name(name: &str) -> bool {
-    let Some(rest) = name
-        .strip_prefix("pmsnap-")
+    name.strip_prefix("pmsnap-")
         .and_then(|r| r.strip_suffix(".pool"))
-    else {
-        return false;
-    };
-    match rest.split_once('-') {
-        Some((pid, nanos)) => {
-            !pid.is_empty()
-                && pid.bytes().all(|b| b.is_ascii_digit())
-                && nanos.len() == 8
-                && nanos.bytes().all(|b| b.is_ascii_hexdigit())
-        }
-        None => false,
-    }
+        .is_some_and(is_pid_nanos)
 }
 
-/// The pool files prune considers: every `*.pool` file in `dir`, and with `legacy`
+/// The pool files prune considers: the temporary default pools in `dir`
+/// ([`is_default_pool_name`]), and with `legacy`
 /// also the old-style default pools directly in that directory
 /// ([`is_legacy_default_name`]).
 pub fn candidates(dir: &Path, legacy: Option<&Path>) -> io::Result<Vec<PathBuf>> {
@@ -183,7 +195,7 @@ pub fn candidates(dir: &Path, legacy: Option<&Path>) -> io::Result<Vec<PathBuf>>
         }
         Ok(())
     };
-    scan(dir, &|n| n.ends_with(".pool"))?;
+    scan(dir, &is_default_pool_name)?;
     if let Some(shm) = legacy {
         scan(shm, &is_legacy_default_name)?;
     }
@@ -230,8 +242,24 @@ mod tests {
     fn default_dirs() {
         assert_eq!(default_dir_for(0), PathBuf::from("/dev/shm/pmsnap"));
         assert_eq!(default_dir_for(1000), PathBuf::from("/dev/shm/pmsnap-1000"));
-        let p = new_pool_path(Path::new("/x"));
+        let p = new_pool_path(Path::new("/x"), false);
         assert!(p.starts_with("/x") && p.extension().is_some_and(|e| e == "pool"));
+        let name = |p: &Path| p.file_name().expect("name").to_string_lossy().into_owned();
+        assert!(is_default_pool_name(&name(&p)), "{p:?}");
+        let kept = new_pool_path(Path::new("/x"), true);
+        assert!(name(&kept).ends_with(".kept.pool"), "{kept:?}");
+        assert!(
+            !is_default_pool_name(&name(&kept)),
+            "kept pools are not pruned"
+        );
+        for n in [
+            "guest.pool",
+            "12-abc.pool",
+            "12-0000abcd.pool.bak",
+            "x-0000abcd.pool",
+        ] {
+            assert!(!is_default_pool_name(n), "{n}");
+        }
     }
 
     #[test]
@@ -274,10 +302,15 @@ mod tests {
         ensure_dir(&dir).expect("dir");
         let opts = pmem_backend::PoolOptions::default;
         // A live VMM's pool: its Pool (and lock) is held.
-        let live = new_pool_path(&dir);
+        let live = new_pool_path(&dir, false);
         let _held = pmem_backend::Pool::create(&live, 1 << 20, opts()).expect("create");
         // A dead VMM's pool: created, then its process "died" (the Pool was dropped).
-        let dead = dir.join("dead.pool");
+        let dead = dir.join("1-0000dead.pool");
+        // A pool kept on purpose (--keep-pool) and one named by the user: never pruned.
+        let kept = new_pool_path(&dir, true);
+        drop(pmem_backend::Pool::create(&kept, 1 << 20, opts()).expect("create"));
+        let named = dir.join("guest.pool");
+        drop(pmem_backend::Pool::create(&named, 1 << 20, opts()).expect("create"));
         drop(pmem_backend::Pool::create(&dead, 1 << 20, opts()).expect("create"));
         // An old-style default pool, and files prune must not touch.
         let legacy = shm.join("pmsnap-1234-0badf00d.pool");
@@ -310,7 +343,7 @@ mod tests {
         }
         assert!(!dead.exists() && !legacy.exists());
         assert!(live.exists() && other.exists() && dir.join("notes.txt").exists());
-        assert!(test_pool.exists());
+        assert!(test_pool.exists() && kept.exists() && named.exists());
         // Pool files are owner-only.
         let mode = fs::metadata(&live).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);

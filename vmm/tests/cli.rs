@@ -126,9 +126,9 @@ fn api_sock_from_the_environment_and_json_errors() {
 #[test]
 fn store_aliases_json_errors_and_prune() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let live = dir.path().join("live.pool");
+    let live = dir.path().join("2-0000a11e.pool");
     let _held = Pool::create(&live, 1 << 20, PoolOptions::default()).expect("create");
-    let dead = dir.path().join("dead.pool");
+    let dead = dir.path().join("1-0000dead.pool");
     {
         let mut p = Pool::create(&dead, 1 << 20, PoolOptions::default()).expect("create");
         p.snapshot(

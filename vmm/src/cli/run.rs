@@ -44,7 +44,8 @@ pub struct RunArgs {
     /// `pmsnap store prune` removes those of VMMs that were killed]
     #[arg(long, value_name = "PATH")]
     pub pool: Option<PathBuf>,
-    /// Keep the default pool file at exit (its path is logged).
+    /// Keep the default pool file at exit (its path is logged; named `*.kept.pool`, so
+    /// `pmsnap store prune` leaves it).
     #[arg(long)]
     pub keep_pool: bool,
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket, e.g. for
@@ -124,8 +125,8 @@ impl Drop for TempPool {
     }
 }
 
-fn default_pool_path() -> PathBuf {
-    pool_dir::new_pool_path(&pool_dir::default_dir())
+fn default_pool_path(keep: bool) -> PathBuf {
+    pool_dir::new_pool_path(&pool_dir::default_dir(), keep)
 }
 
 /// The text after the options in `pmsnap run --help`, with the default kernel command
@@ -150,7 +151,10 @@ pub fn resolve(args: &RunArgs, image_dir_env: Option<&str>) -> Result<(VmConfig,
     let temporary = args.pool.is_none();
     if let Some(payload) = &args.payload {
         config::check_image_file("payload", payload, false)?;
-        let pool = args.pool.clone().unwrap_or_else(default_pool_path);
+        let pool = args
+            .pool
+            .clone()
+            .unwrap_or_else(|| default_pool_path(args.keep_pool));
         return Ok((
             VmConfig {
                 kernel: payload.clone(),
@@ -174,7 +178,10 @@ pub fn resolve(args: &RunArgs, image_dir_env: Option<&str>) -> Result<(VmConfig,
         .unwrap_or_else(|| dir.join("initramfs.cpio"));
     config::check_image_file("kernel", &kernel, kernel_default)?;
     config::check_image_file("initrd", &initrd, initrd_default)?;
-    let pool = args.pool.clone().unwrap_or_else(default_pool_path);
+    let pool = args
+        .pool
+        .clone()
+        .unwrap_or_else(|| default_pool_path(args.keep_pool));
     Ok((
         VmConfig {
             kernel,
@@ -347,9 +354,13 @@ mod tests {
         assert!(temporary && remove);
         assert!(cfg.pool.starts_with(pool_dir::default_dir()));
         assert_eq!(cfg.kernel, dir.path().join("vmlinux"));
-        let (_, _, remove) =
+        let (cfg, _, remove) =
             resolve(&parse(&["--keep-pool"]).expect("parse"), Some(d)).expect("ok");
         assert!(!remove);
+        assert!(
+            cfg.pool.to_string_lossy().ends_with(".kept.pool"),
+            "{cfg:?}"
+        );
         let (cfg, temporary, remove) = resolve(
             &parse(&["--pool", "/dev/shm/x.pool"]).expect("parse"),
             Some(d),

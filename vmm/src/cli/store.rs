@@ -59,15 +59,19 @@ pub enum StoreCommand {
     /// Remove the pools of VMMs that died (killed, aborted) from the default pool
     /// directory: only pools whose lock no process holds. Pools in use are listed.
     #[command(
-        after_help = "The default pool directory is /dev/shm/pmsnap (/dev/shm/pmsnap-UID \
-when not root); old-style default pools /dev/shm/pmsnap-*.pool are included. Each pool \
-holds its guest's RAM in host memory until removed."
+        after_help = "The default pool directory is $PMSNAP_POOL_DIR, else /dev/shm/pmsnap \
+(/dev/shm/pmsnap-UID when not root), where the old-style default pools \
+/dev/shm/pmsnap-PID-NANOS.pool are looked at too. Only temporary default pools \
+(PID-NANOS.pool) are candidates: pools kept with --keep-pool (*.kept.pool) and pools named \
+with --pool are never removed. Each pool holds its guest's RAM in host memory until \
+removed."
     )]
     Prune {
         /// Only list what would be removed.
         #[arg(long)]
         dry_run: bool,
-        /// Prune the `*.pool` files of this directory instead of the default one.
+        /// Prune the default pools (PID-NANOS.pool) of this directory instead of the
+        /// default one.
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
@@ -467,9 +471,9 @@ mod tests {
     #[test]
     fn prune_in_a_directory_text_and_json() {
         let d = tempfile::tempdir().expect("tempdir");
-        let live = d.path().join("live.pool");
+        let live = d.path().join("2-0000a11e.pool");
         let _held = Pool::create(&live, 1 << 20, PoolOptions::default()).expect("create");
-        let dead = d.path().join("dead.pool");
+        let dead = d.path().join("1-0000dead.pool");
         drop(Pool::create(&dead, 1 << 20, PoolOptions::default()).expect("create"));
         let prune = |dry_run, json| StoreArgs {
             pool: None,
@@ -486,7 +490,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("in use") && text.contains("live.pool"),
+            text.contains("in use") && text.contains("2-0000a11e.pool"),
             "{text}"
         );
         assert!(dead.exists());
