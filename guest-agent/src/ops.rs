@@ -359,7 +359,7 @@ pub fn make_resident(
 /// Touch `pages` of `pid`: read one byte of each page (unless known zero) and write the
 /// same byte back. A write fault breaks copy-on-write and never leaves the shared zero
 /// page mapped; only one byte per page moves because guest kernel code is emulated on
-/// the development hosts and whole-page copies there are slow (MACHINE_FACTS.md), and
+/// the development hosts and whole-page copies there are slow (docs/machine-notes.md), and
 /// 1024 pages go in one `process_vm_readv`/`process_vm_writev`. Pages those calls
 /// cannot reach (a read-only or `PROT_NONE` mapping) go through /proc/PID/mem, which
 /// forces the access. The process must be frozen, or the byte could change between

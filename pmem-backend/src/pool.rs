@@ -5,7 +5,7 @@
 use crate::bitmap::ProtectionBitmap;
 use crate::catalog::{self, Catalog, Snapshot};
 use crate::error::{PoolError, Result};
-use crate::lock::{lock_exclusive, LockError};
+use crate::lock::{lock_exclusive, still_linked, LockError};
 use crate::mapping::Mapping;
 use crate::persist::{MsyncPersist, Persist};
 use crate::redirect_log::LogRecord;
@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -139,6 +140,8 @@ pub(crate) fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// Take the pool's lock, then check that `path` still names the file: a prune that
+/// claimed it between our open and our lock has removed it.
 fn take_lock(file: &File, path: &Path) -> Result<()> {
     lock_exclusive(file).map_err(|e| match e {
         LockError::Held(pid) => PoolError::Locked {
@@ -150,7 +153,16 @@ fn take_lock(file: &File, path: &Path) -> Result<()> {
             path: path.to_path_buf(),
             source,
         },
-    })
+    })?;
+    match still_linked(file, path) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(PoolError::Removed(path.to_path_buf())),
+        Err(source) => Err(PoolError::Io {
+            what: "checking",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 /// Allocate the whole file now, so a full tmpfs fails here with ENOSPC instead of with a
@@ -189,10 +201,14 @@ impl Pool {
                 .unwrap_or(DEFAULT_LOG_RECORDS.max(ram_pages)),
             meta,
         )?;
+        geo.check_limits(superblock::host_memory_bytes())
+            .map_err(PoolError::InvalidArgument)?;
+        // Owner-only: the pool holds the guest's memory.
         let file = match OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(path)
         {
             Ok(f) => f,
@@ -263,6 +279,10 @@ impl Pool {
                 actual: len,
             });
         }
+        // Before anything sized by the superblock is allocated (bookkeeping per page,
+        // the catalog buffer): a sparse crafted file passes the length check above.
+        geo.check_limits(superblock::host_memory_bytes())
+            .map_err(PoolError::TooLarge)?;
         let t0 = std::time::Instant::now();
         let map = Mapping::new(&file, geo.file_size as usize).map_err(io_err("mapping", path))?;
         let mut pool = Pool::assemble(path, file, map, persist, sb);
@@ -715,7 +735,14 @@ mod tests {
         );
         assert_eq!(pool.generation(), 2);
         assert!(pool.raw_fd() >= 0);
-        let len = pool.file().metadata().expect("stat").len();
+        let md = pool.file().metadata().expect("stat");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            md.permissions().mode() & 0o777,
+            0o600,
+            "pool files are owner-only"
+        );
+        let len = md.len();
         assert_eq!(len, pool.geometry().file_size);
         drop(pool);
         let pool = Pool::open(&path).expect("reopen");
@@ -765,6 +792,39 @@ mod tests {
         }
         drop(pool);
         Pool::open(&path).expect("open after close");
+    }
+
+    /// A crafted superblock that claims more RAM and blocks than the host has, on a
+    /// sparse file as long as it claims: refused before the bookkeeping or the catalog
+    /// buffer is allocated, with an error that says why.
+    #[test]
+    fn crafted_huge_geometry_is_refused_before_allocating() {
+        let d = tmpdir();
+        let (path, pool) = small_pool(&d, 16, PoolOptions::default());
+        let mut sb = pool.sb;
+        drop(pool);
+        let host = crate::superblock::host_memory_bytes();
+        // Twice the host's memory in blocks, with a catalog length to match the slot.
+        let blocks = (2 * host / PAGE_SIZE as u64).min(u64::from(u32::MAX));
+        let g = &mut sb.geometry;
+        g.block_count = blocks;
+        g.file_size = g.block_offset + blocks * PAGE_SIZE as u64;
+        g.validate().expect("still a consistent layout");
+        let sector = sb.encode();
+        patch(&path, 0, &sector);
+        patch(&path, SB_SIZE, &sector);
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.set_len(sb.geometry.file_size).expect("sparse extend");
+        drop(f);
+        match Pool::open(&path) {
+            Err(e @ PoolError::TooLarge(_)) => {
+                let msg = e.to_string();
+                assert!(msg.contains("larger than this host's memory"), "{msg}");
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.set_len(0).expect("free the sparse file");
     }
 
     #[test]

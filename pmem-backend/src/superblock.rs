@@ -162,6 +162,42 @@ impl Geometry {
         Ok(())
     }
 
+    /// Check that a pool of this geometry is one this host could have made, before any
+    /// memory is allocated for it. `validate` only checks that the areas are consistent;
+    /// a crafted (sparse) file can still claim terabytes of RAM and blocks, and opening
+    /// it would allocate bookkeeping (about 9 bytes per page) and read a catalog as large
+    /// as its metadata slot. Two bounds make that cost small and known:
+    /// - RAM plus block area at most `host_bytes` (the pool lives on tmpfs or hugetlbfs,
+    ///   so it cannot be larger than the host's memory and swap);
+    /// - a metadata slot at most [`max_meta_slot_size`] for that many pages (the catalog
+    ///   of a full pool needs about 16 bytes per page; `create` reserves that plus 1 MiB).
+    pub fn check_limits(&self, host_bytes: u64) -> std::result::Result<(), String> {
+        let page = PAGE_SIZE as u64;
+        let pool_bytes = self
+            .block_count
+            .checked_mul(page)
+            .and_then(|b| b.checked_add(self.ram_size))
+            .ok_or("superblock layout: RAM plus block area overflows")?;
+        if pool_bytes > host_bytes {
+            return Err(format!(
+                "RAM ({} MiB) plus block area ({} MiB) is larger than this host's memory \
+                 and swap ({} MiB): not a pool this host could hold",
+                self.ram_size >> 20,
+                (self.block_count * page) >> 20,
+                host_bytes >> 20
+            ));
+        }
+        let max_meta = max_meta_slot_size(self.ram_pages() + self.block_count);
+        if self.meta_slot_size > max_meta {
+            return Err(format!(
+                "metadata slot of {} bytes is larger than a pool of this size can need \
+                 ({max_meta} bytes at most)",
+                self.meta_slot_size
+            ));
+        }
+        Ok(())
+    }
+
     /// Pages in the RAM area.
     pub fn ram_pages(&self) -> u64 {
         self.ram_size / PAGE_SIZE as u64
@@ -182,6 +218,38 @@ impl Geometry {
     pub fn meta_slot_offset(&self, slot: u32) -> u64 {
         self.meta_offset + u64::from(slot) * self.meta_slot_size
     }
+}
+
+/// The largest metadata slot a pool of `pages` pages (RAM plus blocks) may have: 64 bytes
+/// per page plus 64 MiB, four times what its catalog can fill (`create` sizes slots at
+/// 16 bytes per page plus 1 MiB unless told otherwise).
+pub fn max_meta_slot_size(pages: u64) -> u64 {
+    pages.saturating_mul(64).saturating_add(64 << 20)
+}
+
+/// Bytes of memory and swap on this host: the most a pool on tmpfs or hugetlbfs can
+/// hold. Falls back to `u64::MAX` (no bound) only when the kernel does not say.
+pub fn host_memory_bytes() -> u64 {
+    // SAFETY: sysconf takes no pointers.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let phys = match (u64::try_from(pages), u64::try_from(size)) {
+        (Ok(p), Ok(s)) if p > 0 && s > 0 => p.saturating_mul(s),
+        _ => return u64::MAX,
+    };
+    let swap = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("SwapTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    phys.saturating_add(swap.saturating_mul(1024))
 }
 
 /// One superblock copy's content.
@@ -381,6 +449,32 @@ mod tests {
         assert!(Geometry::plan(4097, 1, 1, 1).is_err());
         assert!(Geometry::plan(0, 1, 1, 1).is_err());
         assert!(Geometry::plan(4096, 1, 0, 1).is_err());
+    }
+
+    #[test]
+    fn limits_bound_pool_size_and_metadata_slot() {
+        let g = Geometry::plan(1 << 30, 1 << 18, 1024, 1 << 20).expect("plan");
+        // 1 GiB RAM + 1 GiB blocks: fits a 4 GiB host, not a 1 GiB one.
+        assert_eq!(g.check_limits(4 << 30), Ok(()));
+        let e = g.check_limits(1 << 30).expect_err("larger than the host");
+        assert!(
+            e.contains("1024 MiB") && e.contains("larger than this host"),
+            "{e}"
+        );
+        // A slot far larger than the catalog of 2^19 pages can fill.
+        let mut big_meta = g;
+        big_meta.meta_slot_size = max_meta_slot_size(g.ram_pages() + g.block_count) + 4096;
+        let e = big_meta.check_limits(u64::MAX).expect_err("slot too large");
+        assert!(e.contains("metadata slot"), "{e}");
+        // The largest geometry validate accepts (2^32-1 pages each) overflows nothing.
+        let mut huge = g;
+        huge.ram_size = (u64::from(u32::MAX)) * 4096;
+        huge.block_count = u64::from(u32::MAX);
+        assert!(huge.check_limits(1 << 40).is_err());
+        assert!(
+            host_memory_bytes() >= 64 << 20,
+            "host memory reads as too small"
+        );
     }
 
     #[test]

@@ -10,5 +10,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod payload;
 pub mod persist;
+pub mod pool_dir;
 pub mod snapshot;
+pub mod unix_socket;
 pub mod vstate;

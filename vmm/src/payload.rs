@@ -1,7 +1,7 @@
 //! Payload mode: instead of Linux, run a small flat binary entirely in guest user mode.
 //!
 //! On this host KVM emulates guest kernel code but runs guest user code natively (see
-//! MACHINE_FACTS.md), so a payload entered directly at CPL 3 writes guest memory at full
+//! docs/machine-notes.md), so a payload entered directly at CPL 3 writes guest memory at full
 //! speed. The tests of the copy-before-write engine use this: a payload that writes a
 //! known pattern into a large region on every vCPU while snapshots are taken.
 //!

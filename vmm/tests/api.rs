@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 use vmm::api::channel::api_channel;
 use vmm::api::client::{parse_response, ApiClient, ClientError, RawResponse};
 use vmm::api::{
-    ApiError, ApiHandler, ApiRequest, ApiResponse, ApiServer, ApiServerHandle, ApiStats,
-    DirtyPages, HandlerTime, PageRun, PagesSnapshotRequest, ServerError, SnapshotInfo, VmState,
-    VmStatus,
+    serialized, ApiError, ApiHandler, ApiRequest, ApiResponse, ApiServer, ApiServerHandle,
+    ApiStats, DirtyPages, HandlerTime, PageRun, PagesSnapshotRequest, ServerError, SnapshotInfo,
+    VmState, VmStatus,
 };
 use vmm::cli::ctl::{send, CtlCommand};
+use vmm::unix_socket::SocketError;
 
 /// Guest RAM of the fake VM, in pages.
 const RAM_PAGES: u64 = 1024;
@@ -96,7 +97,12 @@ impl Fake {
     }
 }
 
-impl ApiHandler for Fake {
+/// The test double behind the real server, one request at a time.
+fn served(mut fake: Fake) -> impl ApiHandler {
+    serialized(move |req| fake.handle(req))
+}
+
+impl Fake {
     fn handle(&mut self, req: ApiRequest) -> Result<ApiResponse, ApiError> {
         match req {
             ApiRequest::Status => Ok(ApiResponse::Status(self.status())),
@@ -180,7 +186,7 @@ impl Env {
         let path = dir.path().join("api.sock");
         let fake = Fake::default();
         let written = Arc::clone(&fake.written);
-        let server = ApiServer::start(&path, fake).expect("server starts");
+        let server = ApiServer::start(&path, served(fake)).expect("server starts");
         Env {
             _dir: dir,
             path,
@@ -254,7 +260,11 @@ fn raw_exchange(path: &Path, bytes: &[u8], half_close: bool) -> RawResponse {
     let mut s = UnixStream::connect(path).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(15)))
         .expect("timeout");
-    s.write_all(bytes).expect("write");
+    // A server that answers before reading (503 at the connection limit) may have
+    // closed already: its answer is still there to read.
+    if let Err(e) = s.write_all(bytes) {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write: {e}");
+    }
     if half_close {
         s.shutdown(std::net::Shutdown::Write).expect("shutdown");
     }
@@ -383,13 +393,25 @@ fn ctl_commands_render_text_and_json() {
     send(&c, &CtlCommand::Resume, false).expect("resume");
 
     env.written.lock().expect("lock").insert(3);
-    let text = send(&c, &CtlCommand::Dirty { since: "n1".into() }, false).expect("dirty");
+    let text = send(
+        &c,
+        &CtlCommand::Dirty {
+            since: Some("n1".into()),
+            since_flag: None,
+        },
+        false,
+    )
+    .expect("dirty");
     assert_eq!(
         text,
         "1 pages (4.0 KiB) written since n1 in 1 runs\n  3:1\n"
     );
     let text = send(&c, &CtlCommand::Stats, false).expect("stats");
-    assert!(text.contains("blocks_free: 61"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.split_whitespace().eq(["blocks", "free", "61"])),
+        "{text}"
+    );
     let text = send(&c, &CtlCommand::Inspect { name: "n1".into() }, false).expect("inspect");
     assert!(text.contains("    0:16\n"), "{text}");
 
@@ -434,10 +456,38 @@ fn ctl_binary_exit_codes_and_messages() {
         "{err}"
     );
 
-    let out = run(&["list", "--json"]);
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(v["snapshots"][0]["pages"], 6);
+    // With --json the API's error is JSON on stdout too, with its status and code.
+    let out = run(&["snapshot-pages", "b1", "--runs", "0:1", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON error");
+    assert_eq!(v["error"]["status"], 409, "{v}");
+    assert_eq!(v["error"]["code"], "duplicate_name", "{v}");
+    assert_eq!(v["error"]["exit_code"], 1, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already exists")),
+        "{v}"
+    );
+
+    for verb in ["list", "ls"] {
+        let out = run(&[verb, "--json"]);
+        assert!(out.status.success());
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        assert_eq!(v["snapshots"][0]["pages"], 6);
+        assert!(v["snapshots"][0]["created_unix_ms"].is_u64(), "{v}");
+    }
+    // Text: RFC 3339.
+    let out = run(&["inspect", "b1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let created = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("created:"))
+        .expect("created line");
+    assert!(
+        created.trim().ends_with('Z') && created.contains('T'),
+        "{text}"
+    );
 
     let out = run(&["snapshot-pages", "--name", "b2", "--runs", "0:0"]);
     assert_eq!(out.status.code(), Some(1));
@@ -617,24 +667,33 @@ fn socket_file_lifecycle() {
     // A stale socket (bound, nobody listening) is replaced.
     drop(UnixListener::bind(&path).expect("bind"));
     assert!(path.exists());
-    let server = ApiServer::start(&path, Fake::default()).expect("replaces stale socket");
+    let server = ApiServer::start(&path, served(Fake::default())).expect("replaces stale socket");
     ApiClient::new(&path).status().expect("serving");
     // A second server on a live socket is refused, and the first keeps serving.
-    let err = ApiServer::start(&path, Fake::default()).expect_err("in use");
-    assert!(matches!(err, ServerError::InUse(_)), "{err}");
+    let err = ApiServer::start(&path, served(Fake::default())).expect_err("in use");
+    assert!(
+        matches!(err, ServerError::Socket(SocketError::InUse(_))),
+        "{err}"
+    );
     ApiClient::new(&path).status().expect("still serving");
     server.stop();
     assert!(!path.exists(), "stop removes the socket");
 
     let file = dir.path().join("regular");
     std::fs::write(&file, b"x").expect("write");
-    let err = ApiServer::start(&file, Fake::default()).expect_err("not a socket");
-    assert!(matches!(err, ServerError::NotASocket(_)));
+    let err = ApiServer::start(&file, served(Fake::default())).expect_err("not a socket");
+    assert!(matches!(
+        err,
+        ServerError::Socket(SocketError::NotASocket(_))
+    ));
     assert!(file.exists(), "a regular file is never removed");
 
-    let err =
-        ApiServer::start(dir.path().join("no/such/dir/s"), Fake::default()).expect_err("bad dir");
-    assert!(matches!(err, ServerError::Bind { .. }), "{err}");
+    let err = ApiServer::start(dir.path().join("no/such/dir/s"), served(Fake::default()))
+        .expect_err("bad dir");
+    assert!(
+        matches!(err, ServerError::Socket(SocketError::Bind { .. })),
+        "{err}"
+    );
 }
 
 #[test]
@@ -655,6 +714,64 @@ fn stop_is_prompt_with_idle_connections_open() {
         start.elapsed()
     );
     assert!(!env.path.exists());
+}
+
+/// A request that waits (a process snapshot waiting for a guest that never answers)
+/// does not hold up the others: the server calls the handler concurrently, so status
+/// is answered while the slow request is still open.
+#[test]
+fn a_waiting_request_does_not_block_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("w.sock");
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let entered_tx = Mutex::new(entered_tx);
+    let release_rx = Mutex::new(release_rx);
+    let handler = move |req: ApiRequest| match req {
+        ApiRequest::SnapshotProcess(_) => {
+            entered_tx.lock().expect("lock").send(()).expect("signal");
+            // Wait like a process snapshot whose guest does not answer.
+            let _ = release_rx
+                .lock()
+                .expect("lock")
+                .recv_timeout(Duration::from_secs(30));
+            Err(ApiError::InvalidState(
+                "the guest agent did not answer".into(),
+            ))
+        }
+        ApiRequest::Status => Ok(ApiResponse::Status(Fake::default().status())),
+        other => Err(ApiError::NotImplemented(format!("{other:?}"))),
+    };
+    let server = ApiServer::start(&path, handler).expect("start");
+    let slow_path = path.clone();
+    let slow = thread::spawn(move || {
+        let mut s = UnixStream::connect(&slow_path).expect("connect");
+        let body = r#"{"pid":1,"name":"p"}"#;
+        write!(
+            s,
+            "POST /v1/process-snapshots HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut buf = Vec::new();
+        read_one(&mut s, &mut buf).status
+    });
+    entered_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the slow request reached the handler");
+    let start = Instant::now();
+    let st = ApiClient::new(&path)
+        .status()
+        .expect("status while the other waits");
+    assert_eq!(st.state, VmState::Running);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "status took {:?} behind a waiting request",
+        start.elapsed()
+    );
+    release_tx.send(()).expect("release");
+    assert_eq!(slow.join().expect("slow client"), 409);
+    server.stop();
 }
 
 #[test]

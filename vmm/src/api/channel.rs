@@ -96,7 +96,7 @@ pub fn api_channel(timeout: Duration) -> std::io::Result<(ChannelHandler, ApiRec
 }
 
 impl ApiHandler for ChannelHandler {
-    fn handle(&mut self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+    fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
         let (reply, answer) = mpsc::sync_channel(1);
         self.tx
             .send(ApiCall { request, reply })
@@ -150,7 +150,7 @@ mod tests {
 
     #[test]
     fn request_round_trips_through_the_vmm_thread() {
-        let (mut handler, rx) = api_channel(Duration::from_secs(5)).expect("eventfd");
+        let (handler, rx) = api_channel(Duration::from_secs(5)).expect("eventfd");
         let vmm = thread::spawn(move || {
             let call = rx.recv_timeout(Duration::from_secs(5)).expect("a call");
             assert_eq!(call.request(), &ApiRequest::Stats);
@@ -168,7 +168,7 @@ mod tests {
 
     #[test]
     fn eventfd_signals_and_take_pending_drains() {
-        let (mut handler, rx) = api_channel(Duration::from_millis(50)).expect("eventfd");
+        let (handler, rx) = api_channel(Duration::from_millis(50)).expect("eventfd");
         // Nobody answers: the handler times out with 503, but the call is queued.
         let err = handler.handle(ApiRequest::Pause).expect_err("no answer");
         assert_eq!(err.status(), 503);
@@ -184,7 +184,7 @@ mod tests {
 
     #[test]
     fn dropped_receiver_gives_unavailable_and_dropped_call_gives_internal() {
-        let (mut handler, rx) = api_channel(Duration::from_secs(5)).expect("eventfd");
+        let (handler, rx) = api_channel(Duration::from_secs(5)).expect("eventfd");
         let vmm = thread::spawn(move || {
             let call = rx.recv_timeout(Duration::from_secs(5)).expect("a call");
             drop(call);

@@ -17,8 +17,11 @@
 //! The VMM implements [`ApiHandler`]: one call per valid request, answered with a typed
 //! [`ApiResponse`] or a semantic [`ApiError`] (unknown snapshot, duplicate name, runs
 //! outside guest RAM, VM in the wrong state). The server calls the handler from its
-//! connection threads, one call at a time (the handler sits behind a mutex), so a handler
-//! that owns its state needs no locking of its own.
+//! connection threads concurrently: a request that waits (a process snapshot waits for
+//! the guest agent) must not hold up `status`, `pause` or a VM snapshot, so the handler
+//! decides what to serialize (the engine serializes the operations that change the VM or
+//! the store, and waits for the guest outside that lock). A handler that owns its state
+//! and wants one call at a time wraps itself with [`serialized`].
 //!
 //! A VMM whose event loop owns the VM state (Firecracker style) uses [`channel`] instead:
 //! [`channel::api_channel`] returns a [`channel::ChannelHandler`] to give to the server
@@ -31,7 +34,7 @@
 //!
 //! struct Engine;
 //! impl ApiHandler for Engine {
-//!     fn handle(&mut self, req: ApiRequest) -> Result<ApiResponse, ApiError> {
+//!     fn handle(&self, req: ApiRequest) -> Result<ApiResponse, ApiError> {
 //!         Err(ApiError::NotImplemented(format!("{req:?}")))
 //!     }
 //! }
@@ -63,16 +66,27 @@ pub use types::*;
 /// `handle` gets requests that passed the API layer's validation (see [`ApiRequest`] for
 /// each variant's guarantees and expected answer). It must not panic on any input; if it
 /// does, the server answers 500 and keeps serving.
-pub trait ApiHandler: Send + 'static {
-    /// Carry out one request.
-    fn handle(&mut self, request: ApiRequest) -> Result<ApiResponse, ApiError>;
+pub trait ApiHandler: Send + Sync + 'static {
+    /// Carry out one request. Called from several connection threads at once.
+    fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError>;
 }
 
 impl<F> ApiHandler for F
 where
-    F: FnMut(ApiRequest) -> Result<ApiResponse, ApiError> + Send + 'static,
+    F: Fn(ApiRequest) -> Result<ApiResponse, ApiError> + Send + Sync + 'static,
 {
-    fn handle(&mut self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+    fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
         self(request)
     }
+}
+
+/// A handler that owns mutable state, called one request at a time behind a mutex (a
+/// panic in it leaves the state as it was when the panic happened; the server answers
+/// 500 and keeps serving).
+pub fn serialized<F>(f: F) -> impl ApiHandler
+where
+    F: FnMut(ApiRequest) -> Result<ApiResponse, ApiError> + Send + 'static,
+{
+    let f = std::sync::Mutex::new(f);
+    move |request| (f.lock().unwrap_or_else(|p| p.into_inner()))(request)
 }

@@ -152,6 +152,18 @@ pub struct VmInfo {
     pub pool_path: String,
 }
 
+/// Process snapshots that may wait for the guest agent at once; more are refused.
+pub const MAX_PROCESS_SNAPSHOTS_IN_FLIGHT: u64 = 4;
+
+/// Decrements a counter when dropped (on every return path, panics included).
+struct DecOnDrop<'a>(&'a AtomicU64);
+
+impl Drop for DecOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The engine. Shared between the API, the guest agent service and the VMM.
 pub struct Engine {
     pool: Arc<Mutex<Pool>>,
@@ -162,6 +174,13 @@ pub struct Engine {
     vm: OnceLock<Arc<dyn VmControl>>,
     agent_uds: OnceLock<std::path::PathBuf>,
     persist: OnceLock<Arc<dyn VmPersist>>,
+    /// Held by every API request that changes the VM or the store (pause, resume,
+    /// snapshots, delete, rollback, and dirty, which harvests the dirty log), one at a
+    /// time; never while waiting for the guest.
+    control: Mutex<()>,
+    /// Process snapshots waiting for the guest agent now (at most
+    /// [`MAX_PROCESS_SNAPSHOTS_IN_FLIGHT`]).
+    agent_waits: AtomicU64,
     info: VmInfo,
     started: Instant,
     // Last, so the handler thread stops before the rest goes away.
@@ -237,6 +256,8 @@ impl Engine {
             vm: OnceLock::new(),
             agent_uds: OnceLock::new(),
             persist: OnceLock::new(),
+            control: Mutex::new(()),
+            agent_waits: AtomicU64::new(0),
             info,
             started: Instant::now(),
             _handler: Some(handler),
@@ -450,8 +471,19 @@ impl Engine {
         self.sink.preserved.load(Ordering::Relaxed)
     }
 
-    /// Serve one control-API request.
+    /// Serve one control-API request. The API calls this from several threads at once:
+    /// reads answer at once, changes take the control lock one at a time, and a process
+    /// snapshot waits for the guest agent without it, so a guest that is slow to answer
+    /// (or never answers) cannot hold up status, pause, a VM snapshot or a rollback.
     pub fn handle(&self, req: ApiRequest) -> Result<ApiResponse, ApiError> {
+        let _control = match &req {
+            ApiRequest::Status
+            | ApiRequest::Stats
+            | ApiRequest::ListSnapshots
+            | ApiRequest::InspectSnapshot { .. }
+            | ApiRequest::SnapshotProcess(_) => None,
+            _ => Some(self.control.lock().unwrap_or_else(|e| e.into_inner())),
+        };
         match req {
             ApiRequest::Status => Ok(ApiResponse::Status(self.status())),
             ApiRequest::Pause => {
@@ -519,7 +551,19 @@ impl Engine {
                         "this VMM has no vsock device (start it with --vsock-sock)".into(),
                     )
                 })?;
-                super::agent_client::snapshot_process(uds, &r)?;
+                let waits = self.agent_waits.fetch_add(1, Ordering::AcqRel);
+                let _done = DecOnDrop(&self.agent_waits);
+                if waits >= MAX_PROCESS_SNAPSHOTS_IN_FLIGHT {
+                    return Err(ApiError::InvalidState(format!(
+                        "{waits} process snapshots are already waiting for the guest agent; \
+                         try again when one has finished"
+                    )));
+                }
+                super::agent_client::snapshot_process(
+                    uds,
+                    &r,
+                    super::agent_client::AGENT_DEADLINE,
+                )?;
                 lock_pool(&self.pool)
                     .inspect(r.name.as_str())
                     .map(|s| ApiResponse::SnapshotCreated(to_api_info(s, false)))

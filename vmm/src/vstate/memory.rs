@@ -124,7 +124,7 @@ pub fn statfs_pool(path: &Path) -> Result<(i64, u64), MemoryError> {
 }
 
 /// Accept only filesystems where synchronous userfaultfd write-protect works on a
-/// `MAP_SHARED` mapping (see MACHINE_FACTS.md: it fails with EINVAL on ext4/XFS/btrfs).
+/// `MAP_SHARED` mapping (see docs/machine-notes.md: it fails with EINVAL on ext4/XFS/btrfs).
 pub fn check_pool_filesystem(path: &Path, fs_type: i64) -> Result<(), MemoryError> {
     if fs_type == TMPFS_MAGIC || fs_type == HUGETLBFS_MAGIC {
         Ok(())
