@@ -227,6 +227,7 @@ mod tests {
     }
 
     fn meta(state: Vec<u8>) -> SnapshotMeta {
+        owner: pmem_backend::Owner::Host,
         SnapshotMeta {
             state,
             ..Default::default()
