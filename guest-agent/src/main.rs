@@ -9,11 +9,16 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use guest_agent::client::{call, ClientError, DryRun, Endpoint, SocketTransport, VsockListener};
+use guest_agent::client::{
+    call, call_app, ClientError, DryRun, Endpoint, SocketTransport, VsockListener, AGENT_SOCKET,
+};
 use guest_agent::freeze::FreezeMethod;
-use guest_agent::ops::{copy_out_process, restore_process, save_process, serve_connection, Phases};
+use guest_agent::gateway::{bind_agent_socket, serve_app_connection};
+use guest_agent::ops::{
+    copy_out_process, restore_process, save_process, serve_connection, Phases, Principal,
+};
 use guest_agent::protocol::{
-    validate_name, Reply, Request, SnapshotInfo, VirtRange, AGENT_PORT, PAGE_SIZE,
+    validate_name, AppRequest, Reply, Request, SnapshotInfo, VirtRange, AGENT_PORT, PAGE_SIZE,
 };
 
 /// How the agent freezes a process.
@@ -150,6 +155,9 @@ enum Command {
         /// How to freeze processes.
         #[arg(long, value_enum, default_value = "auto")]
         freeze: Freeze,
+        /// Unix socket where applications (any user) ask the agent.
+        #[arg(long, default_value = AGENT_SOCKET)]
+        app_socket: PathBuf,
     },
 }
 
@@ -259,6 +267,27 @@ fn run(cli: Cli) -> Result<(), String> {
             dry_run,
             json,
         } => {
+            if !dry_run && !is_root() {
+                let r = call_app(&mut agent(), &AppRequest::Save { name, pid, ranges });
+                return match r.map_err(|e| e.to_string())? {
+                    Reply::Saved {
+                        name,
+                        pages,
+                        present_pages,
+                    } if json => print_json(&serde_json::json!({
+                        "name": name, "pid": pid, "pages": pages, "present_pages": present_pages,
+                    })),
+                    Reply::Saved {
+                        name,
+                        pages,
+                        present_pages,
+                    } => {
+                        println!("saved {name} from pid {pid} (through the agent): {pages} pages, {present_pages} present");
+                        Ok(())
+                    }
+                    other => Err(format!("unexpected reply {other:?}")),
+                };
+            }
             let o = if dry_run {
                 save_process(&mut DryRun, pid, &ranges, &name, freeze.into())
             } else {
@@ -299,6 +328,26 @@ fn run(cli: Cli) -> Result<(), String> {
             dry_run,
             json,
         } => {
+            if !dry_run && !is_root() {
+                let req = AppRequest::Restore {
+                    name,
+                    owner: None,
+                    pid,
+                    ranges,
+                };
+                return match call_app(&mut agent(), &req).map_err(|e| e.to_string())? {
+                    Reply::Restored { name, pages } if json => {
+                        print_json(&serde_json::json!({ "name": name, "pid": pid, "pages": pages }))
+                    }
+                    Reply::Restored { name, pages } => {
+                        println!(
+                            "restored {name} into pid {pid} (through the agent): {pages} pages"
+                        );
+                        Ok(())
+                    }
+                    other => Err(format!("unexpected reply {other:?}")),
+                };
+            }
             let o = if dry_run {
                 restore_process(&mut DryRun, pid, &ranges, &name, freeze.into())
             } else {
@@ -330,8 +379,13 @@ fn run(cli: Cli) -> Result<(), String> {
             );
         }
         Command::List { json } => {
-            let mut tr = transport(t).map_err(|e| e.to_string())?;
-            let list = match call(&mut tr, &Request::List).map_err(|e| e.to_string())? {
+            let reply = if is_root() {
+                let mut tr = transport(t).map_err(|e| e.to_string())?;
+                call(&mut tr, &Principal::current().request(Request::List))
+            } else {
+                call_app(&mut agent(), &AppRequest::List)
+            };
+            let list = match reply.map_err(|e| e.to_string())? {
                 Reply::List(l) => l,
                 other => return Err(format!("unexpected reply {other:?}")),
             };
@@ -339,20 +393,28 @@ fn run(cli: Cli) -> Result<(), String> {
                 return print_json(&list.iter().map(info_json).collect::<Vec<_>>());
             }
             println!(
-                "{:<24} {:>7} {:<16} {:>9} {:>9} {:>7} {:>11}",
-                "NAME", "PID", "COMM", "PAGES", "PRESENT", "RUNS", "CREATED"
+                "{:<24} {:>6} {:>7} {:<16} {:>9} {:>9} {:>7} {:>11}",
+                "NAME", "UID", "PID", "COMM", "PAGES", "PRESENT", "RUNS", "CREATED"
             );
             for s in &list {
                 println!(
-                    "{:<24} {:>7} {:<16} {:>9} {:>9} {:>7} {:>11}",
-                    s.name, s.pid, s.comm, s.pages, s.present_pages, s.runs, s.created_unix
+                    "{:<24} {:>6} {:>7} {:<16} {:>9} {:>9} {:>7} {:>11}",
+                    s.name, s.uid, s.pid, s.comm, s.pages, s.present_pages, s.runs, s.created_unix
                 );
             }
         }
         Command::Rm { name, json } => {
             validate_name(&name).map_err(|e| e.to_string())?;
-            let mut tr = transport(t).map_err(|e| e.to_string())?;
-            match call(&mut tr, &Request::Delete { name }).map_err(|e| e.to_string())? {
+            let reply = if is_root() {
+                let mut tr = transport(t).map_err(|e| e.to_string())?;
+                call(
+                    &mut tr,
+                    &Principal::current().request(Request::Delete { name }),
+                )
+            } else {
+                call_app(&mut agent(), &AppRequest::Delete { name, owner: None })
+            };
+            match reply.map_err(|e| e.to_string())? {
                 Reply::Deleted { name } if json => {
                     print_json(&serde_json::json!({ "deleted": name }))?
                 }
@@ -386,7 +448,8 @@ fn run(cli: Cli) -> Result<(), String> {
             listen_unix,
             log,
             freeze,
-        } => return serve(t, port, listen_unix, &log, freeze.into()),
+            app_socket,
+        } => return serve(t, port, listen_unix, &app_socket, &log, freeze.into()),
     }
     Ok(())
 }
@@ -405,26 +468,65 @@ fn phases(p: &Phases) -> String {
     )
 }
 
+/// Root talks to the VMM itself (from a privileged vsock port); other users ask the
+/// agent, which decides what they may do.
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn agent() -> SocketTransport {
+    SocketTransport::agent()
+}
+
 fn info_json(s: &SnapshotInfo) -> serde_json::Value {
     serde_json::json!({
-        "name": s.name, "pid": s.pid, "comm": s.comm, "pages": s.pages,
+        "name": s.name, "uid": s.uid, "pid": s.pid, "comm": s.comm, "pages": s.pages,
         "present_pages": s.present_pages, "runs": s.runs, "created_unix": s.created_unix,
     })
 }
 
-/// Accept connections one at a time (a save freezes a process; one at a time keeps
-/// pauses short and the guest kernel's work bounded) and answer each.
+/// Serve applications on `app_socket` (a thread) and the VMM's requests on the vsock
+/// port, one request at a time overall (a save freezes a process; one at a time keeps
+/// pauses short and the guest kernel's work bounded).
 fn serve(
     t: Option<&str>,
     port: u32,
     listen_unix: Option<PathBuf>,
+    app_socket: &std::path::Path,
     log_path: &std::path::Path,
     freeze: FreezeMethod,
 ) -> Result<(), String> {
     init_log(Some(log_path));
-    let mut tr = transport(t).map_err(|e| e.to_string())?;
+    let tr = transport(t).map_err(|e| e.to_string())?;
     // A peer that connects and sends nothing must not block the daemon for long.
     let idle = Duration::from_secs(10);
+    let one_at_a_time = std::sync::Arc::new(Mutex::new(()));
+    let apps = bind_agent_socket(app_socket)
+        .map_err(|e| format!("cannot listen on {}: {e}", app_socket.display()))?;
+    log::info!("serving applications on {}", app_socket.display());
+    {
+        let mut tr = tr.clone();
+        let lock = one_at_a_time.clone();
+        std::thread::spawn(move || {
+            for conn in apps.incoming() {
+                match conn {
+                    Ok(mut c) => {
+                        let _ = c.set_read_timeout(Some(idle));
+                        let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Err(e) = serve_app_connection(&mut c, &mut tr, freeze) {
+                            log::warn!("application connection: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        log::error!("accept on the application socket: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        });
+    }
+    let mut tr = tr;
     if let Some(path) = listen_unix {
         let _ = std::fs::remove_file(&path);
         let l = std::os::unix::net::UnixListener::bind(&path)
@@ -434,6 +536,7 @@ fn serve(
             match conn {
                 Ok(mut c) => {
                     let _ = c.set_read_timeout(Some(idle));
+                    let _held = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
                     if let Err(e) = serve_connection(&mut c, &mut tr, freeze) {
                         log::warn!("connection: {e}");
                     }
@@ -453,6 +556,7 @@ fn serve(
         match l.accept() {
             Ok(mut c) => {
                 let _ = c.set_read_timeout(idle);
+                let _held = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
                 if let Err(e) = serve_connection(&mut c, &mut tr, freeze) {
                     log::warn!("connection: {e}");
                 }

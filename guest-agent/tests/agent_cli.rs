@@ -420,6 +420,7 @@ fn serve_answers_the_vmm() {
     };
     let h = Hold::start(4, 5);
     let req = AgentRequest::SnapshotProcess {
+        token: 5,
         name: "from-host".into(),
         pid: h.pid,
         ranges: vec![h.range],
@@ -438,6 +439,7 @@ fn serve_answers_the_vmm() {
     assert!(fake.state().snaps.contains_key("from-host"));
     // Errors come back as error replies and the daemon keeps serving.
     let missing = AgentRequest::SnapshotProcess {
+        token: 6,
         name: "x".into(),
         pid: 2_147_483_000,
         ranges: vec![],
@@ -620,5 +622,5 @@ fn dry_runs_need_no_vmm() {
         stdout(&o)
     );
     assert!(stdout(&o).contains("save 512 pages"));
-    assert!(stdout(&o).contains("fresh buffer (512 touched)"));
+    assert!(stdout(&o).contains("fresh buffer (512 pages)"));
 }

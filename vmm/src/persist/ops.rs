@@ -227,7 +227,6 @@ mod tests {
     }
 
     fn meta(state: Vec<u8>) -> SnapshotMeta {
-        owner: pmem_backend::Owner::Host,
         SnapshotMeta {
             state,
             ..Default::default()

@@ -17,9 +17,12 @@ use crate::api::{self, ApiError};
 const AGENT_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Ask the agent behind `uds` to snapshot a process; returns the saved page counts.
+/// `token` (from [`super::engine::Engine::grant_host_save`]) makes the snapshot
+/// host-owned when the agent saves it.
 pub fn snapshot_process(
     uds: &Path,
     req: &api::ProcessSnapshotRequest,
+    token: u64,
 ) -> Result<(u64, u64), ApiError> {
     let unavailable = |what: String| {
         ApiError::InvalidState(format!(
@@ -54,6 +57,7 @@ pub fn snapshot_process(
                 end: r.end,
             })
             .collect(),
+        token,
     }
     .encode()
     .map_err(|e| ApiError::BadRequest(e.to_string()))?;

@@ -161,6 +161,9 @@ pub struct Engine {
     dirty: Mutex<DirtyTracker>,
     vm: OnceLock<Arc<dyn VmControl>>,
     agent_uds: OnceLock<std::path::PathBuf>,
+    /// Host-requested process snapshots in flight: token -> snapshot name. The agent
+    /// passes the token back with its save, which makes the snapshot host-owned.
+    host_grants: Mutex<BTreeMap<u64, String>>,
     persist: OnceLock<Arc<dyn VmPersist>>,
     info: VmInfo,
     started: Instant,
@@ -236,6 +239,7 @@ impl Engine {
             dirty: Mutex::new(dirty),
             vm: OnceLock::new(),
             agent_uds: OnceLock::new(),
+            host_grants: Mutex::new(BTreeMap::new()),
             persist: OnceLock::new(),
             info,
             started: Instant::now(),
@@ -248,6 +252,54 @@ impl Engine {
         if self.vm.set(vm).is_err() {
             warn!("the vCPU control was already set");
         }
+    }
+
+    /// Allow one save named `name` through the agent to be host-owned; returns the
+    /// single-use token to send the agent. Unguessable (random), so a guest cannot
+    /// make a snapshot host-owned on its own (it would then escape guest quotas and
+    /// guest deletion).
+    pub fn grant_host_save(&self, name: &str) -> u64 {
+        let mut grants = self.host_grants.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let mut b = [0u8; 8];
+            // SAFETY: b is valid for 8 bytes of writes.
+            let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+            let token = if n == 8 {
+                u64::from_le_bytes(b)
+            } else {
+                // getrandom cannot fail for 8 bytes once the pool is seeded; fall back
+                // to the clock mixed with the address space layout rather than abort.
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                t ^ (&b as *const _ as u64).rotate_left(32)
+            };
+            if token != 0 && !grants.contains_key(&token) {
+                grants.insert(token, name.to_string());
+                return token;
+            }
+        }
+    }
+
+    /// Use the grant `token` for a save named `name`: true (and the grant is gone)
+    /// when it was granted for that name.
+    pub fn take_host_grant(&self, token: u64, name: &str) -> bool {
+        let mut grants = self.host_grants.lock().unwrap_or_else(|e| e.into_inner());
+        match grants.get(&token) {
+            Some(n) if n == name => {
+                grants.remove(&token);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forget a grant (its request is over, used or not).
+    pub fn revoke_host_grant(&self, token: u64) {
+        self.host_grants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&token);
     }
 
     /// The host socket of the guest's vsock device, to reach the guest agent.
@@ -519,7 +571,10 @@ impl Engine {
                         "this VMM has no vsock device (start it with --vsock-sock)".into(),
                     )
                 })?;
-                super::agent_client::snapshot_process(uds, &r)?;
+                let token = self.grant_host_save(&r.name);
+                let done = super::agent_client::snapshot_process(uds, &r, token);
+                self.revoke_host_grant(token);
+                done?;
                 lock_pool(&self.pool)
                     .inspect(r.name.as_str())
                     .map(|s| ApiResponse::SnapshotCreated(to_api_info(s, false)))
