@@ -198,15 +198,21 @@ impl<T: Transport> Transport for LocalAgent<T> {
     }
 }
 
-/// Serve one application connection: read one request frame, answer it.
+/// Serve one application connection: read one request frame, then (holding `one`, so
+/// the agent's operations run one at a time, and a caller that connects but sends
+/// nothing holds up nobody else's) answer it.
 pub fn serve_app_connection(
     conn: &mut UnixStream,
     t: &mut dyn Transport,
     method: FreezeMethod,
+    one: &std::sync::Mutex<()>,
 ) -> Result<(), ProtocolError> {
     let peer = peer_cred(conn).map_err(|e| ProtocolError::Io(e.to_string()))?;
     let reply = match read_frame(conn) {
-        Ok(Some(frame)) => handle_app_frame(t, &frame, peer, method),
+        Ok(Some(frame)) => {
+            let _held = one.lock().unwrap_or_else(|e| e.into_inner());
+            handle_app_frame(t, &frame, peer, method)
+        }
         Ok(None) => return Ok(()),
         Err(e) => Reply::Error(ErrorReply::from(&e)),
     };

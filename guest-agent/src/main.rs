@@ -502,29 +502,33 @@ fn serve(
     // A peer that connects and sends nothing must not block the daemon for long.
     let idle = Duration::from_secs(10);
     let one_at_a_time = std::sync::Arc::new(Mutex::new(()));
-    let apps = bind_agent_socket(app_socket)
-        .map_err(|e| format!("cannot listen on {}: {e}", app_socket.display()))?;
-    log::info!("serving applications on {}", app_socket.display());
-    {
-        let mut tr = tr.clone();
-        let lock = one_at_a_time.clone();
-        std::thread::spawn(move || {
-            for conn in apps.incoming() {
-                match conn {
-                    Ok(mut c) => {
-                        let _ = c.set_read_timeout(Some(idle));
-                        let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
-                        if let Err(e) = serve_app_connection(&mut c, &mut tr, freeze) {
-                            log::warn!("application connection: {e}");
+    // Without the application socket the host's requests are still served.
+    match bind_agent_socket(app_socket) {
+        Err(e) => log::error!(
+            "cannot listen on {}: {e}; applications cannot reach the agent",
+            app_socket.display()
+        ),
+        Ok(apps) => {
+            log::info!("serving applications on {}", app_socket.display());
+            let mut tr = tr.clone();
+            let lock = one_at_a_time.clone();
+            std::thread::spawn(move || {
+                for conn in apps.incoming() {
+                    match conn {
+                        Ok(mut c) => {
+                            let _ = c.set_read_timeout(Some(idle));
+                            if let Err(e) = serve_app_connection(&mut c, &mut tr, freeze, &lock) {
+                                log::warn!("application connection: {e}");
+                            }
+                        }
+                        Err(e) => {
+                            log::error!("accept on the application socket: {e}");
+                            std::thread::sleep(Duration::from_millis(100));
                         }
                     }
-                    Err(e) => {
-                        log::error!("accept on the application socket: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
                 }
-            }
-        });
+            });
+        }
     }
     let mut tr = tr;
     if let Some(path) = listen_unix {
