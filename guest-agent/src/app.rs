@@ -17,14 +17,19 @@
 //! - regions must be page aligned in address and length ([`PageBuffer`] is);
 //! - a region must stay mapped, and other threads must leave it alone, for the whole
 //!   call;
-//! - `save` reads `/proc/self/pagemap` and sends the guest-physical runs; pages never
-//!   touched are recorded as absent (zero). It writes nothing. The content saved is the
-//!   content at the moment the VMM protects the pages (before it replies); later writes
-//!   by anyone are preserved copy-before-write by the VMM;
-//! - `restore` first makes every target page resident and private (`MADV_POPULATE_WRITE`,
-//!   only for pages that are absent, the zero page or shared copy-on-write), then sends
-//!   the runs; it writes no content itself: the VMM copies
-//!   the snapshot into those pages before it replies;
+//! - the calls go to the guest agent (`pmsnap-agent serve`) on its Unix socket
+//!   (/run/pmsnap-agent.sock, or `PMSNAP_AGENT_SOCK`), which any user may use: the agent
+//!   learns the caller's uid from the kernel, reads the caller's page map itself, and
+//!   asks the VMM on the caller's behalf. Snapshots belong to the caller's uid: other
+//!   users (root excepted) cannot see, restore or delete them, and the caller cannot
+//!   see the host's;
+//! - `save` sends the regions' virtual ranges; the agent records pages never touched as
+//!   absent (zero). It writes nothing. The content saved is the content at the moment
+//!   the VMM protects the pages (before it replies); later writes by anyone are
+//!   preserved copy-before-write by the VMM;
+//! - `restore` first makes every target page resident and private (one
+//!   `MADV_POPULATE_WRITE` per region), then sends the ranges; it writes no content
+//!   itself: the VMM copies the snapshot into those pages before it replies;
 //! - pinning ([`Pin`]): with the default [`Pin::Auto`] the regions are `mlock`ed for the
 //!   call only where the kernel could move pages ([`pages_can_move`]: swap,
 //!   compaction, THP, KSM, NUMA balancing), and unlocked before returning (so
@@ -38,12 +43,10 @@ use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{compiler_fence, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::client::{call, ClientError, SocketTransport, Transport};
-use crate::ops::comm_of;
-use crate::pagemap::{is_private_resident, Pagemap, PagemapError, RunBuilder};
+use crate::client::{call_app, ClientError, SocketTransport, Transport};
+use crate::pagemap::PagemapError;
 use crate::protocol::{
-    total_pages, validate_name, ProtocolError, Reply, Request, RestoreRequest, Run, SaveRequest,
-    VirtRange, MAX_RUNS, PAGE_SIZE,
+    validate_name, AppRequest, ProtocolError, Reply, VirtRange, MAX_RANGES, PAGE_SIZE,
 };
 
 /// Errors of the application calls.
@@ -72,9 +75,9 @@ pub enum AppError {
     /// A page is not resident although it is locked.
     #[error("page at {0:#x} is not resident after mlock")]
     NotResident(u64),
-    /// Too many runs for one request.
-    #[error("{0} page runs exceed the protocol limit of {MAX_RUNS}")]
-    TooManyRuns(usize),
+    /// Too many regions for one request.
+    #[error("{0} regions exceed the protocol limit of {MAX_RANGES}")]
+    TooManyRegions(usize),
     /// Translation failed.
     #[error(transparent)]
     Pagemap(#[from] PagemapError),
@@ -134,8 +137,6 @@ pub struct SaveReport {
     pub pages: u64,
     /// Pages the VMM counted as present (the others were never touched: zero).
     pub present_pages: u64,
-    /// Runs sent.
-    pub runs: usize,
     /// Whether the regions were locked during the call.
     pub locked: bool,
     /// Duration of the whole call.
@@ -147,10 +148,6 @@ pub struct SaveReport {
 pub struct RestoreReport {
     /// Pages restored.
     pub pages: u64,
-    /// Runs sent.
-    pub runs: usize,
-    /// Pages that had to be made resident or private first.
-    pub touched: usize,
     /// Whether the regions were locked during the call.
     pub locked: bool,
     /// Duration of the whole call.
@@ -175,6 +172,9 @@ impl Regions {
                 start: addr,
                 end: addr + len,
             });
+        }
+        if ranges.len() > MAX_RANGES {
+            return Err(AppError::TooManyRegions(ranges.len()));
         }
         let lock = match pin {
             Pin::Auto => pages_can_move(),
@@ -201,16 +201,6 @@ impl Regions {
         }
         Ok(out)
     }
-
-    fn runs(&self) -> Result<Vec<Run>, AppError> {
-        let runs = Pagemap::open(std::process::id())?
-            .runs(&self.ranges)?
-            .finish();
-        if runs.len() > MAX_RUNS {
-            return Err(AppError::TooManyRuns(runs.len()));
-        }
-        Ok(runs)
-    }
 }
 
 impl Drop for Regions {
@@ -225,13 +215,18 @@ impl Drop for Regions {
     }
 }
 
-/// Save `regions` of the calling process under `name` through the VMM's snapshot
-/// service (vsock, or `PMSNAP_TRANSPORT` in tests).
-pub fn save(name: &str, regions: &[&[u8]]) -> Result<SaveReport, AppError> {
-    save_with(&mut SocketTransport::from_env()?, name, regions)
+/// The agent's socket (`PMSNAP_AGENT_SOCK`, default /run/pmsnap-agent.sock).
+fn agent() -> SocketTransport {
+    SocketTransport::agent()
 }
 
-/// [`save`] over a given transport.
+/// Save `regions` of the calling process under `name` (in the caller's uid's name
+/// space) through the guest agent.
+pub fn save(name: &str, regions: &[&[u8]]) -> Result<SaveReport, AppError> {
+    save_with(&mut agent(), name, regions)
+}
+
+/// [`save`] over a given transport to the agent.
 pub fn save_with(
     t: &mut dyn Transport,
     name: &str,
@@ -240,8 +235,9 @@ pub fn save_with(
     save_with_options(t, name, regions, Options::default())
 }
 
-/// [`save`] over a given transport with options. Pages never touched are saved as
-/// absent (they read as zero and restore as zero); nothing is written.
+/// [`save`] over a given transport with options. The agent reads this process's page
+/// map; pages never touched are saved as absent (they read as zero and restore as
+/// zero); nothing is written.
 pub fn save_with_options(
     t: &mut dyn Transport,
     name: &str,
@@ -254,17 +250,13 @@ pub fn save_with_options(
         regions.iter().map(|r| (r.as_ptr() as u64, r.len() as u64)),
         opts.pin,
     )?;
-    let runs = held.runs()?;
-    let pid = std::process::id();
-    let nruns = runs.len();
-    let reply = call(
+    let reply = call_app(
         t,
-        &Request::Save(SaveRequest {
+        &AppRequest::Save {
             name: name.to_string(),
-            pid,
-            comm: comm_of(pid).unwrap_or_default(),
-            runs,
-        }),
+            pid: std::process::id(),
+            ranges: held.ranges.clone(),
+        },
     )?;
     let locked = held.locked;
     drop(held);
@@ -276,7 +268,6 @@ pub fn save_with_options(
         } => Ok(SaveReport {
             pages,
             present_pages,
-            runs: nruns,
             locked,
             elapsed: start.elapsed(),
         }),
@@ -290,13 +281,14 @@ fn unexpected(r: &Reply) -> AppError {
     AppError::Client(ClientError::Unexpected(s))
 }
 
-/// Restore snapshot `name` into `regions` of the calling process (total size must equal
-/// the snapshot's; pages are filled in order across the regions).
+/// Restore snapshot `name` (of the caller's uid) into `regions` of the calling process
+/// (total size must equal the snapshot's; pages are filled in order across the
+/// regions).
 pub fn restore(name: &str, regions: &mut [&mut [u8]]) -> Result<RestoreReport, AppError> {
-    restore_with(&mut SocketTransport::from_env()?, name, regions)
+    restore_with(&mut agent(), name, regions)
 }
 
-/// [`restore`] over a given transport.
+/// [`restore`] over a given transport to the agent.
 pub fn restore_with(
     t: &mut dyn Transport,
     name: &str,
@@ -305,69 +297,34 @@ pub fn restore_with(
     restore_with_options(t, name, regions, Options::default())
 }
 
-/// Make every page of `regions` that is not private and resident (absent, the shared
-/// zero page, shared copy-on-write with a fork) resident and private without changing
-/// its content. Each stretch of such pages gets one `MADV_POPULATE_WRITE` (write faults
-/// taken inside the kernel: in the guest much cheaper than one user page fault per
-/// page); where that is unavailable (Linux before 5.14) or fails, one byte per page is
-/// read and written back in user mode. Returns the runs of the regions afterwards and
-/// how many pages were touched.
-fn touch_own(
-    regions: &mut [&mut [u8]],
-    ranges: &[VirtRange],
-) -> Result<(Vec<Run>, usize), AppError> {
-    let pm = Pagemap::open(std::process::id())?;
-    let mut touched = 0;
-    let mut runs = RunBuilder::new();
-    for (region, r) in regions.iter_mut().zip(ranges) {
-        let entries = pm.entries(*r)?;
-        let before = touched;
-        let mut i = 0;
-        while i < entries.len() {
-            if is_private_resident(entries[i]) {
-                i += 1;
-                continue;
-            }
-            let first = i;
-            while i < entries.len() && !is_private_resident(entries[i]) {
-                i += 1;
-            }
-            touched += i - first;
-            let page = PAGE_SIZE as usize;
-            let stretch = &mut region[first * page..i * page];
-            // SAFETY: populating pages of the caller's `&mut` region; the content does
-            // not change (it is what a write of the same bytes would leave).
-            let r = unsafe {
-                libc::madvise(
-                    stretch.as_mut_ptr().cast(),
-                    stretch.len(),
-                    libc::MADV_POPULATE_WRITE,
-                )
-            };
-            if r != 0 {
-                for off in (0..stretch.len()).step_by(page) {
-                    // Volatile, so the compiler cannot drop a store of the value just
-                    // loaded.
-                    let p: *mut u8 = &mut stretch[off];
-                    // SAFETY: p points into the caller's `&mut` region, valid for reads
-                    // and writes; the value written is the value read.
-                    unsafe { p.write_volatile(p.read_volatile()) };
-                }
+/// Make every page of `regions` resident and private without changing its content:
+/// one `MADV_POPULATE_WRITE` per region (write faults taken inside the kernel: in the
+/// guest much cheaper than one user page fault per page, and a page-table walk for
+/// pages already private); where that is unavailable (Linux before 5.14) or fails, one
+/// byte per page is read and written back in user mode. The agent then finds nothing
+/// left to touch.
+fn populate(regions: &mut [&mut [u8]]) {
+    for region in regions.iter_mut() {
+        // SAFETY: populating pages of the caller's `&mut` region; the content does
+        // not change (it is what a write of the same bytes would leave).
+        let r = unsafe {
+            libc::madvise(
+                region.as_mut_ptr().cast(),
+                region.len(),
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if r != 0 {
+            for off in (0..region.len()).step_by(PAGE_SIZE as usize) {
+                // Volatile, so the compiler cannot drop a store of the value just
+                // loaded.
+                let p: *mut u8 = &mut region[off];
+                // SAFETY: p points into the caller's `&mut` region, valid for reads
+                // and writes; the value written is the value read.
+                unsafe { p.write_volatile(p.read_volatile()) };
             }
         }
-        // Read the page map again only where pages were touched (each read is a
-        // page-table walk in the slow guest kernel).
-        if touched == before {
-            runs.push_entries(r.start, &entries)?;
-        } else {
-            runs.push_entries(r.start, &pm.entries(*r)?)?;
-        }
     }
-    let runs = runs.finish();
-    if runs.len() > MAX_RUNS {
-        return Err(AppError::TooManyRuns(runs.len()));
-    }
-    Ok((runs, touched))
 }
 
 /// [`restore`] over a given transport with options.
@@ -386,17 +343,20 @@ pub fn restore_with_options(
             .map(|r| (r.as_mut_ptr() as u64, r.len() as u64)),
         opts.pin,
     )?;
-    let (runs, touched) = touch_own(regions, &held.ranges)?;
-    if let Some(r) = runs.iter().find(|r| !r.present) {
-        return Err(AppError::NotResident(r.virt_addr));
-    }
-    let (pages, nruns) = (total_pages(&runs), runs.len());
-    let reply = call(
+    populate(regions);
+    let pages: u64 = held
+        .ranges
+        .iter()
+        .map(|r| (r.end - r.start) / PAGE_SIZE)
+        .sum();
+    let reply = call_app(
         t,
-        &Request::Restore(RestoreRequest {
+        &AppRequest::Restore {
             name: name.to_string(),
-            runs,
-        }),
+            owner: None,
+            pid: std::process::id(),
+            ranges: held.ranges.clone(),
+        },
     )?;
     // The content changed behind the compiler's back (the VMM wrote guest RAM while the
     // socket call ran); the regions' addresses escaped into that call, and this fence
@@ -407,8 +367,6 @@ pub fn restore_with_options(
     match reply {
         Reply::Restored { pages: vmm, .. } if vmm == pages => Ok(RestoreReport {
             pages,
-            runs: nruns,
-            touched,
             locked,
             elapsed: start.elapsed(),
         }),
@@ -497,15 +455,20 @@ impl Drop for PageBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{ErrorCode, ErrorReply, Run};
+    use crate::gateway::LocalAgent;
+    use crate::pagemap::Pagemap;
+    use crate::protocol::{total_pages, ErrorCode, ErrorReply, GuestRequest, Request, Run};
 
-    /// Records the request and answers like a VMM that accepts everything.
+    /// Records what reaches the VMM and answers like a VMM that accepts everything.
     struct Recorder(Vec<Request>);
 
     impl Transport for Recorder {
         fn round_trip(&mut self, frame: &[u8]) -> Result<Vec<u8>, ClientError> {
-            let req = Request::decode(frame)?;
+            let req = GuestRequest::decode(frame)?;
             req.validate(u64::MAX / 2)?;
+            // SAFETY: geteuid has no preconditions.
+            assert_eq!(req.uid, unsafe { libc::geteuid() }, "the caller's own uid");
+            let req = req.op;
             let reply = match &req {
                 Request::Save(s) => Reply::Saved {
                     name: s.name.clone(),
@@ -534,12 +497,12 @@ mod tests {
         );
         let a = PageBuffer::new(16 * 4096).expect("alloc");
         let b = PageBuffer::new(3 * 4096).expect("alloc");
-        let mut t = Recorder(Vec::new());
+        let mut t = LocalAgent::new(Recorder(Vec::new()));
         let rep = save_with_options(&mut t, "app-1", &[&a, &b], Options { pin: Pin::Mlock })
             .expect("save");
         assert_eq!(rep.pages, 19);
         assert!(rep.locked);
-        let Request::Save(s) = &t.0[0] else {
+        let Request::Save(s) = &t.vmm.0[0] else {
             panic!("not a save")
         };
         assert_eq!(s.pid, std::process::id());
@@ -571,12 +534,12 @@ mod tests {
         for i in 0..4 {
             a[i * 4096] = 1;
         }
-        let mut t = Recorder(Vec::new());
+        let mut t = LocalAgent::new(Recorder(Vec::new()));
         let rep =
             save_with_options(&mut t, "app-2", &[&a], Options { pin: Pin::None }).expect("save");
         assert!(!rep.locked);
         assert_eq!((rep.pages, rep.present_pages), (8, 4));
-        let Request::Save(s) = &t.0[0] else {
+        let Request::Save(s) = &t.vmm.0[0] else {
             panic!("not a save")
         };
         let last = s.runs.last().expect("runs");
@@ -588,20 +551,20 @@ mod tests {
     }
 
     #[test]
-    fn restore_touches_only_what_it_must() {
+    fn restore_makes_targets_resident_without_changing_them() {
         pmsnap_testenv::require!(
-            "restore_touches_only_what_it_must",
+            "restore_makes_targets_resident_without_changing_them",
             pmsnap_testenv::root_unavailable("frame numbers")
         );
         let mut a = PageBuffer::new(8 * 4096).expect("alloc");
         for i in 0..3 {
             a[i * 4096 + 5] = 9;
         }
-        let mut t = Recorder(Vec::new());
+        let mut t = LocalAgent::new(Recorder(Vec::new()));
         let opts = Options { pin: Pin::None };
         let rep = restore_with_options(&mut t, "r2", &mut [&mut a], opts).expect("restore");
-        assert_eq!((rep.pages, rep.touched), (8, 5));
-        let Request::Restore(r) = &t.0[0] else {
+        assert_eq!(rep.pages, 8);
+        let Request::Restore(r) = &t.vmm.0[0] else {
             panic!("not a restore")
         };
         assert!(r
@@ -614,7 +577,10 @@ mod tests {
             .enumerate()
             .all(|(i, &x)| x == u8::from(i % 4096 == 5 && i < 3 * 4096) * 9));
         let rep = restore_with_options(&mut t, "r2", &mut [&mut a], opts).expect("restore");
-        assert_eq!(rep.touched, 0, "all private and resident now");
+        assert_eq!(
+            rep.pages, 8,
+            "again, with every page private and resident now"
+        );
     }
 
     #[test]
@@ -624,7 +590,7 @@ mod tests {
             pmsnap_testenv::root_unavailable("frame numbers and mlock")
         );
         let mut a = PageBuffer::new(8 * 4096).expect("alloc");
-        let mut t = Recorder(Vec::new());
+        let mut t = LocalAgent::new(Recorder(Vec::new()));
         let rep = restore_with(&mut t, "r1", &mut [&mut a]).expect("restore");
         assert_eq!(rep.pages, 8);
         match restore_with(&mut t, "missing", &mut [&mut a]) {
@@ -667,7 +633,7 @@ mod tests {
     #[test]
     fn bad_arguments() {
         let a = PageBuffer::new(2 * 4096).expect("alloc");
-        let mut t = Recorder(Vec::new());
+        let mut t = LocalAgent::new(Recorder(Vec::new()));
         assert!(matches!(
             save_with(&mut t, "x", &[&a[1..4097]]),
             Err(AppError::Unaligned { .. })
@@ -680,6 +646,6 @@ mod tests {
             save_with(&mut t, "bad/name", &[&a]),
             Err(AppError::Protocol(ProtocolError::InvalidName(_)))
         ));
-        assert!(t.0.is_empty(), "nothing sent");
+        assert!(t.vmm.0.is_empty(), "nothing sent");
     }
 }

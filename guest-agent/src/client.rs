@@ -1,11 +1,15 @@
-//! Transport to the VMM's snapshot service: one connection per request, one request
-//! frame out, one reply frame back.
+//! Transports: to the VMM's snapshot service (the agent, guest root) and to the agent's
+//! Unix socket (applications). One connection per request, one request frame out, one
+//! reply frame back.
 //!
-//! The real transport is `AF_VSOCK` to the host (CID 2) on
-//! [`SNAPSHOT_SERVICE_PORT`](crate::protocol::SNAPSHOT_SERVICE_PORT). Tests plug in a Unix socket
-//! (`unix:PATH`) or any [`Transport`] implementation, the way Firecracker's vsock tests
-//! plug in a test backend. The endpoint can be overridden with the `PMSNAP_TRANSPORT`
-//! environment variable (test-only; see docs/agent.md).
+//! The real transport to the VMM is `AF_VSOCK` to the host (CID 2) on
+//! [`SNAPSHOT_SERVICE_PORT`](crate::protocol::SNAPSHOT_SERVICE_PORT), from a privileged
+//! source port (512..=1023): the VMM serves nobody else, and binding such a port needs
+//! `CAP_NET_BIND_SERVICE` in the guest, so only root (the agent) gets through.
+//! Applications talk to the agent at [`AGENT_SOCKET`] instead. Tests plug in a Unix
+//! socket (`unix:PATH`) or any [`Transport`] implementation, the way Firecracker's vsock
+//! tests plug in a test backend. The endpoints can be overridden with the
+//! `PMSNAP_TRANSPORT` and `PMSNAP_AGENT_SOCK` environment variables (see docs/agent.md).
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -14,7 +18,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::protocol::{
-    read_frame, write_frame, ErrorReply, ProtocolError, Reply, Request, SNAPSHOT_SERVICE_PORT,
+    read_frame, write_frame, AppRequest, ErrorReply, GuestRequest, ProtocolError, Reply, Request,
+    SNAPSHOT_SERVICE_PORT,
 };
 
 /// The host's vsock context id.
@@ -22,6 +27,14 @@ pub const HOST_CID: u32 = 2;
 /// Environment variable that overrides the endpoint (tests): `unix:PATH` or
 /// `vsock:CID:PORT`.
 pub const TRANSPORT_ENV: &str = "PMSNAP_TRANSPORT";
+/// Where the agent serves applications (mode 0666: any user may ask; the agent decides
+/// per request from the caller's credentials).
+pub const AGENT_SOCKET: &str = "/run/pmsnap-agent.sock";
+/// Environment variable that overrides [`AGENT_SOCKET`] for applications.
+pub const AGENT_SOCKET_ENV: &str = "PMSNAP_AGENT_SOCK";
+/// Privileged vsock source ports tried, highest first, when connecting to the VMM
+/// (like `bindresvport`): the VMM refuses connections from ports above 1023.
+const PRIVILEGED_PORTS: std::ops::RangeInclusive<u32> = 512..=1023;
 /// How long to wait for the VMM's reply (a save of a large process takes a while on
 /// the slow guest kernel; this only bounds a hung service).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -56,6 +69,16 @@ pub enum ClientError {
     /// A bad endpoint string.
     #[error("bad transport {0:?}: expected unix:PATH or vsock:CID:PORT")]
     BadEndpoint(String),
+    /// The agent's socket is not there or nobody listens.
+    #[error(
+        "cannot reach the pmsnap agent at {path}: {source} (is `pmsnap-agent serve` running?)"
+    )]
+    NoAgent {
+        /// Socket path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
 /// Something that carries one request frame to the service and brings one reply back.
@@ -74,7 +97,7 @@ pub enum Endpoint {
         /// Port.
         port: u32,
     },
-    /// A Unix stream socket (tests).
+    /// A Unix stream socket (the agent's socket, or a test service).
     Unix(PathBuf),
 }
 
@@ -92,6 +115,14 @@ impl Endpoint {
         match std::env::var(TRANSPORT_ENV) {
             Ok(s) if !s.is_empty() => s.parse(),
             _ => Ok(Self::snapshot_service()),
+        }
+    }
+
+    /// The agent's socket: `PMSNAP_AGENT_SOCK` when set, else [`AGENT_SOCKET`].
+    pub fn agent_from_env() -> Self {
+        match std::env::var_os(AGENT_SOCKET_ENV) {
+            Some(p) if !p.is_empty() => Endpoint::Unix(PathBuf::from(p)),
+            _ => Endpoint::Unix(PathBuf::from(AGENT_SOCKET)),
         }
     }
 }
@@ -203,9 +234,42 @@ fn set_timeout(fd: &OwnedFd, opt: libc::c_int, d: Duration) -> std::io::Result<(
 }
 
 impl VsockStream {
-    /// Connect to `cid:port`.
+    /// Connect to `cid:port` from a privileged local port (the highest free one of
+    /// 512..=1023). Binding one needs `CAP_NET_BIND_SERVICE`; without it the error is
+    /// `EACCES`.
+    pub fn connect_privileged(cid: u32, port: u32) -> std::io::Result<Self> {
+        let mut last = std::io::Error::from_raw_os_error(libc::EADDRINUSE);
+        for local in PRIVILEGED_PORTS.rev() {
+            let fd = vsock_socket()?;
+            let addr = vsock_addr(libc::VMADDR_CID_ANY, local);
+            // SAFETY: addr is a valid sockaddr_vm and its size is passed.
+            let r = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_vm).cast(),
+                    std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+                )
+            };
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EADDRINUSE) {
+                    last = e;
+                    continue;
+                }
+                return Err(e);
+            }
+            return Self::connect_fd(fd, cid, port);
+        }
+        Err(last)
+    }
+
+    /// Connect to `cid:port` from any local port (the VMM's snapshot service refuses
+    /// this; used to show that it does).
     pub fn connect(cid: u32, port: u32) -> std::io::Result<Self> {
-        let fd = vsock_socket()?;
+        Self::connect_fd(vsock_socket()?, cid, port)
+    }
+
+    fn connect_fd(fd: OwnedFd, cid: u32, port: u32) -> std::io::Result<Self> {
         let addr = vsock_addr(cid, port);
         // SAFETY: addr is a valid sockaddr_vm and its size is passed.
         let r = unsafe {
@@ -313,7 +377,7 @@ pub fn connect(endpoint: &Endpoint) -> Result<Stream, ClientError> {
     };
     match endpoint {
         Endpoint::Vsock { cid, port } => {
-            let s = VsockStream::connect(*cid, *port).map_err(|e| {
+            let s = VsockStream::connect_privileged(*cid, *port).map_err(|e| {
                 let hint = vsock_hint(&e);
                 unavailable(e, hint)
             })?;
@@ -333,6 +397,10 @@ pub fn connect(endpoint: &Endpoint) -> Result<Stream, ClientError> {
 /// What a failed vsock connect most likely means, for the error message.
 fn vsock_hint(e: &std::io::Error) -> &'static str {
     match e.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            " (the snapshot service serves only privileged vsock ports, i.e. guest root: \
+             applications ask the agent at /run/pmsnap-agent.sock)"
+        }
         Some(libc::EAFNOSUPPORT) => " (this kernel has no vsock support)",
         Some(libc::ENODEV) | Some(libc::EADDRNOTAVAIL) => {
             " (no virtio-vsock device: start the VM with a vsock device)"
@@ -349,12 +417,26 @@ fn vsock_hint(e: &std::io::Error) -> &'static str {
 #[derive(Debug, Clone)]
 pub struct SocketTransport {
     endpoint: Endpoint,
+    /// The endpoint is the agent's socket (errors say so).
+    agent: bool,
 }
 
 impl SocketTransport {
     /// A transport to `endpoint`.
     pub fn new(endpoint: Endpoint) -> Self {
-        Self { endpoint }
+        Self {
+            endpoint,
+            agent: false,
+        }
+    }
+
+    /// A transport to the agent's socket ([`Endpoint::agent_from_env`]), for
+    /// applications.
+    pub fn agent() -> Self {
+        Self {
+            endpoint: Endpoint::agent_from_env(),
+            agent: true,
+        }
     }
 
     /// The endpoint from the environment (see [`Endpoint::from_env`]).
@@ -365,7 +447,15 @@ impl SocketTransport {
 
 impl Transport for SocketTransport {
     fn round_trip(&mut self, frame: &[u8]) -> Result<Vec<u8>, ClientError> {
-        let mut s = connect(&self.endpoint)?;
+        let mut s = match (connect(&self.endpoint), &self.endpoint) {
+            (Err(ClientError::Unavailable { source, .. }), Endpoint::Unix(path)) if self.agent => {
+                return Err(ClientError::NoAgent {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+            (r, _) => r?,
+        };
         write_frame(&mut s, frame)?;
         read_frame(&mut s)?.ok_or(ClientError::NoReply)
     }
@@ -380,11 +470,11 @@ pub struct DryRun;
 
 impl Transport for DryRun {
     fn round_trip(&mut self, frame: &[u8]) -> Result<Vec<u8>, ClientError> {
-        let req = Request::decode(frame)?;
+        let req = GuestRequest::decode(frame)?;
         if let Err(e) = req.validate(u64::MAX) {
             return Ok(Reply::Error(ErrorReply::from(&e)).encode()?);
         }
-        let reply = match req {
+        let reply = match req.op {
             Request::Save(s) => Reply::Saved {
                 pages: crate::protocol::total_pages(&s.runs),
                 present_pages: s
@@ -405,9 +495,19 @@ impl Transport for DryRun {
     }
 }
 
-/// Send `req` and return the reply; an error reply becomes [`ClientError::Refused`].
-pub fn call(t: &mut dyn Transport, req: &Request) -> Result<Reply, ClientError> {
-    let frame = req.encode()?;
+/// Send `req` to the VMM's snapshot service and return the reply; an error reply
+/// becomes [`ClientError::Refused`].
+pub fn call(t: &mut dyn Transport, req: &GuestRequest) -> Result<Reply, ClientError> {
+    call_frame(t, req.encode()?)
+}
+
+/// Send an application request to the agent and return the reply; an error reply
+/// becomes [`ClientError::Refused`].
+pub fn call_app(t: &mut dyn Transport, req: &AppRequest) -> Result<Reply, ClientError> {
+    call_frame(t, req.encode()?)
+}
+
+fn call_frame(t: &mut dyn Transport, frame: Vec<u8>) -> Result<Reply, ClientError> {
     let reply = Reply::decode(&t.round_trip(&frame)?)?;
     match reply {
         Reply::Error(e) => Err(ClientError::Refused(e)),
@@ -430,12 +530,15 @@ mod tests {
             virt_addr: 0x1000,
             present,
         };
-        let save = Request::Save(SaveRequest {
-            name: "d".into(),
-            pid: 1,
-            comm: "x".into(),
-            runs: vec![run(true, 3), run(false, 2)],
-        });
+        let save = GuestRequest::new(
+            0,
+            Request::Save(SaveRequest {
+                name: "d".into(),
+                pid: 1,
+                comm: "x".into(),
+                runs: vec![run(true, 3), run(false, 2)],
+            }),
+        );
         assert_eq!(
             call(&mut DryRun, &save).expect("save"),
             Reply::Saved {
@@ -444,12 +547,15 @@ mod tests {
                 present_pages: 3
             }
         );
-        let bad = Request::Save(SaveRequest {
-            name: "d".into(),
-            pid: 1,
-            comm: "x".into(),
-            runs: vec![],
-        });
+        let bad = GuestRequest::new(
+            0,
+            Request::Save(SaveRequest {
+                name: "d".into(),
+                pid: 1,
+                comm: "x".into(),
+                runs: vec![],
+            }),
+        );
         assert!(matches!(
             call(&mut DryRun, &bad),
             Err(ClientError::Refused(_))
@@ -489,8 +595,8 @@ mod tests {
                         break f;
                     }
                 };
-                let req = Request::decode(&frame).expect("decode");
-                let reply = match (i, req) {
+                let req = GuestRequest::decode(&frame).expect("decode");
+                let reply = match (i, req.op) {
                     (0, Request::Delete { name }) => Reply::Deleted { name },
                     _ => Reply::Error(ErrorReply::new(ErrorCode::NotFound, "no snapshot x")),
                 };
@@ -498,9 +604,13 @@ mod tests {
             }
         });
         let mut t = SocketTransport::new(Endpoint::Unix(path.clone()));
-        let r = call(&mut t, &Request::Delete { name: "a".into() }).expect("call");
+        let r = call(
+            &mut t,
+            &GuestRequest::new(0, Request::Delete { name: "a".into() }),
+        )
+        .expect("call");
         assert_eq!(r, Reply::Deleted { name: "a".into() });
-        match call(&mut t, &Request::List) {
+        match call(&mut t, &GuestRequest::new(0, Request::List)) {
             Err(ClientError::Refused(e)) => assert_eq!(e.code, ErrorCode::NotFound),
             other => panic!("unexpected {other:?}"),
         }
@@ -523,11 +633,11 @@ mod tests {
         });
         let mut t = SocketTransport::new(Endpoint::Unix(path));
         assert!(matches!(
-            call(&mut t, &Request::List),
+            call(&mut t, &GuestRequest::new(0, Request::List)),
             Err(ClientError::NoReply | ClientError::Protocol(_))
         ));
         assert!(matches!(
-            call(&mut t, &Request::List),
+            call(&mut t, &GuestRequest::new(0, Request::List)),
             Err(ClientError::Protocol(ProtocolError::BadMagic(_)))
         ));
         server.join().expect("server");
@@ -536,15 +646,23 @@ mod tests {
     #[test]
     fn unavailable_endpoints_say_so() {
         let mut t = SocketTransport::new(Endpoint::Unix("/nonexistent/pmsnap.sock".into()));
-        let e = call(&mut t, &Request::List).expect_err("no socket");
+        let e = call(&mut t, &GuestRequest::new(0, Request::List)).expect_err("no socket");
         assert!(e.to_string().starts_with("vsock not available"), "{e}");
+        // The agent's socket missing: the error names the agent.
+        let mut t = SocketTransport {
+            endpoint: Endpoint::Unix("/nonexistent/agent.sock".into()),
+            agent: true,
+        };
+        let e = call_app(&mut t, &AppRequest::List).expect_err("no agent");
+        assert!(matches!(e, ClientError::NoAgent { .. }), "{e}");
+        assert!(e.to_string().contains("pmsnap-agent serve"), "{e}");
         // Nobody serves the snapshot port on the host side of this machine's vsock
         // (or vsock is missing altogether): either way a clear error, never a hang.
         let mut t = SocketTransport::new(Endpoint::Vsock {
             cid: HOST_CID,
             port: SNAPSHOT_SERVICE_PORT,
         });
-        let e = call(&mut t, &Request::List).expect_err("no service");
+        let e = call(&mut t, &GuestRequest::new(0, Request::List)).expect_err("no service");
         assert!(matches!(e, ClientError::Unavailable { .. }), "{e}");
     }
 }

@@ -6,11 +6,13 @@
 /// Version string of the agent, printed by `pmsnap-agent --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+pub mod access;
 pub mod app;
 pub mod churn;
 pub mod cli;
 pub mod client;
 pub mod freeze;
+pub mod gateway;
 pub mod ops;
 pub mod pagemap;
 pub mod protocol;

@@ -10,11 +10,16 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use guest_agent::cli::{self as cli_lang, exit, format_time_ms, parse_range, NameArg};
-use guest_agent::client::{call, ClientError, DryRun, Endpoint, SocketTransport, VsockListener};
+use guest_agent::client::{
+    call, call_app, ClientError, DryRun, Endpoint, SocketTransport, VsockListener, AGENT_SOCKET,
+};
 use guest_agent::freeze::FreezeMethod;
-use guest_agent::ops::{copy_out_process, restore_process, save_process, serve_connection, Phases};
+use guest_agent::gateway::{bind_agent_socket, serve_app_connection};
+use guest_agent::ops::{
+    copy_out_process, restore_process, save_process, serve_connection, Phases, Principal,
+};
 use guest_agent::protocol::{
-    validate_name, Reply, Request, SnapshotInfo, VirtRange, AGENT_PORT, PAGE_SIZE,
+    validate_name, AppRequest, Reply, Request, SnapshotInfo, VirtRange, AGENT_PORT, PAGE_SIZE,
 };
 
 /// Help text on virtual ranges, the same in `pmsnap ctl`.
@@ -146,6 +151,9 @@ enum Command {
         /// How to freeze processes.
         #[arg(long, value_enum, default_value = "auto")]
         freeze: Freeze,
+        /// Unix socket where applications (any user) ask the agent.
+        #[arg(long, default_value = AGENT_SOCKET)]
+        app_socket: PathBuf,
     },
 }
 
@@ -239,6 +247,34 @@ fn run(cli: Cli) -> Result<(), String> {
             dry_run,
         } => {
             let name = name.get();
+            if !dry_run && !is_root() {
+                let r = call_app(
+                    &mut agent(),
+                    &AppRequest::Save {
+                        name: name.to_string(),
+                        pid,
+                        ranges,
+                    },
+                );
+                return match r.map_err(|e| e.to_string())? {
+                    Reply::Saved {
+                        name,
+                        pages,
+                        present_pages,
+                    } if json => print_json(&serde_json::json!({
+                        "name": name, "pid": pid, "pages": pages, "present_pages": present_pages,
+                    })),
+                    Reply::Saved {
+                        name,
+                        pages,
+                        present_pages,
+                    } => {
+                        println!("saved {name} from pid {pid} (through the agent): {pages} pages, {present_pages} present");
+                        Ok(())
+                    }
+                    other => Err(format!("unexpected reply {other:?}")),
+                };
+            }
             let o = if dry_run {
                 save_process(&mut DryRun, pid, &ranges, name, freeze.into())
             } else {
@@ -279,6 +315,26 @@ fn run(cli: Cli) -> Result<(), String> {
             dry_run,
         } => {
             let name = name.get();
+            if !dry_run && !is_root() {
+                let req = AppRequest::Restore {
+                    name: name.to_string(),
+                    owner: None,
+                    pid,
+                    ranges,
+                };
+                return match call_app(&mut agent(), &req).map_err(|e| e.to_string())? {
+                    Reply::Restored { name, pages } if json => {
+                        print_json(&serde_json::json!({ "name": name, "pid": pid, "pages": pages }))
+                    }
+                    Reply::Restored { name, pages } => {
+                        println!(
+                            "restored {name} into pid {pid} (through the agent): {pages} pages"
+                        );
+                        Ok(())
+                    }
+                    other => Err(format!("unexpected reply {other:?}")),
+                };
+            }
             let o = if dry_run {
                 restore_process(&mut DryRun, pid, &ranges, name, freeze.into())
             } else {
@@ -310,8 +366,13 @@ fn run(cli: Cli) -> Result<(), String> {
             );
         }
         Command::List => {
-            let mut tr = transport(t).map_err(|e| e.to_string())?;
-            let list = match call(&mut tr, &Request::List).map_err(|e| e.to_string())? {
+            let reply = if is_root() {
+                let mut tr = transport(t).map_err(|e| e.to_string())?;
+                call(&mut tr, &Principal::current().request(Request::List))
+            } else {
+                call_app(&mut agent(), &AppRequest::List)
+            };
+            let list = match reply.map_err(|e| e.to_string())? {
                 Reply::List(l) => l,
                 other => return Err(format!("unexpected reply {other:?}")),
             };
@@ -323,8 +384,16 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Rm { name } => {
             let name = name.get().to_string();
             validate_name(&name).map_err(|e| e.to_string())?;
-            let mut tr = transport(t).map_err(|e| e.to_string())?;
-            match call(&mut tr, &Request::Delete { name }).map_err(|e| e.to_string())? {
+            let reply = if is_root() {
+                let mut tr = transport(t).map_err(|e| e.to_string())?;
+                call(
+                    &mut tr,
+                    &Principal::current().request(Request::Delete { name }),
+                )
+            } else {
+                call_app(&mut agent(), &AppRequest::Delete { name, owner: None })
+            };
+            match reply.map_err(|e| e.to_string())? {
                 Reply::Deleted { name } if json => {
                     print_json(&serde_json::json!({ "deleted": name }))?
                 }
@@ -357,7 +426,8 @@ fn run(cli: Cli) -> Result<(), String> {
             listen_unix,
             log,
             freeze,
-        } => return serve(t, port, listen_unix, &log, freeze.into()),
+            app_socket,
+        } => return serve(t, port, listen_unix, &app_socket, &log, freeze.into()),
     }
     Ok(())
 }
@@ -376,16 +446,28 @@ fn phases(p: &Phases) -> String {
     )
 }
 
+/// Root talks to the VMM itself (from a privileged vsock port); other users ask the
+/// agent, which decides what they may do.
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn agent() -> SocketTransport {
+    SocketTransport::agent()
+}
+
 /// The list as a table; times in RFC 3339.
 fn render_list(list: &[SnapshotInfo]) -> String {
     let mut out = format!(
-        "{:<24} {:>7} {:<16} {:>9} {:>9} {:>7}  CREATED\n",
-        "NAME", "PID", "COMM", "PAGES", "PRESENT", "RUNS"
+        "{:<24} {:>6} {:>7} {:<16} {:>9} {:>9} {:>7}  CREATED\n",
+        "NAME", "UID", "PID", "COMM", "PAGES", "PRESENT", "RUNS"
     );
     for s in list {
         out += &format!(
-            "{:<24} {:>7} {:<16} {:>9} {:>9} {:>7}  {}\n",
+            "{:<24} {:>6} {:>7} {:<16} {:>9} {:>9} {:>7}  {}\n",
             s.name,
+            s.uid,
             s.pid,
             s.comm,
             s.pages,
@@ -402,26 +484,58 @@ fn render_list(list: &[SnapshotInfo]) -> String {
 /// readers.
 fn info_json(s: &SnapshotInfo) -> serde_json::Value {
     serde_json::json!({
-        "name": s.name, "pid": s.pid, "comm": s.comm, "pages": s.pages,
+        "name": s.name, "uid": s.uid, "pid": s.pid, "comm": s.comm, "pages": s.pages,
         "present_pages": s.present_pages, "runs": s.runs,
         "created_unix_ms": s.created_unix.saturating_mul(1000),
         "created_unix": s.created_unix,
     })
 }
 
-/// Accept connections one at a time (a save freezes a process; one at a time keeps
-/// pauses short and the guest kernel's work bounded) and answer each.
+/// Serve applications on `app_socket` (a thread) and the VMM's requests on the vsock
+/// port, one request at a time overall (a save freezes a process; one at a time keeps
+/// pauses short and the guest kernel's work bounded).
 fn serve(
     t: Option<&str>,
     port: u32,
     listen_unix: Option<PathBuf>,
+    app_socket: &std::path::Path,
     log_path: &std::path::Path,
     freeze: FreezeMethod,
 ) -> Result<(), String> {
     init_log(Some(log_path));
-    let mut tr = transport(t).map_err(|e| e.to_string())?;
+    let tr = transport(t).map_err(|e| e.to_string())?;
     // A peer that connects and sends nothing must not block the daemon for long.
     let idle = Duration::from_secs(10);
+    let one_at_a_time = std::sync::Arc::new(Mutex::new(()));
+    // Without the application socket the host's requests are still served.
+    match bind_agent_socket(app_socket) {
+        Err(e) => log::error!(
+            "cannot listen on {}: {e}; applications cannot reach the agent",
+            app_socket.display()
+        ),
+        Ok(apps) => {
+            log::info!("serving applications on {}", app_socket.display());
+            let mut tr = tr.clone();
+            let lock = one_at_a_time.clone();
+            std::thread::spawn(move || {
+                for conn in apps.incoming() {
+                    match conn {
+                        Ok(mut c) => {
+                            let _ = c.set_read_timeout(Some(idle));
+                            if let Err(e) = serve_app_connection(&mut c, &mut tr, freeze, &lock) {
+                                log::warn!("application connection: {e}");
+                            }
+                        }
+                        Err(e) => {
+                            log::error!("accept on the application socket: {e}");
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                }
+            });
+        }
+    }
+    let mut tr = tr;
     if let Some(path) = listen_unix {
         let _ = std::fs::remove_file(&path);
         let l = std::os::unix::net::UnixListener::bind(&path)
@@ -431,6 +545,7 @@ fn serve(
             match conn {
                 Ok(mut c) => {
                     let _ = c.set_read_timeout(Some(idle));
+                    let _held = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
                     if let Err(e) = serve_connection(&mut c, &mut tr, freeze) {
                         log::warn!("connection: {e}");
                     }
@@ -450,6 +565,7 @@ fn serve(
         match l.accept() {
             Ok(mut c) => {
                 let _ = c.set_read_timeout(idle);
+                let _held = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
                 if let Err(e) = serve_connection(&mut c, &mut tr, freeze) {
                     log::warn!("connection: {e}");
                 }
@@ -586,6 +702,7 @@ mod tests {
     fn list_times_are_rfc3339_in_text_and_ms_in_json() {
         let s = SnapshotInfo {
             name: "a".into(),
+            uid: 1000,
             pid: 3,
             comm: "sh".into(),
             pages: 10,
@@ -599,6 +716,8 @@ mod tests {
         let v = info_json(&s);
         assert_eq!(v["created_unix_ms"], 1_700_000_000_000u64);
         assert_eq!(v["created_unix"], 1_700_000_000u64);
+        assert_eq!(v["uid"], 1000);
+        assert!(text.contains(" 1000 "), "the owner uid is a column: {text}");
     }
 
     #[test]

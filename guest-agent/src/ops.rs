@@ -11,6 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::access::{Access, AccessError};
 use crate::client::{call, ClientError, Transport};
 use crate::freeze::{FreezeError, FreezeGuard, FreezeMethod};
 use crate::pagemap::{
@@ -19,8 +20,8 @@ use crate::pagemap::{
 };
 use crate::protocol::{
     read_frame, total_pages, validate_name, write_frame, AgentRequest, ErrorCode, ErrorReply,
-    ProtocolError, Reply, Request, RestoreRequest, SaveRequest, VirtRange, MAX_COMM_LEN, MAX_RUNS,
-    PAGE_SIZE,
+    GuestRequest, ProtocolError, Reply, Request, RestoreRequest, SaveRequest, VirtRange,
+    MAX_COMM_LEN, MAX_RUNS, PAGE_SIZE,
 };
 
 /// Bytes moved per `pread`/`pwrite` of /proc/PID/mem: few syscalls, bounded memory.
@@ -57,6 +58,9 @@ pub enum OpsError {
     /// More runs than one request may carry.
     #[error("{0} page runs exceed the protocol limit of {MAX_RUNS}; save fewer ranges")]
     TooManyRuns(usize),
+    /// The caller may not access the process.
+    #[error(transparent)]
+    Access(#[from] AccessError),
     /// Writing the copy-out file failed.
     #[error("writing {path}: {source}")]
     Output {
@@ -82,6 +86,12 @@ impl OpsError {
                 ErrorReply::new(ErrorCode::BadRequest, self.to_string())
             }
             OpsError::TooManyRuns(_) => ErrorReply::new(ErrorCode::TooLarge, self.to_string()),
+            OpsError::Access(AccessError::Denied { .. }) => {
+                ErrorReply::new(ErrorCode::PermissionDenied, self.to_string())
+            }
+            OpsError::Access(AccessError::NoProcess(_)) => {
+                ErrorReply::new(ErrorCode::BadRequest, self.to_string())
+            }
             _ => ErrorReply::new(ErrorCode::Internal, self.to_string()),
         }
     }
@@ -173,6 +183,68 @@ pub struct CopyOutcome {
     pub pause_us: u64,
 }
 
+/// On whose behalf the agent asks the VMM: the guest uid (from `SO_PEERCRED` for an
+/// application, the agent's own for its CLI), the owner of the snapshot named when not
+/// that uid (root only), and the host's token for a save the host asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Principal {
+    /// Guest uid.
+    pub uid: u32,
+    /// Owner of the snapshot a restore or delete names, when not `uid`.
+    pub owner: Option<u32>,
+    /// Token of a host request (the snapshot becomes host-owned).
+    pub host_token: Option<u64>,
+}
+
+impl Principal {
+    /// Acting for guest uid `uid` on its own snapshots.
+    pub fn uid(uid: u32) -> Self {
+        Self {
+            uid,
+            ..Self::default()
+        }
+    }
+
+    /// The effective uid of this process.
+    pub fn current() -> Self {
+        // SAFETY: geteuid has no preconditions.
+        Self::uid(unsafe { libc::geteuid() })
+    }
+
+    /// `op` wrapped for the VMM.
+    pub fn request(&self, op: Request) -> GuestRequest {
+        GuestRequest {
+            uid: self.uid,
+            owner: self.owner,
+            host_token: self.host_token,
+            op,
+        }
+    }
+}
+
+/// How an operation holds its target still: freeze it (another process), or not (the
+/// caller saving or restoring itself, blocked in the call meanwhile).
+fn freeze_if(pid: u32, method: Option<FreezeMethod>) -> Result<Option<FreezeGuard>, OpsError> {
+    Ok(match method {
+        Some(m) => Some(FreezeGuard::freeze(pid, m)?),
+        None => None,
+    })
+}
+
+fn thaw(guard: Option<FreezeGuard>, start: Instant) -> Result<Duration, OpsError> {
+    Ok(match guard {
+        Some(g) => g.thaw()?,
+        None => start.elapsed(),
+    })
+}
+
+fn recheck(access: Option<&Access>) -> Result<(), OpsError> {
+    if let Some(a) = access {
+        a.recheck()?;
+    }
+    Ok(())
+}
+
 /// The command name of `pid`, cut to the protocol's limit.
 pub fn comm_of(pid: u32) -> Result<String, PagemapError> {
     let path = format!("/proc/{pid}/comm");
@@ -213,7 +285,8 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Freeze `pid`, save `ranges` (default selection when empty) under `name`, thaw.
+/// Freeze `pid`, save `ranges` (default selection when empty) under `name`, thaw; for
+/// the agent's own uid.
 pub fn save_process(
     t: &mut dyn Transport,
     pid: u32,
@@ -221,18 +294,43 @@ pub fn save_process(
     name: &str,
     method: FreezeMethod,
 ) -> Result<SaveOutcome, OpsError> {
+    save_process_as(
+        t,
+        pid,
+        ranges,
+        name,
+        Some(method),
+        &Principal::current(),
+        None,
+    )
+}
+
+/// [`save_process`] on behalf of `who`: freeze with `method` (`None`: the target is
+/// the blocked caller itself), and when `access` is given, check again after reading
+/// the page map that the process is still the one the caller may access (a pid reused
+/// or a process that became privileged meanwhile is refused before the VMM is asked).
+pub fn save_process_as(
+    t: &mut dyn Transport,
+    pid: u32,
+    ranges: &[VirtRange],
+    name: &str,
+    method: Option<FreezeMethod>,
+    who: &Principal,
+    access: Option<&Access>,
+) -> Result<SaveOutcome, OpsError> {
     validate_name(name)?;
     let comm = comm_of(pid)?;
     // Check first, so a bad range or a kernel thread costs the process no pause; check
     // again once frozen, since the layout may have changed in between.
     select_ranges(pid, ranges)?;
-    let guard = FreezeGuard::freeze(pid, method)?;
-    let mut laps = Laps(guard.frozen_at());
+    let guard = freeze_if(pid, method)?;
+    let start = guard.as_ref().map_or_else(Instant::now, |g| g.frozen_at());
+    let mut laps = Laps(start);
     let mut phases = Phases {
         freeze_us: laps.lap(),
         ..Phases::default()
     };
-    let used = guard.method();
+    let used = guard.as_ref().map_or("none", |g| g.method().name());
     let chosen = select_ranges(pid, ranges)?;
     let built = Pagemap::open(pid)?.runs(&chosen)?;
     let (pages, present_pages) = (built.pages(), built.present_pages());
@@ -240,19 +338,20 @@ pub fn save_process(
     if runs.len() > MAX_RUNS {
         return Err(OpsError::TooManyRuns(runs.len()));
     }
+    recheck(access)?;
     let nruns = runs.len();
     phases.map_us = laps.lap();
     let reply = call(
         t,
-        &Request::Save(SaveRequest {
+        &who.request(Request::Save(SaveRequest {
             name: name.to_string(),
             pid,
             comm: comm.clone(),
             runs,
-        }),
+        })),
     )?;
     phases.vmm_us = laps.lap();
-    let pause = guard.thaw()?;
+    let pause = thaw(guard, start)?;
     phases.thaw_us = micros(pause)
         .saturating_sub(phases.freeze_us + phases.touch_us + phases.map_us + phases.vmm_us);
     match reply {
@@ -267,7 +366,7 @@ pub fn save_process(
             pages,
             present_pages,
             runs: nruns,
-            freeze: used.name(),
+            freeze: used,
             pause_us: micros(pause),
             phases,
             vmm_pages,
@@ -462,7 +561,7 @@ fn vm_rw(pid: u32, addrs: &[u64], bytes: &mut [u8], write: bool) -> Result<usize
 
 /// Freeze `pid`, make the target pages of `ranges` (default selection when empty)
 /// resident, find their guest-physical pages, ask the VMM to copy snapshot `name` into
-/// them, thaw.
+/// them, thaw; for the agent's own uid.
 pub fn restore_process(
     t: &mut dyn Transport,
     pid: u32,
@@ -470,15 +569,38 @@ pub fn restore_process(
     name: &str,
     method: FreezeMethod,
 ) -> Result<RestoreOutcome, OpsError> {
+    restore_process_as(
+        t,
+        pid,
+        ranges,
+        name,
+        Some(method),
+        &Principal::current(),
+        None,
+    )
+}
+
+/// [`restore_process`] on behalf of `who` (see [`save_process_as`]). The targets are
+/// always pages of `pid`, read from its page map here.
+pub fn restore_process_as(
+    t: &mut dyn Transport,
+    pid: u32,
+    ranges: &[VirtRange],
+    name: &str,
+    method: Option<FreezeMethod>,
+    who: &Principal,
+    access: Option<&Access>,
+) -> Result<RestoreOutcome, OpsError> {
     validate_name(name)?;
     select_ranges(pid, ranges)?;
-    let guard = FreezeGuard::freeze(pid, method)?;
-    let mut laps = Laps(guard.frozen_at());
+    let guard = freeze_if(pid, method)?;
+    let start = guard.as_ref().map_or_else(Instant::now, |g| g.frozen_at());
+    let mut laps = Laps(start);
     let mut phases = Phases {
         freeze_us: laps.lap(),
         ..Phases::default()
     };
-    let used = guard.method();
+    let used = guard.as_ref().map_or("none", |g| g.method().name());
     let (maps, chosen) = select(pid, ranges)?;
     let pm = Pagemap::open(pid)?;
     let (entries, touched) = make_resident(pid, &pm, &maps, &chosen)?;
@@ -494,17 +616,18 @@ pub fn restore_process(
     if runs.len() > MAX_RUNS {
         return Err(OpsError::TooManyRuns(runs.len()));
     }
+    recheck(access)?;
     let (pages, nruns) = (total_pages(&runs), runs.len());
     phases.map_us = laps.lap();
     let reply = call(
         t,
-        &Request::Restore(RestoreRequest {
+        &who.request(Request::Restore(RestoreRequest {
             name: name.to_string(),
             runs,
-        }),
+        })),
     )?;
     phases.vmm_us = laps.lap();
-    let pause = guard.thaw()?;
+    let pause = thaw(guard, start)?;
     phases.thaw_us = micros(pause)
         .saturating_sub(phases.freeze_us + phases.touch_us + phases.map_us + phases.vmm_us);
     match reply {
@@ -516,7 +639,7 @@ pub fn restore_process(
             pages,
             touched_pages: touched,
             runs: nruns,
-            freeze: used.name(),
+            freeze: used,
             pause_us: micros(pause),
             phases,
             vmm_pages,
@@ -581,8 +704,18 @@ pub fn handle_agent_frame(t: &mut dyn Transport, frame: &[u8], method: FreezeMet
         Err(e) => return Reply::Error(ErrorReply::from(&e)),
     };
     match req {
-        AgentRequest::SnapshotProcess { name, pid, ranges } => {
-            match save_process(t, pid, &ranges, &name, method) {
+        AgentRequest::SnapshotProcess {
+            name,
+            pid,
+            ranges,
+            token,
+        } => {
+            // The host's request: the snapshot is host-owned (the VMM checks the token).
+            let who = Principal {
+                host_token: Some(token),
+                ..Principal::current()
+            };
+            match save_process_as(t, pid, &ranges, &name, Some(method), &who, None) {
                 Ok(o) => {
                     log::info!(
                         "saved pid {} as {}: {} pages ({} present) in {} runs, pause {} us",

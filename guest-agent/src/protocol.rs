@@ -9,7 +9,7 @@
 //! ```text
 //! offset size field
 //!      0    4 magic   = 0x504d_534e ("NSMP" read as little-endian bytes)
-//!      4    2 version = 1
+//!      4    2 version = 2
 //!      6    2 kind    = 1 request, 2 reply
 //!      8    4 len     = payload length in bytes, at most MAX_PAYLOAD_LEN
 //!     12  len payload = postcard(Request) or postcard(Reply)
@@ -31,8 +31,11 @@ pub const AGENT_PORT: u32 = 1025;
 
 /// Frame magic, first four bytes of every frame.
 pub const MAGIC: u32 = 0x504d_534e;
-/// The only protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// The only protocol version this build speaks. Version 2 (issue 12) wraps every
+/// request to the VMM in a [`GuestRequest`] naming the guest uid it is made for, adds
+/// the owner uid to [`SnapshotInfo`], a host token to [`AgentRequest::SnapshotProcess`],
+/// and the application messages ([`AppRequest`]) spoken on the agent's Unix socket.
+pub const VERSION: u16 = 2;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 12;
 /// Largest payload accepted (4 MiB): room for [`MAX_RUNS`] worst-case runs.
@@ -59,7 +62,11 @@ pub enum ProtocolError {
     #[error("bad frame magic {0:#010x}")]
     BadMagic(u32),
     /// The peer speaks another protocol version.
-    #[error("unsupported protocol version {got} (this side speaks {VERSION})")]
+    #[error(
+        "unsupported protocol version {got} (this side speaks {VERSION}): the guest agent \
+         and the VMM come from different pmsnap releases; rebuild the guest image \
+         (images/build.sh) or use the matching VMM"
+    )]
     UnsupportedVersion {
         /// Version found in the frame.
         got: u16,
@@ -104,6 +111,22 @@ pub enum ProtocolError {
     /// The request has no runs where some are needed.
     #[error("request has no page runs")]
     NoRuns,
+    /// The runs name more pages than guest RAM has.
+    #[error("the runs name {got} pages, more than the {limit} pages of guest RAM")]
+    TooManyPages {
+        /// Pages named (saturating).
+        got: u64,
+        /// Guest RAM pages.
+        limit: u64,
+    },
+    /// Two restore target runs share guest-physical pages.
+    #[error("restore target runs {first} and {second} overlap in guest-physical memory")]
+    Overlap {
+        /// Index of one run.
+        first: usize,
+        /// Index of the other.
+        second: usize,
+    },
     /// The encoder failed (a message above the limits).
     #[error("cannot encode message: {0}")]
     Encode(String),
@@ -121,7 +144,10 @@ impl ProtocolError {
             }
             Self::Malformed(_) => ErrorCode::BadFrame,
             Self::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
-            Self::TooLarge(_) | Self::TooManyRuns(_) => ErrorCode::TooLarge,
+            Self::TooLarge(_) | Self::TooManyRuns(_) | Self::TooManyPages { .. } => {
+                ErrorCode::TooLarge
+            }
+            Self::Overlap { .. } => ErrorCode::RunOutOfRange,
             Self::InvalidName(_) => ErrorCode::InvalidName,
             Self::InvalidComm | Self::NoRuns => ErrorCode::BadRequest,
             Self::BadRun { .. } => ErrorCode::RunOutOfRange,
@@ -226,14 +252,15 @@ pub struct RestoreRequest {
     pub runs: Vec<Run>,
 }
 
-/// A request from the guest.
+/// An operation on process snapshots. To the VMM it travels inside a [`GuestRequest`]
+/// that says for which guest uid it is made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Save pages.
     Save(SaveRequest),
     /// Restore pages.
     Restore(RestoreRequest),
-    /// List the process snapshots.
+    /// List the process snapshots the caller may see.
     List,
     /// Delete a snapshot.
     Delete {
@@ -242,11 +269,65 @@ pub enum Request {
     },
 }
 
+/// What the agent sends the VMM's snapshot service: an operation and the guest uid it
+/// is made for. The VMM believes `uid` only because its service accepts connections
+/// from privileged vsock ports alone (guest root, i.e. the agent, which learned the uid
+/// from the kernel with `SO_PEERCRED`); see docs/protocol.md.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRequest {
+    /// Guest uid the request is made for. Snapshots it creates belong to this uid; it
+    /// sees, restores and deletes only its own (uid 0: every guest-owned snapshot).
+    pub uid: u32,
+    /// Owner uid of the snapshot a restore or delete names, when not `uid` itself
+    /// (only uid 0 may name another uid's snapshot).
+    pub owner: Option<u32>,
+    /// For a save the host asked for (`AgentRequest::SnapshotProcess`): the token the
+    /// VMM sent with that request. The snapshot is then host-owned. `None` otherwise.
+    pub host_token: Option<u64>,
+    /// The operation.
+    pub op: Request,
+}
+
+impl GuestRequest {
+    /// `op` on behalf of guest uid `uid`, naming the caller's own snapshots.
+    pub fn new(uid: u32, op: Request) -> Self {
+        Self {
+            uid,
+            owner: None,
+            host_token: None,
+            op,
+        }
+    }
+
+    /// Encode as one frame.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        encode_frame(FrameKind::Request, self)
+    }
+
+    /// Decode exactly one request frame (header and payload, nothing more).
+    pub fn decode(frame: &[u8]) -> Result<Self, ProtocolError> {
+        decode_frame(FrameKind::Request, frame)
+    }
+
+    /// Check the operation against guest RAM of `ram_pages` pages (see
+    /// [`Request::validate`]).
+    pub fn validate(&self, ram_pages: u64) -> Result<(), ProtocolError> {
+        self.op.validate(ram_pages)
+    }
+
+    /// The snapshot owner a restore or delete addresses: `owner` or the caller.
+    pub fn target_owner(&self) -> u32 {
+        self.owner.unwrap_or(self.uid)
+    }
+}
+
 /// One line of a list reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
-    /// Snapshot name.
+    /// Snapshot name (within its owner's name space).
     pub name: String,
+    /// Guest uid that owns the snapshot.
+    pub uid: u32,
     /// Pid recorded at save time.
     pub pid: u32,
     /// Command name recorded at save time.
@@ -289,6 +370,8 @@ pub enum ErrorCode {
     Busy = 11,
     /// Anything else on the VMM side.
     Internal = 12,
+    /// The caller may not do this (another user's process or snapshot).
+    PermissionDenied = 13,
 }
 
 /// An error reply.
@@ -406,16 +489,6 @@ fn decode_payload<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, Pro
 }
 
 impl Request {
-    /// Encode as one frame.
-    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
-        encode_frame(FrameKind::Request, self)
-    }
-
-    /// Decode exactly one request frame (header and payload, nothing more).
-    pub fn decode(frame: &[u8]) -> Result<Self, ProtocolError> {
-        decode_frame(FrameKind::Request, frame)
-    }
-
     /// Check every field against the limits and against guest RAM of `ram_pages` pages.
     /// This is the VMM's gate: the guest is untrusted.
     pub fn validate(&self, ram_pages: u64) -> Result<(), ProtocolError> {
@@ -461,7 +534,92 @@ pub enum AgentRequest {
         pid: u32,
         /// Ranges to save; empty means the agent's default selection.
         ranges: Vec<VirtRange>,
+        /// Single-use token the agent passes back in its [`GuestRequest::host_token`],
+        /// so the snapshot is host-owned (the VMM hands it out per request).
+        token: u64,
     },
+}
+
+/// What an application (the library, or `pmsnap-agent` run by any user) asks the agent
+/// on its Unix socket. The agent learns the caller's uid and pid from the kernel
+/// (`SO_PEERCRED`), checks that the caller may access process `pid`, reads the
+/// guest-physical pages from its page map itself and asks the VMM on the caller's
+/// behalf. No frame number ever comes from an application. Answered with one [`Reply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AppRequest {
+    /// Save `ranges` of process `pid` (default selection when empty) under `name`.
+    Save {
+        /// Snapshot name.
+        name: String,
+        /// Guest pid (the caller itself, or a process of the same uid; root: any).
+        pid: u32,
+        /// Virtual ranges; empty means all writable private mappings.
+        ranges: Vec<VirtRange>,
+    },
+    /// Restore snapshot `name` into `ranges` of process `pid` (default selection when
+    /// empty), filled in order.
+    Restore {
+        /// Snapshot name.
+        name: String,
+        /// Owner uid of the snapshot when not the caller (root only).
+        owner: Option<u32>,
+        /// Guest pid.
+        pid: u32,
+        /// Target ranges.
+        ranges: Vec<VirtRange>,
+    },
+    /// List the snapshots the caller may see.
+    List,
+    /// Delete a snapshot of the caller (root: of `owner`).
+    Delete {
+        /// Snapshot name.
+        name: String,
+        /// Owner uid when not the caller (root only).
+        owner: Option<u32>,
+    },
+}
+
+impl AppRequest {
+    /// Encode as one request frame.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        encode_frame(FrameKind::Request, self)
+    }
+
+    /// Decode exactly one request frame.
+    pub fn decode(frame: &[u8]) -> Result<Self, ProtocolError> {
+        decode_frame(FrameKind::Request, frame)
+    }
+
+    /// Check names and ranges (the agent does not trust applications).
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        match self {
+            AppRequest::Save { name, ranges, .. } | AppRequest::Restore { name, ranges, .. } => {
+                validate_name(name)?;
+                validate_ranges(ranges)
+            }
+            AppRequest::List => Ok(()),
+            AppRequest::Delete { name, .. } => validate_name(name),
+        }
+    }
+}
+
+/// Check virtual ranges: at most [`MAX_RANGES`], each page aligned and non-empty.
+pub fn validate_ranges(ranges: &[VirtRange]) -> Result<(), ProtocolError> {
+    if ranges.len() > MAX_RANGES {
+        return Err(ProtocolError::BadRun {
+            index: MAX_RANGES,
+            reason: "more ranges than MAX_RANGES",
+        });
+    }
+    for (index, r) in ranges.iter().enumerate() {
+        if r.start % PAGE_SIZE != 0 || r.end % PAGE_SIZE != 0 || r.end <= r.start {
+            return Err(ProtocolError::BadRun {
+                index,
+                reason: "range empty or not page aligned",
+            });
+        }
+    }
+    Ok(())
 }
 
 impl AgentRequest {
@@ -480,21 +638,7 @@ impl AgentRequest {
         match self {
             AgentRequest::SnapshotProcess { name, ranges, .. } => {
                 validate_name(name)?;
-                if ranges.len() > MAX_RANGES {
-                    return Err(ProtocolError::BadRun {
-                        index: MAX_RANGES,
-                        reason: "more ranges than MAX_RANGES",
-                    });
-                }
-                for (index, r) in ranges.iter().enumerate() {
-                    if r.start % PAGE_SIZE != 0 || r.end % PAGE_SIZE != 0 || r.end <= r.start {
-                        return Err(ProtocolError::BadRun {
-                            index,
-                            reason: "range empty or not page aligned",
-                        });
-                    }
-                }
-                Ok(())
+                validate_ranges(ranges)
             }
         }
     }
@@ -540,9 +684,12 @@ pub fn validate_comm(comm: &str) -> Result<(), ProtocolError> {
 }
 
 /// Check page runs against guest RAM of `ram_pages` pages: at most [`MAX_RUNS`], at
-/// least one, each non-empty, page-aligned virtual address without overflow, and present
-/// runs entirely inside guest RAM. With `require_present`, absent runs are refused
-/// (restore targets must be resident).
+/// least one, each non-empty, page-aligned virtual address without overflow, present
+/// runs entirely inside guest RAM, and all runs together (absent pages included) no
+/// more pages than guest RAM has, so nothing the VMM sizes from them can exceed guest
+/// RAM. With `require_present` (restore targets), absent runs are refused and no two
+/// runs may share a guest-physical page (checked in O(n log n) on at most
+/// [`MAX_RUNS`] runs).
 pub fn validate_runs(
     runs: &[Run],
     ram_pages: u64,
@@ -554,6 +701,7 @@ pub fn validate_runs(
     if runs.len() > MAX_RUNS {
         return Err(ProtocolError::TooManyRuns(runs.len()));
     }
+    let mut total = 0u64;
     for (index, r) in runs.iter().enumerate() {
         let bad = |reason| Err(ProtocolError::BadRun { index, reason });
         if r.count == 0 {
@@ -577,6 +725,27 @@ pub fn validate_runs(
             }
         } else if require_present {
             return bad("restore target pages must be present");
+        }
+        total = total.saturating_add(r.count);
+        if total > ram_pages {
+            return Err(ProtocolError::TooManyPages {
+                got: total_pages(runs),
+                limit: ram_pages,
+            });
+        }
+    }
+    if require_present {
+        let mut order: Vec<usize> = (0..runs.len()).collect();
+        order.sort_unstable_by_key(|&i| runs[i].guest_phys_first_page);
+        for w in order.windows(2) {
+            let (a, b) = (&runs[w[0]], &runs[w[1]]);
+            // Present runs were checked above: first + count does not overflow.
+            if a.guest_phys_first_page + a.count > b.guest_phys_first_page {
+                return Err(ProtocolError::Overlap {
+                    first: w[0].min(w[1]),
+                    second: w[0].max(w[1]),
+                });
+            }
         }
     }
     Ok(())
@@ -624,7 +793,7 @@ pub fn write_frame<W: Write>(w: &mut W, frame: &[u8]) -> Result<(), ProtocolErro
 
 /// Send one request on a blocking stream and wait for its reply (the agent's side of
 /// an exchange).
-pub fn call<S: Read + Write>(stream: &mut S, req: &Request) -> Result<Reply, ProtocolError> {
+pub fn call<S: Read + Write>(stream: &mut S, req: &GuestRequest) -> Result<Reply, ProtocolError> {
     write_frame(stream, &req.encode()?)?;
     let frame = read_frame(stream)?
         .ok_or_else(|| ProtocolError::Io("connection closed before the reply".into()))?;
@@ -744,14 +913,20 @@ mod tests {
             Request::List,
             Request::Delete { name: "y".into() },
         ];
-        for r in &reqs {
+        for (uid, r) in reqs.into_iter().enumerate() {
+            let r = &GuestRequest {
+                uid: uid as u32,
+                owner: Some(7),
+                host_token: Some(99),
+                op: r,
+            };
             let f = r.encode().expect("encode");
             assert_eq!(&f[0..4], &MAGIC.to_le_bytes());
             assert_eq!(
                 u32::from_le_bytes(f[8..12].try_into().expect("4")) as usize,
                 f.len() - 12
             );
-            assert_eq!(&Request::decode(&f).expect("decode"), r);
+            assert_eq!(&GuestRequest::decode(&f).expect("decode"), r);
         }
         let replies = [
             Reply::Saved {
@@ -765,6 +940,7 @@ mod tests {
             },
             Reply::List(vec![SnapshotInfo {
                 name: "a".into(),
+                uid: 1000,
                 pid: 1,
                 comm: "init".into(),
                 pages: 3,
@@ -779,46 +955,48 @@ mod tests {
             let f = r.encode().expect("encode");
             assert_eq!(&Reply::decode(&f).expect("decode"), r);
             // A reply is never accepted where a request is expected.
-            assert_eq!(Request::decode(&f), Err(ProtocolError::BadKind(2)));
+            assert_eq!(GuestRequest::decode(&f), Err(ProtocolError::BadKind(2)));
         }
     }
 
     #[test]
     fn header_rejections() {
-        let good = Request::List.encode().expect("encode");
+        let good = GuestRequest::new(0, Request::List)
+            .encode()
+            .expect("encode");
         let mut f = good.clone();
         f[0] ^= 1;
         assert!(matches!(
-            Request::decode(&f),
+            GuestRequest::decode(&f),
             Err(ProtocolError::BadMagic(_))
         ));
         let mut f = good.clone();
-        f[4..6].copy_from_slice(&2u16.to_le_bytes());
-        let e = Request::decode(&f).expect_err("version 2");
-        assert_eq!(e, ProtocolError::UnsupportedVersion { got: 2 });
+        f[4..6].copy_from_slice(&3u16.to_le_bytes());
+        let e = GuestRequest::decode(&f).expect_err("version 3");
+        assert_eq!(e, ProtocolError::UnsupportedVersion { got: 3 });
         assert_eq!(e.code(), ErrorCode::UnsupportedVersion);
         let mut f = good.clone();
         f[6..8].copy_from_slice(&9u16.to_le_bytes());
-        assert_eq!(Request::decode(&f), Err(ProtocolError::BadKind(9)));
+        assert_eq!(GuestRequest::decode(&f), Err(ProtocolError::BadKind(9)));
         let mut f = good.clone();
         f[8..12].copy_from_slice(&(MAX_PAYLOAD_LEN + 1).to_le_bytes());
         assert_eq!(
-            Request::decode(&f),
+            GuestRequest::decode(&f),
             Err(ProtocolError::TooLarge(u64::from(MAX_PAYLOAD_LEN) + 1))
         );
         assert!(matches!(
-            Request::decode(&good[..5]),
+            GuestRequest::decode(&good[..5]),
             Err(ProtocolError::Truncated { got: 5, want: 12 })
         ));
         let mut f = good.clone();
         f[8..12].copy_from_slice(&5u32.to_le_bytes());
         assert!(matches!(
-            Request::decode(&f),
+            GuestRequest::decode(&f),
             Err(ProtocolError::Truncated { .. })
         ));
         let mut f = good.clone();
         f.push(0);
-        assert_eq!(Request::decode(&f), Err(ProtocolError::Trailing(1)));
+        assert_eq!(GuestRequest::decode(&f), Err(ProtocolError::Trailing(1)));
     }
 
     #[test]
@@ -832,11 +1010,11 @@ mod tests {
         .to_vec();
         f.push(77);
         assert!(matches!(
-            Request::decode(&f),
+            GuestRequest::decode(&f),
             Err(ProtocolError::Malformed(_))
         ));
         // A payload with a valid message followed by junk inside the announced length.
-        let mut inner = postcard::to_stdvec(&Request::List).expect("encode");
+        let mut inner = postcard::to_stdvec(&GuestRequest::new(0, Request::List)).expect("encode");
         inner.push(0xAA);
         let mut f = FrameHeader {
             kind: FrameKind::Request,
@@ -845,18 +1023,19 @@ mod tests {
         .to_bytes()
         .to_vec();
         f.extend_from_slice(&inner);
-        assert_eq!(Request::decode(&f), Err(ProtocolError::Trailing(1)));
+        assert_eq!(GuestRequest::decode(&f), Err(ProtocolError::Trailing(1)));
         // Truncated payload of a save.
-        let full = save().encode().expect("encode");
+        let full = GuestRequest::new(0, save()).encode().expect("encode");
         let mut f = full[..full.len() - 3].to_vec();
         let len = (f.len() - HEADER_LEN) as u32;
         f[8..12].copy_from_slice(&len.to_le_bytes());
         assert!(matches!(
-            Request::decode(&f),
+            GuestRequest::decode(&f),
             Err(ProtocolError::Malformed(_))
         ));
         // A vector length prefix claiming billions of runs fails without allocating them.
-        let mut p = vec![0u8]; // variant Save
+        let mut p = vec![0u8, 0, 0]; // uid 0, owner None, host_token None
+        p.push(0); // variant Save
         p.push(1);
         p.push(b'a'); // name "a"
         p.push(1); // pid 1
@@ -870,7 +1049,7 @@ mod tests {
         .to_vec();
         f.extend_from_slice(&p);
         assert!(matches!(
-            Request::decode(&f),
+            GuestRequest::decode(&f),
             Err(ProtocolError::Malformed(_))
         ));
     }
@@ -959,17 +1138,144 @@ mod tests {
     }
 
     #[test]
+    fn page_totals_are_bounded_by_guest_ram() {
+        let ram = 1000;
+        // Absent pages count: 2^32 of them cannot be named in a guest of 1000 pages.
+        assert_eq!(
+            validate_runs(&[run(0, 1 << 32, 0, false)], ram, false),
+            Err(ProtocolError::TooManyPages {
+                got: 1 << 32,
+                limit: ram
+            })
+        );
+        // Many runs that each fit but together exceed guest RAM.
+        let many: Vec<Run> = (0..65_536u64)
+            .map(|i| run(0, 1 << 16, i << 28, false))
+            .collect();
+        let e = validate_runs(&many, ram, false).expect_err("too many pages");
+        assert!(matches!(e, ProtocolError::TooManyPages { limit: 1000, .. }));
+        assert_eq!(e.code(), ErrorCode::TooLarge);
+        // Exactly guest RAM is fine.
+        assert_eq!(
+            validate_runs(
+                &[run(0, 600, 0, false), run(0, 400, 0x1000_0000, true)],
+                ram,
+                false
+            ),
+            Ok(())
+        );
+        // Restore targets must be disjoint in guest-physical memory, in any order.
+        assert_eq!(
+            validate_runs(
+                &[run(50, 10, 0, true), run(10, 10, 0x10000, true)],
+                ram,
+                true
+            ),
+            Ok(())
+        );
+        let e = validate_runs(
+            &[
+                run(50, 10, 0, true),
+                run(0, 1, 0x1000, true),
+                run(55, 1, 0x20000, true),
+            ],
+            ram,
+            true,
+        )
+        .expect_err("overlap");
+        assert_eq!(
+            e,
+            ProtocolError::Overlap {
+                first: 0,
+                second: 2
+            }
+        );
+        assert_eq!(e.code(), ErrorCode::RunOutOfRange);
+        // 65,536 copies of the same target page: refused, not allocated.
+        let same = vec![run(5, 1, 0, true); MAX_RUNS];
+        assert!(matches!(
+            validate_runs(&same, 1 << 20, true),
+            Err(ProtocolError::Overlap { .. })
+        ));
+    }
+
+    #[test]
+    fn app_requests_round_trip_and_validate() {
+        let reqs = [
+            AppRequest::Save {
+                name: "s".into(),
+                pid: 9,
+                ranges: vec![],
+            },
+            AppRequest::Restore {
+                name: "s".into(),
+                owner: Some(1000),
+                pid: 9,
+                ranges: vec![VirtRange {
+                    start: 0x1000,
+                    end: 0x2000,
+                }],
+            },
+            AppRequest::List,
+            AppRequest::Delete {
+                name: "s".into(),
+                owner: None,
+            },
+        ];
+        for r in &reqs {
+            assert_eq!(r.validate(), Ok(()));
+            let f = r.encode().expect("encode");
+            assert_eq!(&AppRequest::decode(&f).expect("decode"), r);
+        }
+        let bad = AppRequest::Save {
+            name: "s".into(),
+            pid: 9,
+            ranges: vec![VirtRange {
+                start: 0x1001,
+                end: 0x2000,
+            }],
+        };
+        assert!(matches!(bad.validate(), Err(ProtocolError::BadRun { .. })));
+        let bad = AppRequest::Delete {
+            name: "../x".into(),
+            owner: None,
+        };
+        assert!(matches!(bad.validate(), Err(ProtocolError::InvalidName(_))));
+    }
+
+    #[test]
+    fn version_mismatch_says_what_to_do() {
+        let mut f = GuestRequest::new(0, Request::List)
+            .encode()
+            .expect("encode");
+        f[4..6].copy_from_slice(&1u16.to_le_bytes());
+        let e = GuestRequest::decode(&f).expect_err("version 1");
+        assert_eq!(e, ProtocolError::UnsupportedVersion { got: 1 });
+        let msg = e.to_string();
+        assert!(
+            msg.contains("version 1") && msg.contains("speaks 2"),
+            "{msg}"
+        );
+        assert!(msg.contains("images/build.sh"), "{msg}");
+    }
+
+    #[test]
     fn max_runs_fit_in_a_frame() {
         // Worst case: every field at its largest varint.
-        let r = Request::Save(SaveRequest {
-            name: "n".repeat(MAX_NAME_LEN),
-            pid: u32::MAX,
-            comm: "c".repeat(MAX_COMM_LEN),
-            runs: vec![run(u64::MAX, u64::MAX, u64::MAX, true); MAX_RUNS],
-        });
+        let r = GuestRequest {
+            uid: u32::MAX,
+            owner: Some(u32::MAX),
+            host_token: Some(u64::MAX),
+            op: Request::Save(SaveRequest {
+                name: "n".repeat(MAX_NAME_LEN),
+                pid: u32::MAX,
+                comm: "c".repeat(MAX_COMM_LEN),
+                runs: vec![run(u64::MAX, u64::MAX, u64::MAX, true); MAX_RUNS],
+            }),
+        };
         let f = r.encode().expect("max request fits");
         assert!(f.len() <= HEADER_LEN + MAX_PAYLOAD_LEN as usize);
-        assert_eq!(Request::decode(&f).expect("decode"), r);
+        assert_eq!(GuestRequest::decode(&f).expect("decode"), r);
     }
 
     #[test]
@@ -990,6 +1296,7 @@ mod tests {
                 start: 0x1000,
                 end: 0x3000,
             }],
+            token: 1,
         };
         let f = ok.encode().expect("encode");
         assert_eq!(AgentRequest::decode(&f).expect("decode"), ok);
@@ -1001,6 +1308,7 @@ mod tests {
                 start: 0x3000,
                 end: 0x3000,
             }],
+            token: 1,
         };
         assert!(matches!(
             bad.validate(),
@@ -1010,6 +1318,7 @@ mod tests {
             name: "a/b".into(),
             pid: 7,
             ranges: vec![],
+            token: 1,
         };
         assert!(matches!(
             bad_name.validate(),
@@ -1025,6 +1334,7 @@ mod tests {
                 };
                 MAX_RANGES + 1
             ],
+            token: 1,
         };
         assert!(matches!(
             too_many.validate(),
@@ -1042,8 +1352,10 @@ mod tests {
 
     #[test]
     fn frame_buffer_splits_a_stream() {
-        let a = save().encode().expect("encode");
-        let b = Request::List.encode().expect("encode");
+        let a = GuestRequest::new(0, save()).encode().expect("encode");
+        let b = GuestRequest::new(5, Request::List)
+            .encode()
+            .expect("encode");
         let mut stream = a.clone();
         stream.extend_from_slice(&b);
         let mut fb = FrameBuffer::new();
@@ -1066,7 +1378,7 @@ mod tests {
 
     #[test]
     fn blocking_read_and_write() {
-        let f = save().encode().expect("encode");
+        let f = GuestRequest::new(0, save()).encode().expect("encode");
         let mut wire = Vec::new();
         write_frame(&mut wire, &f).expect("write");
         write_frame(&mut wire, &f).expect("write");
@@ -1086,7 +1398,7 @@ mod tests {
         let (mut a, mut b) = std::os::unix::net::UnixStream::pair().expect("pair");
         let server = std::thread::spawn(move || {
             let f = read_frame(&mut b).expect("read").expect("frame");
-            let name = match Request::decode(&f).expect("request") {
+            let name = match GuestRequest::decode(&f).expect("request").op {
                 Request::Delete { name } => name,
                 other => panic!("unexpected {other:?}"),
             };
@@ -1094,12 +1406,16 @@ mod tests {
             // Then hang up without answering the second call.
             let _ = read_frame(&mut b);
         });
-        let r = call(&mut a, &Request::Delete { name: "n".into() }).expect("call");
+        let r = call(
+            &mut a,
+            &GuestRequest::new(0, Request::Delete { name: "n".into() }),
+        )
+        .expect("call");
         assert_eq!(r, Reply::Deleted { name: "n".into() });
         a.shutdown(std::net::Shutdown::Write).expect("shutdown");
         server.join().expect("server");
         assert!(matches!(
-            call(&mut a, &Request::List),
+            call(&mut a, &GuestRequest::new(0, Request::List)),
             Err(ProtocolError::Io(_))
         ));
     }

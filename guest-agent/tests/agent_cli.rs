@@ -399,6 +399,8 @@ fn serve_answers_the_vmm() {
         .arg(&sock)
         .arg("--log")
         .arg(&log)
+        .arg("--app-socket")
+        .arg(fake.dir.path().join("app.sock"))
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn serve");
@@ -415,6 +417,7 @@ fn serve_answers_the_vmm() {
     };
     let h = Hold::start(4, 5);
     let req = AgentRequest::SnapshotProcess {
+        token: 5,
         name: "from-host".into(),
         pid: h.pid,
         ranges: vec![h.range],
@@ -433,6 +436,7 @@ fn serve_answers_the_vmm() {
     assert!(fake.state().snaps.contains_key("from-host"));
     // Errors come back as error replies and the daemon keeps serving.
     let missing = AgentRequest::SnapshotProcess {
+        token: 6,
         name: "x".into(),
         pid: 2_147_483_000,
         ranges: vec![],
@@ -615,5 +619,92 @@ fn dry_runs_need_no_vmm() {
         stdout(&o)
     );
     assert!(stdout(&o).contains("save 512 pages"));
-    assert!(stdout(&o).contains("fresh buffer (512 touched)"));
+    assert!(stdout(&o).contains("fresh buffer (512 pages)"));
+}
+
+/// Run `cmd` as uid 65534 through `pmsnap-memtest as-uid`, with the agent's socket at
+/// `app`.
+fn as_nobody(app: &std::path::Path, cmd: &[&str]) -> Output {
+    let out = Command::new(MEMTEST)
+        .args(["as-uid", "65534"])
+        .args(cmd)
+        .env("PMSNAP_AGENT_SOCK", app)
+        .output()
+        .expect("run as uid 65534");
+    eprintln!(
+        "$ (uid 65534) {}\n{}{}",
+        cmd.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn the_agent_decides_what_an_unprivileged_user_may_do() {
+    need_root!("the_agent_decides_what_an_unprivileged_user_may_do");
+    let fake = FakeVmm::start();
+    // uid 65534 must reach the socket: the temporary directory is root's 0700.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(fake.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let app = fake.dir.path().join("app.sock");
+    let mut agent = Command::new(AGENT)
+        .args(["--transport", &fake.endpoint(), "serve", "--listen-unix"])
+        .arg(fake.dir.path().join("vsock.sock"))
+        .arg("--log")
+        .arg(fake.dir.path().join("agent.log"))
+        .arg("--app-socket")
+        .arg(&app)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    for _ in 0..500 {
+        if app.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A root process: uid 65534 may neither save it nor restore into it.
+    let h = Hold::start(1, 2);
+    let pid = h.pid.to_string();
+    let range = h.range_arg();
+    for cmd in [
+        vec!["save", "--pid", &pid, "--name", "steal"],
+        vec!["restore", "--name", "x", "--pid", &pid, "--range", &range],
+    ] {
+        let mut full = vec![AGENT];
+        full.extend(cmd.iter().copied());
+        let o = as_nobody(&app, &full);
+        assert_eq!(o.status.code(), Some(1), "{cmd:?}");
+        assert!(
+            stderr(&o).contains("PermissionDenied"),
+            "{cmd:?}: {}",
+            stderr(&o)
+        );
+    }
+    assert!(fake.state().seen.is_empty(), "nothing reached the VMM");
+    // List and delete reach the VMM on behalf of uid 65534, never as root.
+    let o = as_nobody(&app, &[AGENT, "list", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = as_nobody(&app, &[AGENT, "rm", "nope"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("NotFound"), "{}", stderr(&o));
+    {
+        let st = fake.state();
+        assert_eq!(st.seen, ["list", "delete"]);
+        assert_eq!(st.uids, [65534, 65534]);
+    }
+    // Root (this test) may name another uid's snapshot: forwarded as uid 0.
+    let mut s = UnixStream::connect(&app).expect("connect");
+    let req = guest_agent::protocol::AppRequest::Delete {
+        name: "x".into(),
+        owner: Some(1000),
+    };
+    write_frame(&mut s, &req.encode().expect("encode")).expect("write");
+    let r = Reply::decode(&read_frame(&mut s).expect("read").expect("reply")).expect("decode");
+    assert!(matches!(r, Reply::Error(e) if e.code == ErrorCode::NotFound));
+    assert_eq!(fake.state().uids.last(), Some(&0));
+    let _ = agent.kill();
+    let _ = agent.wait();
 }

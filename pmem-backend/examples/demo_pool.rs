@@ -17,9 +17,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         labels: vec![("purpose".into(), "demo".into())],
         state: b"device and vCPU state would go here".to_vec(),
         process: None,
+        ..Default::default()
     };
     pool.snapshot("boot", SnapshotKind::Vm, &[PageRun::new(0, pages)], vm)?;
     let proc_meta = SnapshotMeta {
+        owner: pmem_backend::Owner::Guest(1000),
         labels: vec![("app".into(), "redis".into())],
         state: Vec::new(),
         process: Some(ProcessInfo {
@@ -29,7 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }),
     };
     pool.snapshot(
-        "redis-1",
+        "guest:1000/redis-1",
         SnapshotKind::Process,
         &[PageRun::new(10, 20), PageRun::new(100, 4)],
         proc_meta,

@@ -3,13 +3,16 @@
 //! inactive metadata slot at each commit; each record carries its own crc32c.
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::types::{normalize_runs, PageRun, ProcessInfo, SnapshotKind};
+use crate::types::{normalize_runs, Owner, PageRun, ProcessInfo, SnapshotKind};
 use std::collections::BTreeMap;
 
 /// Magic at the start of a catalog.
 pub const CATALOG_MAGIC: [u8; 8] = *b"PMSCATLG";
-/// Catalog format version.
-pub const CATALOG_VERSION: u32 = 1;
+/// Catalog format version written. Version 2 adds each snapshot's owner (issue 12).
+pub const CATALOG_VERSION: u32 = 2;
+/// Oldest catalog version read: version 1 catalogs (no owner) are read with every
+/// snapshot host-owned, and rewritten as version 2 at the next commit.
+pub const CATALOG_VERSION_MIN: u32 = 1;
 /// Bytes of the catalog header.
 pub const CATALOG_HEADER_LEN: usize = 64;
 /// Bytes of a record header.
@@ -41,6 +44,20 @@ pub fn validate_name(what: &str, s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Check a store name against its owner: a plain name ([`validate_name`]) for the
+/// host, `guest:UID/NAME` with a valid NAME for guest uid UID.
+pub fn validate_owned_name(owner: Owner, s: &str) -> Result<(), String> {
+    match (owner, Owner::split(s)) {
+        (Owner::Host, Some((Owner::Host, n))) => validate_name("snapshot name", n),
+        (Owner::Guest(uid), Some((Owner::Guest(u), n))) if u == uid => {
+            validate_name("snapshot name", n)
+        }
+        _ => Err(format!(
+            "snapshot name {s:?} is not in the name space of its owner ({owner})"
+        )),
+    }
+}
+
 /// Where a snapshot's state blob lives.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BlobRef {
@@ -57,8 +74,10 @@ pub struct BlobRef {
 pub struct Snapshot {
     /// Unique id.
     pub id: u64,
-    /// Unique name.
+    /// Unique name (`guest:UID/NAME` for guest-owned snapshots).
     pub name: String,
+    /// Who it belongs to.
+    pub owner: Owner,
     /// Process or vm.
     pub kind: SnapshotKind,
     /// Creation time (ns since the Unix epoch).
@@ -92,12 +111,17 @@ impl Snapshot {
         self.page_set.iter().flat_map(|r| r.first..r.end())
     }
 
-    fn encode(&self, w: &mut Writer) {
+    fn encode(&self, w: &mut Writer, version: u32) {
         w.u64(self.id);
         w.u8(self.kind.code());
         w.u8(u8::from(self.process.is_some()));
         w.str16(&self.name);
         w.u64(self.created_unix_ns);
+        if version >= 2 {
+            let (tag, uid) = self.owner.code();
+            w.u8(tag);
+            w.u32(uid);
+        }
         if let Some(p) = &self.process {
             w.u32(p.pid);
             w.str16(&p.comm);
@@ -131,15 +155,22 @@ impl Snapshot {
         }
     }
 
-    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+    fn decode(r: &mut Reader<'_>, version: u32) -> Result<Self, DecodeError> {
         let inv = |m: String| DecodeError::Invalid(m);
         let id = r.u64()?;
         let kind =
             SnapshotKind::from_code(r.u8()?).ok_or_else(|| inv("unknown snapshot kind".into()))?;
         let has_process = r.u8()? != 0;
         let name = r.str16()?;
-        validate_name("snapshot name", &name).map_err(inv)?;
         let created_unix_ns = r.u64()?;
+        let owner = if version >= 2 {
+            let (tag, uid) = (r.u8()?, r.u32()?);
+            Owner::from_code(tag, uid)
+                .ok_or_else(|| inv(format!("snapshot {name:?}: unknown owner {tag}/{uid}")))?
+        } else {
+            Owner::Host
+        };
+        validate_owned_name(owner, &name).map_err(inv)?;
         let mut process = if has_process {
             let pid = r.u32()?;
             let comm = r.str16()?;
@@ -198,6 +229,7 @@ impl Snapshot {
         let s = Snapshot {
             id,
             name,
+            owner,
             kind,
             created_unix_ns,
             labels,
@@ -248,6 +280,22 @@ pub fn encode<'a>(
     snapshots: impl Iterator<Item = &'a Snapshot>,
     block_crcs: impl ExactSizeIterator<Item = (u32, u32)>,
 ) -> Vec<u8> {
+    encode_version(
+        CATALOG_VERSION,
+        generation,
+        next_snapshot_id,
+        snapshots,
+        block_crcs,
+    )
+}
+
+fn encode_version<'a>(
+    version: u32,
+    generation: u64,
+    next_snapshot_id: u64,
+    snapshots: impl Iterator<Item = &'a Snapshot>,
+    block_crcs: impl ExactSizeIterator<Item = (u32, u32)>,
+) -> Vec<u8> {
     let mut body = Writer::default();
     let mut count = 0u32;
     let mut p = Writer::with_capacity(4 + block_crcs.len() * 8);
@@ -260,13 +308,13 @@ pub fn encode<'a>(
     count += 1;
     for s in snapshots {
         let mut p = Writer::default();
-        s.encode(&mut p);
+        s.encode(&mut p, version);
         push_record(&mut body, REC_SNAPSHOT, &p.buf);
         count += 1;
     }
     let mut w = Writer::with_capacity(CATALOG_HEADER_LEN + body.buf.len());
     w.bytes(&CATALOG_MAGIC);
-    w.u32(CATALOG_VERSION);
+    w.u32(version);
     w.u32(count);
     w.u64(generation);
     w.u64(next_snapshot_id);
@@ -299,8 +347,11 @@ pub fn decode(bytes: &[u8], expected_generation: u64) -> Result<Catalog, String>
     })()
     .map_err(|x| e(x.to_string()))?;
     let (version, count, generation, next_snapshot_id, body_len) = hdr;
-    if version != CATALOG_VERSION {
-        return Err(e(format!("unknown catalog version {version}")));
+    if !(CATALOG_VERSION_MIN..=CATALOG_VERSION).contains(&version) {
+        return Err(e(format!(
+            "unknown catalog version {version} (this build reads {CATALOG_VERSION_MIN} to \
+             {CATALOG_VERSION}): the pool was written by a newer pmsnap"
+        )));
     }
     if generation != expected_generation {
         return Err(e(format!(
@@ -354,7 +405,7 @@ pub fn decode(bytes: &[u8], expected_generation: u64) -> Result<Catalog, String>
                 }
             }
             REC_SNAPSHOT => {
-                let s = Snapshot::decode(&mut pr)
+                let s = Snapshot::decode(&mut pr, version)
                     .map_err(|x| e(format!("record {i} (snapshot): {x}")))?;
                 cat.snapshots.push(s);
             }
@@ -379,6 +430,7 @@ mod tests {
         Snapshot {
             id: 3,
             name: "web-1".into(),
+            owner: Owner::Host,
             kind: SnapshotKind::Process,
             created_unix_ns: 99,
             labels: vec![("app".into(), "nginx".into())],
@@ -421,6 +473,59 @@ mod tests {
             assert!(decode(&b, 1).is_err(), "flip at {i} undetected");
         }
         assert!(decode(&bytes[..bytes.len() - 1], 1).is_err());
+    }
+
+    #[test]
+    fn owners_round_trip_and_old_catalogs_are_host_owned() {
+        let mut g = snap();
+        g.owner = Owner::Guest(1000);
+        g.name = "guest:1000/web-1".into();
+        g.id = 4;
+        let h = snap();
+        let bytes = encode(2, 5, [&h, &g].into_iter(), [(11u32, 1u32)].into_iter());
+        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().expect("4")), 2);
+        let c = decode(&bytes, 2).expect("decode");
+        assert_eq!(c.snapshots, vec![h.clone(), g.clone()]);
+        // A version 1 catalog (no owner field) reads with every snapshot host-owned.
+        let v1 = encode_version(1, 2, 5, [&h].into_iter(), [(11u32, 1u32)].into_iter());
+        let c = decode(&v1, 2).expect("decode v1");
+        assert_eq!(c.snapshots[0].owner, Owner::Host);
+        assert_eq!(c.snapshots, vec![h]);
+        // A guest-style name in a version 1 catalog is not a valid host name.
+        let v1g = encode_version(1, 2, 5, [&g].into_iter(), [(11u32, 1u32)].into_iter());
+        assert!(decode(&v1g, 2)
+            .expect_err("bad name")
+            .contains("name space"));
+        // A newer catalog is refused with a clear error.
+        let mut v3 = bytes.clone();
+        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let crc = crc32c::crc32c(&v3[..60]);
+        v3[60..64].copy_from_slice(&crc.to_le_bytes());
+        assert!(decode(&v3, 2).expect_err("v3").contains("newer pmsnap"));
+    }
+
+    #[test]
+    fn owned_names() {
+        assert_eq!(Owner::Guest(7).qualify("a"), "guest:7/a");
+        assert_eq!(Owner::Host.qualify("a"), "a");
+        assert_eq!(Owner::split("guest:7/a"), Some((Owner::Guest(7), "a")));
+        assert_eq!(Owner::split("a"), Some((Owner::Host, "a")));
+        for bad in [
+            "guest:/a",
+            "guest:07/a",
+            "guest:x/a",
+            "guest:7",
+            "guest:99999999999/a",
+        ] {
+            assert_eq!(Owner::split(bad), None, "{bad}");
+        }
+        assert!(validate_owned_name(Owner::Guest(7), "guest:7/a").is_ok());
+        assert!(validate_owned_name(Owner::Guest(8), "guest:7/a").is_err());
+        assert!(validate_owned_name(Owner::Host, "guest:7/a").is_err());
+        assert!(validate_owned_name(Owner::Guest(7), "a").is_err());
+        assert!(validate_owned_name(Owner::Guest(7), "guest:7/.x").is_err());
+        assert!(validate_owned_name(Owner::Host, "ok").is_ok());
+        assert_eq!(Owner::Guest(1000).to_string(), "guest:1000");
     }
 
     #[test]

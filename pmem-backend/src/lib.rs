@@ -44,8 +44,8 @@ pub use persist::{CrashSim, MsyncPersist, Persist, Tear};
 pub use pool::{Pool, PoolOptions, RecoveryReport, DEFAULT_LOG_RECORDS};
 pub use store::{GcReport, ProtectError};
 pub use types::{
-    normalize_runs, pages_to_runs, PageLocation, PageRun, ProcessInfo, SnapshotInfo, SnapshotKind,
-    SnapshotMeta, SnapshotSel, Stats,
+    normalize_runs, pages_to_runs, Owner, PageLocation, PageRun, ProcessInfo, SnapshotInfo,
+    SnapshotKind, SnapshotMeta, SnapshotSel, Stats,
 };
 pub use verify::{Problem, VerifyReport};
 

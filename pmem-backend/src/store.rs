@@ -2,14 +2,16 @@
 //! page and state reads, listings and statistics.
 
 use crate::bitmap::ProtectionBitmap;
-use crate::catalog::{validate_name, BlobRef, Snapshot, MAX_LABELS, MAX_VALUE_LEN};
+use crate::catalog::{
+    validate_name, validate_owned_name, BlobRef, Snapshot, MAX_LABELS, MAX_VALUE_LEN,
+};
 use crate::error::{PoolError, Result};
 use crate::pool::{now_ns, BlockUse, Pool};
 use crate::redirect_log::LogRecord;
 use crate::superblock::LOG_RECORD_SIZE;
 use crate::types::{
-    normalize_runs, pages_to_runs, PageLocation, PageRun, RunBuilder, SnapshotInfo, SnapshotKind,
-    SnapshotMeta, SnapshotSel, Stats,
+    normalize_runs, pages_to_runs, Owner, PageLocation, PageRun, RunBuilder, SnapshotInfo,
+    SnapshotKind, SnapshotMeta, SnapshotSel, Stats,
 };
 use crate::{Page, PAGE_SIZE};
 use std::collections::BTreeMap;
@@ -50,6 +52,13 @@ fn validate_meta(kind: SnapshotKind, runs: &[PageRun], meta: &SnapshotMeta) -> R
                 "label {k:?}: value longer than {MAX_VALUE_LEN} bytes"
             )));
         }
+    }
+    if meta.owner != Owner::Host && kind != SnapshotKind::Process {
+        return Err(invalid(format!(
+            "a {} snapshot cannot belong to {}: guests own process snapshots only",
+            kind.as_str(),
+            meta.owner
+        )));
     }
     match (kind, &meta.process) {
         (SnapshotKind::Process, Some(p)) => {
@@ -173,7 +182,7 @@ impl Pool {
     where
         F: FnOnce(&[PageRun]) -> std::result::Result<(), ProtectError>,
     {
-        validate_name("snapshot name", name).map_err(invalid)?;
+        validate_owned_name(meta.owner, name).map_err(invalid)?;
         if self.snapshots.iter().any(|s| s.name == name) {
             return Err(PoolError::DuplicateName(name.to_string()));
         }
@@ -205,6 +214,7 @@ impl Pool {
         let snap = Snapshot {
             id: self.next_id,
             name: name.to_string(),
+            owner: meta.owner,
             kind,
             created_unix_ns: now_ns(),
             labels: meta.labels,
@@ -636,6 +646,7 @@ impl Pool {
         SnapshotInfo {
             id: s.id,
             name: s.name.clone(),
+            owner: s.owner,
             kind: s.kind,
             created_unix_ms: s.created_unix_ns / 1_000_000,
             created_unix_ns: s.created_unix_ns,
@@ -1061,6 +1072,7 @@ mod tests {
         let (path, mut pool) = small_pool(&d, 16, PoolOptions::default());
         let state: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         let meta = SnapshotMeta {
+            owner: crate::Owner::Guest(1000),
             labels: vec![("app".into(), "redis".into())],
             state: state.clone(),
             process: Some(ProcessInfo {
@@ -1069,17 +1081,58 @@ mod tests {
                 run_vas: vec![0x5555_0000, 0x7fff_0000],
             }),
         };
-        pool.snapshot(
+        // A guest-owned snapshot must be named in its owner's name space.
+        let wrong = pool.snapshot(
             "p1",
+            SnapshotKind::Process,
+            &[PageRun::new(4, 2)],
+            meta.clone(),
+        );
+        assert!(
+            matches!(wrong, Err(PoolError::InvalidArgument(_))),
+            "{wrong:?}"
+        );
+        pool.snapshot(
+            "guest:1000/p1",
             SnapshotKind::Process,
             &[PageRun::new(4, 2), PageRun::new(1, 1)],
             meta,
         )
         .expect("snapshot");
+        // The host's "p1" is another name space: no collision.
+        let host = SnapshotMeta {
+            process: Some(ProcessInfo {
+                pid: 1,
+                comm: "init".into(),
+                run_vas: vec![0x1000],
+            }),
+            ..Default::default()
+        };
+        // Guests own process snapshots only.
+        let guest_vm = SnapshotMeta {
+            owner: crate::Owner::Guest(1000),
+            ..Default::default()
+        };
+        assert!(matches!(
+            pool.snapshot(
+                "guest:1000/vm",
+                SnapshotKind::Vm,
+                &[PageRun::new(7, 1)],
+                guest_vm
+            ),
+            Err(PoolError::InvalidArgument(_))
+        ));
+        pool.snapshot("p1", SnapshotKind::Process, &[PageRun::new(7, 1)], host)
+            .expect("host p1");
         assert_eq!(pool.stats().blob_blocks, 3);
         drop(pool);
         let pool = Pool::open(&path).expect("reopen");
-        let info = pool.inspect("p1").expect("inspect");
+        assert_eq!(
+            pool.inspect("p1").expect("host p1").owner,
+            crate::Owner::Host
+        );
+        let info = pool.inspect("guest:1000/p1").expect("inspect");
+        assert_eq!(info.owner, crate::Owner::Guest(1000));
         assert_eq!(info.kind, SnapshotKind::Process);
         assert_eq!(info.pages, 3);
         assert_eq!(info.labels, vec![("app".to_string(), "redis".to_string())]);
@@ -1087,7 +1140,7 @@ mod tests {
         assert_eq!((p.pid, p.comm.as_str()), (77, "redis-server"));
         assert_eq!(p.run_vas, vec![0x5555_0000, 0x7fff_0000]);
         assert_eq!(info.runs, vec![PageRun::new(4, 2), PageRun::new(1, 1)]);
-        assert_eq!(pool.read_state("p1").expect("state"), state);
+        assert_eq!(pool.read_state("guest:1000/p1").expect("state"), state);
         assert!(info.created_unix_ns > 0);
         assert_eq!(info.created_unix_ms, info.created_unix_ns / 1_000_000);
     }

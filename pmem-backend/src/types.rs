@@ -147,9 +147,83 @@ pub struct ProcessInfo {
     pub run_vas: Vec<u64>,
 }
 
+/// Who a snapshot belongs to. The host (VM, page and host-requested process
+/// snapshots) and each guest uid have separate name spaces: a guest-owned snapshot's
+/// store name is `guest:UID/NAME` ([`Owner::qualify`]), which no host name can be
+/// (host names cannot contain `:` or `/`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Owner {
+    /// The host: invisible and untouchable from the guest.
+    #[default]
+    Host,
+    /// A guest user, by uid (through the guest agent).
+    Guest(u32),
+}
+
+impl Owner {
+    /// The store name of snapshot `name` of this owner.
+    pub fn qualify(self, name: &str) -> String {
+        match self {
+            Owner::Host => name.to_string(),
+            Owner::Guest(uid) => format!("guest:{uid}/{name}"),
+        }
+    }
+
+    /// Split a store name into its owner and the name within the owner's name space
+    /// (`None` when it is not of the form [`Owner::qualify`] produces for any owner;
+    /// the name part is not validated here).
+    pub fn split(store_name: &str) -> Option<(Owner, &str)> {
+        let Some(rest) = store_name.strip_prefix("guest:") else {
+            return Some((Owner::Host, store_name));
+        };
+        let (uid, name) = rest.split_once('/')?;
+        // Canonical decimal only, so one snapshot has one store name.
+        if uid.is_empty() || (uid.len() > 1 && uid.starts_with('0')) {
+            return None;
+        }
+        if !uid.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some((Owner::Guest(uid.parse().ok()?), name))
+    }
+
+    pub(crate) fn code(self) -> (u8, u32) {
+        match self {
+            Owner::Host => (0, 0),
+            Owner::Guest(uid) => (1, uid),
+        }
+    }
+
+    pub(crate) fn from_code(tag: u8, uid: u32) -> Option<Self> {
+        match (tag, uid) {
+            (0, 0) => Some(Owner::Host),
+            (1, uid) => Some(Owner::Guest(uid)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Host => f.write_str("host"),
+            Owner::Guest(uid) => write!(f, "guest:{uid}"),
+        }
+    }
+}
+
+impl Serialize for Owner {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// Metadata given with a snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SnapshotMeta {
+    /// Who the snapshot belongs to; the name given must be in its name space
+    /// ([`Owner::qualify`]).
+    pub owner: Owner,
     /// Free-form `key=value` labels (keys use the name charset, at most 64 labels).
     pub labels: Vec<(String, String)>,
     /// Opaque state for the VMM (vm snapshots: device and vCPU state). Checksummed;
@@ -203,8 +277,10 @@ pub enum PageLocation {
 pub struct SnapshotInfo {
     /// Unique id (never reused).
     pub id: u64,
-    /// Unique name.
+    /// Unique name (the store name: `guest:UID/NAME` for guest-owned snapshots).
     pub name: String,
+    /// Who it belongs to.
+    pub owner: Owner,
     /// Process or vm.
     pub kind: SnapshotKind,
     /// Creation time, milliseconds since the Unix epoch (the time field every pmsnap

@@ -90,7 +90,11 @@ fn agent_saves_and_restores_process_memory_in_a_real_guest() {
     let (out, rc) = run("pmsnap-agent list --json");
     assert_eq!(rc, 0, "{out}");
     assert!(out.contains("\"h2\"") && !out.contains("\"h1\""), "{out}");
-    assert!(out.contains("\"hp\""), "{out}");
+    // The host's process snapshot belongs to the host: invisible from the guest.
+    assert!(!out.contains("\"hp\""), "{out}");
+    let (out, rc) = run("pmsnap-agent rm hp 2>&1");
+    assert_ne!(rc, 0, "the guest cannot delete the host's snapshot: {out}");
+    assert!(out.contains("NotFound"), "{out}");
 
     // Errors: each a clear one-line message and a non-zero exit.
     let cases = [
@@ -119,6 +123,92 @@ fn agent_saves_and_restores_process_memory_in_a_real_guest() {
     }
     let stats = ctl_json(&api, &["stats"]);
     assert!(stats["faults"].as_u64().expect("faults") > 0, "{stats}");
+
+    // The trust boundary (issue 12), as an unprivileged guest user (uid 65534).
+    let nobody = |cmd: &str| format!("pmsnap-memtest as-uid 65534 {cmd} 2>&1");
+    // Straight to the VMM's port from an unprivileged source port: refused (RST), for
+    // root too (the source port is what counts), whatever uid the request claims.
+    for cmd in [
+        "pmsnap-memtest probe-vsock 2>&1".to_string(),
+        nobody("pmsnap-memtest probe-vsock --claim-uid 0"),
+    ] {
+        let (out, rc) = run(&cmd);
+        assert_eq!(rc, 0, "{cmd}: {out}");
+        assert!(out.contains("memtest: probe refused"), "{cmd}: {out}");
+    }
+    // Through the agent: root's and the host's snapshots are invisible and untouchable.
+    let (out, rc) = run(&nobody("pmsnap-agent list --json"));
+    assert_eq!(rc, 0, "{out}");
+    assert!(!out.contains("\"h2\"") && !out.contains("\"hp\""), "{out}");
+    for (cmd, want) in [
+        (nobody("pmsnap-agent rm h2"), "NotFound"),
+        (nobody("pmsnap-agent rm hp"), "NotFound"),
+        // Another user's process cannot be saved or restored into.
+        (
+            nobody(&format!(
+                "pmsnap-agent save --pid {pid} --range {range} --name steal"
+            )),
+            "PermissionDenied",
+        ),
+        (
+            nobody(&format!(
+                "pmsnap-agent restore --name steal --pid {pid} --range {range}"
+            )),
+            "PermissionDenied",
+        ),
+        (
+            nobody("pmsnap-agent save --pid 1 --name init"),
+            "PermissionDenied",
+        ),
+    ] {
+        let (out, rc) = run(&cmd);
+        assert_ne!(rc, 0, "{cmd}: {out}");
+        assert!(out.contains(want), "{cmd}: wanted {want:?} in {out}");
+    }
+    // The user's own process: saved and restored end to end through the agent.
+    let (out, rc) = run(&nobody(
+        "pmsnap-memtest fill-save-restore --mib 4 --seed 3 --name mine",
+    ));
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("memtest: ok fill-save-restore 4 MiB"), "{out}");
+    // Root's process and the user's snapshot of the same name live side by side.
+    let (out, rc) = run(&format!(
+        "pmsnap-agent save --pid {pid} --range {range} --name mine 2>&1"
+    ));
+    assert_eq!(rc, 0, "root's own 'mine': {out}");
+    let (out, rc) = run(&nobody("pmsnap-agent list --json"));
+    assert_eq!(rc, 0, "{out}");
+    let mine: serde_json::Value = serde_json::from_str(
+        out.lines()
+            .find(|l| l.starts_with('['))
+            .unwrap_or_else(|| panic!("{out}")),
+    )
+    .expect("list json");
+    let mine = mine.as_array().expect("array");
+    assert_eq!(mine.len(), 1, "{out}");
+    assert_eq!(
+        (mine[0]["name"].as_str(), mine[0]["uid"].as_u64()),
+        (Some("mine"), Some(65534))
+    );
+    // Root sees both guest uids' snapshots, and still not the host's.
+    let (out, rc) = run("pmsnap-agent list --json");
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        out.contains("\"uid\":65534") && out.contains("\"uid\":0"),
+        "{out}"
+    );
+    assert!(!out.contains("\"hp\""), "{out}");
+    // The host sees all of them, in separate name spaces.
+    let list = ctl_json(&api, &["list"]);
+    let names: Vec<&str> = list["snapshots"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{list}"))
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    for want in ["hp", "guest:0/h2", "guest:0/mine", "guest:65534/mine"] {
+        assert!(names.contains(&want), "{want} in {names:?}");
+    }
 
     g.send_line("poweroff -f");
     let status = g.wait_exit(Duration::from_secs(120));

@@ -268,7 +268,8 @@ fn snapshot_rollback_sigkill_and_restore_in_a_new_vmm() {
         .as_array()
         .or_else(|| list["snapshots"].as_array())
         .expect("a list");
-    for name in ["after-restore", "host-after-restore"] {
+    // The agent's save belongs to guest root: listed in its guest name space.
+    for name in ["guest:0/after-restore", "host-after-restore"] {
         let snap = list
             .iter()
             .find(|s| s["name"] == name)
@@ -293,7 +294,7 @@ fn snapshot_rollback_sigkill_and_restore_in_a_new_vmm() {
     run_pmsnap(&["restore", "--pool", p, "--snapshot", "pg"], &[])
         .expect_error("a VM snapshot is needed");
     run_pmsnap(
-        &["restore", "--pool", p, "--snapshot", "after-restore"],
+        &["restore", "--pool", p, "--snapshot", "host-after-restore"],
         &[],
     )
     .expect_error("a VM snapshot is needed");

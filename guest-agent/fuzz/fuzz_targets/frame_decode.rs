@@ -2,7 +2,7 @@
 //! request must re-encode to the same bytes' meaning, and validation must not panic.
 #![no_main]
 
-use guest_agent::protocol::{FrameBuffer, FrameHeader, FrameKind, Reply, Request};
+use guest_agent::protocol::{AppRequest, FrameBuffer, FrameHeader, FrameKind, GuestRequest, Reply};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -19,10 +19,16 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn check_frame(data: &[u8]) {
-    if let Ok(req) = Request::decode(data) {
+    if let Ok(req) = GuestRequest::decode(data) {
         let _ = req.validate(65_536);
         let again = req.encode().expect("a decoded request re-encodes");
-        assert_eq!(Request::decode(&again).expect("re-decodes"), req);
+        assert_eq!(GuestRequest::decode(&again).expect("re-decodes"), req);
+    }
+    // What applications send the agent.
+    if let Ok(req) = AppRequest::decode(data) {
+        let _ = req.validate();
+        let again = req.encode().expect("a decoded app request re-encodes");
+        assert_eq!(AppRequest::decode(&again).expect("re-decodes"), req);
     }
     if let Ok(rep) = Reply::decode(data) {
         let again = rep.encode().expect("a decoded reply re-encodes");
@@ -35,7 +41,7 @@ fn check_frame(data: &[u8]) {
             break;
         }
         while let Ok(Some(frame)) = fb.next_frame() {
-            let _ = Request::decode(&frame);
+            let _ = GuestRequest::decode(&frame);
         }
     }
 }

@@ -10,10 +10,15 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use guest_agent::app::{self, Options, PageBuffer, Pin};
 use guest_agent::churn::{mix, Churn};
-use guest_agent::client::{call, DryRun, SocketTransport, Transport};
+use guest_agent::client::{
+    call, call_app, DryRun, SocketTransport, Transport, VsockStream, HOST_CID,
+};
 use guest_agent::freeze::FreezeMethod;
-use guest_agent::ops::{copy_out_process, save_process};
-use guest_agent::protocol::{Request, VirtRange};
+use guest_agent::gateway::LocalAgent;
+use guest_agent::ops::{copy_out_process, save_process, Principal};
+use guest_agent::protocol::{
+    read_frame, write_frame, AppRequest, GuestRequest, Request, VirtRange, SNAPSHOT_SERVICE_PORT,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,7 +27,9 @@ use guest_agent::protocol::{Request, VirtRange};
     about = "pmsnap guest memory test program"
 )]
 struct Cli {
-    /// Test only: snapshot service endpoint (`unix:PATH`); env PMSNAP_TRANSPORT.
+    /// Test only: snapshot service endpoint (`unix:PATH`); the library calls then run
+    /// the agent's logic in this process. Without it they go to the agent's socket
+    /// (env PMSNAP_AGENT_SOCK) and `bench` to the VMM (env PMSNAP_TRANSPORT).
     #[arg(long, global = true, hide = true)]
     transport: Option<String>,
     #[command(subcommand)]
@@ -102,6 +109,24 @@ enum Mode {
         /// Stop after this many steps (default: run until killed).
         #[arg(long)]
         steps: Option<u64>,
+    },
+    /// Run a command as another user: drop supplementary groups, set gid and uid, exec
+    /// (for tests of what an unprivileged guest user can do; busybox has no `su -c`
+    /// without a passwd entry).
+    AsUid {
+        /// User (and group) id.
+        uid: u32,
+        /// Command and arguments.
+        #[arg(trailing_var_arg = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Ask the VMM's snapshot service for a list directly, from an unprivileged vsock
+    /// port (as any application could try): prints `memtest: probe refused: ...` when
+    /// the VMM refuses the connection, `memtest: probe answered: ...` otherwise.
+    ProbeVsock {
+        /// Guest uid to claim in the request.
+        #[arg(long, default_value_t = 0)]
+        claim_uid: u32,
     },
     /// Measure the save pause against copying the same pages out, per size.
     Bench {
@@ -188,6 +213,60 @@ fn transport(t: Option<&str>) -> Result<SocketTransport, String> {
     }
 }
 
+/// The agent, for the library calls; with `--transport` (host tests against a fake
+/// snapshot service) the agent's logic runs in this process instead.
+fn agent(t: Option<&str>) -> Result<Box<dyn Transport>, String> {
+    Ok(match t {
+        Some(s) => Box::new(LocalAgent::new(SocketTransport::new(
+            s.parse().map_err(|e| format!("{e}"))?,
+        ))),
+        None => Box::new(SocketTransport::agent()),
+    })
+}
+
+fn as_uid(uid: u32, cmd: &[String]) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setgroups with an empty list, setgid and setuid take no pointers that
+    // outlive the calls; failures are reported.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setgid(uid) != 0
+            || libc::setuid(uid) != 0
+        {
+            return Err(format!(
+                "memtest: FAIL cannot become uid {uid}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    let e = Command::new(&cmd[0]).args(&cmd[1..]).exec();
+    Err(format!("memtest: FAIL exec {}: {e}", cmd[0]))
+}
+
+fn probe_vsock(claim_uid: u32) -> Result<(), String> {
+    let mut s = match VsockStream::connect(HOST_CID, SNAPSHOT_SERVICE_PORT) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("memtest: probe refused: connect: {e}");
+            return Ok(());
+        }
+    };
+    let _ = s.set_read_timeout(std::time::Duration::from_secs(30));
+    let frame = GuestRequest::new(claim_uid, Request::List)
+        .encode()
+        .map_err(|e| e.to_string())?;
+    if let Err(e) = write_frame(&mut s, &frame) {
+        println!("memtest: probe refused: send: {e}");
+        return Ok(());
+    }
+    match read_frame(&mut s) {
+        Ok(Some(f)) => println!("memtest: probe answered: {} bytes", f.len()),
+        Ok(None) => println!("memtest: probe refused: closed without a reply"),
+        Err(e) => println!("memtest: probe refused: {e}"),
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     let t = cli.transport.as_deref();
     match cli.command {
@@ -197,10 +276,10 @@ fn run(cli: Cli) -> Result<(), String> {
             name,
             rm,
         } => {
-            let mut tr = transport(t)?;
+            let mut tr = agent(t)?;
             let mut buf = PageBuffer::populated(mib << 20).map_err(|e| e.to_string())?;
             fill(&mut buf, seed, false);
-            let s = app::save_with(&mut tr, &name, &[&buf])
+            let s = app::save_with(tr.as_mut(), &name, &[&buf])
                 .map_err(|e| format!("memtest: FAIL save: {e}"))?;
             fill(&mut buf, seed, true);
             // The scribble must have hit every byte, or the check below proves nothing.
@@ -210,18 +289,23 @@ fn run(cli: Cli) -> Result<(), String> {
             }) {
                 return Err("memtest: FAIL scribble did not change the buffer".into());
             }
-            let r = app::restore_with(&mut tr, &name, &mut [&mut buf])
+            let r = app::restore_with(tr.as_mut(), &name, &mut [&mut buf])
                 .map_err(|e| format!("memtest: FAIL restore: {e}"))?;
             check(&buf, seed, "restore")?;
             if rm {
-                call(&mut tr, &Request::Delete { name: name.clone() })
-                    .map_err(|e| format!("memtest: FAIL rm: {e}"))?;
+                call_app(
+                    tr.as_mut(),
+                    &AppRequest::Delete {
+                        name: name.clone(),
+                        owner: None,
+                    },
+                )
+                .map_err(|e| format!("memtest: FAIL rm: {e}"))?;
             }
             println!(
-                "memtest: ok fill-save-restore {mib} MiB seed {seed} name {name}: save {} pages in {} runs \
+                "memtest: ok fill-save-restore {mib} MiB seed {seed} name {name}: save {} pages \
                  {:.2} ms, restore {} pages {:.2} ms (locked {})",
                 s.pages,
-                s.runs,
                 ms(s.elapsed),
                 r.pages,
                 ms(r.elapsed),
@@ -229,17 +313,14 @@ fn run(cli: Cli) -> Result<(), String> {
             );
         }
         Mode::RestoreCheck { mib, seed, name } => {
-            let mut tr = transport(t)?;
+            let mut tr = agent(t)?;
             let mut buf = PageBuffer::new(mib << 20).map_err(|e| e.to_string())?;
-            let r = app::restore_with(&mut tr, &name, &mut [&mut buf])
+            let r = app::restore_with(tr.as_mut(), &name, &mut [&mut buf])
                 .map_err(|e| format!("memtest: FAIL restore: {e}"))?;
             check(&buf, seed, "restore")?;
             println!(
-                "memtest: ok restore-check {mib} MiB seed {seed} name {name}: {} pages ({} touched) in {} runs \
-                 {:.2} ms",
+                "memtest: ok restore-check {mib} MiB seed {seed} name {name}: {} pages {:.2} ms",
                 r.pages,
-                r.touched,
-                r.runs,
                 ms(r.elapsed)
             );
         }
@@ -247,27 +328,27 @@ fn run(cli: Cli) -> Result<(), String> {
             let opts = Options { pin };
             let mut buf = PageBuffer::populated(mib << 20).map_err(|e| e.to_string())?;
             fill(&mut buf, 1, false);
-            let s = app::save_with_options(&mut DryRun, "dry-run", &[&buf], opts)
+            // The agent's work done in this process against a VMM stand-in.
+            let mut dry = LocalAgent::new(DryRun);
+            let s = app::save_with_options(&mut dry, "dry-run", &[&buf], opts)
                 .map_err(|e| format!("memtest: FAIL save: {e}"))?;
-            let r = app::restore_with_options(&mut DryRun, "dry-run", &mut [&mut buf], opts)
+            let r = app::restore_with_options(&mut dry, "dry-run", &mut [&mut buf], opts)
                 .map_err(|e| format!("memtest: FAIL restore: {e}"))?;
             // Nothing was restored, so the content must be what was filled.
             check(&buf, 1, "dry run")?;
             // And into a fresh buffer, whose pages must all be made resident first.
             let mut fresh = PageBuffer::new(mib << 20).map_err(|e| e.to_string())?;
-            let f = app::restore_with_options(&mut DryRun, "dry-run", &mut [&mut fresh], opts)
+            let f = app::restore_with_options(&mut dry, "dry-run", &mut [&mut fresh], opts)
                 .map_err(|e| format!("memtest: FAIL restore: {e}"))?;
             println!(
-                "memtest: ok lib-dry-run {mib} MiB (locked {}): save {} pages in {} runs {:.2} ms, \
-                 restore {} pages ({} touched) {:.2} ms, restore into a fresh buffer ({} touched) {:.2} ms",
+                "memtest: ok lib-dry-run {mib} MiB (locked {}): save {} pages {:.2} ms, \
+                 restore {} pages {:.2} ms, restore into a fresh buffer ({} pages) {:.2} ms",
                 s.locked,
                 s.pages,
-                s.runs,
                 ms(s.elapsed),
                 r.pages,
-                r.touched,
                 ms(r.elapsed),
-                f.touched,
+                f.pages,
                 ms(f.elapsed)
             );
         }
@@ -322,6 +403,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 std::thread::sleep(std::time::Duration::from_millis(interval_ms));
             }
         }
+        Mode::AsUid { uid, cmd } => as_uid(uid, &cmd)?,
+        Mode::ProbeVsock { claim_uid } => probe_vsock(claim_uid)?,
         Mode::Bench {
             sizes,
             dir,
@@ -400,7 +483,7 @@ fn bench(
         let name = format!("memtest-bench-{}-{mib}", std::process::id());
         let s = save_process(tr, h.pid, &[h.range], &name, freeze)
             .map_err(|e| format!("bench save {mib} MiB: {e}"))?;
-        let _ = call(tr, &Request::Delete { name });
+        let _ = call(tr, &Principal::current().request(Request::Delete { name }));
         let out = dir.join(format!("pmsnap-memtest-copy-{}", std::process::id()));
         let c = copy_out_process(h.pid, &[h.range], &out, freeze);
         let _ = std::fs::remove_file(&out);

@@ -18,8 +18,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use guest_agent::protocol::{
-    total_pages, write_frame, ErrorCode, ErrorReply, FrameBuffer, Reply, Request, Run,
-    SnapshotInfo, PAGE_SIZE,
+    total_pages, write_frame, ErrorCode, ErrorReply, FrameBuffer, GuestRequest, Reply, Request,
+    Run, SnapshotInfo, PAGE_SIZE,
 };
 
 /// "Guest RAM" size for validation: larger than any host frame number.
@@ -41,6 +41,8 @@ pub struct State {
     pub restore_pid: Option<u32>,
     /// Requests seen (kind names), for assertions.
     pub seen: Vec<String>,
+    /// The guest uid each request was made for.
+    pub uids: Vec<u32>,
 }
 
 pub struct FakeVmm {
@@ -119,9 +121,12 @@ fn serve(c: &mut UnixStream, st: &Mutex<State>) {
         }
     };
     let peer = peer_pid(c);
-    let r = match Request::decode(&frame).and_then(|r| r.validate(RAM_PAGES).map(|()| r)) {
+    let r = match GuestRequest::decode(&frame).and_then(|r| r.validate(RAM_PAGES).map(|()| r)) {
         Err(e) => Reply::Error(ErrorReply::from(&e)),
-        Ok(req) => handle(req, peer, st),
+        Ok(req) => {
+            st.lock().expect("state lock").uids.push(req.uid);
+            handle(req.op, peer, st)
+        }
     };
     reply(c, r);
 }
@@ -260,6 +265,7 @@ fn handle(req: Request, peer: u32, st: &Mutex<State>) -> Reply {
                 .iter()
                 .map(|(n, s)| SnapshotInfo {
                     name: n.clone(),
+                    uid: 0,
                     pid: s.pid,
                     comm: s.comm.clone(),
                     pages: s.pages.len() as u64,

@@ -46,6 +46,7 @@ fn template() -> &'static Template {
             pool.write_ram_page(p, &[p as u8 + 1; 4096]).expect("fill");
         }
         let meta = SnapshotMeta {
+            owner: pmem_backend::Owner::Host,
             labels: vec![("k".into(), "v".into())],
             state: vec![9; 5000],
             process: Some(ProcessInfo {

@@ -57,6 +57,7 @@ impl Model {
         state: Vec<u8>,
     ) -> pmem_backend::Result<u64> {
         let meta = SnapshotMeta {
+            owner: pmem_backend::Owner::Host,
             labels: vec![("test".into(), name.into())],
             state: state.clone(),
             process: None,

@@ -57,10 +57,13 @@ impl Write for Deadlined {
 }
 
 /// Ask the agent behind `uds` to snapshot a process, giving it `deadline` for the whole
-/// exchange; returns the saved page counts.
+/// exchange; returns the saved page counts. `token` (from
+/// [`super::engine::Engine::grant_host_save`]) makes the snapshot host-owned when the
+/// agent saves it.
 pub fn snapshot_process(
     uds: &Path,
     req: &api::ProcessSnapshotRequest,
+    token: u64,
     deadline: Duration,
 ) -> Result<(u64, u64), ApiError> {
     let deadline = Instant::now() + deadline;
@@ -97,6 +100,7 @@ pub fn snapshot_process(
         name: req.name.clone(),
         pid: req.pid,
         ranges: req.ranges.clone(),
+        token,
     }
     .encode()
     .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -154,7 +158,7 @@ mod tests {
             ranges: Vec::new(),
         };
         let start = Instant::now();
-        let err = snapshot_process(&uds, &req, Duration::from_millis(300))
+        let err = snapshot_process(&uds, &req, 1, Duration::from_millis(300))
             .expect_err("no reply within the deadline");
         let took = start.elapsed();
         assert!(took < Duration::from_secs(3), "cut off after {took:?}");

@@ -173,6 +173,9 @@ pub struct Engine {
     dirty: Mutex<DirtyTracker>,
     vm: OnceLock<Arc<dyn VmControl>>,
     agent_uds: OnceLock<std::path::PathBuf>,
+    /// Host-requested process snapshots in flight: token -> snapshot name. The agent
+    /// passes the token back with its save, which makes the snapshot host-owned.
+    host_grants: Mutex<BTreeMap<u64, String>>,
     persist: OnceLock<Arc<dyn VmPersist>>,
     /// Held by every API request that changes the VM or the store (pause, resume,
     /// snapshots, delete, rollback, and dirty, which harvests the dirty log), one at a
@@ -255,6 +258,7 @@ impl Engine {
             dirty: Mutex::new(dirty),
             vm: OnceLock::new(),
             agent_uds: OnceLock::new(),
+            host_grants: Mutex::new(BTreeMap::new()),
             persist: OnceLock::new(),
             control: Mutex::new(()),
             agent_waits: AtomicU64::new(0),
@@ -269,6 +273,54 @@ impl Engine {
         if self.vm.set(vm).is_err() {
             warn!("the vCPU control was already set");
         }
+    }
+
+    /// Allow one save named `name` through the agent to be host-owned; returns the
+    /// single-use token to send the agent. Unguessable (random), so a guest cannot
+    /// make a snapshot host-owned on its own (it would then escape guest quotas and
+    /// guest deletion).
+    pub fn grant_host_save(&self, name: &str) -> u64 {
+        let mut grants = self.host_grants.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let mut b = [0u8; 8];
+            // SAFETY: b is valid for 8 bytes of writes.
+            let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+            let token = if n == 8 {
+                u64::from_le_bytes(b)
+            } else {
+                // getrandom cannot fail for 8 bytes once the pool is seeded; fall back
+                // to the clock mixed with the address space layout rather than abort.
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                t ^ (&b as *const _ as u64).rotate_left(32)
+            };
+            if token != 0 && !grants.contains_key(&token) {
+                grants.insert(token, name.to_string());
+                return token;
+            }
+        }
+    }
+
+    /// Use the grant `token` for a save named `name`: true (and the grant is gone)
+    /// when it was granted for that name.
+    pub fn take_host_grant(&self, token: u64, name: &str) -> bool {
+        let mut grants = self.host_grants.lock().unwrap_or_else(|e| e.into_inner());
+        match grants.get(&token) {
+            Some(n) if n == name => {
+                grants.remove(&token);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forget a grant (its request is over, used or not).
+    pub fn revoke_host_grant(&self, token: u64) {
+        self.host_grants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&token);
     }
 
     /// The host socket of the guest's vsock device, to reach the guest agent.
@@ -559,11 +611,15 @@ impl Engine {
                          try again when one has finished"
                     )));
                 }
-                super::agent_client::snapshot_process(
+                let token = self.grant_host_save(&r.name);
+                let done = super::agent_client::snapshot_process(
                     uds,
                     &r,
+                    token,
                     super::agent_client::AGENT_DEADLINE,
-                )?;
+                );
+                self.revoke_host_grant(token);
+                done?;
                 lock_pool(&self.pool)
                     .inspect(r.name.as_str())
                     .map(|s| ApiResponse::SnapshotCreated(to_api_info(s, false)))

@@ -9,14 +9,22 @@
 //! The agent's full run list, absent (never touched) runs included, is kept in the
 //! snapshot's state blob; the store's page runs are the present runs only, with the
 //! virtual address of each.
+//!
+//! Ownership (issue 12): every request names the guest uid it is made for (the agent
+//! learned it from the kernel; only guest root reaches this service, see
+//! `AgentServiceFactory`). A save creates a snapshot owned by that uid, stored as
+//! `guest:UID/NAME`, unless it carries the token of a host request (`ctl
+//! snapshot-process`), which makes it host-owned under its plain name. Restore, delete
+//! and list see guest-owned snapshots only: a uid its own, root (uid 0) every uid's.
+//! Host-owned snapshots cannot be named from the guest at all.
 
 use std::sync::Arc;
 
 use guest_agent::protocol::{
-    self, ErrorCode, ErrorReply, Reply, Request, RestoreRequest, Run, SaveRequest,
+    self, ErrorCode, ErrorReply, GuestRequest, Reply, Request, RestoreRequest, Run, SaveRequest,
 };
 use log::info;
-use pmem_backend::{PageRun, PoolError, ProcessInfo, SnapshotKind, SnapshotMeta};
+use pmem_backend::{Owner, PageRun, PoolError, ProcessInfo, SnapshotKind, SnapshotMeta};
 
 use super::engine::{lock_pool, Engine};
 use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
@@ -91,7 +99,46 @@ impl ProcessService {
         })
     }
 
-    fn save(&self, s: SaveRequest) -> Result<Reply, ErrorReply> {
+    /// Who a save's snapshot belongs to: the host when the request carries the token
+    /// of a host request for this name, else the requesting guest uid.
+    fn save_owner(
+        &self,
+        uid: u32,
+        owner: Option<u32>,
+        host_token: Option<u64>,
+        name: &str,
+    ) -> Result<Owner, ErrorReply> {
+        if owner.is_some_and(|o| o != uid) {
+            return Err(ErrorReply::new(
+                ErrorCode::PermissionDenied,
+                "a save creates a snapshot of the requesting uid only",
+            ));
+        }
+        match host_token {
+            None => Ok(Owner::Guest(uid)),
+            Some(t) if self.engine.take_host_grant(t, name) => Ok(Owner::Host),
+            Some(_) => Err(ErrorReply::new(
+                ErrorCode::PermissionDenied,
+                format!("no host request for a snapshot {name:?} with this token"),
+            )),
+        }
+    }
+
+    /// The store name of guest snapshot `name` that a request of `uid` addresses: its
+    /// own, or (root only) `owner`'s.
+    fn guest_name(uid: u32, owner: Option<u32>, name: &str) -> Result<String, ErrorReply> {
+        let owner = owner.unwrap_or(uid);
+        if owner != uid && uid != 0 {
+            return Err(ErrorReply::new(
+                ErrorCode::PermissionDenied,
+                format!("uid {uid} may not use snapshots of uid {owner}"),
+            ));
+        }
+        Ok(Owner::Guest(owner).qualify(name))
+    }
+
+    fn save(&self, s: SaveRequest, owner: Owner) -> Result<Reply, ErrorReply> {
+        let store_name = owner.qualify(&s.name);
         let mut runs = Vec::new();
         let mut vas = Vec::new();
         for r in s.runs.iter().filter(|r| r.present) {
@@ -109,6 +156,7 @@ impl ProcessService {
         })
         .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
         let meta = SnapshotMeta {
+            owner,
             labels: Vec::new(),
             state,
             process: Some(ProcessInfo {
@@ -118,11 +166,10 @@ impl ProcessService {
             }),
         };
         self.engine
-            .snapshot(&s.name, SnapshotKind::Process, &runs, meta)
-            .map_err(store_error)?;
+            .snapshot(&store_name, SnapshotKind::Process, &runs, meta)
+            .map_err(|e| store_error_named(e, &s.name))?;
         info!(
-            "process snapshot {:?} of pid {} ({}): {total} pages, {present} present, {} runs",
-            s.name,
+            "process snapshot {store_name:?} of pid {} ({}): {total} pages, {present} present, {} runs",
             s.pid,
             s.comm,
             runs.len()
@@ -134,9 +181,15 @@ impl ProcessService {
         })
     }
 
+    /// The run list of process snapshot `name` (a store name).
     fn blob(&self, name: &str) -> Result<ProcessBlob, ErrorReply> {
         let pool = lock_pool(self.engine.pool());
         let info = pool.inspect(name).map_err(store_error)?;
+        if info.owner == Owner::Host {
+            // Not reachable through guest_name (host names have no "guest:" prefix);
+            // checked anyway: host snapshots are never served to the guest.
+            return Err(ErrorReply::new(ErrorCode::NotFound, "no such snapshot"));
+        }
         if info.kind != SnapshotKind::Process {
             return Err(ErrorReply::new(
                 ErrorCode::BadRequest,
@@ -155,8 +208,8 @@ impl ProcessService {
         })
     }
 
-    fn restore(&self, r: RestoreRequest) -> Result<Reply, ErrorReply> {
-        let blob = self.blob(&r.name)?;
+    fn restore(&self, r: RestoreRequest, store_name: &str) -> Result<Reply, ErrorReply> {
+        let blob = self.blob(store_name)?;
         let want = protocol::total_pages(&blob.runs);
         let got = protocol::total_pages(&r.runs);
         if want != got {
@@ -194,7 +247,7 @@ impl ProcessService {
         for src in &sources {
             pages.push(match src {
                 Some(p) => {
-                    pool.read_snapshot_page(r.name.as_str(), *p)
+                    pool.read_snapshot_page(store_name, *p)
                         .map_err(store_error)?
                         .1
                 }
@@ -212,14 +265,19 @@ impl ProcessService {
         })
     }
 
-    fn list(&self) -> Reply {
+    /// The guest-owned process snapshots `uid` may see: its own, or all for root.
+    fn list(&self, uid: u32) -> Reply {
         let pool = lock_pool(self.engine.pool());
         let list = pool
             .list()
             .into_iter()
             .filter(|s| s.kind == SnapshotKind::Process)
+            .filter_map(|s| match s.owner {
+                Owner::Guest(o) if uid == 0 || o == uid => Some((o, s)),
+                _ => None,
+            })
             .take(protocol::MAX_LIST_ENTRIES)
-            .map(|s| {
+            .map(|(owner, s)| {
                 let (pid, comm) = s
                     .process
                     .as_ref()
@@ -230,8 +288,10 @@ impl ProcessService {
                     .ok()
                     .and_then(|b| serde_json::from_slice::<ProcessBlob>(&b).ok())
                     .map_or(s.pages, |b| protocol::total_pages(&b.runs));
+                let name = Owner::split(&s.name).map_or_else(|| s.name.clone(), |(_, n)| n.into());
                 protocol::SnapshotInfo {
-                    name: s.name,
+                    name,
+                    uid: owner,
                     pid,
                     comm,
                     pages: total,
@@ -244,10 +304,22 @@ impl ProcessService {
         Reply::List(list)
     }
 
-    fn delete(&self, name: String) -> Result<Reply, ErrorReply> {
-        self.blob(&name)?;
-        self.engine.delete(&name).map_err(store_error)?;
+    fn delete(&self, name: String, store_name: &str) -> Result<Reply, ErrorReply> {
+        self.blob(store_name)?;
+        self.engine.delete(store_name).map_err(store_error)?;
         Ok(Reply::Deleted { name })
+    }
+}
+
+/// [`store_error`], naming the snapshot as the guest knows it (without the store's
+/// `guest:UID/` prefix) where the store's message would show the store name.
+fn store_error_named(e: PoolError, name: &str) -> ErrorReply {
+    match e {
+        PoolError::DuplicateName(_) => ErrorReply::new(
+            ErrorCode::AlreadyExists,
+            format!("a snapshot named {name:?} exists already"),
+        ),
+        other => store_error(other),
     }
 }
 
@@ -264,12 +336,24 @@ fn store_error(e: PoolError) -> ErrorReply {
 }
 
 impl AgentBackend for ProcessService {
-    fn handle(&mut self, req: Request) -> Reply {
-        let res = match req {
-            Request::Save(s) => self.save(s),
-            Request::Restore(r) => self.restore(r),
-            Request::List => Ok(self.list()),
-            Request::Delete { name } => self.delete(name),
+    fn handle(&mut self, req: GuestRequest) -> Reply {
+        let GuestRequest {
+            uid,
+            owner,
+            host_token,
+            op,
+        } = req;
+        let res = match op {
+            Request::Save(s) => self
+                .save_owner(uid, owner, host_token, &s.name)
+                .and_then(|o| self.save(s, o)),
+            Request::Restore(r) => {
+                Self::guest_name(uid, owner, &r.name).and_then(|st| self.restore(r, &st))
+            }
+            Request::List => Ok(self.list(uid)),
+            Request::Delete { name } => {
+                Self::guest_name(uid, owner, &name).and_then(|st| self.delete(name, &st))
+            }
         };
         res.unwrap_or_else(Reply::Error)
     }
@@ -289,6 +373,10 @@ mod tests {
         }
     }
 
+    fn handle(svc: &mut ProcessService, uid: u32, op: Request) -> Reply {
+        svc.handle(GuestRequest::new(uid, op))
+    }
+
     fn err_code(r: Reply) -> ErrorCode {
         match r {
             Reply::Error(e) => e.code,
@@ -305,16 +393,20 @@ mod tests {
             ram.write(p, p as u8);
         }
         // A process with 3 pages at 0x1000 (gpa 10, 11 and 20) and 2 untouched pages.
-        let saved = svc.handle(Request::Save(SaveRequest {
-            name: "proc".into(),
-            pid: 42,
-            comm: "memtest".into(),
-            runs: vec![
-                run(10, 2, 0x1000, true),
-                run(0, 2, 0x3000, false),
-                run(20, 1, 0x5000, true),
-            ],
-        }));
+        let saved = handle(
+            &mut svc,
+            1000,
+            Request::Save(SaveRequest {
+                name: "proc".into(),
+                pid: 42,
+                comm: "memtest".into(),
+                runs: vec![
+                    run(10, 2, 0x1000, true),
+                    run(0, 2, 0x3000, false),
+                    run(20, 1, 0x5000, true),
+                ],
+            }),
+        );
         assert_eq!(
             saved,
             Reply::Saved {
@@ -327,10 +419,14 @@ mod tests {
             ram.write(p, 0xee); // scribble: preserved first
         }
         // Restore into a fresh process whose 5 pages sit at gpa 30..35.
-        let restored = svc.handle(Request::Restore(RestoreRequest {
-            name: "proc".into(),
-            runs: vec![run(30, 5, 0x7000_0000, true)],
-        }));
+        let restored = handle(
+            &mut svc,
+            1000,
+            Request::Restore(RestoreRequest {
+                name: "proc".into(),
+                runs: vec![run(30, 5, 0x7000_0000, true)],
+            }),
+        );
         assert_eq!(
             restored,
             Reply::Restored {
@@ -345,7 +441,7 @@ mod tests {
             assert!(page.iter().all(|b| b == w), "target page {i} holds {w}");
         }
         drop(pool);
-        match svc.handle(Request::List) {
+        match handle(&mut svc, 1000, Request::List) {
             Reply::List(l) => {
                 assert_eq!(l.len(), 1);
                 assert_eq!((l[0].pid, l[0].pages, l[0].present_pages), (42, 5, 3));
@@ -353,14 +449,22 @@ mod tests {
             other => panic!("list: {other:?}"),
         }
         // Errors: wrong size, unknown name, a page snapshot is not a process snapshot.
-        let wrong = svc.handle(Request::Restore(RestoreRequest {
-            name: "proc".into(),
-            runs: vec![run(30, 4, 0, true)],
-        }));
+        let wrong = handle(
+            &mut svc,
+            1000,
+            Request::Restore(RestoreRequest {
+                name: "proc".into(),
+                runs: vec![run(30, 4, 0, true)],
+            }),
+        );
         assert_eq!(err_code(wrong), ErrorCode::SizeMismatch);
-        let unknown = svc.handle(Request::Delete {
-            name: "nope".into(),
-        });
+        let unknown = handle(
+            &mut svc,
+            1000,
+            Request::Delete {
+                name: "nope".into(),
+            },
+        );
         assert_eq!(err_code(unknown), ErrorCode::NotFound);
         engine
             .snapshot(
@@ -370,25 +474,135 @@ mod tests {
                 Default::default(),
             )
             .expect("page snapshot");
-        let not_proc = svc.handle(Request::Delete {
-            name: "pages".into(),
-        });
-        assert_eq!(err_code(not_proc), ErrorCode::BadRequest);
-        let dup = svc.handle(Request::Save(SaveRequest {
-            name: "proc".into(),
-            pid: 1,
-            comm: "x".into(),
-            runs: vec![run(1, 1, 0, true)],
-        }));
+        // A host snapshot is invisible to the guest: not even "not a process snapshot".
+        let host = handle(
+            &mut svc,
+            1000,
+            Request::Delete {
+                name: "pages".into(),
+            },
+        );
+        assert_eq!(err_code(host), ErrorCode::NotFound);
+        let dup = handle(
+            &mut svc,
+            1000,
+            Request::Save(SaveRequest {
+                name: "proc".into(),
+                pid: 1,
+                comm: "x".into(),
+                runs: vec![run(1, 1, 0, true)],
+            }),
+        );
         assert_eq!(err_code(dup), ErrorCode::AlreadyExists);
         assert_eq!(
-            svc.handle(Request::Delete {
-                name: "proc".into()
-            }),
+            handle(
+                &mut svc,
+                1000,
+                Request::Delete {
+                    name: "proc".into()
+                }
+            ),
             Reply::Deleted {
                 name: "proc".into()
             }
         );
+    }
+
+    fn save_req(name: &str, gpa: u64) -> Request {
+        Request::Save(SaveRequest {
+            name: name.into(),
+            pid: 7,
+            comm: "t".into(),
+            runs: vec![run(gpa, 2, 0x1000, true)],
+        })
+    }
+
+    fn names(r: Reply) -> Vec<(u32, String)> {
+        match r {
+            Reply::List(l) => l.into_iter().map(|s| (s.uid, s.name)).collect(),
+            other => panic!("list: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn snapshots_belong_to_their_owner() {
+        let (_dir, engine, _ram) = setup(64);
+        let engine = Arc::new(engine);
+        let mut svc = ProcessService::new(engine.clone(), 64 * PAGE);
+        // Root's, user 1000's and the host's snapshot, all named "s": separate name
+        // spaces, no collision.
+        assert!(matches!(
+            handle(&mut svc, 0, save_req("s", 1)),
+            Reply::Saved { .. }
+        ));
+        assert!(matches!(
+            handle(&mut svc, 1000, save_req("s", 3)),
+            Reply::Saved { .. }
+        ));
+        let token = engine.grant_host_save("s");
+        let host_save = GuestRequest {
+            host_token: Some(token),
+            ..GuestRequest::new(0, save_req("s", 5))
+        };
+        assert!(matches!(svc.handle(host_save.clone()), Reply::Saved { .. }));
+        {
+            let pool = lock_pool(engine.pool());
+            assert_eq!(pool.inspect("s").expect("host").owner, Owner::Host);
+            assert_eq!(
+                pool.inspect("guest:0/s").expect("root").owner,
+                Owner::Guest(0)
+            );
+            assert_eq!(
+                pool.inspect("guest:1000/s").expect("user").owner,
+                Owner::Guest(1000)
+            );
+        }
+        // The token was single-use; a made-up one is refused.
+        let again = svc.handle(GuestRequest {
+            host_token: Some(token),
+            ..GuestRequest::new(0, save_req("s2", 5))
+        });
+        assert_eq!(err_code(again), ErrorCode::PermissionDenied);
+        // Lists: a user sees its own, root every guest uid's, nobody the host's.
+        assert_eq!(
+            names(handle(&mut svc, 1000, Request::List)),
+            [(1000, "s".into())]
+        );
+        assert_eq!(names(handle(&mut svc, 65534, Request::List)), []);
+        assert_eq!(
+            names(handle(&mut svc, 0, Request::List)),
+            [(0, "s".into()), (1000, "s".into())]
+        );
+        // Another user cannot delete or restore user 1000's snapshot, not even by
+        // naming its owner.
+        let foreign = |op| GuestRequest {
+            owner: Some(1000),
+            ..GuestRequest::new(65534, op)
+        };
+        let del = svc.handle(foreign(Request::Delete { name: "s".into() }));
+        assert_eq!(err_code(del), ErrorCode::PermissionDenied);
+        let res = svc.handle(foreign(Request::Restore(RestoreRequest {
+            name: "s".into(),
+            runs: vec![run(40, 2, 0, true)],
+        })));
+        assert_eq!(err_code(res), ErrorCode::PermissionDenied);
+        // Its own name space has no "s".
+        let del = handle(&mut svc, 65534, Request::Delete { name: "s".into() });
+        assert_eq!(err_code(del), ErrorCode::NotFound);
+        // Root may, naming the owner.
+        let root_del = svc.handle(GuestRequest {
+            owner: Some(1000),
+            ..GuestRequest::new(0, Request::Delete { name: "s".into() })
+        });
+        assert_eq!(root_del, Reply::Deleted { name: "s".into() });
+        // Root deleting its own "s" leaves the host's "s" alone.
+        assert!(matches!(
+            handle(&mut svc, 0, Request::Delete { name: "s".into() }),
+            Reply::Deleted { .. }
+        ));
+        let pool = lock_pool(engine.pool());
+        assert!(pool.inspect("s").is_ok(), "the host's snapshot is intact");
+        assert_eq!(pool.list().len(), 1);
     }
 
     #[test]

@@ -4,22 +4,34 @@
 //! Every refusal is an error reply and a rate-limited log line; a frame whose header is
 //! garbage ends the connection (the next frame boundary cannot be found), anything else
 //! keeps it serving the next request.
+//!
+//! Who may connect: only guest sockets bound to a privileged vsock port (at most
+//! [`MAX_PRIVILEGED_PORT`]), which the guest kernel lets only `CAP_NET_BIND_SERVICE`
+//! (root, in practice the guest agent) bind. Everyone else gets RST. This is what lets
+//! the service believe the guest uid each request names: the agent sets it from the
+//! kernel's `SO_PEERCRED` for the application it serves (docs/protocol.md).
 
 use std::sync::{Arc, Mutex};
 
 use guest_agent::protocol::{
-    ErrorCode, ErrorReply, FrameBuffer, ProtocolError, Reply, Request, MAX_LIST_ENTRIES,
+    ErrorCode, ErrorReply, FrameBuffer, GuestRequest, ProtocolError, Reply, MAX_LIST_ENTRIES,
 };
+
+/// Highest guest source port the service accepts connections from (the privileged
+/// ports, which only guest root can bind).
+pub const MAX_PRIVILEGED_PORT: u32 = 1023;
 
 use super::connection::{VsockService, VsockServiceFactory};
 use crate::guest_warn;
 
 /// What the snapshot engine provides to the service. Requests arrive validated:
-/// names follow the naming rule, runs lie inside guest RAM and within the limits.
+/// names follow the naming rule, runs lie inside guest RAM and within the limits
+/// (together no more pages than guest RAM, restore targets disjoint), and they come
+/// from guest root.
 pub trait AgentBackend: Send {
-    /// Carry out one request and produce the reply (`Reply::Error` for refusals such as
-    /// an unknown name).
-    fn handle(&mut self, req: Request) -> Reply;
+    /// Carry out one request for the guest uid it names and produce the reply
+    /// (`Reply::Error` for refusals such as an unknown name or another uid's snapshot).
+    fn handle(&mut self, req: GuestRequest) -> Reply;
 }
 
 /// One connection's service.
@@ -67,7 +79,8 @@ impl AgentService {
     }
 
     fn serve(&mut self, frame: &[u8], out: &mut Vec<u8>) {
-        let req = match Request::decode(frame).and_then(|r| r.validate(self.ram_pages).map(|()| r))
+        let req = match GuestRequest::decode(frame)
+            .and_then(|r| r.validate(self.ram_pages).map(|()| r))
         {
             Ok(r) => r,
             Err(e) => return refuse(&e, out),
@@ -126,6 +139,10 @@ impl AgentServiceFactory {
 }
 
 impl VsockServiceFactory for AgentServiceFactory {
+    fn accepts(&self, peer_port: u32) -> bool {
+        peer_port <= MAX_PRIVILEGED_PORT
+    }
+
     fn connect(&mut self, _peer_port: u32) -> Box<dyn VsockService> {
         Box::new(AgentService::new(self.backend.clone(), self.ram_pages))
     }
@@ -135,7 +152,7 @@ impl VsockServiceFactory for AgentServiceFactory {
 mod tests {
     use super::*;
     use guest_agent::protocol::{
-        FrameHeader, FrameKind, Run, SaveRequest, SnapshotInfo, HEADER_LEN,
+        FrameHeader, FrameKind, Request, Run, SaveRequest, SnapshotInfo, HEADER_LEN,
     };
     use std::collections::BTreeMap;
 
@@ -147,9 +164,9 @@ mod tests {
     }
 
     impl AgentBackend for FakeBackend {
-        fn handle(&mut self, req: Request) -> Reply {
+        fn handle(&mut self, req: GuestRequest) -> Reply {
             self.calls += 1;
-            match req {
+            match req.op {
                 Request::Save(s) => {
                     let pages = guest_agent::protocol::total_pages(&s.runs);
                     if self.snaps.contains_key(&s.name) {
@@ -174,6 +191,7 @@ mod tests {
                         .iter()
                         .map(|(n, &p)| SnapshotInfo {
                             name: n.clone(),
+                            uid: 0,
                             pid: 1,
                             comm: String::new(),
                             pages: p,
@@ -191,8 +209,12 @@ mod tests {
         }
     }
 
-    fn save(name: &str, first: u64, count: u64) -> Request {
-        Request::Save(SaveRequest {
+    fn req(op: Request) -> GuestRequest {
+        GuestRequest::new(0, op)
+    }
+
+    fn save(name: &str, first: u64, count: u64) -> GuestRequest {
+        req(Request::Save(SaveRequest {
             name: name.into(),
             pid: 7,
             comm: "t".into(),
@@ -202,7 +224,7 @@ mod tests {
                 virt_addr: 0x1000,
                 present: true,
             }],
-        })
+        }))
     }
 
     fn replies(bytes: &[u8]) -> Vec<Reply> {
@@ -233,9 +255,9 @@ mod tests {
     fn serves_requests_in_pieces() {
         let (_, mut svc) = setup();
         let mut stream = save("a", 10, 5).encode().expect("encode");
-        stream.extend(Request::List.encode().expect("encode"));
+        stream.extend(req(Request::List).encode().expect("encode"));
         stream.extend(
-            Request::Delete { name: "a".into() }
+            req(Request::Delete { name: "a".into() })
                 .encode()
                 .expect("encode"),
         );
@@ -286,16 +308,70 @@ mod tests {
     }
 
     #[test]
+    fn only_privileged_source_ports_may_connect() {
+        let f = AgentServiceFactory::new(Arc::new(Mutex::new(FakeBackend::default())), 1000);
+        for port in [0, 512, 1023] {
+            assert!(f.accepts(port), "{port}");
+        }
+        for port in [1024, 1025, 49152, u32::MAX] {
+            assert!(!f.accepts(port), "{port}");
+        }
+    }
+
+    #[test]
+    fn page_bombs_are_refused_before_the_engine() {
+        let (backend, mut svc) = setup();
+        let mut out = Vec::new();
+        // 2^32 absent pages in a guest of 1000 pages.
+        let absent = req(Request::Save(SaveRequest {
+            name: "bomb".into(),
+            pid: 1,
+            comm: "x".into(),
+            runs: vec![Run {
+                guest_phys_first_page: 0,
+                count: 1 << 32,
+                virt_addr: 0,
+                present: false,
+            }],
+        }));
+        assert!(svc.on_data(&absent.encode().expect("encode"), &mut out));
+        // 65,536 overlapping restore target runs over the same page: more pages than
+        // guest RAM; 500 of them: within RAM, but overlapping.
+        let overlapping = |n| {
+            req(Request::Restore(guest_agent::protocol::RestoreRequest {
+                name: "bomb".into(),
+                runs: vec![
+                    Run {
+                        guest_phys_first_page: 0,
+                        count: 1,
+                        virt_addr: 0,
+                        present: true,
+                    };
+                    n
+                ],
+            }))
+        };
+        for n in [guest_agent::protocol::MAX_RUNS, 500] {
+            assert!(svc.on_data(&overlapping(n).encode().expect("encode"), &mut out));
+        }
+        let r = replies(&out);
+        assert_eq!(code(&r[0]), ErrorCode::TooLarge);
+        assert_eq!(code(&r[1]), ErrorCode::TooLarge);
+        assert_eq!(code(&r[2]), ErrorCode::RunOutOfRange);
+        assert_eq!(backend.lock().expect("lock").calls, 0);
+    }
+
+    #[test]
     fn bad_headers_close_the_connection() {
         for (what, frame) in [
             ("wrong version", {
-                let mut f = Request::List.encode().expect("encode");
+                let mut f = req(Request::List).encode().expect("encode");
                 f[4] = 9;
                 f
             }),
             ("garbage", b"GET / HTTP/1.1\r\n\r\n".to_vec()),
             ("oversized", {
-                let mut f = Request::List.encode().expect("encode");
+                let mut f = req(Request::List).encode().expect("encode");
                 f[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
                 f
             }),

@@ -37,6 +37,11 @@ pub trait VsockService: Send {
 
 /// Creates a [`VsockService`] for each guest connection to the registered port.
 pub trait VsockServiceFactory: Send {
+    /// Whether a guest socket on port `peer_port` may connect; refused connections get
+    /// RST. Every port by default.
+    fn accepts(&self, _peer_port: u32) -> bool {
+        true
+    }
     /// A guest socket on port `peer_port` connected.
     fn connect(&mut self, peer_port: u32) -> Box<dyn VsockService>;
 }

@@ -222,6 +222,14 @@ impl VsockMuxer {
         }
         let port = hdr.dst_port;
         let endpoint = if let Some(factory) = self.services.get_mut(&port) {
+            if !factory.accepts(hdr.src_port) {
+                guest_warn!(
+                    "vsock: refusing a guest connection to port {port} from unprivileged \
+                     source port {} (only guest root may use this service)",
+                    hdr.src_port
+                );
+                return self.reset_guest_packet(hdr);
+            }
             Endpoint::Service {
                 svc: factory.connect(hdr.src_port),
                 out: VecDeque::new(),

@@ -742,9 +742,9 @@ fn header_only_rx_buffers_do_not_spin() {
 /// Answers every valid request with `Deleted` so the test sees what passed validation.
 struct NameEcho;
 impl super::AgentBackend for NameEcho {
-    fn handle(&mut self, req: guest_agent::protocol::Request) -> guest_agent::protocol::Reply {
+    fn handle(&mut self, req: guest_agent::protocol::GuestRequest) -> guest_agent::protocol::Reply {
         use guest_agent::protocol::{Reply, Request};
-        match req {
+        match req.op {
             Request::Delete { name } => Reply::Deleted { name },
             _ => Reply::List(Vec::new()),
         }
@@ -753,7 +753,9 @@ impl super::AgentBackend for NameEcho {
 
 #[test]
 fn agent_protocol_over_vsock() {
-    use guest_agent::protocol::{ErrorCode, FrameBuffer, Reply, Request, SNAPSHOT_SERVICE_PORT};
+    use guest_agent::protocol::{
+        ErrorCode, FrameBuffer, GuestRequest, Reply, Request, SNAPSHOT_SERVICE_PORT,
+    };
     let mut h = Harness::new();
     let backend: Arc<Mutex<dyn super::AgentBackend>> = Arc::new(Mutex::new(NameEcho));
     h.dev
@@ -765,21 +767,31 @@ fn agent_protocol_over_vsock() {
         )
         .expect("register");
     h.post_rx(16);
+    // An unprivileged source port (any guest user can bind one): refused with RST.
     h.send(Op::Request, 2000, SNAPSHOT_SERVICE_PORT, &[]);
+    assert_eq!(h.recv_one().0.op, Op::Rst as u16);
+    // A privileged one (guest root, the agent): served.
+    h.send(Op::Request, 900, SNAPSHOT_SERVICE_PORT, &[]);
     assert_eq!(h.recv_one().0.op, Op::Response as u16);
-    let mut frames = Request::Delete {
-        name: "snap".into(),
-    }
+    let mut frames = GuestRequest::new(
+        0,
+        Request::Delete {
+            name: "snap".into(),
+        },
+    )
     .encode()
     .expect("encode");
     frames.extend(
-        Request::Delete {
-            name: "../etc".into(),
-        }
+        GuestRequest::new(
+            0,
+            Request::Delete {
+                name: "../etc".into(),
+            },
+        )
         .encode()
         .expect("encode"),
     );
-    h.send(Op::Rw, 2000, SNAPSHOT_SERVICE_PORT, &frames);
+    h.send(Op::Rw, 900, SNAPSHOT_SERVICE_PORT, &frames);
     let mut fb = FrameBuffer::new();
     for (p, d) in h.recv() {
         assert_eq!(p.op, Op::Rw as u16);
@@ -795,7 +807,7 @@ fn agent_protocol_over_vsock() {
     );
     assert!(matches!(b, Reply::Error(e) if e.code == ErrorCode::InvalidName));
     // Garbage ends the connection: error reply, then SHUTDOWN.
-    h.send(Op::Rw, 2000, SNAPSHOT_SERVICE_PORT, b"garbage garbage!");
+    h.send(Op::Rw, 900, SNAPSHOT_SERVICE_PORT, b"garbage garbage!");
     let pkts = h.recv();
     assert_eq!(pkts.last().map(|(p, _)| p.op), Some(Op::Shutdown as u16));
 }
