@@ -10,5 +10,6 @@ pub mod devices;
 pub mod event_loop;
 pub mod payload;
 pub mod persist;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vstate;

@@ -114,7 +114,11 @@ impl ApiServer {
         let accept_shared = Arc::clone(&shared);
         let thread = thread::Builder::new()
             .name("pmsnap-api".to_string())
-            .spawn(move || accept_loop(listener, accept_shared))
+            .spawn(move || {
+                // Connection threads start from this one and inherit its filter.
+                crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Api);
+                accept_loop(listener, accept_shared)
+            })
             .map_err(ServerError::Spawn)?;
         debug!("API server listening on {}", path.display());
         Ok(ApiServerHandle {
