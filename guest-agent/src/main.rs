@@ -9,12 +9,17 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use guest_agent::cli::{self as cli_lang, exit, format_time_ms, parse_range, NameArg};
 use guest_agent::client::{call, ClientError, DryRun, Endpoint, SocketTransport, VsockListener};
 use guest_agent::freeze::FreezeMethod;
 use guest_agent::ops::{copy_out_process, restore_process, save_process, serve_connection, Phases};
 use guest_agent::protocol::{
     validate_name, Reply, Request, SnapshotInfo, VirtRange, AGENT_PORT, PAGE_SIZE,
 };
+
+/// Help text on virtual ranges, the same in `pmsnap ctl`.
+const RANGE_HELP: &str =
+    "Numbers are decimal, or hex with 0x: 4096-8192 and 0x1000-0x2000 are the same range.";
 
 /// How the agent freezes a process.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -44,13 +49,17 @@ impl From<Freeze> for FreezeMethod {
 #[command(
     name = "pmsnap-agent",
     version,
-    about = "pmsnap guest agent: save and restore process memory without copying it"
+    about = "pmsnap guest agent: save and restore process memory without copying it",
+    after_help = exit::HELP
 )]
 struct Cli {
     /// Test only: talk to a fake snapshot service (`unix:PATH` or `vsock:CID:PORT`)
     /// instead of the VMM (default vsock CID 2, port 1024; env PMSNAP_TRANSPORT).
     #[arg(long, global = true, hide = true)]
     transport: Option<String>,
+    /// Print JSON on stdout, errors included (times in unix milliseconds).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,17 +67,17 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Save the memory of a process (frozen meanwhile) as snapshot NAME.
+    #[command(after_help = RANGE_HELP)]
     Save {
+        #[command(flatten)]
+        name: NameArg,
         /// Process id.
         #[arg(long)]
         pid: u32,
-        /// Virtual range START-END in hex (page aligned, repeatable); default: all
-        /// writable private mappings (heap, stack, anonymous mmaps, data).
-        #[arg(long = "range", value_name = "START-END", value_parser = parse_range)]
+        /// Virtual range START-END, page aligned (repeatable); default: all writable
+        /// private mappings (heap, stack, anonymous mmaps, data).
+        #[arg(long = "range", value_name = "START-END", value_parser = range_arg)]
         ranges: Vec<VirtRange>,
-        /// Snapshot name: 1-64 of [A-Za-z0-9._-], not starting with '.'.
-        #[arg(long)]
-        name: String,
         /// How to freeze the process.
         #[arg(long, value_enum, default_value = "auto")]
         freeze: Freeze,
@@ -76,21 +85,18 @@ enum Command {
         /// check the request, thaw) and report it: the agent's own share of the pause.
         #[arg(long)]
         dry_run: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Copy snapshot NAME back into a process (frozen meanwhile).
+    #[command(after_help = RANGE_HELP)]
     Restore {
-        /// Snapshot name.
-        #[arg(long)]
-        name: String,
+        #[command(flatten)]
+        name: NameArg,
         /// Process id.
         #[arg(long)]
         pid: u32,
-        /// Target range START-END in hex (repeatable); the total size must equal the
-        /// snapshot's. Default: all writable private mappings.
-        #[arg(long = "range", value_name = "START-END", value_parser = parse_range)]
+        /// Target range START-END, page aligned (repeatable); the total size must equal
+        /// the snapshot's. Default: all writable private mappings.
+        #[arg(long = "range", value_name = "START-END", value_parser = range_arg)]
         ranges: Vec<VirtRange>,
         /// How to freeze the process.
         #[arg(long, value_enum, default_value = "auto")]
@@ -99,32 +105,25 @@ enum Command {
         /// the page map, thaw); the targets' content does not change.
         #[arg(long)]
         dry_run: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// List the process snapshots.
-    List {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    #[command(visible_alias = "ls")]
+    List,
     /// Delete a snapshot.
+    #[command(visible_alias = "delete")]
     Rm {
-        /// Snapshot name.
-        name: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        name: NameArg,
     },
     /// Baseline for benchmarks: freeze a process and copy its pages into a file
     /// (what a copying snapshot would pay), printing the pause.
+    #[command(after_help = RANGE_HELP)]
     CopyOut {
         /// Process id.
         #[arg(long)]
         pid: u32,
-        /// Virtual range START-END in hex (repeatable); default as for save.
-        #[arg(long = "range", value_name = "START-END", value_parser = parse_range)]
+        /// Virtual range START-END, page aligned (repeatable); default as for save.
+        #[arg(long = "range", value_name = "START-END", value_parser = range_arg)]
         ranges: Vec<VirtRange>,
         /// Output file (put it on tmpfs).
         #[arg(long)]
@@ -132,9 +131,6 @@ enum Command {
         /// How to freeze the process.
         #[arg(long, value_enum, default_value = "auto")]
         freeze: Freeze,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Serve the VMM's snapshot-process requests on a vsock port (runs until killed).
     Serve {
@@ -153,26 +149,9 @@ enum Command {
     },
 }
 
-/// Parse `START-END` in hex (with or without `0x`).
-fn parse_range(s: &str) -> Result<VirtRange, String> {
-    let (a, b) = s
-        .split_once('-')
-        .ok_or_else(|| format!("range {s:?}: expected START-END in hex"))?;
-    let hex = |x: &str| {
-        let x = x.trim();
-        let x = x
-            .strip_prefix("0x")
-            .or_else(|| x.strip_prefix("0X"))
-            .unwrap_or(x);
-        u64::from_str_radix(x, 16).map_err(|_| format!("range {s:?}: {x:?} is not hex"))
-    };
-    let (start, end) = (hex(a)?, hex(b)?);
-    if start % PAGE_SIZE != 0 || end % PAGE_SIZE != 0 || end <= start {
-        return Err(format!(
-            "range {s:?}: must be non-empty and page aligned (4 KiB)"
-        ));
-    }
-    Ok(VirtRange { start, end })
+/// `--range` values: the parser shared with `pmsnap ctl`.
+fn range_arg(s: &str) -> Result<VirtRange, String> {
+    parse_range(s).map_err(|e| e.to_string())
 }
 
 /// Minimal logger: one line per record to a file, errors also to stderr, so the
@@ -191,11 +170,11 @@ impl log::Log for FileLogger {
         if !self.enabled(r.metadata()) {
             return;
         }
-        let secs = std::time::SystemTime::now()
+        let ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
+            .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let line = format!("{secs} {} {}\n", r.level(), r.args());
+        let line = format!("{} {} {}\n", format_time_ms(ms), r.level(), r.args());
         if let Some(f) = &self.file {
             if let Ok(mut f) = f.lock() {
                 let _ = f.write_all(line.as_bytes());
@@ -250,6 +229,7 @@ fn pages_mib(pages: u64) -> f64 {
 
 fn run(cli: Cli) -> Result<(), String> {
     let t = cli.transport.as_deref();
+    let json = cli.json;
     match cli.command {
         Command::Save {
             pid,
@@ -257,13 +237,13 @@ fn run(cli: Cli) -> Result<(), String> {
             name,
             freeze,
             dry_run,
-            json,
         } => {
+            let name = name.get();
             let o = if dry_run {
-                save_process(&mut DryRun, pid, &ranges, &name, freeze.into())
+                save_process(&mut DryRun, pid, &ranges, name, freeze.into())
             } else {
                 let mut tr = transport(t).map_err(|e| e.to_string())?;
-                save_process(&mut tr, pid, &ranges, &name, freeze.into())
+                save_process(&mut tr, pid, &ranges, name, freeze.into())
             }
             .map_err(|e| e.to_string())?;
             if json {
@@ -297,13 +277,13 @@ fn run(cli: Cli) -> Result<(), String> {
             ranges,
             freeze,
             dry_run,
-            json,
         } => {
+            let name = name.get();
             let o = if dry_run {
-                restore_process(&mut DryRun, pid, &ranges, &name, freeze.into())
+                restore_process(&mut DryRun, pid, &ranges, name, freeze.into())
             } else {
                 let mut tr = transport(t).map_err(|e| e.to_string())?;
-                restore_process(&mut tr, pid, &ranges, &name, freeze.into())
+                restore_process(&mut tr, pid, &ranges, name, freeze.into())
             }
             .map_err(|e| e.to_string())?;
             if json {
@@ -329,7 +309,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 o.vmm_pages
             );
         }
-        Command::List { json } => {
+        Command::List => {
             let mut tr = transport(t).map_err(|e| e.to_string())?;
             let list = match call(&mut tr, &Request::List).map_err(|e| e.to_string())? {
                 Reply::List(l) => l,
@@ -338,18 +318,10 @@ fn run(cli: Cli) -> Result<(), String> {
             if json {
                 return print_json(&list.iter().map(info_json).collect::<Vec<_>>());
             }
-            println!(
-                "{:<24} {:>7} {:<16} {:>9} {:>9} {:>7} {:>11}",
-                "NAME", "PID", "COMM", "PAGES", "PRESENT", "RUNS", "CREATED"
-            );
-            for s in &list {
-                println!(
-                    "{:<24} {:>7} {:<16} {:>9} {:>9} {:>7} {:>11}",
-                    s.name, s.pid, s.comm, s.pages, s.present_pages, s.runs, s.created_unix
-                );
-            }
+            print!("{}", render_list(&list));
         }
-        Command::Rm { name, json } => {
+        Command::Rm { name } => {
+            let name = name.get().to_string();
             validate_name(&name).map_err(|e| e.to_string())?;
             let mut tr = transport(t).map_err(|e| e.to_string())?;
             match call(&mut tr, &Request::Delete { name }).map_err(|e| e.to_string())? {
@@ -365,7 +337,6 @@ fn run(cli: Cli) -> Result<(), String> {
             ranges,
             out,
             freeze,
-            json,
         } => {
             let o =
                 copy_out_process(pid, &ranges, &out, freeze.into()).map_err(|e| e.to_string())?;
@@ -405,10 +376,36 @@ fn phases(p: &Phases) -> String {
     )
 }
 
+/// The list as a table; times in RFC 3339.
+fn render_list(list: &[SnapshotInfo]) -> String {
+    let mut out = format!(
+        "{:<24} {:>7} {:<16} {:>9} {:>9} {:>7}  CREATED\n",
+        "NAME", "PID", "COMM", "PAGES", "PRESENT", "RUNS"
+    );
+    for s in list {
+        out += &format!(
+            "{:<24} {:>7} {:<16} {:>9} {:>9} {:>7}  {}\n",
+            s.name,
+            s.pid,
+            s.comm,
+            s.pages,
+            s.present_pages,
+            s.runs,
+            format_time_ms(s.created_unix.saturating_mul(1000))
+        );
+    }
+    out
+}
+
+/// One snapshot in `list --json`: the creation time in unix milliseconds
+/// (`created_unix_ms`), like the VMM's API; `created_unix` (seconds) stays for older
+/// readers.
 fn info_json(s: &SnapshotInfo) -> serde_json::Value {
     serde_json::json!({
         "name": s.name, "pid": s.pid, "comm": s.comm, "pages": s.pages,
-        "present_pages": s.present_pages, "runs": s.runs, "created_unix": s.created_unix,
+        "present_pages": s.present_pages, "runs": s.runs,
+        "created_unix_ms": s.created_unix.saturating_mul(1000),
+        "created_unix": s.created_unix,
     })
 }
 
@@ -466,15 +463,28 @@ fn serve(
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = cli_lang::report_clap_error(&e, cli_lang::wants_json(std::env::args_os()));
+            return ExitCode::from(code as u8);
+        }
+    };
     if !matches!(cli.command, Command::Serve { .. }) {
         init_log(None);
     }
+    let json = cli.json;
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pmsnap-agent: error: {e}");
-            ExitCode::FAILURE
+            if json {
+                println!(
+                    "{}",
+                    cli_lang::json_error(&e, exit::ERROR, Default::default())
+                );
+            }
+            ExitCode::from(exit::ERROR as u8)
         }
     }
 }
@@ -483,50 +493,122 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
-    #[test]
-    fn ranges_parse() {
-        assert_eq!(
-            parse_range("0x1000-0x3000"),
-            Ok(VirtRange {
-                start: 0x1000,
-                end: 0x3000
-            })
-        );
-        assert_eq!(
-            parse_range("7f0000000000-7f0000001000"),
-            Ok(VirtRange {
-                start: 0x7f00_0000_0000,
-                end: 0x7f00_0000_1000
-            })
-        );
-        for bad in ["", "1000", "1000-1000", "1001-2000", "x-2000", "2000-1000"] {
-            assert!(parse_range(bad).is_err(), "{bad}");
-        }
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("pmsnap-agent").chain(args.iter().copied()))
     }
 
     #[test]
     fn cli_parses() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
-        let c = Cli::try_parse_from([
-            "pmsnap-agent",
+        let c = parse(&[
             "save",
             "--pid",
             "5",
-            "--name",
             "x",
             "--range",
-            "1000-2000",
+            "4096-8192",
             "--range",
             "0x4000-0x6000",
+            "--json",
         ])
         .expect("parse");
+        assert!(c.json);
         match c.command {
-            Command::Save { pid, ranges, .. } => {
+            Command::Save {
+                pid, ranges, name, ..
+            } => {
                 assert_eq!(pid, 5);
-                assert_eq!(ranges.len(), 2);
+                assert_eq!(name.get(), "x");
+                assert_eq!(
+                    ranges,
+                    vec![
+                        VirtRange {
+                            start: 0x1000,
+                            end: 0x2000
+                        },
+                        VirtRange {
+                            start: 0x4000,
+                            end: 0x6000
+                        }
+                    ]
+                );
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn old_spellings_and_aliases() {
+        match parse(&["restore", "--name", "old", "--pid", "7"])
+            .expect("--name")
+            .command
+        {
+            Command::Restore { name, pid, .. } => assert_eq!((name.get(), pid), ("old", 7)),
+            other => panic!("{other:?}"),
+        }
+        for verb in ["list", "ls"] {
+            assert!(matches!(parse(&[verb]).expect(verb).command, Command::List));
+        }
+        for verb in ["rm", "delete"] {
+            match parse(&[verb, "s1"]).expect(verb).command {
+                Command::Rm { name } => assert_eq!(name.get(), "s1"),
+                other => panic!("{other:?}"),
+            }
+        }
+        match parse(&["rm", "--name", "s2"]).expect("rm --name").command {
+            Command::Rm { name } => assert_eq!(name.get(), "s2"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_ranges_are_usage_errors() {
+        // Hex without 0x was the agent's old rule; now it is refused, not misread.
+        let e = parse(&["save", "x", "--pid", "1", "--range", "7f00000-7f01000"])
+            .expect_err("bare hex");
+        assert_eq!(e.exit_code(), exit::USAGE);
+        assert!(e.to_string().contains("hex with 0x"), "{e}");
+        let e = parse(&[
+            "copy-out",
+            "--pid",
+            "1",
+            "--out",
+            "/f",
+            "--range",
+            "1000-2000",
+        ])
+        .expect_err("unaligned");
+        assert!(e.to_string().contains("page aligned"), "{e}");
+    }
+
+    #[test]
+    fn list_times_are_rfc3339_in_text_and_ms_in_json() {
+        let s = SnapshotInfo {
+            name: "a".into(),
+            pid: 3,
+            comm: "sh".into(),
+            pages: 10,
+            present_pages: 4,
+            runs: 2,
+            created_unix: 1_700_000_000,
+        };
+        let text = render_list(std::slice::from_ref(&s));
+        assert!(text.starts_with("NAME"), "{text}");
+        assert!(text.contains("2023-11-14T22:13:20Z"), "{text}");
+        let v = info_json(&s);
+        assert_eq!(v["created_unix_ms"], 1_700_000_000_000u64);
+        assert_eq!(v["created_unix"], 1_700_000_000u64);
+    }
+
+    #[test]
+    fn help_lists_exit_codes_and_aliases() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains(exit::HELP), "{help}");
+        assert!(
+            help.contains("[alias: ls]") && help.contains("[alias: delete]"),
+            "{help}"
+        );
     }
 }

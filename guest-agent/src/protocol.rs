@@ -435,8 +435,12 @@ impl Request {
     }
 }
 
-/// A virtual address range `[start, end)` of a guest process, page aligned.
+/// A virtual address range `[start, end)` of a guest process, page aligned. The same
+/// type travels in the agent protocol and in the VMM's control API (JSON
+/// `{"start": .., "end": ..}`); on the command line it is read by
+/// [`crate::cli::parse_range`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VirtRange {
     /// First byte (page aligned).
     pub start: u64,

@@ -34,6 +34,10 @@ pub enum PoolError {
         /// The holder, when /proc/locks tells.
         pid: Option<u32>,
     },
+    /// The pool file was removed (by `pmsnap store prune`, which found it unlocked)
+    /// between its open and its lock.
+    #[error("pool {0} was removed while it was being opened (by `pmsnap store prune`?)")]
+    Removed(PathBuf),
     /// `create` was asked to overwrite an existing file.
     #[error("{0} already exists; refusing to overwrite it")]
     AlreadyExists(PathBuf),

@@ -39,6 +39,7 @@ mod verify;
 
 pub use bitmap::ProtectionBitmap;
 pub use error::{PoolError, Result};
+pub use lock::{claim_unused, PoolUse, UnusedPool};
 pub use persist::{CrashSim, MsyncPersist, Persist, Tear};
 pub use pool::{Pool, PoolOptions, RecoveryReport, DEFAULT_LOG_RECORDS};
 pub use store::{GcReport, ProtectError};

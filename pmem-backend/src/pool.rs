@@ -5,7 +5,7 @@
 use crate::bitmap::ProtectionBitmap;
 use crate::catalog::{self, Catalog, Snapshot};
 use crate::error::{PoolError, Result};
-use crate::lock::{lock_exclusive, LockError};
+use crate::lock::{lock_exclusive, still_linked, LockError};
 use crate::mapping::Mapping;
 use crate::persist::{MsyncPersist, Persist};
 use crate::redirect_log::LogRecord;
@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -139,6 +140,8 @@ pub(crate) fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// Take the pool's lock, then check that `path` still names the file: a prune that
+/// claimed it between our open and our lock has removed it.
 fn take_lock(file: &File, path: &Path) -> Result<()> {
     lock_exclusive(file).map_err(|e| match e {
         LockError::Held(pid) => PoolError::Locked {
@@ -150,7 +153,16 @@ fn take_lock(file: &File, path: &Path) -> Result<()> {
             path: path.to_path_buf(),
             source,
         },
-    })
+    })?;
+    match still_linked(file, path) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(PoolError::Removed(path.to_path_buf())),
+        Err(source) => Err(PoolError::Io {
+            what: "checking",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 /// Allocate the whole file now, so a full tmpfs fails here with ENOSPC instead of with a
@@ -191,10 +203,12 @@ impl Pool {
         )?;
         geo.check_limits(superblock::host_memory_bytes())
             .map_err(PoolError::InvalidArgument)?;
+        // Owner-only: the pool holds the guest's memory.
         let file = match OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(path)
         {
             Ok(f) => f,
@@ -721,7 +735,14 @@ mod tests {
         );
         assert_eq!(pool.generation(), 2);
         assert!(pool.raw_fd() >= 0);
-        let len = pool.file().metadata().expect("stat").len();
+        let md = pool.file().metadata().expect("stat");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            md.permissions().mode() & 0o777,
+            0o600,
+            "pool files are owner-only"
+        );
+        let len = md.len();
         assert_eq!(len, pool.geometry().file_size);
         drop(pool);
         let pool = Pool::open(&path).expect("reopen");

@@ -637,6 +637,7 @@ impl Pool {
             id: s.id,
             name: s.name.clone(),
             kind: s.kind,
+            created_unix_ms: s.created_unix_ns / 1_000_000,
             created_unix_ns: s.created_unix_ns,
             labels: s.labels.clone(),
             process: s.process.clone(),
@@ -1088,6 +1089,7 @@ mod tests {
         assert_eq!(info.runs, vec![PageRun::new(4, 2), PageRun::new(1, 1)]);
         assert_eq!(pool.read_state("p1").expect("state"), state);
         assert!(info.created_unix_ns > 0);
+        assert_eq!(info.created_unix_ms, info.created_unix_ns / 1_000_000);
     }
 
     #[test]

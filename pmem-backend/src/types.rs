@@ -207,7 +207,10 @@ pub struct SnapshotInfo {
     pub name: String,
     /// Process or vm.
     pub kind: SnapshotKind,
-    /// Creation time, nanoseconds since the Unix epoch.
+    /// Creation time, milliseconds since the Unix epoch (the time field every pmsnap
+    /// JSON output carries).
+    pub created_unix_ms: u64,
+    /// Creation time, nanoseconds since the Unix epoch (kept for older readers).
     pub created_unix_ns: u64,
     /// Labels.
     pub labels: Vec<(String, String)>,

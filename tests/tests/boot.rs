@@ -23,12 +23,17 @@ fn dummy_image() -> (tempfile::TempDir, PathBuf, PathBuf) {
     (d, k, i)
 }
 
+/// The default pools of VMM `pid` (`pmsnap run` without `--pool` creates
+/// `PID-NANOS.pool` in the default pool directory).
 fn leftover_pools(pid: u32) -> Vec<String> {
-    std::fs::read_dir("/dev/shm")
-        .expect("list /dev/shm")
+    let dir = vmm::pool_dir::default_dir();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new(); // not created yet: no default pool was ever made
+    };
+    entries
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&format!("pmsnap-{pid}-")))
+        .filter(|n| n.starts_with(&format!("{pid}-")) && n.ends_with(".pool"))
         .collect()
 }
 

@@ -14,6 +14,7 @@ use crate::event_loop::Subscriber;
 use crate::persist::live::VirtioSlot;
 use crate::snapshot::engine::Engine;
 use crate::snapshot::process::{guest_phys_pages, ProcessService};
+use crate::unix_socket::SocketFile;
 
 /// The guest's vsock CID (2 is the host; 3 is the first guest CID).
 pub const GUEST_CID: u64 = 3;
@@ -25,12 +26,13 @@ const QUEUE_NOTIFY: u64 = 0x50;
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// The vsock device could not be created (socket path in use, ...).
-    #[error("cannot create the vsock device on {path}: {reason}")]
+    #[error("cannot create the vsock device on {path}")]
     Vsock {
         /// The host socket path.
         path: String,
         /// Why.
-        reason: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Building failed.
     #[error(transparent)]
@@ -49,21 +51,24 @@ pub fn attach_vsock(
     engine: Arc<Engine>,
     mem_bytes: u64,
 ) -> Result<Subscriber, DeviceError> {
-    attach_vsock_with_state(builder, uds_path, engine, mem_bytes).map(|(s, _)| s)
+    attach_vsock_with_state(builder, uds_path, engine, mem_bytes).map(|(s, ..)| s)
 }
 
-/// [`attach_vsock`], also returning the transport and device for VM snapshots.
+/// [`attach_vsock`], also returning the transport and device for VM snapshots, and the
+/// host socket file: the device lives as long as the VMM's state, so the caller removes
+/// the file when the VM ends (see [`crate::unix_socket::RemoveOnDrop`]).
 pub fn attach_vsock_with_state(
     builder: &mut VmBuilder,
     uds_path: &Path,
     engine: Arc<Engine>,
     mem_bytes: u64,
-) -> Result<(Subscriber, VirtioSlot), DeviceError> {
-    let err = |reason: String| DeviceError::Vsock {
+) -> Result<(Subscriber, VirtioSlot, SocketFile), DeviceError> {
+    let err = |source: Box<dyn std::error::Error + Send + Sync>| DeviceError::Vsock {
         path: uds_path.display().to_string(),
-        reason,
+        source,
     };
-    let mut vsock = Vsock::new(GUEST_CID, uds_path).map_err(|e| err(e.to_string()))?;
+    let mut vsock = Vsock::new(GUEST_CID, uds_path).map_err(|e| err(e.into()))?;
+    let socket_file = vsock.muxer().socket_file().clone();
     engine.set_agent_socket(uds_path.to_path_buf());
     let service = Arc::new(Mutex::new(ProcessService::new(engine, mem_bytes)));
     vsock
@@ -74,10 +79,10 @@ pub fn attach_vsock_with_state(
                 guest_phys_pages(mem_bytes),
             )),
         )
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(e.into()))?;
     let vsock = Arc::new(Mutex::new(vsock));
-    let transport = MmioTransport::new(builder.memory().clone(), vsock.clone())
-        .map_err(|e| err(e.to_string()))?;
+    let transport =
+        MmioTransport::new(builder.memory().clone(), vsock.clone()).map_err(|e| err(e.into()))?;
     let irq = transport
         .interrupt()
         .eventfd()
@@ -116,5 +121,5 @@ pub fn attach_vsock_with_state(
         transport,
         vsock: Some(vsock.clone()),
     };
-    Ok((vsock, state))
+    Ok((vsock, state, socket_file))
 }

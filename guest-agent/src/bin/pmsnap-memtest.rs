@@ -83,8 +83,8 @@ enum Mode {
         /// Process id.
         #[arg(long)]
         pid: u32,
-        /// Start address in hex.
-        #[arg(long, value_parser = parse_hex)]
+        /// Start address (decimal, or hex with 0x).
+        #[arg(long, value_parser = parse_addr)]
         addr: u64,
         /// Size in MiB.
         #[arg(long, default_value_t = 64)]
@@ -143,9 +143,9 @@ fn parse_pin(s: &str) -> Result<Pin, String> {
     })
 }
 
-fn parse_hex(s: &str) -> Result<u64, String> {
-    let x = s.strip_prefix("0x").unwrap_or(s);
-    u64::from_str_radix(x, 16).map_err(|_| format!("{s:?} is not hex"))
+/// `--addr`: the number rule every pmsnap tool shares.
+fn parse_addr(s: &str) -> Result<u64, String> {
+    guest_agent::cli::parse_number(s).map_err(|e| e.to_string())
 }
 
 fn fill(buf: &mut [u8], seed: u64, invert: bool) {
@@ -376,19 +376,14 @@ fn spawn_holder(mib: usize, seed: u64) -> Result<Holder, String> {
     let w: Vec<&str> = line.split_whitespace().collect();
     let parsed = (|| {
         let pid = w.get(3)?.parse().ok()?;
-        let (s, e) = w.get(5)?.split_once('-')?;
-        Some((pid, parse_hex(s).ok()?, parse_hex(e).ok()?))
+        Some((pid, guest_agent::cli::parse_range(w.get(5)?).ok()?))
     })();
-    let Some((pid, start, end)) = parsed else {
+    let Some((pid, range)) = parsed else {
         let _ = child.kill();
         let _ = child.wait();
         return Err(format!("bad hold output {line:?}"));
     };
-    Ok(Holder {
-        child,
-        pid,
-        range: VirtRange { start, end },
-    })
+    Ok(Holder { child, pid, range })
 }
 
 fn bench(

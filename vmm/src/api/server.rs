@@ -1,8 +1,8 @@
 //! The API server: a Unix socket, an accept thread and one thread per connection.
 //!
-//! - Start: [`ApiServer::start`] binds the socket (removing a stale socket file that
-//!   nobody listens on, refusing if another process listens), makes it owner-only (0600)
-//!   and starts the accept thread.
+//! - Start: [`ApiServer::start`] binds the socket with
+//!   [`crate::unix_socket::bind_listener`] (a stale socket file that nobody listens on is
+//!   replaced, a live one refused; owner-only, 0600), and starts the accept thread.
 //! - Connections: up to [`MAX_CONNECTIONS`] at once, each on its own thread so one slow
 //!   client cannot stall the others; a connection over the limit gets a 503 and is closed.
 //!   Handler calls run concurrently; the handler serializes what it must (see
@@ -13,13 +13,11 @@
 //! Nothing a client sends can panic the server: the framing and parsing return errors,
 //! and a panicking handler is caught and answered with a 500.
 
-use std::fs;
 use std::io::{self, ErrorKind, Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -33,6 +31,7 @@ use super::http::{write_all_until, HttpConn, ReadError};
 use super::request::parse_request;
 use super::response::HttpResponse;
 use super::ApiHandler;
+use crate::unix_socket::{bind_listener, SocketError, SocketFile};
 
 /// Most connections served at once.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -46,30 +45,9 @@ const STOP_WAIT: Duration = Duration::from_secs(3);
 /// Errors starting the server.
 #[derive(Debug, Error)]
 pub enum ServerError {
-    /// Another process listens on the socket path.
-    #[error("another process is listening on the API socket {0}")]
-    InUse(PathBuf),
-    /// Something other than a socket exists at the path.
-    #[error("{0} exists and is not a socket; refusing to replace it")]
-    NotASocket(PathBuf),
-    /// Checking or removing an existing file at the path failed.
-    #[error("cannot check or remove the existing API socket {path}")]
-    Stale {
-        /// Socket path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
-    /// Binding or configuring the socket failed.
-    #[error("cannot bind the API socket {path}")]
-    Bind {
-        /// Socket path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
+    /// The API socket could not be bound (in use by a live process, not a socket, ...).
+    #[error("API socket")]
+    Socket(#[from] SocketError),
     /// Starting the accept thread failed.
     #[error("cannot start the API server thread")]
     Spawn(#[source] io::Error),
@@ -94,17 +72,9 @@ impl ApiServer {
         path: impl AsRef<Path>,
         handler: H,
     ) -> Result<ApiServerHandle, ServerError> {
-        let path = path.as_ref().to_path_buf();
-        remove_stale_socket(&path)?;
-        let bind_err = |source| ServerError::Bind {
-            path: path.clone(),
-            source,
-        };
-        let listener = UnixListener::bind(&path).map_err(bind_err)?;
-        // Owner-only: the API can pause the VM and read snapshot metadata.
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-        listener.set_nonblocking(true).map_err(bind_err)?;
-        let inode = fs::metadata(&path).map_err(bind_err)?.ino();
+        // Owner-only (bind_listener's 0600): the API can pause the VM and read snapshot
+        // metadata.
+        let (listener, file) = bind_listener(path.as_ref())?;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             active: AtomicUsize::new(0),
@@ -120,10 +90,9 @@ impl ApiServer {
                 accept_loop(listener, accept_shared)
             })
             .map_err(ServerError::Spawn)?;
-        debug!("API server listening on {}", path.display());
+        debug!("API server listening on {}", file.path().display());
         Ok(ApiServerHandle {
-            path,
-            inode,
+            file,
             shared,
             thread: Some(thread),
         })
@@ -132,8 +101,7 @@ impl ApiServer {
 
 /// A running server. Dropping it stops the server like [`ApiServerHandle::stop`].
 pub struct ApiServerHandle {
-    path: PathBuf,
-    inode: u64,
+    file: SocketFile,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
@@ -141,7 +109,7 @@ pub struct ApiServerHandle {
 impl std::fmt::Debug for ApiServerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiServerHandle")
-            .field("path", &self.path)
+            .field("path", &self.file.path())
             .field("active", &self.shared.active.load(Ordering::Relaxed))
             .finish()
     }
@@ -150,7 +118,7 @@ impl std::fmt::Debug for ApiServerHandle {
 impl ApiServerHandle {
     /// The socket path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 
     /// Connections being served now.
@@ -182,41 +150,13 @@ impl ApiServerHandle {
             thread::sleep(Duration::from_millis(10));
         }
         // Remove the socket only if it is still ours (not replaced by a newer server).
-        if fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
-            if let Err(e) = fs::remove_file(&self.path) {
-                warn!("cannot remove API socket {}: {e}", self.path.display());
-            }
-        }
+        self.file.remove_if_ours();
     }
 }
 
 impl Drop for ApiServerHandle {
     fn drop(&mut self) {
         self.stop_inner();
-    }
-}
-
-/// Make `path` free for binding: nothing there, or a socket nobody listens on (removed).
-fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
-    let stale = |source| ServerError::Stale {
-        path: path.to_path_buf(),
-        source,
-    };
-    let meta = match fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(stale(e)),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(ServerError::NotASocket(path.to_path_buf()));
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(ServerError::InUse(path.to_path_buf())),
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-            debug!("removing stale API socket {}", path.display());
-            fs::remove_file(path).map_err(stale)
-        }
-        Err(e) => Err(stale(e)),
     }
 }
 

@@ -136,15 +136,9 @@ pub struct ProcessSnapshotRequest {
     pub ranges: Vec<VirtRange>,
 }
 
-/// A guest virtual address range `[start, end)`, page aligned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VirtRange {
-    /// First byte.
-    pub start: u64,
-    /// One past the last byte.
-    pub end: u64,
-}
+/// A guest virtual address range `[start, end)`, page aligned: the agent protocol's type,
+/// so the API, the agent and both command lines share one definition.
+pub use guest_agent::protocol::VirtRange;
 
 /// Most ranges in one process snapshot request.
 pub const MAX_RANGES: usize = 1024;

@@ -2,14 +2,17 @@
 //! control API (see `docs/api.md`).
 //!
 //! Exit codes: 0 on success, 1 when the VMM answers with an error (its message is
-//! printed) or the socket cannot be reached.
+//! printed; with `--json` also as JSON on stdout) or the socket cannot be reached, 2 on a
+//! usage error.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
+use guest_agent::cli::{exit, format_time_ms, json_error, parse_number, parse_range, NameArg};
 
+use super::anyhow_like::context;
 use crate::api::client::{decode, snapshot_path, ApiClient, ClientError};
 use crate::api::{
     ApiStats, Deleted, DirtyPages, PageRun, PagesSnapshotRequest, ProcessSnapshotRequest,
@@ -18,11 +21,19 @@ use crate::api::{
 
 /// Arguments of `pmsnap ctl`.
 #[derive(Debug, Args)]
+#[command(after_help = exit::HELP)]
 pub struct CtlArgs {
     /// The VMM's API socket (`pmsnap run --api-sock PATH`); required.
-    #[arg(long, value_name = "PATH", global = true)]
+    #[arg(
+        long,
+        value_name = "PATH",
+        global = true,
+        env = "PMSNAP_API_SOCK",
+        hide_env_values = true
+    )]
     pub api_sock: Option<PathBuf>,
-    /// Print the VMM's JSON answer instead of text.
+    /// Print the VMM's JSON answer instead of text (errors too, on stdout; times in unix
+    /// milliseconds).
     #[arg(long, global = true)]
     pub json: bool,
     /// The request to send.
@@ -41,10 +52,10 @@ pub enum CtlCommand {
     Resume,
     /// Snapshot runs of guest pages (no page data is copied).
     SnapshotPages {
-        /// Name of the new snapshot (1-64 of A-Z a-z 0-9 . _ -, not starting with '.').
-        #[arg(long)]
-        name: String,
-        /// Page runs FIRST_PAGE:COUNT[,FIRST_PAGE:COUNT...]; numbers in decimal or 0x hex.
+        #[command(flatten)]
+        name: NameArg,
+        /// Page runs FIRST_PAGE:COUNT[,FIRST_PAGE:COUNT...]; numbers in decimal, or hex
+        /// with 0x.
         #[arg(long, value_name = "FIRST:COUNT", value_delimiter = ',', value_parser = parse_run, required = true)]
         runs: Vec<PageRun>,
         /// A label KEY=VALUE stored with the snapshot; repeat for more.
@@ -56,80 +67,77 @@ pub enum CtlCommand {
         pause: bool,
     },
     /// List snapshots.
+    #[command(visible_alias = "ls")]
     List,
     /// Show one snapshot, with its page runs.
     Inspect {
-        /// Snapshot name.
-        name: String,
+        #[command(flatten)]
+        name: NameArg,
     },
     /// Delete a snapshot.
+    #[command(visible_alias = "rm")]
     Delete {
-        /// Snapshot name.
-        name: String,
+        #[command(flatten)]
+        name: NameArg,
     },
     /// Show the guest pages written since a snapshot was taken.
     Dirty {
-        /// Snapshot name.
-        #[arg(long)]
-        since: String,
+        /// The snapshot (`--since NAME` is accepted too).
+        #[arg(value_name = "NAME", required_unless_present = "since_flag")]
+        since: Option<String>,
+        /// The older spelling of NAME.
+        #[arg(
+            long = "since",
+            value_name = "NAME",
+            hide = true,
+            conflicts_with = "since"
+        )]
+        since_flag: Option<String>,
     },
     /// Show copy-before-write and store statistics.
     Stats,
     /// Snapshot a guest process through the guest agent (needs --vsock-sock on the VMM
     /// and `pmsnap-agent serve` in the guest, which the default image starts).
+    #[command(
+        after_help = "Numbers are decimal, or hex with 0x: 4096-8192 and 0x1000-0x2000 are the same range."
+    )]
     SnapshotProcess {
+        #[command(flatten)]
+        name: NameArg,
         /// Guest pid.
         #[arg(long)]
         pid: u32,
-        /// Name of the new snapshot.
-        #[arg(long)]
-        name: String,
-        /// A virtual range START-END (hex with 0x, or decimal) to save; repeat for more.
-        /// Default: every writable private mapping of the process.
-        #[arg(long = "range", value_name = "START-END", value_parser = parse_range)]
+        /// A virtual range START-END, page aligned, to save; repeat for more. Default:
+        /// every writable private mapping of the process.
+        #[arg(long = "range", value_name = "START-END", value_parser = range_arg)]
         ranges: Vec<VirtRange>,
     },
     /// Snapshot the whole VM (vCPU, VM and device state; no page data copied).
     SnapshotVm {
-        /// Name of the new snapshot.
-        name: String,
+        #[command(flatten)]
+        name: NameArg,
     },
     /// Roll the running VM back to a VM snapshot, in place.
     Rollback {
-        /// Snapshot name.
-        name: String,
+        #[command(flatten)]
+        name: NameArg,
     },
 }
 
-/// Parse `START-END`.
-fn parse_range(s: &str) -> Result<VirtRange, String> {
-    let (start, end) = s
-        .split_once('-')
-        .ok_or_else(|| format!("{s:?} is not START-END"))?;
-    Ok(VirtRange {
-        start: parse_u64(start)?,
-        end: parse_u64(end)?,
-    })
+/// `--range` values: the parser shared with `pmsnap-agent`.
+fn range_arg(s: &str) -> Result<VirtRange, String> {
+    parse_range(s).map_err(|e| e.to_string())
 }
 
-/// Parse `FIRST:COUNT` (decimal or `0x` hex).
+/// Parse `FIRST:COUNT` (decimal, or hex with 0x).
 fn parse_run(s: &str) -> Result<PageRun, String> {
     let (first, count) = s
         .split_once(':')
         .ok_or_else(|| format!("{s:?} is not FIRST_PAGE:COUNT"))?;
     Ok(PageRun {
-        first_page: parse_u64(first)?,
-        count: parse_u64(count)?,
+        first_page: parse_number(first).map_err(|e| e.to_string())?,
+        count: parse_number(count).map_err(|e| e.to_string())?,
     })
-}
-
-fn parse_u64(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => s.parse(),
-    };
-    parsed.map_err(|e| format!("{s:?} is not a page number or count: {e}"))
 }
 
 /// Parse `KEY=VALUE`.
@@ -141,12 +149,14 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 /// Run `pmsnap ctl`.
 pub fn run(args: CtlArgs) -> super::anyhow_like::Result<i32> {
-    let sock = args.api_sock.ok_or("--api-sock PATH is required")?;
+    let sock = args
+        .api_sock
+        .ok_or("--api-sock PATH (or the PMSNAP_API_SOCK environment variable) is required")?;
     let client = ApiClient::new(&sock);
     match send(&client, &args.command, args.json) {
         Ok(text) => {
             print!("{text}");
-            Ok(0)
+            Ok(exit::OK)
         }
         Err(ClientError::Api {
             status,
@@ -154,9 +164,15 @@ pub fn run(args: CtlArgs) -> super::anyhow_like::Result<i32> {
             message,
         }) => {
             eprintln!("pmsnap ctl: {message} (HTTP {status}, {code})");
-            Ok(1)
+            if args.json {
+                let mut extra = serde_json::Map::new();
+                extra.insert("status".into(), status.into());
+                extra.insert("code".into(), code.into());
+                println!("{}", json_error(&message, exit::ERROR, extra));
+            }
+            Ok(exit::ERROR)
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(context(format!("pmsnap ctl: {}", sock.display()))(e)),
     }
 }
 
@@ -173,7 +189,7 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
             pause,
         } => {
             let req = PagesSnapshotRequest {
-                name: name.clone(),
+                name: name.get().to_string(),
                 pause: *pause,
                 runs: runs.clone(),
                 labels: labels.iter().cloned().collect::<BTreeMap<_, _>>(),
@@ -183,13 +199,19 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
             ("POST", "/v1/snapshots".to_string(), Some(body))
         }
         CtlCommand::List => ("GET", "/v1/snapshots".to_string(), None),
-        CtlCommand::Inspect { name } => ("GET", snapshot_path(name, "")?, None),
-        CtlCommand::Delete { name } => ("DELETE", snapshot_path(name, "")?, None),
-        CtlCommand::Dirty { since } => ("GET", snapshot_path(since, "/dirty")?, None),
+        CtlCommand::Inspect { name } => ("GET", snapshot_path(name.get(), "")?, None),
+        CtlCommand::Delete { name } => ("DELETE", snapshot_path(name.get(), "")?, None),
+        CtlCommand::Dirty { since, since_flag } => {
+            let since = since
+                .as_deref()
+                .or(since_flag.as_deref())
+                .unwrap_or_default();
+            ("GET", snapshot_path(since, "/dirty")?, None)
+        }
         CtlCommand::Stats => ("GET", "/v1/stats".to_string(), None),
         CtlCommand::SnapshotProcess { pid, name, ranges } => {
             let req = ProcessSnapshotRequest {
-                name: name.clone(),
+                name: name.get().to_string(),
                 pid: *pid,
                 ranges: ranges.clone(),
             };
@@ -198,6 +220,7 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
             ("POST", "/v1/process-snapshots".to_string(), Some(body))
         }
         CtlCommand::SnapshotVm { name } => {
+            let name = name.get();
             snapshot_path(name, "")?;
             (
                 "POST",
@@ -206,6 +229,7 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
             )
         }
         CtlCommand::Rollback { name } => {
+            let name = name.get();
             snapshot_path(name, "")?;
             ("POST", format!("/v1/vm-snapshots/{name}/rollback"), None)
         }
@@ -308,14 +332,14 @@ fn render_runs(runs: &[PageRun]) -> String {
 
 fn render_snapshot(s: &SnapshotInfo) -> String {
     let mut out = format!(
-        "{}\n  kind:      {}\n  pages:     {} ({})\n  runs:      {}\n  preserved: {}\n  created:   {} ms since epoch\n",
+        "{}\n  kind:      {}\n  pages:     {} ({})\n  runs:      {}\n  preserved: {}\n  created:   {}\n",
         s.name,
         s.kind,
         s.pages,
         human_bytes(s.pages.saturating_mul(PAGE_SIZE)),
         s.run_count,
         s.preserved_pages,
-        s.created_unix_ms
+        format_time_ms(s.created_unix_ms)
     );
     if !s.labels.is_empty() {
         let _ = writeln!(out, "  labels:    {}", render_labels(&s.labels));
@@ -335,15 +359,16 @@ fn render_list(list: &[SnapshotInfo]) -> String {
     }
     let w = list.iter().map(|s| s.name.len()).max().unwrap_or(4).max(4);
     let mut out = format!(
-        "{:<w$}  {:<8}  {:>10}  {:>6}  {:>10}  LABELS\n",
-        "NAME", "KIND", "PAGES", "RUNS", "PRESERVED"
+        "{:<w$}  {:<8}  {:<20}  {:>10}  {:>6}  {:>10}  LABELS\n",
+        "NAME", "KIND", "CREATED", "PAGES", "RUNS", "PRESERVED"
     );
     for s in list {
         let _ = writeln!(
             out,
-            "{:<w$}  {:<8}  {:>10}  {:>6}  {:>10}  {}",
+            "{:<w$}  {:<8}  {:<20}  {:>10}  {:>6}  {:>10}  {}",
             s.name,
             s.kind,
+            format_time_ms(s.created_unix_ms),
             s.pages,
             s.run_count,
             s.preserved_pages,
@@ -365,28 +390,144 @@ fn render_dirty(d: &DirtyPages) -> String {
     out
 }
 
+/// Nanoseconds as a short human duration.
+fn human_ns(ns: u64) -> String {
+    match ns {
+        0..1_000 => format!("{ns} ns"),
+        1_000..1_000_000 => format!("{:.1} us", ns as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} ms", ns as f64 / 1e6),
+        _ => format!("{:.2} s", ns as f64 / 1e9),
+    }
+}
+
+/// How one store figure is shown.
+type Figure = dyn Fn(u64) -> String;
+
+/// Rows `label  value`, the labels padded to one column at least `min_w` wide.
+fn render_rows(out: &mut String, rows: &[(&str, String)], min_w: usize) {
+    let w = rows
+        .iter()
+        .map(|(k, _)| k.len())
+        .max()
+        .unwrap_or(0)
+        .max(min_w);
+    for (k, v) in rows {
+        let _ = writeln!(out, "  {k:<w$}  {v}");
+    }
+}
+
+/// `ctl stats` as text: the VMM's counters, the store's figures, and a table of the
+/// store's snapshots (the API's JSON has them all, `--json` prints it).
 fn render_stats(s: &ApiStats) -> String {
-    let mut out = format!(
-        "faults:          {}\npreserved pages: {}\nprotected pages: {}\nsnapshots:       {}\nhandler time:    total {} ns, mean {} ns, max {} ns\n",
-        s.faults,
-        s.preserved_pages,
-        s.protected_pages,
-        s.snapshots,
-        s.fault_handler.total_ns,
-        s.fault_handler.mean_ns,
-        s.fault_handler.max_ns
-    );
-    match &s.store {
-        serde_json::Value::Object(map) if !map.is_empty() => {
-            out.push_str("store:\n");
-            for (k, v) in map {
-                let _ = writeln!(out, "  {k}: {v}");
-            }
+    let vmm_rows = [
+        ("write faults", s.faults.to_string()),
+        (
+            "pages preserved",
+            format!(
+                "{} ({})",
+                s.preserved_pages,
+                human_bytes(s.preserved_pages.saturating_mul(PAGE_SIZE))
+            ),
+        ),
+        (
+            "pages protected now",
+            format!(
+                "{} ({})",
+                s.protected_pages,
+                human_bytes(s.protected_pages.saturating_mul(PAGE_SIZE))
+            ),
+        ),
+        ("snapshots", s.snapshots.to_string()),
+        (
+            "fault handler time",
+            format!(
+                "total {}, mean {}, max {}",
+                human_ns(s.fault_handler.total_ns),
+                human_ns(s.fault_handler.mean_ns),
+                human_ns(s.fault_handler.max_ns)
+            ),
+        ),
+    ];
+    let mut out = String::from("copy-before-write (since the VMM started):\n");
+    let serde_json::Value::Object(store) = &s.store else {
+        render_rows(&mut out, &vmm_rows, 0);
+        return out;
+    };
+    let pages = |n: u64| format!("{n} ({})", human_bytes(n.saturating_mul(PAGE_SIZE)));
+    let count = |n: u64| n.to_string();
+    let known: [(&str, &str, &Figure); 12] = [
+        ("ram_pages", "guest RAM pages", &pages),
+        ("pages_in_ram", "referenced in place", &pages),
+        ("pages_in_blocks", "preserved in blocks", &pages),
+        ("blob_blocks", "state blob blocks", &count),
+        ("shared_bytes", "shared", &human_bytes),
+        ("saved_bytes", "saved by sharing", &human_bytes),
+        ("blocks_used", "blocks used", &count),
+        ("blocks_free", "blocks free", &count),
+        ("blocks_total", "blocks total", &count),
+        ("log_records", "redirect log records", &count),
+        ("log_capacity", "redirect log capacity", &count),
+        ("generation", "generation", &count),
+    ];
+    let mut rows: Vec<(&str, String)> = known
+        .iter()
+        .filter_map(|(k, label, f)| store.get(*k)?.as_u64().map(|n| (*label, f(n))))
+        .collect();
+    // Figures a newer store reports that this client has no label for: as they come.
+    for (k, v) in store {
+        let listed = known.iter().any(|(name, ..)| name == k);
+        if !listed && k != "snapshots" && !v.is_array() && !v.is_object() {
+            rows.push((k.as_str(), v.to_string()));
         }
-        serde_json::Value::Null => {}
-        serde_json::Value::Object(_) => {}
-        other => {
-            let _ = writeln!(out, "store: {other}");
+    }
+    // One label column for both sections.
+    let w = vmm_rows
+        .iter()
+        .chain(&rows)
+        .map(|(k, _)| k.len())
+        .max()
+        .unwrap_or(0);
+    render_rows(&mut out, &vmm_rows, w);
+    if !rows.is_empty() {
+        out.push_str("store:\n");
+        render_rows(&mut out, &rows, w);
+    }
+    let snaps = store
+        .get("per_snapshot")
+        .and_then(serde_json::Value::as_array)
+        .filter(|a| !a.is_empty());
+    if let Some(snaps) = snaps {
+        let field = |v: &serde_json::Value, k: &str| match &v[k] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => "-".into(),
+            other => other.to_string(),
+        };
+        let w = snaps
+            .iter()
+            .map(|v| field(v, "name").len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let _ = writeln!(
+            out,
+            "  {:<w$}  {:<8}  {:<20}  {:>8}  {:>8}  {:>9}",
+            "NAME", "KIND", "CREATED", "PAGES", "IN-RAM", "IN-BLOCKS"
+        );
+        for v in snaps {
+            let created = v["created_unix_ms"]
+                .as_u64()
+                .map(format_time_ms)
+                .unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                out,
+                "  {:<w$}  {:<8}  {:<20}  {:>8}  {:>8}  {:>9}",
+                field(v, "name"),
+                field(v, "kind"),
+                created,
+                field(v, "pages"),
+                field(v, "pages_in_ram"),
+                field(v, "pages_in_blocks")
+            );
         }
     }
     out
@@ -414,7 +555,6 @@ mod tests {
             "--api-sock",
             "/tmp/s",
             "snapshot-pages",
-            "--name",
             "n1",
             "--runs",
             "0:16,0x100:2",
@@ -437,7 +577,7 @@ mod tests {
                 pause,
             } => {
                 assert!(!pause);
-                assert_eq!(name, "n1");
+                assert_eq!(name.get(), "n1");
                 assert_eq!(
                     runs,
                     vec![
@@ -468,11 +608,15 @@ mod tests {
     fn api_sock_may_follow_the_subcommand_and_is_required() {
         let a = parse(&["dirty", "--since", "s", "--api-sock", "/x"]).expect("valid");
         assert_eq!(a.api_sock, Some(PathBuf::from("/x")));
-        assert!(matches!(a.command, CtlCommand::Dirty { since } if since == "s"));
+        assert!(matches!(a.command, CtlCommand::Dirty { since_flag: Some(s), .. } if s == "s"));
+        let a = parse(&["dirty", "s2"]).expect("positional");
+        assert!(matches!(a.command, CtlCommand::Dirty { since: Some(s), .. } if s == "s2"));
         // Global arguments cannot be required in clap; `run` refuses a missing socket.
         let a = parse(&["status"]).expect("parses");
-        let err = run(a).expect_err("no socket");
-        assert!(err.to_string().contains("--api-sock"), "{err}");
+        if std::env::var_os("PMSNAP_API_SOCK").is_none() {
+            let err = run(a).expect_err("no socket");
+            assert!(err.to_string().contains("--api-sock"), "{err}");
+        }
     }
 
     #[test]
@@ -498,21 +642,36 @@ mod tests {
     }
 
     #[test]
+    fn ranges_read_as_the_agent_reads_them() {
+        let ranges = |r: &str| match parse(&["snapshot-process", "p", "--pid", "1", "--range", r])
+            .map(|a| a.command)
+        {
+            Ok(CtlCommand::SnapshotProcess { ranges, .. }) => Ok(ranges),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        let want = vec![VirtRange {
+            start: 0x1000,
+            end: 0x2000,
+        }];
+        assert_eq!(ranges("4096-8192").expect("decimal"), want);
+        assert_eq!(ranges("0x1000-0x2000").expect("hex"), want);
+        // The one parser: the same answer, the same refusal.
+        assert_eq!(Ok(want[0]), guest_agent::cli::parse_range("4096-8192"));
+        for bad in ["1000-2000", "7f00-8f00", "0x2000-0x1000"] {
+            let e = ranges(bad).expect_err(bad);
+            let shared = guest_agent::cli::parse_range(bad).expect_err(bad);
+            assert!(e.to_string().contains(&shared.to_string()), "{e}");
+            assert_eq!(e.exit_code(), exit::USAGE);
+        }
+    }
+
+    #[test]
     fn refuses_bad_runs_and_labels() {
-        for runs in ["5", "a:1", "1:", ":1", "1:2:3", "-1:2", "0x:1"] {
-            assert!(
-                parse(&[
-                    "--api-sock",
-                    "/s",
-                    "snapshot-pages",
-                    "--name",
-                    "n",
-                    "--runs",
-                    runs
-                ])
-                .is_err(),
-                "{runs}"
-            );
+        for runs in ["5", "a:1", "1:", ":1", "1:2:3", "-1:2", "0x:1", "1f:1"] {
+            let e = parse(&["--api-sock", "/s", "snapshot-pages", "n", "--runs", runs])
+                .expect_err(runs);
+            assert_eq!(e.exit_code(), exit::USAGE);
         }
         assert!(parse(&[
             "--api-sock",
@@ -570,7 +729,18 @@ mod tests {
         let mut lines = table.lines();
         assert!(lines.next().expect("header").starts_with("NAME"));
         let row: Vec<&str> = lines.next().expect("row").split_whitespace().collect();
-        assert_eq!(row, ["snap", "pages", "3", "2", "1", "a=b"]);
+        assert_eq!(
+            row,
+            [
+                "snap",
+                "pages",
+                "1970-01-01T00:00:00Z",
+                "3",
+                "2",
+                "1",
+                "a=b"
+            ]
+        );
         assert_eq!(render_list(&[]), "no snapshots\n");
 
         let d = DirtyPages {
@@ -586,21 +756,64 @@ mod tests {
             "4 pages (16.0 KiB) written since snap in 1 runs\n  0:4\n"
         );
 
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut pool = pmem_backend::Pool::create(
+            dir.path().join("p"),
+            1 << 20,
+            pmem_backend::PoolOptions::default(),
+        )
+        .expect("pool");
+        pool.snapshot(
+            "base",
+            pmem_backend::SnapshotKind::Vm,
+            &[pmem_backend::PageRun::new(0, 16)],
+            Default::default(),
+        )
+        .expect("snapshot");
         let st = ApiStats {
             faults: 10,
             preserved_pages: 9,
             protected_pages: 100,
-            snapshots: 2,
+            snapshots: 1,
             fault_handler: HandlerTime {
                 total_ns: 1000,
                 mean_ns: 100,
-                max_ns: 300,
+                max_ns: 2_500_000,
             },
-            store: serde_json::json!({"blocks_used": 9}),
+            store: serde_json::to_value(pool.stats()).expect("json"),
         };
         let text = render_stats(&st);
-        assert!(text.contains("faults:          10"));
-        assert!(text.contains("total 1000 ns, mean 100 ns, max 300 ns"));
-        assert!(text.contains("  blocks_used: 9"));
+        assert!(
+            !text.contains('{') && !text.contains('['),
+            "a table, not JSON: {text}"
+        );
+        assert!(text.contains("  write faults           10\n"), "{text}");
+        assert!(text.contains("  blocks free            256\n"), "{text}");
+        assert!(
+            text.contains("total 1.0 us, mean 100 ns, max 2.5 ms"),
+            "{text}"
+        );
+        assert!(
+            text.contains("guest RAM pages        256 (1.0 MiB)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("referenced in place    16 (64.0 KiB)"),
+            "{text}"
+        );
+        let row = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("base"))
+            .expect("snapshot row");
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols[1], "vm");
+        assert!(cols[2].ends_with('Z') && cols[2].contains('T'), "{row}");
+        assert_eq!(&cols[3..], ["16", "16", "0"], "{row}");
+        // A VMM without store figures: the counters alone.
+        let bare = ApiStats {
+            store: serde_json::Value::Null,
+            ..st
+        };
+        assert!(render_stats(&bare).ends_with("max 2.5 ms\n"));
     }
 }

@@ -7,10 +7,18 @@ pub mod restore;
 pub mod run;
 pub mod store;
 
+/// The text after the commands in `pmsnap --help`.
+const AFTER_HELP: &str = "Environment: PMSNAP_API_SOCK sets --api-sock (run, restore, ctl); \
+PMSNAP_IMAGE_DIR the default image directory (run); PMSNAP_POOL_DIR the default pool \
+directory (run, store prune); RUST_LOG the log filter.\n\n\
+Exit codes: 0 success; 1 error; 2 usage error (bad command, option or value); 3 `store \
+verify` found damage. run and restore: 0 when the guest powers off or reboots, 128+N when \
+killed by signal N.";
+
 /// pmsnap: a KVM VMM whose guest RAM lives in a pmem pool file, with a persistent
 /// copy-on-write snapshot store in the same pool.
 #[derive(Debug, Parser)]
-#[command(name = "pmsnap", version, about, long_about = None)]
+#[command(name = "pmsnap", version, about, long_about = None, after_help = AFTER_HELP)]
 pub struct Cli {
     /// Log filter (error, warn, info, debug, trace, or an env_logger filter such as
     /// `vmm=debug`). Overrides RUST_LOG.
@@ -67,4 +75,25 @@ pub mod anyhow_like {
     pub type Error = Box<dyn std::error::Error + Send + Sync + 'static>;
     /// Result with a boxed error.
     pub type Result<T> = std::result::Result<T, Error>;
+
+    /// An error with what was being done, keeping the cause as its `source()` so the
+    /// whole chain is printed once at the top.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{what}")]
+    pub struct Context {
+        what: String,
+        #[source]
+        source: Error,
+    }
+
+    /// For `map_err`: wrap an error in a [`Context`] saying `what` was being done.
+    pub fn context<E: Into<Error>>(what: impl Into<String>) -> impl FnOnce(E) -> Error {
+        let what = what.into();
+        move |e| {
+            Box::new(Context {
+                what,
+                source: e.into(),
+            })
+        }
+    }
 }

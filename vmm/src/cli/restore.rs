@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use super::anyhow_like::Result;
+use super::anyhow_like::{context, Result};
 use crate::builder::VmBuilder;
 use crate::config::{self, VmConfig};
 use crate::devices::legacy::serial::StdoutWriter;
@@ -24,15 +24,26 @@ use crate::vstate::vcpu::VmStop;
     after_help = "The pool must not be in use by another VMM (its lock is taken). \
 Guest RAM becomes the snapshot's: pages the snapshot still references in place need no \
 copy; preserved pages are copied back (what other snapshots still need is preserved \
-first). The console is this terminal, as with `pmsnap run`."
+first). The console is this terminal, as with `pmsnap run`.\n\n\
+After a VMM was killed (kill -9), restore it with the same arguments: the sockets it left \
+behind are replaced (a socket a live process still serves is refused).\n\n\
+Exit status: as for `pmsnap run` (0 guest powered off; 1 error; 2 usage; 128+N signal N)."
 )]
 pub struct RestoreArgs {
+    /// Name of the VM snapshot to resume (`--snapshot NAME` is accepted too).
+    #[arg(value_name = "NAME", required_unless_present = "snapshot_flag")]
+    pub snapshot: Option<String>,
+    /// The older spelling of NAME.
+    #[arg(
+        long = "snapshot",
+        value_name = "NAME",
+        hide = true,
+        conflicts_with = "snapshot"
+    )]
+    pub snapshot_flag: Option<String>,
     /// Pool file holding the snapshot (and guest RAM).
     #[arg(long, value_name = "PATH")]
     pub pool: PathBuf,
-    /// Name of the VM snapshot to resume.
-    #[arg(long, value_name = "NAME")]
-    pub snapshot: String,
     /// Expected guest RAM (checked against the snapshot), with K, M or G suffix.
     #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
     pub mem: Option<u64>,
@@ -40,7 +51,12 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "N")]
     pub vcpus: Option<u32>,
     /// Serve the control API on this Unix socket.
-    #[arg(long, value_name = "PATH")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "PMSNAP_API_SOCK",
+        hide_env_values = true
+    )]
     pub api_sock: Option<PathBuf>,
     /// Host socket of the virtio-vsock device; required when the snapshot had one (its
     /// connections are reset; the guest agent reconnects).
@@ -67,13 +83,21 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         crate::seccomp::enable();
     }
     let started = Instant::now();
-    let name = args.snapshot.as_str();
+    let name = args
+        .snapshot
+        .as_deref()
+        .or(args.snapshot_flag.as_deref())
+        .unwrap_or_default();
     crate::api::validate_snapshot_name(name)
-        .map_err(|e| format!("invalid snapshot name {name:?}: {e}"))?;
+        .map_err(context(format!("invalid snapshot name {name:?}")))?;
+    // A socket a live process serves fails now, before any work; stale ones go.
+    for sock in [&args.api_sock, &args.vsock_sock].into_iter().flatten() {
+        crate::unix_socket::remove_stale(sock)?;
+    }
     // Validate everything with the pool's lock held, before building anything.
     let (state, mem_bytes, pool) = {
         let pool = pmem_backend::Pool::open(&args.pool)
-            .map_err(|e| format!("cannot open pool {}: {e}", args.pool.display()))?;
+            .map_err(context(format!("cannot open pool {}", args.pool.display())))?;
         let mem_bytes = pool.ram_size();
         if let Some(m) = args.mem {
             if m != mem_bytes {
@@ -87,7 +111,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         }
         let vcpus = args.vcpus.map(|v| v as usize);
         let state = load_vm_state(&pool, name, vcpus, mem_bytes)
-            .map_err(|e| format!("cannot restore snapshot {name:?}: {e}"))?;
+            .map_err(context(format!("cannot restore snapshot {name:?}")))?;
         (state, mem_bytes, pool)
     };
     log::debug!(
@@ -126,8 +150,10 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     log::debug!("VM and engine created after {:?}", started.elapsed());
     let engine = builder.engine().clone();
     let mut virtio = Vec::new();
-    if let Some(path) = &args.vsock_sock {
-        let (vsock, slot) = crate::device_manager::attach_vsock_with_state(
+    // Removed when this function returns, on every path (the device itself lives on in
+    // the VMM's state).
+    let _vsock_file = if let Some(path) = &args.vsock_sock {
+        let (vsock, slot, socket_file) = crate::device_manager::attach_vsock_with_state(
             &mut builder,
             path,
             engine.clone(),
@@ -135,7 +161,10 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         )?;
         virtio.push(slot);
         event_loop.add_subscriber(vsock);
-    }
+        Some(crate::unix_socket::RemoveOnDrop(socket_file))
+    } else {
+        None
+    };
     let t_copy = Instant::now();
     let written = {
         let mut pool = lock_pool(engine.pool());
@@ -187,5 +216,34 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         VmStop::Reset | VmStop::Shutdown => Ok(0),
         VmStop::Terminated(sig) => Ok(128 + sig),
         VmStop::Error(msg) => Err(msg.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct T {
+        #[command(flatten)]
+        restore: RestoreArgs,
+    }
+
+    fn parse(a: &[&str]) -> std::result::Result<RestoreArgs, clap::Error> {
+        T::try_parse_from(std::iter::once("restore").chain(a.iter().copied())).map(|t| t.restore)
+    }
+
+    #[test]
+    fn snapshot_name_is_positional_or_the_old_flag() {
+        let a = parse(&["--pool", "/p", "snap1"]).expect("positional");
+        assert_eq!(a.snapshot.as_deref(), Some("snap1"));
+        let a = parse(&["--pool", "/p", "--snapshot", "old"]).expect("old flag");
+        assert_eq!(a.snapshot_flag.as_deref(), Some("old"));
+        let e = parse(&["--pool", "/p"]).expect_err("no name");
+        assert_eq!(e.exit_code(), guest_agent::cli::exit::USAGE);
+        assert!(parse(&["--pool", "/p", "a", "--snapshot", "b"]).is_err());
+        let e = parse(&["--pool", "/p", "s", "--paused"]).expect_err("--paused needs the API");
+        assert_eq!(e.exit_code(), guest_agent::cli::exit::USAGE);
     }
 }

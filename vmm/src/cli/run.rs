@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 
-use super::anyhow_like::Result;
+use super::anyhow_like::{context, Result};
 use crate::builder::VmBuilder;
 use crate::config::{self, VmConfig};
 use crate::device_manager;
@@ -14,18 +14,12 @@ use crate::devices::legacy::watch::MarkerWatch;
 use crate::devices::legacy::{terminal, RawModeGuard, StdinInput};
 use crate::event_loop::EventLoop;
 use crate::payload::{PayloadProgress, PROGRESS_PORT};
+use crate::pool_dir;
 use crate::vstate::vcpu::VmStop;
 
 /// Arguments of `pmsnap run`.
 #[derive(Debug, Args)]
-#[command(after_help = concat!(
-    "The guest console is this terminal (raw mode; Ctrl-A x quits). Stdin may also be a pipe: \
-commands written to it are typed on the console, and its end does not stop the guest.\n\n\
-The VM ends with exit status 0 when the guest reboots or powers off (poweroff -f, reboot, \
-triple fault), and 1 on a VMM error.\n\nDefault kernel command line:\n  ",
-    "console=ttyS0 reboot=k panic=1 noxsave clearcpuid=popcnt,smap,cx16,erms,fsrm quiet \
-noreplace-smp rodata=off percpu_alloc=page norandmaps GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,..."
-))]
+#[command(after_help = after_help())]
 pub struct RunArgs {
     /// Guest kernel: an ELF vmlinux (fast here) or a bzImage.
     /// [default: $PMSNAP_IMAGE_DIR/vmlinux, else images/cache/default/vmlinux]
@@ -45,19 +39,30 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = config::DEFAULT_VCPUS)]
     pub vcpus: u32,
     /// Pool file holding guest RAM; must be on tmpfs (/dev/shm), hugetlbfs or a memfd.
-    /// [default: a new file in /dev/shm, removed at exit unless --keep-pool]
+    /// [default: a new file in $PMSNAP_POOL_DIR, else /dev/shm/pmsnap/
+    /// (/dev/shm/pmsnap-UID/ if not root), removed at exit unless --keep-pool;
+    /// `pmsnap store prune` removes those of VMMs that were killed]
     #[arg(long, value_name = "PATH")]
     pub pool: Option<PathBuf>,
-    /// Keep the default pool file at exit (its path is logged).
+    /// Keep the default pool file at exit (its path is logged; named `*.kept.pool`, so
+    /// `pmsnap store prune` leaves it).
     #[arg(long)]
     pub keep_pool: bool,
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket, e.g. for
     /// `pmsnap ctl --api-sock PATH status` or `curl --unix-socket PATH http://localhost/v1/status`.
-    #[arg(long, value_name = "PATH")]
+    /// A stale socket left by a VMM that died is replaced; one a live process serves is
+    /// refused.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "PMSNAP_API_SOCK",
+        hide_env_values = true
+    )]
     pub api_sock: Option<PathBuf>,
     /// Give the guest a virtio-vsock device whose host side is this Unix socket
     /// (Firecracker style: connect and send `CONNECT <port>\n` to reach a guest
-    /// listener). The guest agent reaches the VMM's snapshot service through it.
+    /// listener). The guest agent reaches the VMM's snapshot service through it. A stale
+    /// socket is replaced, a live one refused, as for --api-sock.
     #[arg(long, value_name = "PATH")]
     pub vsock_sock: Option<PathBuf>,
     /// Test mode: instead of Linux, run this flat binary directly in guest user mode on
@@ -124,15 +129,21 @@ impl Drop for TempPool {
     }
 }
 
-fn default_pool_path() -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    PathBuf::from(format!(
-        "/dev/shm/pmsnap-{}-{nanos:08x}.pool",
-        std::process::id()
-    ))
+fn default_pool_path(keep: bool) -> PathBuf {
+    pool_dir::new_pool_path(&pool_dir::default_dir(), keep)
+}
+
+/// The text after the options in `pmsnap run --help`, with the default kernel command
+/// line in full from [`config::DEFAULT_CMDLINE`].
+fn after_help() -> String {
+    format!(
+        "The guest console is this terminal (raw mode; Ctrl-A x quits). Stdin may also be a \
+pipe: commands written to it are typed on the console, and its end does not stop the guest.\n\n\
+Exit status: 0 when the guest reboots or powers off (poweroff -f, reboot, triple fault); \
+1 on a VMM error; 2 on a usage error; 128+N when killed by signal N.\n\n\
+Default kernel command line (--cmdline words are appended):\n  {}",
+        config::DEFAULT_CMDLINE
+    )
 }
 
 /// Resolve defaults and check the arguments that need no host access.
@@ -144,7 +155,10 @@ pub fn resolve(args: &RunArgs, image_dir_env: Option<&str>) -> Result<(VmConfig,
     let temporary = args.pool.is_none();
     if let Some(payload) = &args.payload {
         config::check_image_file("payload", payload, false)?;
-        let pool = args.pool.clone().unwrap_or_else(default_pool_path);
+        let pool = args
+            .pool
+            .clone()
+            .unwrap_or_else(|| default_pool_path(args.keep_pool));
         return Ok((
             VmConfig {
                 kernel: payload.clone(),
@@ -168,7 +182,10 @@ pub fn resolve(args: &RunArgs, image_dir_env: Option<&str>) -> Result<(VmConfig,
         .unwrap_or_else(|| dir.join("initramfs.cpio"));
     config::check_image_file("kernel", &kernel, kernel_default)?;
     config::check_image_file("initrd", &initrd, initrd_default)?;
-    let pool = args.pool.clone().unwrap_or_else(default_pool_path);
+    let pool = args
+        .pool
+        .clone()
+        .unwrap_or_else(|| default_pool_path(args.keep_pool));
     Ok((
         VmConfig {
             kernel,
@@ -190,8 +207,17 @@ pub fn run(args: RunArgs) -> Result<i32> {
     }
     let env_dir = std::env::var("PMSNAP_IMAGE_DIR").ok();
     let (cfg, temporary, remove) = resolve(&args, env_dir.as_deref())?;
+    // A socket a live process serves fails now, before any work; stale ones go.
+    for sock in [&args.api_sock, &args.vsock_sock].into_iter().flatten() {
+        crate::unix_socket::remove_stale(sock)?;
+    }
     if args.keep_pool && !temporary {
         log::debug!("--keep-pool has no effect with --pool: a given pool is always kept");
+    }
+    if temporary {
+        if let Some(dir) = cfg.pool.parent() {
+            pool_dir::ensure_dir(dir)?;
+        }
     }
     // Removal armed only for a pool we create; it must not exist before (fresh name).
     let _pool_guard = TempPool(remove.then(|| cfg.pool.clone()));
@@ -208,7 +234,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         )?,
         Some(path) => {
             let code = std::fs::read(path)
-                .map_err(|e| format!("cannot read payload {}: {e}", path.display()))?;
+                .map_err(context(format!("cannot read payload {}", path.display())))?;
             let mut b = VmBuilder::with_payload(
                 &cfg,
                 event_loop.stop_notifier()?,
@@ -227,8 +253,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let serial_for_state = serial.clone();
     let mut virtio = Vec::new();
     let engine = builder.engine().clone();
-    if let Some(path) = &args.vsock_sock {
-        let (vsock, slot) = device_manager::attach_vsock_with_state(
+    // Removed when this function returns, on every path (the device itself lives on in
+    // the VMM's state).
+    let _vsock_file = if let Some(path) = &args.vsock_sock {
+        let (vsock, slot, socket_file) = device_manager::attach_vsock_with_state(
             &mut builder,
             path,
             engine.clone(),
@@ -236,7 +264,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
         )?;
         virtio.push(slot);
         event_loop.add_subscriber(vsock);
-    }
+        Some(crate::unix_socket::RemoveOnDrop(socket_file))
+    } else {
+        None
+    };
     if let Some(name) = args.snapshot_at_ready.clone() {
         let engine = engine.clone();
         let pages = cfg.mem_bytes / 4096;
@@ -332,11 +363,15 @@ mod tests {
         std::fs::write(dir.path().join("initramfs.cpio"), b"i").expect("write");
         let (cfg, temporary, remove) = resolve(&parse(&[]).expect("parse"), Some(d)).expect("ok");
         assert!(temporary && remove);
-        assert!(cfg.pool.starts_with("/dev/shm"));
+        assert!(cfg.pool.starts_with(pool_dir::default_dir()));
         assert_eq!(cfg.kernel, dir.path().join("vmlinux"));
-        let (_, _, remove) =
+        let (cfg, _, remove) =
             resolve(&parse(&["--keep-pool"]).expect("parse"), Some(d)).expect("ok");
         assert!(!remove);
+        assert!(
+            cfg.pool.to_string_lossy().ends_with(".kept.pool"),
+            "{cfg:?}"
+        );
         let (cfg, temporary, remove) = resolve(
             &parse(&["--pool", "/dev/shm/x.pool"]).expect("parse"),
             Some(d),
@@ -346,5 +381,18 @@ mod tests {
         assert_eq!(cfg.pool, PathBuf::from("/dev/shm/x.pool"));
         let e = resolve(&parse(&["--vcpus", "0"]).expect("parse"), Some(d)).expect_err("0");
         assert!(e.to_string().contains("at least 1"));
+    }
+
+    #[test]
+    fn help_prints_the_default_cmdline_in_full() {
+        use clap::CommandFactory;
+        let help = T::command().render_long_help().to_string();
+        // clap may wrap long words' line, so compare without whitespace.
+        let squash = |s: &str| s.split_whitespace().collect::<String>();
+        assert!(
+            squash(&help).contains(&squash(config::DEFAULT_CMDLINE)),
+            "{help}"
+        );
+        assert!(!help.contains('…') && !help.contains(",..."), "{help}");
     }
 }

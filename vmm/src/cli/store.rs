@@ -1,25 +1,33 @@
-//! `pmsnap store ...`: offline commands on a pool's snapshot store.
+//! `pmsnap store ...`: offline commands on a pool's snapshot store, and `prune`, which
+//! removes the pools of VMMs that died.
 //!
-//! Exit codes: 0 success; 1 error (printed with its cause chain by `main`); 2 `verify`
-//! found corruption (the problems are printed, or returned in the JSON report).
+//! Exit codes: 0 success; 1 error (printed with its cause chain by `main`, and as JSON on
+//! stdout with `--json`); 2 usage error; 3 `verify` found damage (the problems are
+//! printed, or returned in the JSON report).
 
 use clap::{Args, Subcommand};
+use guest_agent::cli::{exit, format_time_ms, NameArg};
 use indicatif::{ProgressBar, ProgressStyle};
 use pmem_backend::{Pool, SnapshotInfo, SnapshotKind, Stats};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Exit code of `verify` when it found corruption.
-pub const EXIT_CORRUPT: i32 = 2;
+use super::anyhow_like::context;
+use crate::pool_dir::{self, PruneReport};
+
+/// Exit code of `verify` when it found damage.
+pub const EXIT_CORRUPT: i32 = exit::DAMAGE;
 
 /// Arguments of `pmsnap store`.
 #[derive(Debug, Args)]
+#[command(after_help = exit::HELP)]
 pub struct StoreArgs {
-    /// The pool file (must not be in use by a running VMM).
+    /// The pool file (must not be in use by a running VMM); required except for prune.
     #[arg(long, global = true, value_name = "PATH")]
     pub pool: Option<PathBuf>,
-    /// Print machine-readable JSON instead of text.
+    /// Print machine-readable JSON instead of text (errors too, on stdout; times in unix
+    /// milliseconds).
     #[arg(long, global = true)]
     pub json: bool,
     /// The store command.
@@ -31,21 +39,42 @@ pub struct StoreArgs {
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
     /// List snapshots and store statistics.
+    #[command(visible_alias = "list")]
     Ls,
     /// Show one snapshot in detail.
     Inspect {
-        /// Snapshot name.
-        name: String,
+        #[command(flatten)]
+        name: NameArg,
     },
-    /// Check every checksum and invariant; exit code 2 if anything is corrupt.
+    /// Check every checksum and invariant; exit code 3 if anything is damaged.
     Verify,
     /// Delete a snapshot.
+    #[command(visible_alias = "delete")]
     Rm {
-        /// Snapshot name.
-        name: String,
+        #[command(flatten)]
+        name: NameArg,
     },
     /// Reclaim unreferenced blocks and compact the redirect log.
     Gc,
+    /// Remove the pools of VMMs that died (killed, aborted) from the default pool
+    /// directory: only pools whose lock no process holds. Pools in use are listed.
+    #[command(
+        after_help = "The default pool directory is $PMSNAP_POOL_DIR, else /dev/shm/pmsnap \
+(/dev/shm/pmsnap-UID when not root), where the old-style default pools \
+/dev/shm/pmsnap-PID-NANOS.pool are looked at too. Only temporary default pools \
+(PID-NANOS.pool) are candidates: pools kept with --keep-pool (*.kept.pool) and pools named \
+with --pool are never removed. Each pool holds its guest's RAM in host memory until \
+removed."
+    )]
+    Prune {
+        /// Only list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Prune the default pools (PID-NANOS.pool) of this directory instead of the
+        /// default one.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Run `pmsnap store`, printing to stdout.
@@ -61,10 +90,35 @@ pub fn run_with(
     out: &mut dyn Write,
     progress: bool,
 ) -> super::anyhow_like::Result<i32> {
+    let json = args.json;
+    if let StoreCommand::Prune { dry_run, dir } = &args.command {
+        if args.pool.is_some() {
+            return Err("prune takes --dir DIR, not --pool".into());
+        }
+        // Old-style default pools sat directly in /dev/shm: looked at only when the
+        // directory is the built-in default.
+        let (dir, legacy) = match (dir, pool_dir::env_dir()) {
+            (Some(d), _) => (d.clone(), None),
+            (None, Some(env)) => (env, None),
+            (None, None) => (
+                pool_dir::default_dir(),
+                Some(std::path::Path::new(pool_dir::SHM)),
+            ),
+        };
+        let pools = pool_dir::candidates(&dir, legacy)
+            .map_err(context(format!("listing pools in {}", dir.display())))?;
+        let report = pool_dir::prune(&pools, *dry_run)?;
+        if json {
+            serde_json::to_writer_pretty(&mut *out, &report)?;
+            writeln!(out)?;
+        } else {
+            print_prune(out, &report)?;
+        }
+        return Ok(exit::OK);
+    }
     let path = args.pool.ok_or("--pool PATH is required")?;
     let mut pool =
-        Pool::open(&path).map_err(|e| format!("opening pool {}: {e}", path.display()))?;
-    let json = args.json;
+        Pool::open(&path).map_err(context(format!("opening pool {}", path.display())))?;
     match args.command {
         StoreCommand::Ls => {
             let stats = pool.stats();
@@ -76,7 +130,7 @@ pub fn run_with(
             }
         }
         StoreCommand::Inspect { name } => {
-            let info = pool.inspect(name.as_str())?;
+            let info = pool.inspect(name.get())?;
             if json {
                 serde_json::to_writer_pretty(&mut *out, &info)?;
                 writeln!(out)?;
@@ -111,7 +165,8 @@ pub fn run_with(
             }
         }
         StoreCommand::Rm { name } => {
-            let freed = pool.delete(name.as_str())?;
+            let name = name.get();
+            let freed = pool.delete(name)?;
             let pages: u64 = freed.iter().map(|r| r.count).sum();
             if json {
                 let v = serde_json::json!({ "deleted": name, "unprotected_pages": pages, "unprotected_runs": freed });
@@ -143,8 +198,31 @@ pub fn run_with(
                 )?;
             }
         }
+        // Answered above, before any pool is opened.
+        StoreCommand::Prune { .. } => return Err("prune does not take a pool".into()),
     }
-    Ok(0)
+    Ok(exit::OK)
+}
+
+fn print_prune(out: &mut dyn Write, r: &PruneReport) -> std::io::Result<()> {
+    let verb = if r.dry_run { "would remove" } else { "removed" };
+    for p in &r.removed {
+        writeln!(out, "{verb} {} ({})", p.path.display(), mib(p.bytes))?;
+    }
+    for p in &r.in_use {
+        match p.pid {
+            Some(pid) => writeln!(out, "in use by pid {pid}: {}", p.path.display())?,
+            None => writeln!(out, "in use: {}", p.path.display())?,
+        }
+    }
+    writeln!(
+        out,
+        "{} pool(s) {verb}, {} freed{}; {} in use",
+        r.removed.len(),
+        mib(r.freed_bytes),
+        if r.dry_run { " if removed" } else { "" },
+        r.in_use.len()
+    )
 }
 
 /// Verify, showing a progress bar on stderr once it has run for more than a second.
@@ -178,27 +256,6 @@ fn kind_str(k: SnapshotKind) -> &'static str {
     k.as_str()
 }
 
-/// Format ns since the epoch as UTC `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, H. Hinnant).
-fn fmt_time(ns: u64) -> String {
-    let secs = ns / 1_000_000_000;
-    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
@@ -217,7 +274,7 @@ fn print_ls(out: &mut dyn Write, s: &Stats) -> std::io::Result<()> {
             i.id,
             i.name,
             kind_str(i.kind),
-            fmt_time(i.created_unix_ns),
+            format_time_ms(i.created_unix_ms),
             i.pages,
             i.pages_in_ram,
             i.pages_in_blocks,
@@ -249,7 +306,7 @@ fn print_inspect(out: &mut dyn Write, i: &SnapshotInfo) -> std::io::Result<()> {
     writeln!(out, "name:      {}", i.name)?;
     writeln!(out, "id:        {}", i.id)?;
     writeln!(out, "kind:      {}", kind_str(i.kind))?;
-    writeln!(out, "created:   {}", fmt_time(i.created_unix_ns))?;
+    writeln!(out, "created:   {}", format_time_ms(i.created_unix_ms))?;
     writeln!(
         out,
         "pages:     {} ({} in RAM, {} in blocks)",
@@ -329,7 +386,7 @@ mod tests {
             &path,
             false,
             StoreCommand::Inspect {
-                name: "first".into(),
+                name: NameArg::new("first"),
             },
         ));
         assert!(text.contains("15 in RAM, 1 in blocks"), "{text}");
@@ -340,7 +397,7 @@ mod tests {
             &path,
             true,
             StoreCommand::Rm {
-                name: "first".into(),
+                name: NameArg::new("first"),
             },
         ));
         assert_eq!(code, 0);
@@ -355,7 +412,7 @@ mod tests {
                 &path,
                 false,
                 StoreCommand::Rm {
-                    name: "first".into(),
+                    name: NameArg::new("first"),
                 },
             ),
             &mut sink,
@@ -366,7 +423,7 @@ mod tests {
     }
 
     #[test]
-    fn verify_exit_code_2_on_corruption() {
+    fn verify_exit_code_3_on_damage() {
         use std::os::unix::fs::FileExt;
         let d = tempfile::tempdir().expect("tempdir");
         let path = make_pool(d.path());
@@ -385,6 +442,7 @@ mod tests {
             .expect("corrupt");
         let (code, text) = run_out(args(&path, false, StoreCommand::Verify));
         assert_eq!(code, EXIT_CORRUPT);
+        assert_eq!(code, 3, "the documented code");
         assert!(
             text.contains("\"snapshot\":\"first\"") && text.contains("\"page\":3"),
             "{text}"
@@ -405,22 +463,73 @@ mod tests {
         let _held = Pool::open(&path).expect("hold the lock");
         let err =
             run_with(args(&path, false, StoreCommand::Ls), &mut sink, false).expect_err("locked");
-        assert!(
-            err.to_string().contains("locked by another process"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("opening pool"), "{err}");
+        let cause = err.source().map(|s| s.to_string()).unwrap_or_default();
+        assert!(cause.contains("locked by another process"), "{cause}");
     }
 
     #[test]
-    fn time_formatting() {
-        assert_eq!(fmt_time(0), "1970-01-01T00:00:00Z");
-        assert_eq!(
-            fmt_time(1_700_000_000 * 1_000_000_000),
-            "2023-11-14T22:13:20Z"
+    fn prune_in_a_directory_text_and_json() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let live = d.path().join("2-0000a11e.pool");
+        let _held = Pool::create(&live, 1 << 20, PoolOptions::default()).expect("create");
+        let dead = d.path().join("1-0000dead.pool");
+        drop(Pool::create(&dead, 1 << 20, PoolOptions::default()).expect("create"));
+        let prune = |dry_run, json| StoreArgs {
+            pool: None,
+            json,
+            command: StoreCommand::Prune {
+                dry_run,
+                dir: Some(d.path().to_path_buf()),
+            },
+        };
+        let (code, text) = run_out(prune(true, false));
+        assert_eq!(code, 0);
+        assert!(
+            text.contains(&format!("would remove {}", dead.display())),
+            "{text}"
         );
-        assert_eq!(
-            fmt_time(951_782_400 * 1_000_000_000),
-            "2000-02-29T00:00:00Z"
+        assert!(
+            text.contains("in use") && text.contains("2-0000a11e.pool"),
+            "{text}"
         );
+        assert!(dead.exists());
+        let (code, js) = run_out(prune(false, true));
+        assert_eq!(code, 0);
+        let v: serde_json::Value = serde_json::from_str(&js).expect("json");
+        assert_eq!(v["dry_run"], false);
+        assert_eq!(v["removed"][0]["path"], dead.to_str().expect("utf8"));
+        assert_eq!(v["in_use"][0]["path"], live.to_str().expect("utf8"));
+        assert!(!dead.exists() && live.exists());
+        let mut sink = Vec::new();
+        let with_pool = StoreArgs {
+            pool: Some(live.clone()),
+            ..prune(false, false)
+        };
+        assert!(run_with(with_pool, &mut sink, false).is_err());
+    }
+
+    #[test]
+    fn verbs_have_aliases_and_names_are_positional() {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct T {
+            #[command(flatten)]
+            store: StoreArgs,
+        }
+        let p = |a: &[&str]| {
+            T::try_parse_from(std::iter::once("store").chain(a.iter().copied())).map(|t| t.store)
+        };
+        for verb in ["ls", "list"] {
+            assert!(matches!(p(&[verb]).expect(verb).command, StoreCommand::Ls));
+        }
+        for a in [&["rm", "s"][..], &["delete", "s"], &["rm", "--name", "s"]] {
+            match p(a).expect("rm").command {
+                StoreCommand::Rm { name } => assert_eq!(name.get(), "s"),
+                other => panic!("{other:?}"),
+            }
+        }
+        let e = p(&["verify", "--bogus"]).expect_err("usage");
+        assert_eq!(e.exit_code(), exit::USAGE);
     }
 }

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use guest_agent::protocol::{self, AgentRequest, ErrorCode, Reply, VirtRange};
+use guest_agent::protocol::{self, AgentRequest, ErrorCode, Reply};
 
 use crate::api::{self, ApiError};
 
@@ -96,14 +96,7 @@ pub fn snapshot_process(
     let frame = AgentRequest::SnapshotProcess {
         name: req.name.clone(),
         pid: req.pid,
-        ranges: req
-            .ranges
-            .iter()
-            .map(|r| VirtRange {
-                start: r.start,
-                end: r.end,
-            })
-            .collect(),
+        ranges: req.ranges.clone(),
     }
     .encode()
     .map_err(|e| ApiError::BadRequest(e.to_string()))?;

@@ -16,6 +16,7 @@ use event_manager::EventSet;
 use super::connection::{Connection, Endpoint, VsockService, VsockServiceFactory};
 use super::packet::{Op, VsockHeader};
 use crate::guest_warn;
+use crate::unix_socket::{bind_listener, connect_nonblocking, SocketError, SocketFile};
 
 /// Most live connections; further requests are refused with RST.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -31,14 +32,10 @@ const LOCAL_PORT_BASE: u32 = 1 << 30;
 /// Errors of setting up the host side.
 #[derive(Debug, thiserror::Error)]
 pub enum MuxerError {
-    /// The listening socket could not be created.
-    #[error("cannot listen on {path}: {source}")]
-    Listen {
-        /// Socket path.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
+    /// The listening socket could not be created (a live process serves the path, or
+    /// it is not a socket, or binding failed).
+    #[error(transparent)]
+    Listen(#[from] SocketError),
     /// A service is already registered on the port.
     #[error("vsock port {0} already has a service")]
     PortTaken(u32),
@@ -90,6 +87,8 @@ struct PendingStream {
 pub struct VsockMuxer {
     guest_cid: u64,
     uds_path: PathBuf,
+    /// The socket file, removed at drop if still ours.
+    socket_file: SocketFile,
     listener: UnixListener,
     conns: HashMap<ConnKey, Connection>,
     fd_to_conn: HashMap<RawFd, ConnKey>,
@@ -116,17 +115,20 @@ impl std::fmt::Debug for VsockMuxer {
 }
 
 impl VsockMuxer {
-    /// Listen on `uds_path` (which must not exist) for host programs.
+    /// The host socket file.
+    pub fn socket_file(&self) -> &SocketFile {
+        &self.socket_file
+    }
+
+    /// Listen on `uds_path` for host programs: a stale socket left there by a VMM that
+    /// died is replaced, one a live process serves is refused (see
+    /// [`crate::unix_socket::bind_listener`]).
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, MuxerError> {
-        let listen_err = |source| MuxerError::Listen {
-            path: uds_path.to_owned(),
-            source,
-        };
-        let listener = UnixListener::bind(uds_path).map_err(listen_err)?;
-        listener.set_nonblocking(true).map_err(listen_err)?;
+        let (listener, socket_file) = bind_listener(uds_path)?;
         Ok(Self {
             guest_cid,
             uds_path: uds_path.to_owned(),
+            socket_file,
             listener,
             conns: HashMap::new(),
             fd_to_conn: HashMap::new(),
@@ -457,56 +459,9 @@ impl VsockMuxer {
 
 impl Drop for VsockMuxer {
     fn drop(&mut self) {
-        // The socket file outlives the listener otherwise and blocks the next bind.
-        let _ = std::fs::remove_file(&self.uds_path);
+        // The socket file outlives the listener otherwise; a newer VMM's is left alone.
+        self.socket_file.remove_if_ours();
     }
-}
-
-/// Connect to a Unix stream socket without blocking: a host program whose listen
-/// backlog is full (not accepting) must not stall the event loop, so that case fails
-/// with `EAGAIN` and the guest gets RST.
-fn connect_nonblocking(path: &std::ffi::OsStr) -> std::io::Result<UnixStream> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-
-    let bytes = path.as_bytes();
-    // SAFETY: sockaddr_un is plain old data, for which all-zero bytes are a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(std::io::Error::from(ErrorKind::InvalidInput));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, &s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = s as libc::c_char;
-    }
-    // SAFETY: socket() has no memory-safety preconditions; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a socket we just created and own exclusively; OwnedFd closes it on
-    // every path from here.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
-    // SAFETY: addr is an initialised sockaddr_un, len is within its size (checked
-    // above), and the kernel only reads it during the call.
-    let r = unsafe {
-        libc::connect(
-            owned.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(),
-            len as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(UnixStream::from(owned))
 }
 
 /// Parse `CONNECT <port>` (without the newline).
@@ -531,35 +486,6 @@ impl VsockService for EchoService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nonblocking_connect() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("s");
-        assert!(
-            connect_nonblocking(p.as_os_str()).is_err(),
-            "nothing listening"
-        );
-        let l = UnixListener::bind(&p).expect("bind");
-        let mut c = connect_nonblocking(p.as_os_str()).expect("connect");
-        let (mut a, _) = l.accept().expect("accept");
-        std::io::Write::write_all(&mut c, b"hi").expect("write");
-        let mut b = [0u8; 2];
-        a.read_exact(&mut b).expect("read");
-        assert_eq!(&b, b"hi");
-        // Never accepting: once the backlog is full, connecting fails instead of blocking.
-        let mut held = Vec::new();
-        let refused = (0..10_000).any(|_| match connect_nonblocking(p.as_os_str()) {
-            Ok(s) => {
-                held.push(s);
-                false
-            }
-            Err(_) => true,
-        });
-        assert!(refused, "a full backlog must refuse, not block");
-        let long = "x".repeat(200);
-        assert!(connect_nonblocking(std::ffi::OsStr::new(&long)).is_err());
-    }
 
     #[test]
     fn connect_line() {
