@@ -118,13 +118,46 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
         kind: kind.name(),
         source,
     })?;
-    KIND.with(|k| k.set(Some(kind)));
-    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install {
+    let deny = deny_open_program().map_err(|source| SeccompError::Build {
         kind: kind.name(),
-        source: std::io::Error::other(e.to_string()),
+        source,
     })?;
+    mark(kind);
+    // The open filter first: the allow-list forbids `seccomp` itself.
+    for p in [&deny, &prog] {
+        seccompiler::apply_filter(p).map_err(|e| SeccompError::Install {
+            kind: kind.name(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    }
     log::debug!("seccomp: {} filter installed", kind.name());
     Ok(())
+}
+
+/// Record the calling thread's kind for the SIGSYS message, for a thread that inherits
+/// its filter from the thread that started it (API connection threads).
+pub fn mark(kind: ThreadKind) {
+    KIND.with(|k| k.set(Some(kind)));
+}
+
+/// Opening files: refused with `EACCES` (not fatal) in every filtered thread. No VMM
+/// thread opens files once the VM runs, but glibc's allocator may (it reads
+/// `/proc/sys/vm/overcommit_memory` when a thread's arena shrinks) and copes with the
+/// error; a compromised thread gains nothing from it. Installed on top of the allow-list
+/// (which lets `openat` through): the kernel applies the strictest answer of all filters.
+fn deny_open_program() -> Result<BpfProgram, seccompiler::BackendError> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+        [libc::SYS_open, libc::SYS_openat, libc::SYS_openat2]
+            .into_iter()
+            .map(|nr| (nr, Vec::new()))
+            .collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )?;
+    BpfProgram::try_from(filter)
 }
 
 /// Install the filter of `kind`, logging (not failing) when that is impossible: used at
@@ -183,6 +216,11 @@ const COMMON: &[i64] = &[
     libc::SYS_set_robust_list,
     libc::SYS_prctl,
     libc::SYS_sched_getaffinity,
+    libc::SYS_fcntl,
+    // Answered EACCES by the second filter (see `deny_open_program`).
+    libc::SYS_open,
+    libc::SYS_openat,
+    libc::SYS_openat2,
 ];
 
 /// Extra calls of a vCPU thread: KVM and the I/O its exits do (devices write to the
@@ -400,7 +438,7 @@ mod tests {
             for nr in [libc::SYS_write, libc::SYS_exit_group, libc::SYS_futex] {
                 assert!(list.contains(&nr), "{kind:?} lacks {nr}");
             }
-            // Nothing a VMM thread needs to start programs or open new files.
+            // Nothing a VMM thread needs to start programs or trace others.
             for nr in [libc::SYS_execve, libc::SYS_execveat, libc::SYS_ptrace] {
                 assert!(!list.contains(&nr), "{kind:?} allows {nr}");
             }

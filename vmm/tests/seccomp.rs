@@ -31,6 +31,11 @@ fn child_case() {
         seccomp::install(kind).expect("install");
         // Allowed in every kind: a write to stderr.
         eprintln!("child: {kind:?} filter installed, write allowed");
+        // Opening a file is refused with EACCES, not fatal (glibc's allocator may try).
+        match std::fs::File::open("/proc/sys/vm/overcommit_memory") {
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => eprintln!("child: open refused"),
+            other => eprintln!("child: open gave {other:?}"),
+        }
         // SAFETY: raw system calls with harmless arguments; each is forbidden, so the
         // filter stops the process before the kernel looks at them.
         unsafe {
@@ -75,6 +80,10 @@ fn a_forbidden_call_stops_the_process_in_every_thread_kind() {
             assert!(
                 stderr.contains("write allowed"),
                 "{kind:?}: the allowed write did not happen: {stderr}"
+            );
+            assert!(
+                stderr.contains("open refused"),
+                "{kind:?}: opening a file was not refused with EACCES: {stderr}"
             );
             assert_eq!(
                 code,

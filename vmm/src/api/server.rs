@@ -196,6 +196,7 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
         let spawned = thread::Builder::new()
             .name("pmsnap-api-conn".to_string())
             .spawn(move || {
+                crate::seccomp::mark(crate::seccomp::ThreadKind::Api);
                 serve_connection(stream, &conn_shared);
                 conn_shared.active.fetch_sub(1, Ordering::AcqRel);
             });
