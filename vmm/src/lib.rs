@@ -11,6 +11,7 @@ pub mod event_loop;
 pub mod payload;
 pub mod persist;
 pub mod pool_dir;
+pub mod seccomp;
 pub mod snapshot;
 pub mod unix_socket;
 pub mod vstate;

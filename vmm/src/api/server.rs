@@ -84,7 +84,11 @@ impl ApiServer {
         let accept_shared = Arc::clone(&shared);
         let thread = thread::Builder::new()
             .name("pmsnap-api".to_string())
-            .spawn(move || accept_loop(listener, accept_shared))
+            .spawn(move || {
+                // Connection threads start from this one and inherit its filter.
+                crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Api);
+                accept_loop(listener, accept_shared)
+            })
             .map_err(ServerError::Spawn)?;
         debug!("API server listening on {}", file.path().display());
         Ok(ApiServerHandle {
@@ -192,6 +196,7 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
         let spawned = thread::Builder::new()
             .name("pmsnap-api-conn".to_string())
             .spawn(move || {
+                crate::seccomp::mark(crate::seccomp::ThreadKind::Api);
                 serve_connection(stream, &conn_shared);
                 conn_shared.active.fetch_sub(1, Ordering::AcqRel);
             });

@@ -67,6 +67,10 @@ pub struct RestoreArgs {
     /// holds exactly the snapshot until the resume.
     #[arg(long, requires = "api_sock")]
     pub paused: bool,
+    /// Run without the per-thread seccomp filters (to debug a VMM stopped by "forbidden
+    /// system call"; see docs/security.md).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 fn parse_mem(s: &str) -> std::result::Result<u64, String> {
@@ -75,6 +79,9 @@ fn parse_mem(s: &str) -> std::result::Result<u64, String> {
 
 /// Run `pmsnap restore`.
 pub fn run(args: RestoreArgs) -> Result<i32> {
+    if !args.no_seccomp {
+        crate::seccomp::enable();
+    }
     let started = Instant::now();
     let name = args
         .snapshot
@@ -200,6 +207,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
             "running"
         }
     );
+    crate::seccomp::apply(crate::seccomp::ThreadKind::EventLoop)?;
     let why = event_loop.run_until_stopped()?;
     running.stop();
     drop(running);

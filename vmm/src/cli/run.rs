@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// (no page is copied: the pages become copy-before-write) and log what it cost.
     #[arg(long, value_name = "NAME", conflicts_with = "payload")]
     pub snapshot_at_ready: Option<String>,
+    /// Run without the per-thread seccomp filters (to debug a VMM stopped by "forbidden
+    /// system call"; see docs/security.md).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// The line the default image's init prints when the guest is up.
@@ -198,6 +202,9 @@ pub fn resolve(args: &RunArgs, image_dir_env: Option<&str>) -> Result<(VmConfig,
 
 /// Run `pmsnap run`.
 pub fn run(args: RunArgs) -> Result<i32> {
+    if !args.no_seccomp {
+        crate::seccomp::enable();
+    }
     let env_dir = std::env::var("PMSNAP_IMAGE_DIR").ok();
     let (cfg, temporary, remove) = resolve(&args, env_dir.as_deref())?;
     // A socket a live process serves fails now, before any work; stale ones go.
@@ -266,7 +273,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
         let pages = cfg.mem_bytes / 4096;
         std::thread::Builder::new()
             .name("pmsnap-ready".into())
-            .spawn(move || snapshot_when_ready(&ready_rx, &engine, &name, pages))?;
+            .spawn(move || {
+                crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Api);
+                snapshot_when_ready(&ready_rx, &engine, &name, pages)
+            })?;
     }
     let built = builder.build()?;
     if temporary && args.keep_pool {
@@ -288,6 +298,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     // Served once the vCPUs and state capture exist, so a client that sees the socket
     // can pause, resume or snapshot at once.
     let _api = super::serve_api(args.api_sock.as_deref(), &engine)?;
+    crate::seccomp::apply(crate::seccomp::ThreadKind::EventLoop)?;
     let why = event_loop.run_until_stopped()?;
     running.stop();
     drop(running);

@@ -129,6 +129,7 @@ impl FaultHandler {
                     if let Some(cpu) = opts.cpu {
                         pin_to_cpu(cpu);
                     }
+                    crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Fault);
                     run(
                         &protector,
                         sink.as_ref(),

@@ -730,7 +730,10 @@ impl Vcpus {
             let notifier = stop.try_clone().map_err(|e| VcpuError::Spawn(id, e))?;
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu.thread_main(rx, ack_tx, notifier, paused))
+                .spawn(move || {
+                    crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Vcpu);
+                    vcpu.thread_main(rx, ack_tx, notifier, paused)
+                })
                 .map_err(|e| VcpuError::Spawn(id, e))?;
             handles.push(VcpuHandle {
                 id,
