@@ -23,8 +23,8 @@ use crate::vstate::vcpu::VmStop;
 commands written to it are typed on the console, and its end does not stop the guest.\n\n\
 The VM ends with exit status 0 when the guest reboots or powers off (poweroff -f, reboot, \
 triple fault), and 1 on a VMM error.\n\nDefault kernel command line:\n  ",
-    "console=ttyS0 reboot=k panic=1 noxsave clearcpuid=popcnt,smap,cx16,erms,fsrm quiet \
-noreplace-smp rodata=off percpu_alloc=page norandmaps GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,..."
+    "console=ttyS0 reboot=k panic=1 noxsave clearcpuid=popcnt,smap,cx16,erms,fsrm \
+clocksource=kvm-clock quiet noreplace-smp rodata=off percpu_alloc=page norandmaps GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,..."
 ))]
 pub struct RunArgs {
     /// Guest kernel: an ELF vmlinux (fast here) or a bzImage.
