@@ -37,12 +37,14 @@ pub const WARNINGS: &[&str] = &[
 const PREFILTER: &str =
     "rcu: info|stall|starved|wakeup|timer handling|lockup|watchdog|clocksource|skew|hrtimer|backwards|nmi";
 
-/// The lines of `log` that carry one of the [`WARNINGS`].
+/// The kernel-log lines (`[  12.345678] ...`) of `log` that carry one of the
+/// [`WARNINGS`]. Other lines (echoed commands, which the console may wrap anywhere, or
+/// shell prompts) are not looked at.
 pub fn warning_lines(log: &str) -> Vec<String> {
     log.lines()
         .filter(|l| {
-            let l = l.to_ascii_lowercase();
-            WARNINGS.iter().any(|w| l.contains(w))
+            let l = l.trim_start().to_ascii_lowercase();
+            l.starts_with('[') && WARNINGS.iter().any(|w| l.contains(w))
         })
         .map(str::to_string)
         .collect()
@@ -72,7 +74,7 @@ pub fn set_stall_timeout(g: &mut Guest, secs: u64, timeout: Duration) {
         .expect("setting the RCU stall timeout finishes");
     assert_eq!(rc, 0, "cannot set the RCU stall timeout: {out}");
     assert_eq!(
-        out.trim(),
+        last_line(&out),
         secs.to_string(),
         "stall timeout read back: {out}"
     );
@@ -84,10 +86,20 @@ pub fn uptime(g: &mut Guest, timeout: Duration) -> f64 {
         .run("cat /proc/uptime", timeout)
         .expect("cat /proc/uptime finishes");
     assert_eq!(rc, 0, "{out}");
-    out.split_whitespace()
+    last_line(&out)
+        .split_whitespace()
         .next()
         .and_then(|w| w.parse().ok())
         .unwrap_or_else(|| panic!("no uptime in {out:?}"))
+}
+
+/// The last non-empty line a command printed: lines typed before it that the shell
+/// echoed late (while it was starting) may come first.
+pub fn last_line(out: &str) -> &str {
+    out.lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("")
 }
 
 /// The last `n` bytes of `s` (on a character boundary), for failure messages.
@@ -118,6 +130,11 @@ mod tests {
             [   18.876268] clocksource: tsc: mask: 0xffffffffffffffff max_cycles: 0x1e4530a99b6\n\
             [   33.036457] IPI shorthand broadcast: enabled\n";
         assert!(warning_lines(boot).is_empty(), "{:?}", warning_lines(boot));
+        // The echoed command (wrapped by the console) is not a kernel-log line.
+        let echo =
+            "/ # dmesg | grep -iE 'rcu: info|stall|starved|wakeup|timer handling|lockup|watchd\r\n\
+            og|clocksource|skew|hrtimer|backwards|nmi'; echo \"rc\"\"3-$?-end\"\n";
+        assert!(warning_lines(echo).is_empty(), "{:?}", warning_lines(echo));
         // Every phrase is caught by the guest-side prefilter.
         for w in WARNINGS {
             assert!(
@@ -125,6 +142,15 @@ mod tests {
                 "{w} is dropped by the prefilter"
             );
         }
+    }
+
+    #[test]
+    fn last_line_skips_late_echoes_and_blank_lines() {
+        assert_eq!(
+            last_line("shell-42\n/ # echo x\nkvm-clock\n\n"),
+            "kvm-clock"
+        );
+        assert_eq!(last_line(""), "");
     }
 
     #[test]

@@ -8,7 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use pmsnap_tests::fidelity::{kernel_warnings, set_stall_timeout, tail, uptime, STALL_TIMEOUT_S};
+use pmsnap_tests::fidelity::{
+    kernel_warnings, last_line, set_stall_timeout, tail, uptime, STALL_TIMEOUT_S,
+};
 use pmsnap_tests::{ctl_json, ready_guest, require_kvm, restore_args, Guest};
 
 const CMD: Duration = Duration::from_secs(120);
@@ -55,7 +57,7 @@ fn guest_time_and_rcu_survive_a_gap_across_restore_and_rollback() {
             CMD,
         )
         .expect("clocksource");
-    assert_eq!((out.trim(), rc), ("kvm-clock", 0), "guest clocksource");
+    assert_eq!((last_line(&out), rc), ("kvm-clock", 0), "guest clocksource");
     set_stall_timeout(&mut g, STALL_TIMEOUT_S, CMD);
     assert_clean(&mut g, "before any snapshot");
     // Keep both vCPUs busy so RCU grace periods are in flight when the snapshot is taken.

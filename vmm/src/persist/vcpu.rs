@@ -309,8 +309,16 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), PersistError> {
         .map_err(kvm("SET_VCPU_EVENTS", id))?;
     if let Some((skew, khz)) = tsc_skew(fd, id, &state.msrs)? {
         let secs = skew as f64 / (f64::from(khz) * 1000.0);
+        let effect = if skew > 0 {
+            format!("jumps forward by {secs:.1} s")
+        } else {
+            format!(
+                "stands still for {:.1} s, until the host's TSC (behind: rebooted since?) passes the snapshot's",
+                -secs
+            )
+        };
         log::warn!(
-            "vCPU {id}: IA32_TSC was not restored: KVM keeps the host's TSC, {secs:+.1} s from the snapshot's ({skew:+} cycles at {khz} kHz). kvm-clock is restored; a guest whose clocksource is tsc sees its time jump by this much"
+            "vCPU {id}: IA32_TSC was not restored: KVM keeps the host's TSC, {secs:+.1} s from the snapshot's ({skew:+} cycles at {khz} kHz). kvm-clock is restored; the time of a guest whose clocksource is tsc {effect}"
         );
         rebase_tsc_deadline(fd, id, &state.msrs, skew)?;
     }
