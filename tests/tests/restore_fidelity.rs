@@ -25,6 +25,9 @@ use pmsnap_tests::fidelity::{kernel_warnings, set_stall_timeout, tail, STALL_TIM
 use pmsnap_tests::{ctl_json, ready_guest, require_kvm, restore_args, Guest};
 
 const CMD: Duration = Duration::from_secs(120);
+/// For the churn to start (it first touches 16 MiB, page faults the emulated guest kernel
+/// takes its time over on a busy machine) or to print its next step.
+const WAIT: Duration = Duration::from_secs(300);
 /// Snapshots per run unless `PMSNAP_FIDELITY_SNAPSHOTS` says otherwise.
 const DEFAULT_SNAPSHOTS: usize = 50;
 /// In-place rollbacks checked in the first VMM.
@@ -96,7 +99,7 @@ fn last_step(g: &Guest, from: usize, to: usize) -> Option<u64> {
 /// `lo..=hi`: the next one, or the one after when the snapshot cut a line.
 fn assert_continues(g: &Guest, from: usize, (lo, hi): (u64, u64), what: &str) {
     let first = |t: &str| churn_lines(t).first().map(|l| l.0);
-    g.wait_until(from, CMD, |t| first(t).is_some())
+    g.wait_until(from, WAIT, |t| first(t).is_some())
         .unwrap_or_else(|| {
             panic!(
                 "{what}: no churn step after the restore; console tail:\n{}\nstderr:\n{}",
@@ -178,7 +181,7 @@ fn snapshots_of_a_busy_guest_restore_and_roll_back_healthy() {
         "pmsnap-memtest churn --interval-ms 300 & \
          (while :; do pmsnap-agent list >/dev/null 2>&1; sleep 0.5; done) &",
     );
-    g.wait_until(from, CMD, |t| churn_lines(t).len() >= 2)
+    g.wait_until(from, WAIT, |t| churn_lines(t).len() >= 2)
         .unwrap_or_else(|| panic!("no churn steps; console:\n{}", tail(&g.output(), 3000)));
 
     // Snapshots at random moments (0.1 to 1 s apart).
