@@ -8,6 +8,8 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod fidelity;
+
 /// How long a guest may take to print `pmsnap-guest: ready`. A boot takes 15-20 s on an
 /// idle development machine but several times that when the machine is busy.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(400);

@@ -630,13 +630,18 @@ impl VmBuilder {
             .kvm
             .supported_cpuid()
             .map_err(|e| crate::persist::PersistError::Vcpu(e.to_string()))?;
+        // Every vCPU exists before any state goes in (as Firecracker does): KVM then sees
+        // all vCPUs' TSC writes together, as one synchronized set, instead of a vCPU
+        // created after another's state was restored.
         let mut vcpus = Vec::with_capacity(usize::from(self.vcpu_count));
-        for (id, st) in (0..self.vcpu_count).zip(states) {
+        for id in 0..self.vcpu_count {
             let v = Vcpu::new(&self.vm, id, pio.clone(), mmio.clone()).map_err(vcpu_err)?;
             v.configure(&cpuid::for_vcpu(&supported, id, self.vcpu_count), None)
                 .map_err(vcpu_err)?;
-            crate::persist::vcpu::restore(v.fd(), st)?;
             vcpus.push(v);
+        }
+        for (v, st) in vcpus.iter().zip(states) {
+            crate::persist::vcpu::restore(v.fd(), st)?;
         }
         Ok(BuiltVm {
             vm: self.vm,

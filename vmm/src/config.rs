@@ -15,10 +15,14 @@ use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, HIMEM_START};
 ///   emulator cannot run in guest kernel mode, or runs slowly (see docs/vmm.md).
 /// - `quiet noreplace-smp rodata=off percpu_alloc=page norandmaps`: boot-time savers
 ///   measured on this host.
+/// - `clocksource=kvm-clock`: the one guest clock a restore can put back on this host
+///   (KVM_SET_CLOCK); the guest would pick `tsc`, which here is always the host's TSC, so
+///   guest time would jump after a restore by the time the snapshot sat unused
+///   (docs/machine-notes.md, "Guest time").
 /// - `GLIBC_TUNABLES=...`: reaches init's environment; keeps glibc programs off AVX,
 ///   whose upper register halves leak between guest processes under `noxsave`.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 noxsave \
-clearcpuid=popcnt,smap,cx16,erms,fsrm quiet noreplace-smp rodata=off percpu_alloc=page \
+clearcpuid=popcnt,smap,cx16,erms,fsrm clocksource=kvm-clock quiet noreplace-smp rodata=off percpu_alloc=page \
 norandmaps GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,\
 -AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load";
 
@@ -438,7 +442,7 @@ mod tests {
             .into_string()
             .expect("utf8");
         assert!(s.starts_with("console=ttyS0 reboot=k panic=1 noxsave"));
-        assert!(s.contains("clearcpuid=popcnt,smap,cx16,erms,fsrm"));
+        assert!(s.contains("clearcpuid=popcnt,smap,cx16,erms,fsrm clocksource=kvm-clock "));
         assert!(s.contains("GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,"));
         assert!(s.ends_with("foo=bar  init=/bin/sh"));
         let long = "x".repeat(CMDLINE_MAX_SIZE);

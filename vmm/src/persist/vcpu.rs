@@ -21,6 +21,14 @@ pub const MSR_IA32_TSC: u32 = 0x10;
 pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// IA32_ARCH_CAPABILITIES: KVM here accepts only 0 from userspace for it.
 pub const MSR_IA32_ARCH_CAPABILITIES: u32 = 0x10a;
+/// MSR_KVM_SYSTEM_TIME_NEW: guest-physical address of the vCPU's kvmclock page, bit 0
+/// set once the guest enabled kvmclock.
+pub const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+/// MSR_KVM_SYSTEM_TIME: the same, the guest's older interface.
+pub const MSR_KVM_SYSTEM_TIME: u32 = 0x12;
+/// A restored IA32_TSC that reads back further than this from the saved value was not
+/// restored (a correct restore reads back within microseconds of cycles).
+const TSC_TOLERANCE_MS: u64 = 100;
 /// Most MSRs per KVM_GET/SET_MSRS call (KVM's own limit is higher; the FAM wrapper's is 256).
 const MSR_CHUNK: usize = 200;
 
@@ -177,8 +185,98 @@ fn write_msrs(fd: &VcpuFd, id: u8, msrs: &[kvm_msr_entry]) -> Result<(), Persist
     Ok(())
 }
 
+/// Whether the guest had enabled kvmclock on this vCPU when the state was saved.
+fn kvmclock_enabled(msrs: &[kvm_msr_entry]) -> bool {
+    msrs.iter().any(|m| {
+        (m.index == MSR_KVM_SYSTEM_TIME_NEW || m.index == MSR_KVM_SYSTEM_TIME) && m.data & 1 == 1
+    })
+}
+
+/// How far the vCPU's IA32_TSC is from the value the state asked for, in TSC cycles
+/// (positive: the TSC is ahead), when that is more than [`TSC_TOLERANCE_MS`]; None when
+/// the TSC was restored or the state has none.
+fn tsc_skew(
+    fd: &VcpuFd,
+    id: u8,
+    msrs: &[kvm_msr_entry],
+) -> Result<Option<(i128, u32)>, PersistError> {
+    let Some(saved) = msrs
+        .iter()
+        .find(|m| m.index == MSR_IA32_TSC)
+        .map(|m| m.data)
+    else {
+        return Ok(None);
+    };
+    let now = read_msrs(fd, id, &[MSR_IA32_TSC])?
+        .first()
+        .map(|m| m.data)
+        .ok_or(PersistError::Mismatch {
+            field: "vcpu.msrs",
+            detail: format!("vCPU {id}: IA32_TSC does not read back"),
+        })?;
+    // Without a frequency, assume 1 GHz: the warning then still names the cycles.
+    let khz = fd.get_tsc_khz().unwrap_or(1_000_000).max(1);
+    let skew = i128::from(now) - i128::from(saved);
+    let tolerance = i128::from(khz) * i128::from(TSC_TOLERANCE_MS);
+    Ok((skew.abs() > tolerance).then_some((skew, khz)))
+}
+
+/// The TSC-deadline a state holds for `tsc` moved by `skew` TSC cycles (wrapping, as the
+/// TSC does): the same time left to run on a TSC that is `skew` away from the saved one.
+pub fn shifted_deadline(deadline: u64, skew: i128) -> u64 {
+    deadline.wrapping_add(skew as u64)
+}
+
+/// Move an armed LAPIC TSC-deadline by `skew`, the distance between the TSC KVM kept
+/// and the one the state asked for, so the timer has the time left that it had at the
+/// snapshot. Without it, a TSC that is behind the saved one (the host rebooted since)
+/// leaves the timer armed for the far future and that vCPU's ticks stop; one that is
+/// ahead fires it at once, which is harmless. A zero deadline (disarmed) stays zero.
+fn rebase_tsc_deadline(
+    fd: &VcpuFd,
+    id: u8,
+    msrs: &[kvm_msr_entry],
+    skew: i128,
+) -> Result<(), PersistError> {
+    let Some(deadline) = msrs
+        .iter()
+        .find(|m| m.index == MSR_IA32_TSC_DEADLINE && m.data != 0)
+        .map(|m| m.data)
+    else {
+        return Ok(());
+    };
+    let moved = shifted_deadline(deadline, skew);
+    log::debug!("vCPU {id}: TSC deadline {deadline:#x} moved to {moved:#x}");
+    write_msrs(
+        fd,
+        id,
+        &[kvm_msr_entry {
+            index: MSR_IA32_TSC_DEADLINE,
+            data: moved,
+            ..Default::default()
+        }],
+    )
+}
+
+/// Tell KVM the vCPU was stopped by the host (`KVM_KVMCLOCK_CTRL`): the guest's
+/// kvmclock page gets PVCLOCK_GUEST_STOPPED, which makes the guest's RCU stall and soft
+/// lockup checks skip the one check that would count the time the VM sat unused. Does
+/// nothing for a guest that never enabled kvmclock.
+fn mark_guest_stopped(fd: &VcpuFd, id: u8, msrs: &[kvm_msr_entry]) {
+    if !kvmclock_enabled(msrs) {
+        return;
+    }
+    if let Err(e) = fd.kvmclock_ctrl() {
+        log::warn!("vCPU {id}: KVM_KVMCLOCK_CTRL failed ({e}); the guest may report an RCU stall for the time it was stopped");
+    }
+}
+
 /// Restore `state` into a vCPU whose CPUID is already set. The vCPU must not be in
-/// KVM_RUN.
+/// KVM_RUN. Afterwards the vCPU is marked as stopped by the host for the guest's
+/// kvmclock (see [`mark_guest_stopped`]), and an IA32_TSC that did not take the saved
+/// value is reported with a warning: on hosts where the guest TSC is the host's, a guest
+/// whose clocksource is `tsc` sees its time jump by the time the snapshot sat unused
+/// (docs/machine-notes.md, "Guest time").
 pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), PersistError> {
     let id = state.id;
     fd.set_mp_state(state.mp_state)
@@ -209,6 +307,22 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), PersistError> {
     write_msrs(fd, id, &state.msrs)?;
     fd.set_vcpu_events(&state.vcpu_events)
         .map_err(kvm("SET_VCPU_EVENTS", id))?;
+    if let Some((skew, khz)) = tsc_skew(fd, id, &state.msrs)? {
+        let secs = skew as f64 / (f64::from(khz) * 1000.0);
+        let effect = if skew > 0 {
+            format!("jumps forward by {secs:.1} s")
+        } else {
+            format!(
+                "stands still for {:.1} s, until the host's TSC (behind: rebooted since?) passes the snapshot's",
+                -secs
+            )
+        };
+        log::warn!(
+            "vCPU {id}: IA32_TSC was not restored: KVM keeps the host's TSC, {secs:+.1} s from the snapshot's ({skew:+} cycles at {khz} kHz). kvm-clock is restored; the time of a guest whose clocksource is tsc {effect}"
+        );
+        rebase_tsc_deadline(fd, id, &state.msrs, skew)?;
+    }
+    mark_guest_stopped(fd, id, &state.msrs);
     Ok(())
 }
 
@@ -222,6 +336,67 @@ mod tests {
             data,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn shifted_deadline_keeps_the_time_left_and_wraps() {
+        assert_eq!(shifted_deadline(1_000, 500), 1_500);
+        assert_eq!(shifted_deadline(1_000, -400), 600);
+        assert_eq!(shifted_deadline(u64::MAX, 2), 1, "wraps like the TSC");
+        assert_eq!(shifted_deadline(5, -6), u64::MAX);
+    }
+
+    /// A state whose TSC is far from the host's and whose LAPIC timer is armed 5 s
+    /// ahead: after restore the timer is still about 5 s ahead of the vCPU's TSC, whether
+    /// this host restores the TSC (the deadline is kept) or keeps its own (the deadline
+    /// is moved by the difference).
+    #[test]
+    fn restore_keeps_the_lapic_timer_s_time_left() {
+        use crate::vstate::kvm::{KvmContext, KVM_PATH};
+        if !std::path::Path::new(KVM_PATH).exists() {
+            eprintln!("SKIPPED: {KVM_PATH} is missing on this host");
+            return;
+        }
+        let kvm = KvmContext::new().expect("KVM");
+        let vm = kvm.kvm().create_vm().expect("VM");
+        vm.create_irq_chip().expect("irqchip");
+        let fd = vm.create_vcpu(0).expect("vCPU");
+        fd.set_cpuid2(&kvm.supported_cpuid().expect("CPUID"))
+            .expect("set CPUID");
+        // Spurious-vector register: APIC software-enabled; LVT timer: TSC-deadline mode.
+        let mut lapic = fd.get_lapic().expect("LAPIC");
+        let put = |l: &mut kvm_lapic_state, off: usize, v: u32| {
+            for (i, b) in v.to_le_bytes().iter().enumerate() {
+                l.regs[off + i] = *b as std::os::raw::c_char;
+            }
+        };
+        put(&mut lapic, 0xf0, 0x1ff);
+        put(&mut lapic, 0x320, (0b10 << 17) | 0xec);
+        fd.set_lapic(&lapic).expect("set LAPIC");
+        let khz = u64::from(fd.get_tsc_khz().expect("TSC kHz"));
+        let mut st = save(&fd, 0, &[MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE]).expect("save");
+        // As if saved on a host whose TSC was 1000 s ahead of this one's.
+        let saved_tsc = st.msrs[0].data + 1000 * khz * 1000;
+        st.msrs = vec![
+            kvm_msr_entry {
+                index: MSR_IA32_TSC,
+                data: saved_tsc,
+                ..Default::default()
+            },
+            kvm_msr_entry {
+                index: MSR_IA32_TSC_DEADLINE,
+                data: saved_tsc + 5 * khz * 1000,
+                ..Default::default()
+            },
+        ];
+        restore(&fd, &st).expect("restore");
+        let back = read_msrs(&fd, 0, &[MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE]).expect("read");
+        let (tsc, deadline) = (back[0].data, back[1].data);
+        let left_ms = (i128::from(deadline) - i128::from(tsc)) / i128::from(khz);
+        assert!(
+            (4_000..=5_000).contains(&left_ms),
+            "the timer has {left_ms} ms left (TSC {tsc}, deadline {deadline}), 5000 expected"
+        );
     }
 
     #[test]

@@ -48,12 +48,19 @@ impl Persist for Vm {
     type State = VmKvmState;
 
     fn save(&self) -> Result<VmKvmState, PersistError> {
+        let clock = self.fd().get_clock().map_err(kvm("GET_CLOCK"))?;
+        // Flags 0x2 (TSC_STABLE) say KVM runs its master clock for this VM.
+        log::debug!(
+            "KVM_GET_CLOCK: {} ns, flags {:#x}",
+            clock.clock,
+            clock.flags
+        );
         Ok(VmKvmState {
             pic_master: chip(self, KVM_IRQCHIP_PIC_MASTER, "GET_IRQCHIP (PIC master)")?,
             pic_slave: chip(self, KVM_IRQCHIP_PIC_SLAVE, "GET_IRQCHIP (PIC slave)")?,
             ioapic: chip(self, KVM_IRQCHIP_IOAPIC, "GET_IRQCHIP (IOAPIC)")?,
             pit: self.fd().get_pit2().map_err(kvm("GET_PIT2"))?,
-            clock: self.fd().get_clock().map_err(kvm("GET_CLOCK"))?,
+            clock,
         })
     }
 

@@ -14,6 +14,10 @@
 //! - ERMS and FSRM are cleared so the kernel copies with `rep movsq` rather than
 //!   `rep movsb`, which the emulator runs one iteration at a time.
 //! - The architectural PMU (leaf 0xa) is hidden: there is no vPMU to emulate.
+//! - KVM's paravirtual send-IPI (`KVM_FEATURE_PV_SEND_IPI`, leaf 0x40000001) is hidden:
+//!   on this host a guest that sends an NMI through that hypercall (the RCU stall report's
+//!   backtrace request) never gets past the `vmcall`, with interrupts off. The guest
+//!   then sends IPIs through its APIC (docs/machine-notes.md, "Paravirtual IPIs").
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
@@ -46,6 +50,11 @@ mod leaf7_ebx {
 const LEAF7_EDX_FSRM: u32 = 4;
 /// Leaf 7 subleaf 0 ECX: AVX-512 VBMI and friends (bits 1, 6, 11, 12, 14).
 const LEAF7_ECX_AVX512_MASK: u32 = (1 << 1) | (1 << 6) | (1 << 11) | (1 << 12) | (1 << 14);
+
+/// KVM's paravirtual feature leaf (EAX: `KVM_FEATURE_*` bits).
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// `KVM_FEATURE_PV_SEND_IPI`: send IPIs with the `KVM_HC_SEND_IPI` hypercall.
+const KVM_FEATURE_PV_SEND_IPI: u32 = 11;
 
 /// Leaf 0xb / 0x1f level types.
 const LEVEL_TYPE_SMT: u32 = 1;
@@ -117,6 +126,7 @@ fn fix_entry(e: &mut kvm_cpuid_entry2, cpu: u32, count: u32) {
             e.ecx = (e.index & 0xff) | (level_type << 8);
             e.edx = cpu;
         }
+        KVM_CPUID_FEATURES => clear(&mut e.eax, &[KVM_FEATURE_PV_SEND_IPI]),
         0x8000_0008 => {
             // AMD: ECX[7:0] number of cores - 1, ECX[15:12] APIC ID bits for cores.
             e.ecx = (e.ecx & !0xf0ff) | ((count - 1) & 0xff) | (bits_for(count) << 12);
@@ -184,6 +194,7 @@ mod tests {
             entry(0xb, 2, 9, 9, 9, 9),
             entry(0x8000_0008, 0, 0x3030, 0, 0xffff, 0),
             entry(0x8000_001e, 0, 7, 7, 7, 0),
+            entry(0x4000_0001, 0, 0x01ff_ffff, 0, 0, 0),
         ])
         .expect("small cpuid")
     }
@@ -232,6 +243,17 @@ mod tests {
         assert_eq!((amd.ecx >> 12) & 0xf, 2);
         assert_eq!(get(&c, 0x8000_001e, 0).eax, 2);
         assert_eq!(get(&c, 0xa, 0).eax, 0);
+    }
+
+    #[test]
+    fn kvm_pv_send_ipi_hidden_other_pv_features_kept() {
+        let kvm = get(&for_vcpu(&supported(), 0, 2), 0x4000_0001, 0);
+        assert_eq!(kvm.eax & (1 << 11), 0, "PV_SEND_IPI");
+        assert_eq!(
+            kvm.eax,
+            0x01ff_ffff & !(1 << 11),
+            "the others kept (kvmclock...)"
+        );
     }
 
     #[test]
