@@ -98,15 +98,15 @@ impl Drop for Pool {
     }
 }
 
-/// Pre-fault `len` bytes at `off` in 4 MiB steps, stopping early when asked to. Small
+/// Pre-fault `len` bytes at `off` for writing in 4 MiB steps, stopping early when asked. Small
 /// steps: each one holds the process's mmap lock for reading, and a thread that wants it
 /// for writing (any mmap or munmap) waits for the step in progress.
-fn populate_until_stopped(map: &Mapping, off: u64, len: u64, write: bool, stop: &AtomicBool) {
+fn populate_until_stopped(map: &Mapping, off: u64, len: u64, stop: &AtomicBool) {
     const STEP: u64 = 4 << 20;
     let mut at = off;
     while at < off + len && !stop.load(Ordering::Relaxed) {
         let n = STEP.min(off + len - at);
-        map.populate(at, n, write);
+        map.populate(at, n, true);
         at += n;
     }
 }
@@ -305,8 +305,15 @@ impl Pool {
     }
 
     /// Pre-fault the store's own mapping in a background thread: metadata and blocks
-    /// for writing, RAM for reading, so that preserve (on the VMM's fault path) rarely
-    /// page-faults itself. `create` starts it; `open` does not, so opening a pool (and
+    /// for writing, so that preserve (on the VMM's fault path) rarely page-faults
+    /// itself. Not the RAM area: RAM is what the vCPUs write through KVM while this
+    /// thread runs, and populating it here too stalled a running guest on this host
+    /// (kvm_pvm, shadow paging): `MADV_POPULATE_READ` over guest RAM at nice 19, while
+    /// both vCPUs took write-protect faults, left a vCPU and this thread spinning in
+    /// `__get_user_pages` (state R) for seconds with no round of the payload completing
+    /// (`vmm/tests/engine_payload.rs` `thousand_snapshots_and_deletes_under_writers`
+    /// failed about every other run; 0 failures in 12 runs without the RAM pass). A
+    /// preserve reads a RAM page through this mapping once, a minor fault at most. `create` starts it; `open` does not, so opening a pool (and
     /// so `pmsnap restore` up to running vCPUs, or `pmsnap store ls`) does not share the
     /// CPUs and the mmap lock with it: a VMM calls this once its vCPUs run. Populating
     /// only fills page tables, so it races harmlessly with the store's own accesses; the
@@ -326,10 +333,9 @@ impl Pool {
                 if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0 {
                     log::debug!("pre-fault thread keeps its priority");
                 }
-                populate_until_stopped(&bg, 0, geo.ram_offset, true, &bg_stop);
-                populate_until_stopped(&bg, geo.ram_offset, geo.ram_size, false, &bg_stop);
+                populate_until_stopped(&bg, 0, geo.ram_offset, &bg_stop);
                 let blocks = geo.file_size - geo.block_offset;
-                populate_until_stopped(&bg, geo.block_offset, blocks, true, &bg_stop);
+                populate_until_stopped(&bg, geo.block_offset, blocks, &bg_stop);
             });
         match spawned {
             Ok(t) => self.prefault = Some((stop, t)),
