@@ -143,6 +143,11 @@ fn snapshot(g: &Guest, api: &Path, from: usize, name: &str) -> Snap {
     let snap = ctl_json(api, &["snapshot-vm", name]);
     let at = Instant::now();
     assert_eq!(snap["name"], name, "{snap}");
+    // What the guest printed before the pause may still be in the VMM's stdout pipe, not
+    // yet read by the console pump: give it time to arrive, or a restored guest would
+    // seem to skip the steps in flight. Steps printed after the snapshot only widen the
+    // upper bound; the lower bound (`before`) is what was seen before the request.
+    std::thread::sleep(Duration::from_millis(1000));
     let after = g.output_len();
     let lo = last_step(g, from, before).expect("a churn step before the snapshot");
     let hi = last_step(g, from, after).expect("a churn step");
