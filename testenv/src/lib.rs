@@ -137,6 +137,32 @@ pub fn tool_unavailable(tool: &str) -> Option<String> {
     }
 }
 
+/// A tiny deterministic generator (xorshift64*) for tests that draw random moments or
+/// sizes: reproducible from its seed, so a failing run replays (the tests print their
+/// seed). One copy for every test crate.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// One of `items` (which must not be empty).
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +222,18 @@ mod tests {
         let why = tool_unavailable("pmsnap-no-such-tool").expect("missing");
         assert!(why.starts_with("needs pmsnap-no-such-tool, but"), "{why}");
         assert_eq!(tool_unavailable("sh"), None, "sh --version starts");
+    }
+
+    #[test]
+    fn rng_is_reproducible_and_in_range() {
+        let (mut a, mut b) = (Rng(42), Rng(42));
+        for _ in 0..1000 {
+            let (x, y) = (a.below(7), b.below(7));
+            assert_eq!(x, y);
+            assert!(x < 7);
+        }
+        assert_ne!(Rng(1).next_u64(), Rng(2).next_u64());
+        assert_eq!(Rng(5).below(0), 0);
+        assert_eq!(*Rng(9).pick(&[3]), 3);
     }
 }

@@ -21,6 +21,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use guest_agent::churn::{expected_checksums, Churn};
+use pmsnap_testenv::Rng;
 use pmsnap_tests::fidelity::{kernel_warnings, set_stall_timeout, tail, STALL_TIMEOUT_S};
 use pmsnap_tests::{ctl_json, ready_guest, require_kvm, restore_args, Guest};
 
@@ -43,22 +44,6 @@ fn env_num(name: &str) -> Option<u64> {
         v.parse()
             .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
     })
-}
-
-/// xorshift64*: enough randomness for snapshot moments, reproducible from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// The complete churn lines in `text`: the text before the first newline may be the
@@ -287,14 +272,4 @@ fn churn_lines_skip_cut_and_unfinished_lines_and_checksums_are_checked() {
     );
     let bad = format!("{}\n", Churn::line(n, sum ^ 1));
     assert!(std::panic::catch_unwind(|| check_checksums(&bad, "bad")).is_err());
-}
-
-#[test]
-fn rng_is_reproducible_and_in_range() {
-    let (mut a, mut b) = (Rng(7), Rng(7));
-    for _ in 0..100 {
-        let x = a.below(10);
-        assert_eq!(x, b.below(10));
-        assert!(x < 10);
-    }
 }

@@ -146,17 +146,22 @@ pub fn mark(kind: ThreadKind) {
 /// error; a compromised thread gains nothing from it. Installed on top of the allow-list
 /// (which lets `openat` through): the kernel applies the strictest answer of all filters.
 fn deny_open_program() -> Result<BpfProgram, seccompiler::BackendError> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
-        [libc::SYS_open, libc::SYS_openat, libc::SYS_openat2]
-            .into_iter()
-            .map(|nr| (nr, Vec::new()))
-            .collect();
-    let filter = SeccompFilter::new(
-        rules,
+    compile(
+        &[libc::SYS_open, libc::SYS_openat, libc::SYS_openat2],
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EACCES as u32),
-        TargetArch::x86_64,
-    )?;
+    )
+}
+
+/// A BPF program answering `on_match` for the system calls in `calls` (any arguments)
+/// and `otherwise` for the rest.
+fn compile(
+    calls: &[i64],
+    otherwise: SeccompAction,
+    on_match: SeccompAction,
+) -> Result<BpfProgram, seccompiler::BackendError> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = calls.iter().map(|&nr| (nr, Vec::new())).collect();
+    let filter = SeccompFilter::new(rules, otherwise, on_match, TargetArch::x86_64)?;
     BpfProgram::try_from(filter)
 }
 
@@ -171,20 +176,12 @@ pub fn apply_or_warn(kind: ThreadKind) {
 
 /// The compiled BPF program of `kind`.
 pub fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
-    let build = |source| SeccompError::Build {
-        kind: kind.name(),
-        source,
-    };
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
-        allowed(kind).iter().map(|&nr| (nr, Vec::new())).collect();
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Trap,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(build)?;
-    BpfProgram::try_from(filter).map_err(build)
+    compile(&allowed(kind), SeccompAction::Trap, SeccompAction::Allow).map_err(|source| {
+        SeccompError::Build {
+            kind: kind.name(),
+            source,
+        }
+    })
 }
 
 /// System calls every kind needs: memory, locks, time, logging to stderr, signals, exit.

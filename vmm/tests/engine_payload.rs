@@ -15,6 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pmem_backend::{PageLocation, Pool, PoolOptions};
+use pmsnap_testenv::Rng;
 use vmm::api::{PageRun, PagesSnapshotRequest};
 
 mod common;
@@ -383,20 +384,6 @@ fn paused_and_unpaused_snapshots_of_the_whole_region() {
     let report = pool.verify(|_, _| ());
     assert!(report.is_clean(), "verify: {report:?}");
     eprintln!("whole-region test took {:?}", t0.elapsed());
-}
-
-/// Tiny deterministic generator (xorshift64*), so failures reproduce.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// 1,000 snapshots of random runs and their deletes while both vCPUs write.

@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pmem_backend::{Pool, PoolOptions};
+use pmsnap_testenv::Rng;
 use vmm::api::client::ClientError;
 use vmm::api::types::VmState;
 
@@ -53,23 +54,6 @@ const MAX_LIVE: usize = 3;
 /// (a full block area makes the engine drop snapshots, which the test would report).
 /// Not more: every VMM pre-faults the whole block area in the background.
 const BLOCKS: u64 = MAX_LIVE as u64 * PAGES + 4096;
-
-/// Tiny deterministic generator (xorshift64*), so a failing run replays from its seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
 
 fn env_u64(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;
