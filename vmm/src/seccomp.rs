@@ -245,94 +245,68 @@ const FAULT: &[i64] = &[
     libc::SYS_sched_setaffinity,
 ];
 
-/// Extra calls of the event loop thread: epoll, sockets of the vsock device, the
-/// console, signals, the guest's snapshot service (pool commits, protection), teardown.
-const EVENT_LOOP: &[i64] = &[
+/// Calls both service threads (the event loop and the API threads) make: socket and file
+/// I/O on their own descriptors, KVM and userfaultfd ioctls, pool persistence.
+const SERVICE: &[i64] = &[
     libc::SYS_ioctl,
     libc::SYS_read,
     libc::SYS_readv,
     libc::SYS_pread64,
     libc::SYS_pwrite64,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_accept4,
+    libc::SYS_accept,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_fcntl,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_msync,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_tgkill,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_statx,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_lseek,
+    libc::SYS_dup,
+    libc::SYS_setpriority,
+];
+
+/// Extra calls of the event loop thread: epoll, `flock` and `kill`/`wait4` at teardown.
+const EVENT_LOOP: &[i64] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-    libc::SYS_accept4,
-    libc::SYS_accept,
-    libc::SYS_recvfrom,
-    libc::SYS_recvmsg,
-    libc::SYS_sendto,
-    libc::SYS_sendmsg,
-    libc::SYS_shutdown,
-    libc::SYS_fcntl,
-    libc::SYS_getsockopt,
-    libc::SYS_setsockopt,
-    libc::SYS_msync,
-    libc::SYS_fdatasync,
-    libc::SYS_fsync,
-    libc::SYS_tgkill,
     libc::SYS_kill,
-    libc::SYS_unlink,
-    libc::SYS_unlinkat,
     libc::SYS_flock,
-    libc::SYS_statx,
-    libc::SYS_fstat,
-    libc::SYS_newfstatat,
-    libc::SYS_lseek,
-    libc::SYS_dup,
-    libc::SYS_setpriority,
     libc::SYS_wait4,
 ];
 
-/// Extra calls of the API threads: the socket, HTTP, the engine's operations (VM
-/// snapshots and rollback pause the vCPUs, capture state, commit to the pool), the agent
-/// client (a Unix socket to the vsock device), thread creation for connections.
+/// Extra calls of the API threads: the agent client's Unix socket and the threads of new
+/// connections.
 const API: &[i64] = &[
-    libc::SYS_ioctl,
-    libc::SYS_read,
-    libc::SYS_readv,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-    libc::SYS_accept4,
-    libc::SYS_accept,
     libc::SYS_socket,
     libc::SYS_connect,
-    libc::SYS_recvfrom,
-    libc::SYS_recvmsg,
-    libc::SYS_sendto,
-    libc::SYS_sendmsg,
-    libc::SYS_shutdown,
-    libc::SYS_fcntl,
-    libc::SYS_getsockopt,
-    libc::SYS_setsockopt,
-    libc::SYS_msync,
-    libc::SYS_fdatasync,
-    libc::SYS_fsync,
-    libc::SYS_tgkill,
     libc::SYS_clone,
     libc::SYS_clone3,
-    libc::SYS_unlink,
-    libc::SYS_unlinkat,
-    libc::SYS_statx,
-    libc::SYS_fstat,
-    libc::SYS_newfstatat,
-    libc::SYS_lseek,
-    libc::SYS_dup,
-    libc::SYS_setpriority,
 ];
 
 /// The allow-list of `kind`.
 pub fn allowed(kind: ThreadKind) -> Vec<i64> {
-    let extra = match kind {
-        ThreadKind::Vcpu => VCPU,
-        ThreadKind::Fault => FAULT,
-        ThreadKind::EventLoop => EVENT_LOOP,
-        ThreadKind::Api => API,
+    let lists: &[&[i64]] = match kind {
+        ThreadKind::Vcpu => &[COMMON, VCPU],
+        ThreadKind::Fault => &[COMMON, FAULT],
+        ThreadKind::EventLoop => &[COMMON, SERVICE, EVENT_LOOP],
+        ThreadKind::Api => &[COMMON, SERVICE, API],
     };
-    let mut v: Vec<i64> = COMMON.iter().chain(extra).copied().collect();
+    let mut v = lists.concat();
     v.sort_unstable();
     v.dedup();
     v
