@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use guest_agent::churn::{expected_checksums, Churn};
+
 use crate::Guest;
 
 /// RCU CPU stall timeout the fidelity tests give the guest, in seconds (the kernel's
@@ -109,6 +111,41 @@ pub fn tail(s: &str, n: usize) -> &str {
         i += 1;
     }
     &s[i..]
+}
+
+/// The complete `C=<n> S=<checksum>` churn lines in `text`, in order. The text before the
+/// first newline may be the tail of a line cut by a snapshot, a rollback or a restore, and
+/// the text after the last one is unfinished: neither is a churn line unless it is whole.
+pub fn churn_lines(text: &str) -> Vec<(u64, u64)> {
+    let Some(end) = text.rfind('\n') else {
+        return Vec::new();
+    };
+    text[..end]
+        .split('\n')
+        .filter_map(Churn::parse_line)
+        .collect()
+}
+
+/// Check that every churn line in `text` has the exact checksum of its step; returns
+/// how many lines there were, or the first wrong one.
+pub fn check_checksums(text: &str) -> Result<usize, String> {
+    let lines = churn_lines(text);
+    let ns: Vec<u64> = lines.iter().map(|l| l.0).collect();
+    let want: std::collections::HashMap<u64, u64> = expected_checksums(&ns).into_iter().collect();
+    for (n, got) in &lines {
+        let w = want.get(n).copied().unwrap_or_default();
+        if *got != w {
+            return Err(format!(
+                "step {n} printed checksum {got:016x}, the rule gives {w:016x}"
+            ));
+        }
+    }
+    Ok(lines.len())
+}
+
+/// [`check_checksums`], which must pass; panics naming `what` otherwise.
+pub fn assert_checksums(text: &str, what: &str) -> usize {
+    check_checksums(text).unwrap_or_else(|e| panic!("{what}: {e}"))
 }
 
 #[cfg(test)]

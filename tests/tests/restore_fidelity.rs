@@ -22,7 +22,10 @@ use std::time::{Duration, Instant};
 
 use guest_agent::churn::{expected_checksums, Churn};
 use pmsnap_testenv::Rng;
-use pmsnap_tests::fidelity::{kernel_warnings, set_stall_timeout, tail, STALL_TIMEOUT_S};
+use pmsnap_tests::fidelity::{
+    assert_checksums, check_checksums, churn_lines, kernel_warnings, set_stall_timeout, tail,
+    STALL_TIMEOUT_S,
+};
 use pmsnap_tests::{ctl_json, ready_guest, require_kvm, restore_args, Guest};
 
 const CMD: Duration = Duration::from_secs(120);
@@ -44,33 +47,6 @@ fn env_num(name: &str) -> Option<u64> {
         v.parse()
             .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
     })
-}
-
-/// The complete churn lines in `text`: the text before the first newline may be the
-/// tail of a line cut by a snapshot, and the text after the last one is unfinished.
-fn churn_lines(text: &str) -> Vec<(u64, u64)> {
-    let Some(end) = text.rfind('\n') else {
-        return Vec::new();
-    };
-    text[..end]
-        .split('\n')
-        .filter_map(Churn::parse_line)
-        .collect()
-}
-
-/// Every churn line in `text` has the exact checksum of its step; returns the count.
-fn check_checksums(text: &str, what: &str) -> usize {
-    let lines = churn_lines(text);
-    let ns: Vec<u64> = lines.iter().map(|l| l.0).collect();
-    let want: std::collections::HashMap<u64, u64> = expected_checksums(&ns).into_iter().collect();
-    for (n, got) in &lines {
-        assert_eq!(
-            Some(got),
-            want.get(n),
-            "{what}: step {n} printed checksum {got:016x}, the rule gives another"
-        );
-    }
-    lines.len()
 }
 
 fn last_step(g: &Guest, from: usize, to: usize) -> Option<u64> {
@@ -190,7 +166,7 @@ fn snapshots_of_a_busy_guest_restore_and_roll_back_healthy() {
             // first one after it.
             ctl_json(&api, &["pause"]);
             std::thread::sleep(Duration::from_millis(200));
-            check_checksums(&g.output()[seg..], "first VMM");
+            assert_checksums(&g.output()[seg..], "first VMM");
             let before = g.output_len();
             let rb = ctl_json(&api, &["rollback", &snaps[k].name]);
             ctl_json(&api, &["resume"]);
@@ -202,7 +178,7 @@ fn snapshots_of_a_busy_guest_restore_and_roll_back_healthy() {
             seg = before;
         }
     }
-    let checked = check_checksums(&g.output()[seg..], "first VMM");
+    let checked = assert_checksums(&g.output()[seg..], "first VMM");
     eprintln!(
         "{count} snapshots taken in {:?}, {checked} churn lines checked since the last rollback",
         t_start.elapsed()
@@ -240,7 +216,7 @@ fn snapshots_of_a_busy_guest_restore_and_roll_back_healthy() {
         answers.push(answer);
         assert_continues(&r, 0, s.steps, &what);
         assert_healthy(&mut r, t0, &what);
-        check_checksums(&r.output(), &what);
+        assert_checksums(&r.output(), &what);
         // SAFETY: kill(2) on our own child, not yet reaped.
         assert_eq!(unsafe { libc::kill(r.pid() as i32, libc::SIGKILL) }, 0);
         assert!(r.wait_exit(Duration::from_secs(30)).is_some());
@@ -267,9 +243,9 @@ fn churn_lines_skip_cut_and_unfinished_lines_and_checksums_are_checked() {
         panic!("one checksum")
     };
     assert_eq!(
-        check_checksums(&format!("{}\n", Churn::line(n, sum)), "good"),
+        assert_checksums(&format!("{}\n", Churn::line(n, sum)), "good"),
         1
     );
     let bad = format!("{}\n", Churn::line(n, sum ^ 1));
-    assert!(std::panic::catch_unwind(|| check_checksums(&bad, "bad")).is_err());
+    assert!(check_checksums(&bad).is_err());
 }

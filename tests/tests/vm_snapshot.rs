@@ -13,45 +13,11 @@
 use std::time::Duration;
 
 use guest_agent::churn::{expected_checksums, Churn};
+use pmsnap_tests::fidelity::{assert_checksums, check_checksums, churn_lines};
 use pmsnap_tests::{ctl_json, ready_guest, require_kvm, restore_args, run_pmsnap, s, Guest};
 
 const WAIT: Duration = Duration::from_secs(300);
 const CMD_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// The complete `C=<n> S=<checksum>` lines in `text`, in order. The text before the first
-/// newline may be the tail of a line cut by a snapshot or a rollback, and the text after
-/// the last one is unfinished: neither is a `C=` line unless it is a whole one.
-fn churn_lines(text: &str) -> Vec<(u64, u64)> {
-    let Some(end) = text.rfind('\n') else {
-        return Vec::new();
-    };
-    text[..end]
-        .split('\n')
-        .filter_map(Churn::parse_line)
-        .collect()
-}
-
-/// Check that every churn line in `text` has the exact checksum of its step; returns
-/// how many lines there were, or the first wrong one.
-fn check_checksums(text: &str) -> Result<usize, String> {
-    let lines = churn_lines(text);
-    let ns: Vec<u64> = lines.iter().map(|l| l.0).collect();
-    let want: std::collections::HashMap<u64, u64> = expected_checksums(&ns).into_iter().collect();
-    for (n, got) in &lines {
-        let w = want.get(n).copied().unwrap_or_default();
-        if *got != w {
-            return Err(format!(
-                "step {n} printed checksum {got:016x}, the rule gives {w:016x}"
-            ));
-        }
-    }
-    Ok(lines.len())
-}
-
-/// [`check_checksums`], which must pass.
-fn assert_checksums(text: &str, what: &str) -> usize {
-    check_checksums(text).unwrap_or_else(|e| panic!("{what}: {e}"))
-}
 
 /// Wait until a churn step above `min` appears after byte `from`; returns the first one.
 fn wait_step_above(g: &Guest, from: usize, min: u64, timeout: Duration) -> Option<u64> {
