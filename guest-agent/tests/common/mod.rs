@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -77,27 +76,6 @@ impl FakeVmm {
     }
 }
 
-fn peer_pid(s: &UnixStream) -> u32 {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len are valid for writes of the passed size.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(r, 0, "SO_PEERCRED");
-    cred.pid as u32
-}
-
 fn serve(c: &mut UnixStream, st: &Mutex<State>) {
     // Read in small pieces, the way the VMM receives vsock packets.
     let mut fb = FrameBuffer::new();
@@ -120,7 +98,7 @@ fn serve(c: &mut UnixStream, st: &Mutex<State>) {
             }
         }
     };
-    let peer = peer_pid(c);
+    let peer = guest_agent::gateway::peer_cred(c).expect("SO_PEERCRED").pid;
     let r = match GuestRequest::decode(&frame).and_then(|r| r.validate(RAM_PAGES).map(|()| r)) {
         Err(e) => Reply::Error(ErrorReply::from(&e)),
         Ok(req) => {
