@@ -202,6 +202,23 @@ fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
     addr
 }
 
+/// Bind a vsock socket to `port` of any local CID.
+fn vsock_bind(fd: &OwnedFd, port: u32) -> std::io::Result<()> {
+    let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
+    // SAFETY: addr is a valid sockaddr_vm and its size is passed.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn vsock_socket() -> std::io::Result<OwnedFd> {
     // SAFETY: socket() has no memory-safety preconditions.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
@@ -241,17 +258,7 @@ impl VsockStream {
         let mut last = std::io::Error::from_raw_os_error(libc::EADDRINUSE);
         for local in PRIVILEGED_PORTS.rev() {
             let fd = vsock_socket()?;
-            let addr = vsock_addr(libc::VMADDR_CID_ANY, local);
-            // SAFETY: addr is a valid sockaddr_vm and its size is passed.
-            let r = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&addr as *const libc::sockaddr_vm).cast(),
-                    std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-                )
-            };
-            if r != 0 {
-                let e = std::io::Error::last_os_error();
+            if let Err(e) = vsock_bind(&fd, local) {
                 if e.raw_os_error() == Some(libc::EADDRINUSE) {
                     last = e;
                     continue;
@@ -325,18 +332,7 @@ impl VsockListener {
     /// Listen on `port` for any CID.
     pub fn bind(port: u32) -> std::io::Result<Self> {
         let fd = vsock_socket()?;
-        let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
-        // SAFETY: addr is a valid sockaddr_vm and its size is passed.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_vm).cast(),
-                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        vsock_bind(&fd, port)?;
         // SAFETY: listen on a bound socket we own.
         if unsafe { libc::listen(fd.as_raw_fd(), 16) } != 0 {
             return Err(std::io::Error::last_os_error());
