@@ -119,7 +119,7 @@ fn boots_default_image_with_two_vcpus_and_powers_off() {
 }
 
 /// Copy of all guest RAM.
-fn ram(mem: &vmm::vstate::memory::GuestMemoryMmap) -> Vec<u8> {
+fn ram(mem: &vmm::memory::GuestMemoryMmap) -> Vec<u8> {
     let mut all = Vec::new();
     for r in mem.iter() {
         let mut buf = vec![0u8; r.len() as usize];
@@ -134,7 +134,7 @@ fn ram(mem: &vmm::vstate::memory::GuestMemoryMmap) -> Vec<u8> {
 fn pause_freezes_the_guest_and_resume_continues_it() {
     require_kvm!("pause_freezes_the_guest_and_resume_continues_it");
     use vmm::builder::VmBuilder;
-    use vmm::vstate::vcpu::StopNotifier;
+    use vmm::stop::StopNotifier;
 
     let (kernel, initrd) = image();
     let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir on tmpfs");

@@ -36,14 +36,16 @@ use crate::config::{self, ConfigError, VmConfig};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::legacy::serial::StdoutWriter;
 use crate::devices::legacy::{EventFdTrigger, SerialDevice, I8042};
-use crate::snapshot::dirty::{DirtyError, DirtySource};
+use crate::memory::GuestMemoryMmap;
 use crate::snapshot::engine::{Engine, EngineError, VmInfo};
 use crate::snapshot::fault::HandlerOptions;
 use crate::snapshot::protect::{ProtectError, UffdProtector};
+use crate::stop::StopNotifier;
 use crate::vstate::control::VcpuControl;
+use crate::vstate::dirty::{DirtyError, DirtySource, VmmWriteLog};
 use crate::vstate::kvm::{KvmContext, KvmError};
-use crate::vstate::memory::{self, GuestMemoryMmap, MemoryError};
-use crate::vstate::vcpu::{StopNotifier, Vcpu, VcpuError, Vcpus};
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{Vcpu, VcpuError, Vcpus};
 use crate::vstate::vm::{Vm, VmError};
 use pmem_backend::Pool;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -437,7 +439,7 @@ impl VmBuilder {
         let protector = Arc::new(UffdProtector::with_ranges(&maps).map_err(BuildError::Protect)?);
         let sources: Vec<Box<dyn DirtySource>> = vec![
             Box::new(vm.dirty_log().map_err(BuildError::Dirty)?),
-            Box::new(memory::VmmWriteLog::new(vm.memory().clone())),
+            Box::new(VmmWriteLog::new(vm.memory().clone())),
         ];
         let engine = Engine::start(
             Arc::new(Mutex::new(pool)),

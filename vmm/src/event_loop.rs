@@ -15,7 +15,7 @@ use vmm_sys_util::signal::register_signal_handler;
 pub use event_manager::SubscriberId;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
-use crate::vstate::vcpu::{StopNotifier, VmStop};
+use crate::stop::{StopNotifier, VmStop};
 
 /// A subscriber as the event loop holds it.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;

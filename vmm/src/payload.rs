@@ -15,7 +15,7 @@
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::vstate::memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 
 /// Where the GDT goes.
 pub const GDT_ADDR: u64 = 0x500;

@@ -16,7 +16,7 @@ use crate::event_loop::EventLoop;
 use crate::persist::ops::load_vm_state;
 use crate::persist::Persist;
 use crate::snapshot::engine::lock_pool;
-use crate::vstate::vcpu::VmStop;
+use crate::stop::VmStop;
 
 /// Arguments of `pmsnap restore`.
 #[derive(Debug, Args)]

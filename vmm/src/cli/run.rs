@@ -15,7 +15,7 @@ use crate::devices::legacy::{terminal, RawModeGuard, StdinInput};
 use crate::event_loop::EventLoop;
 use crate::payload::{PayloadProgress, PROGRESS_PORT};
 use crate::pool_dir;
-use crate::vstate::vcpu::VmStop;
+use crate::stop::VmStop;
 
 /// Arguments of `pmsnap run`.
 #[derive(Debug, Args)]

@@ -182,8 +182,8 @@ impl Persist for std::sync::Mutex<SerialDevice> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::GuestMemoryMmap;
     use crate::vstate::kvm::KvmContext;
-    use crate::vstate::memory::GuestMemoryMmap;
     use vm_memory::GuestAddress;
 
     #[test]

@@ -19,11 +19,12 @@ use pmem_backend::{
     SnapshotMeta,
 };
 
-use super::dirty::{DirtySource, DirtyTracker};
+use super::dirty::DirtyTracker;
 use super::fault::{FaultHandler, FaultStats, HandlerOptions, PreserveSink};
 use super::protect::{PageProtector, UffdProtector};
 use crate::api::{self, ApiError, ApiRequest, ApiResponse};
 use crate::persist::live::VmPersist;
+use crate::vstate::dirty::DirtySource;
 
 /// Pause and resume of the vCPUs, as the engine needs them.
 pub trait VmControl: Send + Sync {

@@ -1,21 +1,13 @@
-//! Guest memory types. Guest RAM is one file-backed region of the pool, mapped
-//! `MAP_SHARED`; the `AtomicBitmap` records the pages the VMM itself writes (device
-//! emulation), which KVM's dirty log never sees.
+//! Guest RAM in the pool: the pool file's checks (filesystem, size), opening or creating
+//! it, and mapping its RAM area as guest memory.
 
-use vm_memory::bitmap::AtomicBitmap;
-
-/// Guest memory as the whole VMM uses it.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
-/// One guest memory region.
-pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+use crate::memory::GuestMemoryMmap;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use pmem_backend::{Pool, PoolError, PoolOptions};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-
-use crate::snapshot::dirty::{bitmap_words, DirtyError, DirtySource, PageBitmap};
+use vm_memory::{FileOffset, GuestAddress};
 
 use crate::arch::x86_64::layout;
 
@@ -170,44 +162,6 @@ pub fn open_or_create_pool(path: &Path, mem_bytes: u64) -> Result<Pool, MemoryEr
     Ok(pool)
 }
 
-/// The VMM's own writes into guest RAM (device emulation through vm-memory), which
-/// KVM's dirty log does not see, as a dirty-tracking source.
-#[derive(Debug)]
-pub struct VmmWriteLog {
-    mem: GuestMemoryMmap,
-}
-
-impl VmmWriteLog {
-    /// Track writes made through `mem` (a clone shares the regions and their bitmaps).
-    pub fn new(mem: GuestMemoryMmap) -> Self {
-        Self { mem }
-    }
-}
-
-impl DirtySource for VmmWriteLog {
-    fn harvest(&mut self) -> Result<PageBitmap, DirtyError> {
-        let total: u64 = self.mem.iter().map(|r| r.len() / 4096).sum();
-        let mut out = vec![0u64; bitmap_words(total)];
-        let mut first = 0u64;
-        for region in self.mem.iter() {
-            let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
-            let bits = mapping.bitmap().get_and_reset();
-            for (w, word) in bits.iter().enumerate() {
-                let mut word = *word;
-                while word != 0 {
-                    let page = first + w as u64 * 64 + u64::from(word.trailing_zeros());
-                    if page < total {
-                        out[(page / 64) as usize] |= 1 << (page % 64);
-                    }
-                    word &= word - 1;
-                }
-            }
-            first += region.len() / 4096;
-        }
-        Ok(out)
-    }
-}
-
 pub fn create_guest_memory(
     file: &File,
     ram_offset: u64,
@@ -295,6 +249,7 @@ mod tests {
         let page = pool.read_ram_page(1).expect("read the pool's RAM page 1");
         assert_eq!(&page[..4], &0xdead_beef_u32.to_le_bytes());
         // The VMM's write shows in its own dirty log.
+        use crate::vstate::dirty::{DirtySource, VmmWriteLog};
         let dirty = VmmWriteLog::new(mem.clone()).harvest().expect("harvest");
         assert_eq!(dirty[0], 1 << 1);
     }

@@ -28,14 +28,14 @@ use std::time::Duration;
 use kvm_bindings::{kvm_run, CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use super::memory::GuestMemoryMmap;
 use super::vm::Vm;
 use crate::arch::x86_64::{msr, regs};
 use crate::devices::bus::Bus;
+use crate::memory::GuestMemoryMmap;
 use crate::persist::{self, PersistError, VcpuState};
+use crate::stop::{StopNotifier, VmStop};
 
 /// How long `pause`/`resume` wait for each vCPU to acknowledge. Generous: a vCPU in the
 /// middle of an emulated instruction stream on this host can take a while to notice.
@@ -119,57 +119,6 @@ pub enum VcpuAck {
     Resumed,
     /// The VM has stopped; the vCPU only waits for `Exit`.
     Stopped,
-}
-
-/// Why the VM stopped, as reported by a vCPU or a device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmStop {
-    /// The guest asked for a reset (i8042 0xFE, `reboot`, `poweroff -f` with the
-    /// image's patch): a clean end, exit status 0.
-    Reset,
-    /// KVM reported a shutdown (triple fault) or a system-event shutdown: exit status 0.
-    Shutdown,
-    /// The VMM cannot continue: one line saying why; exit status 1.
-    Error(String),
-    /// The VMM received a termination signal (SIGTERM, SIGINT, SIGHUP); exit status
-    /// 128 + signal, after cleaning up.
-    Terminated(i32),
-}
-
-/// Where vCPU threads report that the VM stopped: a channel plus an eventfd the event
-/// loop waits on.
-#[derive(Debug)]
-pub struct StopNotifier {
-    evt: EventFd,
-    tx: Sender<VmStop>,
-}
-
-impl StopNotifier {
-    /// A notifier and the receiving end for the event loop.
-    pub fn new() -> std::io::Result<(Self, Receiver<VmStop>)> {
-        let (tx, rx) = mpsc::channel();
-        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
-        Ok((Self { evt, tx }, rx))
-    }
-
-    /// The eventfd that becomes readable when a stop is reported.
-    pub fn eventfd(&self) -> &EventFd {
-        &self.evt
-    }
-
-    /// A second handle to the same channel and eventfd.
-    pub fn try_clone(&self) -> std::io::Result<Self> {
-        Ok(Self {
-            evt: self.evt.try_clone()?,
-            tx: self.tx.clone(),
-        })
-    }
-
-    /// Report a stop. Failure means the event loop is already gone; nothing to do then.
-    pub fn notify(&self, why: VmStop) {
-        let _ = self.tx.send(why);
-        let _ = self.evt.write(1);
-    }
 }
 
 thread_local! {

@@ -7,8 +7,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::kvm::KvmContext;
-use super::memory::GuestMemoryMmap;
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+use crate::memory::GuestMemoryMmap;
 
 /// Errors creating or configuring the VM.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +54,7 @@ impl Vm {
         fd.create_pit2(pit).map_err(kvm("CREATE_PIT2"))?;
         // Dirty logging on every RAM slot (pages written since a snapshot); manual
         // protect must be enabled before the slots exist.
-        let manual_dirty_protect = crate::snapshot::dirty::enable_manual_protect(&fd);
+        let manual_dirty_protect = crate::vstate::dirty::enable_manual_protect(&fd);
         for (slot, region) in memory.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -83,19 +83,19 @@ impl Vm {
     /// KVM's dirty log over the RAM memslots, as a dirty-tracking source.
     pub fn dirty_log(
         &self,
-    ) -> Result<crate::snapshot::dirty::KvmDirtyLog, crate::snapshot::dirty::DirtyError> {
+    ) -> Result<crate::vstate::dirty::KvmDirtyLog, crate::vstate::dirty::DirtyError> {
         let mut slots = Vec::new();
         let mut first_page = 0;
         for (slot, region) in self.memory.iter().enumerate() {
             let pages = region.len() / 4096;
-            slots.push(crate::snapshot::dirty::DirtySlot {
+            slots.push(crate::vstate::dirty::DirtySlot {
                 slot: slot as u32,
                 first_page,
                 pages,
             });
             first_page += pages;
         }
-        crate::snapshot::dirty::KvmDirtyLog::new(
+        crate::vstate::dirty::KvmDirtyLog::new(
             &self.fd,
             slots,
             first_page,

@@ -9,7 +9,7 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use super::layout::{APIC_ADDR, IOAPIC_ADDR, IRQ_MAX, MPTABLE_END, MPTABLE_START};
-use crate::vstate::memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 
 const FLOATING_POINTER_LEN: usize = 16;
 const HEADER_LEN: usize = 44;

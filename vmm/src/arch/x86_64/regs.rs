@@ -14,7 +14,7 @@ use super::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
     ZERO_PAGE_START,
 };
-use crate::vstate::memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 
 /// CR0: protected mode enable.
 pub const X86_CR0_PE: u64 = 0x1;

@@ -5,7 +5,7 @@
 use vm_superio::{I8042Device, Trigger};
 
 use crate::devices::bus::BusDevice;
-use crate::vstate::vcpu::{StopNotifier, VmStop};
+use crate::stop::{StopNotifier, VmStop};
 
 /// Trigger that reports a guest reset to the event loop.
 #[derive(Debug)]

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::EventFdTrigger;
 use crate::devices::bus::BusDevice;
-use crate::vstate::vcpu::{StopNotifier, VmStop};
+use crate::stop::{StopNotifier, VmStop};
 
 /// Input kept waiting for FIFO room at most (host input beyond it is dropped).
 pub const MAX_PENDING_INPUT: usize = 1 << 20;

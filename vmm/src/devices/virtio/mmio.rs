@@ -21,7 +21,7 @@ use super::{
 };
 use crate::devices::bus::BusDevice;
 use crate::guest_warn;
-use crate::vstate::memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 
 /// "virt" in little-endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -654,7 +654,7 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vstate::memory::GuestMemoryMmap;
+    use crate::memory::GuestMemoryMmap;
 
     const MEM_SIZE: usize = 0x10_0000;
 

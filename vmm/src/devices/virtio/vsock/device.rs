@@ -16,7 +16,7 @@ use crate::devices::virtio::{
     ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
 use crate::guest_warn;
-use crate::vstate::memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 
 /// virtio device id of vsock.
 pub const VSOCK_DEVICE_ID: u32 = 19;

@@ -19,7 +19,7 @@ use super::packet::{Op, VsockHeader, HDR_LEN, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_S
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{VirtioDevice, VIRTIO_CONFIG_S_DRIVER_OK};
-use crate::vstate::memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 
 const CID: u64 = 3;
 const MEM_SIZE: usize = 16 << 20;

@@ -1,0 +1,228 @@
+//! The sources of dirty tracking: which guest pages were written since the last harvest.
+//!
+//! Two sources exist. KVM's dirty log (`KVM_MEM_LOG_DIRTY_PAGES` with
+//! `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`) sees every vCPU write; the VMM's own writes into
+//! guest RAM (device emulation) never reach KVM's log, so vm-memory's `AtomicBitmap` on
+//! the guest memory region records those ([`VmmWriteLog`]). The snapshot engine's
+//! `DirtyTracker` (crate::snapshot::dirty) harvests both.
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory::GuestMemoryMmap;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_log, kvm_enable_cap, KVMIO};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::{ioctl::ioctl_with_ref, ioctl_iow_nr, ioctl_iowr_nr};
+
+ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
+ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+
+/// Errors from dirty tracking.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyError {
+    /// A KVM dirty-log ioctl failed.
+    #[error("{op} on memslot {slot} failed: {source}")]
+    Kvm {
+        /// Which ioctl.
+        op: &'static str,
+        /// The memslot.
+        slot: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM file descriptor could not be duplicated.
+    #[error("cannot duplicate the VM file descriptor: {0}")]
+    Dup(#[source] std::io::Error),
+    /// The snapshot is not tracked by this VMM process.
+    #[error("no dirty tracking for snapshot {0:?} in this VMM process")]
+    Untracked(String),
+}
+
+/// A page bitmap: bit `p % 64` of word `p / 64` is guest page `p`.
+pub type PageBitmap = Vec<u64>;
+
+/// Words needed for a bitmap of `pages` pages.
+pub fn bitmap_words(pages: u64) -> usize {
+    pages.div_ceil(64) as usize
+}
+
+/// Turn a bitmap into runs `(first_page, count)` of set bits, in page order.
+pub fn bitmap_runs(bitmap: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (w, &word) in bitmap.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let bit = bits.trailing_zeros() as u64;
+            let page = w as u64 * 64 + bit;
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == page => *count += 1,
+                _ => runs.push((page, 1)),
+            }
+            bits &= bits - 1;
+        }
+    }
+    runs
+}
+
+/// A source of "pages written since the last harvest", cleared by each harvest.
+pub trait DirtySource: Send {
+    /// Pages written since the previous call, as a bitmap over all guest pages.
+    fn harvest(&mut self) -> Result<PageBitmap, DirtyError>;
+}
+
+/// One KVM memslot with dirty logging on, and where its pages sit in guest RAM.
+#[derive(Debug, Clone, Copy)]
+pub struct DirtySlot {
+    /// KVM memslot number.
+    pub slot: u32,
+    /// Guest RAM page (pool RAM-area page) of the slot's first page.
+    pub first_page: u64,
+    /// Pages in the slot.
+    pub pages: u64,
+}
+
+/// Enable `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (manual protect, initially all set) on a VM.
+/// Must run before memslots with `KVM_MEM_LOG_DIRTY_PAGES` are added. Returns false when
+/// the host lacks it: then `KVM_GET_DIRTY_LOG` clears as it reads, which is also exact.
+pub fn enable_manual_protect(vm: &VmFd) -> bool {
+    let cap = kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        args: [
+            u64::from(
+                kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+                    | kvm_bindings::KVM_DIRTY_LOG_INITIALLY_SET,
+            ),
+            0,
+            0,
+            0,
+        ],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap).is_ok()
+}
+
+/// KVM's dirty log over a VM's guest RAM memslots.
+#[derive(Debug)]
+pub struct KvmDirtyLog {
+    vm: File,
+    slots: Vec<DirtySlot>,
+    total_pages: u64,
+    manual_protect: bool,
+}
+
+impl KvmDirtyLog {
+    /// Track `slots` of `vm`. `manual_protect` is what [`enable_manual_protect`] returned.
+    pub fn new(
+        vm: &VmFd,
+        slots: Vec<DirtySlot>,
+        total_pages: u64,
+        manual_protect: bool,
+    ) -> Result<Self, DirtyError> {
+        // SAFETY: dup of a valid, open fd; the result is checked and owned by the File.
+        let fd = unsafe { libc::dup(vm.as_raw_fd()) };
+        if fd < 0 {
+            return Err(DirtyError::Dup(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let vm = unsafe { File::from_raw_fd(fd) };
+        Ok(Self {
+            vm,
+            slots,
+            total_pages,
+            manual_protect,
+        })
+    }
+}
+
+impl DirtySource for KvmDirtyLog {
+    fn harvest(&mut self) -> Result<PageBitmap, DirtyError> {
+        let mut out = vec![0u64; bitmap_words(self.total_pages)];
+        for s in &self.slots {
+            let mut bits = vec![0u64; bitmap_words(s.pages)];
+            let mut log = kvm_dirty_log {
+                slot: s.slot,
+                ..Default::default()
+            };
+            log.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr().cast();
+            // SAFETY: `bits` is large enough for the slot's pages and outlives the call;
+            // the ioctl only writes the bitmap.
+            let rc = unsafe { ioctl_with_ref(&self.vm, KVM_GET_DIRTY_LOG(), &log) };
+            if rc < 0 {
+                return Err(DirtyError::Kvm {
+                    op: "KVM_GET_DIRTY_LOG",
+                    slot: s.slot,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            if self.manual_protect && bits.iter().any(|&w| w != 0) {
+                // Re-protect exactly what was reported, so writes after this point show up
+                // in the next harvest.
+                // The range reaches the slot's end, so num_pages need not be a multiple of 64.
+                let mut clear = kvm_clear_dirty_log {
+                    slot: s.slot,
+                    num_pages: u32::try_from(s.pages).unwrap_or(u32::MAX),
+                    first_page: 0,
+                    ..Default::default()
+                };
+                clear.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr().cast();
+                // SAFETY: as above; the ioctl reads the bitmap.
+                let rc = unsafe { ioctl_with_ref(&self.vm, KVM_CLEAR_DIRTY_LOG(), &clear) };
+                if rc < 0 {
+                    return Err(DirtyError::Kvm {
+                        op: "KVM_CLEAR_DIRTY_LOG",
+                        slot: s.slot,
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+            }
+            for (first, count) in bitmap_runs(&bits) {
+                for page in s.first_page + first..s.first_page + first + count {
+                    out[(page / 64) as usize] |= 1 << (page % 64);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The VMM's own writes into guest RAM (device emulation through vm-memory), which
+/// KVM's dirty log does not see, as a dirty-tracking source.
+#[derive(Debug)]
+pub struct VmmWriteLog {
+    mem: GuestMemoryMmap,
+}
+
+impl VmmWriteLog {
+    /// Track writes made through `mem` (a clone shares the regions and their bitmaps).
+    pub fn new(mem: GuestMemoryMmap) -> Self {
+        Self { mem }
+    }
+}
+
+impl DirtySource for VmmWriteLog {
+    fn harvest(&mut self) -> Result<PageBitmap, DirtyError> {
+        let total: u64 = self.mem.iter().map(|r| r.len() / 4096).sum();
+        let mut out = vec![0u64; bitmap_words(total)];
+        let mut first = 0u64;
+        for region in self.mem.iter() {
+            let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
+            let bits = mapping.bitmap().get_and_reset();
+            for (w, word) in bits.iter().enumerate() {
+                let mut word = *word;
+                while word != 0 {
+                    let page = first + w as u64 * 64 + u64::from(word.trailing_zeros());
+                    if page < total {
+                        out[(page / 64) as usize] |= 1 << (page % 64);
+                    }
+                    word &= word - 1;
+                }
+            }
+            first += region.len() / 4096;
+        }
+        Ok(out)
+    }
+}
