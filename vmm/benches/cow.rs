@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pmem_backend::{PageRun, Pool, PoolOptions, SnapshotKind, SnapshotMeta};
-use vmm::snapshot::engine::{Engine, VmInfo};
+use vmm::snapshot::engine::Engine;
 use vmm::snapshot::fault::{FaultHandler, HandlerOptions, PreserveSink, WaitMode};
 use vmm::snapshot::protect::{PageProtector, UffdProtector};
 
@@ -126,17 +126,7 @@ fn engine_rig(opts: HandlerOptions) -> EngineRig {
     ));
     ram.touch(0, PAGES, 1);
     let prot = Arc::new(UffdProtector::new(ram.ptr, RAM as usize).expect("uffd register"));
-    let engine = Engine::start(
-        Arc::new(Mutex::new(pool)),
-        prot,
-        Vec::new(),
-        VmInfo {
-            mem_bytes: RAM,
-            pool_path: "bench".into(),
-        },
-        opts,
-    )
-    .expect("engine");
+    let engine = Engine::start(Arc::new(Mutex::new(pool)), prot, Vec::new(), opts).expect("engine");
     EngineRig {
         engine,
         ram,
@@ -146,7 +136,7 @@ fn engine_rig(opts: HandlerOptions) -> EngineRig {
 
 struct NoopSink;
 impl PreserveSink for NoopSink {
-    fn before_write(&self, _page: u64) -> Result<(), String> {
+    fn before_write(&self, _page: u64) -> Result<(), pmem_backend::PoolError> {
         Ok(())
     }
 }

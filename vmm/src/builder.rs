@@ -1,14 +1,17 @@
-//! Building a bootable VM from a [`VmConfig`]: KVM, guest RAM from the pool, the VM, the
-//! kernel and initrd, legacy devices, then (in [`VmBuilder::build`]) the command line,
-//! zero page, MP table and vCPUs.
+//! Building a VM from a [`VmConfig`], once, for boot and restore alike: KVM, guest RAM
+//! from the pool, the VM, the snapshot engine, the devices (through the
+//! [`DeviceManager`]), the kernel and initrd (boot only), then (in [`VmBuilder::build`]
+//! or [`VmBuilder::build_for_restore`]) the command line, zero page, MP table and vCPUs.
+//! Starting a built VM makes its [`Controller`], the one owner of the running VM's
+//! control.
 //!
 //! ```no_run
 //! # fn f(config: &vmm::config::VmConfig) -> Result<(), Box<dyn std::error::Error>> {
 //! use vmm::event_loop::EventLoop;
 //! let mut event_loop = EventLoop::new()?;
 //! let mut b = vmm::builder::VmBuilder::new(config, event_loop.stop_notifier()?)?;
-//! // Devices for the MMIO bus go here: b.add_mmio_device(dev)? gives address and IRQ,
-//! // b.vm().register_irqfd(&evt, slot.irq)? connects its interrupt.
+//! // More devices go here: b.add_vsock(path)?, or b.add_mmio_device(dev)? (address
+//! // and IRQ) with b.vm().register_irqfd(&evt, slot.irq)? for its interrupt.
 //! let vm = b.build()?;
 //! let running = vm.start(&event_loop.stop_notifier()?)?; // vCPU threads run
 //! let why = event_loop.run_until_stopped()?;
@@ -21,23 +24,27 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use kvm_bindings::CpuId;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::bootparams::{self, InitrdPlacement};
 use crate::arch::x86_64::layout::{self, *};
 use crate::arch::x86_64::{cpuid, mptable};
 use crate::config::{self, ConfigError, VmConfig};
-use crate::devices::bus::{Bus, BusError, SharedDevice};
+use crate::controller::{Controller, ControllerParts, HostGrants, LiveVm, VmInfo, VmPersist};
+pub use crate::device_manager::MmioSlot;
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::devices::bus::{Bus, SharedDevice};
 use crate::devices::legacy::serial::StdoutWriter;
-use crate::devices::legacy::{EventFdTrigger, SerialDevice, I8042};
+use crate::devices::legacy::SerialDevice;
+use crate::event_loop::Subscriber;
 use crate::memory::GuestMemoryMmap;
-use crate::snapshot::engine::{Engine, EngineError, VmInfo};
+use crate::snapshot::engine::{lock_pool, Engine, EngineError};
 use crate::snapshot::fault::HandlerOptions;
 use crate::snapshot::protect::{ProtectError, UffdProtector};
 use crate::stop::StopNotifier;
@@ -102,15 +109,12 @@ pub enum BuildError {
     /// The MP table.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
-    /// A device could not be placed on a bus.
+    /// A device could not be created or wired.
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    /// A device could not be placed on the port-I/O bus.
     #[error("cannot place a device on the bus")]
-    Bus(#[from] BusError),
-    /// No MMIO window or IRQ left.
-    #[error("no MMIO address or IRQ left for another device")]
-    NoDeviceSlot,
-    /// Creating an eventfd.
-    #[error("cannot create an eventfd")]
-    Eventfd(#[source] std::io::Error),
+    Bus(#[from] crate::devices::bus::BusError),
     /// The payload cannot be set up.
     #[error(transparent)]
     Payload(#[from] crate::payload::PayloadError),
@@ -125,7 +129,6 @@ pub enum BuildError {
     Engine(#[from] EngineError),
 }
 
-/// The kernel as loaded.
 /// What a VM starts from.
 enum Boot<'a> {
     /// Load the kernel (and initrd) named by the config.
@@ -136,22 +139,12 @@ enum Boot<'a> {
     Restore(Box<Pool>),
 }
 
+/// The kernel as loaded.
 #[derive(Debug, Clone, Copy)]
 struct LoadedKernel {
     entry: u64,
     end: u64,
     header: Option<setup_header>,
-}
-
-/// Where an MMIO device was placed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MmioSlot {
-    /// Guest physical base address.
-    pub addr: u64,
-    /// Window size.
-    pub len: u64,
-    /// IOAPIC input (GSI) for its interrupt.
-    pub irq: u32,
 }
 
 /// A VM being assembled; see the module docs for the order of calls.
@@ -166,12 +159,10 @@ pub struct VmBuilder {
     initrd: Option<InitrdPlacement>,
     /// Payload mode: the region (base, bytes) the payload's vCPUs work on.
     payload_region: Option<(u64, u64)>,
-    pio: Bus,
-    mmio: Bus,
-    next_mmio: u64,
-    next_irq: u32,
-    serial: Arc<Mutex<SerialDevice>>,
+    devices: DeviceManager,
     engine: Arc<Engine>,
+    grants: Arc<HostGrants>,
+    pool_path: String,
 }
 
 fn read_mem_available() -> Option<u64> {
@@ -338,13 +329,14 @@ impl VmBuilder {
         // The engine starts before anything is written into guest RAM: pages that
         // snapshots already in the pool reference are protected again first, so loading
         // the kernel preserves them instead of overwriting them.
-        let engine = Self::start_engine(&vm, pool, cfg)?;
+        let engine = Self::start_engine(&vm, pool)?;
         log::debug!(
             "VM created: KVM (and the pool) opened after {t1:?}, guest RAM mapped after {t2:?}, VM and memslots after {t3:?}, engine after {:?}",
             t0.elapsed()
         );
+        let devices = DeviceManager::new(&vm, console, stop)?;
         if restoring {
-            let mut b = Self {
+            return Ok(Self {
                 kvm,
                 vm,
                 vcpu_count,
@@ -358,18 +350,11 @@ impl VmBuilder {
                 },
                 initrd: None,
                 payload_region: None,
-                pio: Bus::new(),
-                mmio: Bus::new(),
-                next_mmio: MMIO_DEVICES_START,
-                next_irq: IRQ_BASE,
-                serial: Arc::new(Mutex::new(SerialDevice::new(
-                    EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Eventfd)?),
-                    console,
-                ))),
+                devices,
                 engine,
-            };
-            b.add_legacy_devices(stop)?;
-            return Ok(b);
+                grants: Arc::new(HostGrants::default()),
+                pool_path: cfg.pool.display().to_string(),
+            });
         }
 
         let initrd_size = cfg
@@ -407,7 +392,7 @@ impl VmBuilder {
             }
         };
 
-        let mut b = Self {
+        Ok(Self {
             kvm,
             vm,
             vcpu_count,
@@ -416,21 +401,14 @@ impl VmBuilder {
             kernel,
             initrd,
             payload_region,
-            pio: Bus::new(),
-            mmio: Bus::new(),
-            next_mmio: MMIO_DEVICES_START,
-            next_irq: IRQ_BASE,
-            serial: Arc::new(Mutex::new(SerialDevice::new(
-                EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Eventfd)?),
-                console,
-            ))),
+            devices,
             engine,
-        };
-        b.add_legacy_devices(stop)?;
-        Ok(b)
+            grants: Arc::new(HostGrants::default()),
+            pool_path: cfg.pool.display().to_string(),
+        })
     }
 
-    fn start_engine(vm: &Vm, pool: Pool, cfg: &VmConfig) -> Result<Arc<Engine>, BuildError> {
+    fn start_engine(vm: &Vm, pool: Pool) -> Result<Arc<Engine>, BuildError> {
         let maps: Vec<(*mut u8, usize)> = vm
             .memory()
             .iter()
@@ -445,10 +423,6 @@ impl VmBuilder {
             Arc::new(Mutex::new(pool)),
             protector,
             sources,
-            VmInfo {
-                mem_bytes: cfg.mem_bytes,
-                pool_path: cfg.pool.display().to_string(),
-            },
             HandlerOptions::default(),
         )?;
         Ok(Arc::new(engine))
@@ -477,22 +451,6 @@ impl VmBuilder {
         Ok(InitrdPlacement { addr, size })
     }
 
-    fn add_legacy_devices(&mut self, stop: StopNotifier) -> Result<(), BuildError> {
-        let irq = {
-            let s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-            s.irq_eventfd().try_clone().map_err(BuildError::Eventfd)?
-        };
-        self.vm.register_irqfd(&irq, SERIAL_IRQ)?;
-        self.pio
-            .insert(self.serial.clone(), SERIAL_PORT, SERIAL_PORT_LEN)?;
-        self.pio.insert(
-            Arc::new(Mutex::new(I8042::new(stop))),
-            I8042_PORT,
-            I8042_PORT_LEN,
-        )?;
-        Ok(())
-    }
-
     /// The VM (for irqfds, ioeventfds, memslot flags).
     pub fn vm(&self) -> &Vm {
         &self.vm
@@ -510,12 +468,26 @@ impl VmBuilder {
 
     /// The serial port (for the console input subscriber).
     pub fn serial(&self) -> Arc<Mutex<SerialDevice>> {
-        self.serial.clone()
+        self.devices.serial().clone()
     }
 
     /// The port-I/O bus, to add more legacy devices before `build`.
     pub fn pio_bus_mut(&mut self) -> &mut Bus {
-        &mut self.pio
+        self.devices.pio_bus_mut()
+    }
+
+    /// Give the guest a virtio-vsock device whose host side listens on `uds_path`, with
+    /// the snapshot service for the guest agent on it (see [`DeviceManager::attach_vsock`]).
+    pub fn add_vsock(&mut self, uds_path: &Path) -> Result<(), BuildError> {
+        self.devices.attach_vsock(
+            &self.vm,
+            &mut self.cmdline,
+            uds_path,
+            self.engine.clone(),
+            self.grants.clone(),
+            self.mem_bytes,
+        )?;
+        Ok(())
     }
 
     /// The kernel command line, for devices that describe themselves on it.
@@ -528,49 +500,57 @@ impl VmBuilder {
     /// command line (`virtio_mmio.device=4K@0x...:IRQ`). Connect its interrupt with
     /// `vm().register_irqfd(&evt, slot.irq)`.
     pub fn add_mmio_device(&mut self, dev: SharedDevice) -> Result<MmioSlot, BuildError> {
-        let addr = self.next_mmio;
-        let irq = self.next_irq;
-        if addr + MMIO_DEVICE_SIZE > MMIO_DEVICES_END || irq > IRQ_MAX {
-            return Err(BuildError::NoDeviceSlot);
-        }
-        self.mmio.insert(dev, addr, MMIO_DEVICE_SIZE)?;
-        self.cmdline
-            .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(addr), irq, None)
-            .map_err(|e| ConfigError::Cmdline(e.to_string()))?;
-        self.next_mmio += MMIO_DEVICE_SIZE;
-        self.next_irq += 1;
-        Ok(MmioSlot {
-            addr,
-            len: MMIO_DEVICE_SIZE,
-            irq,
-        })
+        Ok(self.devices.add_mmio_device(&mut self.cmdline, dev)?)
     }
 
-    fn build_payload(self, (base, bytes): (u64, u64)) -> Result<BuiltVm, BuildError> {
-        let pio = Arc::new(self.pio);
-        let mmio = Arc::new(self.mmio);
+    /// Create vCPU `id`..`count` on the device manager's buses with this host's CPUID;
+    /// `setup` finishes each (boot registers, payload entry, or nothing for a restore).
+    fn create_vcpus(
+        &mut self,
+        mut setup: impl FnMut(&Vcpu, &CpuId) -> Result<(), BuildError>,
+    ) -> Result<Vec<Vcpu>, BuildError> {
+        let (pio, mmio) = self.devices.buses();
         let supported = self.kvm.supported_cpuid()?;
         let count = self.vcpu_count;
         let mut vcpus = Vec::with_capacity(usize::from(count));
         for id in 0..count {
             let v = Vcpu::new(&self.vm, id, pio.clone(), mmio.clone())?;
-            v.configure(&cpuid::for_vcpu(&supported, id, count), None)?;
-            v.enter_payload(u64::from(count), base, bytes)?;
+            setup(&v, &cpuid::for_vcpu(&supported, id, count))?;
             vcpus.push(v);
         }
+        Ok(vcpus)
+    }
+
+    fn into_built(self, vcpus: Vec<Vcpu>) -> BuiltVm {
+        BuiltVm {
+            vm: self.vm,
+            vcpus,
+            engine: self.engine,
+            grants: self.grants,
+            devices: self.devices,
+            info: VmInfo {
+                mem_bytes: self.mem_bytes,
+                pool_path: self.pool_path,
+            },
+        }
+    }
+
+    fn build_payload(mut self, (base, bytes): (u64, u64)) -> Result<BuiltVm, BuildError> {
+        let count = self.vcpu_count;
+        let vcpus = self.create_vcpus(|v, cpuid| {
+            v.configure(cpuid, None)?;
+            crate::payload::enter(v, u64::from(count), base, bytes)?;
+            Ok(())
+        })?;
         log::debug!(
             "payload VM built: {count} vCPUs, {} MiB, region {base:#x}+{bytes:#x}",
             self.mem_bytes >> 20
         );
-        Ok(BuiltVm {
-            vm: self.vm,
-            vcpus,
-            engine: self.engine,
-        })
+        Ok(self.into_built(vcpus))
     }
 
     /// Write the command line, zero page and MP table, and create and configure the vCPUs.
-    pub fn build(self) -> Result<BuiltVm, BuildError> {
+    pub fn build(mut self) -> Result<BuiltVm, BuildError> {
         if let Some(region) = self.payload_region {
             return self.build_payload(region);
         }
@@ -592,16 +572,11 @@ impl VmBuilder {
         .map_err(|_| BuildError::GuestWrite("the zero page"))?;
         mptable::setup(mem, usize::from(self.vcpu_count))?;
 
-        let pio = Arc::new(self.pio);
-        let mmio = Arc::new(self.mmio);
-        let supported = self.kvm.supported_cpuid()?;
-        let mut vcpus = Vec::with_capacity(usize::from(self.vcpu_count));
-        for id in 0..self.vcpu_count {
-            let v = Vcpu::new(&self.vm, id, pio.clone(), mmio.clone())?;
-            let entry = (id == 0).then_some(self.kernel.entry);
-            v.configure(&cpuid::for_vcpu(&supported, id, self.vcpu_count), entry)?;
-            vcpus.push(v);
-        }
+        let entry = self.kernel.entry;
+        let vcpus = self.create_vcpus(|v, cpuid| {
+            v.configure(cpuid, (v.id() == 0).then_some(entry))?;
+            Ok(())
+        })?;
         log::debug!(
             "VM built: {} vCPUs, {} MiB, entry {:#x}, initrd {:?}, cmdline {:?}",
             self.vcpu_count,
@@ -610,46 +585,19 @@ impl VmBuilder {
             self.initrd,
             self.cmdline.as_cstring().ok()
         );
-        Ok(BuiltVm {
-            vm: self.vm,
-            vcpus,
-            engine: self.engine,
-        })
+        Ok(self.into_built(vcpus))
     }
-}
 
-impl VmBuilder {
-    /// Create the vCPUs with this host's CPUID and put `states` (one per vCPU, in id
-    /// order, validated by the caller) into them. Writes nothing into guest RAM.
-    pub fn build_restored(
-        self,
-        states: &[crate::persist::VcpuState],
-    ) -> Result<BuiltVm, crate::persist::PersistError> {
-        let pio = Arc::new(self.pio);
-        let mmio = Arc::new(self.mmio);
-        let vcpu_err = |e: VcpuError| crate::persist::PersistError::Vcpu(e.to_string());
-        let supported = self
-            .kvm
-            .supported_cpuid()
-            .map_err(|e| crate::persist::PersistError::Vcpu(e.to_string()))?;
-        // Every vCPU exists before any state goes in (as Firecracker does): KVM then sees
-        // all vCPUs' TSC writes together, as one synchronized set, instead of a vCPU
-        // created after another's state was restored.
-        let mut vcpus = Vec::with_capacity(usize::from(self.vcpu_count));
-        for id in 0..self.vcpu_count {
-            let v = Vcpu::new(&self.vm, id, pio.clone(), mmio.clone()).map_err(vcpu_err)?;
-            v.configure(&cpuid::for_vcpu(&supported, id, self.vcpu_count), None)
-                .map_err(vcpu_err)?;
-            vcpus.push(v);
-        }
-        for (v, st) in vcpus.iter().zip(states) {
-            crate::persist::vcpu::restore(v.fd(), st)?;
-        }
-        Ok(BuiltVm {
-            vm: self.vm,
-            vcpus,
-            engine: self.engine,
-        })
+    /// For a VM being restored: create the vCPUs with this host's CPUID and nothing
+    /// else. Writes nothing into guest RAM; the saved state goes in once the vCPU
+    /// threads run, paused ([`BuiltVm::start_paused`], then
+    /// [`Controller::restore_snapshot`]), the same way a rollback puts it back.
+    pub fn build_for_restore(mut self) -> Result<BuiltVm, BuildError> {
+        let vcpus = self.create_vcpus(|v, cpuid| {
+            v.configure(cpuid, None)?;
+            Ok(())
+        })?;
+        Ok(self.into_built(vcpus))
     }
 }
 
@@ -659,6 +607,9 @@ pub struct BuiltVm {
     vm: Vm,
     vcpus: Vec<Vcpu>,
     engine: Arc<Engine>,
+    grants: Arc<HostGrants>,
+    devices: DeviceManager,
+    info: VmInfo,
 }
 
 impl BuiltVm {
@@ -678,7 +629,7 @@ impl BuiltVm {
     }
 
     /// Start one thread per vCPU, paused: the guest runs from the first `resume`
-    /// (`pmsnap restore --paused`).
+    /// (a restore puts the saved state in first).
     pub fn start_paused(self, stop: &StopNotifier) -> Result<RunningVm, BuildError> {
         self.start_with(stop, true)
     }
@@ -689,36 +640,58 @@ impl BuiltVm {
         } else {
             VcpuControl::new(Vcpus::start(self.vcpus, stop)?)
         });
-        self.engine.set_vm_control(vcpus.clone());
+        let vm = Arc::new(self.vm);
+        // Without KVM's MSR list, VM snapshots are refused with a clear error and the
+        // VM still runs.
+        let live: Option<Arc<dyn VmPersist>> = match LiveVm::new(
+            vcpus.clone(),
+            vm.clone(),
+            self.devices.serial().clone(),
+            self.info.mem_bytes,
+            self.devices.virtio_slots().to_vec(),
+        ) {
+            Ok(live) => Some(Arc::new(live)),
+            Err(e) => {
+                log::warn!("VM snapshots unavailable: {e}");
+                None
+            }
+        };
+        let controller = Arc::new(Controller::new(ControllerParts {
+            engine: self.engine.clone(),
+            grants: self.grants,
+            vm: vcpus.clone(),
+            live,
+            agent_uds: self.devices.agent_uds().map(Path::to_path_buf),
+            info: self.info,
+        }));
         // Only now, so that it does not compete with getting the vCPUs running (a
         // restore's critical path); a newly created pool started it already.
-        crate::snapshot::engine::lock_pool(self.engine.pool()).start_prefault();
+        lock_pool(self.engine.pool()).start_prefault();
         Ok(RunningVm {
             vcpus,
-            vm: Arc::new(self.vm),
+            vm,
             engine: self.engine,
+            controller,
+            devices: self.devices,
         })
     }
 }
 
 /// A running VM. Stopping it stops and joins the vCPU threads first; then the VM, its
-/// memory and the engine go.
+/// memory, the devices (removing the vsock's host socket) and the engine go.
 #[derive(Debug)]
 pub struct RunningVm {
     vcpus: Arc<VcpuControl>,
     vm: Arc<Vm>,
     engine: Arc<Engine>,
+    controller: Arc<Controller>,
+    devices: DeviceManager,
 }
 
 impl RunningVm {
     /// The vCPU threads (pause / resume).
     pub fn vcpus(&self) -> std::sync::MutexGuard<'_, Vcpus> {
         self.vcpus.vcpus()
-    }
-
-    /// Pause and resume as the engine sees them.
-    pub fn control(&self) -> &Arc<VcpuControl> {
-        &self.vcpus
     }
 
     /// The VM (memory, KVM fd).
@@ -731,9 +704,19 @@ impl RunningVm {
         &self.engine
     }
 
-    /// The VM, shared (whole-VM state capture keeps a handle).
-    pub fn vm_arc(&self) -> Arc<Vm> {
-        self.vm.clone()
+    /// The controller: the API's handler, VM snapshots, rollback and restore.
+    pub fn controller(&self) -> &Arc<Controller> {
+        &self.controller
+    }
+
+    /// The serial port (console input).
+    pub fn serial(&self) -> Arc<Mutex<SerialDevice>> {
+        self.devices.serial().clone()
+    }
+
+    /// The devices the event loop must serve, handed over once.
+    pub fn take_subscribers(&mut self) -> Vec<Subscriber> {
+        self.devices.take_subscribers()
     }
 
     /// Stop and join the vCPU threads.

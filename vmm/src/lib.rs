@@ -5,6 +5,7 @@ pub mod arch;
 pub mod builder;
 pub mod cli;
 pub mod config;
+pub mod controller;
 pub mod device_manager;
 pub mod devices;
 pub mod event_loop;

@@ -16,6 +16,7 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::GuestMemoryMmap;
+use crate::vstate::vcpu::{Vcpu, VcpuError};
 
 /// Where the GDT goes.
 pub const GDT_ADDR: u64 = 0x500;
@@ -222,6 +223,22 @@ pub fn regs(index: u64, count: u64, region_base: u64, region_bytes: u64) -> kvm_
         rcx: region_bytes,
         ..Default::default()
     }
+}
+
+/// Put `vcpu` (one of `count`) in guest user mode at the payload with its share of the
+/// region at `base` (`bytes` long), runnable at once (no INIT/SIPI for APs).
+pub fn enter(vcpu: &Vcpu, count: u64, base: u64, bytes: u64) -> Result<(), VcpuError> {
+    let id = vcpu.id();
+    let fd = vcpu.fd();
+    let kvm = |op| move |source| VcpuError::Kvm { id, op, source };
+    let s = fd.get_sregs().map_err(kvm("GET_SREGS"))?;
+    fd.set_sregs(&sregs(s)).map_err(kvm("SET_SREGS"))?;
+    fd.set_regs(&regs(u64::from(id), count, base, bytes))
+        .map_err(kvm("SET_REGS"))?;
+    let runnable = kvm_bindings::kvm_mp_state {
+        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+    };
+    fd.set_mp_state(runnable).map_err(kvm("SET_MP_STATE"))
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm::memory::GuestMemoryMmap;
 use vmm::payload;
-use vmm::vstate::memory::GuestMemoryMmap;
 
 fn assemble(src: &str) -> Vec<u8> {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -210,17 +210,14 @@ impl ApiClient {
     }
 
     /// `POST /v1/vm-snapshots`: snapshot the whole VM.
-    pub fn snapshot_vm(
-        &self,
-        name: &str,
-    ) -> Result<crate::persist::ops::VmSnapshotCreated, ClientError> {
+    pub fn snapshot_vm(&self, name: &str) -> Result<crate::api::VmSnapshotCreated, ClientError> {
         snapshot_path(name, "")?;
         let body = serde_json::json!({ "name": name });
         self.typed("POST", "/v1/vm-snapshots", Some(&body))
     }
 
     /// `POST /v1/vm-snapshots/{name}/rollback`: roll the VM back in place.
-    pub fn rollback(&self, name: &str) -> Result<crate::persist::ops::RolledBack, ClientError> {
+    pub fn rollback(&self, name: &str) -> Result<crate::api::RolledBack, ClientError> {
         snapshot_path(name, "")?;
         self.typed("POST", &format!("/v1/vm-snapshots/{name}/rollback"), None)
     }

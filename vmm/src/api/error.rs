@@ -193,6 +193,61 @@ impl ApiError {
     }
 }
 
+// The errors of the layers below, as a client sees them. Every handler error reaches
+// the API through one of these, so a given failure always gets the same status and code.
+
+impl From<pmem_backend::PoolError> for ApiError {
+    fn from(e: pmem_backend::PoolError) -> Self {
+        use pmem_backend::PoolError;
+        match e {
+            PoolError::DuplicateName(n) => ApiError::DuplicateName(n),
+            PoolError::NoSuchSnapshot(n) => ApiError::UnknownSnapshot(n),
+            e @ PoolError::PageOutOfRange { .. } => ApiError::RunsOutsideRam(e.to_string()),
+            e @ PoolError::InvalidArgument(_) => ApiError::BadRequest(e.to_string()),
+            e => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::persist::load::LoadError> for ApiError {
+    fn from(e: crate::persist::load::LoadError) -> Self {
+        use crate::persist::load::LoadError;
+        match e {
+            LoadError::Pool(e) => e.into(),
+            e @ LoadError::NotVm { .. } => ApiError::InvalidState(e.to_string()),
+            LoadError::State(e) => ApiError::InvalidState(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::snapshot::engine::DirtySinceError> for ApiError {
+    fn from(e: crate::snapshot::engine::DirtySinceError) -> Self {
+        use crate::snapshot::engine::DirtySinceError;
+        match e {
+            DirtySinceError::Pool(e) => e.into(),
+            DirtySinceError::Dirty(e) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::persist::PersistError> for ApiError {
+    fn from(e: crate::persist::PersistError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+impl From<crate::vstate::vcpu::VcpuError> for ApiError {
+    fn from(e: crate::vstate::vcpu::VcpuError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+impl From<crate::vstate::dirty::DirtyError> for ApiError {
+    fn from(e: crate::vstate::dirty::DirtyError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,5 +363,42 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn lower_layer_errors_map_to_stable_statuses() {
+        use pmem_backend::PoolError;
+        let cases: Vec<(ApiError, u16)> = vec![
+            (PoolError::DuplicateName("a".into()).into(), 409),
+            (PoolError::NoSuchSnapshot("a".into()).into(), 404),
+            (PoolError::InvalidArgument("x".into()).into(), 400),
+            (
+                crate::persist::load::LoadError::NotVm {
+                    name: "a".into(),
+                    kind: "pages",
+                }
+                .into(),
+                409,
+            ),
+            (
+                crate::persist::load::LoadError::Pool(PoolError::NoSuchSnapshot("a".into())).into(),
+                404,
+            ),
+            (
+                crate::snapshot::engine::DirtySinceError::Pool(PoolError::NoSuchSnapshot(
+                    "a".into(),
+                ))
+                .into(),
+                404,
+            ),
+            (crate::vstate::vcpu::VcpuError::Gone(1).into(), 500),
+        ];
+        for (e, status) in cases {
+            assert_eq!(e.status(), status, "{e}");
+        }
+        assert_eq!(
+            ApiError::from(PoolError::NoSuchSnapshot("s1".into())),
+            ApiError::UnknownSnapshot("s1".into())
+        );
     }
 }

@@ -282,3 +282,115 @@ pub enum ApiResponse {
         body: serde_json::Value,
     },
 }
+
+/// Body of `POST /v1/vm-snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSnapshotCreated {
+    /// Snapshot name.
+    pub name: String,
+    /// Guest pages referenced (all of RAM).
+    pub pages: u64,
+    /// Size of the state blob in bytes.
+    pub state_bytes: u64,
+    /// Time the vCPUs were paused, in microseconds (pause request to resume done).
+    pub pause_us: u64,
+    /// Of that, waiting for every vCPU to stop (a vCPU in emulated guest kernel code
+    /// can take milliseconds to leave it).
+    pub stop_us: u64,
+    /// Of that, capturing vCPU, VM and device state.
+    pub capture_us: u64,
+    /// Of that, recording the snapshot in the store and write-protecting RAM.
+    pub store_us: u64,
+}
+
+/// Body of `POST /v1/vm-snapshots/{name}/rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolledBack {
+    /// Snapshot rolled back to.
+    pub name: String,
+    /// Pages written since the snapshot (from dirty tracking).
+    pub dirty_pages: u64,
+    /// Pages whose snapshot content was copied back from a block.
+    pub pages_copied: u64,
+    /// Time the vCPUs were paused, in microseconds.
+    pub pause_us: u64,
+    /// Of that, waiting for every vCPU to stop.
+    pub stop_us: u64,
+    /// Of that, reading the dirty log and copying pages back.
+    pub copy_us: u64,
+    /// Of that, restoring vCPU, VM and device state.
+    pub restore_us: u64,
+}
+
+// Conversions between the store's types and the API's, in one place (the API's types
+// carry serde names and units of the wire format; the store's do not).
+
+impl From<&pmem_backend::PageRun> for PageRun {
+    fn from(r: &pmem_backend::PageRun) -> Self {
+        PageRun {
+            first_page: r.first,
+            count: r.count,
+        }
+    }
+}
+
+impl From<&PageRun> for pmem_backend::PageRun {
+    fn from(r: &PageRun) -> Self {
+        pmem_backend::PageRun::new(r.first_page, r.count)
+    }
+}
+
+impl SnapshotInfo {
+    /// The API's view of a store snapshot; its runs only when `with_runs` (inspect).
+    pub fn from_store(s: pmem_backend::SnapshotInfo, with_runs: bool) -> Self {
+        SnapshotInfo {
+            name: s.name,
+            kind: s.kind.as_str().to_string(),
+            pages: s.pages,
+            run_count: s.runs.len() as u64,
+            runs: with_runs.then(|| s.runs.iter().map(PageRun::from).collect()),
+            preserved_pages: s.pages_in_blocks,
+            created_unix_ms: s.created_unix_ns / 1_000_000,
+            labels: s.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod store_conversion_tests {
+    use super::*;
+
+    #[test]
+    fn runs_and_snapshot_info_convert_both_ways() {
+        let store = pmem_backend::PageRun::new(7, 3);
+        let api = PageRun::from(&store);
+        assert_eq!((api.first_page, api.count), (7, 3));
+        assert_eq!(pmem_backend::PageRun::from(&api), store);
+        let info = pmem_backend::SnapshotInfo {
+            id: 1,
+            name: "s".into(),
+            owner: pmem_backend::Owner::Host,
+            kind: pmem_backend::SnapshotKind::Vm,
+            created_unix_ms: 5,
+            created_unix_ns: 5_000_000,
+            labels: vec![("k".into(), "v".into())],
+            process: None,
+            runs: vec![pmem_backend::PageRun::new(0, 4), store],
+            pages: 10,
+            pages_in_ram: 8,
+            pages_in_blocks: 2,
+            state_len: 0,
+        };
+        let a = SnapshotInfo::from_store(info.clone(), false);
+        assert_eq!(
+            (a.name.as_str(), a.kind.as_str(), a.pages, a.run_count),
+            ("s", "vm", 10, 2)
+        );
+        assert_eq!((a.preserved_pages, a.created_unix_ms), (2, 5));
+        assert!(a.runs.is_none());
+        assert_eq!(a.labels.get("k").map(String::as_str), Some("v"));
+        let runs = SnapshotInfo::from_store(info, true).runs.expect("runs");
+        assert_eq!(runs.len(), 2);
+        assert_eq!((runs[1].first_page, runs[1].count), (7, 3));
+    }
+}

@@ -257,7 +257,7 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
         CtlCommand::Dirty { .. } => render_dirty(&decode::<DirtyPages>(value)?),
         CtlCommand::Stats => render_stats(&decode::<ApiStats>(value)?),
         CtlCommand::SnapshotVm { .. } => {
-            let r: crate::persist::ops::VmSnapshotCreated = decode(value)?;
+            let r: crate::api::VmSnapshotCreated = decode(value)?;
             format!(
                 "created VM snapshot {} ({} pages, {} of state), paused {:.3} ms (stop {:.3} ms, capture {:.3} ms, store {:.3} ms)\n",
                 r.name,
@@ -270,7 +270,7 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
             )
         }
         CtlCommand::Rollback { .. } => {
-            let r: crate::persist::ops::RolledBack = decode(value)?;
+            let r: crate::api::RolledBack = decode(value)?;
             format!(
                 "rolled back to {}: {} pages copied ({} dirty), paused {:.3} ms (stop {:.3} ms, copy {:.3} ms, state {:.3} ms)\n",
                 r.name,

@@ -57,15 +57,46 @@ pub fn run(cli: Cli) -> anyhow_like::Result<i32> {
 /// that sees the socket can pause, resume or snapshot at once.
 fn serve_api(
     path: Option<&std::path::Path>,
-    engine: &std::sync::Arc<crate::snapshot::engine::Engine>,
+    controller: &std::sync::Arc<crate::controller::Controller>,
 ) -> anyhow_like::Result<Option<crate::api::ApiServerHandle>> {
     let Some(path) = path else {
         return Ok(None);
     };
-    let engine = engine.clone();
-    let server = crate::api::ApiServer::start(path, move |req| engine.handle(req))?;
+    let server = crate::api::ApiServer::start(path, controller.clone())?;
     log::info!("control API on {}", path.display());
     Ok(Some(server))
+}
+
+/// Serve the running VM's devices (vsock) and the console input (stdin, typed on the
+/// serial port) from the event loop; the same for `run` and `restore`.
+fn serve_devices(
+    event_loop: &mut crate::event_loop::EventLoop,
+    running: &mut crate::builder::RunningVm,
+) -> anyhow_like::Result<()> {
+    for s in running.take_subscribers() {
+        event_loop.add_subscriber(s);
+    }
+    let interactive = crate::devices::legacy::terminal::is_terminal(0);
+    event_loop.add_subscriber(std::sync::Arc::new(std::sync::Mutex::new(
+        crate::devices::legacy::StdinInput::new(
+            running.serial(),
+            0,
+            interactive,
+            event_loop.stop_notifier()?,
+        ),
+    )));
+    Ok(())
+}
+
+/// The exit status for why the VM stopped: 0 for a guest reset or shutdown, 128+N for
+/// signal N, an error (status 1) for a VMM error.
+fn exit_status(why: crate::stop::VmStop) -> anyhow_like::Result<i32> {
+    use crate::stop::VmStop;
+    match why {
+        VmStop::Reset | VmStop::Shutdown => Ok(0),
+        VmStop::Terminated(sig) => Ok(128 + sig),
+        VmStop::Error(msg) => Err(msg.into()),
+    }
 }
 
 /// A minimal boxed-error result used at the top of the binary, where the cause chain is

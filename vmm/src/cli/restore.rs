@@ -2,7 +2,6 @@
 //! (for example after the first one was killed).
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use clap::Args;
@@ -11,12 +10,9 @@ use super::anyhow_like::{context, Result};
 use crate::builder::VmBuilder;
 use crate::config::{self, VmConfig};
 use crate::devices::legacy::serial::StdoutWriter;
-use crate::devices::legacy::{terminal, RawModeGuard, StdinInput};
+use crate::devices::legacy::RawModeGuard;
 use crate::event_loop::EventLoop;
-use crate::persist::ops::load_vm_state;
-use crate::persist::Persist;
-use crate::snapshot::engine::lock_pool;
-use crate::stop::VmStop;
+use crate::persist::load::load_vm_state;
 
 /// Arguments of `pmsnap restore`.
 #[derive(Debug, Args)]
@@ -148,59 +144,29 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         pool,
     )?;
     log::debug!("VM and engine created after {:?}", started.elapsed());
-    let engine = builder.engine().clone();
-    let mut virtio = Vec::new();
-    // Removed when this function returns, on every path (the device itself lives on in
-    // the VMM's state).
-    let _vsock_file = if let Some(path) = &args.vsock_sock {
-        let (vsock, slot, socket_file) = crate::device_manager::attach_vsock_with_state(
-            &mut builder,
-            path,
-            engine.clone(),
-            mem_bytes,
-        )?;
-        virtio.push(slot);
-        event_loop.add_subscriber(vsock);
-        Some(crate::unix_socket::RemoveOnDrop(socket_file))
-    } else {
-        None
-    };
-    let t_copy = Instant::now();
-    let written = {
-        let mut pool = lock_pool(engine.pool());
-        let runs = pool.inspect(name)?.runs;
-        pool.copy_back(name, &runs)?
-    };
-    engine.after_vmm_write(&written);
-    let copy_time = t_copy.elapsed();
-    builder.vm().restore(&state.vm)?;
-    builder.serial().restore(&state.serial)?;
-    let serial = builder.serial();
-    let built = builder.build_restored(&state.vcpus)?;
-    log::debug!("vCPUs restored after {:?}", started.elapsed());
-    crate::persist::live::restore_virtio(&virtio, &state.mmio)?;
-    let interactive = terminal::is_terminal(0);
-    event_loop.add_subscriber(Arc::new(Mutex::new(StdinInput::new(
-        serial.clone(),
-        0,
-        interactive,
-        event_loop.stop_notifier()?,
-    ))));
+    // The same devices, wired the same way, as `pmsnap run` gave the VM.
+    if let Some(path) = &args.vsock_sock {
+        builder.add_vsock(path)?;
+    }
+    let built = builder.build_for_restore()?;
     let _raw = RawModeGuard::new(0)?;
-    let mut running = if args.paused {
-        built.start_paused(&event_loop.stop_notifier()?)?
-    } else {
-        built.start(&event_loop.stop_notifier()?)?
-    };
+    // The vCPUs start paused; the snapshot's RAM and state go in as a rollback puts
+    // them back, then they run (unless --paused).
+    let mut running = built.start_paused(&event_loop.stop_notifier()?)?;
+    let restored = running.controller().restore_snapshot(name, &state)?;
+    if !args.paused {
+        running.controller().resume()?;
+    }
     let to_run = started.elapsed();
-    crate::persist::live::attach(&running, serial, mem_bytes, virtio);
+    super::serve_devices(&mut event_loop, &mut running)?;
     // Served once the vCPUs and state capture exist, so a client that sees the socket
     // can pause, resume or snapshot at once (with --paused, POST /v1/resume is next).
-    let _api = super::serve_api(args.api_sock.as_deref(), &engine)?;
+    let _api = super::serve_api(args.api_sock.as_deref(), running.controller())?;
     log::info!(
-        "restored snapshot {name:?}: {} of {} pages copied back in {copy_time:?}; vCPUs {} {to_run:?} after start",
-        written.len(),
+        "restored snapshot {name:?}: {} of {} pages copied back in {:?}; vCPUs {} {to_run:?} after start",
+        restored.pages_copied,
         mem_bytes / 4096,
+        restored.copy_time,
         if args.paused {
             "paused (POST /v1/resume runs them)"
         } else {
@@ -212,11 +178,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     running.stop();
     drop(running);
     drop(_raw);
-    match why {
-        VmStop::Reset | VmStop::Shutdown => Ok(0),
-        VmStop::Terminated(sig) => Ok(128 + sig),
-        VmStop::Error(msg) => Err(msg.into()),
-    }
+    super::exit_status(why)
 }
 
 #[cfg(test)]

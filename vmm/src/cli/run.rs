@@ -8,10 +8,9 @@ use clap::Args;
 use super::anyhow_like::{context, Result};
 use crate::builder::VmBuilder;
 use crate::config::{self, VmConfig};
-use crate::device_manager;
 use crate::devices::legacy::serial::StdoutWriter;
 use crate::devices::legacy::watch::MarkerWatch;
-use crate::devices::legacy::{terminal, RawModeGuard, StdinInput};
+use crate::devices::legacy::RawModeGuard;
 use crate::event_loop::EventLoop;
 use crate::payload::{PayloadProgress, PROGRESS_PORT};
 use crate::pool_dir;
@@ -249,27 +248,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
             b
         }
     };
-    let serial = builder.serial();
-    let serial_for_state = serial.clone();
-    let mut virtio = Vec::new();
     let engine = builder.engine().clone();
-    // Removed when this function returns, on every path (the device itself lives on in
-    // the VMM's state).
-    let _vsock_file = if let Some(path) = &args.vsock_sock {
-        let (vsock, slot, socket_file) = device_manager::attach_vsock_with_state(
-            &mut builder,
-            path,
-            engine.clone(),
-            cfg.mem_bytes,
-        )?;
-        virtio.push(slot);
-        event_loop.add_subscriber(vsock);
-        Some(crate::unix_socket::RemoveOnDrop(socket_file))
-    } else {
-        None
-    };
+    if let Some(path) = &args.vsock_sock {
+        builder.add_vsock(path)?;
+    }
     if let Some(name) = args.snapshot_at_ready.clone() {
-        let engine = engine.clone();
         let pages = cfg.mem_bytes / 4096;
         std::thread::Builder::new()
             .name("pmsnap-ready".into())
@@ -282,22 +265,14 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if temporary && args.keep_pool {
         log::info!("pool: {}", cfg.pool.display());
     }
-
-    let interactive = terminal::is_terminal(0);
-    event_loop.add_subscriber(Arc::new(Mutex::new(StdinInput::new(
-        serial,
-        0,
-        interactive,
-        event_loop.stop_notifier()?,
-    ))));
     // Restored on every path out of this function, including errors and panics.
     let _raw = RawModeGuard::new(0)?;
     log::debug!("starting {} vCPUs after {:?}", cfg.vcpus, started.elapsed());
     let mut running = built.start(&event_loop.stop_notifier()?)?;
-    crate::persist::live::attach(&running, serial_for_state, cfg.mem_bytes, virtio);
+    super::serve_devices(&mut event_loop, &mut running)?;
     // Served once the vCPUs and state capture exist, so a client that sees the socket
     // can pause, resume or snapshot at once.
-    let _api = super::serve_api(args.api_sock.as_deref(), &engine)?;
+    let _api = super::serve_api(args.api_sock.as_deref(), running.controller())?;
     crate::seccomp::apply(crate::seccomp::ThreadKind::EventLoop)?;
     let why = event_loop.run_until_stopped()?;
     running.stop();
@@ -309,11 +284,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         VmStop::Shutdown => log::info!("guest shut down: VM stopped"),
         VmStop::Terminated(_) | VmStop::Error(_) => {}
     }
-    match why {
-        VmStop::Reset | VmStop::Shutdown => Ok(0),
-        VmStop::Terminated(sig) => Ok(128 + sig),
-        VmStop::Error(msg) => Err(msg.into()),
-    }
+    super::exit_status(why)
 }
 
 #[cfg(test)]

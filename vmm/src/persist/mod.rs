@@ -7,8 +7,7 @@
 //! [`VmState`]. A blob is validated (magic, version, length, checksum, then the decoded
 //! contents against the VM it is restored into) before any of it is used.
 
-pub mod live;
-pub mod ops;
+pub mod load;
 pub mod vcpu;
 pub mod vm;
 
@@ -78,8 +77,8 @@ pub enum PersistError {
         source: kvm_ioctls::Error,
     },
     /// The vCPU threads could not save or restore.
-    #[error("vCPU control: {0}")]
-    Vcpu(String),
+    #[error(transparent)]
+    VcpuThread(#[from] crate::vstate::vcpu::VcpuError),
     /// A device refused its state.
     #[error("device {device}: {reason}")]
     Device {

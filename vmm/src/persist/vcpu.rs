@@ -13,7 +13,10 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
 use super::PersistError;
+use crate::vstate::vcpu::Vcpus;
 
 /// IA32_TSC.
 pub const MSR_IA32_TSC: u32 = 0x10;
@@ -324,6 +327,40 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), PersistError> {
     }
     mark_guest_stopped(fd, id, &state.msrs);
     Ok(())
+}
+
+/// Save the state of every vCPU of `vcpus` (paused), each on its own thread, reading
+/// the MSRs `msr_indices`.
+pub fn save_all(
+    vcpus: &Vcpus,
+    msr_indices: &Arc<Vec<u32>>,
+) -> Result<Vec<VcpuState>, PersistError> {
+    let msrs = msr_indices.clone();
+    vcpus
+        .with_each_fd("save its state", move |id, fd| save(fd, id, &msrs))
+        .map_err(PersistError::VcpuThread)?
+        .into_iter()
+        .collect()
+}
+
+/// Put `states` (one per vCPU, in id order) into the paused `vcpus`, each on its own
+/// thread. Every vCPU exists before any state goes in (as Firecracker does): KVM then
+/// sees all vCPUs' TSC writes as one synchronized set.
+pub fn restore_all(vcpus: &Vcpus, states: &[VcpuState]) -> Result<(), PersistError> {
+    if states.len() != vcpus.len() {
+        return Err(PersistError::Mismatch {
+            field: "vcpus",
+            detail: format!("{} saved, {} running", states.len(), vcpus.len()),
+        });
+    }
+    let states = Arc::new(states.to_vec());
+    vcpus
+        .with_each_fd("restore its state", move |id, fd| {
+            restore(fd, &states[usize::from(id)])
+        })
+        .map_err(PersistError::VcpuThread)?
+        .into_iter()
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,16 +1,36 @@
 //! The copy-before-write engine: joins the snapshot store in the pool, the write-protect
-//! seam, the fault handler and dirty tracking, and serves the control API.
+//! seam, the fault handler and dirty tracking. Nothing here knows the control API, VM
+//! state or the guest agent: the controller (`crate::controller`) builds those on top.
 //!
 //! Consistency of a page snapshot: each page's content is the content it had at the
 //! moment that page became write-protected (the store marks the pages, the protect
 //! callback write-protects them, then the store commits, all under the store lock, so a
 //! write racing with the snapshot either lands before the protection, and is part of the
 //! snapshot, or faults and is preserved into it). With the vCPUs paused around the
-//! snapshot (API `pause`, snapshot, `resume`), all pages share one instant.
+//! snapshot, all pages share one instant.
+//!
+//! # The copy-before-write path, step by step
+//!
+//! 1. [`Engine::snapshot`] marks the pages in the store and, under the store lock,
+//!    write-protects them ([`UffdProtector::protect`], `UFFDIO_WRITEPROTECT`) before the
+//!    store commits ([`Pool::snapshot_with`]).
+//! 2. A vCPU (or the VMM) writes a protected page: the kernel blocks the writer and
+//!    queues a write-protect fault on the userfaultfd.
+//! 3. The fault handler thread ([`super::fault`], `handle_fault`) reads the fault and calls
+//!    [`PreserveSink::before_write_then`] on [`StoreSink`].
+//! 4. [`StoreSink`] locks the pool and calls [`Pool::preserve`]: the page's current
+//!    content is copied into a block and every snapshot that referenced the page in RAM
+//!    is redirected to that block (durable before it returns).
+//! 5. Still under the pool lock, the handler's unprotect callback clears the protection
+//!    of that one page (`UFFDIO_WRITEPROTECT` without the WP bit), which also wakes the
+//!    writer. Doing it under the lock means no snapshot can protect the page again in
+//!    between and lose the next write.
+//! 6. If the preserve fails (block area full, I/O error), every snapshot that still
+//!    needs the page is deleted and logged ([`StoreSink`] `preserve_locked`); the page is
+//!    unprotected anyway, so the guest goes on.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use log::{error, info, warn};
@@ -22,21 +42,7 @@ use pmem_backend::{
 use super::dirty::DirtyTracker;
 use super::fault::{FaultHandler, FaultStats, HandlerOptions, PreserveSink};
 use super::protect::{PageProtector, UffdProtector};
-use crate::api::{self, ApiError, ApiRequest, ApiResponse};
-use crate::persist::live::VmPersist;
-use crate::vstate::dirty::DirtySource;
-
-/// Pause and resume of the vCPUs, as the engine needs them.
-pub trait VmControl: Send + Sync {
-    /// Stop every vCPU and wait until each has acknowledged.
-    fn pause(&self) -> Result<(), String>;
-    /// Let every vCPU run again.
-    fn resume(&self) -> Result<(), String>;
-    /// Whether the vCPUs are paused.
-    fn is_paused(&self) -> bool;
-    /// Number of vCPUs.
-    fn vcpus(&self) -> u32;
-}
+use crate::vstate::dirty::{DirtyError, DirtySource};
 
 /// Lock the pool, ignoring poisoning: a panic elsewhere does not make the on-disk store
 /// less consistent (every change commits atomically), so later calls may go on.
@@ -79,13 +85,13 @@ impl StoreSink {
 }
 
 impl PreserveSink for StoreSink {
-    fn before_write(&self, page: u64) -> Result<(), String> {
+    fn before_write(&self, page: u64) -> Result<(), PoolError> {
         self.preserve_locked(&mut lock_pool(&self.pool), page)
     }
 
     /// Preserve and unprotect under one hold of the store lock: a snapshot cannot
     /// protect the page again in between (see the trait).
-    fn before_write_then(&self, page: u64, unprotect: &mut dyn FnMut()) -> Result<(), String> {
+    fn before_write_then(&self, page: u64, unprotect: &mut dyn FnMut()) -> Result<(), PoolError> {
         let mut pool = lock_pool(&self.pool);
         let res = self.preserve_locked(&mut pool, page);
         unprotect();
@@ -97,7 +103,7 @@ impl PreserveSink for StoreSink {
 }
 
 impl StoreSink {
-    fn preserve_locked(&self, pool: &mut Pool, page: u64) -> Result<(), String> {
+    fn preserve_locked(&self, pool: &mut Pool, page: u64) -> Result<(), PoolError> {
         match pool.preserve(page) {
             Ok(true) => {
                 self.preserved.fetch_add(1, Ordering::Relaxed);
@@ -107,7 +113,7 @@ impl StoreSink {
             Err(e) => {
                 // The page cannot be kept: drop every snapshot that still needs it, so no
                 // snapshot silently reads the new content later. The guest goes on.
-                let reason = e.to_string();
+                let reason = &e;
                 let victims: Vec<String> = pool
                     .list()
                     .into_iter()
@@ -130,7 +136,7 @@ impl StoreSink {
                         }
                     }
                 }
-                Err(reason)
+                Err(e)
             }
         }
     }
@@ -144,57 +150,50 @@ fn unprotect_runs(protector: &dyn PageProtector, runs: &[PageRun]) {
     }
 }
 
-/// Static facts about the VM the engine reports.
-#[derive(Debug, Clone)]
-pub struct VmInfo {
-    /// Guest RAM in bytes.
-    pub mem_bytes: u64,
-    /// Path of the pool file.
-    pub pool_path: String,
-}
-
-/// Process snapshots that may wait for the guest agent at once; more are refused.
-pub const MAX_PROCESS_SNAPSHOTS_IN_FLIGHT: u64 = 4;
-
-/// Decrements a counter when dropped (on every return path, panics included).
-struct DecOnDrop<'a>(&'a AtomicU64);
-
-impl Drop for DecOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// The engine. Shared between the API, the guest agent service and the VMM.
+/// The engine. Shared (as `Arc<Engine>`) by the controller, the guest agent service
+/// and the VMM.
 pub struct Engine {
     pool: Arc<Mutex<Pool>>,
     protector: Arc<dyn PageProtector>,
     sink: Arc<StoreSink>,
     faults: Arc<FaultStats>,
     dirty: Mutex<DirtyTracker>,
-    vm: OnceLock<Arc<dyn VmControl>>,
-    agent_uds: OnceLock<std::path::PathBuf>,
-    /// Host-requested process snapshots in flight: token -> snapshot name. The agent
-    /// passes the token back with its save, which makes the snapshot host-owned.
-    host_grants: Mutex<BTreeMap<u64, String>>,
-    persist: OnceLock<Arc<dyn VmPersist>>,
-    /// Held by every API request that changes the VM or the store (pause, resume,
-    /// snapshots, delete, rollback, and dirty, which harvests the dirty log), one at a
-    /// time; never while waiting for the guest.
-    control: Mutex<()>,
-    /// Process snapshots waiting for the guest agent now (at most
-    /// [`MAX_PROCESS_SNAPSHOTS_IN_FLIGHT`]).
-    agent_waits: AtomicU64,
-    info: VmInfo,
-    started: Instant,
     // Last, so the handler thread stops before the rest goes away.
     _handler: Option<FaultHandler>,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("info", &self.info).finish()
+        f.debug_struct("Engine")
+            .field("preserved_pages", &self.preserved_pages())
+            .finish()
     }
+}
+
+/// Why `dirty since` cannot answer.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtySinceError {
+    /// The store has no such snapshot.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// Dirty tracking failed or does not know the snapshot.
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
+}
+
+/// Engine and store statistics.
+#[derive(Debug, Clone)]
+pub struct EngineStats {
+    /// Write-protect faults handled.
+    pub faults: u64,
+    /// Total and longest time in the fault handler, in nanoseconds.
+    pub fault_total_ns: u64,
+    /// Longest single fault.
+    pub fault_max_ns: u64,
+    /// Pages preserved by the fault handler since start.
+    pub preserved_pages: u64,
+    /// The store's own counts.
+    pub store: pmem_backend::Stats,
 }
 
 /// Errors of engine start-up.
@@ -216,7 +215,6 @@ impl Engine {
         pool: Arc<Mutex<Pool>>,
         protector: Arc<UffdProtector>,
         dirty_sources: Vec<Box<dyn DirtySource>>,
-        info: VmInfo,
         opts: HandlerOptions,
     ) -> Result<Self, EngineError> {
         let (runs, names, pages) = {
@@ -257,110 +255,13 @@ impl Engine {
             sink,
             faults: handler.stats(),
             dirty: Mutex::new(dirty),
-            vm: OnceLock::new(),
-            agent_uds: OnceLock::new(),
-            host_grants: Mutex::new(BTreeMap::new()),
-            persist: OnceLock::new(),
-            control: Mutex::new(()),
-            agent_waits: AtomicU64::new(0),
-            info,
-            started: Instant::now(),
             _handler: Some(handler),
         })
     }
 
-    /// Connect the vCPUs once they run (pause and resume before that are refused).
-    pub fn set_vm_control(&self, vm: Arc<dyn VmControl>) {
-        if self.vm.set(vm).is_err() {
-            warn!("the vCPU control was already set");
-        }
-    }
-
-    /// Allow one save named `name` through the agent to be host-owned; returns the
-    /// single-use token to send the agent. Unguessable (random), so a guest cannot
-    /// make a snapshot host-owned on its own (it would then escape guest quotas and
-    /// guest deletion).
-    pub fn grant_host_save(&self, name: &str) -> u64 {
-        let mut grants = self.host_grants.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            let mut b = [0u8; 8];
-            // SAFETY: b is valid for 8 bytes of writes.
-            let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-            let token = if n == 8 {
-                u64::from_le_bytes(b)
-            } else {
-                // getrandom cannot fail for 8 bytes once the pool is seeded; fall back
-                // to the clock mixed with the address space layout rather than abort.
-                let t = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as u64);
-                t ^ (&b as *const _ as u64).rotate_left(32)
-            };
-            if token != 0 && !grants.contains_key(&token) {
-                grants.insert(token, name.to_string());
-                return token;
-            }
-        }
-    }
-
-    /// Use the grant `token` for a save named `name`: true (and the grant is gone)
-    /// when it was granted for that name.
-    pub fn take_host_grant(&self, token: u64, name: &str) -> bool {
-        let mut grants = self.host_grants.lock().unwrap_or_else(|e| e.into_inner());
-        match grants.get(&token) {
-            Some(n) if n == name => {
-                grants.remove(&token);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Forget a grant (its request is over, used or not).
-    pub fn revoke_host_grant(&self, token: u64) {
-        self.host_grants
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&token);
-    }
-
-    /// The host socket of the guest's vsock device, to reach the guest agent.
-    pub fn set_agent_socket(&self, path: std::path::PathBuf) {
-        if self.agent_uds.set(path).is_err() {
-            warn!("the agent socket was already set");
-        }
-    }
-
-    /// Connect whole-VM state capture (VM snapshots and rollback need it).
-    pub fn set_vm_persist(&self, p: Arc<dyn VmPersist>) {
-        if self.persist.set(p).is_err() {
-            warn!("the VM state port was already set");
-        }
-    }
-
-    /// Whole-VM state capture, once connected.
-    pub fn vm_persist(&self) -> Result<&Arc<dyn VmPersist>, ApiError> {
-        self.persist
-            .get()
-            .ok_or_else(|| ApiError::InvalidState("VM state capture is not available".into()))
-    }
-
-    /// Pause and resume of the vCPUs, once they run.
-    pub fn vm_control(&self) -> Result<&Arc<dyn VmControl>, ApiError> {
-        self.vm()
-    }
-
     /// Reset the dirty tracking of `name` to "nothing written" (after a rollback to it).
-    pub fn reset_dirty(&self, name: &str) -> Result<(), ApiError> {
-        self.dirty()
-            .reset(name)
-            .map_err(|e| ApiError::Internal(e.to_string()))
-    }
-
-    fn vm(&self) -> Result<&Arc<dyn VmControl>, ApiError> {
-        self.vm
-            .get()
-            .ok_or_else(|| ApiError::InvalidState("the vCPUs are not running yet".into()))
+    pub fn reset_dirty(&self, name: &str) -> Result<(), DirtyError> {
+        self.dirty().reset(name)
     }
 
     /// The pool, for callers that read snapshots (restore, export).
@@ -438,30 +339,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Pause the vCPUs, snapshot `runs`, resume; the runs are pre-protected before the
-    /// pause. Returns the snapshot and how long the vCPUs were paused.
-    pub fn snapshot_paused(
-        &self,
-        name: &str,
-        kind: SnapshotKind,
-        runs: &[PageRun],
-        meta: SnapshotMeta,
-    ) -> Result<(pmem_backend::SnapshotInfo, std::time::Duration), ApiError> {
-        let vm = self.vm()?.clone();
-        if lock_pool(&self.pool).inspect(name).is_ok() {
-            return Err(ApiError::DuplicateName(name.to_string()));
-        }
-        self.preprotect(runs).map_err(api_error)?;
-        let t = Instant::now();
-        vm.pause().map_err(ApiError::Internal)?;
-        let res = self.snapshot(name, kind, runs, meta);
-        let resumed = vm.resume();
-        let paused = t.elapsed();
-        let info = res.map_err(api_error)?;
-        resumed.map_err(ApiError::Internal)?;
-        Ok((info, paused))
-    }
-
     /// Delete a snapshot; pages no other snapshot references become writable again.
     pub fn delete(&self, name: &str) -> Result<u64, PoolError> {
         // Unprotect before the lock is released: a snapshot taken right after the delete
@@ -477,14 +354,14 @@ impl Engine {
     }
 
     /// Pages written since snapshot `name` was taken (by vCPUs or by the VMM).
-    pub fn dirty_since(&self, name: &str) -> Result<Vec<PageRun>, ApiError> {
-        lock_pool(&self.pool)
-            .inspect(name)
-            .map_err(|_| ApiError::UnknownSnapshot(name.to_string()))?;
-        self.dirty()
-            .dirty_since(name)
-            .map(|runs| runs.into_iter().map(|(f, c)| PageRun::new(f, c)).collect())
-            .map_err(|e| ApiError::Internal(e.to_string()))
+    pub fn dirty_since(&self, name: &str) -> Result<Vec<PageRun>, DirtySinceError> {
+        lock_pool(&self.pool).inspect(name)?;
+        Ok(self
+            .dirty()
+            .dirty_since(name)?
+            .into_iter()
+            .map(|(f, c)| PageRun::new(f, c))
+            .collect())
     }
 
     /// The VMM wrote `pages` through the store's own mapping (restore): record them as
@@ -524,143 +401,15 @@ impl Engine {
         self.sink.preserved.load(Ordering::Relaxed)
     }
 
-    /// Serve one control-API request. The API calls this from several threads at once:
-    /// reads answer at once, changes take the control lock one at a time, and a process
-    /// snapshot waits for the guest agent without it, so a guest that is slow to answer
-    /// (or never answers) cannot hold up status, pause, a VM snapshot or a rollback.
-    pub fn handle(&self, req: ApiRequest) -> Result<ApiResponse, ApiError> {
-        let _control = match &req {
-            ApiRequest::Status
-            | ApiRequest::Stats
-            | ApiRequest::ListSnapshots
-            | ApiRequest::InspectSnapshot { .. }
-            | ApiRequest::SnapshotProcess(_) => None,
-            _ => Some(self.control.lock().unwrap_or_else(|e| e.into_inner())),
-        };
-        match req {
-            ApiRequest::Status => Ok(ApiResponse::Status(self.status())),
-            ApiRequest::Pause => {
-                self.vm()?.pause().map_err(ApiError::Internal)?;
-                Ok(ApiResponse::Status(self.status()))
-            }
-            ApiRequest::Resume => {
-                self.vm()?.resume().map_err(ApiError::Internal)?;
-                Ok(ApiResponse::Status(self.status()))
-            }
-            ApiRequest::CreatePagesSnapshot(r) => {
-                let runs: Vec<PageRun> = r
-                    .runs
-                    .iter()
-                    .map(|r| PageRun::new(r.first_page, r.count))
-                    .collect();
-                let meta = SnapshotMeta {
-                    labels: r.labels.into_iter().collect(),
-                    ..Default::default()
-                };
-                let info = if r.pause {
-                    let (info, paused) =
-                        self.snapshot_paused(&r.name, SnapshotKind::Pages, &runs, meta)?;
-                    info!("snapshot {:?}: vCPUs paused for {paused:?}", r.name);
-                    info
-                } else {
-                    self.snapshot(&r.name, SnapshotKind::Pages, &runs, meta)
-                        .map_err(api_error)?
-                };
-                Ok(ApiResponse::SnapshotCreated(to_api_info(info, false)))
-            }
-            ApiRequest::ListSnapshots => Ok(ApiResponse::Snapshots(
-                lock_pool(&self.pool)
-                    .list()
-                    .into_iter()
-                    .map(|s| to_api_info(s, false))
-                    .collect(),
-            )),
-            ApiRequest::InspectSnapshot { name } => lock_pool(&self.pool)
-                .inspect(name.as_str())
-                .map(|s| ApiResponse::Snapshot(to_api_info(s, true)))
-                .map_err(api_error),
-            ApiRequest::DeleteSnapshot { name } => {
-                self.delete(&name).map_err(api_error)?;
-                Ok(ApiResponse::Deleted(name))
-            }
-            ApiRequest::DirtySince { name } => {
-                let runs = self.dirty_since(&name)?;
-                Ok(ApiResponse::Dirty(api::DirtyPages {
-                    since: name,
-                    pages: runs.iter().map(|r| r.count).sum(),
-                    runs: runs
-                        .into_iter()
-                        .map(|r| api::PageRun {
-                            first_page: r.first,
-                            count: r.count,
-                        })
-                        .collect(),
-                }))
-            }
-            ApiRequest::Stats => Ok(ApiResponse::Stats(self.stats())),
-            ApiRequest::SnapshotProcess(r) => {
-                let uds = self.agent_uds.get().ok_or_else(|| {
-                    ApiError::InvalidState(
-                        "this VMM has no vsock device (start it with --vsock-sock)".into(),
-                    )
-                })?;
-                let waits = self.agent_waits.fetch_add(1, Ordering::AcqRel);
-                let _done = DecOnDrop(&self.agent_waits);
-                if waits >= MAX_PROCESS_SNAPSHOTS_IN_FLIGHT {
-                    return Err(ApiError::InvalidState(format!(
-                        "{waits} process snapshots are already waiting for the guest agent; \
-                         try again when one has finished"
-                    )));
-                }
-                let token = self.grant_host_save(&r.name);
-                let done = super::agent_client::snapshot_process(
-                    uds,
-                    &r,
-                    token,
-                    super::agent_client::AGENT_DEADLINE,
-                );
-                self.revoke_host_grant(token);
-                done?;
-                lock_pool(&self.pool)
-                    .inspect(r.name.as_str())
-                    .map(|s| ApiResponse::SnapshotCreated(to_api_info(s, false)))
-                    .map_err(api_error)
-            }
-            ApiRequest::CreateVmSnapshot { name } => crate::persist::ops::snapshot_vm(self, &name),
-            ApiRequest::RollbackVm { name } => crate::persist::ops::rollback(self, &name),
-        }
-    }
-
-    fn status(&self) -> api::VmStatus {
-        api::VmStatus {
-            state: if self.vm.get().is_some_and(|v| v.is_paused()) {
-                api::VmState::Paused
-            } else {
-                api::VmState::Running
-            },
-            vcpus: self.vm.get().map_or(0, |v| v.vcpus()),
-            mem_bytes: self.info.mem_bytes,
-            uptime_ms: self.started.elapsed().as_millis() as u64,
-            pool_path: self.info.pool_path.clone(),
-            version: api::VERSION.to_string(),
-        }
-    }
-
     /// Engine and store statistics.
-    pub fn stats(&self) -> api::ApiStats {
+    pub fn stats(&self) -> EngineStats {
         let f = self.faults.snapshot();
-        let store = lock_pool(&self.pool).stats();
-        api::ApiStats {
+        EngineStats {
             faults: f.faults,
+            fault_total_ns: f.total_ns,
+            fault_max_ns: f.max_ns,
             preserved_pages: self.preserved_pages(),
-            protected_pages: store.pages_in_ram,
-            snapshots: store.snapshots,
-            fault_handler: api::HandlerTime {
-                total_ns: f.total_ns,
-                mean_ns: f.total_ns.checked_div(f.faults).unwrap_or(0),
-                max_ns: f.max_ns,
-            },
-            store: serde_json::to_value(&store).unwrap_or(serde_json::Value::Null),
+            store: lock_pool(&self.pool).stats(),
         }
     }
 }
@@ -698,54 +447,19 @@ fn to_protect(newly: &[PageRun], pre: Option<&PreProtect>) -> Vec<PageRun> {
     normalize_runs(&out)
 }
 
-/// Map a store error to the API error a client should see.
-pub fn api_error(e: PoolError) -> ApiError {
-    match e {
-        PoolError::DuplicateName(n) => ApiError::DuplicateName(n),
-        PoolError::NoSuchSnapshot(n) => ApiError::UnknownSnapshot(n),
-        e @ PoolError::PageOutOfRange { .. } => ApiError::RunsOutsideRam(e.to_string()),
-        e @ PoolError::InvalidArgument(_) => ApiError::BadRequest(e.to_string()),
-        e => ApiError::Internal(e.to_string()),
-    }
-}
-
-fn to_api_info(s: pmem_backend::SnapshotInfo, with_runs: bool) -> api::SnapshotInfo {
-    api::SnapshotInfo {
-        name: s.name,
-        kind: s.kind.as_str().to_string(),
-        pages: s.pages,
-        run_count: s.runs.len() as u64,
-        runs: with_runs.then(|| {
-            s.runs
-                .iter()
-                .map(|r| api::PageRun {
-                    first_page: r.first,
-                    count: r.count,
-                })
-                .collect()
-        }),
-        preserved_pages: s.pages_in_blocks,
-        created_unix_ms: s.created_unix_ns / 1_000_000,
-        labels: s.labels.into_iter().collect::<BTreeMap<_, _>>(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{PageRun as ApiRun, PagesSnapshotRequest};
     use crate::snapshot::testutil::setup;
 
-    fn req(name: &str, runs: &[(u64, u64)]) -> ApiRequest {
-        ApiRequest::CreatePagesSnapshot(PagesSnapshotRequest {
-            name: name.into(),
-            runs: runs
-                .iter()
-                .map(|&(first_page, count)| ApiRun { first_page, count })
-                .collect(),
-            labels: Default::default(),
-            pause: false,
-        })
+    /// A page snapshot of `runs` (first page, count).
+    fn snap(
+        engine: &Engine,
+        name: &str,
+        runs: &[(u64, u64)],
+    ) -> Result<pmem_backend::SnapshotInfo, PoolError> {
+        let runs: Vec<PageRun> = runs.iter().map(|&(f, c)| PageRun::new(f, c)).collect();
+        engine.snapshot(name, SnapshotKind::Pages, &runs, Default::default())
     }
 
     fn page_of(engine: &Engine, snap: &str, p: u64) -> (PageLocation, u8) {
@@ -762,11 +476,11 @@ mod tests {
         for p in 0..64 {
             ram.write(p, 1);
         }
-        let created = engine.handle(req("a", &[(0, 16)])).expect("snapshot a");
-        assert!(matches!(created, ApiResponse::SnapshotCreated(ref i) if i.pages == 16));
+        let created = snap(&engine, "a", &[(0, 16)]).expect("snapshot a");
+        assert_eq!(created.pages, 16);
         ram.write(3, 2); // faults: preserved for a
         ram.write(40, 2); // not protected: no fault
-        engine.handle(req("b", &[(0, 8)])).expect("snapshot b");
+        snap(&engine, "b", &[(0, 8)]).expect("snapshot b");
         ram.write(5, 3); // shared by a and b: one block for both
         ram.write(3, 4); // a has it in a block already, b references RAM
         assert_eq!(
@@ -787,9 +501,7 @@ mod tests {
         let stats = settled_stats(&engine, 3);
         assert_eq!((stats.faults, stats.preserved_pages), (3, 3));
         // Delete a: pages only a referenced become writable without a fault.
-        engine
-            .handle(ApiRequest::DeleteSnapshot { name: "a".into() })
-            .expect("delete a");
+        engine.delete("a").expect("delete a");
         ram.write(12, 9);
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(engine.stats().faults, 3, "page 12 is no longer protected");
@@ -797,7 +509,7 @@ mod tests {
     }
 
     /// Stats once the handler has counted `faults` faults (or after 5 s).
-    fn settled_stats(engine: &Engine, faults: u64) -> api::ApiStats {
+    fn settled_stats(engine: &Engine, faults: u64) -> EngineStats {
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let stats = engine.stats();
@@ -851,7 +563,7 @@ mod tests {
             .expect("preprotect");
         ram.write(3, 2); // faults once, becomes writable again: recorded
         ram.write(5, 2);
-        engine.handle(req("doomed", &[(40, 2)])).expect("snapshot");
+        snap(&engine, "doomed", &[(40, 2)]).expect("snapshot");
         engine.delete("doomed").expect("delete"); // unprotects 40, 41 (outside the runs)
         engine
             .snapshot(
@@ -873,23 +585,23 @@ mod tests {
     }
 
     #[test]
-    fn bad_requests_get_api_errors() {
+    fn bad_requests_get_typed_errors() {
         let (_dir, engine, _ram) = setup(16);
-        engine.handle(req("a", &[(0, 4)])).expect("snapshot");
-        let dup = engine.handle(req("a", &[(4, 1)])).expect_err("duplicate");
-        assert_eq!(dup.status(), 409);
-        let outside = engine
-            .handle(req("b", &[(10, 7)]))
-            .expect_err("outside RAM");
-        assert_eq!(outside.status(), 422);
-        let unknown = engine
-            .handle(ApiRequest::DeleteSnapshot { name: "zz".into() })
-            .expect_err("unknown");
-        assert_eq!(unknown.status(), 404);
-        let unknown = engine
-            .handle(ApiRequest::DirtySince { name: "zz".into() })
-            .expect_err("unknown");
-        assert_eq!(unknown.status(), 404);
+        snap(&engine, "a", &[(0, 4)]).expect("snapshot");
+        let dup = snap(&engine, "a", &[(4, 1)]).expect_err("duplicate");
+        assert!(matches!(dup, PoolError::DuplicateName(_)), "{dup}");
+        let outside = snap(&engine, "b", &[(10, 7)]).expect_err("outside RAM");
+        assert!(
+            matches!(outside, PoolError::PageOutOfRange { .. }),
+            "{outside}"
+        );
+        let unknown = engine.delete("zz").expect_err("unknown");
+        assert!(matches!(unknown, PoolError::NoSuchSnapshot(_)), "{unknown}");
+        let unknown = engine.dirty_since("zz").expect_err("unknown");
+        assert!(
+            matches!(unknown, DirtySinceError::Pool(PoolError::NoSuchSnapshot(_))),
+            "{unknown}"
+        );
         assert!(
             !lock_pool(engine.pool()).is_protected(10),
             "a refused snapshot protects nothing"
@@ -899,7 +611,7 @@ mod tests {
     #[test]
     fn the_store_sink_unprotects_while_holding_the_store_lock() {
         let (_dir, engine, _ram) = setup(16);
-        engine.handle(req("a", &[(0, 4)])).expect("snapshot");
+        snap(&engine, "a", &[(0, 4)]).expect("snapshot");
         let mut locked_during_unprotect = None;
         engine
             .sink
@@ -921,32 +633,15 @@ mod tests {
     #[test]
     fn a_duplicate_name_keeps_the_existing_snapshots_dirty_tracking() {
         let (_dir, engine, _ram) = setup(16);
-        engine.handle(req("a", &[(0, 4)])).expect("snapshot");
+        snap(&engine, "a", &[(0, 4)]).expect("snapshot");
         engine.after_vmm_write(&[5]);
-        let dup = engine.handle(req("a", &[(8, 1)])).expect_err("duplicate");
-        assert_eq!(dup.status(), 409);
+        let dup = snap(&engine, "a", &[(8, 1)]).expect_err("duplicate");
+        assert!(matches!(dup, PoolError::DuplicateName(_)), "{dup}");
         let runs = engine.dirty_since("a").expect("a is still tracked");
         assert_eq!(
             runs,
             vec![PageRun::new(5, 1)],
             "page 5 is still dirty since a"
-        );
-    }
-
-    #[test]
-    fn pause_resume_and_status() {
-        let (_dir, engine, _ram) = setup(16);
-        let st = |r: ApiResponse| match r {
-            ApiResponse::Status(s) => s.state,
-            other => panic!("not a status: {other:?}"),
-        };
-        assert_eq!(
-            st(engine.handle(ApiRequest::Pause).expect("pause")),
-            api::VmState::Paused
-        );
-        assert_eq!(
-            st(engine.handle(ApiRequest::Resume).expect("resume")),
-            api::VmState::Running
         );
     }
 }

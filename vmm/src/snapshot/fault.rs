@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use log::{error, warn};
+use pmem_backend::PoolError;
 use userfaultfd::{Event, EventBuffer, FaultKind};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -26,14 +27,14 @@ pub trait PreserveSink: Send + Sync {
     /// still references it in RAM. On error the sink must already have made the failure
     /// visible (for example marked the snapshots that lose the page as damaged): the
     /// handler removes the protection either way, since a vCPU blocked forever helps no one.
-    fn before_write(&self, page: u64) -> Result<(), String>;
+    fn before_write(&self, page: u64) -> Result<(), PoolError>;
 
     /// [`Self::before_write`], then `unprotect` (which makes the page writable and wakes
     /// the writer). A sink whose store can protect the page again concurrently (a new
     /// snapshot) must run both inside one critical section of that store: otherwise a
     /// snapshot taken between the preserve and the unprotect has its protection removed
     /// by this unprotect, and the next write changes its page without a preserve.
-    fn before_write_then(&self, page: u64, unprotect: &mut dyn FnMut()) -> Result<(), String> {
+    fn before_write_then(&self, page: u64, unprotect: &mut dyn FnMut()) -> Result<(), PoolError> {
         let res = self.before_write(page);
         unprotect();
         res
@@ -325,7 +326,7 @@ mod tests {
         seen: Mutex<Vec<(u64, u8)>>,
     }
     impl PreserveSink for Recorder {
-        fn before_write(&self, page: u64) -> Result<(), String> {
+        fn before_write(&self, page: u64) -> Result<(), PoolError> {
             // Read the old content through the unregistered mapping, as the store does.
             // SAFETY: page is inside the mapping (checked by the handler).
             let old = unsafe { *self.ram.shadow.add(page as usize * 4096) };

@@ -1,11 +1,10 @@
-//! The copy-before-write engine: write-protection of snapshot pages, the fault handler
-//! that preserves a page before its first write, and dirty tracking.
+//! The copy-before-write core: write-protection of snapshot pages, the fault handler
+//! that preserves a page before its first write, and dirty tracking. It knows nothing of
+//! the control API, VM state or the guest agent (see `crate::controller`).
 
-pub mod agent_client;
 pub mod dirty;
 pub mod engine;
 pub mod fault;
-pub mod process;
 pub mod protect;
 #[cfg(test)]
 pub(crate) mod testutil;

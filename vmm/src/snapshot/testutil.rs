@@ -1,33 +1,14 @@
 //! Test fixtures for the engine: a real pool on tmpfs, its RAM area mapped like the
-//! VMM maps guest RAM and registered with userfaultfd, and a fake vCPU controller.
+//! VMM maps guest RAM and registered with userfaultfd.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pmem_backend::Pool;
 
-use super::engine::{Engine, VmControl, VmInfo};
+use super::engine::Engine;
 use super::fault::HandlerOptions;
 use super::protect::UffdProtector;
-
-pub(crate) struct FakeVm(pub AtomicBool);
-impl VmControl for FakeVm {
-    fn pause(&self) -> Result<(), String> {
-        self.0.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-    fn resume(&self) -> Result<(), String> {
-        self.0.store(false, Ordering::SeqCst);
-        Ok(())
-    }
-    fn is_paused(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-    fn vcpus(&self) -> u32 {
-        2
-    }
-}
 
 /// The VMM's view of guest RAM: the pool's RAM area mapped shared, as KVM sees it.
 pub(crate) struct Ram {
@@ -78,13 +59,8 @@ pub(crate) fn setup(pages: u64) -> (tempfile::TempDir, Engine, Arc<Ram>) {
         Arc::new(Mutex::new(pool)),
         prot,
         Vec::new(),
-        VmInfo {
-            mem_bytes: len as u64,
-            pool_path: "test".into(),
-        },
         HandlerOptions::default(),
     )
     .expect("engine");
-    engine.set_vm_control(Arc::new(FakeVm(AtomicBool::new(false))));
     (dir, engine, ram)
 }

@@ -1,11 +1,10 @@
-//! Shared control of the running vCPUs: the snapshot engine and the API pause and resume
-//! them while the main thread owns their lifetime.
+//! Shared control of the running vCPUs: the controller pauses and resumes them while
+//! the main thread owns their lifetime.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use super::vcpu::Vcpus;
-use crate::snapshot::engine::VmControl;
+use super::vcpu::{VcpuError, Vcpus};
 
 /// The vCPU threads behind a lock, with the paused flag the API reports. The lock is
 /// never taken by a vCPU thread, so holding it while waiting for acknowledgements
@@ -39,26 +38,28 @@ impl VcpuControl {
     pub fn vcpus(&self) -> MutexGuard<'_, Vcpus> {
         self.vcpus.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-impl VmControl for VcpuControl {
-    fn pause(&self) -> Result<(), String> {
-        self.vcpus().pause().map_err(|e| e.to_string())?;
+    /// Pause every vCPU (see [`Vcpus::pause`]) and report the VM paused.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        self.vcpus().pause()?;
         self.paused.store(true, Ordering::SeqCst);
         Ok(())
     }
 
-    fn resume(&self) -> Result<(), String> {
-        self.vcpus().resume().map_err(|e| e.to_string())?;
+    /// Resume every vCPU (see [`Vcpus::resume`]) and report the VM running.
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        self.vcpus().resume()?;
         self.paused.store(false, Ordering::SeqCst);
         Ok(())
     }
 
-    fn is_paused(&self) -> bool {
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)
     }
 
-    fn vcpus(&self) -> u32 {
+    /// Number of vCPUs.
+    pub fn count(&self) -> u32 {
         self.count
     }
 }

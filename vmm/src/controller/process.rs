@@ -26,9 +26,10 @@ use guest_agent::protocol::{
 use log::info;
 use pmem_backend::{Owner, PageRun, PoolError, ProcessInfo, SnapshotKind, SnapshotMeta};
 
-use super::engine::{lock_pool, Engine};
+use super::HostGrants;
 use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 use crate::devices::virtio::vsock::AgentBackend;
+use crate::snapshot::engine::{lock_pool, Engine};
 
 const PAGE: u64 = 4096;
 
@@ -78,13 +79,19 @@ struct ProcessBlob {
 #[derive(Debug)]
 pub struct ProcessService {
     engine: Arc<Engine>,
+    grants: Arc<HostGrants>,
     mem_bytes: u64,
 }
 
 impl ProcessService {
-    /// A service for a guest with `mem_bytes` of RAM.
-    pub fn new(engine: Arc<Engine>, mem_bytes: u64) -> Self {
-        Self { engine, mem_bytes }
+    /// A service for a guest with `mem_bytes` of RAM; saves carrying a token of
+    /// `grants` become host-owned.
+    pub fn new(engine: Arc<Engine>, grants: Arc<HostGrants>, mem_bytes: u64) -> Self {
+        Self {
+            engine,
+            grants,
+            mem_bytes,
+        }
     }
 
     fn ram_runs(&self, r: &Run) -> Result<Vec<PageRun>, ErrorReply> {
@@ -116,7 +123,7 @@ impl ProcessService {
         }
         match host_token {
             None => Ok(Owner::Guest(uid)),
-            Some(t) if self.engine.take_host_grant(t, name) => Ok(Owner::Host),
+            Some(t) if self.grants.take(t, name) => Ok(Owner::Host),
             Some(_) => Err(ErrorReply::new(
                 ErrorCode::PermissionDenied,
                 format!("no host request for a snapshot {name:?} with this token"),
@@ -388,7 +395,8 @@ mod tests {
     fn save_scribble_restore_elsewhere_and_errors() {
         let (_dir, engine, ram) = setup(64);
         let engine = Arc::new(engine);
-        let mut svc = ProcessService::new(engine.clone(), 64 * PAGE);
+        let grants = Arc::new(HostGrants::default());
+        let mut svc = ProcessService::new(engine.clone(), grants.clone(), 64 * PAGE);
         for p in 0..64 {
             ram.write(p, p as u8);
         }
@@ -528,7 +536,8 @@ mod tests {
     fn snapshots_belong_to_their_owner() {
         let (_dir, engine, _ram) = setup(64);
         let engine = Arc::new(engine);
-        let mut svc = ProcessService::new(engine.clone(), 64 * PAGE);
+        let grants = Arc::new(HostGrants::default());
+        let mut svc = ProcessService::new(engine.clone(), grants.clone(), 64 * PAGE);
         // Root's, user 1000's and the host's snapshot, all named "s": separate name
         // spaces, no collision.
         assert!(matches!(
@@ -539,7 +548,7 @@ mod tests {
             handle(&mut svc, 1000, save_req("s", 3)),
             Reply::Saved { .. }
         ));
-        let token = engine.grant_host_save("s");
+        let token = grants.grant("s");
         let host_save = GuestRequest {
             host_token: Some(token),
             ..GuestRequest::new(0, save_req("s", 5))

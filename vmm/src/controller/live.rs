@@ -1,12 +1,13 @@
-//! The running VM as the snapshot engine sees it for whole-VM state: capture while
-//! paused, apply while paused.
+//! The running VM's whole state as VM snapshots, rollback and restore see it: captured
+//! while paused, applied while paused. [`LiveVm::apply`] is the one place a saved state
+//! goes back into a VM, for a rollback and for `pmsnap restore` alike.
 
 use std::sync::{Arc, Mutex};
 
-use super::{Persist, PersistError, VmState};
 use crate::devices::legacy::SerialDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::Vsock;
+use crate::persist::{Persist, PersistError, VmState};
 use crate::vstate::control::VcpuControl;
 use crate::vstate::vm::Vm;
 
@@ -140,7 +141,7 @@ impl VmPersist for LiveVm {
     fn capture(&self) -> Result<VmState, PersistError> {
         let msrs = self.msrs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let vm = self.vm.save()?;
-        let vcpus = self.vcpus.vcpus().save_states(&msrs)?;
+        let vcpus = crate::persist::vcpu::save_all(&self.vcpus.vcpus(), &msrs)?;
         // Keep only the MSRs that read back, so later saves skip the probing.
         if let Some(v0) = vcpus.first() {
             if v0.msrs.len() < msrs.len() {
@@ -179,7 +180,7 @@ impl VmPersist for LiveVm {
             });
         }
         self.vm.restore(&state.vm)?;
-        self.vcpus.vcpus().restore_states(&state.vcpus)?;
+        crate::persist::vcpu::restore_all(&self.vcpus.vcpus(), &state.vcpus)?;
         self.serial.restore(&state.serial)?;
         restore_virtio(&self.virtio, &state.mmio)?;
         Ok(())
@@ -191,25 +192,5 @@ impl VmPersist for LiveVm {
 
     fn mem_bytes(&self) -> u64 {
         self.mem_bytes
-    }
-}
-
-/// Connect whole-VM snapshots to a started VM's engine. Without it (no KVM MSR list),
-/// VM snapshots are refused with a clear error and the VM still runs.
-pub fn attach(
-    running: &crate::builder::RunningVm,
-    serial: Arc<Mutex<SerialDevice>>,
-    mem_bytes: u64,
-    virtio: Vec<VirtioSlot>,
-) {
-    match LiveVm::new(
-        running.control().clone(),
-        running.vm_arc(),
-        serial,
-        mem_bytes,
-        virtio,
-    ) {
-        Ok(live) => running.engine().set_vm_persist(Arc::new(live)),
-        Err(e) => log::warn!("VM snapshots unavailable: {e}"),
     }
 }

@@ -1,0 +1,170 @@
+//! The whole-VM operations of the control API: snapshot (pause, capture, reference every
+//! page, resume) and in-place rollback (pause, copy back only pages written since,
+//! restore state, resume).
+
+use std::time::{Duration, Instant};
+
+use pmem_backend::{PageRun, SnapshotKind, SnapshotMeta};
+
+use super::{Controller, VmControl, VmPersist};
+use crate::api::{ApiError, ApiResponse, RolledBack, VmSnapshotCreated};
+use crate::persist::load::load_vm_state;
+use crate::persist::VmState;
+use crate::snapshot::engine::lock_pool;
+
+/// Run `f` with the vCPUs paused; resume afterwards unless they were paused before.
+/// Returns `f`'s result, the time from the pause request to the end of the resume, and
+/// of that the time until every vCPU had stopped.
+fn paused<T>(
+    vm: &dyn VmControl,
+    f: impl FnOnce() -> Result<T, ApiError>,
+) -> Result<(T, u64, u64), ApiError> {
+    let was_paused = vm.is_paused();
+    let t = Instant::now();
+    if !was_paused {
+        vm.pause()?;
+    }
+    let stop_us = t.elapsed().as_micros() as u64;
+    let res = f();
+    if !was_paused {
+        if let Err(e) = vm.resume() {
+            return Err(ApiError::Internal(format!("cannot resume the vCPUs: {e}")));
+        }
+    }
+    let us = t.elapsed().as_micros() as u64;
+    res.map(|v| (v, us, stop_us))
+}
+
+impl Controller {
+    /// `POST /v1/vm-snapshots {"name"}`.
+    pub(super) fn snapshot_vm(&self, name: &str) -> Result<ApiResponse, ApiError> {
+        let engine = &self.engine;
+        let port = self.live()?;
+        let pages = lock_pool(engine.pool()).ram_pages();
+        if lock_pool(engine.pool()).inspect(name).is_ok() {
+            return Err(ApiError::DuplicateName(name.to_string()));
+        }
+        let ((capture_us, store_us, state_bytes), pause_us, stop_us) =
+            paused(self.vm.as_ref(), || {
+                let t = Instant::now();
+                let state = port.capture()?;
+                let blob = state.encode()?;
+                let capture_us = t.elapsed().as_micros() as u64;
+                let t = Instant::now();
+                let state_bytes = blob.len() as u64;
+                let meta = SnapshotMeta {
+                    state: blob,
+                    ..Default::default()
+                };
+                engine.snapshot(name, SnapshotKind::Vm, &[PageRun::new(0, pages)], meta)?;
+                Ok((capture_us, t.elapsed().as_micros() as u64, state_bytes))
+            })?;
+        log::info!(
+        "VM snapshot {name:?}: {pages} pages, {state_bytes} bytes of state, paused {pause_us} us"
+    );
+        Ok(ApiResponse::Json {
+            status: 201,
+            body: serde_json::to_value(VmSnapshotCreated {
+                name: name.to_string(),
+                pages,
+                state_bytes,
+                pause_us,
+                stop_us,
+                capture_us,
+                store_us,
+            })
+            .map_err(|e| ApiError::Internal(e.to_string()))?,
+        })
+    }
+
+    /// `POST /v1/vm-snapshots/{name}/rollback`.
+    pub(super) fn rollback(&self, name: &str) -> Result<ApiResponse, ApiError> {
+        let engine = &self.engine;
+        let port = self.live()?;
+        let state = load_vm_state(
+            &lock_pool(engine.pool()),
+            name,
+            Some(port.vcpu_count()),
+            port.mem_bytes(),
+        )?;
+        let ((dirty_pages, pages_copied, copy_us, restore_us), pause_us, stop_us) =
+            paused(self.vm.as_ref(), || {
+                let t = Instant::now();
+                let dirty = engine.dirty_since(name)?;
+                let dirty_pages = dirty.iter().map(|r| r.count).sum();
+                let harvest = t.elapsed();
+                let (written, copy) = self.bring_back(port.as_ref(), name, &dirty, &state)?;
+                let copy_us = (harvest + copy).as_micros() as u64;
+                engine.reset_dirty(name)?;
+                Ok((
+                    dirty_pages,
+                    written.len() as u64,
+                    copy_us,
+                    (t.elapsed().as_micros() as u64).saturating_sub(copy_us),
+                ))
+            })?;
+        log::info!(
+        "rolled back to {name:?}: {pages_copied} of {dirty_pages} dirty pages copied, paused {pause_us} us"
+    );
+        Ok(ApiResponse::Json {
+            status: 200,
+            body: serde_json::to_value(RolledBack {
+                name: name.to_string(),
+                dirty_pages,
+                pages_copied,
+                pause_us,
+                stop_us,
+                copy_us,
+                restore_us,
+            })
+            .map_err(|e| ApiError::Internal(e.to_string()))?,
+        })
+    }
+
+    /// Put VM snapshot `name` back into the paused VM: the pages of `runs` whose
+    /// snapshot content sits in a block are copied back into RAM (what other snapshots
+    /// still need is preserved first), then vCPU, VM and device state go in. The one
+    /// path for a rollback (`runs`: pages written since) and a restore (`runs`: all of
+    /// the snapshot). Returns the pages written and the time the copy took.
+    fn bring_back(
+        &self,
+        live: &dyn VmPersist,
+        name: &str,
+        runs: &[PageRun],
+        state: &VmState,
+    ) -> Result<(Vec<u64>, Duration), ApiError> {
+        let t = Instant::now();
+        let written = lock_pool(self.engine.pool()).copy_back(name, runs)?;
+        self.engine.after_vmm_write(&written);
+        let copy = t.elapsed();
+        live.apply(state)?;
+        Ok((written, copy))
+    }
+
+    /// Bring a VM whose vCPUs were just started paused to VM snapshot `name`, whose
+    /// state `state` was read and checked before the VM was built (`pmsnap restore`).
+    /// The vCPUs stay paused; [`Controller::resume`] runs them.
+    pub fn restore_snapshot(&self, name: &str, state: &VmState) -> Result<Restored, ApiError> {
+        let live = self.live()?;
+        let runs = lock_pool(self.engine.pool()).inspect(name)?.runs;
+        let (written, copy_time) = self.bring_back(live.as_ref(), name, &runs, state)?;
+        Ok(Restored {
+            pages_copied: written.len() as u64,
+            copy_time,
+        })
+    }
+
+    /// Let the vCPUs run.
+    pub fn resume(&self) -> Result<(), ApiError> {
+        Ok(self.vm.resume()?)
+    }
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Copy)]
+pub struct Restored {
+    /// Pages copied back from blocks into RAM.
+    pub pages_copied: u64,
+    /// Time the copy took.
+    pub copy_time: Duration,
+}
