@@ -15,6 +15,7 @@ pub mod persist;
 pub mod pool_dir;
 pub mod seccomp;
 pub mod snapshot;
+pub mod state;
 pub mod stop;
 pub mod unix_socket;
 pub mod vstate;

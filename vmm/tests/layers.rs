@@ -17,6 +17,7 @@ const LAYERS: &[&str] = &[
     // Shared types and host plumbing, used by every layer above.
     "memory",
     "stop",
+    "state",
     "unix_socket",
     "pool_dir",
     "seccomp",

@@ -78,22 +78,9 @@ pub fn restore_virtio(
         });
     }
     for (slot, st) in slots.iter().zip(states) {
-        slot.transport
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore_in_place(st)
-            .map_err(|e| PersistError::Device {
-                device: "virtio-mmio",
-                reason: e.to_string(),
-            })?;
+        slot.transport.restore(st)?;
         if let Some(v) = &slot.vsock {
-            if !v
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send_transport_reset()
-            {
-                log::info!("vsock: no transport reset sent (device inactive or no event buffer)");
-            }
+            v.restore(&())?;
         }
     }
     Ok(())
@@ -157,13 +144,8 @@ impl VmPersist for LiveVm {
             mmio: self
                 .virtio
                 .iter()
-                .map(|v| {
-                    v.transport
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .save_state()
-                })
-                .collect(),
+                .map(|v| v.transport.save())
+                .collect::<Result<_, _>>()?,
         })
     }
 

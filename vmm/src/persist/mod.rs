@@ -13,9 +13,11 @@ pub mod vm;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::devices::legacy::serial::SerialSnap;
 use crate::devices::virtio::mmio::MmioState;
+pub use crate::state::Persist;
 pub use vcpu::VcpuState;
-pub use vm::{SerialSnap, VmKvmState};
+pub use vm::VmKvmState;
 
 /// First bytes of every state blob.
 pub const MAGIC: [u8; 8] = *b"PMSNVMST";
@@ -80,23 +82,8 @@ pub enum PersistError {
     #[error(transparent)]
     VcpuThread(#[from] crate::vstate::vcpu::VcpuError),
     /// A device refused its state.
-    #[error("device {device}: {reason}")]
-    Device {
-        /// Which device.
-        device: &'static str,
-        /// Why.
-        reason: String,
-    },
-}
-
-/// Save and restore in place, the way each piece of the VM keeps its state.
-pub trait Persist {
-    /// The saved state.
-    type State;
-    /// Capture the state (the VM is paused).
-    fn save(&self) -> Result<Self::State, PersistError>;
-    /// Put `state` back (the VM is paused; `state` was validated).
-    fn restore(&self, state: &Self::State) -> Result<(), PersistError>;
+    #[error(transparent)]
+    Device(#[from] crate::state::DeviceStateError),
 }
 
 /// Everything needed to resume a VM whose RAM equals the snapshot's.

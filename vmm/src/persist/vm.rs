@@ -1,15 +1,12 @@
-//! VM-wide state: the in-kernel PIC (master and slave), IOAPIC, PIT and kvmclock, and
-//! the serial port's registers.
+//! VM-wide state: the in-kernel PIC (master and slave), IOAPIC, PIT and kvmclock.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE,
 };
 use serde::{Deserialize, Serialize};
-use vm_superio::serial::SerialState;
 
 use super::{Persist, PersistError};
-use crate::devices::legacy::SerialDevice;
 use crate::vstate::vm::Vm;
 
 /// In-kernel device state of the VM.
@@ -46,6 +43,7 @@ fn chip(vm: &Vm, id: u32, op: &'static str) -> Result<kvm_irqchip, PersistError>
 
 impl Persist for Vm {
     type State = VmKvmState;
+    type Error = PersistError;
 
     fn save(&self) -> Result<VmKvmState, PersistError> {
         let clock = self.fd().get_clock().map_err(kvm("GET_CLOCK"))?;
@@ -95,87 +93,6 @@ impl Persist for Vm {
             .set_irqchip(&s.ioapic)
             .map_err(kvm("SET_IRQCHIP (IOAPIC)"))?;
         Ok(())
-    }
-}
-
-/// The 16550's registers and receive FIFO (vm-superio's `SerialState`, serializable).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialSnap {
-    /// DLL.
-    pub baud_divisor_low: u8,
-    /// DLM.
-    pub baud_divisor_high: u8,
-    /// IER.
-    pub interrupt_enable: u8,
-    /// IIR.
-    pub interrupt_identification: u8,
-    /// LCR.
-    pub line_control: u8,
-    /// LSR.
-    pub line_status: u8,
-    /// MCR.
-    pub modem_control: u8,
-    /// MSR.
-    pub modem_status: u8,
-    /// SCR.
-    pub scratch: u8,
-    /// Receive FIFO content.
-    pub in_buffer: Vec<u8>,
-}
-
-impl From<SerialState> for SerialSnap {
-    fn from(s: SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
-
-impl From<&SerialSnap> for SerialState {
-    fn from(s: &SerialSnap) -> Self {
-        SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
-}
-
-impl Persist for std::sync::Mutex<SerialDevice> {
-    type State = SerialSnap;
-
-    fn save(&self) -> Result<SerialSnap, PersistError> {
-        Ok(self
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .uart_state()
-            .into())
-    }
-
-    fn restore(&self, s: &SerialSnap) -> Result<(), PersistError> {
-        self.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore_uart_state(&s.into())
-            .map_err(|reason| PersistError::Device {
-                device: "serial",
-                reason,
-            })
     }
 }
 

@@ -19,6 +19,7 @@ pub mod device;
 mod event_handler;
 pub mod muxer;
 pub mod packet;
+mod persist;
 
 pub use agent_service::{AgentBackend, AgentService, AgentServiceFactory};
 pub use connection::{VsockService, VsockServiceFactory, CONN_BUF_ALLOC};

@@ -8,7 +8,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
@@ -22,6 +21,9 @@ use super::{
 use crate::devices::bus::BusDevice;
 use crate::guest_warn;
 use crate::memory::GuestMemoryMmap;
+
+mod persist;
+pub use persist::{MmioState, QueueSnapshot};
 
 /// "virt" in little-endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -87,49 +89,6 @@ pub enum MmioError {
     /// A saved state does not fit this device or guest memory.
     #[error("cannot restore virtio-mmio state: {0}")]
     BadState(String),
-}
-
-/// Saved configuration of one queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueSnapshot {
-    /// Size the driver chose.
-    pub size: u16,
-    /// QueueReady.
-    pub ready: bool,
-    /// Descriptor table address.
-    pub desc: u64,
-    /// Driver (available) ring address.
-    pub driver: u64,
-    /// Device (used) ring address.
-    pub device: u64,
-    /// Next available-ring entry the device will take.
-    pub next_avail: u16,
-    /// Next used-ring entry the device will fill.
-    pub next_used: u16,
-}
-
-/// Saved state of a transport: the register file and the queue configuration.
-/// Device-specific state is the device's own business.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MmioState {
-    /// Device id, checked on restore.
-    pub device_type: u32,
-    /// Driver status register.
-    pub status: u32,
-    /// DeviceFeaturesSel.
-    pub features_sel: u32,
-    /// DriverFeaturesSel.
-    pub acked_features_sel: u32,
-    /// Features the driver accepted.
-    pub acked_features: u64,
-    /// QueueSel.
-    pub queue_sel: u32,
-    /// ConfigGeneration.
-    pub config_generation: u32,
-    /// InterruptStatus bits not yet acknowledged.
-    pub interrupt_status: u32,
-    /// One entry per queue.
-    pub queues: Vec<QueueSnapshot>,
 }
 
 /// Queue configuration as the driver writes it, applied to a `Queue` only at
@@ -370,109 +329,6 @@ impl MmioTransport {
     fn features_acceptable(&self) -> bool {
         self.acked_features & !self.avail_features == 0
             && self.acked_features & (1 << VIRTIO_F_VERSION_1) != 0
-    }
-
-    /// Save the register file and queue configuration (positions come from the device).
-    pub fn save_state(&self) -> MmioState {
-        let positions = lock(&self.device).queue_positions();
-        MmioState {
-            device_type: self.device_type,
-            status: self.status,
-            features_sel: self.features_sel,
-            acked_features_sel: self.acked_features_sel,
-            acked_features: self.acked_features,
-            queue_sel: self.queue_sel,
-            config_generation: self.config_generation,
-            interrupt_status: self.interrupt.status(),
-            queues: self
-                .queues
-                .iter()
-                .enumerate()
-                .map(|(i, q)| {
-                    let (next_avail, next_used) = positions.get(i).copied().unwrap_or((0, 0));
-                    QueueSnapshot {
-                        size: q.size,
-                        ready: q.ready,
-                        desc: q.desc,
-                        driver: q.driver,
-                        device: q.device,
-                        next_avail,
-                        next_used,
-                    }
-                })
-                .collect(),
-        }
-    }
-
-    /// Rebuild a transport for a fresh `device` from saved `state`, re-activating the
-    /// device when the driver had it running. The state is untrusted (it comes from a
-    /// file): everything is checked as if the driver had written it.
-    pub fn restore(
-        mem: GuestMemoryMmap,
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        state: &MmioState,
-    ) -> Result<Self, MmioError> {
-        let mut t = Self::new(mem, device)?;
-        t.restore_in_place(state)?;
-        Ok(t)
-    }
-
-    /// Put saved `state` into this transport (VM rollback in place, or a fresh
-    /// transport): an active device is reset first (vsock drops its connections), then
-    /// the state is checked and applied as in [`Self::restore`].
-    pub fn restore_in_place(&mut self, state: &MmioState) -> Result<(), MmioError> {
-        self.reset();
-        let t = self;
-        let bad = |m: String| Err(MmioError::BadState(m));
-        if state.device_type != t.device_type {
-            return bad(format!(
-                "device type {} saved, {} present",
-                state.device_type, t.device_type
-            ));
-        }
-        if state.queues.len() != t.queues.len() {
-            return bad(format!("{} queues saved", state.queues.len()));
-        }
-        let known = VIRTIO_CONFIG_S_ACKNOWLEDGE
-            | VIRTIO_CONFIG_S_DRIVER
-            | VIRTIO_CONFIG_S_FEATURES_OK
-            | VIRTIO_CONFIG_S_DRIVER_OK
-            | VIRTIO_CONFIG_S_NEEDS_RESET
-            | VIRTIO_CONFIG_S_FAILED;
-        if state.status & !known != 0 {
-            return bad(format!("unknown status bits {:#x}", state.status));
-        }
-        t.acked_features = state.acked_features;
-        if state.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 && !t.features_acceptable() {
-            return bad(format!("features {:#x} not offered", state.acked_features));
-        }
-        t.features_sel = state.features_sel;
-        t.acked_features_sel = state.acked_features_sel;
-        t.queue_sel = state.queue_sel;
-        t.config_generation = state.config_generation;
-        for (q, s) in t.queues.iter_mut().zip(&state.queues) {
-            *q = QueueConfig {
-                size: s.size,
-                ready: s.ready,
-                desc: s.desc,
-                driver: s.driver,
-                device: s.device,
-            };
-        }
-        let running = VIRTIO_CONFIG_S_DRIVER_OK;
-        let broken = VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED;
-        if state.status & running != 0 && state.status & broken == 0 {
-            let positions: Vec<_> = state
-                .queues
-                .iter()
-                .map(|q| (q.next_avail, q.next_used))
-                .collect();
-            t.activate_at(Some(&positions))
-                .map_err(|e| MmioError::BadState(format!("re-activation failed: {e}")))?;
-        }
-        t.status = state.status;
-        t.interrupt.restore_status(state.interrupt_status);
-        Ok(())
     }
 
     /// Build and check the queues, then hand them to the device.
@@ -985,6 +841,8 @@ mod tests {
         assert_ne!(rd(&mut t, reg::STATUS) & VIRTIO_CONFIG_S_FAILED, 0);
         assert!(dev.lock().expect("lock").activated.is_none());
     }
+
+    // The saved state (persist.rs).
 
     fn running() -> (MmioTransport, Arc<Mutex<Dummy>>) {
         let (mut t, dev) = setup();

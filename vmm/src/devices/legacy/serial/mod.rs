@@ -6,6 +6,9 @@
 //! and is moved into the FIFO as the guest reads it, so a pasted or piped command is
 //! never cut off.
 
+mod persist;
+pub use persist::SerialSnap;
+
 use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::RawFd;
@@ -91,42 +94,6 @@ impl SerialDevice {
     /// Bytes waiting for FIFO room.
     pub fn pending_len(&self) -> usize {
         self.pending.len()
-    }
-
-    /// The UART's registers and receive FIFO, for VM snapshots.
-    pub fn uart_state(&self) -> vm_superio::serial::SerialState {
-        self.uart.state()
-    }
-
-    /// Put saved UART registers and FIFO back (VM restore). Host input not yet moved
-    /// into the FIFO is dropped: it was typed after the snapshot.
-    pub fn restore_uart_state(
-        &mut self,
-        state: &vm_superio::serial::SerialState,
-    ) -> Result<(), String> {
-        let trigger = EventFdTrigger(
-            self.irq_eventfd()
-                .try_clone()
-                .map_err(|e| format!("cannot clone the serial IRQ eventfd: {e}"))?,
-        );
-        let placeholder = Serial::new(
-            EventFdTrigger(
-                self.irq_eventfd()
-                    .try_clone()
-                    .map_err(|e| format!("cannot clone the serial IRQ eventfd: {e}"))?,
-            ),
-            Box::new(std::io::sink()) as Box<dyn Write + Send>,
-        );
-        let old = std::mem::replace(&mut self.uart, placeholder);
-        let out = old.into_writer();
-        match Serial::from_state(state, trigger, NoEvents, out) {
-            Ok(u) => {
-                self.uart = u;
-                self.pending.clear();
-                Ok(())
-            }
-            Err(e) => Err(format!("serial state refused: {e:?}")),
-        }
     }
 
     fn fill_fifo(&mut self) {
