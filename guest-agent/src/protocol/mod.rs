@@ -19,41 +19,23 @@
 //! with [`ProtocolError::UnsupportedVersion`] so a newer agent gets a clear answer. The
 //! VMM side also checks the content with [`Request::validate`]: everything from the guest
 //! is untrusted. See docs/protocol.md.
+//!
+//! The parts, one file each:
+//!
+//! - `limits.rs`: ports, magic, version and the size and count limits
 
 use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-/// vsock port (on the host, CID 2) where the VMM serves this protocol.
-pub const SNAPSHOT_SERVICE_PORT: u32 = 1024;
-/// vsock port where the guest agent listens for requests from the host.
-pub const AGENT_PORT: u32 = 1025;
+mod limits;
+#[cfg(test)]
+mod test_util;
 
-/// Frame magic, first four bytes of every frame.
-pub const MAGIC: u32 = 0x504d_534e;
-/// The only protocol version this build speaks. Version 2 (issue 12) wraps every
-/// request to the VMM in a [`GuestRequest`] naming the guest uid it is made for, adds
-/// the owner uid to [`SnapshotInfo`], a host token to [`AgentRequest::SnapshotProcess`],
-/// and the application messages ([`AppRequest`]) spoken on the agent's Unix socket.
-pub const VERSION: u16 = 2;
-/// Size of the fixed frame header.
-pub const HEADER_LEN: usize = 12;
-/// Largest payload accepted (4 MiB): room for [`MAX_RUNS`] worst-case runs.
-pub const MAX_PAYLOAD_LEN: u32 = 4 << 20;
-/// Most page runs in one save or restore request.
-pub const MAX_RUNS: usize = 65_536;
-/// Longest snapshot name, in bytes.
-pub const MAX_NAME_LEN: usize = 64;
-/// Longest process command name carried in a save request, in bytes.
-pub const MAX_COMM_LEN: usize = 64;
-/// Longest error message the VMM sends (longer ones are cut at a char boundary).
-pub const MAX_MESSAGE_LEN: usize = 1024;
-/// Most snapshots listed in one reply.
-pub const MAX_LIST_ENTRIES: usize = 4096;
-/// Guest page size the runs are counted in.
-pub const PAGE_SIZE: u64 = 4096;
-/// Most virtual ranges in one [`AgentRequest::SnapshotProcess`].
-pub const MAX_RANGES: usize = 1024;
+pub use limits::{
+    AGENT_PORT, HEADER_LEN, MAGIC, MAX_COMM_LEN, MAX_LIST_ENTRIES, MAX_MESSAGE_LEN, MAX_NAME_LEN,
+    MAX_PAYLOAD_LEN, MAX_RANGES, MAX_RUNS, PAGE_SIZE, SNAPSHOT_SERVICE_PORT, VERSION,
+};
 
 /// Errors of encoding, decoding and validating frames.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -879,28 +861,8 @@ impl FrameBuffer {
 
 #[cfg(test)]
 mod tests {
+    use super::test_util::{run, save};
     use super::*;
-
-    fn run(first: u64, count: u64, virt: u64, present: bool) -> Run {
-        Run {
-            guest_phys_first_page: first,
-            count,
-            virt_addr: virt,
-            present,
-        }
-    }
-
-    fn save() -> Request {
-        Request::Save(SaveRequest {
-            name: "db-1.snap_A".into(),
-            pid: 42,
-            comm: "postgres".into(),
-            runs: vec![
-                run(100, 16, 0x7f00_0000_0000, true),
-                run(0, 4, 0x7f00_0001_0000, false),
-            ],
-        })
-    }
 
     #[test]
     fn round_trip_every_message() {
