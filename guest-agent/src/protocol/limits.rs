@@ -9,9 +9,14 @@ pub const AGENT_PORT: u32 = 1025;
 /// Frame magic, first four bytes of every frame.
 pub const MAGIC: u32 = 0x504d_534e;
 /// The only protocol version this build speaks. Version 2 (issue 12) wraps every
-/// request to the VMM in a [`GuestRequest`](super::GuestRequest) naming the guest uid it is made for, adds
-/// the owner uid to [`SnapshotInfo`](super::SnapshotInfo), a host token to [`AgentRequest::SnapshotProcess`](super::AgentRequest::SnapshotProcess),
-/// and the application messages ([`AppRequest`](super::AppRequest)) spoken on the agent's Unix socket.
+/// request to the VMM in a [`GuestRequest`] naming the guest uid it is made for, adds
+/// the owner uid to [`SnapshotInfo`], a host token to [`AgentRequest::SnapshotProcess`],
+/// and the application messages ([`AppRequest`]) spoken on the agent's Unix socket.
+///
+/// [`GuestRequest`]: super::GuestRequest
+/// [`SnapshotInfo`]: super::SnapshotInfo
+/// [`AgentRequest::SnapshotProcess`]: super::AgentRequest::SnapshotProcess
+/// [`AppRequest`]: super::AppRequest
 pub const VERSION: u16 = 2;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 12;
@@ -29,5 +34,7 @@ pub const MAX_MESSAGE_LEN: usize = 1024;
 pub const MAX_LIST_ENTRIES: usize = 4096;
 /// Guest page size the runs are counted in.
 pub const PAGE_SIZE: u64 = 4096;
-/// Most virtual ranges in one [`AgentRequest::SnapshotProcess`](super::AgentRequest::SnapshotProcess).
+/// Most virtual ranges in one [`AgentRequest::SnapshotProcess`].
+///
+/// [`AgentRequest::SnapshotProcess`]: super::AgentRequest::SnapshotProcess
 pub const MAX_RANGES: usize = 1024;
