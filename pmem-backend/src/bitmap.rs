@@ -1,55 +1,54 @@
 //! The protected-page bitmap: one bit per RAM page, set while any snapshot references
-//! RAM(p). Atomic, so the fault path can ask without taking the store's lock.
+//! RAM(p). Private to the store: callers ask [`crate::Pool::is_protected`], under the
+//! store's lock like every other call.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-/// Lock-free bitmap of write-protected RAM pages. Only the store sets and clears bits
-/// (under its own `&mut self`); anyone holding an `Arc` of it may read.
+/// Bitmap of write-protected RAM pages.
 #[derive(Debug)]
-pub struct ProtectionBitmap {
-    words: Box<[AtomicU64]>,
+pub(crate) struct ProtectionBitmap {
+    words: Box<[u64]>,
     pages: u64,
 }
 
 impl ProtectionBitmap {
     /// All-clear bitmap for `pages` pages.
-    pub fn new(pages: u64) -> Self {
+    pub(crate) fn new(pages: u64) -> Self {
         let n = pages.div_ceil(64) as usize;
         ProtectionBitmap {
-            words: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            words: vec![0; n].into_boxed_slice(),
             pages,
         }
     }
     /// Pages covered.
-    pub fn pages(&self) -> u64 {
+    #[cfg(test)]
+    fn pages(&self) -> u64 {
         self.pages
     }
     /// Whether page p is protected (false for pages beyond the RAM area).
     #[inline]
-    pub fn get(&self, p: u64) -> bool {
+    pub(crate) fn get(&self, p: u64) -> bool {
         if p >= self.pages {
             return false;
         }
-        self.words[(p / 64) as usize].load(Ordering::Acquire) & (1 << (p % 64)) != 0
+        self.words[(p / 64) as usize] & (1 << (p % 64)) != 0
     }
     /// Set or clear page p (p must be in range; the store validates first).
     #[inline]
-    pub(crate) fn set(&self, p: u64, on: bool) {
+    pub(crate) fn set(&mut self, p: u64, on: bool) {
         if p >= self.pages {
             return;
         }
-        let w = &self.words[(p / 64) as usize];
+        let w = &mut self.words[(p / 64) as usize];
         let bit = 1u64 << (p % 64);
         if on {
-            w.fetch_or(bit, Ordering::AcqRel);
+            *w |= bit;
         } else {
-            w.fetch_and(!bit, Ordering::AcqRel);
+            *w &= !bit;
         }
     }
 
     /// Set or clear pages `first..first+count` a word at a time (snapshot and delete of
-    /// large runs would otherwise pay one atomic per page).
-    pub(crate) fn set_range(&self, first: u64, count: u64, on: bool) {
+    /// large runs cover up to all of RAM).
+    pub(crate) fn set_range(&mut self, first: u64, count: u64, on: bool) {
         let end = first.saturating_add(count).min(self.pages);
         let mut p = first;
         while p < end {
@@ -60,11 +59,11 @@ impl ProtectionBitmap {
             } else {
                 ((1u64 << n) - 1) << bit
             };
-            let w = &self.words[(p / 64) as usize];
+            let w = &mut self.words[(p / 64) as usize];
             if on {
-                w.fetch_or(mask, Ordering::AcqRel);
+                *w |= mask;
             } else {
-                w.fetch_and(!mask, Ordering::AcqRel);
+                *w &= !mask;
             }
             p += n;
         }
@@ -77,7 +76,7 @@ mod tests {
 
     #[test]
     fn set_get_clear() {
-        let b = ProtectionBitmap::new(130);
+        let mut b = ProtectionBitmap::new(130);
         assert!(!b.get(129));
         b.set(129, true);
         b.set(0, true);
@@ -100,8 +99,8 @@ mod tests {
             (129, 5),
             (5, 0),
         ] {
-            let a = ProtectionBitmap::new(130);
-            let b = ProtectionBitmap::new(130);
+            let mut a = ProtectionBitmap::new(130);
+            let mut b = ProtectionBitmap::new(130);
             a.set_range(first, count, true);
             for p in first..(first + count).min(130) {
                 b.set(p, true);

@@ -8,9 +8,7 @@
 //!
 //! [`Pool`] is `Send` but not internally synchronised: every mutating operation takes
 //! `&mut self`. Share it between the VMM's threads as `Arc<Mutex<Pool>>`. The fault
-//! handler may first ask the lock-free [`ProtectionBitmap`] (from
-//! [`Pool::protection_bitmap`]) whether a page is protected, then lock and call
-//! [`Pool::preserve`], which re-checks under the lock. [`Pool::snapshot_with`] holds the
+//! handler locks and calls [`Pool::preserve`]. [`Pool::snapshot_with`] holds the
 //! lock across mark + protect callback + commit, so a fault on a freshly protected page
 //! waits for the commit and its `preserve` then credits the block to the new snapshot.
 //! Never write guest RAM through the VMM's protected mapping while holding the lock (the
@@ -37,7 +35,6 @@ pub mod superblock;
 mod types;
 mod verify;
 
-pub use bitmap::ProtectionBitmap;
 pub use error::{PoolError, Result};
 pub use lock::{claim_unused, PoolUse, UnusedPool};
 pub use persist::{CrashSim, MsyncPersist, Persist, Tear};

@@ -72,7 +72,7 @@ pub struct Pool {
     pub(crate) next_id: u64,
     /// Per RAM page: snapshots referencing RAM(p).
     pub(crate) ram_refs: Vec<u32>,
-    pub(crate) protected: Arc<ProtectionBitmap>,
+    pub(crate) protected: ProtectionBitmap,
     /// Per block: snapshots referencing it (page blocks) or 1 (blob blocks).
     pub(crate) block_refs: Vec<u32>,
     pub(crate) block_use: Vec<BlockUse>,
@@ -365,7 +365,7 @@ impl Pool {
             snapshots: Vec::new(),
             next_id: 1,
             ram_refs: vec![0; geo.ram_pages() as usize],
-            protected: Arc::new(ProtectionBitmap::new(geo.ram_pages())),
+            protected: ProtectionBitmap::new(geo.ram_pages()),
             block_refs: vec![0; blocks],
             block_use: vec![BlockUse::Free; blocks],
             page_blocks: BTreeMap::new(),

@@ -1,7 +1,6 @@
 //! The snapshot store's operations on an open [`Pool`]: snapshot, preserve, delete, gc,
 //! page and state reads, listings and statistics.
 
-use crate::bitmap::ProtectionBitmap;
 use crate::catalog::{
     validate_name, validate_owned_name, BlobRef, Snapshot, MAX_LABELS, MAX_VALUE_LEN,
 };
@@ -15,7 +14,6 @@ use crate::types::{
 };
 use crate::{Page, PAGE_SIZE};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 /// Error type a protect callback returns.
 pub type ProtectError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -623,12 +621,6 @@ impl Pool {
         self.protected.get(p)
     }
 
-    /// The protected-page bitmap, readable without the store's lock (fault path fast
-    /// check; `preserve` under the lock stays the authority).
-    pub fn protection_bitmap(&self) -> Arc<ProtectionBitmap> {
-        Arc::clone(&self.protected)
-    }
-
     /// Every RAM page any snapshot still references as RAM(p), as runs (the VMM
     /// re-protects these when it starts on an existing pool).
     pub fn protected_runs(&self) -> Vec<PageRun> {
@@ -719,7 +711,7 @@ mod tests {
     use crate::testutil::{pattern, small_pool, tmpdir};
     use crate::verify::Problem;
     use crate::{PoolOptions, ProcessInfo};
-    use std::sync::{mpsc, Mutex};
+    use std::sync::{mpsc, Arc, Mutex};
 
     fn vm(pool: &mut Pool, name: &str, runs: &[PageRun]) -> u64 {
         pool.snapshot(name, SnapshotKind::Vm, runs, SnapshotMeta::default())
@@ -1257,7 +1249,6 @@ mod tests {
         let (_, mut pool) = small_pool(&d, 16, PoolOptions::default());
         fill(&mut pool, 0..16, 40);
         let pool = Arc::new(Mutex::new(pool));
-        let bitmap = pool.lock().expect("lock").protection_bitmap();
         let (tx, rx) = mpsc::channel();
         let mut guard = pool.lock().expect("lock");
         let p2 = Arc::clone(&pool);
@@ -1268,10 +1259,10 @@ mod tests {
                 SnapshotKind::Vm,
                 &[PageRun::new(0, 16)],
                 SnapshotMeta::default(),
-                |_| {
-                    // A "vCPU write" to page 5 faults now: the handler sees the bit and
-                    // blocks on the store lock until the commit is done.
-                    assert!(bitmap.get(5));
+                |newly| {
+                    // Page 5 is being protected: a "vCPU write" to it faults now, and the
+                    // handler blocks on the store lock until the commit is done.
+                    assert!(newly.iter().any(|r| r.contains(5)));
                     handle = Some(std::thread::spawn(move || {
                         tx.send(()).expect("send");
                         let mut p = p2.lock().expect("lock");
