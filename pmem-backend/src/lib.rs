@@ -30,21 +30,20 @@ pub mod mapping;
 pub mod persist;
 mod pool;
 pub mod redirect_log;
-mod store;
 pub mod superblock;
 mod types;
-mod verify;
 
 pub use error::{PoolError, Result};
 pub use lock::{claim_unused, PoolUse, UnusedPool};
 pub use persist::{CrashSim, MsyncPersist, Persist, Tear};
-pub use pool::{Pool, PoolOptions, RecoveryReport, DEFAULT_LOG_RECORDS};
-pub use store::{GcReport, ProtectError};
+pub use pool::{
+    GcReport, Pool, PoolOptions, Problem, ProtectError, RecoveryReport, VerifyReport,
+    DEFAULT_LOG_RECORDS,
+};
 pub use types::{
     normalize_runs, pages_to_runs, Owner, PageLocation, PageRun, ProcessInfo, SnapshotInfo,
     SnapshotKind, SnapshotMeta, SnapshotSel, Stats,
 };
-pub use verify::{Problem, VerifyReport};
 
 /// Bytes per guest page and per block.
 pub const PAGE_SIZE: usize = 4096;

@@ -1,8 +1,8 @@
 //! `verify`: re-read everything from the pool and check every checksum and the store's
 //! invariants, reporting each problem by snapshot name and page number.
 
+use super::Pool;
 use crate::catalog;
-use crate::pool::Pool;
 use crate::redirect_log::LogRecord;
 use crate::superblock::{self, SbCopy, LOG_RECORD_SIZE, SB_SIZE};
 use crate::{Page, PAGE_SIZE};

@@ -1,11 +1,11 @@
 //! The snapshot store's operations on an open [`Pool`]: snapshot, preserve, delete, gc,
 //! page and state reads, listings and statistics.
 
+use super::{now_ns, BlockUse, Pool};
 use crate::catalog::{
     validate_name, validate_owned_name, BlobRef, Snapshot, MAX_LABELS, MAX_VALUE_LEN,
 };
 use crate::error::{PoolError, Result};
-use crate::pool::{now_ns, BlockUse, Pool};
 use crate::redirect_log::LogRecord;
 use crate::superblock::LOG_RECORD_SIZE;
 use crate::types::{
@@ -709,7 +709,7 @@ impl Pool {
 mod tests {
     use super::*;
     use crate::testutil::{pattern, small_pool, tmpdir};
-    use crate::verify::Problem;
+    use crate::Problem;
     use crate::{PoolOptions, ProcessInfo};
     use std::sync::{mpsc, Arc, Mutex};
 

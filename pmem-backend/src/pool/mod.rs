@@ -2,6 +2,12 @@
 //! replay), the commit protocol, and raw page I/O. The snapshot operations on top live
 //! in `store.rs`, verification in `verify.rs`.
 
+mod store;
+mod verify;
+
+pub use store::{GcReport, ProtectError};
+pub use verify::{Problem, VerifyReport};
+
 use crate::bitmap::ProtectionBitmap;
 use crate::catalog::{self, Catalog, Snapshot};
 use crate::error::{PoolError, Result};
