@@ -21,7 +21,6 @@
 //! was aborted). On `Err` the page must stay protected. At VMM start on an existing
 //! pool, write-protect [`Pool::protected_runs`].
 
-mod bitmap;
 pub mod catalog;
 pub mod codec;
 mod error;

@@ -2,13 +2,13 @@
 //! replay), the commit protocol, and raw page I/O. The snapshot operations on top live
 //! in `store.rs`, verification in `verify.rs`.
 
+mod index;
 mod store;
 mod verify;
 
 pub use store::{GcReport, ProtectError};
 pub use verify::{Problem, VerifyReport};
 
-use crate::bitmap::ProtectionBitmap;
 use crate::catalog::{self, Catalog, Snapshot};
 use crate::error::{PoolError, Result};
 use crate::lock::{lock_exclusive, still_linked, LockError};
@@ -17,7 +17,8 @@ use crate::persist::{MsyncPersist, Persist};
 use crate::redirect_log::LogRecord;
 use crate::superblock::{self, Geometry, Superblock, LOG_RECORD_SIZE, SB_SIZE};
 use crate::{Page, PAGE_SIZE};
-use std::collections::{BTreeMap, HashSet};
+use index::RefIndex;
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
@@ -55,15 +56,6 @@ pub struct RecoveryReport {
     pub orphans_dropped: u64,
 }
 
-/// Block usage, derived from the catalog and the log (never stored by itself, so a
-/// crash cannot leak a block across a reopen).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BlockUse {
-    Free,
-    Page,
-    Blob,
-}
-
 /// An open pool: the file, its lock, the store's mapping, and the in-memory state of the
 /// snapshot store. Not internally synchronised: share it behind a `Mutex` (see the crate
 /// docs on threading).
@@ -76,15 +68,8 @@ pub struct Pool {
     pub(crate) sb: Superblock,
     pub(crate) snapshots: Vec<Snapshot>,
     pub(crate) next_id: u64,
-    /// Per RAM page: snapshots referencing RAM(p).
-    pub(crate) ram_refs: Vec<u32>,
-    pub(crate) protected: ProtectionBitmap,
-    /// Per block: snapshots referencing it (page blocks) or 1 (blob blocks).
-    pub(crate) block_refs: Vec<u32>,
-    pub(crate) block_use: Vec<BlockUse>,
-    /// crc32c of each block holding a preserved page.
-    pub(crate) page_blocks: BTreeMap<u32, u32>,
-    pub(crate) free_blocks: Vec<u32>,
+    /// Reference counts, block usage and protection (see `index.rs`).
+    index: RefIndex,
     pub(crate) log_tail: u32,
     pub(crate) recovery: RecoveryReport,
     /// The background pre-fault (see `start_prefault`): its stop flag and thread.
@@ -125,7 +110,7 @@ impl std::fmt::Debug for Pool {
             .field("geometry", &self.geo)
             .field("generation", &self.sb.generation)
             .field("snapshots", &self.snapshots.len())
-            .field("free_blocks", &self.free_blocks.len())
+            .field("free_blocks", &self.index.free_count())
             .field("log_tail", &self.log_tail)
             .finish_non_exhaustive()
     }
@@ -236,7 +221,6 @@ impl Pool {
             created_unix_ns: now_ns(),
         };
         let mut pool = Pool::assemble(path, file, map, options.persist, sb);
-        pool.rebuild_free_list();
         // Generations 1 and 2: the empty catalog, committed like any other, twice so that
         // both superblock copies are valid from the start (and byte 0 holds the magic).
         pool.commit(None, None, 1)?;
@@ -360,7 +344,6 @@ impl Pool {
         let persist = persist.unwrap_or_else(|| Box::new(MsyncPersist::for_file(&file)));
         let geo = sb.geometry;
         let map = Arc::new(map);
-        let blocks = geo.block_count as usize;
         Pool {
             path: path.to_path_buf(),
             file,
@@ -370,12 +353,7 @@ impl Pool {
             sb,
             snapshots: Vec::new(),
             next_id: 1,
-            ram_refs: vec![0; geo.ram_pages() as usize],
-            protected: ProtectionBitmap::new(geo.ram_pages()),
-            block_refs: vec![0; blocks],
-            block_use: vec![BlockUse::Free; blocks],
-            page_blocks: BTreeMap::new(),
-            free_blocks: Vec::new(),
+            index: RefIndex::new(geo.ram_pages(), geo.block_count),
             log_tail: 0,
             recovery: RecoveryReport::default(),
             prefault: None,
@@ -418,51 +396,26 @@ impl Pool {
             for &b in &s.blob.blocks {
                 let bad = u64::from(b) >= self.geo.block_count
                     || cat.block_crcs.contains_key(&b)
-                    || self.block_use[b as usize] != BlockUse::Free;
+                    || !self.index.is_free(b);
                 if bad {
                     return Err(c(format!(
                         "catalog: snapshot {:?} state blob uses block {b} twice or out of range",
                         s.name
                     )));
                 }
-                self.block_use[b as usize] = BlockUse::Blob;
-                self.block_refs[b as usize] = 1;
+                self.index.mark_blob(b);
             }
         }
-        // Run by run, not page by page: a VM snapshot covers all of RAM (a quarter of a
-        // million pages per GiB), and this is on the way to a restored guest's first
-        // instruction.
         for s in &cat.snapshots {
-            for r in &s.page_set {
-                let mut at = r.first;
-                for (&p, &b) in s.redirects.range(r.first..r.end()) {
-                    self.add_ram_refs(at, p - at);
-                    self.block_refs[b as usize] += 1;
-                    self.block_use[b as usize] = BlockUse::Page;
-                    at = p + 1;
-                }
-                self.add_ram_refs(at, r.end() - at);
-            }
+            self.index.add_snapshot_refs(s);
         }
         for (&b, &crc) in &cat.block_crcs {
-            // A listed block nobody references is not kept: the allocator derives usage
-            // from references, so it simply becomes free.
-            if u64::from(b) < self.geo.block_count && self.block_use[b as usize] == BlockUse::Page {
-                self.page_blocks.insert(b, crc);
-            }
+            self.index.keep_block_crc(b, crc);
         }
         // (The free list is built once, after the log replay.)
         self.next_id = cat.next_snapshot_id.max(1);
         self.snapshots = cat.snapshots;
         Ok(())
-    }
-
-    /// One more snapshot references RAM pages `first..first + count` in place.
-    fn add_ram_refs(&mut self, first: u64, count: u64) {
-        for refs in &mut self.ram_refs[first as usize..(first + count) as usize] {
-            *refs += 1;
-        }
-        self.protected.set_range(first, count, true);
     }
 
     /// Replay the redirect log of the current generation (see `redirect_log.rs`).
@@ -486,7 +439,7 @@ impl Pool {
         for (i, r) in records.into_iter().enumerate() {
             let usable = r.page < self.geo.ram_pages()
                 && u64::from(r.block) < self.geo.block_count
-                && self.block_use[r.block as usize] == BlockUse::Free;
+                && self.index.is_free(r.block);
             if !usable {
                 return Err(PoolError::Corrupt(format!(
                     "redirect log record {i}: page {} / block {} out of range or block in use",
@@ -511,23 +464,15 @@ impl Pool {
                 }
             }
             self.log_tail = i as u32 + 1;
-            if self.ram_refs[r.page as usize] == 0 {
+            if self.index.ram_refs(r.page) == 0 {
                 self.recovery.orphans_dropped += 1;
                 continue;
             }
             self.apply_redirect(r.page, r.block, r.block_crc);
             self.recovery.replayed += 1;
         }
-        self.rebuild_free_list();
+        self.index.rebuild_free_list();
         Ok(())
-    }
-
-    /// Recompute the free list from block usage (ascending allocation order).
-    pub(crate) fn rebuild_free_list(&mut self) {
-        self.free_blocks = (0..self.geo.block_count as u32)
-            .rev()
-            .filter(|&b| self.block_use[b as usize] == BlockUse::Free)
-            .collect();
     }
 
     /// Point every snapshot that references RAM(p) at block b (in memory only).
@@ -539,12 +484,7 @@ impl Pool {
                 n += 1;
             }
         }
-        debug_assert_eq!(n, self.ram_refs[p as usize]);
-        self.block_refs[b as usize] = n;
-        self.block_use[b as usize] = BlockUse::Page;
-        self.page_blocks.insert(b, crc);
-        self.ram_refs[p as usize] = 0;
-        self.protected.set(p, false);
+        self.index.apply_redirect(p, b, crc, n);
     }
 
     /// Commit a new catalog generation: the current snapshots, plus `extra`, minus the
@@ -562,27 +502,13 @@ impl Pool {
             .generation
             .checked_add(1)
             .ok_or_else(|| PoolError::Corrupt("generation counter exhausted".into()))?;
-        let dropped: HashSet<u32> =
-            match skip.and_then(|id| self.snapshots.iter().find(|s| s.id == id)) {
-                Some(s) => s
-                    .redirects
-                    .values()
-                    .copied()
-                    .filter(|&b| self.block_refs[b as usize] == 1)
-                    .collect(),
-                None => HashSet::new(),
-            };
+        let dropping = skip.and_then(|id| self.snapshots.iter().find(|s| s.id == id));
+        let blocks = self.index.catalog_blocks(dropping);
         let snaps = self
             .snapshots
             .iter()
             .filter(|s| Some(s.id) != skip)
             .chain(extra);
-        let blocks: Vec<(u32, u32)> = self
-            .page_blocks
-            .iter()
-            .filter(|(b, _)| !dropped.contains(b))
-            .map(|(&b, &c)| (b, c))
-            .collect();
         let bytes = catalog::encode(gen, next_id, snaps, blocks.into_iter());
         if bytes.len() as u64 > self.geo.meta_slot_size {
             return Err(PoolError::MetadataFull {
@@ -945,7 +871,7 @@ mod tests {
         let mut a = pool.snapshots[0].clone();
         let b = a.redirects.pop_first().map(|(_, b)| b).expect("redirect");
         a.redirects.insert(9, b);
-        let blocks: Vec<(u32, u32)> = pool.page_blocks.iter().map(|(&b, &c)| (b, c)).collect();
+        let blocks = pool.index.catalog_blocks(None);
         let bytes = catalog::encode(
             pool.sb.generation,
             pool.next_id,

@@ -1,7 +1,7 @@
 //! The snapshot store's operations on an open [`Pool`]: snapshot, preserve, delete, gc,
 //! page and state reads, listings and statistics.
 
-use super::{now_ns, BlockUse, Pool};
+use super::{now_ns, Pool};
 use crate::catalog::{
     validate_name, validate_owned_name, BlobRef, Snapshot, MAX_LABELS, MAX_VALUE_LEN,
 };
@@ -93,31 +93,12 @@ impl Pool {
             .ok_or_else(|| PoolError::NoSuchSnapshot(sel.to_string()))
     }
 
-    fn alloc_blocks(&mut self, n: u64) -> Result<Vec<u32>> {
-        if (self.free_blocks.len() as u64) < n {
-            return Err(PoolError::BlockAreaFull {
-                needed: n,
-                free: self.free_blocks.len() as u64,
-                total: self.geo.block_count,
-            });
-        }
-        let at = self.free_blocks.len() - n as usize;
-        let mut v = self.free_blocks.split_off(at);
-        v.reverse();
-        Ok(v)
-    }
-
-    fn free_block(&mut self, b: u32) {
-        self.block_use[b as usize] = BlockUse::Free;
-        self.block_refs[b as usize] = 0;
-        self.page_blocks.remove(&b);
-        self.free_blocks.push(b);
-    }
-
     /// Write a state blob into freshly allocated blocks and persist them (runs of
     /// consecutive blocks are persisted with one call each).
     fn write_blob(&mut self, data: &[u8]) -> Result<BlobRef> {
-        let blocks = self.alloc_blocks(data.len().div_ceil(PAGE_SIZE) as u64)?;
+        let blocks = self
+            .index
+            .alloc_blocks(data.len().div_ceil(PAGE_SIZE) as u64)?;
         let res = (|| {
             for (chunk, &b) in data.chunks(PAGE_SIZE).zip(&blocks) {
                 let mut page: Page = [0; PAGE_SIZE];
@@ -139,7 +120,7 @@ impl Pool {
             Ok(())
         })();
         if let Err(e) = res {
-            self.free_blocks.extend(blocks.iter().rev());
+            self.index.unalloc(&blocks);
             return Err(e);
         }
         Ok(BlobRef {
@@ -201,14 +182,8 @@ impl Pool {
             .checked_add(1)
             .ok_or_else(|| PoolError::Corrupt("snapshot id counter exhausted".into()))?;
         let blob = self.write_blob(&meta.state)?;
-        let mut newly = RunBuilder::default();
-        for r in &page_set {
-            newly.push_zeros(r.first, &self.ram_refs[r.first as usize..r.end() as usize]);
-        }
-        let newly = newly.runs;
-        for r in &newly {
-            self.protected.set_range(r.first, r.count, true);
-        }
+        let newly = self.index.unreferenced_runs(&page_set);
+        self.index.set_protected(&newly, true);
         let snap = Snapshot {
             id: self.next_id,
             name: name.to_string(),
@@ -227,24 +202,17 @@ impl Pool {
                 .map_err(|e| Box::new(e) as ProtectError)
         });
         if let Err(source) = res {
-            for r in &newly {
-                self.protected.set_range(r.first, r.count, false);
-            }
-            self.free_blocks.extend(snap.blob.blocks.iter().rev());
+            self.index.set_protected(&newly, false);
+            self.index.unalloc(&snap.blob.blocks);
             return Err(PoolError::SnapshotAborted {
                 name: name.to_string(),
                 unprotect: newly,
                 source,
             });
         }
-        for r in &snap.page_set {
-            for n in &mut self.ram_refs[r.first as usize..r.end() as usize] {
-                *n += 1;
-            }
-        }
+        self.index.add_snapshot_refs(&snap);
         for &b in &snap.blob.blocks {
-            self.block_use[b as usize] = BlockUse::Blob;
-            self.block_refs[b as usize] = 1;
+            self.index.mark_blob(b);
         }
         self.next_id = next_id;
         let id = snap.id;
@@ -264,19 +232,13 @@ impl Pool {
                 ram_pages: self.geo.ram_pages(),
             });
         }
-        if self.ram_refs[p as usize] == 0 {
+        if self.index.ram_refs(p) == 0 {
             return Ok(false);
         }
         if u64::from(self.log_tail) >= self.geo.log_capacity() {
             self.compact()?;
         }
-        let Some(b) = self.free_blocks.pop() else {
-            return Err(PoolError::BlockAreaFull {
-                needed: 1,
-                free: 0,
-                total: self.geo.block_count,
-            });
-        };
+        let b = self.index.alloc_block()?;
         let res = (|| {
             // One copy, RAM -> block, then the crc over the block in place: the block is
             // store-owned and nothing else writes it.
@@ -318,7 +280,7 @@ impl Pool {
                 Ok(true)
             }
             Err(e) => {
-                self.free_blocks.push(b);
+                self.index.unalloc(&[b]);
                 Err(e)
             }
         }
@@ -336,41 +298,7 @@ impl Pool {
         let id = self.snapshots[idx].id;
         self.commit(None, Some(id), self.next_id)?;
         let s = self.snapshots.remove(idx);
-        let mut unprotected = RunBuilder::default();
-        if s.redirects.is_empty() {
-            for r in &s.page_set {
-                let refs = &mut self.ram_refs[r.first as usize..r.end() as usize];
-                for n in refs.iter_mut() {
-                    *n -= 1;
-                }
-                unprotected.push_zeros(r.first, refs);
-            }
-        } else {
-            let mut red = s.redirects.iter().peekable();
-            for p in s.pages() {
-                if red.peek().is_some_and(|(&rp, _)| rp == p) {
-                    let (_, &b) = red.next().expect("peeked");
-                    self.block_refs[b as usize] -= 1;
-                    if self.block_refs[b as usize] == 0 {
-                        self.free_block(b);
-                    }
-                } else {
-                    let n = &mut self.ram_refs[p as usize];
-                    *n -= 1;
-                    if *n == 0 {
-                        unprotected.push(p);
-                    }
-                }
-            }
-        }
-        for &b in &s.blob.blocks {
-            self.free_block(b);
-        }
-        let runs = unprotected.runs;
-        for r in &runs {
-            self.protected.set_range(r.first, r.count, false);
-        }
-        Ok(runs)
+        Ok(self.index.release(&s))
     }
 
     /// Reclaim anything unreferenced: recompute page and block usage from the snapshots,
@@ -381,43 +309,15 @@ impl Pool {
     pub fn gc(&mut self) -> Result<GcReport> {
         let compacted = u64::from(self.log_tail);
         self.commit(None, None, self.next_id)?;
-        let mut ram = vec![0u32; self.ram_refs.len()];
-        let mut blk = vec![0u32; self.block_refs.len()];
-        for s in &self.snapshots {
-            for p in s.pages() {
-                match s.redirects.get(&p) {
-                    Some(&b) => blk[b as usize] += 1,
-                    None => ram[p as usize] += 1,
-                }
-            }
-            for &b in &s.blob.blocks {
-                blk[b as usize] += 1;
-            }
-        }
-        let mut report = GcReport {
+        let (pages_unprotected, blocks_reclaimed) = self.index.recount(&self.snapshots);
+        Ok(GcReport {
+            blocks_reclaimed,
+            pages_unprotected,
             log_records_compacted: compacted,
             torn_records_discarded: self.recovery.torn_discarded,
             orphan_records_dropped: self.recovery.orphans_dropped,
             generation: self.sb.generation,
-            ..Default::default()
-        };
-        for (p, &n) in ram.iter().enumerate() {
-            if n == 0 && self.ram_refs[p] != 0 {
-                report.pages_unprotected += 1;
-                self.protected.set(p as u64, false);
-            }
-        }
-        self.ram_refs = ram;
-        for (b, &n) in blk.iter().enumerate() {
-            if n == 0 && self.block_use[b] != BlockUse::Free {
-                report.blocks_reclaimed += 1;
-                self.block_use[b] = BlockUse::Free;
-                self.page_blocks.remove(&(b as u32));
-            }
-        }
-        self.block_refs = blk;
-        self.rebuild_free_list();
-        Ok(report)
+        })
     }
 
     /// Where snapshot page p is, without reading it.
@@ -540,7 +440,7 @@ impl Pool {
     fn check_block_crc(&self, idx: usize, p: u64, b: u64, actual: u32) -> Result<()> {
         let expected = u32::try_from(b)
             .ok()
-            .and_then(|b| self.page_blocks.get(&b).copied())
+            .and_then(|b| self.index.block_crc(b))
             .unwrap_or(0);
         if actual == expected {
             return Ok(());
@@ -618,19 +518,13 @@ impl Pool {
     /// Whether RAM page p is referenced by a snapshot (and so must stay write-protected).
     #[inline]
     pub fn is_protected(&self, p: u64) -> bool {
-        self.protected.get(p)
+        self.index.is_protected(p)
     }
 
     /// Every RAM page any snapshot still references as RAM(p), as runs (the VMM
     /// re-protects these when it starts on an existing pool).
     pub fn protected_runs(&self) -> Vec<PageRun> {
-        pages_to_runs(
-            self.ram_refs
-                .iter()
-                .enumerate()
-                .filter(|(_, &n)| n > 0)
-                .map(|(p, _)| p as u64),
-        )
+        self.index.protected_runs()
     }
 
     fn info(&self, s: &Snapshot) -> SnapshotInfo {
@@ -664,39 +558,18 @@ impl Pool {
 
     /// Store-wide statistics.
     pub fn stats(&self) -> Stats {
-        let page = PAGE_SIZE as u64;
-        let mut shared = 0u64;
-        let mut saved = 0u64;
-        let mut in_ram = 0u64;
-        for &n in &self.ram_refs {
-            in_ram += u64::from(n > 0);
-            shared += u64::from(n > 1) * page;
-            saved += u64::from(n.saturating_sub(1)) * page;
-        }
-        let mut blob_blocks = 0;
-        for (b, u) in self.block_use.iter().enumerate() {
-            match u {
-                BlockUse::Blob => blob_blocks += 1,
-                BlockUse::Page => {
-                    let n = self.block_refs[b];
-                    shared += u64::from(n > 1) * page;
-                    saved += u64::from(n.saturating_sub(1)) * page;
-                }
-                BlockUse::Free => {}
-            }
-        }
-        let free = self.free_blocks.len() as u64;
+        let c = self.index.counts();
         Stats {
             snapshots: self.snapshots.len() as u64,
             ram_pages: self.geo.ram_pages(),
-            pages_in_ram: in_ram,
-            pages_in_blocks: self.page_blocks.len() as u64,
-            blob_blocks,
-            shared_bytes: shared,
-            saved_bytes: saved,
+            pages_in_ram: c.pages_in_ram,
+            pages_in_blocks: c.pages_in_blocks,
+            blob_blocks: c.blob_blocks,
+            shared_bytes: c.shared_bytes,
+            saved_bytes: c.saved_bytes,
             blocks_total: self.geo.block_count,
-            blocks_used: self.geo.block_count - free,
-            blocks_free: free,
+            blocks_used: self.geo.block_count - c.blocks_free,
+            blocks_free: c.blocks_free,
             log_records: u64::from(self.log_tail),
             log_capacity: self.geo.log_capacity(),
             generation: self.sb.generation,
@@ -1331,10 +1204,7 @@ mod tests {
         let (_, mut pool) = small_pool(&d, 8, PoolOptions::default());
         vm(&mut pool, "a", &[PageRun::new(0, 2)]);
         // Simulate a leak: a block marked used and a page counted with no referrer.
-        pool.block_use[5] = BlockUse::Page;
-        pool.free_blocks.retain(|&b| b != 5);
-        pool.ram_refs[6] = 1;
-        pool.protected.set(6, true);
+        pool.index.simulate_leak(6, 5);
         let r = pool.gc().expect("gc");
         assert_eq!((r.blocks_reclaimed, r.pages_unprotected), (1, 1));
         assert!(!pool.is_protected(6) && pool.is_protected(1));

@@ -131,20 +131,20 @@ impl Pool {
                                 Ok(()) => crc32c::crc32c(&page),
                                 Err(_) => 0,
                             };
-                            (self.page_blocks.get(&b) == Some(&actual), actual)
+                            (self.index.block_crc(b) == Some(actual), actual)
                         });
                         if !ok {
                             rep.problems.push(Problem::BadPage {
                                 snapshot: s.name.clone(),
                                 page: p,
                                 block: u64::from(b),
-                                expected: self.page_blocks.get(&b).copied().unwrap_or(0),
+                                expected: self.index.block_crc(b).unwrap_or(0),
                                 actual,
                             });
                         }
                     }
                     None => {
-                        if !self.protected.get(p) || self.ram_refs[p as usize] == 0 {
+                        if !self.index.is_protected(p) || self.index.ram_refs(p) == 0 {
                             rep.problems.push(Problem::Unprotected {
                                 snapshot: s.name.clone(),
                                 page: p,
