@@ -286,11 +286,6 @@ impl Pool {
         }
     }
 
-    /// Compact the redirect log into a new catalog generation.
-    fn compact(&mut self) -> Result<()> {
-        self.commit(None, None, self.next_id)
-    }
-
     /// Delete a snapshot: drop its references durably, free blocks nobody else uses,
     /// and return the RAM pages that are no longer protected (as runs).
     pub fn delete<'a>(&mut self, sel: impl Into<SnapshotSel<'a>>) -> Result<Vec<PageRun>> {
