@@ -5,11 +5,15 @@
 //!   bitmap (no file);
 //! - `recovery.rs`: opening a pool (superblock, catalog, redirect-log replay);
 //! - `commit.rs`: writing a catalog generation and its superblock;
-//! - `store.rs`: the snapshot operations;
+//! - `store.rs`: the operations that change the store: snapshot, preserve, delete, gc;
+//! - `copy_back.rs`: restoring RAM from a snapshot;
+//! - `read.rs`: reading snapshots, listings and statistics;
 //! - `verify.rs`: re-reading and checking everything.
 
 mod commit;
+mod copy_back;
 mod index;
+mod read;
 mod recovery;
 mod store;
 mod verify;
@@ -289,18 +293,6 @@ impl Pool {
             recovery: RecoveryReport::default(),
             prefault: None,
         }
-    }
-
-    /// Point every snapshot that references RAM(p) at block b (in memory only).
-    pub(crate) fn apply_redirect(&mut self, p: u64, b: u32, crc: u32) {
-        let mut n = 0;
-        for s in &mut self.snapshots {
-            if s.covers(p) && !s.redirects.contains_key(&p) {
-                s.redirects.insert(p, b);
-                n += 1;
-            }
-        }
-        self.index.apply_redirect(p, b, crc, n);
     }
 
     pub(crate) fn read_block(&self, b: u64, out: &mut Page) -> Result<()> {
