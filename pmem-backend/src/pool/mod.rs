@@ -57,19 +57,33 @@ pub struct PoolOptions {
 /// An open pool: the file, its lock, the store's mapping, and the in-memory state of the
 /// snapshot store. Not internally synchronised: share it behind a `Mutex` (see the crate
 /// docs on threading).
+///
+/// Its fields are private to this module and its files; the reference counts are
+/// private to `index.rs` and change only through its methods.
 pub struct Pool {
-    pub(crate) path: PathBuf,
-    pub(crate) file: File,
-    pub(crate) map: Arc<Mapping>,
-    pub(crate) persist: Box<dyn Persist>,
-    pub(crate) geo: Geometry,
-    pub(crate) sb: Superblock,
-    pub(crate) snapshots: Vec<Snapshot>,
-    pub(crate) next_id: u64,
+    /// Where the pool was opened.
+    path: PathBuf,
+    /// The pool file; its open file description holds the lock.
+    file: File,
+    /// The store's own mapping of the whole file (shared with the pre-fault thread).
+    map: Arc<Mapping>,
+    /// The one path to durability (msync, or a crash simulator in tests).
+    persist: Box<dyn Persist>,
+    /// The layout, from the superblock.
+    geo: Geometry,
+    /// The superblock of the generation in force.
+    sb: Superblock,
+    /// The snapshots in creation order: the catalog's, with the redirects replayed or
+    /// made since.
+    snapshots: Vec<Snapshot>,
+    /// Id of the next snapshot.
+    next_id: u64,
     /// Reference counts, block usage and protection (see `index.rs`).
     index: RefIndex,
-    pub(crate) log_tail: u32,
-    pub(crate) recovery: RecoveryReport,
+    /// Redirect-log records of the current generation: where the next one goes.
+    log_tail: u32,
+    /// What opening found.
+    recovery: RecoveryReport,
     /// The background pre-fault (see `start_prefault`): its stop flag and thread.
     prefault: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
@@ -122,7 +136,7 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error)
     }
 }
 
-pub(crate) fn now_ns() -> u64 {
+fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -295,7 +309,7 @@ impl Pool {
         }
     }
 
-    pub(crate) fn read_block(&self, b: u64, out: &mut Page) -> Result<()> {
+    fn read_block(&self, b: u64, out: &mut Page) -> Result<()> {
         self.map
             .read_at(self.geo.block_offset_of(b), out)
             .map_err(|e| PoolError::Corrupt(format!("block {b}: {e}")))

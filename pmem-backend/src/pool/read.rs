@@ -9,7 +9,7 @@ use crate::types::{PageLocation, PageRun, SnapshotInfo, SnapshotSel, Stats};
 use crate::{Page, PAGE_SIZE};
 
 impl Pool {
-    pub(crate) fn find(&self, sel: SnapshotSel<'_>) -> Result<usize> {
+    pub(super) fn find(&self, sel: SnapshotSel<'_>) -> Result<usize> {
         self.snapshots
             .iter()
             .position(|s| match sel {

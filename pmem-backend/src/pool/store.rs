@@ -277,7 +277,7 @@ impl Pool {
     }
 
     /// Point every snapshot that references RAM(p) at block b (in memory only).
-    pub(crate) fn apply_redirect(&mut self, p: u64, b: u32, crc: u32) {
+    pub(super) fn apply_redirect(&mut self, p: u64, b: u32, crc: u32) {
         let mut n = 0;
         for s in &mut self.snapshots {
             if s.covers(p) && !s.redirects.contains_key(&p) {
