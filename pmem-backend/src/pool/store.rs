@@ -213,7 +213,9 @@ impl Pool {
     /// Preserve RAM page p before it is written: copy it into one new block, re-point
     /// every snapshot referencing RAM(p) to that block, and make the redirect durable.
     /// Returns `Ok(false)` if no snapshot references RAM(p) (nothing to do), `Ok(true)`
-    /// once the redirect is durable; only then may the caller unprotect p.
+    /// once the redirect is durable; only then may the caller unprotect p. On `Err`, p
+    /// is still RAM(p) for its snapshots: a caller that unprotects it anyway must first
+    /// drop those snapshots (the VMM does, see the crate docs).
     pub fn preserve(&mut self, p: u64) -> Result<bool> {
         if p >= self.geo.ram_pages() {
             return Err(PoolError::PageOutOfRange {
