@@ -1,6 +1,6 @@
 //! Helpers shared by the unit tests.
 
-use crate::{Page, Pool, PoolOptions, PAGE_SIZE};
+use crate::{Page, PageRun, Pool, PoolOptions, SnapshotKind, SnapshotMeta, PAGE_SIZE};
 use std::path::PathBuf;
 
 /// A temp directory on /dev/shm when there is one (where pools live), else the default.
@@ -26,4 +26,17 @@ pub fn pattern(seed: u64) -> Page {
         chunk.copy_from_slice(&(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64).to_le_bytes());
     }
     p
+}
+
+/// A VM snapshot of `runs` with default metadata; its id.
+pub fn vm(pool: &mut Pool, name: &str, runs: &[PageRun]) -> u64 {
+    pool.snapshot(name, SnapshotKind::Vm, runs, SnapshotMeta::default())
+        .expect("snapshot")
+}
+
+/// Write `pattern(seed + p)` into each RAM page p of `pages` (preserving first).
+pub fn fill(pool: &mut Pool, pages: std::ops::Range<u64>, seed: u64) {
+    for p in pages {
+        pool.write_ram_page(p, &pattern(seed + p)).expect("write");
+    }
 }

@@ -1,21 +1,19 @@
-//! The snapshot store's operations on an open [`Pool`]: snapshot, preserve, delete, gc,
-//! page and state reads, listings and statistics.
+//! The snapshot store's operations that change it: snapshot, preserve (copy before
+//! write), delete and gc. Restoring RAM from a snapshot is in `copy_back.rs`, reading
+//! in `read.rs`.
 
-use crate::bitmap::ProtectionBitmap;
+use super::{now_ns, Pool};
 use crate::catalog::{
     validate_name, validate_owned_name, BlobRef, Snapshot, MAX_LABELS, MAX_VALUE_LEN,
 };
 use crate::error::{PoolError, Result};
-use crate::pool::{now_ns, BlockUse, Pool};
 use crate::redirect_log::LogRecord;
 use crate::superblock::LOG_RECORD_SIZE;
 use crate::types::{
-    normalize_runs, pages_to_runs, Owner, PageLocation, PageRun, RunBuilder, SnapshotInfo,
-    SnapshotKind, SnapshotMeta, SnapshotSel, Stats,
+    normalize_runs, pages_to_runs, Owner, PageRun, SnapshotKind, SnapshotMeta, SnapshotSel,
 };
 use crate::{Page, PAGE_SIZE};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 /// Error type a protect callback returns.
 pub type ProtectError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -85,41 +83,12 @@ fn validate_meta(kind: SnapshotKind, runs: &[PageRun], meta: &SnapshotMeta) -> R
 }
 
 impl Pool {
-    pub(crate) fn find(&self, sel: SnapshotSel<'_>) -> Result<usize> {
-        self.snapshots
-            .iter()
-            .position(|s| match sel {
-                SnapshotSel::Name(n) => s.name == n,
-                SnapshotSel::Id(i) => s.id == i,
-            })
-            .ok_or_else(|| PoolError::NoSuchSnapshot(sel.to_string()))
-    }
-
-    fn alloc_blocks(&mut self, n: u64) -> Result<Vec<u32>> {
-        if (self.free_blocks.len() as u64) < n {
-            return Err(PoolError::BlockAreaFull {
-                needed: n,
-                free: self.free_blocks.len() as u64,
-                total: self.geo.block_count,
-            });
-        }
-        let at = self.free_blocks.len() - n as usize;
-        let mut v = self.free_blocks.split_off(at);
-        v.reverse();
-        Ok(v)
-    }
-
-    fn free_block(&mut self, b: u32) {
-        self.block_use[b as usize] = BlockUse::Free;
-        self.block_refs[b as usize] = 0;
-        self.page_blocks.remove(&b);
-        self.free_blocks.push(b);
-    }
-
     /// Write a state blob into freshly allocated blocks and persist them (runs of
     /// consecutive blocks are persisted with one call each).
     fn write_blob(&mut self, data: &[u8]) -> Result<BlobRef> {
-        let blocks = self.alloc_blocks(data.len().div_ceil(PAGE_SIZE) as u64)?;
+        let blocks = self
+            .index
+            .alloc_blocks(data.len().div_ceil(PAGE_SIZE) as u64)?;
         let res = (|| {
             for (chunk, &b) in data.chunks(PAGE_SIZE).zip(&blocks) {
                 let mut page: Page = [0; PAGE_SIZE];
@@ -141,7 +110,7 @@ impl Pool {
             Ok(())
         })();
         if let Err(e) = res {
-            self.free_blocks.extend(blocks.iter().rev());
+            self.index.unalloc(&blocks);
             return Err(e);
         }
         Ok(BlobRef {
@@ -203,14 +172,8 @@ impl Pool {
             .checked_add(1)
             .ok_or_else(|| PoolError::Corrupt("snapshot id counter exhausted".into()))?;
         let blob = self.write_blob(&meta.state)?;
-        let mut newly = RunBuilder::default();
-        for r in &page_set {
-            newly.push_zeros(r.first, &self.ram_refs[r.first as usize..r.end() as usize]);
-        }
-        let newly = newly.runs;
-        for r in &newly {
-            self.protected.set_range(r.first, r.count, true);
-        }
+        let newly = self.index.unreferenced_runs(&page_set);
+        self.index.set_protected(&newly, true);
         let snap = Snapshot {
             id: self.next_id,
             name: name.to_string(),
@@ -229,24 +192,17 @@ impl Pool {
                 .map_err(|e| Box::new(e) as ProtectError)
         });
         if let Err(source) = res {
-            for r in &newly {
-                self.protected.set_range(r.first, r.count, false);
-            }
-            self.free_blocks.extend(snap.blob.blocks.iter().rev());
+            self.index.set_protected(&newly, false);
+            self.index.unalloc(&snap.blob.blocks);
             return Err(PoolError::SnapshotAborted {
                 name: name.to_string(),
                 unprotect: newly,
                 source,
             });
         }
-        for r in &snap.page_set {
-            for n in &mut self.ram_refs[r.first as usize..r.end() as usize] {
-                *n += 1;
-            }
-        }
+        self.index.add_snapshot_refs(&snap);
         for &b in &snap.blob.blocks {
-            self.block_use[b as usize] = BlockUse::Blob;
-            self.block_refs[b as usize] = 1;
+            self.index.mark_blob(b);
         }
         self.next_id = next_id;
         let id = snap.id;
@@ -257,7 +213,9 @@ impl Pool {
     /// Preserve RAM page p before it is written: copy it into one new block, re-point
     /// every snapshot referencing RAM(p) to that block, and make the redirect durable.
     /// Returns `Ok(false)` if no snapshot references RAM(p) (nothing to do), `Ok(true)`
-    /// once the redirect is durable; only then may the caller unprotect p.
+    /// once the redirect is durable; only then may the caller unprotect p. On `Err`, p
+    /// is still RAM(p) for its snapshots: a caller that unprotects it anyway must first
+    /// drop those snapshots (the VMM does, see the crate docs).
     pub fn preserve(&mut self, p: u64) -> Result<bool> {
         if p >= self.geo.ram_pages() {
             return Err(PoolError::PageOutOfRange {
@@ -266,19 +224,13 @@ impl Pool {
                 ram_pages: self.geo.ram_pages(),
             });
         }
-        if self.ram_refs[p as usize] == 0 {
+        if self.index.ram_refs(p) == 0 {
             return Ok(false);
         }
         if u64::from(self.log_tail) >= self.geo.log_capacity() {
             self.compact()?;
         }
-        let Some(b) = self.free_blocks.pop() else {
-            return Err(PoolError::BlockAreaFull {
-                needed: 1,
-                free: 0,
-                total: self.geo.block_count,
-            });
-        };
+        let b = self.index.alloc_block()?;
         let res = (|| {
             // One copy, RAM -> block, then the crc over the block in place: the block is
             // store-owned and nothing else writes it.
@@ -320,15 +272,22 @@ impl Pool {
                 Ok(true)
             }
             Err(e) => {
-                self.free_blocks.push(b);
+                self.index.unalloc(&[b]);
                 Err(e)
             }
         }
     }
 
-    /// Compact the redirect log into a new catalog generation.
-    fn compact(&mut self) -> Result<()> {
-        self.commit(None, None, self.next_id)
+    /// Point every snapshot that references RAM(p) at block b (in memory only).
+    pub(super) fn apply_redirect(&mut self, p: u64, b: u32, crc: u32) {
+        let mut n = 0;
+        for s in &mut self.snapshots {
+            if s.covers(p) && !s.redirects.contains_key(&p) {
+                s.redirects.insert(p, b);
+                n += 1;
+            }
+        }
+        self.index.apply_redirect(p, b, crc, n);
     }
 
     /// Delete a snapshot: drop its references durably, free blocks nobody else uses,
@@ -338,41 +297,7 @@ impl Pool {
         let id = self.snapshots[idx].id;
         self.commit(None, Some(id), self.next_id)?;
         let s = self.snapshots.remove(idx);
-        let mut unprotected = RunBuilder::default();
-        if s.redirects.is_empty() {
-            for r in &s.page_set {
-                let refs = &mut self.ram_refs[r.first as usize..r.end() as usize];
-                for n in refs.iter_mut() {
-                    *n -= 1;
-                }
-                unprotected.push_zeros(r.first, refs);
-            }
-        } else {
-            let mut red = s.redirects.iter().peekable();
-            for p in s.pages() {
-                if red.peek().is_some_and(|(&rp, _)| rp == p) {
-                    let (_, &b) = red.next().expect("peeked");
-                    self.block_refs[b as usize] -= 1;
-                    if self.block_refs[b as usize] == 0 {
-                        self.free_block(b);
-                    }
-                } else {
-                    let n = &mut self.ram_refs[p as usize];
-                    *n -= 1;
-                    if *n == 0 {
-                        unprotected.push(p);
-                    }
-                }
-            }
-        }
-        for &b in &s.blob.blocks {
-            self.free_block(b);
-        }
-        let runs = unprotected.runs;
-        for r in &runs {
-            self.protected.set_range(r.first, r.count, false);
-        }
-        Ok(runs)
+        Ok(self.index.release(&s))
     }
 
     /// Reclaim anything unreferenced: recompute page and block usage from the snapshots,
@@ -383,513 +308,24 @@ impl Pool {
     pub fn gc(&mut self) -> Result<GcReport> {
         let compacted = u64::from(self.log_tail);
         self.commit(None, None, self.next_id)?;
-        let mut ram = vec![0u32; self.ram_refs.len()];
-        let mut blk = vec![0u32; self.block_refs.len()];
-        for s in &self.snapshots {
-            for p in s.pages() {
-                match s.redirects.get(&p) {
-                    Some(&b) => blk[b as usize] += 1,
-                    None => ram[p as usize] += 1,
-                }
-            }
-            for &b in &s.blob.blocks {
-                blk[b as usize] += 1;
-            }
-        }
-        let mut report = GcReport {
+        let (pages_unprotected, blocks_reclaimed) = self.index.recount(&self.snapshots);
+        Ok(GcReport {
+            blocks_reclaimed,
+            pages_unprotected,
             log_records_compacted: compacted,
             torn_records_discarded: self.recovery.torn_discarded,
             orphan_records_dropped: self.recovery.orphans_dropped,
             generation: self.sb.generation,
-            ..Default::default()
-        };
-        for (p, &n) in ram.iter().enumerate() {
-            if n == 0 && self.ram_refs[p] != 0 {
-                report.pages_unprotected += 1;
-                self.protected.set(p as u64, false);
-            }
-        }
-        self.ram_refs = ram;
-        for (b, &n) in blk.iter().enumerate() {
-            if n == 0 && self.block_use[b] != BlockUse::Free {
-                report.blocks_reclaimed += 1;
-                self.block_use[b] = BlockUse::Free;
-                self.page_blocks.remove(&(b as u32));
-            }
-        }
-        self.block_refs = blk;
-        self.rebuild_free_list();
-        Ok(report)
-    }
-
-    /// Where snapshot page p is, without reading it.
-    pub fn snapshot_page_location<'a>(
-        &self,
-        sel: impl Into<SnapshotSel<'a>>,
-        p: u64,
-    ) -> Result<PageLocation> {
-        let s = &self.snapshots[self.find(sel.into())?];
-        if !s.covers(p) {
-            return Err(PoolError::PageNotInSnapshot {
-                snapshot: s.name.clone(),
-                page: p,
-            });
-        }
-        Ok(match s.redirects.get(&p) {
-            Some(&b) => PageLocation::Block(u64::from(b)),
-            None => PageLocation::Ram(p),
         })
-    }
-
-    /// The pages among `runs` (any order, may overlap) that snapshot `sel` holds in
-    /// blocks rather than in place, ascending: what a copy back to RAM has to copy.
-    /// Costs the number of such pages, not the number of pages in `runs`. Fails with
-    /// `PageNotInSnapshot` (naming the first one) if `runs` has a page the snapshot does
-    /// not cover.
-    pub fn preserved_pages<'a>(
-        &self,
-        sel: impl Into<SnapshotSel<'a>>,
-        runs: &[PageRun],
-    ) -> Result<Vec<u64>> {
-        let s = &self.snapshots[self.find(sel.into())?];
-        let mut out = Vec::new();
-        for r in normalize_runs(runs) {
-            // The page set is merged, so a covered run lies inside one of its runs.
-            let i = s.page_set.partition_point(|x| x.first <= r.first);
-            let inside = i > 0 && s.page_set[i - 1].end() >= r.end();
-            if !inside {
-                let page = if i > 0 && s.page_set[i - 1].contains(r.first) {
-                    s.page_set[i - 1].end()
-                } else {
-                    r.first
-                };
-                return Err(PoolError::PageNotInSnapshot {
-                    snapshot: s.name.clone(),
-                    page,
-                });
-            }
-            out.extend(s.redirects.range(r.first..r.end()).map(|(&p, _)| p));
-        }
-        Ok(out)
-    }
-
-    /// Make RAM hold snapshot `sel`'s content for the pages of `runs` (a rollback or a
-    /// restore): the pages it holds in blocks are checked against their crc32c and
-    /// copied into RAM(p), each after RAM(p) was preserved for any other snapshot that
-    /// still references it; pages it references in place already hold it. The RAM
-    /// writes are persisted as one batch at the end (no snapshot references them in
-    /// place any more, so their order does not matter). Returns the pages written,
-    /// ascending. A bad block fails with `BadBlock` naming the page; the pages before it
-    /// are written.
-    pub fn copy_back<'a>(
-        &mut self,
-        sel: impl Into<SnapshotSel<'a>>,
-        runs: &[PageRun],
-    ) -> Result<Vec<u64>> {
-        let idx = self.find(sel.into())?;
-        let pages = self.preserved_pages(SnapshotSel::Id(self.snapshots[idx].id), runs)?;
-        // Fault in what the loop will touch with a few madvise calls: a page fault per
-        // page (a RAM write and a block read each) costs more than the copy itself.
-        let s = &self.snapshots[idx];
-        let mut blocks: Vec<u64> = pages
-            .iter()
-            .filter_map(|p| s.redirects.get(p))
-            .map(|&b| self.geo.block_offset_of(u64::from(b)))
-            .collect();
-        blocks.sort_unstable();
-        self.populate_near(blocks.into_iter(), false);
-        self.populate_near(pages.iter().map(|&p| self.geo.ram_page_offset(p)), true);
-        let mut done = RunBuilder::default();
-        let res = pages.iter().try_for_each(|&p| {
-            // `preserve` re-points other snapshots only: this one's redirect of p stays.
-            self.preserve(p)?;
-            let b = self.snapshots[idx]
-                .redirects
-                .get(&p)
-                .copied()
-                .ok_or_else(|| {
-                    PoolError::Corrupt(format!("page {p} lost its block during copy back"))
-                })?;
-            let boff = self.geo.block_offset_of(u64::from(b));
-            let io = |e: std::io::Error| PoolError::Corrupt(format!("block {b}: {e}"));
-            let actual = self.map.crc32c(boff, PAGE_SIZE).map_err(io)?;
-            self.check_block_crc(idx, p, u64::from(b), actual)?;
-            self.map
-                .copy_within(boff, self.geo.ram_page_offset(p), PAGE_SIZE)
-                .map_err(io)?;
-            done.push(p);
-            Ok(())
-        });
-        let ranges: Vec<std::ops::Range<u64>> = done
-            .runs
-            .iter()
-            .map(|r| {
-                let off = self.geo.ram_page_offset(r.first);
-                off..off + r.count * PAGE_SIZE as u64
-            })
-            .collect();
-        self.persist
-            .persist_batch(&self.map, &ranges)
-            .map_err(|source| PoolError::Persist {
-                what: "RAM pages copied back",
-                source,
-            })?;
-        res.map(|()| pages)
-    }
-
-    /// `BadBlock` unless `actual` is the recorded crc32c of block `b`, which holds page
-    /// `p` of snapshot `idx`.
-    fn check_block_crc(&self, idx: usize, p: u64, b: u64, actual: u32) -> Result<()> {
-        let expected = u32::try_from(b)
-            .ok()
-            .and_then(|b| self.page_blocks.get(&b).copied())
-            .unwrap_or(0);
-        if actual == expected {
-            return Ok(());
-        }
-        Err(PoolError::BadBlock {
-            snapshot: self.snapshots[idx].name.clone(),
-            page: p,
-            block: b,
-            expected,
-            actual,
-        })
-    }
-
-    /// Pre-fault the pages at `offsets` (ascending) in the store's mapping, one madvise
-    /// per run of adjacent pages. Only adjacent ones: populating a gap costs about what
-    /// the fault it saves does (measured: every third page of 81000, gaps included,
-    /// took 1.7 times as long as a call per page).
-    fn populate_near(&self, offsets: impl Iterator<Item = u64>, write: bool) {
-        let page = PAGE_SIZE as u64;
-        let mut run: Option<(u64, u64)> = None;
-        for off in offsets {
-            run = match run {
-                Some((start, end)) if off == end => Some((start, end + page)),
-                Some((start, end)) => {
-                    self.map.populate(start, end - start, write);
-                    Some((off, off + page))
-                }
-                None => Some((off, off + page)),
-            };
-        }
-        if let Some((start, end)) = run {
-            self.map.populate(start, end - start, write);
-        }
-    }
-
-    /// Read guest page p of a snapshot: where it is and its content. Block content is
-    /// checked against its crc32c.
-    pub fn read_snapshot_page<'a>(
-        &self,
-        sel: impl Into<SnapshotSel<'a>>,
-        p: u64,
-    ) -> Result<(PageLocation, Page)> {
-        let sel = sel.into();
-        let loc = self.snapshot_page_location(sel, p)?;
-        match loc {
-            PageLocation::Ram(p) => Ok((loc, self.read_ram_page(p)?)),
-            PageLocation::Block(b) => {
-                let mut page: Page = [0; PAGE_SIZE];
-                self.read_block(b, &mut page)?;
-                self.check_block_crc(self.find(sel)?, p, b, crc32c::crc32c(&page))?;
-                Ok((loc, page))
-            }
-        }
-    }
-
-    /// Read a snapshot's state blob, checking its crc32c.
-    pub fn read_state<'a>(&self, sel: impl Into<SnapshotSel<'a>>) -> Result<Vec<u8>> {
-        let s = &self.snapshots[self.find(sel.into())?];
-        let mut out = Vec::with_capacity(s.blob.len as usize);
-        for &b in &s.blob.blocks {
-            let mut page: Page = [0; PAGE_SIZE];
-            self.read_block(u64::from(b), &mut page)?;
-            let take = (s.blob.len as usize - out.len()).min(PAGE_SIZE);
-            out.extend_from_slice(&page[..take]);
-        }
-        if crc32c::crc32c(&out) != s.blob.crc {
-            return Err(PoolError::Corrupt(format!(
-                "snapshot {:?}: state blob fails its checksum",
-                s.name
-            )));
-        }
-        Ok(out)
-    }
-
-    /// Whether RAM page p is referenced by a snapshot (and so must stay write-protected).
-    #[inline]
-    pub fn is_protected(&self, p: u64) -> bool {
-        self.protected.get(p)
-    }
-
-    /// The protected-page bitmap, readable without the store's lock (fault path fast
-    /// check; `preserve` under the lock stays the authority).
-    pub fn protection_bitmap(&self) -> Arc<ProtectionBitmap> {
-        Arc::clone(&self.protected)
-    }
-
-    /// Every RAM page any snapshot still references as RAM(p), as runs (the VMM
-    /// re-protects these when it starts on an existing pool).
-    pub fn protected_runs(&self) -> Vec<PageRun> {
-        pages_to_runs(
-            self.ram_refs
-                .iter()
-                .enumerate()
-                .filter(|(_, &n)| n > 0)
-                .map(|(p, _)| p as u64),
-        )
-    }
-
-    fn info(&self, s: &Snapshot) -> SnapshotInfo {
-        let pages = s.page_count();
-        SnapshotInfo {
-            id: s.id,
-            name: s.name.clone(),
-            owner: s.owner,
-            kind: s.kind,
-            created_unix_ms: s.created_unix_ns / 1_000_000,
-            created_unix_ns: s.created_unix_ns,
-            labels: s.labels.clone(),
-            process: s.process.clone(),
-            runs: s.runs.clone(),
-            pages,
-            pages_in_ram: pages - s.redirects.len() as u64,
-            pages_in_blocks: s.redirects.len() as u64,
-            state_len: s.blob.len,
-        }
-    }
-
-    /// All snapshots, in creation order.
-    pub fn list(&self) -> Vec<SnapshotInfo> {
-        self.snapshots.iter().map(|s| self.info(s)).collect()
-    }
-
-    /// One snapshot.
-    pub fn inspect<'a>(&self, sel: impl Into<SnapshotSel<'a>>) -> Result<SnapshotInfo> {
-        Ok(self.info(&self.snapshots[self.find(sel.into())?]))
-    }
-
-    /// Store-wide statistics.
-    pub fn stats(&self) -> Stats {
-        let page = PAGE_SIZE as u64;
-        let mut shared = 0u64;
-        let mut saved = 0u64;
-        let mut in_ram = 0u64;
-        for &n in &self.ram_refs {
-            in_ram += u64::from(n > 0);
-            shared += u64::from(n > 1) * page;
-            saved += u64::from(n.saturating_sub(1)) * page;
-        }
-        let mut blob_blocks = 0;
-        for (b, u) in self.block_use.iter().enumerate() {
-            match u {
-                BlockUse::Blob => blob_blocks += 1,
-                BlockUse::Page => {
-                    let n = self.block_refs[b];
-                    shared += u64::from(n > 1) * page;
-                    saved += u64::from(n.saturating_sub(1)) * page;
-                }
-                BlockUse::Free => {}
-            }
-        }
-        let free = self.free_blocks.len() as u64;
-        Stats {
-            snapshots: self.snapshots.len() as u64,
-            ram_pages: self.geo.ram_pages(),
-            pages_in_ram: in_ram,
-            pages_in_blocks: self.page_blocks.len() as u64,
-            blob_blocks,
-            shared_bytes: shared,
-            saved_bytes: saved,
-            blocks_total: self.geo.block_count,
-            blocks_used: self.geo.block_count - free,
-            blocks_free: free,
-            log_records: u64::from(self.log_tail),
-            log_capacity: self.geo.log_capacity(),
-            generation: self.sb.generation,
-            per_snapshot: self.list(),
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{pattern, small_pool, tmpdir};
-    use crate::verify::Problem;
-    use crate::{PoolOptions, ProcessInfo};
-    use std::sync::{mpsc, Mutex};
-
-    fn vm(pool: &mut Pool, name: &str, runs: &[PageRun]) -> u64 {
-        pool.snapshot(name, SnapshotKind::Vm, runs, SnapshotMeta::default())
-            .expect("snapshot")
-    }
-
-    fn fill(pool: &mut Pool, pages: std::ops::Range<u64>, seed: u64) {
-        for p in pages {
-            pool.write_ram_page(p, &pattern(seed + p)).expect("write");
-        }
-    }
-
-    #[test]
-    fn copy_back_restores_preserved_pages_and_keeps_later_snapshots() {
-        let d = tmpdir();
-        let (_, mut pool) = small_pool(&d, 32, PoolOptions::default());
-        fill(&mut pool, 0..32, 1);
-        let all = [PageRun::new(0, 32)];
-        vm(&mut pool, "a", &all);
-        for p in [3, 4, 5, 20] {
-            pool.write_ram_page(p, &pattern(1000 + p)).expect("write");
-        }
-        vm(&mut pool, "b", &all);
-        pool.write_ram_page(4, &pattern(2000)).expect("write again");
-        let written = pool.copy_back("a", &all).expect("copy back");
-        assert_eq!(written, vec![3, 4, 5, 20], "only the preserved pages");
-        for p in 0..32 {
-            let want = pool.read_snapshot_page("a", p).expect("a").1;
-            assert_eq!(pool.read_ram_page(p).expect("ram"), want, "page {p}");
-        }
-        // b still sees what RAM held when it was taken: preserved before the copy.
-        for p in [3, 5, 20] {
-            assert_eq!(
-                pool.read_snapshot_page("b", p).expect("b").1,
-                pattern(1000 + p)
-            );
-        }
-        assert_eq!(pool.read_snapshot_page("b", 4).expect("b").1, pattern(1004));
-        assert!(pool.verify(|_, _| ()).is_clean());
-        // Copying a back preserved 3 and 5 for b. Only the runs asked for are copied;
-        // doing it twice gives the same.
-        pool.write_ram_page(21, &pattern(3000)).expect("write");
-        for _ in 0..2 {
-            let first = [PageRun::new(0, 10)];
-            assert_eq!(pool.copy_back("b", &first).expect("b"), vec![3, 4, 5]);
-            for p in 3..6 {
-                assert_eq!(pool.read_ram_page(p).expect("ram"), pattern(1000 + p));
-            }
-            assert_eq!(pool.read_ram_page(21).expect("ram"), pattern(3000));
-        }
-    }
-
-    #[test]
-    fn copy_back_names_a_bad_block() {
-        let d = tmpdir();
-        let (_, mut pool) = small_pool(&d, 16, PoolOptions::default());
-        fill(&mut pool, 0..16, 1);
-        vm(&mut pool, "a", &[PageRun::new(0, 16)]);
-        pool.write_ram_page(2, &pattern(7)).expect("write");
-        pool.write_ram_page(9, &pattern(8)).expect("write");
-        let PageLocation::Block(b) = pool.snapshot_page_location("a", 9).expect("loc") else {
-            panic!("9 not preserved")
-        };
-        pool.map
-            .write_at(pool.geo.block_offset_of(b), &[0xee; 8])
-            .expect("damage");
-        match pool.copy_back("a", &[PageRun::new(0, 16)]) {
-            Err(PoolError::BadBlock { page: 9, block, .. }) => assert_eq!(block, b),
-            other => panic!("expected BadBlock for page 9, got {other:?}"),
-        }
-        assert_eq!(
-            pool.read_ram_page(2).expect("ram"),
-            pool.read_snapshot_page("a", 2).expect("a").1,
-            "the page before the bad one was copied"
-        );
-        assert_eq!(
-            pool.read_ram_page(9).expect("ram"),
-            pattern(8),
-            "9 untouched"
-        );
-    }
-
-    #[test]
-    fn preserved_pages_lists_exactly_the_redirected_pages() {
-        let d = tmpdir();
-        let (_, mut pool) = small_pool(&d, 64, PoolOptions::default());
-        vm(&mut pool, "a", &[PageRun::new(0, 20), PageRun::new(30, 10)]);
-        for p in [3, 4, 19, 31, 39] {
-            pool.write_ram_page(p, &pattern(p)).expect("write");
-        }
-        vm(&mut pool, "b", &[PageRun::new(0, 64)]);
-        pool.write_ram_page(4, &pattern(99)).expect("write again");
-        pool.write_ram_page(50, &pattern(50)).expect("write");
-        let brute = |pool: &Pool, name: &str, runs: &[PageRun]| -> Vec<u64> {
-            let mut v: Vec<u64> = normalize_runs(runs)
-                .iter()
-                .flat_map(|r| r.first..r.end())
-                .filter(|&p| {
-                    pool.snapshot_page_location(name, p).expect("covered") != PageLocation::Ram(p)
-                })
-                .collect();
-            v.dedup();
-            v
-        };
-        let a_runs = [PageRun::new(30, 10), PageRun::new(0, 20)];
-        assert_eq!(
-            pool.preserved_pages("a", &a_runs).expect("a"),
-            vec![3, 4, 19, 31, 39]
-        );
-        assert_eq!(brute(&pool, "a", &a_runs), vec![3, 4, 19, 31, 39]);
-        let some = [PageRun::new(4, 10), PageRun::new(2, 3), PageRun::new(35, 5)];
-        assert_eq!(
-            pool.preserved_pages("a", &some).expect("a"),
-            brute(&pool, "a", &some)
-        );
-        let all = [PageRun::new(0, 64)];
-        assert_eq!(pool.preserved_pages("b", &all).expect("b"), vec![4, 50]);
-        assert_eq!(brute(&pool, "b", &all), vec![4, 50]);
-        for (runs, page) in [
-            (vec![PageRun::new(15, 10)], 20),
-            (vec![PageRun::new(25, 2)], 25),
-            (vec![PageRun::new(0, 3), PageRun::new(39, 2)], 40),
-        ] {
-            match pool.preserved_pages("a", &runs) {
-                Err(PoolError::PageNotInSnapshot { page: p, .. }) => {
-                    assert_eq!(p, page, "{runs:?}")
-                }
-                other => panic!("{runs:?}: expected PageNotInSnapshot, got {other:?}"),
-            }
-        }
-        assert!(matches!(
-            pool.preserved_pages("zz", &all),
-            Err(PoolError::NoSuchSnapshot(_))
-        ));
-    }
-
-    #[test]
-    fn snapshot_protects_and_reads_back() {
-        let d = tmpdir();
-        let (_, mut pool) = small_pool(&d, 64, PoolOptions::default());
-        fill(&mut pool, 0..64, 100);
-        let id = vm(&mut pool, "a", &[PageRun::new(0, 8), PageRun::new(20, 4)]);
-        assert!(pool.is_protected(0) && pool.is_protected(7) && pool.is_protected(23));
-        assert!(!pool.is_protected(8) && !pool.is_protected(24));
-        assert_eq!(
-            pool.protected_runs(),
-            vec![PageRun::new(0, 8), PageRun::new(20, 4)]
-        );
-        let (loc, page) = pool.read_snapshot_page("a", 3).expect("read");
-        assert_eq!(loc, PageLocation::Ram(3));
-        assert_eq!(page, pattern(103));
-        assert_eq!(
-            pool.read_snapshot_page(id, 21).expect("by id").1,
-            pattern(121)
-        );
-        assert!(matches!(
-            pool.read_snapshot_page("a", 10),
-            Err(PoolError::PageNotInSnapshot { page: 10, .. })
-        ));
-        let s = pool.stats();
-        assert_eq!(
-            (
-                s.snapshots,
-                s.pages_in_ram,
-                s.pages_in_blocks,
-                s.shared_bytes
-            ),
-            (1, 12, 0, 0)
-        );
-    }
+    use crate::testutil::{fill, pattern, small_pool, tmpdir, vm};
+    use crate::{PageLocation, PoolOptions, ProcessInfo};
+    use std::sync::{mpsc, Arc, Mutex};
 
     #[test]
     fn preserve_shares_one_block_between_snapshots() {
@@ -1257,7 +693,6 @@ mod tests {
         let (_, mut pool) = small_pool(&d, 16, PoolOptions::default());
         fill(&mut pool, 0..16, 40);
         let pool = Arc::new(Mutex::new(pool));
-        let bitmap = pool.lock().expect("lock").protection_bitmap();
         let (tx, rx) = mpsc::channel();
         let mut guard = pool.lock().expect("lock");
         let p2 = Arc::clone(&pool);
@@ -1268,10 +703,10 @@ mod tests {
                 SnapshotKind::Vm,
                 &[PageRun::new(0, 16)],
                 SnapshotMeta::default(),
-                |_| {
-                    // A "vCPU write" to page 5 faults now: the handler sees the bit and
-                    // blocks on the store lock until the commit is done.
-                    assert!(bitmap.get(5));
+                |newly| {
+                    // Page 5 is being protected: a "vCPU write" to it faults now, and the
+                    // handler blocks on the store lock until the commit is done.
+                    assert!(newly.iter().any(|r| r.contains(5)));
                     handle = Some(std::thread::spawn(move || {
                         tx.send(()).expect("send");
                         let mut p = p2.lock().expect("lock");
@@ -1340,78 +775,10 @@ mod tests {
         let (_, mut pool) = small_pool(&d, 8, PoolOptions::default());
         vm(&mut pool, "a", &[PageRun::new(0, 2)]);
         // Simulate a leak: a block marked used and a page counted with no referrer.
-        pool.block_use[5] = BlockUse::Page;
-        pool.free_blocks.retain(|&b| b != 5);
-        pool.ram_refs[6] = 1;
-        pool.protected.set(6, true);
+        pool.index.simulate_leak(6, 5);
         let r = pool.gc().expect("gc");
         assert_eq!((r.blocks_reclaimed, r.pages_unprotected), (1, 1));
         assert!(!pool.is_protected(6) && pool.is_protected(1));
         assert_eq!(pool.stats().blocks_free, 8);
-    }
-
-    #[test]
-    fn verify_names_the_bad_page() {
-        let d = tmpdir();
-        let (_, mut pool) = small_pool(&d, 8, PoolOptions::default());
-        fill(&mut pool, 0..8, 9);
-        vm(&mut pool, "a", &[PageRun::new(0, 8)]);
-        vm(&mut pool, "b", &[PageRun::new(3, 1)]);
-        pool.preserve(3).expect("preserve");
-        let PageLocation::Block(b) = pool.snapshot_page_location("a", 3).expect("loc") else {
-            panic!("not preserved")
-        };
-        pool.map
-            .write_at(pool.geo.block_offset_of(b) + 100, &[0xee])
-            .expect("corrupt");
-        let mut calls = 0;
-        let rep = pool.verify(|done, total| {
-            calls += 1;
-            assert!(done <= total);
-        });
-        assert!(calls >= 1);
-        assert_eq!(rep.pages_checked, 9);
-        let bad: Vec<(String, u64)> = rep
-            .problems
-            .iter()
-            .filter_map(|p| match p {
-                Problem::BadPage { snapshot, page, .. } => Some((snapshot.clone(), *page)),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(bad, vec![("a".to_string(), 3), ("b".to_string(), 3)]);
-        assert!(matches!(
-            pool.read_snapshot_page("b", 3),
-            Err(PoolError::BadBlock { page: 3, .. })
-        ));
-    }
-
-    #[test]
-    fn verify_detects_bad_state_blob_and_catalog() {
-        let d = tmpdir();
-        let (_, mut pool) = small_pool(&d, 8, PoolOptions::default());
-        let meta = SnapshotMeta {
-            state: vec![5; 100],
-            ..Default::default()
-        };
-        pool.snapshot("a", SnapshotKind::Vm, &[], meta)
-            .expect("snapshot");
-        let b = pool.snapshots[0].blob.blocks[0];
-        pool.map
-            .write_at(pool.geo.block_offset_of(u64::from(b)), &[6])
-            .expect("corrupt");
-        let cat_off = pool.geo.meta_slot_offset(pool.sb.catalog_slot) + 70;
-        pool.map
-            .write_at(cat_off, &[0xff])
-            .expect("corrupt catalog");
-        let rep = pool.verify(|_, _| {});
-        assert!(rep.problems.contains(&Problem::BadState {
-            snapshot: "a".into()
-        }));
-        assert!(rep
-            .problems
-            .iter()
-            .any(|p| matches!(p, Problem::Catalog { .. })));
-        assert!(pool.read_state("a").is_err());
     }
 }

@@ -1,8 +1,8 @@
 //! `verify`: re-read everything from the pool and check every checksum and the store's
 //! invariants, reporting each problem by snapshot name and page number.
 
+use super::Pool;
 use crate::catalog;
-use crate::pool::Pool;
 use crate::redirect_log::LogRecord;
 use crate::superblock::{self, SbCopy, LOG_RECORD_SIZE, SB_SIZE};
 use crate::{Page, PAGE_SIZE};
@@ -131,20 +131,20 @@ impl Pool {
                                 Ok(()) => crc32c::crc32c(&page),
                                 Err(_) => 0,
                             };
-                            (self.page_blocks.get(&b) == Some(&actual), actual)
+                            (self.index.block_crc(b) == Some(actual), actual)
                         });
                         if !ok {
                             rep.problems.push(Problem::BadPage {
                                 snapshot: s.name.clone(),
                                 page: p,
                                 block: u64::from(b),
-                                expected: self.page_blocks.get(&b).copied().unwrap_or(0),
+                                expected: self.index.block_crc(b).unwrap_or(0),
                                 actual,
                             });
                         }
                     }
                     None => {
-                        if !self.protected.get(p) || self.ram_refs[p as usize] == 0 {
+                        if !self.index.is_protected(p) || self.index.ram_refs(p) == 0 {
                             rep.problems.push(Problem::Unprotected {
                                 snapshot: s.name.clone(),
                                 page: p,
@@ -166,5 +166,77 @@ impl Pool {
         }
         progress(done, total);
         rep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{fill, small_pool, tmpdir, vm};
+    use crate::{PageLocation, PageRun, PoolError, PoolOptions, SnapshotKind, SnapshotMeta};
+
+    #[test]
+    fn verify_names_the_bad_page() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 8, PoolOptions::default());
+        fill(&mut pool, 0..8, 9);
+        vm(&mut pool, "a", &[PageRun::new(0, 8)]);
+        vm(&mut pool, "b", &[PageRun::new(3, 1)]);
+        pool.preserve(3).expect("preserve");
+        let PageLocation::Block(b) = pool.snapshot_page_location("a", 3).expect("loc") else {
+            panic!("not preserved")
+        };
+        pool.map
+            .write_at(pool.geo.block_offset_of(b) + 100, &[0xee])
+            .expect("corrupt");
+        let mut calls = 0;
+        let rep = pool.verify(|done, total| {
+            calls += 1;
+            assert!(done <= total);
+        });
+        assert!(calls >= 1);
+        assert_eq!(rep.pages_checked, 9);
+        let bad: Vec<(String, u64)> = rep
+            .problems
+            .iter()
+            .filter_map(|p| match p {
+                Problem::BadPage { snapshot, page, .. } => Some((snapshot.clone(), *page)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(bad, vec![("a".to_string(), 3), ("b".to_string(), 3)]);
+        assert!(matches!(
+            pool.read_snapshot_page("b", 3),
+            Err(PoolError::BadBlock { page: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn verify_detects_bad_state_blob_and_catalog() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 8, PoolOptions::default());
+        let meta = SnapshotMeta {
+            state: vec![5; 100],
+            ..Default::default()
+        };
+        pool.snapshot("a", SnapshotKind::Vm, &[], meta)
+            .expect("snapshot");
+        let b = pool.snapshots[0].blob.blocks[0];
+        pool.map
+            .write_at(pool.geo.block_offset_of(u64::from(b)), &[6])
+            .expect("corrupt");
+        let cat_off = pool.geo.meta_slot_offset(pool.sb.catalog_slot) + 70;
+        pool.map
+            .write_at(cat_off, &[0xff])
+            .expect("corrupt catalog");
+        let rep = pool.verify(|_, _| {});
+        assert!(rep.problems.contains(&Problem::BadState {
+            snapshot: "a".into()
+        }));
+        assert!(rep
+            .problems
+            .iter()
+            .any(|p| matches!(p, Problem::Catalog { .. })));
+        assert!(pool.read_state("a").is_err());
     }
 }

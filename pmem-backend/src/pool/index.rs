@@ -1,0 +1,715 @@
+//! The reference index: the in-memory counts behind every store operation, with no file.
+//!
+//! For each RAM page, how many snapshots reference it in place (RAM(p)); for each block,
+//! how many snapshots reference it and what it holds; the crc32c of every block holding
+//! a preserved page; the free list; and the protection bitmap. None of it is stored by
+//! itself: [`Pool::open`](super::Pool::open) derives it from the catalog and the redirect
+//! log, so a crash cannot leak a page or a block across a reopen.
+//!
+//! Invariants between two store operations (see `RefIndex::check` in the tests):
+//! - page p is protected exactly when `ram_refs[p] > 0`;
+//! - a `Free` block has no references, no crc and is on the free list (once); a `Page`
+//!   block has at least one reference and a crc; a `Blob` block has one reference and
+//!   no crc; neither is on the free list.
+//!
+//! The snapshots themselves (`catalog::Snapshot`) live in the pool; the index is told
+//! about them (`add_snapshot_refs`, `release`, `recount`) and never keeps them.
+
+use crate::catalog::Snapshot;
+use crate::error::{PoolError, Result};
+use crate::types::{pages_to_runs, PageRun, RunBuilder};
+use crate::PAGE_SIZE;
+use std::collections::{BTreeMap, HashSet};
+
+/// What a block holds. Derived from references, like everything here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockUse {
+    Free,
+    Page,
+    Blob,
+}
+
+/// The reference counts of an open pool (see the module docs).
+#[derive(Debug)]
+pub(super) struct RefIndex {
+    /// Per RAM page: snapshots referencing RAM(p).
+    ram_refs: Vec<u32>,
+    /// One bit per RAM page, set while `ram_refs[p] > 0`.
+    protected: ProtectionBitmap,
+    /// Per block: snapshots referencing it (page blocks) or 1 (blob blocks).
+    block_refs: Vec<u32>,
+    block_use: Vec<BlockUse>,
+    /// crc32c of each block holding a preserved page.
+    page_blocks: BTreeMap<u32, u32>,
+    /// Free blocks, the next one to allocate last.
+    free_blocks: Vec<u32>,
+}
+
+/// Store-wide numbers the index can tell (part of [`crate::Stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct RefCounts {
+    pub pages_in_ram: u64,
+    pub pages_in_blocks: u64,
+    pub blob_blocks: u64,
+    pub shared_bytes: u64,
+    pub saved_bytes: u64,
+    pub blocks_free: u64,
+}
+
+impl RefIndex {
+    /// Nothing referenced, every block free.
+    pub(super) fn new(ram_pages: u64, block_count: u64) -> Self {
+        let blocks = block_count as usize;
+        let mut index = RefIndex {
+            ram_refs: vec![0; ram_pages as usize],
+            protected: ProtectionBitmap::new(ram_pages),
+            block_refs: vec![0; blocks],
+            block_use: vec![BlockUse::Free; blocks],
+            page_blocks: BTreeMap::new(),
+            free_blocks: Vec::new(),
+        };
+        index.rebuild_free_list();
+        index
+    }
+
+    fn block_count(&self) -> u64 {
+        self.block_use.len() as u64
+    }
+
+    // --- Reading -------------------------------------------------------------------
+
+    /// Snapshots referencing RAM(p).
+    pub(super) fn ram_refs(&self, p: u64) -> u32 {
+        self.ram_refs[p as usize]
+    }
+
+    /// Whether page p is marked protected (false beyond RAM).
+    #[inline]
+    pub(super) fn is_protected(&self, p: u64) -> bool {
+        self.protected.get(p)
+    }
+
+    /// Every page some snapshot references as RAM(p), as runs.
+    pub(super) fn protected_runs(&self) -> Vec<PageRun> {
+        pages_to_runs(
+            self.ram_refs
+                .iter()
+                .enumerate()
+                .filter(|(_, &n)| n > 0)
+                .map(|(p, _)| p as u64),
+        )
+    }
+
+    /// Whether block b holds nothing (b must be in range).
+    pub(super) fn is_free(&self, b: u32) -> bool {
+        self.block_use[b as usize] == BlockUse::Free
+    }
+
+    /// The recorded crc32c of block b, if it holds a preserved page.
+    pub(super) fn block_crc(&self, b: u32) -> Option<u32> {
+        self.page_blocks.get(&b).copied()
+    }
+
+    /// Blocks on the free list.
+    pub(super) fn free_count(&self) -> u64 {
+        self.free_blocks.len() as u64
+    }
+
+    /// The (block, crc32c) list a catalog holds: every block holding a preserved page,
+    /// less those only `dropping` references (the snapshot a commit deletes).
+    pub(super) fn catalog_blocks(&self, dropping: Option<&Snapshot>) -> Vec<(u32, u32)> {
+        let dropped: HashSet<u32> = match dropping {
+            Some(s) => s
+                .redirects
+                .values()
+                .copied()
+                .filter(|&b| self.block_refs[b as usize] == 1)
+                .collect(),
+            None => HashSet::new(),
+        };
+        self.page_blocks
+            .iter()
+            .filter(|(b, _)| !dropped.contains(b))
+            .map(|(&b, &c)| (b, c))
+            .collect()
+    }
+
+    /// Pages and blocks in use, and what sharing saves.
+    pub(super) fn counts(&self) -> RefCounts {
+        let page = PAGE_SIZE as u64;
+        let mut c = RefCounts {
+            pages_in_blocks: self.page_blocks.len() as u64,
+            blocks_free: self.free_count(),
+            ..RefCounts::default()
+        };
+        for &n in &self.ram_refs {
+            c.pages_in_ram += u64::from(n > 0);
+            c.shared_bytes += u64::from(n > 1) * page;
+            c.saved_bytes += u64::from(n.saturating_sub(1)) * page;
+        }
+        for (b, u) in self.block_use.iter().enumerate() {
+            match u {
+                BlockUse::Blob => c.blob_blocks += 1,
+                BlockUse::Page => {
+                    let n = self.block_refs[b];
+                    c.shared_bytes += u64::from(n > 1) * page;
+                    c.saved_bytes += u64::from(n.saturating_sub(1)) * page;
+                }
+                BlockUse::Free => {}
+            }
+        }
+        c
+    }
+
+    // --- Building it at open ---------------------------------------------------------
+
+    /// Mark block b as holding (part of) a state blob.
+    pub(super) fn mark_blob(&mut self, b: u32) {
+        self.block_use[b as usize] = BlockUse::Blob;
+        self.block_refs[b as usize] = 1;
+    }
+
+    /// Count snapshot `s`'s references: RAM(p) for its pages in place, a reference to
+    /// each block it redirects a page to. Its blob blocks are marked apart
+    /// ([`Self::mark_blob`]). Run by run, not page by page: a VM snapshot covers all of
+    /// RAM (a quarter of a million pages per GiB), and opening a pool is on the way to a
+    /// restored guest's first instruction. The free list is not updated.
+    pub(super) fn add_snapshot_refs(&mut self, s: &Snapshot) {
+        for r in &s.page_set {
+            let mut at = r.first;
+            for (&p, &b) in s.redirects.range(r.first..r.end()) {
+                self.add_ram_refs(at, p - at);
+                self.block_refs[b as usize] += 1;
+                self.block_use[b as usize] = BlockUse::Page;
+                at = p + 1;
+            }
+            self.add_ram_refs(at, r.end() - at);
+        }
+    }
+
+    /// One more snapshot references RAM pages `first..first + count` in place.
+    fn add_ram_refs(&mut self, first: u64, count: u64) {
+        for refs in &mut self.ram_refs[first as usize..(first + count) as usize] {
+            *refs += 1;
+        }
+        self.protected.set_range(first, count, true);
+    }
+
+    /// Keep the catalog's crc of block b if the block holds a preserved page. A listed
+    /// block nobody references is not kept: it simply becomes free.
+    pub(super) fn keep_block_crc(&mut self, b: u32, crc: u32) {
+        if u64::from(b) < self.block_count() && self.block_use[b as usize] == BlockUse::Page {
+            self.page_blocks.insert(b, crc);
+        }
+    }
+
+    /// Recompute the free list from block usage (ascending allocation order).
+    pub(super) fn rebuild_free_list(&mut self) {
+        self.free_blocks = (0..self.block_count() as u32)
+            .rev()
+            .filter(|&b| self.block_use[b as usize] == BlockUse::Free)
+            .collect();
+    }
+
+    // --- Changing it -------------------------------------------------------------------
+
+    /// Take `n` blocks off the free list (lowest first). They stay `Free` until marked
+    /// used; give them back with [`Self::unalloc`] if the operation fails.
+    pub(super) fn alloc_blocks(&mut self, n: u64) -> Result<Vec<u32>> {
+        if self.free_count() < n {
+            return Err(self.full(n));
+        }
+        let at = self.free_blocks.len() - n as usize;
+        let mut v = self.free_blocks.split_off(at);
+        v.reverse();
+        Ok(v)
+    }
+
+    /// One block, as [`Self::alloc_blocks`] (the fault path: no vector).
+    pub(super) fn alloc_block(&mut self) -> Result<u32> {
+        self.free_blocks.pop().ok_or_else(|| self.full(1))
+    }
+
+    fn full(&self, needed: u64) -> PoolError {
+        PoolError::BlockAreaFull {
+            needed,
+            free: self.free_count(),
+            total: self.block_count(),
+        }
+    }
+
+    /// Put blocks taken by `alloc_blocks` back, so they are allocated again in the same
+    /// order.
+    pub(super) fn unalloc(&mut self, blocks: &[u32]) {
+        self.free_blocks.extend(blocks.iter().rev());
+    }
+
+    /// Set or clear the protection of `runs` (a snapshot marks its new pages before its
+    /// protect step and clears them again if it aborts).
+    pub(super) fn set_protected(&mut self, runs: &[PageRun], on: bool) {
+        for r in runs {
+            self.protected.set_range(r.first, r.count, on);
+        }
+    }
+
+    /// The runs of `page_set` (ascending, disjoint) that no snapshot references yet: what
+    /// a new snapshot of it has to protect.
+    pub(super) fn unreferenced_runs(&self, page_set: &[PageRun]) -> Vec<PageRun> {
+        let mut newly = RunBuilder::default();
+        for r in page_set {
+            newly.push_zeros(r.first, &self.ram_refs[r.first as usize..r.end() as usize]);
+        }
+        newly.runs
+    }
+
+    /// Page p, referenced in place by `n` snapshots (all of them), is now preserved in
+    /// block b (taken by `alloc_block`) with crc32c `crc`: the references move from
+    /// RAM(p) to b, and p is no longer protected.
+    pub(super) fn apply_redirect(&mut self, p: u64, b: u32, crc: u32, n: u32) {
+        debug_assert_eq!(n, self.ram_refs[p as usize]);
+        self.block_refs[b as usize] = n;
+        self.block_use[b as usize] = BlockUse::Page;
+        self.page_blocks.insert(b, crc);
+        self.ram_refs[p as usize] = 0;
+        self.protected.set(p, false);
+    }
+
+    /// Drop every reference of snapshot `s` (deleted): blocks nothing references any more
+    /// go back to the free list, and pages no snapshot references any more are
+    /// unprotected and returned, as runs.
+    pub(super) fn release(&mut self, s: &Snapshot) -> Vec<PageRun> {
+        let mut unprotected = RunBuilder::default();
+        if s.redirects.is_empty() {
+            for r in &s.page_set {
+                let refs = &mut self.ram_refs[r.first as usize..r.end() as usize];
+                for n in refs.iter_mut() {
+                    *n -= 1;
+                }
+                unprotected.push_zeros(r.first, refs);
+            }
+        } else {
+            let mut red = s.redirects.iter().peekable();
+            for p in s.pages() {
+                if red.peek().is_some_and(|(&rp, _)| rp == p) {
+                    let (_, &b) = red.next().expect("peeked");
+                    self.block_refs[b as usize] -= 1;
+                    if self.block_refs[b as usize] == 0 {
+                        self.free_block(b);
+                    }
+                } else {
+                    let n = &mut self.ram_refs[p as usize];
+                    *n -= 1;
+                    if *n == 0 {
+                        unprotected.push(p);
+                    }
+                }
+            }
+        }
+        for &b in &s.blob.blocks {
+            self.free_block(b);
+        }
+        let runs = unprotected.runs;
+        self.set_protected(&runs, false);
+        runs
+    }
+
+    fn free_block(&mut self, b: u32) {
+        self.block_use[b as usize] = BlockUse::Free;
+        self.block_refs[b as usize] = 0;
+        self.page_blocks.remove(&b);
+        self.free_blocks.push(b);
+    }
+
+    /// Recount every reference from `snapshots` (gc): pages counted as referenced that
+    /// none references are unprotected, blocks in use that none references are freed.
+    /// Returns (pages unprotected, blocks reclaimed).
+    pub(super) fn recount(&mut self, snapshots: &[Snapshot]) -> (u64, u64) {
+        let mut ram = vec![0u32; self.ram_refs.len()];
+        let mut blk = vec![0u32; self.block_refs.len()];
+        for s in snapshots {
+            for p in s.pages() {
+                match s.redirects.get(&p) {
+                    Some(&b) => blk[b as usize] += 1,
+                    None => ram[p as usize] += 1,
+                }
+            }
+            for &b in &s.blob.blocks {
+                blk[b as usize] += 1;
+            }
+        }
+        let (mut unprotected, mut reclaimed) = (0, 0);
+        for (p, &n) in ram.iter().enumerate() {
+            if n == 0 && self.ram_refs[p] != 0 {
+                unprotected += 1;
+                self.protected.set(p as u64, false);
+            }
+        }
+        self.ram_refs = ram;
+        for (b, &n) in blk.iter().enumerate() {
+            if n == 0 && self.block_use[b] != BlockUse::Free {
+                reclaimed += 1;
+                self.block_use[b] = BlockUse::Free;
+                self.page_blocks.remove(&(b as u32));
+            }
+        }
+        self.block_refs = blk;
+        self.rebuild_free_list();
+        (unprotected, reclaimed)
+    }
+
+    /// Break the counts as a lost update would: page `p` counted (and protected) with
+    /// no referrer, block `b` in use with none (for gc's tests).
+    #[cfg(test)]
+    pub(super) fn simulate_leak(&mut self, p: u64, b: u32) {
+        self.block_use[b as usize] = BlockUse::Page;
+        self.free_blocks.retain(|&f| f != b);
+        self.ram_refs[p as usize] = 1;
+        self.protected.set(p, true);
+    }
+}
+
+/// One bit per RAM page, set while any snapshot references RAM(p). Only the index
+/// changes it; [`crate::Pool::is_protected`] reads it.
+#[derive(Debug)]
+struct ProtectionBitmap {
+    words: Box<[u64]>,
+    pages: u64,
+}
+
+impl ProtectionBitmap {
+    /// All-clear bitmap for `pages` pages.
+    fn new(pages: u64) -> Self {
+        let n = pages.div_ceil(64) as usize;
+        ProtectionBitmap {
+            words: vec![0; n].into_boxed_slice(),
+            pages,
+        }
+    }
+
+    /// Whether page p is protected (false for pages beyond the RAM area).
+    #[inline]
+    fn get(&self, p: u64) -> bool {
+        if p >= self.pages {
+            return false;
+        }
+        self.words[(p / 64) as usize] & (1 << (p % 64)) != 0
+    }
+
+    /// Set or clear page p (ignored beyond the RAM area).
+    #[inline]
+    fn set(&mut self, p: u64, on: bool) {
+        if p >= self.pages {
+            return;
+        }
+        let w = &mut self.words[(p / 64) as usize];
+        let bit = 1u64 << (p % 64);
+        if on {
+            *w |= bit;
+        } else {
+            *w &= !bit;
+        }
+    }
+
+    /// Set or clear pages `first..first+count` a word at a time (snapshot and delete of
+    /// large runs cover up to all of RAM).
+    fn set_range(&mut self, first: u64, count: u64, on: bool) {
+        let end = first.saturating_add(count).min(self.pages);
+        let mut p = first;
+        while p < end {
+            let bit = p % 64;
+            let n = (64 - bit).min(end - p);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            let w = &mut self.words[(p / 64) as usize];
+            if on {
+                *w |= mask;
+            } else {
+                *w &= !mask;
+            }
+            p += n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::BlobRef;
+    use crate::types::normalize_runs;
+    use crate::{Owner, SnapshotKind};
+
+    fn snap(id: u64, runs: &[PageRun], redirects: &[(u64, u32)], blob: &[u32]) -> Snapshot {
+        Snapshot {
+            id,
+            name: format!("s{id}"),
+            owner: Owner::Host,
+            kind: SnapshotKind::Vm,
+            created_unix_ns: 0,
+            labels: Vec::new(),
+            process: None,
+            runs: runs.to_vec(),
+            page_set: normalize_runs(runs),
+            redirects: redirects.iter().copied().collect(),
+            blob: BlobRef {
+                len: blob.len() as u64,
+                crc: 0,
+                blocks: blob.to_vec(),
+            },
+        }
+    }
+
+    impl RefIndex {
+        /// The invariants of the module docs.
+        fn check(&self) -> std::result::Result<(), String> {
+            for (p, &n) in self.ram_refs.iter().enumerate() {
+                if self.protected.get(p as u64) != (n > 0) {
+                    return Err(format!("page {p}: {n} refs, protected {}", n == 0));
+                }
+            }
+            let mut on_list = vec![0u32; self.block_use.len()];
+            for &b in &self.free_blocks {
+                on_list[b as usize] += 1;
+            }
+            for (b, u) in self.block_use.iter().enumerate() {
+                let (refs, crc) = (
+                    self.block_refs[b],
+                    self.page_blocks.contains_key(&(b as u32)),
+                );
+                let ok = match u {
+                    BlockUse::Free => refs == 0 && !crc && on_list[b] == 1,
+                    BlockUse::Page => refs >= 1 && crc && on_list[b] == 0,
+                    BlockUse::Blob => refs == 1 && !crc && on_list[b] == 0,
+                };
+                if !ok {
+                    return Err(format!(
+                        "block {b}: {u:?}, {refs} refs, crc {crc}, {} times free",
+                        on_list[b]
+                    ));
+                }
+            }
+            Ok(())
+        }
+
+        /// A new snapshot as `Pool::snapshot_with` records it once committed: its new
+        /// pages protected, its references counted, its blob blocks marked.
+        fn take(&mut self, s: &Snapshot) -> Vec<PageRun> {
+            let newly = self.unreferenced_runs(&s.page_set);
+            self.set_protected(&newly, true);
+            self.add_snapshot_refs(s);
+            for &b in &s.blob.blocks {
+                self.mark_blob(b);
+            }
+            newly
+        }
+
+        /// Preserve page p for `snaps` as `Pool::preserve` does.
+        fn preserve(&mut self, snaps: &mut [Snapshot], p: u64, crc: u32) -> u32 {
+            let b = self.alloc_block().expect("a free block");
+            let mut n = 0;
+            for s in snaps.iter_mut() {
+                if s.covers(p) && !s.redirects.contains_key(&p) {
+                    s.redirects.insert(p, b);
+                    n += 1;
+                }
+            }
+            self.apply_redirect(p, b, crc, n);
+            b
+        }
+    }
+
+    #[test]
+    fn new_index_is_empty_and_allocates_lowest_first() {
+        let mut ix = RefIndex::new(100, 8);
+        ix.check().expect("invariants");
+        assert!(ix.protected_runs().is_empty() && !ix.is_protected(0));
+        assert_eq!(ix.free_count(), 8);
+        let got = ix.alloc_blocks(3).expect("alloc");
+        assert_eq!(got, vec![0, 1, 2]);
+        assert_eq!(ix.alloc_block().expect("alloc"), 3);
+        ix.unalloc(&[3]);
+        ix.unalloc(&got);
+        ix.check().expect("all back on the list");
+        assert_eq!(ix.alloc_blocks(4).expect("again"), vec![0, 1, 2, 3]);
+        assert!(matches!(
+            ix.alloc_blocks(5),
+            Err(PoolError::BlockAreaFull {
+                needed: 5,
+                free: 4,
+                total: 8
+            })
+        ));
+        assert_eq!(ix.alloc_blocks(4).expect("the rest"), vec![4, 5, 6, 7]);
+        assert!(matches!(
+            ix.alloc_block(),
+            Err(PoolError::BlockAreaFull {
+                needed: 1,
+                free: 0,
+                total: 8
+            })
+        ));
+    }
+
+    #[test]
+    fn snapshots_preserve_and_release_keep_the_counts() {
+        let mut ix = RefIndex::new(32, 16);
+        let blob = ix.alloc_blocks(1).expect("blob block");
+        let mut snaps = vec![snap(1, &[PageRun::new(0, 16)], &[], &blob)];
+        assert_eq!(ix.take(&snaps[0]), vec![PageRun::new(0, 16)]);
+        ix.check().expect("after a");
+        snaps.push(snap(2, &[PageRun::new(8, 16)], &[], &[]));
+        assert_eq!(
+            ix.take(&snaps[1]),
+            vec![PageRun::new(16, 8)],
+            "only the pages a does not hold yet"
+        );
+        ix.check().expect("after b");
+        assert_eq!((ix.ram_refs(9), ix.ram_refs(2), ix.ram_refs(30)), (2, 1, 0));
+        let shared = ix.preserve(&mut snaps, 9, 0x99);
+        let a_only = ix.preserve(&mut snaps, 2, 0x22);
+        ix.check().expect("after preserves");
+        assert!(!ix.is_protected(9) && !ix.is_protected(2) && ix.is_protected(3));
+        assert_eq!(ix.block_crc(shared), Some(0x99));
+        let c = ix.counts();
+        assert_eq!(
+            (
+                c.pages_in_ram,
+                c.pages_in_blocks,
+                c.blob_blocks,
+                c.blocks_free
+            ),
+            (22, 2, 1, 13)
+        );
+        // Pages 8 and 10..16 are shared in place, page 9 in its block.
+        assert_eq!(c.shared_bytes, 8 * PAGE_SIZE as u64);
+        assert_eq!(c.saved_bytes, 8 * PAGE_SIZE as u64);
+        assert_eq!(
+            ix.catalog_blocks(Some(&snaps[0])),
+            vec![(shared, 0x99)],
+            "a's own block goes with a, the shared one stays"
+        );
+        let a = snaps.remove(0);
+        assert_eq!(ix.release(&a), vec![PageRun::new(0, 2), PageRun::new(3, 5)]);
+        ix.check().expect("after deleting a");
+        assert!(ix.is_free(a_only) && ix.is_free(blob[0]) && !ix.is_free(shared));
+        assert_eq!(ix.catalog_blocks(None), vec![(shared, 0x99)]);
+        let b = snaps.remove(0);
+        assert_eq!(
+            ix.release(&b),
+            vec![PageRun::new(8, 1), PageRun::new(10, 14)]
+        );
+        ix.check().expect("after deleting b");
+        assert_eq!(ix.counts(), RefIndex::new(32, 16).counts());
+        assert_eq!(ix.free_count(), 16);
+    }
+
+    /// What `Pool::open` rebuilds from the snapshots and the catalog's crc list equals
+    /// what the operations had built.
+    #[test]
+    fn rebuilding_from_the_snapshots_gives_the_same_index() {
+        let mut ix = RefIndex::new(64, 32);
+        let mut snaps = Vec::new();
+        for (id, runs) in [
+            (1, vec![PageRun::new(0, 40)]),
+            (2, vec![PageRun::new(10, 5), PageRun::new(30, 30)]),
+            (3, vec![PageRun::new(12, 1)]),
+        ] {
+            let blob = ix.alloc_blocks(id).expect("blob");
+            snaps.push(snap(id, &runs, &[], &blob));
+            ix.take(&snaps[snaps.len() - 1]);
+            for p in [12, 13, 35, 50 + id] {
+                if ix.ram_refs(p) > 0 {
+                    ix.preserve(&mut snaps, p, p as u32);
+                }
+            }
+        }
+        for p in [14, 31, 38] {
+            let b = ix.preserve(&mut snaps, p, p as u32);
+            assert_eq!(ix.block_refs[b as usize], 2, "page {p} shared by 1 and 2");
+        }
+        ix.check().expect("built by operations");
+        let mut re = RefIndex::new(64, 32);
+        for s in &snaps {
+            for &b in &s.blob.blocks {
+                re.mark_blob(b);
+            }
+        }
+        for s in &snaps {
+            re.add_snapshot_refs(s);
+        }
+        for (b, crc) in ix.catalog_blocks(None) {
+            re.keep_block_crc(b, crc);
+        }
+        re.keep_block_crc(31, 7); // listed but unreferenced: dropped
+        re.rebuild_free_list();
+        re.check().expect("rebuilt");
+        assert_eq!(re.ram_refs, ix.ram_refs);
+        assert_eq!(re.block_refs, ix.block_refs);
+        assert_eq!(re.block_use, ix.block_use);
+        assert_eq!(re.page_blocks, ix.page_blocks);
+        assert_eq!(re.protected.words, ix.protected.words);
+        let mut free = ix.free_blocks.clone();
+        free.sort_unstable_by(|a, b| b.cmp(a));
+        assert_eq!(re.free_blocks, free);
+    }
+
+    #[test]
+    fn recount_repairs_a_leak() {
+        let mut ix = RefIndex::new(8, 8);
+        let snaps = vec![snap(1, &[PageRun::new(0, 2)], &[], &[])];
+        ix.take(&snaps[0]);
+        ix.simulate_leak(6, 5);
+        assert!(ix.check().is_err());
+        assert_eq!(ix.recount(&snaps), (1, 1));
+        ix.check().expect("repaired");
+        assert!(!ix.is_protected(6) && ix.is_protected(1));
+        assert_eq!(ix.free_count(), 8);
+        assert_eq!(ix.recount(&snaps), (0, 0), "nothing more to repair");
+    }
+
+    #[test]
+    fn bitmap_set_get_clear() {
+        let mut b = ProtectionBitmap::new(130);
+        assert!(!b.get(129));
+        b.set(129, true);
+        b.set(0, true);
+        assert!(b.get(129) && b.get(0) && !b.get(1));
+        b.set(129, false);
+        assert!(!b.get(129));
+        b.set(500, true);
+        assert!(!b.get(500));
+        assert_eq!(b.pages, 130);
+    }
+
+    #[test]
+    fn bitmap_set_range_matches_per_page() {
+        for (first, count) in [
+            (0, 130),
+            (3, 61),
+            (60, 10),
+            (64, 64),
+            (1, 1),
+            (129, 5),
+            (5, 0),
+        ] {
+            let mut a = ProtectionBitmap::new(130);
+            let mut b = ProtectionBitmap::new(130);
+            a.set_range(first, count, true);
+            for p in first..(first + count).min(130) {
+                b.set(p, true);
+            }
+            for p in 0..130 {
+                assert_eq!(a.get(p), b.get(p), "set {first}+{count} page {p}");
+            }
+            a.set_range(first + 1, count / 2, false);
+            for p in first + 1..(first + 1 + count / 2).min(130) {
+                b.set(p, false);
+            }
+            for p in 0..130 {
+                assert_eq!(a.get(p), b.get(p), "clear {first}+{count} page {p}");
+            }
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! The pool file and its snapshot store, one `Pool` in several files:
+//! - here: the `Pool` itself, creating a pool file, the background pre-fault, raw page
+//!   I/O and the accessors;
+//! - `index.rs`: the in-memory reference counts, block usage, free list and protection
+//!   bitmap (no file);
+//! - `recovery.rs`: opening a pool (superblock, catalog, redirect-log replay);
+//! - `commit.rs`: writing a catalog generation and its superblock;
+//! - `store.rs`: the operations that change the store: snapshot, preserve, delete, gc;
+//! - `copy_back.rs`: restoring RAM from a snapshot;
+//! - `read.rs`: reading snapshots, listings and statistics;
+//! - `verify.rs`: re-reading and checking everything.
+
+mod commit;
+mod copy_back;
+mod index;
+mod read;
+mod recovery;
+mod store;
+mod verify;
+
+pub use recovery::RecoveryReport;
+pub use store::{GcReport, ProtectError};
+pub use verify::{Problem, VerifyReport};
+
+use crate::catalog::Snapshot;
+use crate::error::{PoolError, Result};
+use crate::lock::{lock_exclusive, still_linked, LockError};
+use crate::mapping::Mapping;
+use crate::persist::{MsyncPersist, Persist};
+use crate::superblock::{self, Geometry, Superblock};
+use crate::{Page, PAGE_SIZE};
+use index::RefIndex;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Default redirect-log capacity (records): 1 MiB of log.
+pub const DEFAULT_LOG_RECORDS: u64 = 32768;
+
+/// Choices made at pool creation. `Default` gives sensible values.
+#[derive(Debug, Default)]
+pub struct PoolOptions {
+    /// 4 KiB blocks for preserved pages and state blobs (default: as many as RAM pages).
+    pub block_count: Option<u64>,
+    /// Redirect-log capacity in records (default: 32768 or one per RAM page, whichever
+    /// is larger, so compactions stay rare relative to the catalog size).
+    pub log_records: Option<u64>,
+    /// Bytes per metadata slot (default 1 MiB + 16 bytes per RAM page and per block).
+    pub meta_slot_bytes: Option<u64>,
+    /// The persist seam (default msync).
+    pub persist: Option<Box<dyn Persist>>,
+}
+
+/// An open pool: the file, its lock, the store's mapping, and the in-memory state of the
+/// snapshot store. Not internally synchronised: share it behind a `Mutex` (see the crate
+/// docs on threading).
+///
+/// Its fields are private to this module and its files; the reference counts are
+/// private to `index.rs` and change only through its methods.
+pub struct Pool {
+    /// Where the pool was opened.
+    path: PathBuf,
+    /// The pool file; its open file description holds the lock.
+    file: File,
+    /// The store's own mapping of the whole file (shared with the pre-fault thread).
+    map: Arc<Mapping>,
+    /// The one path to durability (msync, or a crash simulator in tests).
+    persist: Box<dyn Persist>,
+    /// The layout, from the superblock.
+    geo: Geometry,
+    /// The superblock of the generation in force.
+    sb: Superblock,
+    /// The snapshots in creation order: the catalog's, with the redirects replayed or
+    /// made since.
+    snapshots: Vec<Snapshot>,
+    /// Id of the next snapshot.
+    next_id: u64,
+    /// Reference counts, block usage and protection (see `index.rs`).
+    index: RefIndex,
+    /// Redirect-log records of the current generation: where the next one goes.
+    log_tail: u32,
+    /// What opening found.
+    recovery: RecoveryReport,
+    /// The background pre-fault (see `start_prefault`): its stop flag and thread.
+    prefault: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // The thread holds the mapping, and the mapping holds the file and so its flock:
+        // stop it before the pool is considered closed, so a reopen finds it unlocked.
+        if let Some((stop, thread)) = self.prefault.take() {
+            stop.store(true, Ordering::Relaxed);
+            if thread.join().is_err() {
+                log::warn!("the pool's pre-fault thread panicked");
+            }
+        }
+    }
+}
+
+/// Pre-fault `len` bytes at `off` for writing in 4 MiB steps, stopping early when asked. Small
+/// steps: each one holds the process's mmap lock for reading, and a thread that wants it
+/// for writing (any mmap or munmap) waits for the step in progress.
+fn populate_until_stopped(map: &Mapping, off: u64, len: u64, stop: &AtomicBool) {
+    const STEP: u64 = 4 << 20;
+    let mut at = off;
+    while at < off + len && !stop.load(Ordering::Relaxed) {
+        let n = STEP.min(off + len - at);
+        map.populate(at, n, true);
+        at += n;
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    // Not derived: the per-page and per-block vectors would print millions of numbers.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("path", &self.path)
+            .field("geometry", &self.geo)
+            .field("generation", &self.sb.generation)
+            .field("snapshots", &self.snapshots.len())
+            .field("free_blocks", &self.index.free_count())
+            .field("log_tail", &self.log_tail)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PoolError + 'a {
+    move |source| PoolError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Take the pool's lock, then check that `path` still names the file: a prune that
+/// claimed it between our open and our lock has removed it.
+fn take_lock(file: &File, path: &Path) -> Result<()> {
+    lock_exclusive(file).map_err(|e| match e {
+        LockError::Held(pid) => PoolError::Locked {
+            path: path.to_path_buf(),
+            pid,
+        },
+        LockError::Io(source) => PoolError::Io {
+            what: "locking",
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    match still_linked(file, path) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(PoolError::Removed(path.to_path_buf())),
+        Err(source) => Err(PoolError::Io {
+            what: "checking",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Allocate the whole file now, so a full tmpfs fails here with ENOSPC instead of with a
+/// SIGBUS on some later write through the mapping (a preserve, or a guest write).
+/// Filesystems without fallocate keep the sparse file.
+fn reserve_space(file: &File, size: u64, path: &Path) -> Result<()> {
+    let len = libc::off_t::try_from(size)
+        .map_err(|_| PoolError::InvalidArgument("pool too large".into()))?;
+    // SAFETY: plain syscall on a valid fd owned by `file`; no memory is passed.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    match rc {
+        0 | libc::EOPNOTSUPP | libc::EINVAL => Ok(()),
+        e => Err(PoolError::Io {
+            what: "reserving space for",
+            path: path.to_path_buf(),
+            source: std::io::Error::from_raw_os_error(e),
+        }),
+    }
+}
+
+impl Pool {
+    /// Create a new pool file at `path` (which must not exist) with `ram_bytes` of guest
+    /// RAM (a multiple of 4 KiB).
+    pub fn create(path: impl AsRef<Path>, ram_bytes: u64, options: PoolOptions) -> Result<Pool> {
+        let path = path.as_ref();
+        let ram_pages = ram_bytes / PAGE_SIZE as u64;
+        let blocks = options.block_count.unwrap_or(ram_pages);
+        let meta = options
+            .meta_slot_bytes
+            .unwrap_or_else(|| (1 << 20) + 16 * (ram_pages.saturating_add(blocks)));
+        let geo = Geometry::plan(
+            ram_bytes,
+            blocks,
+            options
+                .log_records
+                .unwrap_or(DEFAULT_LOG_RECORDS.max(ram_pages)),
+            meta,
+        )?;
+        geo.check_limits(superblock::host_memory_bytes())
+            .map_err(PoolError::InvalidArgument)?;
+        // Owner-only: the pool holds the guest's memory.
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(PoolError::AlreadyExists(path.to_path_buf()))
+            }
+            Err(e) => return Err(io_err("creating", path)(e)),
+        };
+        take_lock(&file, path)?;
+        file.set_len(geo.file_size)
+            .map_err(io_err("sizing", path))?;
+        reserve_space(&file, geo.file_size, path)?;
+        let map = Mapping::new(&file, geo.file_size as usize).map_err(io_err("mapping", path))?;
+        let sb = Superblock {
+            generation: 0,
+            geometry: geo,
+            catalog_slot: 0,
+            catalog_len: 0,
+            created_unix_ns: now_ns(),
+        };
+        let mut pool = Pool::assemble(path, file, map, options.persist, sb);
+        // Generations 1 and 2: the empty catalog, committed like any other, twice so that
+        // both superblock copies are valid from the start (and byte 0 holds the magic).
+        pool.commit(None, None, 1)?;
+        pool.commit(None, None, 1)?;
+        // A new pool is about to get its guest: pre-fault at once (`open` leaves it to
+        // the caller, see `start_prefault`).
+        pool.start_prefault();
+        Ok(pool)
+    }
+
+    /// Pre-fault the store's own mapping in a background thread: metadata and blocks
+    /// for writing, so that preserve (on the VMM's fault path) rarely page-faults
+    /// itself. Not the RAM area: RAM is what the vCPUs write through KVM while this
+    /// thread runs, and populating it here too stalled a running guest on this host
+    /// (kvm_pvm, shadow paging): `MADV_POPULATE_READ` over guest RAM at nice 19, while
+    /// both vCPUs took write-protect faults, left a vCPU and this thread spinning in
+    /// `__get_user_pages` (state R) for seconds with no round of the payload completing
+    /// (`vmm/tests/engine_payload.rs` `thousand_snapshots_and_deletes_under_writers`
+    /// failed about every other run; 0 failures in 12 runs without the RAM pass). A
+    /// preserve reads a RAM page through this mapping once, a minor fault at most. `create` starts it; `open` does not, so opening a pool (and
+    /// so `pmsnap restore` up to running vCPUs, or `pmsnap store ls`) does not share the
+    /// CPUs and the mmap lock with it: a VMM calls this once its vCPUs run. Populating
+    /// only fills page tables, so it races harmlessly with the store's own accesses; the
+    /// thread holds the mapping alive and is stopped and joined when the pool is
+    /// dropped. It runs at the lowest CPU priority. Calling it again does nothing.
+    pub fn start_prefault(&mut self) {
+        if self.prefault.is_some() {
+            return;
+        }
+        let geo = self.geo;
+        let (bg, stop) = (self.map.clone(), Arc::new(AtomicBool::new(false)));
+        let bg_stop = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pmsnap-prefault".into())
+            .spawn(move || {
+                // SAFETY: plain syscall on this thread (who 0 = the calling thread).
+                if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0 {
+                    log::debug!("pre-fault thread keeps its priority");
+                }
+                populate_until_stopped(&bg, 0, geo.ram_offset, &bg_stop);
+                let blocks = geo.file_size - geo.block_offset;
+                populate_until_stopped(&bg, geo.block_offset, blocks, &bg_stop);
+            });
+        match spawned {
+            Ok(t) => self.prefault = Some((stop, t)),
+            // Only a speed-up: without a thread, accesses fault pages in as they come.
+            Err(e) => log::debug!("no background pre-fault thread: {e}"),
+        }
+    }
+
+    fn assemble(
+        path: &Path,
+        file: File,
+        map: Mapping,
+        persist: Option<Box<dyn Persist>>,
+        sb: Superblock,
+    ) -> Pool {
+        let persist = persist.unwrap_or_else(|| Box::new(MsyncPersist::for_file(&file)));
+        let geo = sb.geometry;
+        let map = Arc::new(map);
+        Pool {
+            path: path.to_path_buf(),
+            file,
+            map,
+            persist,
+            geo,
+            sb,
+            snapshots: Vec::new(),
+            next_id: 1,
+            index: RefIndex::new(geo.ram_pages(), geo.block_count),
+            log_tail: 0,
+            recovery: RecoveryReport::default(),
+            prefault: None,
+        }
+    }
+
+    fn read_block(&self, b: u64, out: &mut Page) -> Result<()> {
+        self.map
+            .read_at(self.geo.block_offset_of(b), out)
+            .map_err(|e| PoolError::Corrupt(format!("block {b}: {e}")))
+    }
+
+    fn check_page(&self, p: u64) -> Result<()> {
+        if p >= self.geo.ram_pages() {
+            return Err(PoolError::PageOutOfRange {
+                first: p,
+                count: 1,
+                ram_pages: self.geo.ram_pages(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Copy RAM page p out through the store's mapping.
+    pub fn read_ram_page(&self, p: u64) -> Result<Page> {
+        self.check_page(p)?;
+        let mut out: Page = [0; PAGE_SIZE];
+        self.map
+            .read_at(self.geo.ram_page_offset(p), &mut out)
+            .map_err(|e| PoolError::Corrupt(format!("RAM page {p}: {e}")))?;
+        Ok(out)
+    }
+
+    /// Write RAM page p through the store's mapping and persist it. If a snapshot still
+    /// references RAM(p), the page is preserved first (copy before write), so this never
+    /// changes a snapshot's content.
+    pub fn write_ram_page(&mut self, p: u64, data: &Page) -> Result<()> {
+        self.check_page(p)?;
+        self.preserve(p)?;
+        self.write_persist(self.geo.ram_page_offset(p), data, "RAM page")
+    }
+
+    /// The pool file (for the VMM to mmap the RAM area itself). The lock lives on this
+    /// file's open file description; don't close it while the Pool lives.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+    /// Raw fd of the pool file.
+    pub fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+    /// Path the pool was opened at.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// Offset of the RAM area in the file (2 MiB aligned).
+    pub fn ram_offset(&self) -> u64 {
+        self.geo.ram_offset
+    }
+    /// Bytes of guest RAM.
+    pub fn ram_size(&self) -> u64 {
+        self.geo.ram_size
+    }
+    /// Pages of guest RAM.
+    pub fn ram_pages(&self) -> u64 {
+        self.geo.ram_pages()
+    }
+    /// The layout.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+    /// Current catalog generation.
+    pub fn generation(&self) -> u64 {
+        self.sb.generation
+    }
+    /// What recovery did at open.
+    pub fn recovery(&self) -> RecoveryReport {
+        self.recovery
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{small_pool, tmpdir};
+
+    #[test]
+    fn pool_can_be_shared_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Pool>();
+        assert_send_sync::<std::sync::Mutex<Pool>>();
+        let d = tmpdir();
+        let (_, pool) = small_pool(&d, 16, PoolOptions::default());
+        let dbg = format!("{pool:?}");
+        assert!(dbg.contains("generation") && dbg.len() < 2000, "{dbg}");
+    }
+
+    #[test]
+    fn create_layout_and_reopen() {
+        let d = tmpdir();
+        let (path, pool) = small_pool(&d, 256, PoolOptions::default());
+        assert_eq!(pool.ram_offset() % (2 << 20), 0);
+        assert_eq!(pool.ram_size(), 1 << 20);
+        assert_eq!(
+            pool.geometry().block_count,
+            256,
+            "default: as many blocks as RAM pages"
+        );
+        assert_eq!(pool.generation(), 2);
+        assert!(pool.raw_fd() >= 0);
+        let md = pool.file().metadata().expect("stat");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            md.permissions().mode() & 0o777,
+            0o600,
+            "pool files are owner-only"
+        );
+        let len = md.len();
+        assert_eq!(len, pool.geometry().file_size);
+        drop(pool);
+        let pool = Pool::open(&path).expect("reopen");
+        assert_eq!(pool.generation(), 2);
+        assert!(pool.list().is_empty());
+        assert!(matches!(
+            Pool::create(&path, 1 << 20, PoolOptions::default()),
+            Err(PoolError::AlreadyExists(_))
+        ));
+    }
+
+    #[test]
+    fn prefault_starts_with_create_or_when_asked_and_stops_with_the_pool() {
+        let d = tmpdir();
+        let (path, pool) = small_pool(&d, 64, PoolOptions::default());
+        assert!(pool.prefault.is_some(), "a new pool pre-faults at once");
+        drop(pool);
+        let mut pool = Pool::open(&path).expect("open");
+        assert!(pool.prefault.is_none(), "opening leaves it to the caller");
+        pool.start_prefault();
+        let id = pool.prefault.as_ref().map(|(_, t)| t.thread().id());
+        assert!(id.is_some());
+        pool.start_prefault();
+        assert_eq!(
+            pool.prefault.as_ref().map(|(_, t)| t.thread().id()),
+            id,
+            "a second call starts no second thread"
+        );
+        drop(pool);
+        // The thread held the mapping (and so the file and its lock): it is gone now.
+        Pool::open(&path).expect("reopen after the pre-fault thread stopped");
+    }
+
+    #[test]
+    fn second_opener_is_locked_out() {
+        let d = tmpdir();
+        let (path, pool) = small_pool(&d, 16, PoolOptions::default());
+        match Pool::open(&path) {
+            Err(e @ PoolError::Locked { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("locked by another process"), "{msg}");
+                if let PoolError::Locked { pid: Some(pid), .. } = e {
+                    assert_eq!(pid, std::process::id());
+                }
+            }
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        drop(pool);
+        Pool::open(&path).expect("open after close");
+    }
+}

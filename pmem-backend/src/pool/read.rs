@@ -1,0 +1,202 @@
+//! Reading the store without changing it: finding a snapshot, where its pages are,
+//! their content and its state blob (checked against their crc32c), which pages are
+//! protected, listings and statistics.
+
+use super::Pool;
+use crate::catalog::Snapshot;
+use crate::error::{PoolError, Result};
+use crate::types::{PageLocation, PageRun, SnapshotInfo, SnapshotSel, Stats};
+use crate::{Page, PAGE_SIZE};
+
+impl Pool {
+    pub(super) fn find(&self, sel: SnapshotSel<'_>) -> Result<usize> {
+        self.snapshots
+            .iter()
+            .position(|s| match sel {
+                SnapshotSel::Name(n) => s.name == n,
+                SnapshotSel::Id(i) => s.id == i,
+            })
+            .ok_or_else(|| PoolError::NoSuchSnapshot(sel.to_string()))
+    }
+
+    /// Where snapshot page p is, without reading it.
+    pub fn snapshot_page_location<'a>(
+        &self,
+        sel: impl Into<SnapshotSel<'a>>,
+        p: u64,
+    ) -> Result<PageLocation> {
+        let s = &self.snapshots[self.find(sel.into())?];
+        if !s.covers(p) {
+            return Err(PoolError::PageNotInSnapshot {
+                snapshot: s.name.clone(),
+                page: p,
+            });
+        }
+        Ok(match s.redirects.get(&p) {
+            Some(&b) => PageLocation::Block(u64::from(b)),
+            None => PageLocation::Ram(p),
+        })
+    }
+
+    /// `BadBlock` unless `actual` is the recorded crc32c of block `b`, which holds page
+    /// `p` of snapshot `idx`.
+    pub(super) fn check_block_crc(&self, idx: usize, p: u64, b: u64, actual: u32) -> Result<()> {
+        let expected = u32::try_from(b)
+            .ok()
+            .and_then(|b| self.index.block_crc(b))
+            .unwrap_or(0);
+        if actual == expected {
+            return Ok(());
+        }
+        Err(PoolError::BadBlock {
+            snapshot: self.snapshots[idx].name.clone(),
+            page: p,
+            block: b,
+            expected,
+            actual,
+        })
+    }
+
+    /// Read guest page p of a snapshot: where it is and its content. Block content is
+    /// checked against its crc32c.
+    pub fn read_snapshot_page<'a>(
+        &self,
+        sel: impl Into<SnapshotSel<'a>>,
+        p: u64,
+    ) -> Result<(PageLocation, Page)> {
+        let sel = sel.into();
+        let loc = self.snapshot_page_location(sel, p)?;
+        match loc {
+            PageLocation::Ram(p) => Ok((loc, self.read_ram_page(p)?)),
+            PageLocation::Block(b) => {
+                let mut page: Page = [0; PAGE_SIZE];
+                self.read_block(b, &mut page)?;
+                self.check_block_crc(self.find(sel)?, p, b, crc32c::crc32c(&page))?;
+                Ok((loc, page))
+            }
+        }
+    }
+
+    /// Read a snapshot's state blob, checking its crc32c.
+    pub fn read_state<'a>(&self, sel: impl Into<SnapshotSel<'a>>) -> Result<Vec<u8>> {
+        let s = &self.snapshots[self.find(sel.into())?];
+        let mut out = Vec::with_capacity(s.blob.len as usize);
+        for &b in &s.blob.blocks {
+            let mut page: Page = [0; PAGE_SIZE];
+            self.read_block(u64::from(b), &mut page)?;
+            let take = (s.blob.len as usize - out.len()).min(PAGE_SIZE);
+            out.extend_from_slice(&page[..take]);
+        }
+        if crc32c::crc32c(&out) != s.blob.crc {
+            return Err(PoolError::Corrupt(format!(
+                "snapshot {:?}: state blob fails its checksum",
+                s.name
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Whether RAM page p is referenced by a snapshot (and so must stay write-protected).
+    #[inline]
+    pub fn is_protected(&self, p: u64) -> bool {
+        self.index.is_protected(p)
+    }
+
+    /// Every RAM page any snapshot still references as RAM(p), as runs (the VMM
+    /// re-protects these when it starts on an existing pool).
+    pub fn protected_runs(&self) -> Vec<PageRun> {
+        self.index.protected_runs()
+    }
+
+    fn info(&self, s: &Snapshot) -> SnapshotInfo {
+        let pages = s.page_count();
+        SnapshotInfo {
+            id: s.id,
+            name: s.name.clone(),
+            owner: s.owner,
+            kind: s.kind,
+            created_unix_ms: s.created_unix_ns / 1_000_000,
+            created_unix_ns: s.created_unix_ns,
+            labels: s.labels.clone(),
+            process: s.process.clone(),
+            runs: s.runs.clone(),
+            pages,
+            pages_in_ram: pages - s.redirects.len() as u64,
+            pages_in_blocks: s.redirects.len() as u64,
+            state_len: s.blob.len,
+        }
+    }
+
+    /// All snapshots, in creation order.
+    pub fn list(&self) -> Vec<SnapshotInfo> {
+        self.snapshots.iter().map(|s| self.info(s)).collect()
+    }
+
+    /// One snapshot.
+    pub fn inspect<'a>(&self, sel: impl Into<SnapshotSel<'a>>) -> Result<SnapshotInfo> {
+        Ok(self.info(&self.snapshots[self.find(sel.into())?]))
+    }
+
+    /// Store-wide statistics.
+    pub fn stats(&self) -> Stats {
+        let c = self.index.counts();
+        Stats {
+            snapshots: self.snapshots.len() as u64,
+            ram_pages: self.geo.ram_pages(),
+            pages_in_ram: c.pages_in_ram,
+            pages_in_blocks: c.pages_in_blocks,
+            blob_blocks: c.blob_blocks,
+            shared_bytes: c.shared_bytes,
+            saved_bytes: c.saved_bytes,
+            blocks_total: self.geo.block_count,
+            blocks_used: self.geo.block_count - c.blocks_free,
+            blocks_free: c.blocks_free,
+            log_records: u64::from(self.log_tail),
+            log_capacity: self.geo.log_capacity(),
+            generation: self.sb.generation,
+            per_snapshot: self.list(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{fill, pattern, small_pool, tmpdir, vm};
+    use crate::PoolOptions;
+
+    #[test]
+    fn snapshot_protects_and_reads_back() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 64, PoolOptions::default());
+        fill(&mut pool, 0..64, 100);
+        let id = vm(&mut pool, "a", &[PageRun::new(0, 8), PageRun::new(20, 4)]);
+        assert!(pool.is_protected(0) && pool.is_protected(7) && pool.is_protected(23));
+        assert!(!pool.is_protected(8) && !pool.is_protected(24));
+        assert_eq!(
+            pool.protected_runs(),
+            vec![PageRun::new(0, 8), PageRun::new(20, 4)]
+        );
+        let (loc, page) = pool.read_snapshot_page("a", 3).expect("read");
+        assert_eq!(loc, PageLocation::Ram(3));
+        assert_eq!(page, pattern(103));
+        assert_eq!(
+            pool.read_snapshot_page(id, 21).expect("by id").1,
+            pattern(121)
+        );
+        assert!(matches!(
+            pool.read_snapshot_page("a", 10),
+            Err(PoolError::PageNotInSnapshot { page: 10, .. })
+        ));
+        let s = pool.stats();
+        assert_eq!(
+            (
+                s.snapshots,
+                s.pages_in_ram,
+                s.pages_in_blocks,
+                s.shared_bytes
+            ),
+            (1, 12, 0, 0)
+        );
+    }
+}
