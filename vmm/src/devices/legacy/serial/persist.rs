@@ -1,5 +1,7 @@
 //! The serial port's saved state: the 16550's registers and receive FIFO (vm-superio's
-//! `SerialState`, in a serializable copy).
+//! `SerialState`, in a serializable copy). rust-vmm's `vm-superio-ser` has the same
+//! copy, but its newest release (0.4.1) pins `vm-superio = "=0.8.1"` (we use 0.8.2) and
+//! brings `versionize`; the ten fields are mirrored here instead.
 
 use std::io::Write;
 use std::sync::Mutex;

@@ -1,7 +1,9 @@
 //! The transport's saved state ([`MmioState`]): the register file and the queue
 //! configuration, with the ring positions the device reports. Saved with the VM and put
 //! back in place at a rollback or restore; the state is untrusted (it comes from a file)
-//! and is checked as if the driver had written it.
+//! and is checked as if the driver had written it. rust-vmm's `virtio-queue-ser` (0.14.0)
+//! pins `virtio-queue = "=0.17.0"` while we use 0.18.0, and it saves a `Queue`, not the
+//! register file the driver wrote: the transport keeps its own [`QueueSnapshot`].
 
 use std::sync::{Arc, Mutex};
 
