@@ -270,7 +270,7 @@ impl VmBuilder {
     /// Same as [`Self::with_console`] for a VM restored from a snapshot: guest RAM is the
     /// existing pool's, and no kernel, initrd or boot data is loaded (`cfg.kernel` and
     /// `cfg.initrd` are ignored). `pool` is the already opened (and locked) pool, of
-    /// `cfg.mem_bytes` RAM. Finish with [`Self::build_restored`].
+    /// `cfg.mem_bytes` RAM. Finish with [`Self::build_for_restore`].
     pub fn for_restore(
         cfg: &VmConfig,
         stop: StopNotifier,

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmm::api::channel::api_channel;
 use vmm::api::client::{parse_response, ApiClient, ClientError, RawResponse};
 use vmm::api::{
     serialized, ApiError, ApiHandler, ApiRequest, ApiResponse, ApiServer, ApiServerHandle,
@@ -771,43 +770,6 @@ fn a_waiting_request_does_not_block_status() {
     );
     release_tx.send(()).expect("release");
     assert_eq!(slow.join().expect("slow client"), 409);
-    server.stop();
-}
-
-#[test]
-fn channel_adapter_serves_from_a_vmm_thread() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("c.sock");
-    let (handler, receiver) = api_channel(Duration::from_secs(5)).expect("channel");
-    let server = ApiServer::start(&path, handler).expect("start");
-    // The "VMM thread": wait on the eventfd like an event loop, answer from its own state.
-    let vmm = thread::spawn(move || {
-        let mut fake = Fake::default();
-        let mut answered = 0;
-        while answered < 3 {
-            let mut pfd = libc::pollfd {
-                fd: std::os::unix::io::AsRawFd::as_raw_fd(receiver.eventfd()),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd on the stack, for the duration of the call.
-            let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
-            assert!(n > 0, "eventfd never signalled");
-            for call in receiver.take_pending() {
-                let (req, reply) = call.into_parts();
-                reply.respond(fake.handle(req));
-                answered += 1;
-            }
-        }
-    });
-    let c = ApiClient::new(&path);
-    assert_eq!(c.pause().expect("pause").state, VmState::Paused);
-    c.create_pages_snapshot(&req("x", &[(0, 1)]))
-        .expect("create");
-    assert_eq!(api_err(c.inspect("y")).1, "unknown_snapshot");
-    vmm.join().expect("vmm thread");
-    // The VMM thread is gone: requests fail cleanly with 503.
-    assert_eq!(api_err(c.status()).0, 503);
     server.stop();
 }
 

@@ -19,32 +19,25 @@
 //! outside guest RAM, VM in the wrong state). The server calls the handler from its
 //! connection threads concurrently: a request that waits (a process snapshot waits for
 //! the guest agent) must not hold up `status`, `pause` or a VM snapshot, so the handler
-//! decides what to serialize (the engine serializes the operations that change the VM or
+//! decides what to serialize (the VMM's [`crate::controller::Controller`] serializes the operations that change the VM or
 //! the store, and waits for the guest outside that lock). A handler that owns its state
 //! and wants one call at a time wraps itself with [`serialized`].
-//!
-//! A VMM whose event loop owns the VM state (Firecracker style) uses [`channel`] instead:
-//! [`channel::api_channel`] returns a [`channel::ChannelHandler`] to give to the server
-//! and a [`channel::ApiReceiver`] whose `EventFd` the event loop watches. Each request
-//! travels as an [`channel::ApiCall`] and the API thread waits for the reply, so the VM
-//! state never leaves the VMM thread.
 //!
 //! ```no_run
 //! use vmm::api::{ApiError, ApiHandler, ApiRequest, ApiResponse, ApiServer};
 //!
-//! struct Engine;
-//! impl ApiHandler for Engine {
+//! struct Handler;
+//! impl ApiHandler for Handler {
 //!     fn handle(&self, req: ApiRequest) -> Result<ApiResponse, ApiError> {
 //!         Err(ApiError::NotImplemented(format!("{req:?}")))
 //!     }
 //! }
-//! let server = ApiServer::start("/tmp/pmsnap.sock", Engine)?;
+//! let server = ApiServer::start("/tmp/pmsnap.sock", Handler)?;
 //! // ... run the VM ...
 //! server.stop();
 //! # Ok::<(), vmm::api::ServerError>(())
 //! ```
 
-pub mod channel;
 pub mod client;
 pub mod error;
 pub mod http;

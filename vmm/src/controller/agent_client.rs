@@ -58,7 +58,7 @@ impl Write for Deadlined {
 
 /// Ask the agent behind `uds` to snapshot a process, giving it `deadline` for the whole
 /// exchange; returns the saved page counts. `token` (from
-/// [`super::engine::Engine::grant_host_save`]) makes the snapshot host-owned when the
+/// [`crate::controller::HostGrants::grant`]) makes the snapshot host-owned when the
 /// agent saves it.
 pub fn snapshot_process(
     uds: &Path,

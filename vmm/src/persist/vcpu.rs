@@ -276,7 +276,7 @@ fn mark_guest_stopped(fd: &VcpuFd, id: u8, msrs: &[kvm_msr_entry]) {
 
 /// Restore `state` into a vCPU whose CPUID is already set. The vCPU must not be in
 /// KVM_RUN. Afterwards the vCPU is marked as stopped by the host for the guest's
-/// kvmclock (see [`mark_guest_stopped`]), and an IA32_TSC that did not take the saved
+/// kvmclock (see `mark_guest_stopped`), and an IA32_TSC that did not take the saved
 /// value is reported with a warning: on hosts where the guest TSC is the host's, a guest
 /// whose clocksource is `tsc` sees its time jump by the time the snapshot sat unused
 /// (docs/machine-notes.md, "Guest time").

@@ -17,8 +17,8 @@
 //! 2. A vCPU (or the VMM) writes a protected page: the kernel blocks the writer and
 //!    queues a write-protect fault on the userfaultfd.
 //! 3. The fault handler thread ([`super::fault`], `handle_fault`) reads the fault and calls
-//!    [`PreserveSink::before_write_then`] on [`StoreSink`].
-//! 4. [`StoreSink`] locks the pool and calls [`Pool::preserve`]: the page's current
+//!    [`PreserveSink::before_write_then`] on `StoreSink`.
+//! 4. `StoreSink` locks the pool and calls [`Pool::preserve`]: the page's current
 //!    content is copied into a block and every snapshot that referenced the page in RAM
 //!    is redirected to that block (durable before it returns).
 //! 5. Still under the pool lock, the handler's unprotect callback clears the protection
@@ -26,7 +26,7 @@
 //!    writer. Doing it under the lock means no snapshot can protect the page again in
 //!    between and lose the next write.
 //! 6. If the preserve fails (block area full, I/O error), every snapshot that still
-//!    needs the page is deleted and logged ([`StoreSink`] `preserve_locked`); the page is
+//!    needs the page is deleted and logged (`StoreSink` `preserve_locked`); the page is
 //!    unprotected anyway, so the guest goes on.
 
 use std::sync::atomic::{AtomicU64, Ordering};

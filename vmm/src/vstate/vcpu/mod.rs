@@ -1,7 +1,7 @@
-//! vCPUs: [configuration for boot](Vcpu::configure), the [per-vCPU thread](thread)
-//! with its explicit run state, [exit dispatch](exits) through the port-I/O and MMIO
-//! buses, and the [handling of instructions](emulation) the host's KVM emulator cannot
-//! run.
+//! vCPUs: [configuration for boot](Vcpu::configure) (here), the per-vCPU thread with
+//! its explicit run state ([`Vcpus`], `thread.rs`), exit dispatch through the port-I/O
+//! and MMIO buses (`exits.rs`), and the handling of instructions the host's KVM
+//! emulator cannot run ([`EmulationFix`], `emulation.rs`).
 
 mod emulation;
 mod exits;
