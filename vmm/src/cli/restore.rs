@@ -153,11 +153,15 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     // The vCPUs start paused; the snapshot's RAM and state go in as a rollback puts
     // them back, then they run (unless --paused).
     let mut running = built.start_paused(&event_loop.stop_notifier()?)?;
+    log::debug!("vCPU threads started after {:?}", started.elapsed());
     let restored = running.controller().restore_snapshot(name, &state)?;
+    log::debug!("snapshot restored after {:?}", started.elapsed());
     if !args.paused {
-        running.controller().resume()?;
+        running.run_vcpus()?;
     }
     let to_run = started.elapsed();
+    log::debug!("vCPUs resumed after {to_run:?}");
+    running.start_prefault();
     super::serve_devices(&mut event_loop, &mut running)?;
     // Served once the vCPUs and state capture exist, so a client that sees the socket
     // can pause, resume or snapshot at once (with --paused, POST /v1/resume is next).

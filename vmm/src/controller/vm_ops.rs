@@ -143,7 +143,7 @@ impl Controller {
 
     /// Bring a VM whose vCPUs were just started paused to VM snapshot `name`, whose
     /// state `state` was read and checked before the VM was built (`pmsnap restore`).
-    /// The vCPUs stay paused; [`Controller::resume`] runs them.
+    /// The vCPUs stay paused; `RunningVm::run_vcpus` (or the API resume) runs them.
     pub fn restore_snapshot(&self, name: &str, state: &VmState) -> Result<Restored, ApiError> {
         let live = self.live()?;
         let runs = lock_pool(self.engine.pool()).inspect(name)?.runs;
@@ -152,11 +152,6 @@ impl Controller {
             pages_copied: written.len() as u64,
             copy_time,
         })
-    }
-
-    /// Let the vCPUs run.
-    pub fn resume(&self) -> Result<(), ApiError> {
-        Ok(self.vm.resume()?)
     }
 }
 

@@ -53,6 +53,14 @@ impl VcpuControl {
         Ok(())
     }
 
+    /// Let vCPUs started paused run without waiting for them (see [`Vcpus::release`])
+    /// and report the VM running.
+    pub fn release(&self) -> Result<(), VcpuError> {
+        self.vcpus().release()?;
+        self.paused.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Whether the vCPUs are paused.
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)

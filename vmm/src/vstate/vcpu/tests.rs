@@ -186,6 +186,32 @@ fn a_vcpu_started_paused_runs_nothing_until_resumed() {
     vcpus.stop();
 }
 
+#[test]
+fn released_vcpus_run_and_their_unread_answers_do_not_confuse_pause() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let Some((_vm, vcpu, count)) = port_loop_vm() else {
+        return;
+    };
+    let (stop, _stops) = StopNotifier::new().expect("notifier");
+    let mut vcpus = Vcpus::start_paused(vec![vcpu], &stop).expect("start paused");
+    vcpus.release().expect("release");
+    assert!(
+        wait_count(&count, |c| c > 0) > 0,
+        "the guest runs after release"
+    );
+    // The Resumed answer nobody read is skipped: pause waits for Paused itself.
+    vcpus.pause().expect("pause after release");
+    let frozen = count.load(SeqCst);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count.load(SeqCst), frozen, "no guest I/O while paused");
+    vcpus.resume().expect("resume");
+    assert!(
+        wait_count(&count, |c| c > frozen) > frozen,
+        "guest runs again after resume"
+    );
+    vcpus.stop();
+}
+
 #[derive(Default)]
 struct PortLog(Arc<std::sync::Mutex<Vec<u8>>>);
 impl crate::devices::bus::BusDevice for PortLog {
