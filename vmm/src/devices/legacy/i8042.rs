@@ -1,6 +1,11 @@
 //! The i8042 keyboard controller, reduced to what a VMM needs: the guest's CPU reset
 //! command (0xFE to port 0x64), which Linux uses for `reboot=k` and which the image's
 //! `poweroff -f` patch also uses. A reset ends the VM cleanly (exit status 0).
+//!
+//! It has no state, so unlike the serial port and the virtio devices it has no
+//! `persist.rs`: vm-superio's `I8042Device` holds only the reset trigger, reads return 0
+//! whatever was written before, and a command other than reset is ignored. A restored VM
+//! gets a new one that answers the guest exactly as the saved one would have.
 
 use vm_superio::{I8042Device, Trigger};
 
