@@ -163,6 +163,161 @@ impl Rng {
     }
 }
 
+/// A `MAP_SHARED` mapping of part of a file, as the VMM maps guest RAM from the pool:
+/// tests read and write guest pages through it, and see what the VMM and the guest see.
+/// One copy for every test crate (engine unit tests, the payload and Linux engine tests,
+/// the copy-before-write benchmark).
+#[derive(Debug)]
+pub struct SharedMap {
+    ptr: *mut u8,
+    len: usize,
+    writable: bool,
+}
+
+// SAFETY: plain shared memory that lives as long as the SharedMap; every access goes
+// through bounds-checked methods or raw pointers the callers justify.
+unsafe impl Send for SharedMap {}
+// SAFETY: as above; concurrent writers are the tests' own business (distinct pages, or
+// the races a test is about).
+unsafe impl Sync for SharedMap {}
+
+/// Bytes per guest page.
+pub const PAGE: usize = 4096;
+
+impl SharedMap {
+    /// Map `len` bytes of `file` from `offset`, writable or read-only.
+    pub fn new(file: &std::fs::File, offset: u64, len: usize, writable: bool) -> Self {
+        use std::os::fd::AsRawFd;
+        Self::from_fd(file.as_raw_fd(), offset, len, writable)
+    }
+
+    /// Map `len` bytes of the open file descriptor `fd` from `offset` (the mapping keeps
+    /// its own reference to the file: `fd` may be closed afterwards).
+    pub fn from_fd(fd: std::os::fd::RawFd, offset: u64, len: usize, writable: bool) -> Self {
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh shared mapping of an open descriptor; checked for failure and
+        // unmapped in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap of {len} bytes at {offset}: {}",
+            std::io::Error::last_os_error()
+        );
+        Self {
+            ptr: ptr.cast(),
+            len,
+            writable,
+        }
+    }
+
+    /// A writable mapping of a new memfd of `len` bytes (no pool file needed).
+    pub fn memfd(len: usize) -> Self {
+        let fd = Self::new_memfd(len);
+        let map = Self::from_fd(fd, 0, len, true);
+        // SAFETY: the mapping holds its own reference to the file.
+        unsafe { libc::close(fd) };
+        map
+    }
+
+    /// A new memfd of `len` bytes; the caller maps it (possibly twice) and closes it.
+    pub fn new_memfd(len: usize) -> std::os::fd::RawFd {
+        // SAFETY: memfd_create with a valid C string; the fd is checked below.
+        let fd = unsafe { libc::memfd_create(c"pmsnap-test".as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: fd is a fresh memfd we own.
+        assert_eq!(unsafe { libc::ftruncate(fd, len as libc::off_t) }, 0);
+        fd
+    }
+
+    /// Start of the mapping (for userfaultfd registration and raw accesses).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty mapping.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check(&self, off: usize, bytes: usize) {
+        assert!(
+            off.checked_add(bytes).is_some_and(|end| end <= self.len),
+            "{bytes} bytes at {off} outside the {}-byte mapping",
+            self.len
+        );
+    }
+
+    /// Fill page `page` with `byte`.
+    pub fn fill_page(&self, page: u64, byte: u8) {
+        assert!(self.writable, "read-only mapping");
+        let off = page as usize * PAGE;
+        self.check(off, PAGE);
+        // SAFETY: in bounds (checked) of a writable mapping.
+        unsafe { std::ptr::write_bytes(self.ptr.add(off), byte, PAGE) };
+    }
+
+    /// Write the 64-bit word `word` of page `page` (volatile: a write the guest or a
+    /// fault handler must see).
+    pub fn write_word(&self, page: u64, word: usize, value: u64) {
+        assert!(self.writable, "read-only mapping");
+        let off = page as usize * PAGE + word * 8;
+        self.check(off, 8);
+        // SAFETY: in bounds (checked) and 8-byte aligned (page-aligned base).
+        unsafe { std::ptr::write_volatile(self.ptr.add(off).cast::<u64>(), value) };
+    }
+
+    /// Read the 64-bit word `word` of page `page` (volatile: others write it).
+    pub fn word(&self, page: u64, word: usize) -> u64 {
+        let off = page as usize * PAGE + word * 8;
+        self.check(off, 8);
+        // SAFETY: in bounds (checked) and aligned; any bit pattern is a valid u64.
+        unsafe { std::ptr::read_volatile(self.ptr.add(off).cast::<u64>()) }
+    }
+
+    /// Copy `dst.len()` bytes from byte offset `off` (a snapshot of memory others may
+    /// be writing: a mix of instants when they do).
+    pub fn copy_out(&self, off: usize, dst: &mut [u8]) {
+        self.check(off, dst.len());
+        // SAFETY: the source lies inside the mapping (checked) and `dst` is a distinct
+        // buffer of that many bytes.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), dst.as_mut_ptr(), dst.len()) };
+    }
+
+    /// Copy `dst.len()` 64-bit words from byte offset `off`.
+    pub fn copy_words(&self, off: usize, dst: &mut [u64]) {
+        // SAFETY: a u64 slice viewed as bytes: same memory, any bit pattern valid.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u8>(), dst.len() * 8) };
+        self.copy_out(off, bytes);
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping made in `from_fd`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +390,27 @@ mod tests {
         assert_ne!(Rng(1).next_u64(), Rng(2).next_u64());
         assert_eq!(Rng(5).below(0), 0);
         assert_eq!(*Rng(9).pick(&[3]), 3);
+    }
+
+    #[test]
+    fn shared_maps_of_one_file_see_each_other() {
+        let fd = SharedMap::new_memfd(4 * PAGE);
+        let a = SharedMap::from_fd(fd, 0, 4 * PAGE, true);
+        let b = SharedMap::from_fd(fd, PAGE as u64, 2 * PAGE, false);
+        // SAFETY: both mappings hold their own reference.
+        unsafe { libc::close(fd) };
+        a.fill_page(1, 0xab);
+        a.write_word(2, 3, 0x1234);
+        assert_eq!(b.word(0, 0), 0xabab_abab_abab_abab);
+        assert_eq!(b.word(1, 3), 0x1234);
+        let mut out = [0u8; 3];
+        b.copy_out(PAGE - 1, &mut out);
+        assert_eq!(out, [0xab, 0, 0]);
+        let mut words = [0u64; 2];
+        a.copy_words(2 * PAGE + 16, &mut words);
+        assert_eq!(words, [0, 0x1234], "words 2 and 3 of page 2");
+        assert_eq!((b.len(), b.is_empty()), (2 * PAGE, false));
+        let r = std::panic::catch_unwind(|| b.word(2, 0));
+        assert!(r.is_err(), "reads outside the mapping are refused");
     }
 }

@@ -3,10 +3,10 @@
 //! pause, copy all guest RAM, snapshot all of it, resume; let the guest run on; after the
 //! VMM stops, the snapshot must equal the paused copy bit for bit while RAM moved on.
 
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use pmem_backend::{PageLocation, Pool};
+use pmsnap_testenv::SharedMap;
 use pmsnap_tests::{ready_guest_in, ready_pool_copy, require_kvm};
 use vmm::api::client::ApiClient;
 use vmm::api::{PageRun, PagesSnapshotRequest};
@@ -28,18 +28,7 @@ fn linux_guest_snapshot_of_all_ram_equals_the_paused_copy() {
         pool.ram_offset()
     };
     let file = std::fs::File::open(&pool_path).expect("open pool");
-    // SAFETY: a fresh read-only shared mapping of the pool's RAM area, unmapped below.
-    let ram = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            MEM as usize,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            ram_offset as libc::off_t,
-        )
-    };
-    assert_ne!(ram, libc::MAP_FAILED);
+    let ram = SharedMap::new(&file, ram_offset, MEM as usize, false);
 
     let rg = ready_guest_in(pool_copy, &[]);
     let sock = rg.api.clone();
@@ -51,9 +40,8 @@ fn linux_guest_snapshot_of_all_ram_equals_the_paused_copy() {
     let api = ApiClient::new(&sock);
     api.pause().expect("pause");
     let mut copy = vec![0u8; MEM as usize];
-    // SAFETY: the mapping is MEM bytes long and `copy` is a distinct buffer of that size;
-    // the vCPUs are paused, so guest RAM does not change during the copy.
-    unsafe { std::ptr::copy_nonoverlapping(ram.cast::<u8>(), copy.as_mut_ptr(), copy.len()) };
+    // The vCPUs are paused, so guest RAM does not change during the copy.
+    ram.copy_out(0, &mut copy);
     let t = Instant::now();
     let info = api
         .create_pages_snapshot(&PagesSnapshotRequest {
@@ -99,8 +87,7 @@ fn linux_guest_snapshot_of_all_ram_equals_the_paused_copy() {
     unsafe { libc::kill(g.pid() as i32, libc::SIGTERM) };
     let st = g.wait_exit(Duration::from_secs(30)).expect("VMM exits");
     assert_eq!(st.code(), Some(143), "{}", g.stderr());
-    // SAFETY: unmapping exactly the mapping made above, no longer used.
-    unsafe { libc::munmap(ram, MEM as usize) };
+    drop(ram);
 
     let pool = Pool::open(&pool_path).expect("open pool");
     let (mut in_blocks, mut changed) = (0u64, 0u64);

@@ -15,12 +15,12 @@
 //!
 //! Each figure is the median of the repeats.
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pmem_backend::{PageRun, Pool, PoolOptions, SnapshotKind, SnapshotMeta};
+use pmsnap_testenv::SharedMap;
 use vmm::snapshot::engine::Engine;
 use vmm::snapshot::fault::{FaultHandler, HandlerOptions, PreserveSink, WaitMode};
 use vmm::snapshot::protect::{PageProtector, UffdProtector};
@@ -30,51 +30,13 @@ const PAGES: u64 = RAM / 4096;
 /// Pages the writer touches in (b) and (c).
 const FAULT_PAGES: u64 = 16384;
 
-/// A shared read-write mapping of a file range.
-struct Map {
-    ptr: *mut u8,
-    len: usize,
-}
-// SAFETY: the mapping is plain shared memory; the bench coordinates its users.
-unsafe impl Send for Map {}
-// SAFETY: as above; concurrent access is to distinct pages or read-only.
-unsafe impl Sync for Map {}
+/// The pool's RAM area, mapped as the VMM maps it (the test crates' one mapping helper).
+type Map = SharedMap;
 
-impl Map {
-    fn new(fd: i32, offset: u64, len: usize) -> Self {
-        // SAFETY: a fresh shared mapping of `len` bytes of an open file; unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                offset as libc::off_t,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED, "mmap");
-        Self {
-            ptr: ptr.cast(),
-            len,
-        }
-    }
-
-    /// Write one word into each of pages `first..first + count`.
-    fn touch(&self, first: u64, count: u64, value: u64) {
-        for p in first..first + count {
-            let off = p as usize * 4096;
-            assert!(off + 8 <= self.len);
-            // SAFETY: in bounds (checked) and aligned; the page belongs to this mapping.
-            unsafe { std::ptr::write_volatile(self.ptr.add(off).cast::<u64>(), value) };
-        }
-    }
-}
-
-impl Drop for Map {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+/// Write one word into each of pages `first..first + count`.
+fn touch(map: &Map, first: u64, count: u64, value: u64) {
+    for p in first..first + count {
+        map.write_word(p, 0, value);
     }
 }
 
@@ -96,7 +58,7 @@ fn timed_writer(map: &Arc<Map>, first: u64, count: u64, cpu: Option<usize>) -> D
             pin_current(c);
         }
         let t = Instant::now();
-        map.touch(first, count, 0x5a5a);
+        touch(&map, first, count, 0x5a5a);
         t.elapsed()
     })
     .join()
@@ -119,13 +81,9 @@ fn engine_rig(opts: HandlerOptions) -> EngineRig {
     let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir on tmpfs");
     let pool = Pool::create(dir.path().join("bench.pool"), RAM, PoolOptions::default())
         .expect("create pool");
-    let ram = Arc::new(Map::new(
-        pool.file().as_raw_fd(),
-        pool.ram_offset(),
-        RAM as usize,
-    ));
-    ram.touch(0, PAGES, 1);
-    let prot = Arc::new(UffdProtector::new(ram.ptr, RAM as usize).expect("uffd register"));
+    let ram = Arc::new(Map::new(pool.file(), pool.ram_offset(), RAM as usize, true));
+    touch(&ram, 0, PAGES, 1);
+    let prot = Arc::new(UffdProtector::new(ram.as_ptr(), RAM as usize).expect("uffd register"));
     let engine = Engine::start(Arc::new(Mutex::new(pool)), prot, Vec::new(), opts).expect("engine");
     EngineRig {
         engine,
@@ -159,9 +117,9 @@ fn bare_rig(opts: HandlerOptions) -> BareRig {
         .open(dir.path().join("bare"))
         .expect("file");
     file.set_len(RAM).expect("size");
-    let ram = Arc::new(Map::new(file.as_raw_fd(), 0, RAM as usize));
-    ram.touch(0, PAGES, 1);
-    let prot = Arc::new(UffdProtector::new(ram.ptr, RAM as usize).expect("uffd register"));
+    let ram = Arc::new(Map::new(&file, 0, RAM as usize, true));
+    touch(&ram, 0, PAGES, 1);
+    let prot = Arc::new(UffdProtector::new(ram.as_ptr(), RAM as usize).expect("uffd register"));
     let handler = FaultHandler::spawn(prot.clone(), Arc::new(NoopSink), opts).expect("handler");
     BareRig {
         prot,
@@ -281,7 +239,7 @@ fn section_a(repeats: usize) {
         rig.engine.preprotect(&all).expect("preprotect");
         for p in 0..written {
             // SAFETY: page p * 97 % PAGES lies inside the RAM mapping.
-            unsafe { *rig.ram.ptr.add(((p * 97) % PAGES) as usize * 4096) = 2 };
+            unsafe { *rig.ram.as_ptr().add(((p * 97) % PAGES) as usize * 4096) = 2 };
         }
         let t = Instant::now();
         rig.engine
@@ -297,7 +255,7 @@ fn section_a(repeats: usize) {
     for _ in 0..repeats {
         let t = Instant::now();
         // SAFETY: the mapping is RAM bytes long, `buf` is a distinct RAM-byte buffer.
-        unsafe { std::ptr::copy_nonoverlapping(rig.ram.ptr, buf.as_mut_ptr(), buf.len()) };
+        unsafe { std::ptr::copy_nonoverlapping(rig.ram.as_ptr(), buf.as_mut_ptr(), buf.len()) };
         copy.push(t.elapsed().as_secs_f64() * 1e3);
     }
     std::hint::black_box(&buf);
@@ -357,7 +315,7 @@ fn section_a(repeats: usize) {
     rig.engine
         .snapshot("full", SnapshotKind::Pages, &all, SnapshotMeta::default())
         .expect("snapshot");
-    rig.ram.touch(0, PAGES, 2);
+    touch(&rig.ram, 0, PAGES, 2);
     let mut loaded = Vec::new();
     for i in 0..repeats {
         let name = format!("l{i}");

@@ -10,12 +10,11 @@
 //! test opens the pool and reads every snapshot back.
 
 use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pmem_backend::{PageLocation, Pool, PoolOptions};
-use pmsnap_testenv::Rng;
+use pmsnap_testenv::{Rng, SharedMap};
 use vmm::api::{PageRun, PagesSnapshotRequest};
 
 mod common;
@@ -48,73 +47,32 @@ fn create_pool(path: &Path, blocks: Option<u64>) -> u64 {
 }
 
 /// A read-only view of the pool's RAM area, shared with the running VMM.
-struct RamView {
-    ptr: *const u8,
-    len: usize,
-}
+struct RamView(SharedMap);
 
 impl RamView {
     fn new(pool: &Path, ram_offset: u64) -> Self {
         let file = std::fs::File::open(pool).expect("open pool read-only");
-        // SAFETY: a fresh read-only shared mapping of a file we keep open for the call;
-        // the mapping stays valid after the file is closed and is unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM as usize,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                ram_offset as libc::off_t,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED, "mmap of the pool's RAM area");
-        Self {
-            ptr: ptr.cast(),
-            len: MEM as usize,
-        }
+        Self(SharedMap::new(&file, ram_offset, MEM as usize, false))
     }
 
     /// Copy the region into `dst` (REGION_PAGES * WORDS words). The vCPUs may write
     /// while we read: the copy is then a mix of instants, which the callers allow for.
     fn copy_region(&self, dst: &mut [u64]) {
         assert_eq!(dst.len(), REGION_PAGES as usize * WORDS);
-        let off = REGION_FIRST as usize * PAGE;
-        assert!(off + dst.len() * 8 <= self.len);
-        // SAFETY: the source range lies inside the mapping (checked above) and `dst` is
-        // a distinct buffer of exactly that many bytes; any bit pattern is a valid u64.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.add(off),
-                dst.as_mut_ptr().cast::<u8>(),
-                dst.len() * 8,
-            )
-        };
+        self.0.copy_words(REGION_FIRST as usize * PAGE, dst);
     }
 
     /// Copy region pages `first..first + count` (indices inside the region).
     fn copy_pages(&self, first: u64, count: u64) -> Vec<u64> {
         let mut dst = vec![0u64; count as usize * WORDS];
-        let off = (REGION_FIRST + first) as usize * PAGE;
-        assert!(off + dst.len() * 8 <= self.len);
-        // SAFETY: as in copy_region: in bounds (checked), distinct destination buffer.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.add(off),
-                dst.as_mut_ptr().cast::<u8>(),
-                dst.len() * 8,
-            )
-        };
+        self.0
+            .copy_words((REGION_FIRST + first) as usize * PAGE, &mut dst);
         dst
     }
 
     /// One word of region page `page` (index inside the region).
     fn word(&self, page: u64, word: usize) -> u64 {
-        let off = (REGION_FIRST + page) as usize * PAGE + word * 8;
-        assert!(off + 8 <= self.len);
-        // SAFETY: in bounds (checked) and 8-byte aligned (page base + 8 * word); a
-        // volatile read because the guest changes the word behind the compiler's back.
-        unsafe { std::ptr::read_volatile(self.ptr.add(off).cast::<u64>()) }
+        self.0.word(REGION_FIRST + page, word)
     }
 
     /// The round that last wrote the first word of each vCPU's last page: a lower bound
@@ -140,13 +98,6 @@ impl RamView {
             );
             std::thread::sleep(Duration::from_millis(2));
         }
-    }
-}
-
-impl Drop for RamView {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in `new`, used by no one else.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
     }
 }
 

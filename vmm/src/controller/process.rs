@@ -398,7 +398,7 @@ mod tests {
         let grants = Arc::new(HostGrants::default());
         let mut svc = ProcessService::new(engine.clone(), grants.clone(), 64 * PAGE);
         for p in 0..64 {
-            ram.write(p, p as u8);
+            ram.fill_page(p, p as u8);
         }
         // A process with 3 pages at 0x1000 (gpa 10, 11 and 20) and 2 untouched pages.
         let saved = handle(
@@ -424,7 +424,7 @@ mod tests {
             }
         );
         for p in [10, 11, 20] {
-            ram.write(p, 0xee); // scribble: preserved first
+            ram.fill_page(p, 0xee); // scribble: preserved first
         }
         // Restore into a fresh process whose 5 pages sit at gpa 30..35.
         let restored = handle(

@@ -474,15 +474,15 @@ mod tests {
     fn writes_after_a_snapshot_are_preserved_first_and_shared() {
         let (_dir, engine, ram) = setup(64);
         for p in 0..64 {
-            ram.write(p, 1);
+            ram.fill_page(p, 1);
         }
         let created = snap(&engine, "a", &[(0, 16)]).expect("snapshot a");
         assert_eq!(created.pages, 16);
-        ram.write(3, 2); // faults: preserved for a
-        ram.write(40, 2); // not protected: no fault
+        ram.fill_page(3, 2); // faults: preserved for a
+        ram.fill_page(40, 2); // not protected: no fault
         snap(&engine, "b", &[(0, 8)]).expect("snapshot b");
-        ram.write(5, 3); // shared by a and b: one block for both
-        ram.write(3, 4); // a has it in a block already, b references RAM
+        ram.fill_page(5, 3); // shared by a and b: one block for both
+        ram.fill_page(3, 4); // a has it in a block already, b references RAM
         assert_eq!(
             page_of(&engine, "a", 3),
             (PageLocation::Block(page_block(&engine, "a", 3)), 1)
@@ -502,7 +502,7 @@ mod tests {
         assert_eq!((stats.faults, stats.preserved_pages), (3, 3));
         // Delete a: pages only a referenced become writable without a fault.
         engine.delete("a").expect("delete a");
-        ram.write(12, 9);
+        ram.fill_page(12, 9);
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(engine.stats().faults, 3, "page 12 is no longer protected");
         assert!(lock_pool(engine.pool()).verify(|_, _| ()).is_clean());
@@ -556,13 +556,13 @@ mod tests {
     fn a_pre_protected_snapshot_still_preserves_every_page() {
         let (_dir, engine, ram) = setup(64);
         for p in 0..64 {
-            ram.write(p, 1);
+            ram.fill_page(p, 1);
         }
         engine
             .preprotect(&[PageRun::new(0, 32)])
             .expect("preprotect");
-        ram.write(3, 2); // faults once, becomes writable again: recorded
-        ram.write(5, 2);
+        ram.fill_page(3, 2); // faults once, becomes writable again: recorded
+        ram.fill_page(5, 2);
         snap(&engine, "doomed", &[(40, 2)]).expect("snapshot");
         engine.delete("doomed").expect("delete"); // unprotects 40, 41 (outside the runs)
         engine
@@ -573,9 +573,9 @@ mod tests {
                 Default::default(),
             )
             .expect("snapshot");
-        ram.write(3, 9); // protected again by the snapshot: preserved first
-        ram.write(7, 9); // pre-protected, never written: still protected
-        ram.write(31, 9);
+        ram.fill_page(3, 9); // protected again by the snapshot: preserved first
+        ram.fill_page(7, 9); // pre-protected, never written: still protected
+        ram.fill_page(31, 9);
         assert_eq!(page_of(&engine, "s", 3).1, 2);
         assert_eq!(page_of(&engine, "s", 5), (PageLocation::Ram(5), 2));
         assert_eq!(page_of(&engine, "s", 7).1, 1);

@@ -266,58 +266,34 @@ fn handle_wp_fault(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pmsnap_testenv::SharedMap;
     use std::sync::Mutex;
 
     /// A memfd-backed shared mapping, like guest RAM on tmpfs, plus a second mapping of
     /// the same file that is never registered (the store's view).
     pub(crate) struct TestRam {
-        pub ptr: *mut u8,
-        pub shadow: *mut u8,
-        pub len: usize,
+        pub ram: SharedMap,
+        pub shadow: SharedMap,
     }
-    // SAFETY: the mappings live as long as TestRam and are only accessed through raw
-    // pointers by tests that synchronise explicitly.
-    unsafe impl Send for TestRam {}
-    // SAFETY: as above.
-    unsafe impl Sync for TestRam {}
 
     impl TestRam {
         pub fn new(pages: usize) -> Self {
             let len = pages * 4096;
-            // SAFETY: memfd_create with a valid C string; the fd is checked below.
-            let fd = unsafe { libc::memfd_create(c"pmsnap-test".as_ptr(), 0) };
-            assert!(fd >= 0);
-            // SAFETY: fd is a fresh memfd.
-            assert_eq!(unsafe { libc::ftruncate(fd, len as i64) }, 0);
-            let map = || {
-                // SAFETY: a new shared mapping of the memfd; checked for MAP_FAILED.
-                let p = unsafe {
-                    libc::mmap(
-                        std::ptr::null_mut(),
-                        len,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_SHARED,
-                        fd,
-                        0,
-                    )
-                };
-                assert_ne!(p, libc::MAP_FAILED);
-                p.cast::<u8>()
-            };
-            let (ptr, shadow) = (map(), map());
+            let fd = SharedMap::new_memfd(len);
+            let (ram, shadow) = (
+                SharedMap::from_fd(fd, 0, len, true),
+                SharedMap::from_fd(fd, 0, len, true),
+            );
             // SAFETY: the mappings hold their own reference to the file.
             unsafe { libc::close(fd) };
-            Self { ptr, shadow, len }
+            Self { ram, shadow }
         }
-    }
 
-    impl Drop for TestRam {
-        fn drop(&mut self) {
-            // SAFETY: both mappings were created by `new` with this length.
-            unsafe {
-                libc::munmap(self.ptr.cast(), self.len);
-                libc::munmap(self.shadow.cast(), self.len);
-            }
+        /// One byte of the store's view.
+        fn shadow_byte(&self, off: usize) -> u8 {
+            let mut b = [0u8];
+            self.shadow.copy_out(off, &mut b);
+            b[0]
         }
     }
 
@@ -328,8 +304,7 @@ mod tests {
     impl PreserveSink for Recorder {
         fn before_write(&self, page: u64) -> Result<(), PoolError> {
             // Read the old content through the unregistered mapping, as the store does.
-            // SAFETY: page is inside the mapping (checked by the handler).
-            let old = unsafe { *self.ram.shadow.add(page as usize * 4096) };
+            let old = self.ram.shadow_byte(page as usize * 4096);
             self.seen.lock().expect("lock").push((page, old));
             Ok(())
         }
@@ -337,9 +312,11 @@ mod tests {
 
     fn check_mode(mode: WaitMode) {
         let ram = Arc::new(TestRam::new(16));
-        // SAFETY: the mapping is 16 pages long.
-        unsafe { std::ptr::write_bytes(ram.ptr, 0xaa, 8 * 4096) };
-        let prot = Arc::new(UffdProtector::new(ram.ptr, ram.len).expect("uffd register"));
+        for p in 0..8 {
+            ram.ram.fill_page(p, 0xaa);
+        }
+        let prot =
+            Arc::new(UffdProtector::new(ram.ram.as_ptr(), ram.ram.len()).expect("uffd register"));
         assert_eq!(prot.pages(), 16);
         prot.protect(0, 16).expect("protect");
         let sink = Arc::new(Recorder {
@@ -357,8 +334,9 @@ mod tests {
             std::thread::spawn(move || {
                 // Page 3 was populated, page 12 never touched (WP_UNPOPULATED covers it).
                 for page in [3usize, 12, 3] {
+                    // A single byte store: the write the fault handler must see first.
                     // SAFETY: inside the 16-page mapping.
-                    unsafe { *ram.ptr.add(page * 4096 + 5) = page as u8 };
+                    unsafe { *ram.ram.as_ptr().add(page * 4096 + 5) = page as u8 };
                 }
             })
         };
@@ -368,8 +346,7 @@ mod tests {
             vec![(3, 0xaa), (12, 0)],
             "each protected page faults once, before the write lands"
         );
-        // SAFETY: inside the mapping.
-        assert_eq!(unsafe { *ram.shadow.add(3 * 4096 + 5) }, 3);
+        assert_eq!(ram.shadow_byte(3 * 4096 + 5), 3);
         // The handler counts a fault after waking its writer: give it a moment.
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
         while handler.stats().snapshot().faults < 2 && Instant::now() < deadline {
@@ -393,8 +370,8 @@ mod tests {
 
     #[test]
     fn out_of_range_pages_are_refused() {
-        let ram = TestRam::new(4);
-        let prot = UffdProtector::new(ram.ptr, ram.len).expect("uffd register");
+        let ram = SharedMap::memfd(4 * 4096);
+        let prot = UffdProtector::new(ram.as_ptr(), ram.len()).expect("uffd register");
         assert!(matches!(
             prot.protect(3, 2),
             Err(ProtectError::OutOfRange {
@@ -404,7 +381,7 @@ mod tests {
             })
         ));
         assert!(prot.unprotect(u64::MAX, 2).is_err());
-        assert_eq!(prot.page_of(ram.ptr as usize + 4096 * 4), None);
-        assert_eq!(prot.page_of(ram.ptr as usize + 4096 * 3 + 7), Some(3));
+        assert_eq!(prot.page_of(ram.as_ptr() as usize + 4096 * 4), None);
+        assert_eq!(prot.page_of(ram.as_ptr() as usize + 4096 * 3 + 7), Some(3));
     }
 }
