@@ -163,6 +163,21 @@ impl Rng {
     }
 }
 
+/// Call `f` every 5 ms until it returns `Some` or `timeout` has passed (`None`): the
+/// wait loop of tests that watch a process or a socket.
+pub fn poll_until<T>(timeout: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// A `MAP_SHARED` mapping of part of a file, as the VMM maps guest RAM from the pool:
 /// tests read and write guest pages through it, and see what the VMM and the guest see.
 /// One copy for every test crate (engine unit tests, the payload and Linux engine tests,
@@ -390,6 +405,20 @@ mod tests {
         assert_ne!(Rng(1).next_u64(), Rng(2).next_u64());
         assert_eq!(Rng(5).below(0), 0);
         assert_eq!(*Rng(9).pick(&[3]), 3);
+    }
+
+    #[test]
+    fn poll_until_returns_the_first_answer_or_none_at_the_deadline() {
+        let mut n = 0;
+        let got = poll_until(std::time::Duration::from_secs(5), || {
+            n += 1;
+            (n == 3).then_some(n)
+        });
+        assert_eq!(got, Some(3));
+        let t = std::time::Instant::now();
+        let none: Option<()> = poll_until(std::time::Duration::from_millis(50), || None);
+        assert!(none.is_none());
+        assert!(t.elapsed() >= std::time::Duration::from_millis(50));
     }
 
     #[test]

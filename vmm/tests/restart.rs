@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pmem_backend::{Pool, PoolOptions};
 use vmm::api::client::ApiClient;
@@ -52,38 +52,23 @@ impl Vmm {
     /// Wait until the API on `sock` answers with the VM's vCPUs.
     fn wait_api(&mut self, sock: &Path) -> ApiClient {
         let api = ApiClient::new(sock);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        let got = pmsnap_testenv::poll_until(Duration::from_secs(60), || {
             if let Ok(Some(st)) = self.child.try_wait() {
                 panic!("pmsnap exited early ({st}): {}", self.log());
             }
             // A stale socket file exists from the start: only an answer counts.
-            if api.status().is_ok_and(|s| s.vcpus > 0) {
-                return api;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no API after 60 s: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+            api.status().is_ok_and(|s| s.vcpus > 0).then_some(())
+        });
+        assert!(got.is_some(), "no API after 60 s: {}", self.log());
+        api
     }
 
     /// Wait up to 60 s for the process to end.
     fn wait(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pmsnap still running: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let child = &mut self.child;
+        let st =
+            pmsnap_testenv::poll_until(Duration::from_secs(60), || child.try_wait().expect("wait"));
+        st.unwrap_or_else(|| panic!("pmsnap still running: {}", self.log()))
     }
 
     fn sigkill(&mut self) {

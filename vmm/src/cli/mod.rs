@@ -88,10 +88,28 @@ fn serve_devices(
     Ok(())
 }
 
-/// The exit status for why the VM stopped: 0 for a guest reset or shutdown, 128+N for
+/// The end of `run` and `restore`: confine the event loop thread (seccomp), serve until
+/// the VM stops, stop the vCPUs and drop the VM before the terminal's raw mode, and turn
+/// why it stopped into the exit status: 0 for a guest reset or shutdown, 128+N for
 /// signal N, an error (status 1) for a VMM error.
-fn exit_status(why: crate::stop::VmStop) -> anyhow_like::Result<i32> {
+fn serve_until_stopped(
+    event_loop: &mut crate::event_loop::EventLoop,
+    mut running: crate::builder::RunningVm,
+    raw: Option<crate::devices::legacy::RawModeGuard>,
+    started: std::time::Instant,
+) -> anyhow_like::Result<i32> {
     use crate::stop::VmStop;
+    crate::seccomp::apply(crate::seccomp::ThreadKind::EventLoop)?;
+    let why = event_loop.run_until_stopped()?;
+    running.stop();
+    drop(running);
+    drop(raw);
+    log::debug!("VM stopped after {:?}: {why:?}", started.elapsed());
+    match why {
+        VmStop::Reset => log::info!("guest reset (reboot or poweroff): VM stopped"),
+        VmStop::Shutdown => log::info!("guest shut down: VM stopped"),
+        VmStop::Terminated(_) | VmStop::Error(_) => {}
+    }
     match why {
         VmStop::Reset | VmStop::Shutdown => Ok(0),
         VmStop::Terminated(sig) => Ok(128 + sig),

@@ -177,12 +177,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
             "running"
         }
     );
-    crate::seccomp::apply(crate::seccomp::ThreadKind::EventLoop)?;
-    let why = event_loop.run_until_stopped()?;
-    running.stop();
-    drop(running);
-    drop(_raw);
-    super::exit_status(why)
+    super::serve_until_stopped(&mut event_loop, running, _raw, started)
 }
 
 #[cfg(test)]

@@ -14,7 +14,6 @@ use crate::devices::legacy::RawModeGuard;
 use crate::event_loop::EventLoop;
 use crate::payload::{PayloadProgress, PROGRESS_PORT};
 use crate::pool_dir;
-use crate::stop::VmStop;
 
 /// Arguments of `pmsnap run`.
 #[derive(Debug, Args)]
@@ -273,18 +272,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     // Served once the vCPUs and state capture exist, so a client that sees the socket
     // can pause, resume or snapshot at once.
     let _api = super::serve_api(args.api_sock.as_deref(), running.controller())?;
-    crate::seccomp::apply(crate::seccomp::ThreadKind::EventLoop)?;
-    let why = event_loop.run_until_stopped()?;
-    running.stop();
-    drop(running);
-    drop(_raw);
-    log::debug!("VM stopped after {:?}: {why:?}", started.elapsed());
-    match &why {
-        VmStop::Reset => log::info!("guest reset (reboot or poweroff): VM stopped"),
-        VmStop::Shutdown => log::info!("guest shut down: VM stopped"),
-        VmStop::Terminated(_) | VmStop::Error(_) => {}
-    }
-    super::exit_status(why)
+    super::serve_until_stopped(&mut event_loop, running, _raw, started)
 }
 
 #[cfg(test)]
