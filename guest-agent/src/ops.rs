@@ -245,6 +245,56 @@ fn recheck(access: Option<&Access>) -> Result<(), OpsError> {
     Ok(())
 }
 
+/// The target held still (or not, see [`freeze_if`]) and the time of each phase so far.
+struct Held {
+    guard: Option<FreezeGuard>,
+    start: Instant,
+    laps: Laps,
+    phases: Phases,
+}
+
+impl Held {
+    fn hold(pid: u32, method: Option<FreezeMethod>) -> Result<Self, OpsError> {
+        let guard = freeze_if(pid, method)?;
+        let start = guard.as_ref().map_or_else(Instant::now, |g| g.frozen_at());
+        let mut laps = Laps(start);
+        let phases = Phases {
+            freeze_us: laps.lap(),
+            ..Phases::default()
+        };
+        Ok(Self {
+            guard,
+            start,
+            laps,
+            phases,
+        })
+    }
+
+    /// How the target is held: the freeze method's name, or "none".
+    fn method(&self) -> &'static str {
+        self.guard.as_ref().map_or("none", |g| g.method().name())
+    }
+
+    /// The runs are built: check the caller's access again, send `request` to the VMM,
+    /// thaw. Returns the reply, the phases and the whole pause.
+    fn ask(
+        mut self,
+        t: &mut dyn Transport,
+        who: &Principal,
+        access: Option<&Access>,
+        request: Request,
+    ) -> Result<(Reply, Phases, Duration), OpsError> {
+        recheck(access)?;
+        self.phases.map_us = self.laps.lap();
+        let reply = call(t, &who.request(request))?;
+        self.phases.vmm_us = self.laps.lap();
+        let pause = thaw(self.guard, self.start)?;
+        let p = &mut self.phases;
+        p.thaw_us = micros(pause).saturating_sub(p.freeze_us + p.touch_us + p.map_us + p.vmm_us);
+        Ok((reply, self.phases, pause))
+    }
+}
+
 /// The command name of `pid`, cut to the protocol's limit.
 pub fn comm_of(pid: u32) -> Result<String, PagemapError> {
     let path = format!("/proc/{pid}/comm");
@@ -323,14 +373,8 @@ pub fn save_process_as(
     // Check first, so a bad range or a kernel thread costs the process no pause; check
     // again once frozen, since the layout may have changed in between.
     select_ranges(pid, ranges)?;
-    let guard = freeze_if(pid, method)?;
-    let start = guard.as_ref().map_or_else(Instant::now, |g| g.frozen_at());
-    let mut laps = Laps(start);
-    let mut phases = Phases {
-        freeze_us: laps.lap(),
-        ..Phases::default()
-    };
-    let used = guard.as_ref().map_or("none", |g| g.method().name());
+    let held = Held::hold(pid, method)?;
+    let used = held.method();
     let chosen = select_ranges(pid, ranges)?;
     let built = Pagemap::open(pid)?.runs(&chosen)?;
     let (pages, present_pages) = (built.pages(), built.present_pages());
@@ -338,22 +382,14 @@ pub fn save_process_as(
     if runs.len() > MAX_RUNS {
         return Err(OpsError::TooManyRuns(runs.len()));
     }
-    recheck(access)?;
     let nruns = runs.len();
-    phases.map_us = laps.lap();
-    let reply = call(
-        t,
-        &who.request(Request::Save(SaveRequest {
-            name: name.to_string(),
-            pid,
-            comm: comm.clone(),
-            runs,
-        })),
-    )?;
-    phases.vmm_us = laps.lap();
-    let pause = thaw(guard, start)?;
-    phases.thaw_us = micros(pause)
-        .saturating_sub(phases.freeze_us + phases.touch_us + phases.map_us + phases.vmm_us);
+    let request = Request::Save(SaveRequest {
+        name: name.to_string(),
+        pid,
+        comm: comm.clone(),
+        runs,
+    });
+    let (reply, phases, pause) = held.ask(t, who, access, request)?;
     match reply {
         Reply::Saved {
             pages: vmm_pages,
@@ -593,18 +629,12 @@ pub fn restore_process_as(
 ) -> Result<RestoreOutcome, OpsError> {
     validate_name(name)?;
     select_ranges(pid, ranges)?;
-    let guard = freeze_if(pid, method)?;
-    let start = guard.as_ref().map_or_else(Instant::now, |g| g.frozen_at());
-    let mut laps = Laps(start);
-    let mut phases = Phases {
-        freeze_us: laps.lap(),
-        ..Phases::default()
-    };
-    let used = guard.as_ref().map_or("none", |g| g.method().name());
+    let mut held = Held::hold(pid, method)?;
+    let used = held.method();
     let (maps, chosen) = select(pid, ranges)?;
     let pm = Pagemap::open(pid)?;
     let (entries, touched) = make_resident(pid, &pm, &maps, &chosen)?;
-    phases.touch_us = laps.lap();
+    held.phases.touch_us = held.laps.lap();
     let mut b = RunBuilder::new();
     for (r, e) in chosen.iter().zip(&entries) {
         b.push_entries(r.start, e)?;
@@ -616,20 +646,12 @@ pub fn restore_process_as(
     if runs.len() > MAX_RUNS {
         return Err(OpsError::TooManyRuns(runs.len()));
     }
-    recheck(access)?;
     let (pages, nruns) = (total_pages(&runs), runs.len());
-    phases.map_us = laps.lap();
-    let reply = call(
-        t,
-        &who.request(Request::Restore(RestoreRequest {
-            name: name.to_string(),
-            runs,
-        })),
-    )?;
-    phases.vmm_us = laps.lap();
-    let pause = thaw(guard, start)?;
-    phases.thaw_us = micros(pause)
-        .saturating_sub(phases.freeze_us + phases.touch_us + phases.map_us + phases.vmm_us);
+    let request = Request::Restore(RestoreRequest {
+        name: name.to_string(),
+        runs,
+    });
+    let (reply, phases, pause) = held.ask(t, who, access, request)?;
     match reply {
         Reply::Restored {
             pages: vmm_pages, ..
