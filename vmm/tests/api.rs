@@ -166,6 +166,9 @@ impl Fake {
                         max_ns: 500,
                     },
                     store: serde_json::json!({"blocks_used": 3, "blocks_free": 61}),
+                    guest_snapshots_dropped: 0,
+                    block_wait: None,
+                    events: Vec::new(),
                 }))
             }
         }

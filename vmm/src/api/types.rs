@@ -151,6 +151,10 @@ pub enum VmState {
     Running,
     /// vCPUs are paused.
     Paused,
+    /// A guest write waits for a free block: the block area is full and only host-owned
+    /// snapshots hold blocks. Delete a snapshot or grow the block area.
+    #[serde(rename = "paused: block area full")]
+    BlockAreaFull,
 }
 
 impl std::fmt::Display for VmState {
@@ -158,6 +162,7 @@ impl std::fmt::Display for VmState {
         f.write_str(match self {
             VmState::Running => "running",
             VmState::Paused => "paused",
+            VmState::BlockAreaFull => "paused: block area full",
         })
     }
 }
@@ -254,6 +259,39 @@ pub struct ApiStats {
     /// The store's own statistics, passed through as it reports them.
     #[serde(default)]
     pub store: serde_json::Value,
+    /// Guest-owned snapshots dropped because the block area was full.
+    #[serde(default)]
+    pub guest_snapshots_dropped: u64,
+    /// The guest write waiting for a free block, if one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_wait: Option<BlockWaitInfo>,
+    /// What the engine did on its own lately (dropped snapshots), oldest first, at most
+    /// 64.
+    #[serde(default)]
+    pub events: Vec<ApiEvent>,
+}
+
+/// A guest write waiting for a free block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockWaitInfo {
+    /// The guest page (pool RAM page number) that needs a block.
+    pub page: u64,
+    /// Since when, milliseconds since the Unix epoch.
+    pub since_unix_ms: u64,
+}
+
+/// Something the engine did on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiEvent {
+    /// When, milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// `guest_snapshot_dropped` (block area full) or `snapshot_dropped` (a page could
+    /// not be preserved).
+    pub kind: String,
+    /// The snapshot's store name.
+    pub snapshot: String,
+    /// Why.
+    pub detail: String,
 }
 
 /// The VMM's answer to an [`ApiRequest`]. Each variant fixes the HTTP status and the JSON

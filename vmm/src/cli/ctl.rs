@@ -439,6 +439,10 @@ fn render_stats(s: &ApiStats) -> String {
         ),
         ("snapshots", s.snapshots.to_string()),
         (
+            "guest snapshots dropped",
+            s.guest_snapshots_dropped.to_string(),
+        ),
+        (
             "fault handler time",
             format!(
                 "total {}, mean {}, max {}",
@@ -451,6 +455,7 @@ fn render_stats(s: &ApiStats) -> String {
     let mut out = String::from("copy-before-write (since the VMM started):\n");
     let serde_json::Value::Object(store) = &s.store else {
         render_rows(&mut out, &vmm_rows, 0);
+        render_engine_notes(&mut out, s);
         return out;
     };
     let pages = |n: u64| format!("{n} ({})", human_bytes(n.saturating_mul(PAGE_SIZE)));
@@ -530,7 +535,34 @@ fn render_stats(s: &ApiStats) -> String {
             );
         }
     }
+    render_engine_notes(&mut out, s);
     out
+}
+
+/// The write waiting for a block and the engine's recent events, after the figures.
+fn render_engine_notes(out: &mut String, s: &ApiStats) {
+    if let Some(w) = &s.block_wait {
+        let _ = writeln!(
+            out,
+            "WAITING since {}: guest page {} needs a free block and only host-owned \
+             snapshots hold blocks; delete a snapshot or grow the block area",
+            format_time_ms(w.since_unix_ms),
+            w.page
+        );
+    }
+    if !s.events.is_empty() {
+        out.push_str("events:\n");
+        for e in &s.events {
+            let _ = writeln!(
+                out,
+                "  {}  {}  {}: {}",
+                format_time_ms(e.unix_ms),
+                e.kind,
+                e.snapshot,
+                e.detail
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -781,24 +813,47 @@ mod tests {
                 max_ns: 2_500_000,
             },
             store: serde_json::to_value(pool.stats()).expect("json"),
+            guest_snapshots_dropped: 1,
+            block_wait: Some(crate::api::BlockWaitInfo {
+                page: 77,
+                since_unix_ms: 1_700_000_000_000,
+            }),
+            events: vec![crate::api::ApiEvent {
+                unix_ms: 1_700_000_000_000,
+                kind: "guest_snapshot_dropped".into(),
+                snapshot: "guest:1000/a".into(),
+                detail: "block area full".into(),
+            }],
         };
         let text = render_stats(&st);
+        assert!(text.contains("  guest snapshots dropped  1\n"), "{text}");
+        assert!(
+            text.contains("WAITING since 2023-11-14T22:13:20Z: guest page 77 needs a free block"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "events:\n  2023-11-14T22:13:20Z  guest_snapshot_dropped  guest:1000/a: \
+                 block area full\n"
+            ),
+            "{text}"
+        );
         assert!(
             !text.contains('{') && !text.contains('['),
             "a table, not JSON: {text}"
         );
-        assert!(text.contains("  write faults           10\n"), "{text}");
-        assert!(text.contains("  blocks free            256\n"), "{text}");
+        assert!(text.contains("  write faults             10\n"), "{text}");
+        assert!(text.contains("  blocks free              256\n"), "{text}");
         assert!(
             text.contains("total 1.0 us, mean 100 ns, max 2.5 ms"),
             "{text}"
         );
         assert!(
-            text.contains("guest RAM pages        256 (1.0 MiB)"),
+            text.contains("guest RAM pages          256 (1.0 MiB)"),
             "{text}"
         );
         assert!(
-            text.contains("referenced in place    16 (64.0 KiB)"),
+            text.contains("referenced in place      16 (64.0 KiB)"),
             "{text}"
         );
         let row = text
@@ -812,6 +867,8 @@ mod tests {
         // A VMM without store figures: the counters alone.
         let bare = ApiStats {
             store: serde_json::Value::Null,
+            block_wait: None,
+            events: Vec::new(),
             ..st
         };
         assert!(render_stats(&bare).ends_with("max 2.5 ms\n"));

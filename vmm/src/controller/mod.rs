@@ -278,7 +278,9 @@ impl Controller {
 
     fn status(&self) -> api::VmStatus {
         api::VmStatus {
-            state: if self.vm.is_paused() {
+            state: if self.engine.waiting_for_blocks().is_some() {
+                api::VmState::BlockAreaFull
+            } else if self.vm.is_paused() {
                 api::VmState::Paused
             } else {
                 api::VmState::Running
@@ -305,6 +307,25 @@ impl Controller {
                 max_ns: s.fault_max_ns,
             },
             store: serde_json::to_value(&s.store).unwrap_or(serde_json::Value::Null),
+            guest_snapshots_dropped: s.guest_snapshots_dropped,
+            block_wait: self
+                .engine
+                .waiting_for_blocks()
+                .map(|w| api::BlockWaitInfo {
+                    page: w.page,
+                    since_unix_ms: w.since_unix_ms,
+                }),
+            events: self
+                .engine
+                .events()
+                .into_iter()
+                .map(|e| api::ApiEvent {
+                    unix_ms: e.unix_ms,
+                    kind: e.kind.to_string(),
+                    snapshot: e.snapshot,
+                    detail: e.detail,
+                })
+                .collect(),
         }
     }
 }

@@ -25,130 +25,27 @@
 //!    of that one page (`UFFDIO_WRITEPROTECT` without the WP bit), which also wakes the
 //!    writer. Doing it under the lock means no snapshot can protect the page again in
 //!    between and lose the next write.
-//! 6. If the preserve fails (block area full, I/O error), every snapshot that still
-//!    needs the page is deleted and logged (`StoreSink` `preserve_locked`); the page is
-//!    unprotected anyway, so the guest goes on.
+//! 6. If the block area is full, guest-owned snapshots are dropped oldest first; if only
+//!    host-owned ones hold blocks, the write waits for a delete or a grown block area
+//!    (see [`super::sink`]). Any other failure (an I/O error) drops every snapshot that
+//!    still needs the page, and the page is unprotected so the guest goes on.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use log::{error, info, warn};
+use log::{info, warn};
 use pmem_backend::{
-    normalize_runs, pages_to_runs, PageLocation, PageRun, Pool, PoolError, SnapshotKind,
-    SnapshotMeta,
+    normalize_runs, pages_to_runs, PageRun, Pool, PoolError, SnapshotKind, SnapshotMeta,
 };
 
 use super::dirty::DirtyTracker;
-use super::fault::{FaultHandler, FaultStats, HandlerOptions, PreserveSink};
+use super::fault::{FaultHandler, FaultStats, HandlerOptions};
 use super::protect::{PageProtector, UffdProtector};
+pub use super::sink::{BlockWait, EngineEvent};
+use super::sink::{PreProtect, StoreSink};
 use crate::vstate::dirty::{DirtyError, DirtySource};
 
-/// Lock the pool, ignoring poisoning: a panic elsewhere does not make the on-disk store
-/// less consistent (every change commits atomically), so later calls may go on.
-pub fn lock_pool(pool: &Mutex<Pool>) -> MutexGuard<'_, Pool> {
-    pool.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The fault handler's view of the store: preserve before the first write.
-struct StoreSink {
-    pool: Arc<Mutex<Pool>>,
-    protector: Arc<dyn PageProtector>,
-    preserved: AtomicU64,
-    /// While a pre-protection is armed: what was pre-protected, and every page the
-    /// handler has made writable since (those must be protected again at the snapshot).
-    armed: Mutex<Option<PreProtect>>,
-}
-
-/// A pre-protection in progress (see [`Engine::preprotect`]).
-#[derive(Debug, Default)]
-struct PreProtect {
-    runs: Vec<PageRun>,
-    unprotected: Vec<u64>,
-}
-
-impl StoreSink {
-    fn armed(&self) -> MutexGuard<'_, Option<PreProtect>> {
-        self.armed.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Make `runs` writable, and remember them if a pre-protection is armed. Every
-    /// unprotect of the engine goes through here, so an armed pre-protection always
-    /// knows which of its pages lost their protection.
-    fn unprotect(&self, runs: &[PageRun]) {
-        unprotect_runs(self.protector.as_ref(), runs);
-        if let Some(pre) = self.armed().as_mut() {
-            pre.unprotected
-                .extend(runs.iter().flat_map(|r| r.first..r.first + r.count));
-        }
-    }
-}
-
-impl PreserveSink for StoreSink {
-    fn before_write(&self, page: u64) -> Result<(), PoolError> {
-        self.preserve_locked(&mut lock_pool(&self.pool), page)
-    }
-
-    /// Preserve and unprotect under one hold of the store lock: a snapshot cannot
-    /// protect the page again in between (see the trait).
-    fn before_write_then(&self, page: u64, unprotect: &mut dyn FnMut()) -> Result<(), PoolError> {
-        let mut pool = lock_pool(&self.pool);
-        let res = self.preserve_locked(&mut pool, page);
-        unprotect();
-        if let Some(pre) = self.armed().as_mut() {
-            pre.unprotected.push(page);
-        }
-        res
-    }
-}
-
-impl StoreSink {
-    fn preserve_locked(&self, pool: &mut Pool, page: u64) -> Result<(), PoolError> {
-        match pool.preserve(page) {
-            Ok(true) => {
-                self.preserved.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Ok(false) => Ok(()),
-            Err(e) => {
-                // The page cannot be kept: drop every snapshot that still needs it, so no
-                // snapshot silently reads the new content later. The guest goes on.
-                let reason = &e;
-                let victims: Vec<String> = pool
-                    .list()
-                    .into_iter()
-                    .filter(|s| {
-                        matches!(
-                            pool.snapshot_page_location(s.name.as_str(), page),
-                            Ok(PageLocation::Ram(_))
-                        )
-                    })
-                    .map(|s| s.name)
-                    .collect();
-                for name in &victims {
-                    match pool.delete(name.as_str()) {
-                        Ok(runs) => {
-                            error!("snapshot {name:?} dropped: cannot preserve guest page {page}: {reason}");
-                            self.unprotect(&runs);
-                        }
-                        Err(e) => {
-                            error!("cannot drop snapshot {name:?} after a failed preserve: {e}")
-                        }
-                    }
-                }
-                Err(e)
-            }
-        }
-    }
-}
-
-fn unprotect_runs(protector: &dyn PageProtector, runs: &[PageRun]) {
-    for r in runs {
-        if let Err(e) = protector.unprotect(r.first, r.count) {
-            warn!("unprotect of pages {}+{} failed: {e}", r.first, r.count);
-        }
-    }
-}
+pub use super::sink::lock_pool;
 
 /// The engine. Shared (as `Arc<Engine>`) by the controller, the guest agent service
 /// and the VMM.
@@ -157,7 +54,7 @@ pub struct Engine {
     protector: Arc<dyn PageProtector>,
     sink: Arc<StoreSink>,
     faults: Arc<FaultStats>,
-    dirty: Mutex<DirtyTracker>,
+    dirty: Arc<Mutex<DirtyTracker>>,
     // Last, so the handler thread stops before the rest goes away.
     _handler: Option<FaultHandler>,
 }
@@ -192,6 +89,8 @@ pub struct EngineStats {
     pub fault_max_ns: u64,
     /// Pages preserved by the fault handler since start.
     pub preserved_pages: u64,
+    /// Guest-owned snapshots dropped because the block area was full.
+    pub guest_snapshots_dropped: u64,
     /// The store's own counts.
     pub store: pmem_backend::Stats,
 }
@@ -237,24 +136,24 @@ impl Engine {
             );
         }
         let protector_dyn: Arc<dyn PageProtector> = protector.clone();
-        let sink = Arc::new(StoreSink {
-            pool: pool.clone(),
-            protector: protector_dyn.clone(),
-            preserved: AtomicU64::new(0),
-            armed: Mutex::new(None),
-        });
-        let handler =
-            FaultHandler::spawn(protector, sink.clone(), opts).map_err(EngineError::Handler)?;
         let mut dirty = DirtyTracker::new(pages, dirty_sources);
         for n in &names {
             dirty.start_unknown(n);
         }
+        let dirty = Arc::new(Mutex::new(dirty));
+        let sink = Arc::new(StoreSink::new(
+            pool.clone(),
+            protector_dyn.clone(),
+            dirty.clone(),
+        ));
+        let handler =
+            FaultHandler::spawn(protector, sink.clone(), opts).map_err(EngineError::Handler)?;
         Ok(Self {
             pool,
             protector: protector_dyn,
             sink,
             faults: handler.stats(),
-            dirty: Mutex::new(dirty),
+            dirty,
             _handler: Some(handler),
         })
     }
@@ -350,6 +249,7 @@ impl Engine {
             runs
         };
         self.dirty().forget(name);
+        self.sink.space_freed();
         Ok(runs.iter().map(|r| r.count).sum())
     }
 
@@ -398,7 +298,23 @@ impl Engine {
 
     /// Pages preserved by the fault handler since start.
     pub fn preserved_pages(&self) -> u64 {
-        self.sink.preserved.load(Ordering::Relaxed)
+        self.sink.preserved()
+    }
+
+    /// Blocks may have become free outside [`Engine::delete`] (the block area grew): a
+    /// write waiting for a block tries again now.
+    pub fn space_freed(&self) {
+        self.sink.space_freed();
+    }
+
+    /// The write waiting for a free block, if one is (see [`super::sink`]).
+    pub fn waiting_for_blocks(&self) -> Option<BlockWait> {
+        self.sink.waiting()
+    }
+
+    /// What the engine did on its own lately (dropped snapshots), oldest first.
+    pub fn events(&self) -> Vec<EngineEvent> {
+        self.sink.events()
     }
 
     /// Engine and store statistics.
@@ -409,8 +325,17 @@ impl Engine {
             fault_total_ns: f.total_ns,
             fault_max_ns: f.max_ns,
             preserved_pages: self.preserved_pages(),
+            guest_snapshots_dropped: self.sink.guest_dropped(),
             store: lock_pool(&self.pool).stats(),
         }
+    }
+}
+
+impl Drop for Engine {
+    /// Before the fault handler is stopped and joined: a preserve waiting for a free
+    /// block must give up, or the join would wait for it.
+    fn drop(&mut self) {
+        self.sink.close();
     }
 }
 
@@ -450,7 +375,9 @@ fn to_protect(newly: &[PageRun], pre: Option<&PreProtect>) -> Vec<PageRun> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::fault::PreserveSink;
     use crate::snapshot::testutil::setup;
+    use pmem_backend::PageLocation;
 
     /// A page snapshot of `runs` (first page, count).
     fn snap(

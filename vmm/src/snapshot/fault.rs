@@ -24,9 +24,9 @@ use super::protect::{PageProtector, UffdProtector};
 /// What the handler calls before letting a write to a protected page proceed.
 pub trait PreserveSink: Send + Sync {
     /// Make the current content of guest page `page` durable for every snapshot that
-    /// still references it in RAM. On error the sink must already have made the failure
-    /// visible (for example marked the snapshots that lose the page as damaged): the
-    /// handler removes the protection either way, since a vCPU blocked forever helps no one.
+    /// still references it in RAM. It may block (the store's sink waits for a free
+    /// block while only host snapshots hold them). On error the sink must already have
+    /// made the failure visible (for example dropped the snapshots that lose the page).
     fn before_write(&self, page: u64) -> Result<(), PoolError>;
 
     /// [`Self::before_write`], then `unprotect` (which makes the page writable and wakes

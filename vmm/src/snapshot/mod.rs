@@ -6,5 +6,6 @@ pub mod dirty;
 pub mod engine;
 pub mod fault;
 pub mod protect;
+pub mod sink;
 #[cfg(test)]
 pub(crate) mod testutil;

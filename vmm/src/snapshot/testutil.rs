@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use pmem_backend::Pool;
+use pmem_backend::{Pool, PoolOptions};
 use pmsnap_testenv::SharedMap;
 
 use super::engine::Engine;
@@ -14,9 +14,16 @@ use super::protect::UffdProtector;
 pub(crate) type Ram = SharedMap;
 
 pub(crate) fn setup(pages: u64) -> (tempfile::TempDir, Engine, Arc<Ram>) {
+    setup_with(pages, PoolOptions::default())
+}
+
+/// [`setup`] with pool options (for example a small block area).
+pub(crate) fn setup_with(
+    pages: u64,
+    options: PoolOptions,
+) -> (tempfile::TempDir, Engine, Arc<Ram>) {
     let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir on tmpfs");
-    let pool = Pool::create(dir.path().join("p.pool"), pages * 4096, Default::default())
-        .expect("create pool");
+    let pool = Pool::create(dir.path().join("p.pool"), pages * 4096, options).expect("create pool");
     let len = pool.ram_size() as usize;
     let ram = Arc::new(SharedMap::new(pool.file(), pool.ram_offset(), len, true));
     let prot = Arc::new(UffdProtector::new(ram.as_ptr(), len).expect("uffd"));
