@@ -10,7 +10,7 @@
 //! use vmm::event_loop::EventLoop;
 //! let mut event_loop = EventLoop::new()?;
 //! let mut b = vmm::builder::VmBuilder::new(config, event_loop.stop_notifier()?)?;
-//! // More devices go here: b.add_vsock(path)?, or b.add_mmio_device(dev)? (address
+//! // More devices go here: b.add_vsock(path, limits)?, or b.add_mmio_device(dev)? (address
 //! // and IRQ) with b.vm().register_irqfd(&evt, slot.irq)? for its interrupt.
 //! let vm = b.build()?;
 //! let running = vm.start(&event_loop.stop_notifier()?)?; // vCPU threads run
@@ -36,6 +36,7 @@ use crate::arch::x86_64::bootparams::{self, InitrdPlacement};
 use crate::arch::x86_64::layout::{self, *};
 use crate::arch::x86_64::{cpuid, mptable};
 use crate::config::{self, ConfigError, VmConfig};
+use crate::controller::process::{GuestLimits, ProcessService};
 use crate::controller::{Controller, ControllerParts, HostGrants, LiveVm, VmInfo, VmPersist};
 pub use crate::device_manager::MmioSlot;
 use crate::device_manager::{DeviceError, DeviceManager};
@@ -478,15 +479,16 @@ impl VmBuilder {
 
     /// Give the guest a virtio-vsock device whose host side listens on `uds_path`, with
     /// the snapshot service for the guest agent on it (see [`DeviceManager::attach_vsock`]).
-    pub fn add_vsock(&mut self, uds_path: &Path) -> Result<(), BuildError> {
-        self.devices.attach_vsock(
-            &self.vm,
-            &mut self.cmdline,
-            uds_path,
+    /// Guest-owned snapshots stay within `limits`.
+    pub fn add_vsock(&mut self, uds_path: &Path, limits: GuestLimits) -> Result<(), BuildError> {
+        let service = ProcessService::new(
             self.engine.clone(),
             self.grants.clone(),
             self.mem_bytes,
-        )?;
+            limits,
+        );
+        self.devices
+            .attach_vsock(&self.vm, &mut self.cmdline, uds_path, service)?;
         Ok(())
     }
 

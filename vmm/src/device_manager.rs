@@ -15,13 +15,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::*;
 use crate::controller::process::{guest_phys_pages, ProcessService};
-use crate::controller::{HostGrants, VirtioSlot};
+use crate::controller::VirtioSlot;
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::legacy::{EventFdTrigger, SerialDevice, I8042};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::{AgentServiceFactory, Vsock};
 use crate::event_loop::Subscriber;
-use crate::snapshot::engine::Engine;
 use crate::stop::StopNotifier;
 use crate::unix_socket::{RemoveOnDrop, SocketFile};
 use crate::vstate::vm::{Vm, VmError};
@@ -171,16 +170,14 @@ impl DeviceManager {
     }
 
     /// Attach a virtio-vsock device whose host side listens on `uds_path`, with the
-    /// snapshot service of `engine` on the agent protocol's port. The host socket file
+    /// snapshot service `service` on the agent protocol's port. The host socket file
     /// is removed when the device manager's owner (the running VM) goes.
     pub fn attach_vsock(
         &mut self,
         vm: &Vm,
         cmdline: &mut Cmdline,
         uds_path: &Path,
-        engine: Arc<Engine>,
-        grants: Arc<HostGrants>,
-        mem_bytes: u64,
+        service: ProcessService,
     ) -> Result<(), DeviceError> {
         let err = |source: Box<dyn std::error::Error + Send + Sync>| DeviceError::Vsock {
             path: uds_path.display().to_string(),
@@ -190,7 +187,8 @@ impl DeviceManager {
         let socket_file: SocketFile = vsock.muxer().socket_file().clone();
         // From here on, an error removes the socket file again.
         let socket_file = RemoveOnDrop(socket_file);
-        let service = Arc::new(Mutex::new(ProcessService::new(engine, grants, mem_bytes)));
+        let mem_bytes = service.mem_bytes();
+        let service = Arc::new(Mutex::new(service));
         vsock
             .register_service(
                 guest_agent::protocol::SNAPSHOT_SERVICE_PORT,

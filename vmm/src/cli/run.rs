@@ -72,6 +72,11 @@ pub struct RunArgs {
     /// (no page is copied: the pages become copy-before-write) and log what it cost.
     #[arg(long, value_name = "NAME", conflicts_with = "payload")]
     pub snapshot_at_ready: Option<String>,
+    /// Bytes of the store that guest-owned snapshots (made by guest users through the
+    /// agent) may claim together, with K, M or G suffix; a save beyond it is refused
+    /// (NoSpace). Default: a quarter of the block area. Host snapshots are not counted.
+    #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
+    pub guest_quota: Option<u64>,
     /// Run without the per-thread seccomp filters (to debug a VMM stopped by "forbidden
     /// system call"; see docs/security.md).
     #[arg(long)]
@@ -249,7 +254,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
     };
     let engine = builder.engine().clone();
     if let Some(path) = &args.vsock_sock {
-        builder.add_vsock(path)?;
+        builder.add_vsock(
+            path,
+            crate::controller::process::GuestLimits {
+                quota_bytes: args.guest_quota,
+                ..Default::default()
+            },
+        )?;
     }
     if let Some(name) = args.snapshot_at_ready.clone() {
         let pages = cfg.mem_bytes / 4096;

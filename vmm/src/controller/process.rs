@@ -75,23 +75,123 @@ struct ProcessBlob {
     runs: Vec<Run>,
 }
 
+/// What guest users together may keep in the store. Guest-owned snapshots are created
+/// only within these limits, so guests alone cannot fill the block area; the host's own
+/// snapshots are never counted or dropped for them (docs/pool-format.md, "When the block
+/// area is full").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestLimits {
+    /// Bytes of blocks and metadata that all guest-owned snapshots together may claim
+    /// (see [`guest_charge`]); `None`: a quarter of the block area.
+    pub quota_bytes: Option<u64>,
+    /// Guest-owned snapshots per guest uid.
+    pub max_per_uid: usize,
+    /// Guest-owned snapshots in all (so a List for guest root is complete, and small).
+    pub max_total: usize,
+}
+
+impl Default for GuestLimits {
+    fn default() -> Self {
+        Self {
+            quota_bytes: None,
+            max_per_uid: 256,
+            max_total: 1024,
+        }
+    }
+}
+
+/// Catalog bytes a snapshot costs beyond its runs (name, owner, times, labels, process
+/// info, at most): charged to guest snapshots.
+const CATALOG_BYTES_PER_SNAPSHOT: u64 = 512;
+/// Catalog bytes per page run.
+const CATALOG_BYTES_PER_RUN: u64 = 24;
+
+/// What a guest snapshot may come to cost the store: a block for each of its pages (it
+/// takes one when the page is first written), the blocks of its state blob (the agent's
+/// run list, absent runs included) and its catalog entry.
+pub fn guest_charge(pages: u64, state_len: u64, runs: u64) -> u64 {
+    pages
+        .saturating_mul(PAGE)
+        .saturating_add(state_len.div_ceil(PAGE) * PAGE)
+        .saturating_add(CATALOG_BYTES_PER_SNAPSHOT)
+        .saturating_add(runs.saturating_mul(CATALOG_BYTES_PER_RUN))
+}
+
 /// Serves the agent protocol on top of the engine.
 #[derive(Debug)]
 pub struct ProcessService {
     engine: Arc<Engine>,
     grants: Arc<HostGrants>,
     mem_bytes: u64,
+    limits: GuestLimits,
 }
 
 impl ProcessService {
     /// A service for a guest with `mem_bytes` of RAM; saves carrying a token of
-    /// `grants` become host-owned.
-    pub fn new(engine: Arc<Engine>, grants: Arc<HostGrants>, mem_bytes: u64) -> Self {
+    /// `grants` become host-owned; guest-owned snapshots stay within `limits`.
+    pub fn new(
+        engine: Arc<Engine>,
+        grants: Arc<HostGrants>,
+        mem_bytes: u64,
+        limits: GuestLimits,
+    ) -> Self {
         Self {
             engine,
             grants,
             mem_bytes,
+            limits,
         }
+    }
+
+    /// Guest RAM in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_bytes
+    }
+
+    /// The guest quota in bytes.
+    pub fn quota_bytes(&self) -> u64 {
+        self.limits.quota_bytes.unwrap_or_else(|| {
+            let blocks = lock_pool(self.engine.pool()).geometry().block_count;
+            blocks * PAGE / 4
+        })
+    }
+
+    /// Refuse a new snapshot of guest `uid` that would break the limits: its count
+    /// per uid, the count in all, or the quota (counting what it may come to cost).
+    fn check_limits(&self, uid: u32, charge: u64) -> Result<(), ErrorReply> {
+        let quota = self.quota_bytes();
+        let (mut used, mut total, mut of_uid) = (0u64, 0usize, 0usize);
+        for s in lock_pool(self.engine.pool()).list() {
+            if let Owner::Guest(o) = s.owner {
+                used = used.saturating_add(guest_charge(s.pages, s.state_len, s.runs.len() as u64));
+                total += 1;
+                of_uid += usize::from(o == uid);
+            }
+        }
+        let refuse = |m: String| {
+            crate::guest_warn!("snapshot service: refusing a save of uid {uid}: {m}");
+            Err(ErrorReply::new(ErrorCode::NoSpace, m))
+        };
+        if of_uid >= self.limits.max_per_uid {
+            return refuse(format!(
+                "uid {uid} has {of_uid} snapshots, the most a guest uid may keep; delete one"
+            ));
+        }
+        if total >= self.limits.max_total {
+            return refuse(format!(
+                "guest users have {total} snapshots, the most the guest may keep"
+            ));
+        }
+        if used.saturating_add(charge) > quota {
+            return refuse(format!(
+                "guest quota exceeded: guest snapshots may claim {} KiB of the store, they \
+                 claim {} KiB and this one needs {} KiB",
+                quota >> 10,
+                used >> 10,
+                charge >> 10
+            ));
+        }
+        Ok(())
     }
 
     fn ram_runs(&self, r: &Run) -> Result<Vec<PageRun>, ErrorReply> {
@@ -162,6 +262,12 @@ impl ProcessService {
             runs: s.runs.clone(),
         })
         .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
+        if let Owner::Guest(uid) = owner {
+            self.check_limits(
+                uid,
+                guest_charge(present, state.len() as u64, runs.len() as u64),
+            )?;
+        }
         let meta = SnapshotMeta {
             owner,
             labels: Vec::new(),
@@ -396,7 +502,12 @@ mod tests {
         let (_dir, engine, ram) = setup(64);
         let engine = Arc::new(engine);
         let grants = Arc::new(HostGrants::default());
-        let mut svc = ProcessService::new(engine.clone(), grants.clone(), 64 * PAGE);
+        let mut svc = ProcessService::new(
+            engine.clone(),
+            grants.clone(),
+            64 * PAGE,
+            GuestLimits::default(),
+        );
         for p in 0..64 {
             ram.fill_page(p, p as u8);
         }
@@ -533,11 +644,81 @@ mod tests {
     }
 
     #[test]
+    fn guest_snapshots_stay_within_the_quota_and_the_counts_host_ones_are_not_counted() {
+        let (_dir, engine, _ram) = setup(64);
+        let engine = Arc::new(engine);
+        let grants = Arc::new(HostGrants::default());
+        // Two 2-page snapshots do not fit 20 KiB (each may claim 2 blocks, a state
+        // block and its catalog entry: 12.5 KiB).
+        let limits = GuestLimits {
+            quota_bytes: Some(20 << 10),
+            max_per_uid: 3,
+            max_total: 4,
+        };
+        let mut svc = ProcessService::new(engine.clone(), grants.clone(), 64 * PAGE, limits);
+        assert!(matches!(
+            handle(&mut svc, 1000, save_req("a", 2)),
+            Reply::Saved { .. }
+        ));
+        let over = handle(&mut svc, 1001, save_req("b", 2));
+        assert_eq!(err_code(over), ErrorCode::NoSpace);
+        // A host-owned save (ctl snapshot-process) is not the guest's to pay.
+        let host_save = GuestRequest {
+            host_token: Some(grants.grant("h")),
+            ..GuestRequest::new(0, save_req("h", 8))
+        };
+        assert!(matches!(svc.handle(host_save), Reply::Saved { .. }));
+        // Deleting frees the quota.
+        assert!(matches!(
+            handle(&mut svc, 1000, Request::Delete { name: "a".into() }),
+            Reply::Deleted { .. }
+        ));
+        assert!(matches!(
+            handle(&mut svc, 1001, save_req("b", 2)),
+            Reply::Saved { .. }
+        ));
+
+        // The counts, with quota to spare: 3 per uid, 4 in all.
+        let limits = GuestLimits {
+            quota_bytes: Some(1 << 30),
+            ..limits
+        };
+        let mut svc = ProcessService::new(engine.clone(), grants, 64 * PAGE, limits);
+        for n in ["c1", "c2"] {
+            assert!(matches!(
+                handle(&mut svc, 1001, save_req(n, 1)),
+                Reply::Saved { .. }
+            ));
+        }
+        let fourth = handle(&mut svc, 1001, save_req("c3", 1));
+        assert_eq!(err_code(fourth), ErrorCode::NoSpace, "3 per uid");
+        assert!(matches!(
+            handle(&mut svc, 1002, save_req("d", 1)),
+            Reply::Saved { .. }
+        ));
+        let fifth = handle(&mut svc, 1003, save_req("e", 1));
+        assert_eq!(err_code(fifth), ErrorCode::NoSpace, "4 in all");
+        // The default quota is a quarter of the block area (64 blocks here).
+        let svc = ProcessService::new(
+            engine,
+            Arc::new(HostGrants::default()),
+            64 * PAGE,
+            GuestLimits::default(),
+        );
+        assert_eq!(svc.quota_bytes(), 16 * PAGE);
+    }
+
+    #[test]
     fn snapshots_belong_to_their_owner() {
         let (_dir, engine, _ram) = setup(64);
         let engine = Arc::new(engine);
         let grants = Arc::new(HostGrants::default());
-        let mut svc = ProcessService::new(engine.clone(), grants.clone(), 64 * PAGE);
+        let mut svc = ProcessService::new(
+            engine.clone(),
+            grants.clone(),
+            64 * PAGE,
+            GuestLimits::default(),
+        );
         // Root's, user 1000's and the host's snapshot, all named "s": separate name
         // spaces, no collision.
         assert!(matches!(
