@@ -12,7 +12,9 @@ const CMD_TIMEOUT: Duration = Duration::from_secs(600);
 fn agent_saves_and_restores_process_memory_in_a_real_guest() {
     require_kvm!("agent_saves_and_restores_process_memory_in_a_real_guest");
     // Restored from the suite's ready template: no boot.
-    let rg = ready_guest(&[]);
+    // A guest quota of 100 MiB: room for what the test saves below (about 84 MiB of
+    // guest-owned snapshots) and one more 8 MiB save, not two.
+    let rg = ready_guest(&[("PMSNAP_GUEST_QUOTA", "100M")]);
     let api = rg.api.clone();
     let mut g = rg.guest;
     let mut run = |cmd: &str| {
@@ -209,6 +211,34 @@ fn agent_saves_and_restores_process_memory_in_a_real_guest() {
     for want in ["hp", "guest:0/h2", "guest:0/mine", "guest:65534/mine"] {
         assert!(names.contains(&want), "{want} in {names:?}");
     }
+
+    // The guest quota (issue 12): guest saves beyond it are refused with NoSpace; the
+    // host's snapshots are neither counted nor touched, and the VMM goes on.
+    let mut refused = None;
+    for i in 1..=4 {
+        let (out, rc) = run(&format!(
+            "pmsnap-agent save --pid {pid} --range {range} --name q{i} 2>&1"
+        ));
+        if rc != 0 {
+            refused = Some((i, out));
+            break;
+        }
+    }
+    let (i, out) = refused.expect("a save beyond the 100 MiB guest quota is refused");
+    assert!(i >= 2, "the first 8 MiB save fits the quota: {out}");
+    assert!(
+        out.contains("NoSpace") && out.contains("guest quota exceeded"),
+        "{out}"
+    );
+    let hp_after = ctl_json(&api, &["inspect", "hp"]);
+    assert_eq!(
+        hp_after["pages"], 2048,
+        "the host's snapshot is intact: {hp_after}"
+    );
+    let (out, rc) = run(&format!(
+        "pmsnap-agent rm q1 2>&1 && pmsnap-agent save --pid {pid} --range {range} --name q9 2>&1"
+    ));
+    assert_eq!(rc, 0, "a delete frees quota: {out}");
 
     g.send_line("poweroff -f");
     let status = g.wait_exit(Duration::from_secs(120));

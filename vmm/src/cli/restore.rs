@@ -66,7 +66,12 @@ pub struct RestoreArgs {
     /// Bytes of the store that guest-owned snapshots (made by guest users through the
     /// agent) may claim together, with K, M or G suffix; a save beyond it is refused
     /// (NoSpace). Default: a quarter of the block area. Host snapshots are not counted.
-    #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
+    #[arg(
+        long,
+        value_name = "SIZE",
+        value_parser = parse_mem,
+        env = "PMSNAP_GUEST_QUOTA"
+    )]
     pub guest_quota: Option<u64>,
     /// Run without the per-thread seccomp filters (to debug a VMM stopped by "forbidden
     /// system call"; see docs/security.md).

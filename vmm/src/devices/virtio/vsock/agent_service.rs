@@ -11,7 +11,9 @@
 //! the service believe the guest uid each request names: the agent sets it from the
 //! kernel's `SO_PEERCRED` for the application it serves (docs/protocol.md).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use guest_agent::protocol::{
     ErrorCode, ErrorReply, FrameBuffer, GuestRequest, ProtocolError, Reply, MAX_LIST_ENTRIES,
@@ -20,6 +22,47 @@ use guest_agent::protocol::{
 /// Highest guest source port the service accepts connections from (the privileged
 /// ports, which only guest root can bind).
 pub const MAX_PRIVILEGED_PORT: u32 = 1023;
+
+/// Connections to the service open at once; more are reset. Each may buffer one frame
+/// (at most `HEADER_LEN + MAX_PAYLOAD_LEN`, about 4 MiB), so this bounds what guest input
+/// can make the VMM hold to about 32 MiB.
+pub const MAX_SERVICE_CONNECTIONS: usize = 8;
+
+/// Requests a connection may make in a burst, and per second after it; beyond, a
+/// request gets a `Busy` error reply without being carried out (so a flood of cheap
+/// requests cannot make the VMM produce large replies, such as lists, without end).
+pub const REQUEST_BURST: f64 = 32.0;
+/// See [`REQUEST_BURST`].
+pub const REQUESTS_PER_SECOND: f64 = 64.0;
+
+/// A token bucket: [`REQUEST_BURST`] tokens, refilled at [`REQUESTS_PER_SECOND`].
+#[derive(Debug)]
+struct RateLimit {
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateLimit {
+    fn new() -> Self {
+        Self {
+            tokens: REQUEST_BURST,
+            at: Instant::now(),
+        }
+    }
+
+    /// Take a token at `now`; false when none is left.
+    fn take(&mut self, now: Instant) -> bool {
+        let secs = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + secs * REQUESTS_PER_SECOND).min(REQUEST_BURST);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 use super::connection::{VsockService, VsockServiceFactory};
 use crate::guest_warn;
@@ -39,6 +82,17 @@ pub struct AgentService {
     backend: Arc<Mutex<dyn AgentBackend>>,
     ram_pages: u64,
     frames: FrameBuffer,
+    rate: RateLimit,
+    /// The factory's count of open connections, decremented when this one goes.
+    live: Option<Arc<AtomicUsize>>,
+}
+
+impl Drop for AgentService {
+    fn drop(&mut self) {
+        if let Some(live) = &self.live {
+            live.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl std::fmt::Debug for AgentService {
@@ -75,10 +129,25 @@ impl AgentService {
             backend,
             ram_pages,
             frames: FrameBuffer::new(),
+            rate: RateLimit::new(),
+            live: None,
         }
     }
 
     fn serve(&mut self, frame: &[u8], out: &mut Vec<u8>) {
+        if !self.rate.take(Instant::now()) {
+            crate::guest_warn!(
+                "agent service: rate limit: more than {REQUESTS_PER_SECOND} requests a second"
+            );
+            let e = ErrorReply::new(
+                ErrorCode::Busy,
+                format!(
+                    "rate limit: at most {REQUESTS_PER_SECOND} requests a second per \
+                     connection (bursts of {REQUEST_BURST}); retry later"
+                ),
+            );
+            return encode(&Reply::Error(e), out);
+        }
         let req = match GuestRequest::decode(frame)
             .and_then(|r| r.validate(self.ram_pages).map(|()| r))
         {
@@ -121,6 +190,7 @@ impl VsockService for AgentService {
 pub struct AgentServiceFactory {
     backend: Arc<Mutex<dyn AgentBackend>>,
     ram_pages: u64,
+    live: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for AgentServiceFactory {
@@ -134,17 +204,33 @@ impl std::fmt::Debug for AgentServiceFactory {
 impl AgentServiceFactory {
     /// Serve `backend` for guest RAM of `ram_pages` pages.
     pub fn new(backend: Arc<Mutex<dyn AgentBackend>>, ram_pages: u64) -> Self {
-        Self { backend, ram_pages }
+        Self {
+            backend,
+            ram_pages,
+            live: Arc::new(AtomicUsize::new(0)),
+        }
     }
 }
 
 impl VsockServiceFactory for AgentServiceFactory {
     fn accepts(&self, peer_port: u32) -> bool {
-        peer_port <= MAX_PRIVILEGED_PORT
+        if peer_port > MAX_PRIVILEGED_PORT {
+            return false;
+        }
+        if self.live.load(Ordering::SeqCst) >= MAX_SERVICE_CONNECTIONS {
+            crate::guest_warn!(
+                "agent service: refusing a connection: {MAX_SERVICE_CONNECTIONS} are open"
+            );
+            return false;
+        }
+        true
     }
 
     fn connect(&mut self, _peer_port: u32) -> Box<dyn VsockService> {
-        Box::new(AgentService::new(self.backend.clone(), self.ram_pages))
+        self.live.fetch_add(1, Ordering::SeqCst);
+        let mut svc = AgentService::new(self.backend.clone(), self.ram_pages);
+        svc.live = Some(self.live.clone());
+        Box::new(svc)
     }
 }
 
@@ -249,6 +335,56 @@ mod tests {
         let b = Arc::new(Mutex::new(FakeBackend::default()));
         let svc = AgentService::new(b.clone(), 1000);
         (b, svc)
+    }
+
+    #[test]
+    fn a_request_flood_gets_busy_replies_beyond_the_burst() {
+        let (backend, mut svc) = setup();
+        let mut stream = Vec::new();
+        for _ in 0..200 {
+            stream.extend(req(Request::List).encode().expect("encode"));
+        }
+        let mut out = Vec::new();
+        assert!(svc.on_data(&stream, &mut out), "the connection stays");
+        let r = replies(&out);
+        assert_eq!(r.len(), 200, "every request gets an answer");
+        let served = r.iter().filter(|r| matches!(r, Reply::List(_))).count();
+        // The burst, plus what the bucket refilled while the loop ran (microseconds).
+        assert!((32..=40).contains(&served), "{served} served");
+        assert!(r[served..].iter().all(|r| code(r) == ErrorCode::Busy));
+        assert_eq!(backend.lock().expect("lock").calls, served);
+    }
+
+    #[test]
+    fn the_rate_limit_refills_with_time() {
+        let t0 = Instant::now();
+        let mut rl = RateLimit {
+            tokens: 0.0,
+            at: t0,
+        };
+        assert!(!rl.take(t0));
+        // 64 a second: one token after 1/64 s, the burst at most after a long pause.
+        assert!(rl.take(t0 + std::time::Duration::from_millis(16)));
+        assert!(!rl.take(t0 + std::time::Duration::from_millis(16)));
+        let later = t0 + std::time::Duration::from_secs(10);
+        let granted = (0..100).filter(|_| rl.take(later)).count();
+        assert_eq!(granted, 32);
+    }
+
+    #[test]
+    fn connections_beyond_the_cap_are_refused_until_one_closes() {
+        let b: Arc<Mutex<dyn AgentBackend>> = Arc::new(Mutex::new(FakeBackend::default()));
+        let mut f = AgentServiceFactory::new(b, 1000);
+        assert!(!f.accepts(1024), "unprivileged ports never");
+        let mut open: Vec<_> = (0..MAX_SERVICE_CONNECTIONS)
+            .map(|_| {
+                assert!(f.accepts(1000));
+                f.connect(1000)
+            })
+            .collect();
+        assert!(!f.accepts(1000), "the cap");
+        open.pop();
+        assert!(f.accepts(1000), "a closed connection frees its place");
     }
 
     #[test]
