@@ -240,6 +240,29 @@ fn agent_saves_and_restores_process_memory_in_a_real_guest() {
     ));
     assert_eq!(rc, 0, "a delete frees quota: {out}");
 
+    // Floods from guest root (issue 12): at most 8 connections at once, and a burst of
+    // requests on one gets Busy beyond the rate limit; the VMM and the agent go on.
+    let (out, rc) = run("pmsnap-memtest flood --connections 12 --requests 200 2>&1");
+    assert_eq!(rc, 0, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("memtest: flood:"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let num = |after: &str| -> u64 {
+        line.split(after)
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.trim_end_matches([',', ';']).parse().ok())
+            .unwrap_or_else(|| panic!("{after:?} in {line}"))
+    };
+    let accepted = num("connections ");
+    assert!((1..=8).contains(&accepted), "{line}");
+    let (listed, busy) = (num("200: "), num("listed, "));
+    assert!(listed >= 32 && busy > 0 && listed + busy == 200, "{line}");
+    assert_eq!(ctl_json(&api, &["status"])["state"], "running");
+    let (out, rc) = run("pmsnap-agent list --json");
+    assert_eq!(rc, 0, "the agent still works after the floods: {out}");
+
     g.send_line("poweroff -f");
     let status = g.wait_exit(Duration::from_secs(120));
     assert_eq!(

@@ -128,6 +128,19 @@ enum Mode {
         #[arg(long, default_value_t = 0)]
         claim_uid: u32,
     },
+    /// As guest root, hit the VMM's snapshot service as an attacker would: open
+    /// `--connections` connections from privileged ports at once (the VMM keeps at most
+    /// 8), then send `--requests` List requests back to back on one of them (beyond a
+    /// burst the VMM answers Busy). Prints `memtest: flood: connections A of M accepted;
+    /// requests N: L listed, B busy, E other errors`.
+    Flood {
+        /// Connections to open at once.
+        #[arg(long, default_value_t = 12)]
+        connections: usize,
+        /// Requests to send on one connection, in one write.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+    },
     /// Measure the save pause against copying the same pages out, per size.
     Bench {
         /// Sizes in MiB.
@@ -241,6 +254,56 @@ fn as_uid(uid: u32, cmd: &[String]) -> Result<(), String> {
     }
     let e = Command::new(&cmd[0]).args(&cmd[1..]).exec();
     Err(format!("memtest: FAIL exec {}: {e}", cmd[0]))
+}
+
+fn flood(connections: usize, requests: usize) -> Result<(), String> {
+    use guest_agent::protocol::{ErrorCode, Reply};
+    // Connections: keep every accepted one open until the count is done. A refused one
+    // is reset, which shows at connect or at the first read.
+    let mut open = Vec::new();
+    for _ in 0..connections {
+        let Ok(mut s) = VsockStream::connect_privileged(HOST_CID, SNAPSHOT_SERVICE_PORT) else {
+            continue;
+        };
+        let _ = s.set_read_timeout(std::time::Duration::from_secs(30));
+        let frame = GuestRequest::new(0, Request::List)
+            .encode()
+            .map_err(|e| e.to_string())?;
+        if write_frame(&mut s, &frame).is_ok() && matches!(read_frame(&mut s), Ok(Some(_))) {
+            open.push(s);
+        }
+    }
+    let accepted = open.len();
+    open.truncate(1);
+    let Some(mut s) = open.pop() else {
+        return Err("no connection was accepted".into());
+    };
+    let one = GuestRequest::new(0, Request::List)
+        .encode()
+        .map_err(|e| e.to_string())?;
+    let burst: Vec<u8> = one
+        .iter()
+        .copied()
+        .cycle()
+        .take(one.len() * requests)
+        .collect();
+    write_frame(&mut s, &burst).map_err(|e| e.to_string())?;
+    let (mut listed, mut busy, mut other) = (0, 0, 0);
+    for _ in 0..requests {
+        match read_frame(&mut s) {
+            Ok(Some(f)) => match Reply::decode(&f) {
+                Ok(Reply::List(_)) => listed += 1,
+                Ok(Reply::Error(e)) if e.code == ErrorCode::Busy => busy += 1,
+                _ => other += 1,
+            },
+            Ok(None) | Err(_) => break,
+        }
+    }
+    println!(
+        "memtest: flood: connections {accepted} of {connections} accepted; requests \
+         {requests}: {listed} listed, {busy} busy, {other} other errors"
+    );
+    Ok(())
 }
 
 fn probe_vsock(claim_uid: u32) -> Result<(), String> {
@@ -405,6 +468,10 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Mode::AsUid { uid, cmd } => as_uid(uid, &cmd)?,
         Mode::ProbeVsock { claim_uid } => probe_vsock(claim_uid)?,
+        Mode::Flood {
+            connections,
+            requests,
+        } => flood(connections, requests)?,
         Mode::Bench {
             sizes,
             dir,
