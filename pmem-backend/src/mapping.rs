@@ -49,6 +49,49 @@ impl Mapping {
         Ok(Mapping { ptr, len })
     }
 
+    /// Make the mapping cover the first `new_len` bytes of `file` (which must be at
+    /// least that long; `new_len` at least the current length), for a pool whose block
+    /// area grew. `mremap(MREMAP_MAYMOVE)` keeps the pages already faulted in; where the
+    /// kernel refuses it (hugetlbfs before Linux 5.17) a fresh mapping of the new length
+    /// replaces this one. Either way the base address may change: `&mut self` means no
+    /// reference into the mapping is alive, and callers must make sure no raw pointer
+    /// taken earlier ([`Mapping::as_ptr`]) is used afterwards (the pool stops its
+    /// pre-fault thread, the only other holder, first). On error the mapping is
+    /// unchanged.
+    pub fn grow(&mut self, file: &File, new_len: usize) -> io::Result<()> {
+        if new_len < self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a mapping only grows",
+            ));
+        }
+        if new_len == self.len {
+            return Ok(());
+        }
+        // SAFETY: ptr/len are exactly this mapping (what mmap or an earlier mremap
+        // returned); with MREMAP_MAYMOVE the kernel either moves it whole or leaves it
+        // untouched on failure. No Rust reference into it exists (`&mut self`).
+        let p = unsafe {
+            libc::mremap(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                new_len,
+                libc::MREMAP_MAYMOVE,
+            )
+        };
+        if p != libc::MAP_FAILED {
+            self.ptr =
+                NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mremap gave NULL"))?;
+            self.len = new_len;
+            return Ok(());
+        }
+        let remap_err = io::Error::last_os_error();
+        log::debug!("mremap of the pool mapping: {remap_err}; mapping it anew");
+        // The old mapping is unmapped when the new one replaces it.
+        *self = Mapping::new(file, new_len)?;
+        Ok(())
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
@@ -187,5 +230,27 @@ mod tests {
         m.read_at(0, &mut b).expect("read");
         assert_eq!(b, [1, 2]);
         assert!(m.copy_within(0, 1, 2).is_err());
+    }
+
+    #[test]
+    fn grow_keeps_the_bytes_and_covers_the_new_length() {
+        let f = tempfile::tempfile().expect("tempfile");
+        f.set_len(8192).expect("set_len");
+        let mut m = Mapping::new(&f, 8192).expect("map");
+        m.write_at(8190, &[7, 8]).expect("write");
+        assert!(m.grow(&f, 4096).is_err(), "never shrinks");
+        m.grow(&f, 8192).expect("same length is a no-op");
+        f.set_len(5 * 4096).expect("extend the file");
+        m.grow(&f, 5 * 4096).expect("grow");
+        assert_eq!(m.len(), 5 * 4096);
+        let mut b = [0u8; 2];
+        m.read_at(8190, &mut b).expect("old bytes");
+        assert_eq!(b, [7, 8]);
+        m.write_at(5 * 4096 - 2, &[9, 9])
+            .expect("the new end is writable");
+        assert!(m.write_at(5 * 4096 - 1, &[1, 1]).is_err());
+        use std::os::unix::fs::FileExt;
+        f.read_exact_at(&mut b, 5 * 4096 - 2).expect("read file");
+        assert_eq!(b, [9, 9], "shared: the write reached the file");
     }
 }
