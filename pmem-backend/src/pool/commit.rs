@@ -7,7 +7,7 @@
 use super::Pool;
 use crate::catalog::{self, Snapshot};
 use crate::error::{PoolError, Result};
-use crate::superblock::{Superblock, SB_SIZE};
+use crate::superblock::{Geometry, Superblock, SB_SIZE};
 
 impl Pool {
     /// Commit a new catalog generation: the current snapshots, plus `extra`, minus the
@@ -20,11 +20,28 @@ impl Pool {
         skip: Option<u64>,
         next_id: u64,
     ) -> Result<()> {
-        let gen = self
-            .sb
+        let gen = self.next_generation()?;
+        let bytes = self.encode_catalog(gen, extra, skip, next_id);
+        self.commit_catalog(gen, &bytes, self.geo)
+    }
+
+    /// The generation the next commit writes.
+    pub(super) fn next_generation(&self) -> Result<u64> {
+        self.sb
             .generation
             .checked_add(1)
-            .ok_or_else(|| PoolError::Corrupt("generation counter exhausted".into()))?;
+            .ok_or_else(|| PoolError::Corrupt("generation counter exhausted".into()))
+    }
+
+    /// The catalog of generation `gen`: the current snapshots, plus `extra`, minus the
+    /// snapshot with id `skip`, with `next_id`.
+    pub(super) fn encode_catalog(
+        &self,
+        gen: u64,
+        extra: Option<&Snapshot>,
+        skip: Option<u64>,
+        next_id: u64,
+    ) -> Vec<u8> {
         let dropping = skip.and_then(|id| self.snapshots.iter().find(|s| s.id == id));
         let blocks = self.index.catalog_blocks(dropping);
         let snaps = self
@@ -32,24 +49,34 @@ impl Pool {
             .iter()
             .filter(|s| Some(s.id) != skip)
             .chain(extra);
-        let bytes = catalog::encode(gen, next_id, snaps, blocks.into_iter());
-        if bytes.len() as u64 > self.geo.meta_slot_size {
+        catalog::encode(gen, next_id, snaps, blocks.into_iter())
+    }
+
+    /// Commit `bytes` (encoded by `encode_catalog` for `gen`) as generation `gen`, whose
+    /// superblock describes `geo` (the pool's geometry, except when the block area
+    /// grows). The catalog goes into slot `gen % 2` and is persisted, then superblock copy
+    /// `gen % 2` is written and persisted; only then do the superblock, the geometry and
+    /// the log tail in memory change.
+    pub(super) fn commit_catalog(&mut self, gen: u64, bytes: &[u8], geo: Geometry) -> Result<()> {
+        if bytes.len() as u64 > geo.meta_slot_size {
             return Err(PoolError::MetadataFull {
                 needed: bytes.len() as u64,
-                capacity: self.geo.meta_slot_size,
+                capacity: geo.meta_slot_size,
             });
         }
         let slot = (gen % 2) as u32;
-        let off = self.geo.meta_slot_offset(slot);
-        self.write_persist(off, &bytes, "catalog")?;
+        let off = geo.meta_slot_offset(slot);
+        self.write_persist(off, bytes, "catalog")?;
         let sb = Superblock {
             generation: gen,
+            geometry: geo,
             catalog_slot: slot,
             catalog_len: bytes.len() as u64,
             ..self.sb
         };
         self.write_persist((gen % 2) * SB_SIZE, &sb.encode(), "superblock")?;
         self.sb = sb;
+        self.geo = geo;
         self.log_tail = 0;
         Ok(())
     }
