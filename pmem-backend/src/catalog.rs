@@ -22,6 +22,13 @@ pub const REC_BLOCK_TABLE: u32 = 1;
 /// Record type: one snapshot.
 pub const REC_SNAPSHOT: u32 = 2;
 
+/// Catalog bytes a block adds when it holds a preserved page that one snapshot
+/// references: its block-table entry (block u32, crc32c u32) and that snapshot's
+/// redirect (page u64, block u32). Each further snapshot sharing the block adds another
+/// 12; a state-blob block adds 4 (its number in the blob's list). Growing the block area
+/// reserves this much metadata-slot room per free block (`Pool::grow_blocks`).
+pub const CATALOG_BYTES_PER_BLOCK: u64 = 8 + 12;
+
 /// Longest snapshot name / label key.
 pub const MAX_NAME_LEN: usize = 64;
 /// Longest label value / command name.
@@ -461,6 +468,22 @@ mod tests {
         assert!(decode(&bytes, 8)
             .expect_err("wrong gen")
             .contains("generation"));
+    }
+
+    /// `CATALOG_BYTES_PER_BLOCK` is what the encoder really spends per preserved page.
+    #[test]
+    fn a_preserved_block_costs_the_catalog_twenty_bytes() {
+        let mut s = snap();
+        s.runs = vec![PageRun::new(0, 1000)];
+        s.page_set = normalize_runs(&s.runs);
+        s.process = None;
+        s.kind = SnapshotKind::Vm;
+        s.redirects.clear();
+        let empty = encode(1, 4, [&s].into_iter(), std::iter::empty::<(u32, u32)>()).len();
+        s.redirects = (0..100).map(|p| (p * 3, 500 + p as u32)).collect();
+        let table: Vec<(u32, u32)> = s.redirects.values().map(|&b| (b, 0)).collect();
+        let full = encode(1, 4, [&s].into_iter(), table.into_iter()).len();
+        assert_eq!((full - empty) as u64, 100 * CATALOG_BYTES_PER_BLOCK);
     }
 
     #[test]

@@ -77,6 +77,21 @@ pub enum PoolError {
         /// Blocks in the pool.
         total: u64,
     },
+    /// Growing the block area could not extend the pool file (no space left on its
+    /// filesystem, a file size limit, ...). The pool is unchanged: same geometry, same
+    /// file length.
+    #[error(
+        "cannot extend pool {path} to {size} bytes to grow its block area; the pool is unchanged"
+    )]
+    Extend {
+        /// The pool file.
+        path: PathBuf,
+        /// The file size growing needed.
+        size: u64,
+        /// The underlying error (ENOSPC on a full tmpfs).
+        #[source]
+        source: io::Error,
+    },
     /// The catalog no longer fits in its metadata slot.
     #[error("metadata area full: catalog needs {needed} bytes, slot holds {capacity}")]
     MetadataFull {

@@ -59,7 +59,7 @@ pub use error::{PoolError, Result};
 pub use lock::{claim_unused, PoolUse, UnusedPool};
 pub use persist::{CrashSim, MsyncPersist, Persist, Tear};
 pub use pool::{
-    GcReport, Pool, PoolOptions, Problem, ProtectError, RecoveryReport, VerifyReport,
+    GcReport, GrowReport, Pool, PoolOptions, Problem, ProtectError, RecoveryReport, VerifyReport,
     DEFAULT_LOG_RECORDS,
 };
 pub use types::{

@@ -52,7 +52,7 @@ impl Mapping {
     /// Make the mapping cover the first `new_len` bytes of `file` (which must be at
     /// least that long; `new_len` at least the current length), for a pool whose block
     /// area grew. `mremap(MREMAP_MAYMOVE)` keeps the pages already faulted in; where the
-    /// kernel refuses it (hugetlbfs before Linux 5.17) a fresh mapping of the new length
+    /// kernel refuses it (older kernels on hugetlbfs) a fresh mapping of the new length
     /// replaces this one. Either way the base address may change: `&mut self` means no
     /// reference into the mapping is alive, and callers must make sure no raw pointer
     /// taken earlier ([`Mapping::as_ptr`]) is used afterwards (the pool stops its

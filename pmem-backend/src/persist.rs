@@ -214,8 +214,10 @@ impl Persist for CrashSim {
                 len
             };
             let start = range.start as usize;
-            // The file's size is set at creation (a metadata operation that is durable
-            // before any data write), so the image always spans the whole mapping.
+            // The file's size is set at creation, or by a growth of the block area before
+            // its commit (metadata operations that are durable before any later data
+            // write), so the image always spans the whole mapping: after a growth, from
+            // its first persist on, whatever that persist's fate.
             let size = map.len().max(start + len);
             if st.image.len() < size {
                 st.image.resize(size, 0);

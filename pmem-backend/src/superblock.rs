@@ -23,7 +23,8 @@ pub const RAM_ALIGN: u64 = 2 << 20;
 /// Bytes per redirect-log record.
 pub const LOG_RECORD_SIZE: u64 = 32;
 
-/// Where everything is in the pool file; fixed at creation.
+/// Where everything is in the pool file; fixed at creation, except that the block area
+/// (the last area) can grow: `Pool::grow_blocks` raises `block_count` and `file_size`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
     /// File size.
@@ -196,6 +197,31 @@ impl Geometry {
             ));
         }
         Ok(())
+    }
+
+    /// The same layout with `block_count` blocks. The block area is the last area of the
+    /// file, so only it and the file size change (rounded up to 2 MiB, as at creation);
+    /// RAM, its offset, the log and the metadata slots stay where they are. Errors say
+    /// why the result would not be a valid layout (more than 2^32-1 blocks, overflow).
+    pub fn with_block_count(&self, block_count: u64) -> std::result::Result<Geometry, String> {
+        if block_count > u64::from(u32::MAX) {
+            return Err(format!(
+                "{block_count} blocks: block numbers are 32 bits, at most {} blocks",
+                u32::MAX
+            ));
+        }
+        let file_size = block_count
+            .checked_mul(PAGE_SIZE as u64)
+            .and_then(|b| b.checked_add(self.block_offset))
+            .and_then(|end| align_up(end, RAM_ALIGN))
+            .ok_or_else(|| format!("{block_count} blocks: pool size overflows"))?;
+        let g = Geometry {
+            block_count,
+            file_size,
+            ..*self
+        };
+        g.validate()?;
+        Ok(g)
     }
 
     /// Pages in the RAM area.
@@ -475,6 +501,35 @@ mod tests {
             host_memory_bytes() >= 64 << 20,
             "host memory reads as too small"
         );
+    }
+
+    #[test]
+    fn with_block_count_moves_only_the_end() {
+        let g = Geometry::plan(4 << 20, 1000, 100, 5000).expect("plan");
+        let h = g.with_block_count(3000).expect("more blocks");
+        assert_eq!(h.block_count, 3000);
+        assert_eq!(h.file_size % RAM_ALIGN, 0);
+        assert!(h.file_size >= h.block_offset + 3000 * 4096 && h.file_size > g.file_size);
+        assert_eq!(
+            Geometry {
+                block_count: g.block_count,
+                file_size: g.file_size,
+                ..h
+            },
+            g,
+            "nothing else moved"
+        );
+        assert_eq!(
+            g.with_block_count(1001).expect("same 2 MiB").file_size,
+            g.file_size,
+            "a count that fits the padding keeps the file size"
+        );
+        let e = g
+            .with_block_count(u64::from(u32::MAX) + 1)
+            .expect_err("33-bit block numbers");
+        assert!(e.contains("at most 4294967295 blocks"), "{e}");
+        g.with_block_count(u64::from(u32::MAX))
+            .expect("the format's largest count is a valid layout");
     }
 
     #[test]

@@ -213,6 +213,19 @@ impl RefIndex {
 
     // --- Changing it -------------------------------------------------------------------
 
+    /// The block area grew to `block_count` blocks (more than now): the new blocks are
+    /// free, and are allocated after every block free already (lowest first, as ever).
+    pub(super) fn grow_blocks(&mut self, block_count: u64) {
+        let old = self.block_count();
+        debug_assert!(block_count >= old && block_count <= u64::from(u32::MAX));
+        let n = block_count as usize;
+        self.block_refs.resize(n, 0);
+        self.block_use.resize(n, BlockUse::Free);
+        let mut free: Vec<u32> = (old as u32..block_count as u32).rev().collect();
+        free.extend_from_slice(&self.free_blocks);
+        self.free_blocks = free;
+    }
+
     /// Take `n` blocks off the free list (lowest first). They stay `Free` until marked
     /// used; give them back with [`Self::unalloc`] if the operation fails.
     pub(super) fn alloc_blocks(&mut self, n: u64) -> Result<Vec<u32>> {
@@ -653,6 +666,34 @@ mod tests {
         let mut free = ix.free_blocks.clone();
         free.sort_unstable_by(|a, b| b.cmp(a));
         assert_eq!(re.free_blocks, free);
+    }
+
+    #[test]
+    fn grown_blocks_are_free_and_allocated_after_the_old_free_ones() {
+        let mut ix = RefIndex::new(8, 4);
+        let snaps = vec![snap(1, &[PageRun::new(0, 8)], &[], &[])];
+        ix.take(&snaps[0]);
+        let mut snaps = snaps;
+        let b0 = ix.preserve(&mut snaps, 0, 10);
+        let got = ix.alloc_blocks(2).expect("two of the three free");
+        ix.unalloc(&got);
+        assert_eq!((b0, got.as_slice()), (0, &[1, 2][..]));
+        ix.grow_blocks(7);
+        ix.check().expect("invariants after growing");
+        assert_eq!(ix.free_count(), 6);
+        assert!(ix.is_free(6) && !ix.is_free(0));
+        assert_eq!(
+            ix.alloc_blocks(6).expect("all free blocks"),
+            vec![1, 2, 3, 4, 5, 6]
+        );
+        assert!(matches!(
+            ix.alloc_block(),
+            Err(PoolError::BlockAreaFull {
+                needed: 1,
+                free: 0,
+                total: 7
+            })
+        ));
     }
 
     #[test]

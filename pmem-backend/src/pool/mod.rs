@@ -6,18 +6,21 @@
 //! - `recovery.rs`: opening a pool (superblock, catalog, redirect-log replay);
 //! - `commit.rs`: writing a catalog generation and its superblock;
 //! - `store.rs`: the operations that change the store: snapshot, preserve, delete, gc;
+//! - `grow.rs`: growing the block area of an open pool;
 //! - `copy_back.rs`: restoring RAM from a snapshot;
 //! - `read.rs`: reading snapshots, listings and statistics;
 //! - `verify.rs`: re-reading and checking everything.
 
 mod commit;
 mod copy_back;
+mod grow;
 mod index;
 mod read;
 mod recovery;
 mod store;
 mod verify;
 
+pub use grow::GrowReport;
 pub use recovery::RecoveryReport;
 pub use store::{GcReport, ProtectError};
 pub use verify::{Problem, VerifyReport};
@@ -92,12 +95,7 @@ impl Drop for Pool {
     fn drop(&mut self) {
         // The thread holds the mapping, and the mapping holds the file and so its flock:
         // stop it before the pool is considered closed, so a reopen finds it unlocked.
-        if let Some((stop, thread)) = self.prefault.take() {
-            stop.store(true, Ordering::Relaxed);
-            if thread.join().is_err() {
-                log::warn!("the pool's pre-fault thread panicked");
-            }
-        }
+        self.stop_prefault();
     }
 }
 
@@ -168,22 +166,25 @@ fn take_lock(file: &File, path: &Path) -> Result<()> {
     }
 }
 
-/// Allocate the whole file now, so a full tmpfs fails here with ENOSPC instead of with a
-/// SIGBUS on some later write through the mapping (a preserve, or a guest write).
-/// Filesystems without fallocate keep the sparse file.
-fn reserve_space(file: &File, size: u64, path: &Path) -> Result<()> {
-    let len = libc::off_t::try_from(size)
-        .map_err(|_| PoolError::InvalidArgument("pool too large".into()))?;
+/// Allocate bytes `off..off + len` of the file now (extending it if needed), so a full
+/// tmpfs fails here with ENOSPC instead of with a SIGBUS on some later write through the
+/// mapping (a preserve, or a guest write). Filesystems without fallocate keep the sparse
+/// file.
+fn allocate(file: &File, off: u64, len: u64) -> std::io::Result<()> {
+    let too_large = || std::io::Error::from_raw_os_error(libc::EFBIG);
+    let off = libc::off_t::try_from(off).map_err(|_| too_large())?;
+    let len = libc::off_t::try_from(len).map_err(|_| too_large())?;
     // SAFETY: plain syscall on a valid fd owned by `file`; no memory is passed.
-    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), off, len) };
     match rc {
         0 | libc::EOPNOTSUPP | libc::EINVAL => Ok(()),
-        e => Err(PoolError::Io {
-            what: "reserving space for",
-            path: path.to_path_buf(),
-            source: std::io::Error::from_raw_os_error(e),
-        }),
+        e => Err(std::io::Error::from_raw_os_error(e)),
     }
+}
+
+/// Allocate the whole file of a new pool (see `allocate`).
+fn reserve_space(file: &File, size: u64, path: &Path) -> Result<()> {
+    allocate(file, 0, size).map_err(io_err("reserving space for", path))
 }
 
 impl Pool {
@@ -281,6 +282,20 @@ impl Pool {
             // Only a speed-up: without a thread, accesses fault pages in as they come.
             Err(e) => log::debug!("no background pre-fault thread: {e}"),
         }
+    }
+
+    /// Stop the pre-fault thread, if one runs, and wait for it (it stops within one
+    /// 4 MiB step): afterwards nothing but the pool holds the mapping. Returns whether
+    /// one ran.
+    fn stop_prefault(&mut self) -> bool {
+        let Some((stop, thread)) = self.prefault.take() else {
+            return false;
+        };
+        stop.store(true, Ordering::Relaxed);
+        if thread.join().is_err() {
+            log::warn!("the pool's pre-fault thread panicked");
+        }
+        true
     }
 
     fn assemble(

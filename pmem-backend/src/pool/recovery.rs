@@ -62,6 +62,9 @@ impl Pool {
         let b = superblock::decode(&head[SB_SIZE as usize..]);
         let sb = superblock::select(&a, &b)?;
         let geo = sb.geometry;
+        // A longer file is accepted, and only `file_size` bytes of it are mapped: growing
+        // the block area extends the file before it commits the superblock that says so,
+        // and a crash in between leaves the file longer than `file_size` (see `grow.rs`).
         if len < geo.file_size {
             return Err(PoolError::Truncated {
                 expected: geo.file_size,
