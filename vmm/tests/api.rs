@@ -108,6 +108,9 @@ impl Fake {
             ApiRequest::SnapshotProcess(_) => Err(ApiError::InvalidState(
                 "the test double has no guest agent".into(),
             )),
+            ApiRequest::GrowPool { .. } => {
+                Err(ApiError::InvalidState("the test double has no pool".into()))
+            }
             ApiRequest::Pause => {
                 self.paused = true;
                 Ok(ApiResponse::Status(self.status()))

@@ -204,6 +204,8 @@ impl From<pmem_backend::PoolError> for ApiError {
             PoolError::NoSuchSnapshot(n) => ApiError::UnknownSnapshot(n),
             e @ PoolError::PageOutOfRange { .. } => ApiError::RunsOutsideRam(e.to_string()),
             e @ PoolError::InvalidArgument(_) => ApiError::BadRequest(e.to_string()),
+            // The host's filesystem is full: the operator's to fix, not a VMM fault.
+            e @ PoolError::Extend { .. } => ApiError::InvalidState(e.to_string()),
             e => ApiError::Internal(e.to_string()),
         }
     }

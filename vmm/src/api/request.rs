@@ -87,6 +87,10 @@ pub const ROUTES: &[Route] = &[
         pattern: "/v1/vm-snapshots/{name}/rollback",
         methods: &[("POST", parse_rollback)],
     },
+    Route {
+        pattern: "/v1/pool/grow",
+        methods: &[("POST", parse_grow_pool)],
+    },
 ];
 
 /// Parse and validate one request against [`ROUTES`].
@@ -277,6 +281,19 @@ fn parse_rollback(params: &Params, body: &[u8]) -> Result<ApiRequest, ApiError> 
     })
 }
 
+fn parse_grow_pool(_: &Params, body: &[u8]) -> Result<ApiRequest, ApiError> {
+    let req: super::types::GrowPoolRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::InvalidJson(format!("{e}; expected {{\"add_bytes\": N}}")))?;
+    if req.add_bytes == 0 {
+        return Err(ApiError::BadRequest(
+            "add_bytes must be more than 0".to_string(),
+        ));
+    }
+    Ok(ApiRequest::GrowPool {
+        add_bytes: req.add_bytes,
+    })
+}
+
 /// Check a list of page runs and return it sorted by `first_page`.
 ///
 /// Refused: no runs, more than [`MAX_RUNS`], a zero count, a run whose end page or end
@@ -437,6 +454,26 @@ mod tests {
             assert_eq!(ok(m, "/v1/resume", ""), ApiRequest::Resume);
             assert_eq!(ok(m, "/v1/pause", " {} \n"), ApiRequest::Pause);
         }
+    }
+
+    #[test]
+    fn grow_pool_needs_a_positive_byte_count() {
+        assert_eq!(
+            ok("POST", "/v1/pool/grow", r#"{"add_bytes": 1048576}"#),
+            ApiRequest::GrowPool { add_bytes: 1 << 20 }
+        );
+        for bad in [
+            r#"{"add_bytes": 0}"#,
+            r#"{"add_bytes": -1}"#,
+            "{}",
+            r#"{"x": 1}"#,
+        ] {
+            assert!(
+                parse_request("POST", "/v1/pool/grow", bad.as_bytes()).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(parse_request("GET", "/v1/pool/grow", b"").is_err());
     }
 
     #[test]

@@ -113,6 +113,21 @@ pub enum ApiRequest {
         /// Validated snapshot name.
         name: String,
     },
+    /// `POST /v1/pool/grow {"add_bytes"}`: grow the pool's block area online by that
+    /// many bytes (rounded up to 4 KiB blocks); a write waiting for a free block goes on.
+    /// Answer [`ApiResponse::Json`] 200 with the old and new block counts and file sizes.
+    GrowPool {
+        /// Bytes to add, more than 0.
+        add_bytes: u64,
+    },
+}
+
+/// Body of `POST /v1/pool/grow`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrowPoolRequest {
+    /// Bytes to add to the block area (rounded up to 4 KiB blocks).
+    pub add_bytes: u64,
 }
 
 /// Body of `POST /v1/vm-snapshots`.

@@ -122,6 +122,29 @@ pub enum CtlCommand {
         #[command(flatten)]
         name: NameArg,
     },
+    /// The pool: `pool grow SIZE` adds SIZE to the block area online (for a VM whose
+    /// status is `paused: block area full`, or before it gets there).
+    Pool {
+        #[command(subcommand)]
+        op: PoolOp,
+    },
+}
+
+/// `pmsnap ctl pool ...`.
+#[derive(Debug, Subcommand)]
+pub enum PoolOp {
+    /// Add SIZE (K, M or G suffix) to the block area; the pool file grows by as much
+    /// (sparse on tmpfs until blocks are used).
+    Grow {
+        /// Bytes to add, rounded up to 4 KiB blocks.
+        #[arg(value_name = "SIZE", value_parser = size_arg)]
+        size: u64,
+    },
+}
+
+/// SIZE values with K, M, G or T suffixes.
+fn size_arg(s: &str) -> Result<u64, String> {
+    crate::config::parse_size(s).map_err(|e| e.to_string())
 }
 
 /// `--range` values: the parser shared with `pmsnap-agent`.
@@ -209,6 +232,13 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
             ("GET", snapshot_path(since, "/dirty")?, None)
         }
         CtlCommand::Stats => ("GET", "/v1/stats".to_string(), None),
+        CtlCommand::Pool {
+            op: PoolOp::Grow { size },
+        } => (
+            "POST",
+            "/v1/pool/grow".to_string(),
+            Some(serde_json::json!({ "add_bytes": size })),
+        ),
         CtlCommand::SnapshotProcess { pid, name, ranges } => {
             let req = ProcessSnapshotRequest {
                 name: name.get().to_string(),
@@ -267,6 +297,20 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
                 r.stop_us as f64 / 1000.0,
                 r.capture_us as f64 / 1000.0,
                 r.store_us as f64 / 1000.0
+            )
+        }
+        CtlCommand::Pool {
+            op: PoolOp::Grow { .. },
+        } => {
+            let blocks = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+            let (old, new) = (
+                blocks(&value, "old_block_count"),
+                blocks(&value, "new_block_count"),
+            );
+            format!(
+                "block area grown from {old} to {new} blocks ({} -> {})\n",
+                human_bytes(old.saturating_mul(PAGE_SIZE)),
+                human_bytes(new.saturating_mul(PAGE_SIZE))
             )
         }
         CtlCommand::Rollback { .. } => {

@@ -247,7 +247,31 @@ impl Controller {
             ApiRequest::SnapshotProcess(r) => self.snapshot_process(r),
             ApiRequest::CreateVmSnapshot { name } => self.snapshot_vm(&name),
             ApiRequest::RollbackVm { name } => self.rollback(&name),
+            ApiRequest::GrowPool { add_bytes } => self.grow_pool(add_bytes),
         }
+    }
+
+    /// `POST /v1/pool/grow`: grow the block area by `add_bytes` (rounded up to blocks),
+    /// then wake a write waiting for a free block.
+    fn grow_pool(&self, add_bytes: u64) -> Result<ApiResponse, ApiError> {
+        let report = {
+            let mut pool = lock_pool(self.engine.pool());
+            let add = add_bytes.div_ceil(4096);
+            let want = pool.geometry().block_count.saturating_add(add);
+            pool.grow_blocks(want)?
+        };
+        self.engine.space_freed();
+        log::info!(
+            "block area grown from {} to {} blocks (pool file {} -> {} bytes)",
+            report.old_block_count,
+            report.new_block_count,
+            report.old_file_size,
+            report.new_file_size
+        );
+        Ok(ApiResponse::Json {
+            status: 200,
+            body: serde_json::to_value(report).map_err(|e| ApiError::Internal(e.to_string()))?,
+        })
     }
 
     /// `POST /v1/process-snapshots`: ask the guest agent to save a process, with a

@@ -493,6 +493,30 @@ mod tests {
     }
 
     #[test]
+    fn a_waiting_write_goes_on_when_the_block_area_grows() {
+        let (_dir, engine, ram) = small();
+        snap(&engine, "h1", Owner::Host, 0, 8);
+        for p in 0..4 {
+            ram.fill_page(p, 2);
+        }
+        let writer = {
+            let ram = ram.clone();
+            std::thread::spawn(move || ram.fill_page(4, 5))
+        };
+        assert!(poll_until(Duration::from_secs(5), || engine.waiting_for_blocks()).is_some());
+        let grown = lock_pool(engine.pool()).grow_blocks(8).expect("grow");
+        assert_eq!((grown.old_block_count, grown.new_block_count), (4, 8));
+        engine.space_freed();
+        writer.join().expect("writer");
+        assert!(engine.waiting_for_blocks().is_none());
+        assert!(matches!(
+            page(&engine, "h1", 4),
+            (PageLocation::Block(_), 1)
+        ));
+        assert!(lock_pool(engine.pool()).verify(|_, _| ()).is_clean());
+    }
+
+    #[test]
     fn an_engine_dropped_while_a_write_waits_stops_without_hanging() {
         let (_dir, engine, ram) = small();
         snap(&engine, "h1", Owner::Host, 0, 8);
