@@ -145,6 +145,7 @@ fn pause_freezes_the_guest_and_resume_continues_it() {
         mem_bytes: 128 << 20,
         vcpus: 2,
         pool: dir.path().join("pause.pool"),
+        block_area: None,
     };
     let (stop, stops) = StopNotifier::new().expect("notifier");
     let console = Arc::new(Mutex::new(Vec::<u8>::new()));

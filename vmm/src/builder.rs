@@ -317,10 +317,13 @@ impl VmBuilder {
         let (pool, payload) = match boot {
             Boot::Restore(p) => (*p, None),
             Boot::Payload(code) => (
-                memory::open_or_create_pool(&cfg.pool, cfg.mem_bytes)?,
+                memory::open_or_create_pool(&cfg.pool, cfg.mem_bytes, cfg.block_area)?,
                 Some(code),
             ),
-            Boot::Linux => (memory::open_or_create_pool(&cfg.pool, cfg.mem_bytes)?, None),
+            Boot::Linux => (
+                memory::open_or_create_pool(&cfg.pool, cfg.mem_bytes, cfg.block_area)?,
+                None,
+            ),
         };
         let t1 = t0.elapsed();
         let mem = memory::create_guest_memory(pool.file(), pool.ram_offset(), cfg.mem_bytes)?;

@@ -323,6 +323,9 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// The pool file holding guest RAM.
     pub pool: PathBuf,
+    /// Bytes of block area for a pool created now (preserved pages and state blobs);
+    /// `None`: as much as guest RAM. An existing pool keeps its own.
+    pub block_area: Option<u64>,
 }
 
 #[cfg(test)]

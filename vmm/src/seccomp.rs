@@ -289,13 +289,18 @@ const EVENT_LOOP: &[i64] = &[
     libc::SYS_wait4,
 ];
 
-/// Extra calls of the API threads: the agent client's Unix socket and the threads of new
-/// connections.
+/// Extra calls of the API threads: the agent client's Unix socket, the threads of new
+/// connections, and extending the pool file when the block area grows (`pool grow`;
+/// the pool's pre-fault thread, restarted by it, inherits this filter).
 const API: &[i64] = &[
     libc::SYS_socket,
     libc::SYS_connect,
     libc::SYS_clone,
     libc::SYS_clone3,
+    libc::SYS_fallocate,
+    libc::SYS_ftruncate,
+    // The host's memory, which bounds a grown pool (as at open).
+    libc::SYS_sysinfo,
 ];
 
 /// The allow-list of `kind`.

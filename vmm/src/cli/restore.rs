@@ -131,6 +131,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         mem_bytes,
         vcpus: state.vcpus.len() as u32,
         pool: args.pool.clone(),
+        block_area: None,
     };
     let mut event_loop = EventLoop::new()?;
     event_loop.handle_termination_signals()?;

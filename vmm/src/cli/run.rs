@@ -82,6 +82,11 @@ pub struct RunArgs {
         env = "PMSNAP_GUEST_QUOTA"
     )]
     pub guest_quota: Option<u64>,
+    /// Size of the block area of a pool created now, with K, M or G suffix: where pages
+    /// are preserved before their first write after a snapshot, and VM state kept.
+    /// Default: as large as guest RAM. Grow it later with `pmsnap ctl pool grow SIZE`.
+    #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
+    pub block_area: Option<u64>,
     /// Run without the per-thread seccomp filters (to debug a VMM stopped by "forbidden
     /// system call"; see docs/security.md).
     #[arg(long)]
@@ -175,6 +180,7 @@ pub fn resolve(args: &RunArgs, image_dir_env: Option<&str>) -> Result<(VmConfig,
                 mem_bytes: args.mem,
                 vcpus: args.vcpus,
                 pool,
+                block_area: args.block_area,
             },
             temporary,
             temporary && !args.keep_pool,
@@ -202,6 +208,7 @@ pub fn resolve(args: &RunArgs, image_dir_env: Option<&str>) -> Result<(VmConfig,
             mem_bytes: args.mem,
             vcpus: args.vcpus,
             pool,
+            block_area: args.block_area,
         },
         temporary,
         temporary && !args.keep_pool,

@@ -131,7 +131,13 @@ pub fn check_pool_filesystem(path: &Path, fs_type: i64) -> Result<(), MemoryErro
 /// Open the pool at `path`, or create it for `mem_bytes` of guest RAM when nothing is
 /// there. An existing pool keeps its snapshots; it must have been made for the same RAM
 /// size. Anything at `path` that is not a pool is refused, never overwritten.
-pub fn open_or_create_pool(path: &Path, mem_bytes: u64) -> Result<Pool, MemoryError> {
+/// A pool created here gets `block_area` bytes of blocks (rounded up to 4 KiB; `None`:
+/// as much as guest RAM).
+pub fn open_or_create_pool(
+    path: &Path,
+    mem_bytes: u64,
+    block_area: Option<u64>,
+) -> Result<Pool, MemoryError> {
     let (fs, _) = statfs_pool(path)?;
     check_pool_filesystem(path, fs)?;
     let pool = match std::fs::metadata(path) {
@@ -145,12 +151,16 @@ pub fn open_or_create_pool(path: &Path, mem_bytes: u64) -> Result<Pool, MemoryEr
                 source: e,
             },
         })?,
-        Err(_) => Pool::create(path, mem_bytes, PoolOptions::default()).map_err(|e| {
-            MemoryError::Pool {
+        Err(_) => {
+            let options = PoolOptions {
+                block_count: block_area.map(|b| b.div_ceil(4096)),
+                ..PoolOptions::default()
+            };
+            Pool::create(path, mem_bytes, options).map_err(|e| MemoryError::Pool {
                 path: path.to_path_buf(),
                 source: e,
-            }
-        })?,
+            })?
+        }
     };
     if pool.ram_size() != mem_bytes {
         return Err(MemoryError::PoolRamSize {
@@ -215,7 +225,7 @@ mod tests {
     fn existing_non_pool_is_refused() {
         let f = tempfile::NamedTempFile::new_in("/dev/shm").expect("tmp");
         std::fs::write(f.path(), b"precious data").expect("write");
-        let e = open_or_create_pool(f.path(), 1 << 20).expect_err("refused");
+        let e = open_or_create_pool(f.path(), 1 << 20, None).expect_err("refused");
         assert!(matches!(e, MemoryError::NotAPool(_)), "{e}");
         assert_eq!(std::fs::read(f.path()).expect("read"), b"precious data");
     }
@@ -224,13 +234,13 @@ mod tests {
     fn existing_pool_is_reopened_and_must_match_the_ram_size() {
         let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir");
         let path = dir.path().join("p.pool");
-        drop(open_or_create_pool(&path, 2 << 20).expect("create"));
-        let pool = open_or_create_pool(&path, 2 << 20).expect("reopen");
+        drop(open_or_create_pool(&path, 2 << 20, None).expect("create"));
+        let pool = open_or_create_pool(&path, 2 << 20, None).expect("reopen");
         assert_eq!(pool.ram_size(), 2 << 20);
-        let e = open_or_create_pool(&path, 4 << 20).expect_err("locked");
+        let e = open_or_create_pool(&path, 4 << 20, None).expect_err("locked");
         assert!(e.to_string().contains("pool"), "{e}");
         drop(pool);
-        let e = open_or_create_pool(&path, 4 << 20).expect_err("size");
+        let e = open_or_create_pool(&path, 4 << 20, None).expect_err("size");
         assert!(
             matches!(e, MemoryError::PoolRamSize { pool, mem, .. } if pool == 2 << 20 && mem == 4 << 20),
             "{e}"
@@ -241,7 +251,7 @@ mod tests {
     fn ram_is_shared_with_the_file() {
         let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir");
         let path = dir.path().join("p.pool");
-        let pool = open_or_create_pool(&path, 2 << 20).expect("open");
+        let pool = open_or_create_pool(&path, 2 << 20, None).expect("open");
         let mem = create_guest_memory(pool.file(), pool.ram_offset(), 2 << 20).expect("map");
         assert_eq!(mem.num_regions(), 1);
         mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
