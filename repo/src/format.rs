@@ -97,8 +97,31 @@ pub(crate) fn decode<'a, T: Deserialize<'a>>(key: &str, body: &'a [u8]) -> Resul
 
 /// Bytes before each chunk's data in a pack: hash, length, crc32c.
 pub(crate) const CHUNK_HEADER: usize = 32 + 4 + 4;
-/// Bytes of the pack header: magic, version, chunk count.
-pub(crate) const PACK_HEADER: usize = 8 + 4 + 4;
+/// Bytes of the pack header: magic, version, chunk count, nonce.
+pub(crate) const PACK_HEADER: usize = 8 + 4 + 4 + 16;
+
+/// 16 bytes no other pack has: packs are never identical, so a pack id names one write
+/// (an export never re-creates a pack a gc has condemned, and two hosts writing the same
+/// chunks at once write two packs, not one object twice).
+fn pack_nonce() -> [u8; 16] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = blake3::Hasher::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    h.update(&now.as_nanos().to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    let local = 0u8;
+    h.update(&(&local as *const u8 as usize).to_le_bytes());
+    if let Ok(host) = std::fs::read("/proc/sys/kernel/random/boot_id") {
+        h.update(&host);
+    }
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    out
+}
 
 /// One chunk as listed in an index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +184,7 @@ impl PackBuilder {
         bytes.extend_from_slice(PACK_MAGIC);
         bytes.extend_from_slice(&OBJECT_VERSION.to_le_bytes());
         bytes.extend_from_slice(&0u32.to_le_bytes());
+        bytes.extend_from_slice(&pack_nonce());
         PackBuilder {
             bytes,
             entries: Vec::new(),
@@ -272,6 +296,17 @@ pub(crate) fn check_pack(
         }
         pos = off + len as usize;
         i += 1;
+    }
+    let mut c = [0u8; 4];
+    c.copy_from_slice(&bytes[12..16]);
+    if u32::from_le_bytes(c) != i {
+        out.push((
+            None,
+            format!(
+                "pack header says {} chunks, holds {i}",
+                u32::from_le_bytes(c)
+            ),
+        ));
     }
     if let Some(idx) = idx {
         if idx.entries.len() as u64 != u64::from(i) {

@@ -867,8 +867,6 @@ impl Repo {
             .filter(|s| condemned.contains(&s.pack) || !present.contains_key(&s.pack))
             .count();
         if lost > 0 {
-            // Forget the cached indexes of condemned packs so a retry on this Repo does
-            // not trust them either (it re-reads the condemned list anyway).
             return Err(RepoError::Conflict(lost));
         }
         if self
@@ -1442,26 +1440,31 @@ impl Repo {
             referenced.extend(m.body.packs.iter().map(|p| p.pack));
         }
 
-        let delete = |id: &Hash32, rep: &mut GcReport| -> Result<()> {
-            let mut any = false;
-            for key in [index_key(id), pack_key(id)] {
-                let size = self
-                    .list(&key)?
-                    .into_iter()
-                    .find(|o| o.key == key)
-                    .map(|o| o.size);
-                if let Some(size) = size {
-                    self.storage
-                        .delete(&key)
-                        .map_err(storage_err("delete", &key))?;
-                    rep.deleted_objects += 1;
-                    rep.freed_bytes += size;
-                    any = true;
-                }
+        // Every pack and index object, by pack id, listed once.
+        let mut objs: HashMap<Hash32, Vec<crate::storage::ObjectInfo>> = HashMap::new();
+        for prefix in ["packs/", "index/"] {
+            for (id, o) in self.list_ids(prefix)? {
+                objs.entry(id).or_default().push(o);
             }
-            if any {
-                rep.deleted_packs += 1;
+        }
+
+        let delete = |id: &Hash32,
+                      objs: &mut HashMap<Hash32, Vec<crate::storage::ObjectInfo>>,
+                      rep: &mut GcReport|
+         -> Result<()> {
+            let Some(mut list) = objs.remove(id) else {
+                return Ok(());
+            };
+            // The index first: an export never loads an index whose pack is gone.
+            list.sort_by_key(|o| !o.key.starts_with("index/"));
+            for o in list {
+                self.storage
+                    .delete(&o.key)
+                    .map_err(storage_err("delete", &o.key))?;
+                rep.deleted_objects += 1;
+                rep.freed_bytes += o.size;
             }
+            rep.deleted_packs += 1;
             self.indexes
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -1475,20 +1478,20 @@ impl Repo {
             if older(written) {
                 for id in &c.packs {
                     if !referenced.contains(id) {
-                        delete(id, &mut rep)?;
+                        delete(id, &mut objs, &mut rep)?;
                     }
                 }
             }
         }
 
         // 4. Condemn what is unreferenced and older than `grace` now.
-        let packs = self.list_ids("packs/")?;
-        let idxs = self.list_ids("index/")?;
         let mut ids: HashMap<Hash32, (SystemTime, u64)> = HashMap::new();
-        for (id, o) in packs.iter().chain(idxs.iter()) {
-            let e = ids.entry(*id).or_insert((o.modified, 0));
-            e.0 = e.0.max(o.modified);
-            e.1 += o.size;
+        for (id, list) in &objs {
+            for o in list {
+                let e = ids.entry(*id).or_insert((o.modified, 0));
+                e.0 = e.0.max(o.modified);
+                e.1 += o.size;
+            }
         }
         let mut condemn: Vec<Hash32> = Vec::new();
         for (id, (modified, size)) in &ids {
@@ -1520,7 +1523,7 @@ impl Repo {
         // 5. A zero grace deletes at once (nothing else may be writing the repository).
         if grace.is_zero() && !condemn.is_empty() {
             for id in &condemn {
-                delete(id, &mut rep)?;
+                delete(id, &mut objs, &mut rep)?;
             }
             rep.condemned_packs = 0;
             rep.condemned_bytes = 0;
