@@ -87,7 +87,7 @@ pub use error::{RepoError, Result, SourceError};
 pub use format::{hex, parse_hex, Hash32};
 pub use repo::{
     ExportReport, GcReport, Manifest, Phase, Problem, Progress, Repo, SnapshotMeta, SnapshotSource,
-    SnapshotSummary, VerifyReport, DEFAULT_PACK_SIZE, REPO_VERSION,
+    SnapshotSummary, VerifyReport, DEFAULT_PACK_SIZE, MAX_STATE_LEN, REPO_VERSION,
 };
 pub use storage::{DirStorage, MemStorage, ObjectInfo, Storage};
 

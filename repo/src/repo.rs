@@ -19,6 +19,9 @@ use crate::PAGE_SIZE;
 
 /// Pack size an export aims for (a pack is closed before it would exceed this).
 pub const DEFAULT_PACK_SIZE: usize = 16 << 20;
+/// The longest state blob a snapshot may have (a VM's device and vCPU state is far
+/// smaller); bounds what reading a hostile manifest allocates.
+pub const MAX_STATE_LEN: u64 = 1 << 30;
 /// The repository format version this build writes and reads.
 pub const REPO_VERSION: u32 = 1;
 
@@ -37,7 +40,9 @@ struct Config {
 #[derive(Debug, Serialize, Deserialize)]
 struct Condemned {
     written_unix_ms: u64,
-    packs: Vec<Hash32>,
+    /// Each pack with the time it was first condemned (kept across rewrites of the list
+    /// while it stays unreferenced, so frequent gc runs do not postpone deletion).
+    packs: Vec<(Hash32, u64)>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -288,6 +293,9 @@ impl Manifest {
         if check_extents(&body.pages, "page")? != normalize_runs(&meta.runs) {
             return Err(corrupt(key, "page map does not cover the snapshot's pages"));
         }
+        if body.state_len > MAX_STATE_LEN {
+            return Err(corrupt(key, "state blob length out of range"));
+        }
         let pieces = body.state_len.div_ceil(PAGE_SIZE as u64);
         let want: Vec<PageRun> = if pieces == 0 {
             vec![]
@@ -310,7 +318,10 @@ impl Manifest {
     }
     /// Pages in the snapshot.
     pub fn pages(&self) -> u64 {
-        self.body.pages.iter().map(|e| e.count).sum()
+        self.body
+            .pages
+            .iter()
+            .fold(0u64, |a, e| a.saturating_add(e.count))
     }
     /// All-zero pages.
     pub fn zero_pages(&self) -> u64 {
@@ -318,8 +329,7 @@ impl Manifest {
             .pages
             .iter()
             .filter(|e| e.target == Target::Zero)
-            .map(|e| e.count)
-            .sum()
+            .fold(0u64, |a, e| a.saturating_add(e.count))
     }
     /// The pages, as disjoint ascending runs.
     pub fn page_runs(&self) -> Vec<PageRun> {
@@ -432,7 +442,8 @@ pub struct GcReport {
     pub deleted_objects: u64,
     /// Bytes freed.
     pub freed_bytes: u64,
-    /// Unreferenced packs newly condemned (deleted by a run at least the grace later).
+    /// Unreferenced packs on the condemned list after this run: a run at least the grace
+    /// period after each was first condemned deletes it.
     pub condemned_packs: u64,
     /// Bytes of the condemned packs.
     pub condemned_bytes: u64,
@@ -661,7 +672,7 @@ impl Repo {
 
     /// Use packs of about `bytes` (at least one chunk each) for later exports.
     pub fn with_pack_size(mut self, bytes: usize) -> Repo {
-        self.pack_size = bytes.max(PAGE_SIZE + 64);
+        self.pack_size = bytes.clamp(PAGE_SIZE + 64, 1 << 30);
         self
     }
 
@@ -725,7 +736,7 @@ impl Repo {
             Ok(d) => {
                 let c: Condemned =
                     decode(CONDEMNED_KEY, unseal(CONDEMNED_KEY, CONDEMNED_MAGIC, &d)?)?;
-                Ok(c.packs.into_iter().collect())
+                Ok(c.packs.into_iter().map(|(id, _)| id).collect())
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(HashSet::new()),
             Err(e) => Err(storage_err("get", CONDEMNED_KEY)(e)),
@@ -831,6 +842,12 @@ impl Repo {
         }
 
         let state = source.state().map_err(RepoError::Source)?;
+        if state.len() as u64 > MAX_STATE_LEN {
+            return Err(RepoError::InvalidMeta(format!(
+                "state blob of {} bytes (at most {MAX_STATE_LEN})",
+                state.len()
+            )));
+        }
         let pieces = state.len().div_ceil(PAGE_SIZE) as u64;
         let mut state_ext: Vec<Extent> = Vec::new();
         for (n, piece) in state.chunks(PAGE_SIZE).enumerate() {
@@ -1097,7 +1114,7 @@ impl Repo {
         let len = m.body.state_len;
         let cap = usize::try_from(len)
             .map_err(|_| corrupt(&manifest_key(m.name()), "state too large"))?;
-        let mut out = Vec::with_capacity(cap.min(1 << 30));
+        let mut out = Vec::with_capacity(cap.min(64 << 20));
         let pieces = len.div_ceil(PAGE_SIZE as u64);
         for n in 0..pieces {
             let plen = (len - n * PAGE_SIZE as u64).min(PAGE_SIZE as u64) as usize;
@@ -1128,18 +1145,29 @@ impl Repo {
     // -----------------------------------------------------------------------------------
     // Management
 
-    /// Chunks (pack, entry) a manifest references.
-    fn chunk_refs(m: &Manifest) -> HashSet<(Hash32, u64)> {
+    /// Chunks (pack, entry) a manifest references, bounded by each pack's chunk count
+    /// (`entries`, `None` when its index is unreadable: nothing counted), so a hostile
+    /// manifest cannot make this loop for long; also the number of references beyond
+    /// the chunk counts (damage).
+    fn chunk_refs(
+        m: &Manifest,
+        entries: &dyn Fn(&Hash32) -> Option<u64>,
+    ) -> (HashSet<(Hash32, u64)>, u64) {
         let mut s = HashSet::new();
+        let mut beyond = 0u64;
         for e in m.body.pages.iter().chain(m.body.state.iter()) {
             if let Target::Chunks { pack, entry } = e.target {
                 let id = m.body.packs[pack as usize].pack;
-                for i in 0..e.count {
-                    s.insert((id, u64::from(entry) + i));
+                let Some(n) = entries(&id) else { continue };
+                let start = u64::from(entry);
+                let end = start.saturating_add(e.count);
+                for i in start..end.min(n) {
+                    s.insert((id, i));
                 }
+                beyond += end - end.min(n).max(start);
             }
         }
-        s
+        (s, beyond)
     }
 
     /// Per snapshot: pages, stored bytes and bytes shared with other snapshots. A damaged
@@ -1149,12 +1177,16 @@ impl Repo {
         let mut refcount: HashMap<(Hash32, u64), u32> = HashMap::new();
         for name in self.snapshots()? {
             let r = self.manifest(&name).and_then(|m| {
+                let mut idx: HashMap<Hash32, Arc<LoadedIndex>> = HashMap::new();
+                for pin in &m.body.packs {
+                    idx.insert(pin.pack, self.load_index(&pin.pack)?);
+                }
+                let count = |id: &Hash32| idx.get(id).map(|li| li.idx.entries.len() as u64);
                 let mut sized = HashMap::new();
-                for (pack, entry) in Self::chunk_refs(&m) {
-                    let li = self.load_index(&pack)?;
-                    let len = usize::try_from(entry)
-                        .ok()
-                        .and_then(|i| li.idx.entries.get(i))
+                for (pack, entry) in Self::chunk_refs(&m, &count).0 {
+                    let len = idx
+                        .get(&pack)
+                        .and_then(|li| li.idx.entries.get(usize::try_from(entry).ok()?))
                         .map(|e| u64::from(e.len))
                         .unwrap_or(0);
                     sized.insert((pack, entry), len);
@@ -1187,7 +1219,10 @@ impl Repo {
                         pages: m.pages(),
                         zero_pages: m.zero_pages(),
                         state_len: m.body.state_len,
-                        logical_bytes: m.pages() * PAGE_SIZE as u64 + m.body.state_len,
+                        logical_bytes: m
+                            .pages()
+                            .saturating_mul(PAGE_SIZE as u64)
+                            .saturating_add(m.body.state_len),
                         stored_bytes: stored,
                         shared_bytes: shared,
                         unique_bytes: stored - shared,
@@ -1352,18 +1387,16 @@ impl Repo {
                     affects.entry((ik, None)).or_default().push(name.clone());
                 }
             }
-            for (pack, entry) in Self::chunk_refs(&m) {
-                let n = indexes.get(&pack).map(|(i, _)| i.entries.len() as u64);
-                if n.is_some_and(|n| entry >= n) {
-                    prob(
-                        o.key.clone(),
-                        None,
-                        format!(
-                            "references chunk {entry} of pack {}, beyond its index",
-                            hex(&pack)
-                        ),
-                    );
-                }
+            let count = |id: &Hash32| indexes.get(id).map(|(i, _)| i.entries.len() as u64);
+            let (refs, beyond) = Self::chunk_refs(&m, &count);
+            if beyond > 0 {
+                prob(
+                    o.key.clone(),
+                    None,
+                    format!("references {beyond} chunk(s) beyond their packs' indexes"),
+                );
+            }
+            for (pack, entry) in refs {
                 if let Ok(e) = u32::try_from(entry) {
                     if bad_chunks.get(&pack).is_some_and(|s| s.contains(&e)) {
                         let v = affects.entry((pack_key(&pack), Some(e))).or_default();
@@ -1473,13 +1506,16 @@ impl Repo {
         };
 
         // 3. Delete what was condemned at least `grace` ago and is still unreferenced.
+        let mut since: HashMap<Hash32, u64> = HashMap::new();
         if let Some(c) = &previous {
-            let written = UNIX_EPOCH + Duration::from_millis(c.written_unix_ms);
-            if older(written) {
-                for id in &c.packs {
-                    if !referenced.contains(id) {
-                        delete(id, &mut objs, &mut rep)?;
-                    }
+            for &(id, at) in &c.packs {
+                if referenced.contains(&id) {
+                    continue;
+                }
+                if older(UNIX_EPOCH + Duration::from_millis(at)) {
+                    delete(&id, &mut objs, &mut rep)?;
+                } else {
+                    since.insert(id, at);
                 }
             }
         }
@@ -1515,7 +1551,10 @@ impl Repo {
         } else {
             let c = Condemned {
                 written_unix_ms: unix_ms(now),
-                packs: condemn.clone(),
+                packs: condemn
+                    .iter()
+                    .map(|id| (*id, since.get(id).copied().unwrap_or(unix_ms(now))))
+                    .collect(),
             };
             self.put(CONDEMNED_KEY, &seal(CONDEMNED_MAGIC, &encode(&c)))?;
         }

@@ -413,13 +413,14 @@ fn gc_keeps_referenced_and_young_and_removes_old_garbage() {
     assert_eq!(g.deleted_packs, 0);
     assert!(g.condemned_packs >= 2);
     assert!(mem.exists("gc/condemned").unwrap());
-    // Too early for the list: still nothing deleted.
-    let g2 = repo
-        .gc_at(hour, now + 2 * hour + Duration::from_secs(60))
-        .unwrap();
+    // Frequent runs do not postpone the deletion: condemned at +2h, still pending at
+    // +2h30 (the list is rewritten), deleted at +3h01.
+    let g2 = repo.gc_at(hour, now + 2 * hour + hour / 2).unwrap();
     assert_eq!(g2.deleted_packs, 0);
-    // A grace later: deleted.
-    let g3 = repo.gc_at(hour, now + 4 * hour).unwrap();
+    assert_eq!(g2.condemned_packs, g.condemned_packs);
+    let g3 = repo
+        .gc_at(hour, now + 3 * hour + Duration::from_secs(60))
+        .unwrap();
     assert_eq!(g3.deleted_packs, g.condemned_packs);
     assert!(g3.freed_bytes > 0);
     assert_reads_back(&repo, &keep);
@@ -541,4 +542,57 @@ fn foreign_or_newer_repositories_are_refused() {
         Repo::open_or_init(mem.clone()),
         Err(RepoError::NewerVersion { found: 9, .. })
     ));
+}
+
+#[test]
+fn damage_anywhere_is_an_error_never_a_wrong_page_or_a_panic() {
+    let mem = Arc::new(MemStorage::new());
+    let repo = Repo::open_or_init(mem.clone())
+        .unwrap()
+        .with_pack_size(16 << 10);
+    let src = vm("d", 24, 91);
+    export(&repo, &src);
+    let originals: Vec<(String, Vec<u8>)> = ["packs/", "index/", "snapshots/"]
+        .iter()
+        .flat_map(|p| mem.list(p).unwrap())
+        .map(|o| (o.key.clone(), mem.get(&o.key).unwrap()))
+        .collect();
+    let mut rng = Rng(5);
+    for round in 0..300 {
+        let (key, orig) = &originals[round % originals.len()];
+        let at = rng.below(orig.len() as u64) as usize;
+        let truncate = round % 10 == 9;
+        mem.corrupt(key, |d| {
+            if truncate {
+                d.truncate(at);
+            } else {
+                d[at] ^= 1 << (round % 8);
+            }
+        });
+        let fresh = Repo::open_or_init(mem.clone()).unwrap();
+        let v = fresh.verify().unwrap();
+        assert!(!v.is_clean(), "{key} damaged at {at} not found");
+        assert!(
+            v.problems.iter().any(|p| p.object == *key),
+            "{key}: {:?}",
+            v.problems
+        );
+        if let Ok(m) = fresh.manifest("d") {
+            for (p, want) in &src.pages {
+                if let Ok(got) = fresh.read_page(&m, *p) {
+                    assert!(got == *want, "{key}@{at}: page {p} wrong");
+                }
+            }
+            if let Ok(st) = fresh.read_state(&m) {
+                assert_eq!(st, src.state);
+            }
+        }
+        fresh.ls().unwrap();
+        mem.put(key, orig).unwrap();
+    }
+    assert!(Repo::open_or_init(mem.clone())
+        .unwrap()
+        .verify()
+        .unwrap()
+        .is_clean());
 }
