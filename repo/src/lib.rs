@@ -21,8 +21,8 @@
 //! piece may be shorter). A chunk already in the repository, or earlier in the same
 //! export, is not stored again.
 //!
-//! **Packs** (`PMSRPACK`, version, chunk count, then per chunk: hash, length, crc32c,
-//! content) group up to [`DEFAULT_PACK_SIZE`] bytes of chunks so a repository holds few
+//! **Packs** (`PMSRPACK`, version, chunk count, a 16-byte nonce that makes every pack
+//! id unique to one write, then per chunk: hash, length, crc32c, content) group up to [`DEFAULT_PACK_SIZE`] bytes of chunks so a repository holds few
 //! large objects; each pack is self-describing so its index could be rebuilt from it.
 //! **Indexes** list each chunk's hash, offset, length and crc32c, so a reader fetches one
 //! chunk with one ranged read. **Manifests** hold the snapshot's metadata, the packs it
@@ -56,17 +56,18 @@
 //! conditional writes (an object store has neither across hosts):
 //!
 //! 1. **Condemn.** A pack (with its index) that no manifest references *and* whose
-//!    objects are older than the grace period is written to `gc/condemned` with the
-//!    time.
-//! 2. **Delete.** A later run, once that list is at least the grace period old, lists
-//!    the manifests again and deletes the listed packs that are still unreferenced
-//!    (index first, then pack).
+//!    objects are older than the grace period is put on `gc/condemned` with the time it
+//!    was first condemned (kept while it stays on the list, so frequent runs do not
+//!    postpone its deletion; a pack that becomes referenced again leaves the list).
+//! 2. **Delete.** A later run, once a pack has been on the list for the grace period,
+//!    lists the manifests again and deletes it if it is still unreferenced (index first,
+//!    then pack).
 //!
 //! An export reads `gc/condemned` before loading the indexes and never reuses a
 //! condemned pack. Just before writing its manifest it reads the list again and lists
 //! the packs: if a pack it uses was condemned or deleted meanwhile it commits nothing and
 //! fails with [`RepoError::Conflict`] (a rerun stores that content anew). So a pack is
-//! deleted only if it was unreferenced when condemned, stayed unreferenced for the
+//! deleted only if it was unreferenced when condemned, stayed on the list for the
 //! grace period, and every export that could still commit a reference to it either saw
 //! the condemnation or put its manifest before the deleting run listed the manifests.
 //! Packs an export is still writing are young, so they are never condemned while the
