@@ -496,7 +496,6 @@ struct Writer<'r> {
     pending_slot: Option<u32>,
     slots: Vec<PackPin>,
     slot_of: HashMap<Hash32, u32>,
-    reused: HashSet<Hash32>,
     report: ExportReport,
 }
 
@@ -524,9 +523,6 @@ impl Writer<'_> {
         }
         if let Some(loc) = self.known.get(&hash).copied() {
             self.report.bytes_skipped += data.len() as u64;
-            if !self.slot_of.contains_key(&loc.pack) {
-                self.reused.insert(loc.pack);
-            }
             return Ok((self.slot(loc.pack)?, loc.entry));
         }
         if !self.builder.is_empty()
@@ -807,7 +803,6 @@ impl Repo {
             pending_slot: None,
             slots: Vec::new(),
             slot_of: HashMap::new(),
-            reused: HashSet::new(),
             report: ExportReport {
                 name: meta.name.clone(),
                 pages: total,

@@ -596,3 +596,24 @@ fn damage_anywhere_is_an_error_never_a_wrong_page_or_a_panic() {
         .unwrap()
         .is_clean());
 }
+
+#[test]
+fn interrupted_export_on_a_directory() {
+    let src = vm("crashy", 120, 23);
+    for n in [0, 1, 2, 5] {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(DirStorage::new(dir.path()).unwrap());
+        Repo::open_or_init(disk.clone()).unwrap();
+        let crashing = Repo::open_or_init(FailAfter::new(disk.clone(), n))
+            .unwrap()
+            .with_pack_size(64 << 10);
+        crashing
+            .export(&mut src.clone(), &mut no_progress())
+            .unwrap_err();
+        let repo = Repo::open_or_init(DirStorage::new(dir.path()).unwrap()).unwrap();
+        assert!(repo.snapshots().unwrap().is_empty());
+        assert!(repo.verify().unwrap().is_clean());
+        repo.export(&mut src.clone(), &mut no_progress()).unwrap();
+        assert_reads_back(&repo, &src);
+    }
+}
