@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod ctl;
+pub mod repo;
 pub mod restore;
 pub mod run;
 pub mod store;
@@ -40,6 +41,12 @@ pub enum Command {
     Run(run::RunArgs),
     /// Resume a guest from a VM snapshot in its pool, in this new VMM process.
     Restore(restore::RestoreArgs),
+    /// Copy a snapshot of a pool (offline) into a repository directory, deduplicated.
+    Export(repo::ExportArgs),
+    /// Create a new pool holding a snapshot from a repository.
+    Import(repo::ImportArgs),
+    /// Look after a repository: list, verify, remove, collect garbage.
+    Repo(repo::RepoArgs),
 }
 
 /// Run the parsed command line; returns the process exit code.
@@ -49,6 +56,9 @@ pub fn run(cli: Cli) -> anyhow_like::Result<i32> {
         Command::Ctl(args) => ctl::run(args),
         Command::Run(args) => run::run(args),
         Command::Restore(args) => restore::run(args),
+        Command::Export(args) => repo::export(args),
+        Command::Import(args) => repo::import(args),
+        Command::Repo(args) => repo::repo(args),
     }
 }
 
