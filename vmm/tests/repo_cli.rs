@@ -6,6 +6,7 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use pmem_backend::Pool;
 
@@ -126,4 +127,130 @@ fn export_import_restore_verify_and_gc() {
             .count(),
         0
     );
+}
+
+/// Boot the payload on a new pool, take VM snapshot `v1`, kill the VMM: a pool to export.
+fn payload_pool(dir: &Path, pool: &Path) {
+    let bin = payload(dir);
+    let args = ["run", "--mem", "64M", "--vcpus", "2", "--payload"]
+        .into_iter()
+        .map(std::ffi::OsString::from)
+        .chain([bin.into(), "--pool".into(), pool.into()]);
+    let mut vmm = ApiVmm::spawn(dir, "src", args).unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_millis(300)); // the payload writes its pattern
+    vmm.api.snapshot_vm("v1").expect("snapshot");
+    vmm.child.kill().expect("kill");
+    vmm.child.wait().expect("reap");
+}
+
+#[test]
+fn an_export_killed_at_any_moment_leaves_a_consistent_repository_and_a_rerun_finishes() {
+    if kvm_missing("an_export_killed_at_any_moment_leaves_a_consistent_repository") {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir on tmpfs");
+    let pool = dir.path().join("a.pool");
+    payload_pool(dir.path(), &pool);
+    // How long a whole export takes here: kills land anywhere in it.
+    let full = dir.path().join("full");
+    let t = Instant::now();
+    ok_json(&[
+        "export",
+        "v1",
+        "--pool",
+        s(&pool),
+        "--to",
+        s(&full),
+        "--json",
+    ]);
+    let whole = t.elapsed();
+    let seed = std::env::var("PMSNAP_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("export takes {whole:?}; PMSNAP_CRASH_SEED={seed}");
+    let mut rng = pmsnap_testenv::Rng(seed | 1);
+    let (mut interrupted, mut finished) = (0, 0);
+    for trial in 0..20 {
+        let repo = dir.path().join(format!("r{trial}"));
+        let delay = Duration::from_micros(rng.below(whole.as_micros() as u64 + 1));
+        let mut child = Command::new(pmsnap_bin())
+            .args([
+                "export",
+                "v1",
+                "--pool",
+                s(&pool),
+                "--to",
+                s(&repo),
+                "--json",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn export");
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let st = child.wait().expect("reap");
+        if st.success() {
+            finished += 1;
+        } else {
+            interrupted += 1;
+        }
+        if repo.join("config").exists() {
+            // Consistent after the kill: nothing damaged, and v1 is there only whole.
+            let v = ok_json(&["repo", "verify", s(&repo), "--json"]);
+            assert_eq!(
+                v["problems"].as_array().map(Vec::len),
+                Some(0),
+                "trial {trial}: {v}"
+            );
+        }
+        // The same export again finishes the job.
+        ok_json(&[
+            "export",
+            "v1",
+            "--pool",
+            s(&pool),
+            "--to",
+            s(&repo),
+            "--json",
+        ]);
+        let v = ok_json(&["repo", "verify", s(&repo), "--json"]);
+        assert_eq!(
+            v["problems"].as_array().map(Vec::len),
+            Some(0),
+            "trial {trial}: {v}"
+        );
+        let ls = ok_json(&["repo", "ls", s(&repo), "--json"]);
+        assert_eq!(ls[0]["name"], "v1", "trial {trial}: {ls}");
+        assert_eq!(ls[0]["pages"], 16384, "trial {trial}: {ls}");
+        if trial % 5 == 0 {
+            // And what it holds imports byte-exact.
+            let p = dir.path().join(format!("imp{trial}.pool"));
+            ok_json(&[
+                "import",
+                "v1",
+                "--from",
+                s(&repo),
+                "--pool",
+                s(&p),
+                "--json",
+            ]);
+            let (a, b) = (Pool::open(&pool).expect("a"), Pool::open(&p).expect("b"));
+            for page in 0..16384 {
+                let x = a.read_snapshot_page("v1", page).expect("a page").1;
+                let y = b.read_snapshot_page("v1", page).expect("b page").1;
+                assert!(x == y, "trial {trial}: page {page} differs");
+            }
+            drop((a, b));
+            std::fs::remove_file(&p).expect("remove");
+        }
+        std::fs::remove_dir_all(&repo).expect("remove repo");
+    }
+    eprintln!("{interrupted} exports killed, {finished} finished before the kill");
+    assert!(interrupted > 0, "no kill landed inside an export");
 }
