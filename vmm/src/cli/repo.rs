@@ -38,6 +38,10 @@ pub struct ExportArgs {
     /// The repository directory (created if missing).
     #[arg(long, value_name = "DIR")]
     pub to: PathBuf,
+    /// The name in the repository (default: the snapshot's own); `import` creates the
+    /// snapshot under this name.
+    #[arg(long = "as", value_name = "NAME")]
+    pub as_name: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -116,13 +120,15 @@ pub enum RepoCommand {
 struct PoolSource<'a> {
     pool: &'a Pool,
     info: SnapshotInfo,
+    /// The name it gets in the repository.
+    name: String,
 }
 
 impl SnapshotSource for PoolSource<'_> {
     fn meta(&mut self) -> std::result::Result<pmsnap_repo::SnapshotMeta, SourceError> {
         let i = &self.info;
         Ok(pmsnap_repo::SnapshotMeta {
-            name: i.name.clone(),
+            name: self.name.clone(),
             kind: i.kind,
             owner: i.owner,
             created_unix_ms: i.created_unix_ms,
@@ -204,7 +210,12 @@ pub fn export(args: ExportArgs) -> Result<i32> {
     let repo = Repo::open_or_init(storage)
         .map_err(context(format!("repository {}", args.to.display())))?;
     let t = std::time::Instant::now();
-    let mut src = PoolSource { pool: &pool, info };
+    let name = args.as_name.clone().unwrap_or_else(|| info.name.clone());
+    let mut src = PoolSource {
+        pool: &pool,
+        info,
+        name,
+    };
     let rep = repo
         .export(&mut src, &mut progress_printer(args.json))
         .map_err(context(format!("cannot export {:?}", args.snapshot)))?;

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Measure exports to a repository (docs/performance.md, "Repository"): full export
+# throughput against cp of the same RAM bytes to the same disk, an incremental export
+# after writing 1% of RAM, and a second guest of the same image.
+# Usage: PMSNAP=target/release/pmsnap PMSNAP_IMAGE_DIR=... docs/perf-repo.sh [MEM] [DIR]
+#   MEM: guest RAM (default 1G); DIR: where the repository goes (default /var/tmp, a disk).
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/scripts/lib.sh"
+pmsnap_init perf-repo
+BIN=${PMSNAP:-target/release/pmsnap}
+MEM=${1:-1G}
+DISK=${2:-/var/tmp}
+W=$(mktemp -d /tmp/pmsnap-perf-repo.XXXXXX)
+REPO=$DISK/pmsnap-perf-repo.$$
+cleanup() {
+  if [ -n "${VMM:-}" ]; then kill -9 "$VMM" 2>/dev/null || true; fi
+  if [ -n "${HOLD:-}" ]; then kill "$HOLD" 2>/dev/null || true; fi
+  rm -rf "$W" "$REPO" "$DISK/pmsnap-perf-cp.$$" /dev/shm/pmsnap-perf-repo-*.pool
+}
+trap cleanup EXIT
+echo "load: $(uptime)"
+MIB=$(( $(numfmt --from=iec "$MEM") >> 20 )); PAGES=$(( MIB * 256 ))
+json() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
+wait_out() { # file needle timeout_s
+  for _ in $(seq 1 $(( $3 * 10 ))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
+# Boot a guest on pool $1, snapshot `s1`; with a second argument also write 1% of RAM in
+# the guest and snapshot `s2`; then kill the VMM (the pool keeps the snapshots).
+guest() {
+  local pool=$1
+  rm -f "$pool" "$W/in" "$W/out"; mkfifo "$W/in"; sleep 100000 > "$W/in" & HOLD=$!
+  "$BIN" run --mem "$MEM" --pool "$pool" --api-sock "$W/api" < "$W/in" > "$W/out" 2> "$W/err" & VMM=$!
+  wait_out "$W/out" "pmsnap-guest: ready" 600 || { echo "no boot"; cat "$W/err"; exit 1; }
+  sleep 2
+  "$BIN" ctl --api-sock "$W/api" snapshot-vm s1 > /dev/null
+  if [ -n "${2:-}" ]; then
+    echo "dd if=/dev/urandom of=/tmp/fill bs=4096 count=$(( PAGES / 100 )) 2>/dev/null; echo FILLED-\$((1+1))" > "$W/in"
+    wait_out "$W/out" "FILLED-2" 900 || { echo "fill timed out"; exit 1; }
+    "$BIN" ctl --api-sock "$W/api" snapshot-vm s2 > /dev/null
+  fi
+  kill -9 "$VMM"; wait "$VMM" 2>/dev/null || true; VMM=
+  kill "$HOLD"; HOLD=
+}
+A=/dev/shm/pmsnap-perf-repo-a.pool; B=/dev/shm/pmsnap-perf-repo-b.pool
+guest "$A" with-fill
+# Baseline: cp of the RAM bytes (the pool's RAM area) to the same disk, synced.
+T0=$(date +%s%N)
+# The RAM area's offset: superblock field ram_offset (bytes 40..48, docs/pool-format.md).
+RAM_MIB=$(python3 -c "import struct; f=open('$A','rb'); f.seek(40); print(struct.unpack('<Q', f.read(8))[0] >> 20)")
+dd if="$A" of="$DISK/pmsnap-perf-cp.$$" bs=1M skip="$RAM_MIB" count="$MIB" status=none conv=fsync
+CP_MS=$(ms_since "$T0"); rm -f "$DISK/pmsnap-perf-cp.$$"
+T0=$(date +%s%N)
+R1=$("$BIN" export s1 --pool "$A" --to "$REPO" --json)
+FULL_MS=$(ms_since "$T0")
+sync
+echo "mem=$MEM full export of s1: $FULL_MS ms ($(echo "$R1" | json bytes_written) bytes written, $(echo "$R1" | json zero_pages) zero pages of $PAGES); cp of $MIB MiB to the same disk: $CP_MS ms; throughput ratio export/cp = $(python3 -c "print(round($CP_MS/$FULL_MS, 2))")"
+T0=$(date +%s%N)
+R2=$("$BIN" export s2 --pool "$A" --to "$REPO" --json)
+INC_MS=$(ms_since "$T0")
+echo "mem=$MEM incremental export of s2 (1% of RAM written after s1): $INC_MS ms, $(echo "$R2" | json bytes_written) bytes written vs $(echo "$R1" | json bytes_written) for the full export: ratio $(python3 -c "print(round($(echo "$R2" | json bytes_written)/$(echo "$R1" | json bytes_written), 4))")"
+guest "$B"
+R3=$("$BIN" export s1 --as b-s1 --pool "$B" --to "$REPO" --json)
+echo "mem=$MEM second guest of the same image: $(echo "$R3" | json bytes_written) bytes written vs $(echo "$R1" | json bytes_written) for the first: ratio $(python3 -c "print(round($(echo "$R3" | json bytes_written)/$(echo "$R1" | json bytes_written), 3))")"
+T0=$(date +%s%N)
+"$BIN" import s1 --from "$REPO" --pool /dev/shm/pmsnap-perf-repo-c.pool --json > /dev/null
+echo "mem=$MEM import of s1 into a new pool: $(ms_since "$T0") ms"
+du -sh "$REPO"
+echo "load: $(uptime)"
