@@ -80,16 +80,20 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod error;
+mod export;
 mod format;
+mod manage;
+mod meta;
+mod read;
 mod repo;
 mod storage;
 
 pub use error::{RepoError, Result, SourceError};
+pub use export::{ExportReport, Phase, Progress, SnapshotSource};
 pub use format::{hex, parse_hex, Hash32};
-pub use repo::{
-    ExportReport, GcReport, Manifest, Phase, Problem, Progress, Repo, SnapshotMeta, SnapshotSource,
-    SnapshotSummary, VerifyReport, DEFAULT_PACK_SIZE, MAX_STATE_LEN, REPO_VERSION,
-};
+pub use manage::{GcReport, Problem, SnapshotSummary, VerifyReport};
+pub use meta::{Manifest, SnapshotMeta};
+pub use repo::{Repo, DEFAULT_PACK_SIZE, MAX_STATE_LEN, REPO_VERSION};
 pub use storage::{DirStorage, MemStorage, ObjectInfo, Storage};
 
 /// Bytes per page and per chunk.
