@@ -263,6 +263,16 @@ fn agent_saves_and_restores_process_memory_in_a_real_guest() {
     let (out, rc) = run("pmsnap-agent list --json");
     assert_eq!(rc, 0, "the agent still works after the floods: {out}");
 
+    // Fuzzing from inside (issue 12): mutated frames from guest root; the service still
+    // answers, the host's snapshot is intact and the agent works.
+    let (out, rc) = run("pmsnap-memtest fuzz --frames 300 --seed 7 2>&1");
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("final list answered"), "{out}");
+    let hp_after = ctl_json(&api, &["inspect", "hp"]);
+    assert_eq!(hp_after["pages"], 2048, "{hp_after}");
+    let (out, rc) = run("pmsnap-agent list --json");
+    assert_eq!(rc, 0, "the agent works after the fuzzing: {out}");
+
     g.send_line("poweroff -f");
     let status = g.wait_exit(Duration::from_secs(120));
     assert_eq!(

@@ -141,6 +141,19 @@ enum Mode {
         #[arg(long, default_value_t = 200)]
         requests: usize,
     },
+    /// As guest root, fuzz the VMM's snapshot service: `--frames` frames, each a valid
+    /// request (List, Save, Restore or Delete with random names and runs) with random
+    /// bytes flipped, cut short or grown, sent from privileged ports (a new connection
+    /// whenever the VMM closes one). Ends with a plain List that must be answered. Prints
+    /// `memtest: fuzz: N frames, R replies, C connections; final list answered`.
+    Fuzz {
+        /// Frames to send.
+        #[arg(long, default_value_t = 300)]
+        frames: usize,
+        /// Seed of the mutations.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Measure the save pause against copying the same pages out, per size.
     Bench {
         /// Sizes in MiB.
@@ -304,6 +317,94 @@ fn flood(connections: usize, requests: usize) -> Result<(), String> {
          {requests}: {listed} listed, {busy} busy, {other} other errors"
     );
     Ok(())
+}
+
+fn fuzz(frames: usize, seed: u64) -> Result<(), String> {
+    use guest_agent::protocol::{Reply, RestoreRequest, Run, SaveRequest};
+    use std::time::Duration;
+    let mut x = seed | 1;
+    let mut rnd = move || {
+        // xorshift64: fuzz input only.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let connect = || -> Result<VsockStream, String> {
+        let s = VsockStream::connect_privileged(HOST_CID, SNAPSHOT_SERVICE_PORT)
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = s.set_read_timeout(Duration::from_millis(300));
+        Ok(s)
+    };
+    let mut s = connect()?;
+    let (mut replies, mut conns) = (0u64, 1u64);
+    for _ in 0..frames {
+        let name = ["a", "b", "fz", ".x", ""][(rnd() % 5) as usize].to_string();
+        let runs = vec![Run {
+            guest_phys_first_page: rnd() % 70_000,
+            count: 1 + rnd() % 8,
+            virt_addr: rnd() & !0xfff,
+            present: rnd() % 2 == 0,
+        }];
+        let op = match rnd() % 4 {
+            0 => Request::List,
+            1 => Request::Save(SaveRequest {
+                name,
+                pid: 1,
+                comm: "fuzz".into(),
+                runs,
+            }),
+            2 => Request::Restore(RestoreRequest { name, runs }),
+            _ => Request::Delete { name },
+        };
+        let mut frame = GuestRequest::new((rnd() % 2) as u32 * 1000, op)
+            .encode()
+            .map_err(|e| e.to_string())?;
+        match rnd() % 4 {
+            0 => {
+                for _ in 0..1 + rnd() % 4 {
+                    let i = (rnd() as usize) % frame.len();
+                    frame[i] ^= 1 << (rnd() % 8);
+                }
+            }
+            1 => frame.truncate((rnd() as usize) % frame.len()),
+            2 => frame.extend((0..rnd() % 32).map(|_| rnd() as u8)),
+            _ => {}
+        }
+        if write_frame(&mut s, &frame).is_err() {
+            s = connect()?;
+            conns += 1;
+            continue;
+        }
+        match read_frame(&mut s) {
+            Ok(Some(_)) => replies += 1,
+            // Closed (a garbage header ends a connection) or no answer (a frame cut
+            // short waits for its rest): go on with a new connection.
+            Ok(None) | Err(_) => {
+                s = connect()?;
+                conns += 1;
+            }
+        }
+    }
+    let mut s = connect()?;
+    let _ = s.set_read_timeout(Duration::from_secs(30));
+    let list = GuestRequest::new(0, Request::List)
+        .encode()
+        .map_err(|e| e.to_string())?;
+    write_frame(&mut s, &list).map_err(|e| e.to_string())?;
+    let answered = match read_frame(&mut s) {
+        Ok(Some(f)) => matches!(Reply::decode(&f), Ok(Reply::List(_))),
+        _ => false,
+    };
+    println!(
+        "memtest: fuzz: {frames} frames, {replies} replies, {conns} connections; final list {}",
+        if answered { "answered" } else { "NOT answered" }
+    );
+    if answered {
+        Ok(())
+    } else {
+        Err("the snapshot service no longer answers".into())
+    }
 }
 
 fn probe_vsock(claim_uid: u32) -> Result<(), String> {
@@ -472,6 +573,7 @@ fn run(cli: Cli) -> Result<(), String> {
             connections,
             requests,
         } => flood(connections, requests)?,
+        Mode::Fuzz { frames, seed } => fuzz(frames, seed)?,
         Mode::Bench {
             sizes,
             dir,
