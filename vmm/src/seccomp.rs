@@ -9,6 +9,7 @@
 //! | [`ThreadKind::Fault`] | `pmsnap-fault` | reads userfaultfd events, preserves pages into the pool, unprotects |
 //! | [`ThreadKind::EventLoop`] | the main thread, once the VM runs | epoll, the serial console, virtio-vsock and the guest's snapshot service, signals, teardown |
 //! | [`ThreadKind::Api`] | `pmsnap-api`, `pmsnap-api-conn`, `pmsnap-ready` | the control API, the engine's operations (VM snapshots, rollback), the agent client |
+//! | [`ThreadKind::Export`] | `pmsnap-export` | writes snapshots into a repository directory (`ctl export`): the one kind that opens files |
 //!
 //! A system call outside the list raises `SIGSYS` (`SECCOMP_RET_TRAP`); the handler writes
 //! one line naming the thread kind and the call to stderr and ends the process with exit
@@ -38,16 +39,25 @@ pub enum ThreadKind {
     EventLoop,
     /// The API threads and the engine operations they run.
     Api,
+    /// The export worker: reads snapshots from the pool and writes repository files.
+    Export,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
         ThreadKind::Vcpu,
         ThreadKind::Fault,
         ThreadKind::EventLoop,
         ThreadKind::Api,
+        ThreadKind::Export,
     ];
+
+    /// Whether the kind may open files (only the export worker, which writes a
+    /// repository directory; every other kind gets `EACCES`).
+    pub fn opens_files(self) -> bool {
+        self == ThreadKind::Export
+    }
 
     /// Name used in logs.
     pub fn name(self) -> &'static str {
@@ -56,6 +66,7 @@ impl ThreadKind {
             ThreadKind::Fault => "fault handler",
             ThreadKind::EventLoop => "event loop",
             ThreadKind::Api => "api",
+            ThreadKind::Export => "export",
         }
     }
 }
@@ -124,7 +135,12 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     })?;
     mark(kind);
     // The open filter first: the allow-list forbids `seccomp` itself.
-    for p in [&deny, &prog] {
+    let progs: Vec<&BpfProgram> = if kind.opens_files() {
+        vec![&prog]
+    } else {
+        vec![&deny, &prog]
+    };
+    for p in progs {
         seccompiler::apply_filter(p).map_err(|e| SeccompError::Install {
             kind: kind.name(),
             source: std::io::Error::other(e.to_string()),
@@ -303,6 +319,29 @@ const API: &[i64] = &[
     libc::SYS_sysinfo,
 ];
 
+/// Extra calls of the export worker: files and directories of a repository (objects
+/// written to a temporary file, synced, renamed into place; listing, removing).
+const EXPORT: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_getdents64,
+    libc::SYS_ftruncate,
+];
+
 /// The allow-list of `kind`.
 pub fn allowed(kind: ThreadKind) -> Vec<i64> {
     let lists: &[&[i64]] = match kind {
@@ -310,6 +349,7 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::Fault => &[COMMON, FAULT],
         ThreadKind::EventLoop => &[COMMON, SERVICE, EVENT_LOOP],
         ThreadKind::Api => &[COMMON, SERVICE, API],
+        ThreadKind::Export => &[COMMON, EXPORT],
     };
     let mut v = lists.concat();
     v.sort_unstable();

@@ -108,7 +108,7 @@ impl Fake {
             ApiRequest::SnapshotProcess(_) => Err(ApiError::InvalidState(
                 "the test double has no guest agent".into(),
             )),
-            ApiRequest::GrowPool { .. } => {
+            ApiRequest::GrowPool { .. } | ApiRequest::ExportSnapshot { .. } => {
                 Err(ApiError::InvalidState("the test double has no pool".into()))
             }
             ApiRequest::Pause => {

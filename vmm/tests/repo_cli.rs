@@ -254,3 +254,77 @@ fn an_export_killed_at_any_moment_leaves_a_consistent_repository_and_a_rerun_fin
     eprintln!("{interrupted} exports killed, {finished} finished before the kill");
     assert!(interrupted > 0, "no kill landed inside an export");
 }
+
+#[test]
+fn a_live_export_while_the_guest_writes_holds_the_snapshot_byte_exact() {
+    if kvm_missing("a_live_export_while_the_guest_writes_holds_the_snapshot_byte_exact") {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir on tmpfs");
+    let (p1, p2) = (dir.path().join("a.pool"), dir.path().join("b.pool"));
+    let repo = dir.path().join("repo");
+    let bin = payload(dir.path());
+    let args = ["run", "--mem", "64M", "--vcpus", "2", "--payload"]
+        .into_iter()
+        .map(std::ffi::OsString::from)
+        .chain([bin.into(), "--pool".into(), p1.clone().into()]);
+    let mut vmm = ApiVmm::spawn(dir.path(), "live", args).unwrap_or_else(|e| panic!("{e}"));
+    vmm.api.snapshot_vm("v1").expect("snapshot");
+    // The payload keeps writing every page while the VMM (seccomp on) exports.
+    let sock = dir.path().join("live.sock");
+    let rep = ok_json(&[
+        "ctl",
+        "--api-sock",
+        s(&sock),
+        "--json",
+        "export",
+        "v1",
+        "--to",
+        s(&repo),
+    ]);
+    assert_eq!(rep["pages"], 16384, "{rep}");
+    let stats = vmm.api.stats().expect("stats");
+    assert!(
+        stats.preserved_pages > 0,
+        "the guest wrote during the export"
+    );
+    assert!(
+        vmm.log_tail(40)
+            .contains("export of \"v1\": 100% of 16384 pages"),
+        "progress is logged: {}",
+        vmm.log_tail(40)
+    );
+    // A second export of the same snapshot is a no-op.
+    let again = ok_json(&[
+        "ctl",
+        "--api-sock",
+        s(&sock),
+        "--json",
+        "export",
+        "v1",
+        "--to",
+        s(&repo),
+    ]);
+    assert_eq!(again["no_op"], true, "{again}");
+    vmm.child.kill().expect("kill");
+    vmm.child.wait().expect("reap");
+
+    ok_json(&[
+        "import",
+        "v1",
+        "--from",
+        s(&repo),
+        "--pool",
+        s(&p2),
+        "--json",
+    ]);
+    let (a, b) = (Pool::open(&p1).expect("a"), Pool::open(&p2).expect("b"));
+    for page in 0..16384 {
+        let x = a.read_snapshot_page("v1", page).expect("a page").1;
+        let y = b.read_snapshot_page("v1", page).expect("b page").1;
+        assert!(
+            x == y,
+            "page {page} differs: the export read what the guest wrote later"
+        );
+    }
+}

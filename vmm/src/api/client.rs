@@ -86,6 +86,12 @@ impl ApiClient {
         }
     }
 
+    /// The same client with another I/O timeout (for long requests such as an export).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path

@@ -72,6 +72,10 @@ pub const ROUTES: &[Route] = &[
         methods: &[("GET", parse_dirty)],
     },
     Route {
+        pattern: "/v1/snapshots/{name}/export",
+        methods: &[("POST", parse_export)],
+    },
+    Route {
         pattern: "/v1/stats",
         methods: &[("GET", parse_stats)],
     },
@@ -281,6 +285,21 @@ fn parse_rollback(params: &Params, body: &[u8]) -> Result<ApiRequest, ApiError> 
     })
 }
 
+fn parse_export(params: &Params, body: &[u8]) -> Result<ApiRequest, ApiError> {
+    let req: super::types::ExportRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::InvalidJson(format!("{e}; expected {{\"to\": \"/path\"}}")))?;
+    if !req.to.starts_with('/') || req.to.len() > 4096 || req.to.contains('\0') {
+        return Err(ApiError::BadRequest(format!(
+            "\"to\" must be an absolute path of at most 4096 bytes, not {:?}",
+            req.to
+        )));
+    }
+    Ok(ApiRequest::ExportSnapshot {
+        name: name_param(params)?,
+        to: req.to.into(),
+    })
+}
+
 fn parse_grow_pool(_: &Params, body: &[u8]) -> Result<ApiRequest, ApiError> {
     let req: super::types::GrowPoolRequest = serde_json::from_slice(body)
         .map_err(|e| ApiError::InvalidJson(format!("{e}; expected {{\"add_bytes\": N}}")))?;
@@ -453,6 +472,32 @@ mod tests {
             assert_eq!(ok(m, "/v1/pause", ""), ApiRequest::Pause);
             assert_eq!(ok(m, "/v1/resume", ""), ApiRequest::Resume);
             assert_eq!(ok(m, "/v1/pause", " {} \n"), ApiRequest::Pause);
+        }
+    }
+
+    #[test]
+    fn export_needs_an_absolute_directory() {
+        assert_eq!(
+            ok(
+                "POST",
+                "/v1/snapshots/base/export",
+                r#"{"to": "/srv/snaps"}"#
+            ),
+            ApiRequest::ExportSnapshot {
+                name: "base".into(),
+                to: "/srv/snaps".into()
+            }
+        );
+        for bad in [
+            r#"{"to": "rel/dir"}"#,
+            r#"{"to": ""}"#,
+            "{}",
+            r#"{"to": "/x", "y": 1}"#,
+        ] {
+            assert!(
+                parse_request("POST", "/v1/snapshots/base/export", bad.as_bytes()).is_err(),
+                "{bad}"
+            );
         }
     }
 

@@ -120,6 +120,23 @@ pub enum ApiRequest {
         /// Bytes to add, more than 0.
         add_bytes: u64,
     },
+    /// `POST /v1/snapshots/{name}/export {"to"}`: write the snapshot into the repository
+    /// directory `to` (an absolute path) while the guest runs. Answer
+    /// [`ApiResponse::Json`] 200 with the export report.
+    ExportSnapshot {
+        /// Validated snapshot name.
+        name: String,
+        /// The repository directory.
+        to: std::path::PathBuf,
+    },
+}
+
+/// Body of `POST /v1/snapshots/{name}/export`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    /// The repository directory, an absolute path (created if missing).
+    pub to: String,
 }
 
 /// Body of `POST /v1/pool/grow`.

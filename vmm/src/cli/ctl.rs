@@ -122,6 +122,17 @@ pub enum CtlCommand {
         #[command(flatten)]
         name: NameArg,
     },
+    /// Write a snapshot into a repository directory while the guest runs (the snapshot
+    /// is immutable; pages the guest writes meanwhile are preserved first). Waits up to
+    /// an hour; the VMM logs progress.
+    Export {
+        #[command(flatten)]
+        name: NameArg,
+        /// The repository directory (created if missing; a relative path is taken from
+        /// this directory).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+    },
     /// The pool: `pool grow SIZE` adds SIZE to the block area online (for a VM whose
     /// status is `paused: block area full`, or before it gets there).
     Pool {
@@ -175,7 +186,11 @@ pub fn run(args: CtlArgs) -> super::anyhow_like::Result<i32> {
     let sock = args
         .api_sock
         .ok_or("--api-sock PATH (or the PMSNAP_API_SOCK environment variable) is required")?;
-    let client = ApiClient::new(&sock);
+    let mut client = ApiClient::new(&sock);
+    if matches!(args.command, CtlCommand::Export { .. }) {
+        // An export of many GiB takes minutes; the VMM answers when it is done.
+        client = client.with_timeout(std::time::Duration::from_secs(3600));
+    }
     match send(&client, &args.command, args.json) {
         Ok(text) => {
             print!("{text}");
@@ -232,6 +247,13 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
             ("GET", snapshot_path(since, "/dirty")?, None)
         }
         CtlCommand::Stats => ("GET", "/v1/stats".to_string(), None),
+        CtlCommand::Export { name, to } => {
+            let to = std::path::absolute(to).map_err(|e| {
+                ClientError::BadResponse(format!("cannot resolve {}: {e}", to.display()))
+            })?;
+            let body = serde_json::json!({ "to": to.display().to_string() });
+            ("POST", snapshot_path(name.get(), "/export")?, Some(body))
+        }
         CtlCommand::Pool {
             op: PoolOp::Grow { size },
         } => (
@@ -298,6 +320,27 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
                 r.capture_us as f64 / 1000.0,
                 r.store_us as f64 / 1000.0
             )
+        }
+        CtlCommand::Export { to, .. } => {
+            let n = |k: &str| value[k].as_u64().unwrap_or(0);
+            if value["no_op"] == true {
+                format!(
+                    "{} is in {} already (same content)\n",
+                    value["name"].as_str().unwrap_or("?"),
+                    to.display()
+                )
+            } else {
+                format!(
+                    "exported {} to {}: {} pages ({} zero), {} new bytes, {} already there, {} written\n",
+                    value["name"].as_str().unwrap_or("?"),
+                    to.display(),
+                    n("pages"),
+                    n("zero_pages"),
+                    n("bytes_new"),
+                    n("bytes_skipped"),
+                    n("bytes_written")
+                )
+            }
         }
         CtlCommand::Pool {
             op: PoolOp::Grow { .. },

@@ -10,12 +10,15 @@
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::{Arc, Mutex};
+
 use clap::{Args, Subcommand};
 use guest_agent::cli::{exit, format_time_ms};
-use pmem_backend::{Pool, PoolOptions, SnapshotInfo};
-use pmsnap_repo::{DirStorage, Phase, Progress, Repo, SnapshotSource, SourceError};
+use pmem_backend::{Pool, PoolOptions};
+use pmsnap_repo::{DirStorage, Repo};
 
 use super::anyhow_like::{context, Result};
+use crate::controller::export::{every_tenth, export_snapshot};
 
 const PAGE: u64 = 4096;
 
@@ -116,70 +119,6 @@ pub enum RepoCommand {
     },
 }
 
-/// A pool's snapshot as the repository reads it.
-struct PoolSource<'a> {
-    pool: &'a Pool,
-    info: SnapshotInfo,
-    /// The name it gets in the repository.
-    name: String,
-}
-
-impl SnapshotSource for PoolSource<'_> {
-    fn meta(&mut self) -> std::result::Result<pmsnap_repo::SnapshotMeta, SourceError> {
-        let i = &self.info;
-        Ok(pmsnap_repo::SnapshotMeta {
-            name: self.name.clone(),
-            kind: i.kind,
-            owner: i.owner,
-            created_unix_ms: i.created_unix_ms,
-            created_unix_ns: i.created_unix_ns,
-            labels: i.labels.clone(),
-            process: i.process.clone(),
-            ram_size: self.pool.ram_size(),
-            runs: i.runs.clone(),
-        })
-    }
-
-    fn read_page(
-        &mut self,
-        page: u64,
-        buf: &mut [u8; pmsnap_repo::PAGE_SIZE],
-    ) -> std::result::Result<(), SourceError> {
-        let (_, data) = self
-            .pool
-            .read_snapshot_page(self.info.name.as_str(), page)
-            .map_err(|e| Box::new(e) as SourceError)?;
-        buf.copy_from_slice(&data);
-        Ok(())
-    }
-
-    fn state(&mut self) -> std::result::Result<Vec<u8>, SourceError> {
-        self.pool
-            .read_state(self.info.name.as_str())
-            .map_err(|e| Box::new(e) as SourceError)
-    }
-}
-
-/// Progress on stderr, every 10% (no bar: exports run from scripts too).
-fn progress_printer(quiet: bool) -> impl FnMut(Progress) {
-    let mut last: Option<(Phase, u64)> = None;
-    move |p: Progress| {
-        if quiet || p.total == 0 || p.phase != Phase::Pages {
-            return;
-        }
-        let tenth = p.done * 10 / p.total;
-        if last != Some((p.phase, tenth)) {
-            last = Some((p.phase, tenth));
-            eprintln!(
-                "export: {}% of {} pages, {} new bytes",
-                tenth * 10,
-                p.total,
-                p.bytes_new
-            );
-        }
-    }
-}
-
 fn open_existing(dir: &Path) -> Result<Repo> {
     // Checked before DirStorage, which would create the directory.
     if !dir.join("config").is_file() {
@@ -200,25 +139,21 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 pub fn export(args: ExportArgs) -> Result<i32> {
     let pool = Pool::open(&args.pool)
         .map_err(context(format!("cannot open pool {}", args.pool.display())))?;
-    let info = pool
-        .inspect(args.snapshot.as_str())
-        .map_err(context(format!("pool {}", args.pool.display())))?;
-    let storage = DirStorage::new(&args.to).map_err(context(format!(
-        "cannot create repository {}",
-        args.to.display()
-    )))?;
-    let repo = Repo::open_or_init(storage)
-        .map_err(context(format!("repository {}", args.to.display())))?;
     let t = std::time::Instant::now();
-    let name = args.as_name.clone().unwrap_or_else(|| info.name.clone());
-    let mut src = PoolSource {
-        pool: &pool,
-        info,
-        name,
-    };
-    let rep = repo
-        .export(&mut src, &mut progress_printer(args.json))
-        .map_err(context(format!("cannot export {:?}", args.snapshot)))?;
+    let quiet = args.json;
+    let mut progress = every_tenth(|line| {
+        if !quiet {
+            eprintln!("export: {line}");
+        }
+    });
+    let rep = export_snapshot(
+        Arc::new(Mutex::new(pool)),
+        &args.snapshot,
+        args.as_name.as_deref(),
+        &args.to,
+        &mut progress,
+    )
+    .map_err(context(format!("cannot export {:?}", args.snapshot)))?;
     let secs = t.elapsed().as_secs_f64();
     if args.json {
         return print_json(&rep).map(|()| exit::OK);

@@ -9,6 +9,7 @@
 //! hold up status, pause, a VM snapshot or a rollback.
 
 pub mod agent_client;
+pub mod export;
 pub mod grants;
 pub mod live;
 pub mod process;
@@ -114,6 +115,8 @@ pub struct Controller {
     /// Process snapshots waiting for the guest agent now (at most
     /// [`MAX_PROCESS_SNAPSHOTS_IN_FLIGHT`]).
     agent_waits: AtomicU64,
+    /// The export thread (None if it could not start: exports are then refused).
+    export: Option<export::ExportWorker>,
     info: VmInfo,
     started: Instant,
 }
@@ -129,9 +132,18 @@ impl std::fmt::Debug for Controller {
 }
 
 impl Controller {
-    /// A controller over a running VM.
+    /// A controller over a running VM. Call it from a thread without a seccomp filter:
+    /// it starts the export thread, which installs its own.
     pub fn new(parts: ControllerParts) -> Self {
+        let export = match export::ExportWorker::spawn(parts.engine.pool().clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log::warn!("cannot start the export thread ({e}): ctl export is unavailable");
+                None
+            }
+        };
         Self {
+            export,
             engine: parts.engine,
             grants: parts.grants,
             vm: parts.vm,
@@ -248,7 +260,32 @@ impl Controller {
             ApiRequest::CreateVmSnapshot { name } => self.snapshot_vm(&name),
             ApiRequest::RollbackVm { name } => self.rollback(&name),
             ApiRequest::GrowPool { add_bytes } => self.grow_pool(add_bytes),
+            ApiRequest::ExportSnapshot { name, to } => self.export(&name, &to),
         }
+    }
+
+    /// `POST /v1/snapshots/{name}/export`: write the snapshot into the repository
+    /// directory `to` while the guest runs (on the export thread; this request waits).
+    fn export(&self, name: &str, to: &std::path::Path) -> Result<ApiResponse, ApiError> {
+        let worker = self
+            .export
+            .as_ref()
+            .ok_or_else(|| ApiError::InvalidState("the export thread is not running".into()))?;
+        // Unknown names get the usual 404 before any work.
+        lock_pool(self.engine.pool()).inspect(name)?;
+        let t = Instant::now();
+        let report = worker.export(name, to).map_err(ApiError::InvalidState)?;
+        info!(
+            "exported snapshot {name:?} to {} in {:?}: {} pages, {} new bytes",
+            to.display(),
+            t.elapsed(),
+            report.pages,
+            report.bytes_new
+        );
+        Ok(ApiResponse::Json {
+            status: 200,
+            body: serde_json::to_value(report).map_err(|e| ApiError::Internal(e.to_string()))?,
+        })
     }
 
     /// `POST /v1/pool/grow`: grow the block area by `add_bytes` (rounded up to blocks),
