@@ -60,7 +60,7 @@ pub use lock::{claim_unused, PoolUse, UnusedPool};
 pub use persist::{CrashSim, MsyncPersist, Persist, Tear};
 pub use pool::{
     GcReport, GrowReport, Pool, PoolOptions, Problem, ProtectError, RecoveryReport, VerifyReport,
-    DEFAULT_LOG_RECORDS,
+    DEFAULT_LOG_RECORDS, THREAD_START,
 };
 pub use types::{
     normalize_runs, pages_to_runs, Owner, PageLocation, PageRun, ProcessInfo, SnapshotInfo,

@@ -92,6 +92,81 @@ pub enum SeccompError {
         #[source]
         source: std::io::Error,
     },
+    /// The thread could not drop to the user and group ids of `--uid/--gid`.
+    #[error("the {kind} thread cannot drop to uid {uid} gid {gid}: {source}")]
+    Ids {
+        /// Thread kind.
+        kind: &'static str,
+        /// Target uid.
+        uid: u32,
+        /// Target gid.
+        gid: u32,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The user and group ids every VMM thread drops to (`--uid/--gid`), once set.
+static TARGET_IDS: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+
+/// From now on every VMM thread drops to `uid`/`gid` (no supplementary groups) as it
+/// starts, before its filter ([`apply`]); so does the pool's pre-fault thread. Call it
+/// before any thread starts, once the process has opened what needs privileges. The
+/// kernel keeps ids per thread and `setresuid(2)` changes only the caller's, so each
+/// thread drops its own: glibc's wrapper would signal every thread to do it, which a
+/// thread already under a seccomp filter could not.
+pub fn drop_privileges_to(uid: u32, gid: u32) {
+    let _ = TARGET_IDS.set((uid, gid));
+    let _ = pmem_backend::THREAD_START.set(|| {
+        if let Err(e) = drop_ids("pool pre-fault") {
+            fatal_ids(&e);
+        }
+    });
+}
+
+/// The ids set by [`drop_privileges_to`], if any.
+pub fn target_ids() -> Option<(u32, u32)> {
+    TARGET_IDS.get().copied()
+}
+
+/// Drop the calling thread to the target ids, if set (raw system calls: this thread
+/// only).
+fn drop_ids(kind: &'static str) -> Result<(), SeccompError> {
+    let Some((uid, gid)) = target_ids() else {
+        return Ok(());
+    };
+    let fail = |source| SeccompError::Ids {
+        kind,
+        uid,
+        gid,
+        source,
+    };
+    let check = |r: libc::c_long| {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(fail(std::io::Error::last_os_error()))
+        }
+    };
+    // SAFETY: raw credential system calls with plain integer arguments (and a null group
+    // list of length 0); they affect only the calling thread.
+    unsafe {
+        check(libc::syscall(
+            libc::SYS_setgroups,
+            0,
+            std::ptr::null::<libc::gid_t>(),
+        ))?;
+        check(libc::syscall(libc::SYS_setresgid, gid, gid, gid))?;
+        check(libc::syscall(libc::SYS_setresuid, uid, uid, uid))?;
+    }
+    Ok(())
+}
+
+/// A thread that cannot drop its ids must not go on with them: end the VMM.
+fn fatal_ids(e: &SeccompError) -> ! {
+    eprintln!("pmsnap: {e}; the VMM stops");
+    std::process::exit(1);
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -113,9 +188,11 @@ thread_local! {
     static KIND: std::cell::Cell<Option<ThreadKind>> = const { std::cell::Cell::new(None) };
 }
 
-/// Install the filter of `kind` on the calling thread, when filters are enabled. Threads
-/// this thread starts afterwards inherit it (and may add their own on top).
+/// Drop the calling thread to the `--uid/--gid` ids if set, then install the filter of
+/// `kind` on it, when filters are enabled. Threads this thread starts afterwards inherit
+/// both (and may add their own filter on top).
 pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
+    drop_ids(kind.name())?;
     if !enabled() {
         return Ok(());
     }
@@ -185,6 +262,9 @@ fn compile(
 /// the top of threads whose spawner cannot handle an error. The VMM then runs that thread
 /// unfiltered, and says so.
 pub fn apply_or_warn(kind: ThreadKind) {
+    if let Err(e) = drop_ids(kind.name()) {
+        fatal_ids(&e);
+    }
     if let Err(e) = apply(kind) {
         log::warn!("{e}; this thread runs without a seccomp filter");
     }

@@ -57,6 +57,11 @@ pub struct PoolOptions {
     pub persist: Option<Box<dyn Persist>>,
 }
 
+/// Called first in every thread the pool starts (its pre-fault thread), once set: an
+/// embedder that confines its threads (the VMM drops its user and group ids in each
+/// thread it starts) does the same here.
+pub static THREAD_START: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
 /// An open pool: the file, its lock, the store's mapping, and the in-memory state of the
 /// snapshot store. Not internally synchronised: share it behind a `Mutex` (see the crate
 /// docs on threading).
@@ -269,6 +274,9 @@ impl Pool {
         let spawned = std::thread::Builder::new()
             .name("pmsnap-prefault".into())
             .spawn(move || {
+                if let Some(hook) = THREAD_START.get() {
+                    hook();
+                }
                 // SAFETY: plain syscall on this thread (who 0 = the calling thread).
                 if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0 {
                     log::debug!("pre-fault thread keeps its priority");

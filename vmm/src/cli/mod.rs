@@ -98,6 +98,49 @@ fn serve_devices(
     Ok(())
 }
 
+/// `--uid/--gid` of `run` and `restore`.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct IdArgs {
+    /// Run the VMM's threads as this user id once /dev/kvm, the pool, the userfaultfd
+    /// and the sockets are open (needs root, and --gid and --pool; the socket files are
+    /// given to this user). See docs/security.md.
+    #[arg(long, value_name = "UID", requires_all = ["gid", "pool"])]
+    pub uid: Option<u32>,
+    /// Group id to run as, with --uid (supplementary groups are dropped).
+    #[arg(long, value_name = "GID", requires = "uid")]
+    pub gid: Option<u32>,
+}
+
+impl IdArgs {
+    /// Check the request and arm the drop (each VMM thread drops as it starts): call
+    /// before any thread starts.
+    fn arm(self) -> anyhow_like::Result<()> {
+        let (Some(uid), Some(gid)) = (self.uid, self.gid) else {
+            return Ok(());
+        };
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("--uid/--gid need root (a VMM not run as root keeps its own ids)".into());
+        }
+        crate::seccomp::drop_privileges_to(uid, gid);
+        log::info!("VMM threads run as uid {uid} gid {gid} once set up");
+        Ok(())
+    }
+
+    /// Give the socket files to the target user (before the main thread drops).
+    fn give_sockets(self, socks: &[Option<&std::path::Path>]) -> anyhow_like::Result<()> {
+        let (Some(uid), Some(gid)) = (self.uid, self.gid) else {
+            return Ok(());
+        };
+        for p in socks.iter().flatten() {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(anyhow_like::context(
+                format!("cannot give {} to uid {uid}", p.display()),
+            ))?;
+        }
+        Ok(())
+    }
+}
+
 /// The end of `run` and `restore`: confine the event loop thread (seccomp), serve until
 /// the VM stops, stop the vCPUs and drop the VM before the terminal's raw mode, and turn
 /// why it stopped into the exit status: 0 for a guest reset or shutdown, 128+N for

@@ -77,6 +77,9 @@ pub struct RestoreArgs {
     /// system call"; see docs/security.md).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// The user and group the VMM's threads run as.
+    #[command(flatten)]
+    pub ids: super::IdArgs,
 }
 
 fn parse_mem(s: &str) -> std::result::Result<u64, String> {
@@ -88,6 +91,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     if !args.no_seccomp {
         crate::seccomp::enable();
     }
+    args.ids.arm()?;
     let started = Instant::now();
     let name = args
         .snapshot
@@ -183,6 +187,8 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     // Served once the vCPUs and state capture exist, so a client that sees the socket
     // can pause, resume or snapshot at once (with --paused, POST /v1/resume is next).
     let _api = super::serve_api(args.api_sock.as_deref(), running.controller())?;
+    args.ids
+        .give_sockets(&[args.api_sock.as_deref(), args.vsock_sock.as_deref()])?;
     log::info!(
         "restored snapshot {name:?}: {} of {} pages copied back in {:?}; vCPUs {} {to_run:?} after start",
         restored.pages_copied,

@@ -91,6 +91,9 @@ pub struct RunArgs {
     /// system call"; see docs/security.md).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// The user and group the VMM's threads run as.
+    #[command(flatten)]
+    pub ids: super::IdArgs,
 }
 
 /// The line the default image's init prints when the guest is up.
@@ -220,6 +223,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if !args.no_seccomp {
         crate::seccomp::enable();
     }
+    args.ids.arm()?;
     let env_dir = std::env::var("PMSNAP_IMAGE_DIR").ok();
     let (cfg, temporary, remove) = resolve(&args, env_dir.as_deref())?;
     // A socket a live process serves fails now, before any work; stale ones go.
@@ -295,6 +299,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
     // Served once the vCPUs and state capture exist, so a client that sees the socket
     // can pause, resume or snapshot at once.
     let _api = super::serve_api(args.api_sock.as_deref(), running.controller())?;
+    args.ids
+        .give_sockets(&[args.api_sock.as_deref(), args.vsock_sock.as_deref()])?;
     super::serve_until_stopped(&mut event_loop, running, _raw, started)
 }
 
