@@ -2,9 +2,22 @@
 //! snapshot service and the store. One guest, restored from the suite's ready template
 //! (a VM snapshot of a booted guest, so no boot here), serves every check, in order.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use pmsnap_tests::{ctl_json, ready_guest, require_kvm};
+use pmsnap_tests::{ctl_json, ready_guest, require_kvm, run_pmsnap};
+
+/// Resident anonymous memory of process `pid` (its heap and stacks, not the guest RAM
+/// and pool it maps shared), in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("RssAnon:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no RssAnon for pid {pid}"))
+}
 
 const CMD_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -17,6 +30,22 @@ fn agent_saves_and_restores_process_memory_in_a_real_guest() {
     let rg = ready_guest(&[("PMSNAP_GUEST_QUOTA", "100M")]);
     let api = rg.api.clone();
     let mut g = rg.guest;
+    // The operator's VM snapshot, kept in a repository as it is now: after every attack
+    // below it must still hold exactly this.
+    ctl_json(&api, &["snapshot-vm", "golden"]);
+    let golden_repo = rg.dir.path().join("golden-repo");
+    let exported = ctl_json(
+        &api,
+        &[
+            "export",
+            "golden",
+            "--to",
+            golden_repo.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(exported["pages"], 65536, "{exported}");
+    let vmm_pid = g.pid();
+    let rss_before = rss_kib(vmm_pid);
     let mut run = |cmd: &str| {
         let t = std::time::Instant::now();
         let r = g
@@ -273,6 +302,71 @@ fn agent_saves_and_restores_process_memory_in_a_real_guest() {
     let (out, rc) = run("pmsnap-agent list --json");
     assert_eq!(rc, 0, "the agent works after the fuzzing: {out}");
 
+    // A hostile listener on the agent's port (issue 12): it accepts and trickles a byte a
+    // second. The host's process snapshot waits for it, but status and VM snapshots are
+    // answered meanwhile; when it goes, the waiting request fails cleanly.
+    let (out, rc) = run("killall pmsnap-agent; sleep 1; \
+         pmsnap-memtest slow-agent --seconds 120 > /tmp/slow 2>&1 & echo $! > /tmp/slow.pid; \
+         until grep -q listening /tmp/slow; do sleep 1; done; cat /tmp/slow");
+    assert_eq!(rc, 0, "{out}");
+    let waiting = {
+        let api = api.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let a = api.to_str().expect("utf-8").to_string();
+            let out = run_pmsnap(
+                &[
+                    "ctl",
+                    "--api-sock",
+                    &a,
+                    "snapshot-process",
+                    "--pid",
+                    "1",
+                    "--name",
+                    "slow",
+                ],
+                &[],
+            );
+            (out.status.success(), out.stderr, t.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let t = Instant::now();
+    assert_eq!(ctl_json(&api, &["status"])["state"], "running");
+    ctl_json(&api, &["snapshot-vm", "during-slow"]);
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "status and a VM snapshot wait for the slow listener: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        !waiting.is_finished(),
+        "the process snapshot waits for the listener"
+    );
+    let (out, rc) = run("kill $(cat /tmp/slow.pid); sleep 1; echo killed");
+    assert_eq!(rc, 0, "{out}");
+    let (ok, stderr, waited) = waiting.join().expect("waiting thread");
+    assert!(
+        !ok,
+        "a process snapshot from a hostile listener fails: {stderr}"
+    );
+    assert!(waited < Duration::from_secs(300), "{waited:?}");
+    // The agent comes back; the guest answers.
+    let (out, rc) = run(
+        "pmsnap-agent serve --log /tmp/pmsnap-agent.log </dev/null >/dev/null 2>&1 & \
+         sleep 2; pmsnap-agent list --json",
+    );
+    assert_eq!(rc, 0, "the agent serves again: {out}");
+
+    // After every attack: the VMM's memory grew by less than 64 MiB, and the operator's
+    // snapshot is there.
+    let rss_after = rss_kib(vmm_pid);
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "VMM anonymous RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    ctl_json(&api, &["inspect", "golden"]);
+
     g.send_line("poweroff -f");
     let status = g.wait_exit(Duration::from_secs(120));
     assert_eq!(
@@ -281,4 +375,31 @@ fn agent_saves_and_restores_process_memory_in_a_real_guest() {
         "stderr:\n{}",
         g.stderr()
     );
+    // The pool is sound, and the operator's snapshot holds exactly what it held when it
+    // was taken (compared with its export from then, page by page).
+    let pool = rg.pool.0.to_str().expect("utf-8").to_string();
+    let verify = run_pmsnap(&["store", "--pool", &pool, "verify"], &[]);
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        verify.stdout,
+        verify.stderr
+    );
+    let copy = rg.dir.path().join("golden-copy.pool");
+    let copy_s = copy.to_str().expect("utf-8");
+    let repo_s = golden_repo.to_str().expect("utf-8");
+    let imp = run_pmsnap(
+        &["import", "golden", "--from", repo_s, "--pool", copy_s],
+        &[],
+    );
+    assert!(imp.status.success(), "{}", imp.stderr);
+    let a = pmem_backend::Pool::open(&rg.pool.0).expect("pool");
+    let b = pmem_backend::Pool::open(&copy).expect("copy");
+    for page in 0..65536 {
+        let x = a.read_snapshot_page("golden", page).expect("page").1;
+        let y = b.read_snapshot_page("golden", page).expect("page").1;
+        assert!(x == y, "golden page {page} changed");
+    }
+    drop(b);
+    let _ = std::fs::remove_file(&copy);
 }

@@ -154,6 +154,15 @@ enum Mode {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Stand in for the agent on its vsock port as a hostile guest would: accept the
+    /// VMM's connections and answer one byte a second, for `--seconds` (stop
+    /// `pmsnap-agent serve` first: it holds the port). Prints `memtest: slow-agent
+    /// listening` once bound.
+    SlowAgent {
+        /// How long to trickle, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Measure the save pause against copying the same pages out, per size.
     Bench {
         /// Sizes in MiB.
@@ -407,6 +416,30 @@ fn fuzz(frames: usize, seed: u64) -> Result<(), String> {
     }
 }
 
+fn slow_agent(seconds: u64) -> Result<(), String> {
+    use std::io::Write as _;
+    let l = guest_agent::client::VsockListener::bind(guest_agent::protocol::AGENT_PORT)
+        .map_err(|e| format!("bind the agent port: {e}"))?;
+    println!("memtest: slow-agent listening");
+    let _ = std::io::stdout().flush();
+    let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let accepted = conns.clone();
+    std::thread::spawn(move || {
+        while let Ok(c) = l.accept() {
+            accepted.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+        }
+    });
+    // Every connection held gets a byte a second: a frame header that never completes.
+    let end = Instant::now() + std::time::Duration::from_secs(seconds);
+    while Instant::now() < end {
+        for c in conns.lock().unwrap_or_else(|e| e.into_inner()).iter_mut() {
+            let _ = c.write_all(b"P");
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    Ok(())
+}
+
 fn probe_vsock(claim_uid: u32) -> Result<(), String> {
     let mut s = match VsockStream::connect(HOST_CID, SNAPSHOT_SERVICE_PORT) {
         Ok(s) => s,
@@ -574,6 +607,7 @@ fn run(cli: Cli) -> Result<(), String> {
             requests,
         } => flood(connections, requests)?,
         Mode::Fuzz { frames, seed } => fuzz(frames, seed)?,
+        Mode::SlowAgent { seconds } => slow_agent(seconds)?,
         Mode::Bench {
             sizes,
             dir,
