@@ -55,9 +55,15 @@ pub fn call<S: Read + Write>(stream: &mut S, req: &GuestRequest) -> Result<Reply
 /// [`FrameBuffer::next_frame`]. A bad header is reported once and poisons the buffer:
 /// after garbage there is no way to find the next frame boundary, so the caller should
 /// answer with an error and close the connection.
+///
+/// Linear in the bytes received: taken frames advance a start offset, and the buffer is
+/// compacted once per [`FrameBuffer::push`] after frames were taken (a chunk of many tiny
+/// frames is not shifted down once per frame).
 #[derive(Debug, Default)]
 pub struct FrameBuffer {
     buf: Vec<u8>,
+    /// Where the first byte not yet returned as a frame is.
+    start: usize,
     poisoned: bool,
 }
 
@@ -72,6 +78,10 @@ impl FrameBuffer {
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
         if self.poisoned {
             return Ok(());
+        }
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
         }
         let limit = HEADER_LEN + MAX_PAYLOAD_LEN as usize;
         if self.buf.len() + bytes.len() > limit {
@@ -90,7 +100,11 @@ impl FrameBuffer {
     }
 
     fn header(&self) -> Option<Result<FrameHeader, ProtocolError>> {
-        let head: &[u8; HEADER_LEN] = self.buf.get(..HEADER_LEN)?.try_into().ok()?;
+        let head: &[u8; HEADER_LEN] = self
+            .buf
+            .get(self.start..self.start + HEADER_LEN)?
+            .try_into()
+            .ok()?;
         Some(FrameHeader::parse(head))
     }
 
@@ -105,20 +119,26 @@ impl FrameBuffer {
             Some(Err(e)) => {
                 self.poisoned = true;
                 self.buf.clear();
+                self.start = 0;
                 return Err(e);
             }
         };
         let total = HEADER_LEN + header.len as usize;
-        if self.buf.len() < total {
+        if self.pending() < total {
             return Ok(None);
         }
-        let rest = self.buf.split_off(total);
-        Ok(Some(std::mem::replace(&mut self.buf, rest)))
+        let frame = self.buf[self.start..self.start + total].to_vec();
+        self.start += total;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        Ok(Some(frame))
     }
 
     /// Bytes buffered and not yet returned as a frame.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     /// Whether a bad header stopped this buffer.
@@ -156,6 +176,33 @@ mod tests {
         assert!(matches!(fb.next_frame(), Err(ProtocolError::BadMagic(_))));
         assert!(fb.is_poisoned());
         assert_eq!(fb.next_frame(), Ok(None));
+    }
+
+    #[test]
+    fn a_chunk_of_many_small_frames_splits_into_all_of_them_with_a_partial_tail() {
+        let list = GuestRequest::new(0, Request::List)
+            .encode()
+            .expect("encode");
+        // A maximal chunk of small frames (the case a shift per frame made quadratic),
+        // then the first half of one more, finished by a second push.
+        let n = (HEADER_LEN + MAX_PAYLOAD_LEN as usize) / list.len() - 1;
+        let mut chunk: Vec<u8> = list.iter().copied().cycle().take(n * list.len()).collect();
+        chunk.extend_from_slice(&list[..list.len() / 2]);
+        let mut fb = FrameBuffer::new();
+        fb.push(&chunk).expect("push");
+        let mut count = 0;
+        while let Some(f) = fb.next_frame().expect("frame") {
+            assert_eq!(f, list);
+            count += 1;
+        }
+        assert_eq!(count, n);
+        assert_eq!(fb.pending(), list.len() / 2);
+        fb.push(&list[list.len() / 2..]).expect("push the rest");
+        assert_eq!(fb.next_frame().expect("frame"), Some(list.clone()));
+        assert_eq!(fb.pending(), 0);
+        // The limit counts only what is pending, not frames already taken.
+        fb.push(&chunk[..list.len() * 2]).expect("push");
+        assert_eq!(fb.pending(), list.len() * 2);
     }
 
     #[test]
