@@ -292,6 +292,11 @@ fn agent_saves_and_restores_process_memory_in_a_real_guest() {
     let (out, rc) = run("pmsnap-agent list --json");
     assert_eq!(rc, 0, "the agent still works after the floods: {out}");
 
+    // Allocation bombs from guest root (issue 12): refused before any allocation.
+    let (out, rc) = run("pmsnap-memtest bombs 2>&1");
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("memtest: bombs: 4 refused of 4"), "{out}");
+
     // Fuzzing from inside (issue 12): mutated frames from guest root; the service still
     // answers, the host's snapshot is intact and the agent works.
     let (out, rc) = run("pmsnap-memtest fuzz --frames 300 --seed 7 2>&1");

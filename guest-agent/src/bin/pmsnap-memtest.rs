@@ -154,6 +154,11 @@ enum Mode {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// As guest root, send the VMM's snapshot service the allocation bombs of issue 12
+    /// (a save of 2^32 absent pages, a save of 65,536 absent runs of 2 pages, restores
+    /// over 65,536 and 500 overlapping target runs) and count the error replies. Prints `memtest:
+    /// bombs: R refused of N`.
+    Bombs,
     /// Stand in for the agent on its vsock port as a hostile guest would: accept the
     /// VMM's connections and answer one byte a second, for `--seconds` (stop
     /// `pmsnap-agent serve` first: it holds the port). Prints `memtest: slow-agent
@@ -416,6 +421,59 @@ fn fuzz(frames: usize, seed: u64) -> Result<(), String> {
     }
 }
 
+fn bombs() -> Result<(), String> {
+    use guest_agent::protocol::{Reply, RestoreRequest, Run, SaveRequest, MAX_RUNS};
+    let run = |first, count, present| Run {
+        guest_phys_first_page: first,
+        count,
+        virt_addr: 0x1000,
+        present,
+    };
+    let save = |runs| {
+        Request::Save(SaveRequest {
+            name: "bomb".into(),
+            pid: 1,
+            comm: "bomb".into(),
+            runs,
+        })
+    };
+    let restore = |n| {
+        Request::Restore(RestoreRequest {
+            name: "bomb".into(),
+            runs: vec![run(0, 1, true); n],
+        })
+    };
+    let requests = [
+        save(vec![run(0, 1 << 32, false)]),
+        // Absent runs cost no block, but name pages: twice guest RAM's worth here.
+        save((0..MAX_RUNS as u64).map(|i| run(i * 2, 2, false)).collect()),
+        restore(MAX_RUNS),
+        restore(500),
+    ];
+    let mut refused = 0;
+    for op in requests.iter().cloned() {
+        let mut s = VsockStream::connect_privileged(HOST_CID, SNAPSHOT_SERVICE_PORT)
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = s.set_read_timeout(std::time::Duration::from_secs(60));
+        let frame = GuestRequest::new(0, op)
+            .encode()
+            .map_err(|e| e.to_string())?;
+        write_frame(&mut s, &frame).map_err(|e| e.to_string())?;
+        match read_frame(&mut s) {
+            Ok(Some(f)) => match Reply::decode(&f) {
+                Ok(Reply::Error(e)) => {
+                    println!("memtest: bomb refused: {:?}: {}", e.code, e.message);
+                    refused += 1;
+                }
+                other => println!("memtest: bomb NOT refused: {other:?}"),
+            },
+            other => println!("memtest: bomb got no reply: {other:?}"),
+        }
+    }
+    println!("memtest: bombs: {refused} refused of {}", requests.len());
+    Ok(())
+}
+
 fn slow_agent(seconds: u64) -> Result<(), String> {
     use std::io::Write as _;
     let l = guest_agent::client::VsockListener::bind(guest_agent::protocol::AGENT_PORT)
@@ -608,6 +666,7 @@ fn run(cli: Cli) -> Result<(), String> {
         } => flood(connections, requests)?,
         Mode::Fuzz { frames, seed } => fuzz(frames, seed)?,
         Mode::SlowAgent { seconds } => slow_agent(seconds)?,
+        Mode::Bombs => bombs()?,
         Mode::Bench {
             sizes,
             dir,
