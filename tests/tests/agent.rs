@@ -268,6 +268,17 @@ fn agent_saves_and_restores_process_memory_in_a_real_guest() {
         "pmsnap-agent rm q1 2>&1 && pmsnap-agent save --pid {pid} --range {range} --name q9 2>&1"
     ));
     assert_eq!(rc, 0, "a delete frees quota: {out}");
+    // With the guest's quota used up, heavy guest writes: pages the host's snapshots
+    // share are preserved into blocks, and none of those snapshots is dropped (the end
+    // of the test compares `golden` byte for byte).
+    let (out, rc) = run("dd if=/dev/urandom of=/tmp/heavy bs=1M count=8 2>&1; rm /tmp/heavy");
+    assert_eq!(rc, 0, "{out}");
+    let stats = ctl_json(&api, &["stats"]);
+    assert_eq!(stats["guest_snapshots_dropped"], 0, "{stats}");
+    assert!(
+        stats["events"].as_array().is_some_and(Vec::is_empty),
+        "nothing dropped: {stats}"
+    );
 
     // Floods from guest root (issue 12): at most 8 connections at once, and a burst of
     // requests on one gets Busy beyond the rate limit; the VMM and the agent go on.
