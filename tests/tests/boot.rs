@@ -146,6 +146,7 @@ fn pause_freezes_the_guest_and_resume_continues_it() {
         vcpus: 2,
         pool: dir.path().join("pause.pool"),
         block_area: None,
+        pool_node: None,
     };
     let (stop, stops) = StopNotifier::new().expect("notifier");
     let console = Arc::new(Mutex::new(Vec::<u8>::new()));

@@ -317,11 +317,21 @@ impl VmBuilder {
         let (pool, payload) = match boot {
             Boot::Restore(p) => (*p, None),
             Boot::Payload(code) => (
-                memory::open_or_create_pool(&cfg.pool, cfg.mem_bytes, cfg.block_area)?,
+                memory::open_or_create_pool(
+                    &cfg.pool,
+                    cfg.mem_bytes,
+                    cfg.block_area,
+                    cfg.pool_node,
+                )?,
                 Some(code),
             ),
             Boot::Linux => (
-                memory::open_or_create_pool(&cfg.pool, cfg.mem_bytes, cfg.block_area)?,
+                memory::open_or_create_pool(
+                    &cfg.pool,
+                    cfg.mem_bytes,
+                    cfg.block_area,
+                    cfg.pool_node,
+                )?,
                 None,
             ),
         };

@@ -326,6 +326,8 @@ pub struct VmConfig {
     /// Bytes of block area for a pool created now (preserved pages and state blobs);
     /// `None`: as much as guest RAM. An existing pool keeps its own.
     pub block_area: Option<u64>,
+    /// NUMA node to allocate a pool created now on (`None`: wherever the kernel likes).
+    pub pool_node: Option<u32>,
 }
 
 #[cfg(test)]

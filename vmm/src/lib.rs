@@ -10,6 +10,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod event_loop;
 pub mod memory;
+pub mod numa;
 pub mod payload;
 pub mod persist;
 pub mod pool_dir;

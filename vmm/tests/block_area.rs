@@ -119,3 +119,56 @@ fn a_full_block_area_waits_for_grow_or_delete_and_drops_no_host_snapshot() {
     assert_eq!(p.geometry().block_count, 64 + 5120);
     assert!(p.inspect("second").is_ok());
 }
+
+#[test]
+fn a_pool_placed_on_a_numa_node_has_its_pages_there_and_a_missing_node_is_refused() {
+    if kvm_missing("a_pool_placed_on_a_numa_node_has_its_pages_there") {
+        return;
+    }
+    // This machine has one node: node 0 is where the pages go anyway, so this checks
+    // the option, the query and the report, not a remote placement.
+    let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir on tmpfs");
+    let bin = payload(dir.path());
+    let pool = dir.path().join("n.pool");
+    let args = [
+        "run",
+        "--mem",
+        "32M",
+        "--vcpus",
+        "1",
+        "--pool-node",
+        "0",
+        "--payload",
+    ]
+    .into_iter()
+    .map(std::ffi::OsString::from)
+    .chain([bin.clone().into(), "--pool".into(), pool.clone().into()]);
+    let vmm = ApiVmm::spawn(dir.path(), "numa", args).unwrap_or_else(|e| panic!("{e}"));
+    let log = vmm.log_tail(40);
+    let line = log
+        .lines()
+        .find(|l| l.contains("is on NUMA node 0: node0="))
+        .unwrap_or_else(|| panic!("no placement line: {log}"));
+    let pages: u64 = line
+        .rsplit("node0=")
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    let file_pages = std::fs::metadata(&pool).expect("pool").len() / 4096;
+    assert_eq!(
+        pages, file_pages,
+        "every page of the pool file is on node 0"
+    );
+    drop(vmm);
+    let out = std::process::Command::new(pmsnap_bin())
+        .args(["run", "--mem", "32M", "--pool-node", "4095", "--payload"])
+        .arg(&bin)
+        .arg("--pool")
+        .arg(dir.path().join("m.pool"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NUMA node 4095 has no memory here"), "{err}");
+    assert!(!dir.path().join("m.pool").exists(), "nothing created");
+}

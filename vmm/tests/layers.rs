@@ -20,6 +20,7 @@ const LAYERS: &[&str] = &[
     "state",
     "unix_socket",
     "pool_dir",
+    "numa",
     "seccomp",
     // x86 boot and CPU tables.
     "arch",

@@ -136,6 +136,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         vcpus: state.vcpus.len() as u32,
         pool: args.pool.clone(),
         block_area: None,
+        pool_node: None,
     };
     let mut event_loop = EventLoop::new()?;
     event_loop.handle_termination_signals()?;

@@ -87,6 +87,11 @@ pub struct RunArgs {
     /// Default: as large as guest RAM. Grow it later with `pmsnap ctl pool grow SIZE`.
     #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
     pub block_area: Option<u64>,
+    /// Allocate a pool created now on NUMA node N (persistent or CXL memory used as
+    /// system RAM appears as a node); the log says where its pages are. See
+    /// docs/machine-notes.md.
+    #[arg(long, value_name = "N")]
+    pub pool_node: Option<u32>,
     /// Run without the per-thread seccomp filters (to debug a VMM stopped by "forbidden
     /// system call"; see docs/security.md).
     #[arg(long)]
@@ -184,6 +189,7 @@ pub fn resolve(args: &RunArgs, image_dir_env: Option<&str>) -> Result<(VmConfig,
                 vcpus: args.vcpus,
                 pool,
                 block_area: args.block_area,
+                pool_node: args.pool_node,
             },
             temporary,
             temporary && !args.keep_pool,
@@ -212,6 +218,7 @@ pub fn resolve(args: &RunArgs, image_dir_env: Option<&str>) -> Result<(VmConfig,
             vcpus: args.vcpus,
             pool,
             block_area: args.block_area,
+            pool_node: args.pool_node,
         },
         temporary,
         temporary && !args.keep_pool,

@@ -19,6 +19,9 @@ pub const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 /// Errors opening the pool file or mapping guest RAM from it.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    /// The pool could not be placed on the NUMA node asked for.
+    #[error(transparent)]
+    Numa(#[from] crate::numa::NumaError),
     /// The pool's filesystem cannot do synchronous userfaultfd write-protect.
     #[error("pool {path} is on {fs} which cannot do synchronous userfaultfd write-protect; put it on tmpfs (/dev/shm), hugetlbfs or a memfd")]
     WrongFilesystem {
@@ -137,6 +140,7 @@ pub fn open_or_create_pool(
     path: &Path,
     mem_bytes: u64,
     block_area: Option<u64>,
+    node: Option<u32>,
 ) -> Result<Pool, MemoryError> {
     let (fs, _) = statfs_pool(path)?;
     check_pool_filesystem(path, fs)?;
@@ -156,12 +160,37 @@ pub fn open_or_create_pool(
                 block_count: block_area.map(|b| b.div_ceil(4096)),
                 ..PoolOptions::default()
             };
+            // Creation allocates the whole file: bound, every page lands on the node.
+            let _bound = node.map(crate::numa::bind_thread).transpose()?;
             Pool::create(path, mem_bytes, options).map_err(|e| MemoryError::Pool {
                 path: path.to_path_buf(),
                 source: e,
             })?
         }
     };
+    if let Some(n) = node {
+        let by_node =
+            crate::numa::pages_by_node(pool.file(), 0, pool.geometry().file_size as usize)?;
+        let elsewhere: u64 = by_node
+            .iter()
+            .filter(|(k, _)| **k != n as i32)
+            .map(|(_, c)| c)
+            .sum();
+        if elsewhere > 0 {
+            log::warn!(
+                "pool {} asked for NUMA node {n} has {elsewhere} pages elsewhere ({}): an \
+                 existing pool keeps where it was made",
+                path.display(),
+                crate::numa::describe(&by_node)
+            );
+        } else {
+            log::info!(
+                "pool {} is on NUMA node {n}: {}",
+                path.display(),
+                crate::numa::describe(&by_node)
+            );
+        }
+    }
     if pool.ram_size() != mem_bytes {
         return Err(MemoryError::PoolRamSize {
             path: path.to_path_buf(),
@@ -225,7 +254,7 @@ mod tests {
     fn existing_non_pool_is_refused() {
         let f = tempfile::NamedTempFile::new_in("/dev/shm").expect("tmp");
         std::fs::write(f.path(), b"precious data").expect("write");
-        let e = open_or_create_pool(f.path(), 1 << 20, None).expect_err("refused");
+        let e = open_or_create_pool(f.path(), 1 << 20, None, None).expect_err("refused");
         assert!(matches!(e, MemoryError::NotAPool(_)), "{e}");
         assert_eq!(std::fs::read(f.path()).expect("read"), b"precious data");
     }
@@ -234,13 +263,13 @@ mod tests {
     fn existing_pool_is_reopened_and_must_match_the_ram_size() {
         let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir");
         let path = dir.path().join("p.pool");
-        drop(open_or_create_pool(&path, 2 << 20, None).expect("create"));
-        let pool = open_or_create_pool(&path, 2 << 20, None).expect("reopen");
+        drop(open_or_create_pool(&path, 2 << 20, None, None).expect("create"));
+        let pool = open_or_create_pool(&path, 2 << 20, None, None).expect("reopen");
         assert_eq!(pool.ram_size(), 2 << 20);
-        let e = open_or_create_pool(&path, 4 << 20, None).expect_err("locked");
+        let e = open_or_create_pool(&path, 4 << 20, None, None).expect_err("locked");
         assert!(e.to_string().contains("pool"), "{e}");
         drop(pool);
-        let e = open_or_create_pool(&path, 4 << 20, None).expect_err("size");
+        let e = open_or_create_pool(&path, 4 << 20, None, None).expect_err("size");
         assert!(
             matches!(e, MemoryError::PoolRamSize { pool, mem, .. } if pool == 2 << 20 && mem == 4 << 20),
             "{e}"
@@ -251,7 +280,7 @@ mod tests {
     fn ram_is_shared_with_the_file() {
         let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir");
         let path = dir.path().join("p.pool");
-        let pool = open_or_create_pool(&path, 2 << 20, None).expect("open");
+        let pool = open_or_create_pool(&path, 2 << 20, None, None).expect("open");
         let mem = create_guest_memory(pool.file(), pool.ram_offset(), 2 << 20).expect("map");
         assert_eq!(mem.num_regions(), 1);
         mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
