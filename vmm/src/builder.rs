@@ -314,26 +314,12 @@ impl VmBuilder {
         let vcpu_count = u8::try_from(cfg.vcpus).expect("validate_vcpus caps the count at 254");
 
         let restoring = matches!(boot, Boot::Restore(_));
+        let open =
+            || memory::open_or_create_pool(&cfg.pool, cfg.mem_bytes, cfg.block_area, cfg.pool_node);
         let (pool, payload) = match boot {
             Boot::Restore(p) => (*p, None),
-            Boot::Payload(code) => (
-                memory::open_or_create_pool(
-                    &cfg.pool,
-                    cfg.mem_bytes,
-                    cfg.block_area,
-                    cfg.pool_node,
-                )?,
-                Some(code),
-            ),
-            Boot::Linux => (
-                memory::open_or_create_pool(
-                    &cfg.pool,
-                    cfg.mem_bytes,
-                    cfg.block_area,
-                    cfg.pool_node,
-                )?,
-                None,
-            ),
+            Boot::Payload(code) => (open()?, Some(code)),
+            Boot::Linux => (open()?, None),
         };
         let t1 = t0.elapsed();
         let mem = memory::create_guest_memory(pool.file(), pool.ram_offset(), cfg.mem_bytes)?;

@@ -36,22 +36,8 @@ fn a_full_block_area_waits_for_grow_or_delete_and_drops_no_host_snapshot() {
     }
     let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir on tmpfs");
     let pool = dir.path().join("p.pool");
-    let bin = payload(dir.path());
     // 32 MiB of RAM: the payload's region is the 16 MiB above its code.
-    let args = [
-        "run",
-        "--mem",
-        "32M",
-        "--vcpus",
-        "2",
-        "--block-area",
-        "256K",
-        "--payload",
-    ]
-    .into_iter()
-    .map(std::ffi::OsString::from)
-    .chain([bin.into(), "--pool".into(), pool.clone().into()]);
-    let vmm = ApiVmm::spawn(dir.path(), "vmm", args).unwrap_or_else(|e| panic!("{e}"));
+    let vmm = ApiVmm::spawn_payload(dir.path(), "vmm", &pool, "32M", &["--block-area", "256K"]);
 
     // The payload writes every region page each round: the first writes after the
     // snapshot need more than the 64 blocks there are, and only a host snapshot holds
@@ -128,22 +114,9 @@ fn a_pool_placed_on_a_numa_node_has_its_pages_there_and_a_missing_node_is_refuse
     // This machine has one node: node 0 is where the pages go anyway, so this checks
     // the option, the query and the report, not a remote placement.
     let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir on tmpfs");
-    let bin = payload(dir.path());
     let pool = dir.path().join("n.pool");
-    let args = [
-        "run",
-        "--mem",
-        "32M",
-        "--vcpus",
-        "1",
-        "--pool-node",
-        "0",
-        "--payload",
-    ]
-    .into_iter()
-    .map(std::ffi::OsString::from)
-    .chain([bin.clone().into(), "--pool".into(), pool.clone().into()]);
-    let vmm = ApiVmm::spawn(dir.path(), "numa", args).unwrap_or_else(|e| panic!("{e}"));
+    let vmm = ApiVmm::spawn_payload(dir.path(), "numa", &pool, "32M", &["--pool-node", "0"]);
+    let bin = payload(dir.path());
     let log = vmm.log_tail(40);
     let line = log
         .lines()

@@ -9,7 +9,7 @@ use std::time::Duration;
 use pmsnap_testenv::poll_until;
 
 mod common;
-use common::{kvm_missing, payload, ApiVmm};
+use common::{kvm_missing, ApiVmm};
 
 const NOBODY: u32 = 65534;
 
@@ -53,23 +53,13 @@ fn every_vmm_thread_runs_as_the_given_user_and_the_vm_works() {
     }
     let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir on tmpfs");
     let pool = dir.path().join("p.pool");
-    let bin = payload(dir.path());
-    let args = [
-        "run",
-        "--mem",
+    let vmm = ApiVmm::spawn_payload(
+        dir.path(),
+        "vmm",
+        &pool,
         "32M",
-        "--vcpus",
-        "2",
-        "--uid",
-        "65534",
-        "--gid",
-        "65534",
-        "--payload",
-    ]
-    .into_iter()
-    .map(std::ffi::OsString::from)
-    .chain([bin.into(), "--pool".into(), pool.clone().into()]);
-    let vmm = ApiVmm::spawn(dir.path(), "vmm", args).unwrap_or_else(|e| panic!("{e}"));
+        &["--uid", "65534", "--gid", "65534"],
+    );
     let pid = vmm.child.id();
     let want = format!("{NOBODY} {NOBODY} {NOBODY} {NOBODY}");
     // The main thread drops just after the API socket is served: wait for it.

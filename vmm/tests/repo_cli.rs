@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use pmem_backend::Pool;
 
 mod common;
-use common::{kvm_missing, payload, pmsnap_bin, ApiVmm};
+use common::{kvm_missing, pmsnap_bin, ApiVmm};
 
 fn pmsnap(args: &[&str]) -> Output {
     Command::new(pmsnap_bin())
@@ -47,12 +47,7 @@ fn export_import_restore_verify_and_gc() {
         dir.path().join("c.pool"),
     );
     let repo = dir.path().join("repo");
-    let bin = payload(dir.path());
-    let args = ["run", "--mem", "32M", "--vcpus", "2", "--payload"]
-        .into_iter()
-        .map(std::ffi::OsString::from)
-        .chain([bin.into(), "--pool".into(), p1.clone().into()]);
-    let mut vmm = ApiVmm::spawn(dir.path(), "a", args).unwrap_or_else(|e| panic!("{e}"));
+    let mut vmm = ApiVmm::spawn_payload(dir.path(), "a", &p1, "32M", &[]);
     vmm.api.snapshot_vm("v1").expect("snapshot");
     vmm.child.kill().expect("kill");
     vmm.child.wait().expect("reap");
@@ -131,12 +126,7 @@ fn export_import_restore_verify_and_gc() {
 
 /// Boot the payload on a new pool, take VM snapshot `v1`, kill the VMM: a pool to export.
 fn payload_pool(dir: &Path, pool: &Path) {
-    let bin = payload(dir);
-    let args = ["run", "--mem", "64M", "--vcpus", "2", "--payload"]
-        .into_iter()
-        .map(std::ffi::OsString::from)
-        .chain([bin.into(), "--pool".into(), pool.into()]);
-    let mut vmm = ApiVmm::spawn(dir, "src", args).unwrap_or_else(|e| panic!("{e}"));
+    let mut vmm = ApiVmm::spawn_payload(dir, "src", pool, "64M", &[]);
     std::thread::sleep(Duration::from_millis(300)); // the payload writes its pattern
     vmm.api.snapshot_vm("v1").expect("snapshot");
     vmm.child.kill().expect("kill");
@@ -263,12 +253,7 @@ fn a_live_export_while_the_guest_writes_holds_the_snapshot_byte_exact() {
     let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir on tmpfs");
     let (p1, p2) = (dir.path().join("a.pool"), dir.path().join("b.pool"));
     let repo = dir.path().join("repo");
-    let bin = payload(dir.path());
-    let args = ["run", "--mem", "64M", "--vcpus", "2", "--payload"]
-        .into_iter()
-        .map(std::ffi::OsString::from)
-        .chain([bin.into(), "--pool".into(), p1.clone().into()]);
-    let mut vmm = ApiVmm::spawn(dir.path(), "live", args).unwrap_or_else(|e| panic!("{e}"));
+    let mut vmm = ApiVmm::spawn_payload(dir.path(), "live", &p1, "64M", &[]);
     vmm.api.snapshot_vm("v1").expect("snapshot");
     // The payload keeps writing every page while the VMM (seccomp on) exports.
     let sock = dir.path().join("live.sock");

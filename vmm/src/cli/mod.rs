@@ -98,6 +98,31 @@ fn serve_devices(
     Ok(())
 }
 
+/// `--guest-quota` of `run` and `restore`.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct GuestArgs {
+    /// Bytes of the store that guest-owned snapshots (made by guest users through the
+    /// agent) may claim together, with K, M or G suffix; a save beyond it is refused
+    /// (NoSpace). Default: a quarter of the block area. Host snapshots are not counted.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        value_parser = |s: &str| crate::config::parse_size(s).map_err(|e| e.to_string()),
+        env = "PMSNAP_GUEST_QUOTA"
+    )]
+    pub guest_quota: Option<u64>,
+}
+
+impl GuestArgs {
+    /// The limits of guest-owned snapshots these arguments ask for.
+    pub fn limits(self) -> crate::controller::process::GuestLimits {
+        crate::controller::process::GuestLimits {
+            quota_bytes: self.guest_quota,
+            ..Default::default()
+        }
+    }
+}
+
 /// `--uid/--gid` of `run` and `restore`.
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct IdArgs {

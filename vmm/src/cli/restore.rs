@@ -63,16 +63,9 @@ pub struct RestoreArgs {
     /// holds exactly the snapshot until the resume.
     #[arg(long, requires = "api_sock")]
     pub paused: bool,
-    /// Bytes of the store that guest-owned snapshots (made by guest users through the
-    /// agent) may claim together, with K, M or G suffix; a save beyond it is refused
-    /// (NoSpace). Default: a quarter of the block area. Host snapshots are not counted.
-    #[arg(
-        long,
-        value_name = "SIZE",
-        value_parser = parse_mem,
-        env = "PMSNAP_GUEST_QUOTA"
-    )]
-    pub guest_quota: Option<u64>,
+    /// Limits of guest-owned snapshots.
+    #[command(flatten)]
+    pub guest: super::GuestArgs,
     /// Run without the per-thread seccomp filters (to debug a VMM stopped by "forbidden
     /// system call"; see docs/security.md).
     #[arg(long)]
@@ -162,13 +155,7 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     log::debug!("VM and engine created after {:?}", started.elapsed());
     // The same devices, wired the same way, as `pmsnap run` gave the VM.
     if let Some(path) = &args.vsock_sock {
-        builder.add_vsock(
-            path,
-            crate::controller::process::GuestLimits {
-                quota_bytes: args.guest_quota,
-                ..Default::default()
-            },
-        )?;
+        builder.add_vsock(path, args.guest.limits())?;
     }
     let built = builder.build_for_restore()?;
     let _raw = RawModeGuard::new(0)?;

@@ -72,16 +72,9 @@ pub struct RunArgs {
     /// (no page is copied: the pages become copy-before-write) and log what it cost.
     #[arg(long, value_name = "NAME", conflicts_with = "payload")]
     pub snapshot_at_ready: Option<String>,
-    /// Bytes of the store that guest-owned snapshots (made by guest users through the
-    /// agent) may claim together, with K, M or G suffix; a save beyond it is refused
-    /// (NoSpace). Default: a quarter of the block area. Host snapshots are not counted.
-    #[arg(
-        long,
-        value_name = "SIZE",
-        value_parser = parse_mem,
-        env = "PMSNAP_GUEST_QUOTA"
-    )]
-    pub guest_quota: Option<u64>,
+    /// Limits of guest-owned snapshots.
+    #[command(flatten)]
+    pub guest: super::GuestArgs,
     /// Size of the block area of a pool created now, with K, M or G suffix: where pages
     /// are preserved before their first write after a snapshot, and VM state kept.
     /// Default: as large as guest RAM. Grow it later with `pmsnap ctl pool grow SIZE`.
@@ -277,13 +270,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     };
     let engine = builder.engine().clone();
     if let Some(path) = &args.vsock_sock {
-        builder.add_vsock(
-            path,
-            crate::controller::process::GuestLimits {
-                quota_bytes: args.guest_quota,
-                ..Default::default()
-            },
-        )?;
+        builder.add_vsock(path, args.guest.limits())?;
     }
     if let Some(name) = args.snapshot_at_ready.clone() {
         let pages = cfg.mem_bytes / 4096;

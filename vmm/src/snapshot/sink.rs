@@ -492,10 +492,10 @@ mod tests {
         assert!(engine.events().is_empty(), "no host snapshot was dropped");
     }
 
-    #[test]
-    fn a_waiting_write_goes_on_when_the_block_area_grows() {
-        let (_dir, engine, ram) = small();
-        snap(&engine, "h1", Owner::Host, 0, 8);
+    /// Host snapshot `h1` of pages 0..8 whose pages 0..4 fill the 4 blocks, and a
+    /// writer thread blocked writing page 4 (it waits for a block).
+    fn writer_waiting(engine: &Engine, ram: &std::sync::Arc<Ram>) -> std::thread::JoinHandle<()> {
+        snap(engine, "h1", Owner::Host, 0, 8);
         for p in 0..4 {
             ram.fill_page(p, 2);
         }
@@ -504,6 +504,13 @@ mod tests {
             std::thread::spawn(move || ram.fill_page(4, 5))
         };
         assert!(poll_until(Duration::from_secs(5), || engine.waiting_for_blocks()).is_some());
+        writer
+    }
+
+    #[test]
+    fn a_waiting_write_goes_on_when_the_block_area_grows() {
+        let (_dir, engine, ram) = small();
+        let writer = writer_waiting(&engine, &ram);
         let grown = lock_pool(engine.pool()).grow_blocks(8).expect("grow");
         assert_eq!((grown.old_block_count, grown.new_block_count), (4, 8));
         engine.space_freed();
@@ -519,15 +526,7 @@ mod tests {
     #[test]
     fn an_engine_dropped_while_a_write_waits_stops_without_hanging() {
         let (_dir, engine, ram) = small();
-        snap(&engine, "h1", Owner::Host, 0, 8);
-        for p in 0..4 {
-            ram.fill_page(p, 2);
-        }
-        let writer = {
-            let ram = ram.clone();
-            std::thread::spawn(move || ram.fill_page(4, 5))
-        };
-        assert!(poll_until(Duration::from_secs(5), || engine.waiting_for_blocks()).is_some());
+        let writer = writer_waiting(&engine, &ram);
         let t = std::time::Instant::now();
         drop(engine);
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());

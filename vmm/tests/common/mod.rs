@@ -96,6 +96,20 @@ impl ApiVmm {
         Ok(vmm)
     }
 
+    /// `pmsnap run --mem MEM --vcpus 2 EXTRA... --payload BIN --pool POOL` (the pattern
+    /// payload, assembled into `dir`), started as [`ApiVmm::spawn`] does; panics if it
+    /// does not come up.
+    pub fn spawn_payload(dir: &Path, tag: &str, pool: &Path, mem: &str, extra: &[&str]) -> Self {
+        let bin = payload(dir);
+        let base = ["run", "--mem", mem, "--vcpus", "2"];
+        let args = base
+            .iter()
+            .chain(extra)
+            .map(std::ffi::OsString::from)
+            .chain(["--payload".into(), bin.into(), "--pool".into(), pool.into()]);
+        Self::spawn(dir, tag, args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// The VMM's whole log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
