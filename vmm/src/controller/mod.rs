@@ -3,7 +3,8 @@
 //! builder ([`crate::builder`]) makes one, fully connected, once the vCPUs run; nothing
 //! is attached to it later.
 //!
-//! Requests arrive from several API connection threads at once: reads answer at once,
+//! Requests arrive from several API connection threads at once: reads (and exports,
+//! which read the pool a page at a time) answer at once,
 //! changes take the control lock one at a time, and a process snapshot waits for the
 //! guest agent without it, so a guest that is slow to answer (or never answers) cannot
 //! hold up status, pause, a VM snapshot or a rollback.
@@ -198,7 +199,10 @@ impl Controller {
             | ApiRequest::Stats
             | ApiRequest::ListSnapshots
             | ApiRequest::InspectSnapshot { .. }
-            | ApiRequest::SnapshotProcess(_) => None,
+            | ApiRequest::SnapshotProcess(_)
+            // Reads one page at a time under the pool lock only: snapshots, rollback and
+            // pause go on while a long export runs.
+            | ApiRequest::ExportSnapshot { .. } => None,
             _ => Some(self.control.lock().unwrap_or_else(|e| e.into_inner())),
         };
         match req {
