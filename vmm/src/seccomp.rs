@@ -260,13 +260,14 @@ fn compile(
 
 /// Install the filter of `kind`, logging (not failing) when that is impossible: used at
 /// the top of threads whose spawner cannot handle an error. The VMM then runs that thread
-/// unfiltered, and says so.
+/// unfiltered, and says so; a thread that cannot drop to the `--uid/--gid` ids ends the
+/// VMM instead.
 pub fn apply_or_warn(kind: ThreadKind) {
-    if let Err(e) = drop_ids(kind.name()) {
-        fatal_ids(&e);
-    }
-    if let Err(e) = apply(kind) {
-        log::warn!("{e}; this thread runs without a seccomp filter");
+    match apply(kind) {
+        Ok(()) => {}
+        // Running on with the ids it was meant to drop is not an option.
+        Err(e @ SeccompError::Ids { .. }) => fatal_ids(&e),
+        Err(e) => log::warn!("{e}; this thread runs without a seccomp filter"),
     }
 }
 
