@@ -136,7 +136,7 @@ fn one_percent_change_writes_about_one_percent() {
     while changed.len() < 20 {
         let p = rng.below(2000);
         if changed.insert(p) {
-            b.pages.insert(p, rng.page());
+            b.pages.insert(p, random_page(&mut rng));
         }
     }
     let rb = export(&repo, &b);

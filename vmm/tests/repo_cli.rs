@@ -35,6 +35,22 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// Snapshot `v1` of the pools `a` and `b` holds the same `pages` pages and state (the
+/// pools are open only for the comparison).
+fn assert_same_v1(a: &Path, b: &Path, pages: u64, what: &str) {
+    let (a, b) = (Pool::open(a).expect("a"), Pool::open(b).expect("b"));
+    for page in 0..pages {
+        let x = a.read_snapshot_page("v1", page).expect("a page").1;
+        let y = b.read_snapshot_page("v1", page).expect("b page").1;
+        assert!(x == y, "{what}: page {page} differs");
+    }
+    assert_eq!(
+        a.read_state("v1").expect("a state"),
+        b.read_state("v1").expect("b state"),
+        "{what}: state differs"
+    );
+}
+
 #[test]
 fn export_import_restore_verify_and_gc() {
     if kvm_missing("export_import_restore_verify_and_gc") {
@@ -70,18 +86,7 @@ fn export_import_restore_verify_and_gc() {
         "--json",
     ]);
     assert_eq!(imp["pages"], 8192, "{imp}");
-    {
-        let (a, b) = (Pool::open(&p1).expect("a"), Pool::open(&p2).expect("b"));
-        for page in 0..8192 {
-            let x = a.read_snapshot_page("v1", page).expect("a page").1;
-            let y = b.read_snapshot_page("v1", page).expect("b page").1;
-            assert!(x == y, "page {page} differs after import");
-        }
-        assert_eq!(
-            a.read_state("v1").expect("a state"),
-            b.read_state("v1").expect("b state")
-        );
-    }
+    assert_same_v1(&p1, &p2, 8192, "after import");
     // The imported pool restores: the VM comes up (paused) with its vCPUs.
     let args = ["restore", "v1", "--paused", "--pool", s(&p2)];
     let restored = ApiVmm::spawn(dir.path(), "b", args).unwrap_or_else(|e| panic!("{e}"));
@@ -230,13 +235,7 @@ fn an_export_killed_at_any_moment_leaves_a_consistent_repository_and_a_rerun_fin
                 s(&p),
                 "--json",
             ]);
-            let (a, b) = (Pool::open(&pool).expect("a"), Pool::open(&p).expect("b"));
-            for page in 0..16384 {
-                let x = a.read_snapshot_page("v1", page).expect("a page").1;
-                let y = b.read_snapshot_page("v1", page).expect("b page").1;
-                assert!(x == y, "trial {trial}: page {page} differs");
-            }
-            drop((a, b));
+            assert_same_v1(&pool, &p, 16384, &format!("trial {trial}"));
             std::fs::remove_file(&p).expect("remove");
         }
         std::fs::remove_dir_all(&repo).expect("remove repo");
@@ -303,13 +302,10 @@ fn a_live_export_while_the_guest_writes_holds_the_snapshot_byte_exact() {
         s(&p2),
         "--json",
     ]);
-    let (a, b) = (Pool::open(&p1).expect("a"), Pool::open(&p2).expect("b"));
-    for page in 0..16384 {
-        let x = a.read_snapshot_page("v1", page).expect("a page").1;
-        let y = b.read_snapshot_page("v1", page).expect("b page").1;
-        assert!(
-            x == y,
-            "page {page} differs: the export read what the guest wrote later"
-        );
-    }
+    assert_same_v1(
+        &p1,
+        &p2,
+        16384,
+        "the export read what the guest wrote later",
+    );
 }

@@ -11,27 +11,15 @@ use pmsnap_repo::{ObjectInfo, SnapshotMeta, SnapshotSource, SourceError, Storage
 
 pub type Page = [u8; PAGE_SIZE];
 
-/// xorshift64*: deterministic test data.
-#[derive(Debug, Clone)]
-pub struct Rng(pub u64);
+pub use pmsnap_testenv::Rng;
 
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+/// A page of random bytes from `rng`.
+pub fn random_page(rng: &mut Rng) -> Page {
+    let mut p = [0u8; PAGE_SIZE];
+    for c in p.chunks_mut(8) {
+        c.copy_from_slice(&rng.next_u64().to_le_bytes());
     }
-    pub fn page(&mut self) -> Page {
-        let mut p = [0u8; PAGE_SIZE];
-        for c in p.chunks_mut(8) {
-            c.copy_from_slice(&self.next().to_le_bytes());
-        }
-        p
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
+    p
 }
 
 /// A snapshot held in memory.
@@ -62,7 +50,7 @@ impl SnapshotSource for FakeSource {
 /// the rest random; a state blob of 3 pieces and a bit, one of them zero.
 pub fn vm(name: &str, n: u64, seed: u64) -> FakeSource {
     let mut rng = Rng(seed | 1);
-    let fixed = Rng(0xfeed).page();
+    let fixed = random_page(&mut Rng(0xfeed));
     let mut pages = BTreeMap::new();
     for p in 0..n {
         let page = if p % 5 == 0 {
@@ -70,14 +58,14 @@ pub fn vm(name: &str, n: u64, seed: u64) -> FakeSource {
         } else if p % 7 == 0 {
             fixed
         } else {
-            rng.page()
+            random_page(&mut rng)
         };
         pages.insert(p, page);
     }
     let mut state = Vec::new();
-    state.extend_from_slice(&rng.page());
+    state.extend_from_slice(&random_page(&mut rng));
     state.extend_from_slice(&[0u8; PAGE_SIZE]);
-    state.extend_from_slice(&rng.page());
+    state.extend_from_slice(&random_page(&mut rng));
     state.extend_from_slice(b"tail of the device state");
     FakeSource {
         meta: SnapshotMeta {
@@ -108,7 +96,7 @@ pub fn process(uid: u32, name: &str, seed: u64) -> FakeSource {
                 if p % 4 == 0 {
                     [0; PAGE_SIZE]
                 } else {
-                    rng.page()
+                    random_page(&mut rng)
                 },
             );
         }
