@@ -153,6 +153,30 @@ pub enum PoolError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
+    /// The pool's RAM was being filled lazily and the fill never finished (the VMM
+    /// stopped first): it has holes only the source could fill.
+    #[error(
+        "pool {path} is incomplete: its guest RAM was being restored lazily from {from} \
+         and the VMM stopped before every page was in; restore from the source again into \
+         a new pool"
+    )]
+    RamIncomplete {
+        /// The pool file.
+        path: PathBuf,
+        /// Where its RAM was coming from.
+        from: String,
+    },
+    /// Guest RAM pages are not in the pool yet (a lazy restore is still filling them)
+    /// and could not be brought in: reading them would have read zeros.
+    #[error("guest RAM pages {first}+{count} are not present and cannot be fetched: {reason}")]
+    RamNotPresent {
+        /// First page of the range.
+        first: u64,
+        /// Pages in the range.
+        count: u64,
+        /// Why the fetch failed (it names the source).
+        reason: String,
+    },
 }
 
 /// Result with [`PoolError`].

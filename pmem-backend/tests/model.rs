@@ -59,6 +59,7 @@ impl World {
             log_records: Some(128),
             meta_slot_bytes: Some(64 * 1024),
             persist: Some(Box::new(sim.clone())),
+            ..PoolOptions::default()
         };
         let mut pool =
             Pool::create(dir.path().join("pool"), PAGES * PAGE_SIZE as u64, opts).expect("create");

@@ -84,6 +84,7 @@ mod export;
 mod format;
 mod manage;
 mod meta;
+mod pages;
 mod read;
 mod repo;
 mod storage;

@@ -138,23 +138,41 @@ impl Repo {
         if e.len as usize != len {
             return Err(damaged(format!("chunk is {} bytes, expected {len}", e.len)));
         }
-        let key = pack_key(&pack);
-        let data = match self.storage.get_range(&key, e.offset, u64::from(e.len)) {
-            Ok(d) => d,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                return Err(RepoError::PackMissing {
-                    snapshot: m.name().to_string(),
-                    pack: hex(&pack),
-                    what: what.to_string(),
-                })
-            }
-            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => {
-                return Err(damaged("pack is truncated".into()))
-            }
-            Err(err) => return Err(storage_err("get", &key)(err)),
-        };
+        let data = self.pack_range(m, &pack, e.offset, u64::from(e.len), what, entry)?;
         check_chunk(&e, &data).map_err(damaged)?;
         Ok(data)
+    }
+
+    /// `len` bytes at `offset` of `pack`, for chunk `entry` onwards of `m`'s `what`: a
+    /// missing pack or a short one is named as such.
+    pub(crate) fn pack_range(
+        &self,
+        m: &Manifest,
+        pack: &Hash32,
+        offset: u64,
+        len: u64,
+        what: &str,
+        entry: u64,
+    ) -> Result<Vec<u8>> {
+        let key = pack_key(pack);
+        match self.storage.get_range(&key, offset, len) {
+            Ok(d) => Ok(d),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Err(RepoError::PackMissing {
+                snapshot: m.name().to_string(),
+                pack: hex(pack),
+                what: what.to_string(),
+            }),
+            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(RepoError::ChunkDamaged {
+                    snapshot: m.name().to_string(),
+                    pack: hex(pack),
+                    entry: entry as u32,
+                    what: what.to_string(),
+                    detail: "pack is truncated".into(),
+                })
+            }
+            Err(err) => Err(storage_err("get", &key)(err)),
+        }
     }
 
     /// Guest page `page` of the snapshot, checked against its crc32c and BLAKE3 hash.

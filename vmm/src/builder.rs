@@ -47,8 +47,9 @@ use crate::event_loop::Subscriber;
 use crate::memory::GuestMemoryMmap;
 use crate::snapshot::engine::{lock_pool, Engine, EngineError};
 use crate::snapshot::fault::HandlerOptions;
+use crate::snapshot::lazy::{FillOptions, LazyFill, PageSource};
 use crate::snapshot::protect::{ProtectError, UffdProtector};
-use crate::stop::StopNotifier;
+use crate::stop::{StopNotifier, VmStop};
 use crate::vstate::control::VcpuControl;
 use crate::vstate::dirty::{DirtyError, DirtySource, VmmWriteLog};
 use crate::vstate::kvm::{KvmContext, KvmError};
@@ -67,6 +68,9 @@ pub enum BuildError {
     /// Invalid configuration.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The lazy fill of a lazy restore could not be set up or started.
+    #[error("cannot start the lazy fill of guest RAM: {0}")]
+    LazyFill(#[source] std::io::Error),
     /// KVM is missing or unusable.
     #[error(transparent)]
     Kvm(#[from] KvmError),
@@ -128,6 +132,23 @@ pub enum BuildError {
     /// The snapshot engine did not start.
     #[error(transparent)]
     Engine(#[from] EngineError),
+}
+
+/// Where a lazy restore's RAM comes from, and how it is filled.
+pub struct LazySpec {
+    /// The pages.
+    pub source: Arc<dyn PageSource>,
+    /// Background fill or on demand only.
+    pub options: FillOptions,
+}
+
+impl std::fmt::Debug for LazySpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazySpec")
+            .field("source", &self.source.describe())
+            .field("options", &self.options)
+            .finish()
+    }
 }
 
 /// What a VM starts from.
@@ -254,7 +275,7 @@ impl VmBuilder {
         stop: StopNotifier,
         console: Box<dyn std::io::Write + Send>,
     ) -> Result<Self, BuildError> {
-        Self::create(cfg, stop, console, Boot::Linux)
+        Self::create(cfg, stop, console, Boot::Linux, None)
     }
 
     /// Like [`VmBuilder::with_console`], but run `code` in guest user mode on every vCPU
@@ -265,7 +286,7 @@ impl VmBuilder {
         console: Box<dyn std::io::Write + Send>,
         code: &[u8],
     ) -> Result<Self, BuildError> {
-        Self::create(cfg, stop, console, Boot::Payload(code))
+        Self::create(cfg, stop, console, Boot::Payload(code), None)
     }
 
     /// Same as [`Self::with_console`] for a VM restored from a snapshot: guest RAM is the
@@ -278,7 +299,27 @@ impl VmBuilder {
         console: Box<dyn std::io::Write + Send>,
         pool: Pool,
     ) -> Result<Self, BuildError> {
-        Self::create(cfg, stop, console, Boot::Restore(Box::new(pool)))
+        Self::create(cfg, stop, console, Boot::Restore(Box::new(pool)), None)
+    }
+
+    /// A VM to restore lazily into `pool` (created with `lazy_ram`, its RAM still
+    /// holes): guest RAM is registered for missing-page faults and filled from
+    /// `lazy.source` ([`crate::snapshot::lazy`]). A page the source cannot give stops
+    /// the VM with that error. The fill starts with [`RunningVm::start_prefault`].
+    pub fn for_lazy_restore(
+        cfg: &VmConfig,
+        stop: StopNotifier,
+        console: Box<dyn std::io::Write + Send>,
+        pool: Pool,
+        lazy: LazySpec,
+    ) -> Result<Self, BuildError> {
+        Self::create(
+            cfg,
+            stop,
+            console,
+            Boot::Restore(Box::new(pool)),
+            Some(lazy),
+        )
     }
 
     fn create(
@@ -286,6 +327,7 @@ impl VmBuilder {
         stop: StopNotifier,
         console: Box<dyn std::io::Write + Send>,
         boot: Boot<'_>,
+        lazy: Option<LazySpec>,
     ) -> Result<Self, BuildError> {
         config::validate_mem(cfg.mem_bytes)?;
         match &boot {
@@ -329,7 +371,11 @@ impl VmBuilder {
         // The engine starts before anything is written into guest RAM: pages that
         // snapshots already in the pool reference are protected again first, so loading
         // the kernel preserves them instead of overwriting them.
-        let engine = Self::start_engine(&vm, pool)?;
+        let lazy = match lazy {
+            Some(spec) => Some((spec, stop.try_clone().map_err(BuildError::LazyFill)?)),
+            None => None,
+        };
+        let engine = Self::start_engine(&vm, pool, lazy)?;
         log::debug!(
             "VM created: KVM (and the pool) opened after {t1:?}, guest RAM mapped after {t2:?}, VM and memslots after {t3:?}, engine after {:?}",
             t0.elapsed()
@@ -408,22 +454,52 @@ impl VmBuilder {
         })
     }
 
-    fn start_engine(vm: &Vm, pool: Pool) -> Result<Arc<Engine>, BuildError> {
+    fn start_engine(
+        vm: &Vm,
+        pool: Pool,
+        lazy: Option<(LazySpec, StopNotifier)>,
+    ) -> Result<Arc<Engine>, BuildError> {
         let maps: Vec<(*mut u8, usize)> = vm
             .memory()
             .iter()
             .map(|r| (r.as_ptr(), r.len() as usize))
             .collect();
-        let protector = Arc::new(UffdProtector::with_ranges(&maps).map_err(BuildError::Protect)?);
+        let protector = Arc::new(
+            if lazy.is_some() {
+                UffdProtector::with_ranges_lazy(&maps)
+            } else {
+                UffdProtector::with_ranges(&maps)
+            }
+            .map_err(BuildError::Protect)?,
+        );
+        let pool_path = pool.path().to_path_buf();
+        let fill = lazy.map(|(spec, stop)| {
+            let fill = LazyFill::new(
+                protector.clone(),
+                spec.source,
+                spec.options,
+                Box::new(move |msg| stop.notify(VmStop::Error(msg))),
+            );
+            fill.when_complete(Box::new(move || {
+                if let Err(e) = pmem_backend::mark_ram_complete(&pool_path) {
+                    log::warn!(
+                        "every page is in, but the fill marker of {} stays: {e}",
+                        pool_path.display()
+                    );
+                }
+            }));
+            fill
+        });
         let sources: Vec<Box<dyn DirtySource>> = vec![
             Box::new(vm.dirty_log().map_err(BuildError::Dirty)?),
             Box::new(VmmWriteLog::new(vm.memory().clone())),
         ];
-        let engine = Engine::start(
+        let engine = Engine::start_with(
             Arc::new(Mutex::new(pool)),
             protector,
             sources,
             HandlerOptions::default(),
+            fill,
         )?;
         Ok(Arc::new(engine))
     }
@@ -697,8 +773,15 @@ impl RunningVm {
     /// started paused for a restore calls this once the snapshot is in: on this
     /// machine's two cores, the thread competing for the CPUs and the mmap lock made a
     /// restore to running vCPUs take 20-30 ms instead of 11-15 ms (1 GiB).
-    pub fn start_prefault(&self) {
+    ///
+    /// A lazily restored VM starts its fill here too, once its vCPUs run: pages they
+    /// touch meanwhile are queued and come first.
+    pub fn start_prefault(&self) -> Result<(), BuildError> {
+        if let Some(fill) = self.engine.lazy() {
+            fill.start().map_err(BuildError::LazyFill)?;
+        }
         lock_pool(self.engine.pool()).start_prefault();
+        Ok(())
     }
 
     /// Let the vCPUs of a VM started paused run (the end of `pmsnap restore`), without

@@ -41,22 +41,26 @@ pub enum ThreadKind {
     Api,
     /// The export worker: reads snapshots from the pool and writes repository files.
     Export,
+    /// The lazy-restore filler: reads the repository, puts pages in with userfaultfd.
+    Fill,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Vcpu,
         ThreadKind::Fault,
         ThreadKind::EventLoop,
         ThreadKind::Api,
         ThreadKind::Export,
+        ThreadKind::Fill,
     ];
 
     /// Whether the kind may open files (only the export worker, which writes a
-    /// repository directory; every other kind gets `EACCES`).
+    /// repository directory, and the lazy-restore filler, which reads one; every other
+    /// kind gets `EACCES`).
     pub fn opens_files(self) -> bool {
-        self == ThreadKind::Export
+        matches!(self, ThreadKind::Export | ThreadKind::Fill)
     }
 
     /// Name used in logs.
@@ -67,6 +71,7 @@ impl ThreadKind {
             ThreadKind::EventLoop => "event loop",
             ThreadKind::Api => "api",
             ThreadKind::Export => "export",
+            ThreadKind::Fill => "lazy fill",
         }
     }
 }
@@ -423,6 +428,21 @@ const EXPORT: &[i64] = &[
     libc::SYS_ftruncate,
 ];
 
+/// Extra calls of the lazy-restore filler: reading repository files (the `EXPORT` file
+/// calls it needs) and `UFFDIO_COPY`/`UFFDIO_WAKE` on the userfaultfd.
+const FILL: &[i64] = &[
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_ioctl,
+    libc::SYS_read,
+    libc::SYS_pread64,
+    libc::SYS_lseek,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_getdents64,
+];
+
 /// The allow-list of `kind`.
 pub fn allowed(kind: ThreadKind) -> Vec<i64> {
     let lists: &[&[i64]] = match kind {
@@ -431,6 +451,7 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::EventLoop => &[COMMON, SERVICE, EVENT_LOOP],
         ThreadKind::Api => &[COMMON, SERVICE, API],
         ThreadKind::Export => &[COMMON, EXPORT],
+        ThreadKind::Fill => &[COMMON, FILL],
     };
     let mut v = lists.concat();
     v.sort_unstable();

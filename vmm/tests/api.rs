@@ -60,6 +60,7 @@ impl Fake {
             uptime_ms: 1234,
             pool_path: "/dev/shm/fake.pool".into(),
             version: vmm::api::VERSION.into(),
+            lazy_fill: None,
         }
     }
 

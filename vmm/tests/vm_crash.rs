@@ -28,7 +28,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
-use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -41,13 +40,9 @@ use vmm::api::client::ClientError;
 use vmm::api::types::VmState;
 
 mod common;
+use common::pattern::{first_difference, guest_continued, read_ram, MEM, MEM_ARG, PAGES, WORDS};
 use common::{kvm_missing, payload, pmsnap_bin, ApiVmm as Vmm};
 
-/// Guest RAM: 16 MiB of payload setup below the 48 MiB region the payload rewrites.
-const MEM: u64 = 64 << 20;
-const MEM_ARG: &str = "64M";
-const PAGE: usize = 4096;
-const PAGES: u64 = MEM / PAGE as u64;
 /// Snapshots kept at most: beyond it a trial deletes instead of snapshotting.
 const MAX_LIVE: usize = 3;
 /// Blocks for preserved pages and state: every live snapshot fully preserved, plus room
@@ -99,88 +94,6 @@ impl Vmm {
         self.signal(libc::SIGKILL);
         self.reap()
     }
-}
-
-/// 8-byte words per page.
-const WORDS: usize = PAGE / 8;
-
-/// Guest RAM as the pool file holds it (a host read of the RAM area), as words.
-fn read_ram(pool: &Path, ram_offset: u64) -> Vec<u64> {
-    let f = std::fs::File::open(pool).expect("open pool file");
-    let mut words = vec![0u64; MEM as usize / 8];
-    // SAFETY: a byte view of the whole word buffer, used only for this read; any byte
-    // pattern is a valid u64.
-    let bytes =
-        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8) };
-    f.read_exact_at(bytes, ram_offset)
-        .expect("read the RAM area of the pool file");
-    words
-}
-
-/// The first guest page where `got` and `want` differ, with how many pages differ.
-fn first_difference(got: &[u64], want: &[u64]) -> Option<(usize, usize)> {
-    let mut differing = got
-        .chunks_exact(WORDS)
-        .zip(want.chunks_exact(WORDS))
-        .enumerate()
-        .filter(|(_, (a, b))| a != b)
-        .map(|(p, _)| p);
-    let first = differing.next()?;
-    Some((first, 1 + differing.count()))
-}
-
-/// First guest page of the payload's region (payload::REGION_BASE).
-const REGION_FIRST: usize = (16 << 20) / PAGE;
-/// Pages of the region (payload::region for 64 MiB and 2 vCPUs).
-const REGION_PAGES: usize = PAGES as usize - REGION_FIRST;
-/// Guest page of the payload's top page table (payload::PML4_ADDR); the PDPT and page
-/// directories follow it.
-const PML4_PAGE: usize = 0x9000 / PAGE;
-/// Accessed (bit 5) and dirty (bit 6) bits of a page-table entry.
-const ACCESSED_DIRTY: u64 = 0x60;
-
-/// Check that a guest restored from a snapshot with content `from`, whose vCPUs were
-/// then in rounds `rounds` (from the saved registers), and resumed went on from there:
-/// below the region nothing changed but page-table accessed/dirty bits; in the region
-/// every word that changed reads `(round << 32) | page` with a round no older than its
-/// vCPU's round at the snapshot. (RAM rounds alone do not order: the pool's RAM may hold
-/// higher rounds of an earlier guest, which a new guest in round 1 overwrites.) A guest
-/// restarted, or resumed with wrong registers, writes other values. Returns the pages
-/// changed.
-fn guest_continued(now: &[u64], from: &[u64], rounds: &[u64]) -> Result<usize, String> {
-    let slice = REGION_PAGES / rounds.len().max(1);
-    let mut changed = 0;
-    for p in 0..PAGES as usize {
-        let (a, b) = (&now[p * WORDS..][..WORDS], &from[p * WORDS..][..WORDS]);
-        if a == b {
-            continue;
-        }
-        // Index loops: this runs over tens of MiB in an unoptimized test build.
-        for w in 0..WORDS {
-            let (x, y) = (a[w], b[w]);
-            if x == y {
-                continue;
-            }
-            let bad = if p < REGION_FIRST {
-                // The page tables (payload::PML4_ADDR..) may differ only in the accessed
-                // and dirty bits the MMU sets as the guest runs.
-                let table = (PML4_PAGE..PML4_PAGE + 8).contains(&p);
-                !table || (x ^ y) & !ACCESSED_DIRTY != 0
-            } else {
-                let i = p - REGION_FIRST;
-                let round = rounds.get(i / slice).copied().unwrap_or(0);
-                x & 0xffff_ffff != i as u64 || x >> 32 < round
-            };
-            if bad {
-                return Err(format!(
-                    "guest page {p} word {w} reads {x:#x}, the snapshot had {y:#x} (vCPU \
-                     rounds at the snapshot: {rounds:?})"
-                ));
-            }
-        }
-        changed += usize::from(p >= REGION_FIRST);
-    }
-    Ok(changed)
 }
 
 /// Of the pages where `before` differed from `want`, how many equal it in `after`:

@@ -3,7 +3,7 @@
 
 use super::Pool;
 use crate::error::{PoolError, Result};
-use crate::types::{normalize_runs, PageRun, RunBuilder, SnapshotSel};
+use crate::types::{normalize_runs, pages_to_runs, PageRun, RunBuilder, SnapshotSel};
 use crate::PAGE_SIZE;
 
 impl Pool {
@@ -64,6 +64,11 @@ impl Pool {
             .collect();
         blocks.sort_unstable();
         self.populate_near(blocks.into_iter(), false);
+        // Populating a RAM hole through this mapping would make it present as zeros:
+        // with RAM still filling lazily, the pages come in through the gate first.
+        for r in pages_to_runs(pages.iter().copied()) {
+            self.ensure_ram(r.first, r.count)?;
+        }
         self.populate_near(pages.iter().map(|&p| self.geo.ram_page_offset(p)), true);
         let mut done = RunBuilder::default();
         let res = pages.iter().try_for_each(|&p| {

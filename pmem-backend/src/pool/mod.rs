@@ -22,6 +22,7 @@ mod verify;
 
 pub use grow::GrowReport;
 pub use recovery::RecoveryReport;
+
 pub use store::{GcReport, ProtectError};
 pub use verify::{Problem, VerifyReport};
 
@@ -55,6 +56,44 @@ pub struct PoolOptions {
     pub meta_slot_bytes: Option<u64>,
     /// The persist seam (default msync).
     pub persist: Option<Box<dyn Persist>>,
+    /// Leave the RAM area unallocated (a hole in the file): guest RAM will come lazily
+    /// from the source this names. A lazy restore fills guest RAM through userfaultfd
+    /// (`UFFDIO_COPY`), which only fires for pages that are not in the file yet:
+    /// allocating them here would make every page present, as zeros. The embedder must
+    /// install a [`RamGate`] before the store reads RAM. Until it calls
+    /// [`mark_ram_complete`], a marker file beside the pool ([`filling_marker`]) makes
+    /// every later [`Pool::open`] refuse the pool: its RAM has holes that only the
+    /// source could fill.
+    pub lazy_ram: Option<String>,
+}
+
+/// The marker file of a pool whose RAM is still being filled lazily (see
+/// [`PoolOptions::lazy_ram`]): `<pool>.filling`, holding the source's description.
+pub fn filling_marker(pool: &Path) -> PathBuf {
+    let mut s = pool.as_os_str().to_owned();
+    s.push(".filling");
+    PathBuf::from(s)
+}
+
+/// Every RAM page of the pool at `pool` is in place: remove its [`filling_marker`].
+pub fn mark_ram_complete(pool: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(filling_marker(pool)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// What the store calls before it reads guest RAM through its own mapping, when RAM may
+/// still have holes (a lazy restore, see [`PoolOptions::lazy_ram`]). Reading a hole
+/// through the store's mapping would allocate a zero page there, and the guest would
+/// then see zeros instead of its memory: `ensure` must make the pages present first
+/// (fetch them, or wait until they are), and return only once they are.
+///
+/// It is called with the pool borrowed mutably or not at all by the caller (under the
+/// embedder's pool lock), so it must not need that lock itself.
+pub trait RamGate: Send + Sync {
+    /// Make pages `first..first + count` present in RAM, or say why they cannot be.
+    fn ensure(&self, first: u64, count: u64) -> std::result::Result<(), String>;
 }
 
 /// Called first in every thread the pool starts (its pre-fault thread), once set: an
@@ -94,6 +133,8 @@ pub struct Pool {
     recovery: RecoveryReport,
     /// The background pre-fault (see `start_prefault`): its stop flag and thread.
     prefault: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    /// Called before any read of RAM while RAM may have holes (see [`RamGate`]).
+    ram_gate: Option<Arc<dyn RamGate>>,
 }
 
 impl Drop for Pool {
@@ -229,7 +270,17 @@ impl Pool {
         take_lock(&file, path)?;
         file.set_len(geo.file_size)
             .map_err(io_err("sizing", path))?;
-        reserve_space(&file, geo.file_size, path)?;
+        if let Some(source) = &options.lazy_ram {
+            std::fs::write(filling_marker(path), format!("{source}\n"))
+                .map_err(io_err("writing the fill marker of", path))?;
+            // Everything but RAM: metadata and log before it, blocks after it.
+            reserve_space(&file, geo.ram_offset, path)?;
+            let blocks = geo.file_size - geo.block_offset;
+            allocate(&file, geo.block_offset, blocks)
+                .map_err(io_err("reserving space for", path))?;
+        } else {
+            reserve_space(&file, geo.file_size, path)?;
+        }
         let map = Mapping::new(&file, geo.file_size as usize).map_err(io_err("mapping", path))?;
         let sb = Superblock {
             generation: 0,
@@ -329,6 +380,29 @@ impl Pool {
             log_tail: 0,
             recovery: RecoveryReport::default(),
             prefault: None,
+            ram_gate: None,
+        }
+    }
+
+    /// Install (or remove) the gate the store passes before it reads RAM pages that may
+    /// not be present yet (see [`RamGate`]).
+    pub fn set_ram_gate(&mut self, gate: Option<Arc<dyn RamGate>>) {
+        self.ram_gate = gate;
+    }
+
+    /// Make RAM pages `first..first + count` present before the store reads them (a
+    /// no-op without a gate).
+    pub(super) fn ensure_ram(&self, first: u64, count: u64) -> Result<()> {
+        match &self.ram_gate {
+            Some(g) if count > 0 => {
+                g.ensure(first, count)
+                    .map_err(|reason| PoolError::RamNotPresent {
+                        first,
+                        count,
+                        reason,
+                    })
+            }
+            _ => Ok(()),
         }
     }
 
@@ -352,6 +426,7 @@ impl Pool {
     /// Copy RAM page p out through the store's mapping.
     pub fn read_ram_page(&self, p: u64) -> Result<Page> {
         self.check_page(p)?;
+        self.ensure_ram(p, 1)?;
         let mut out: Page = [0; PAGE_SIZE];
         self.map
             .read_at(self.geo.ram_page_offset(p), &mut out)

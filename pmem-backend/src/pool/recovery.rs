@@ -44,6 +44,12 @@ impl Pool {
             .open(path)
             .map_err(io_err("opening", path))?;
         take_lock(&file, path)?;
+        if let Ok(source) = std::fs::read_to_string(super::filling_marker(path)) {
+            return Err(PoolError::RamIncomplete {
+                path: path.to_path_buf(),
+                from: source.trim().to_string(),
+            });
+        }
         let len = file.metadata().map_err(io_err("stat", path))?.len();
         let mut head = vec![0u8; (2 * SB_SIZE).min(len) as usize];
         file.read_exact(&mut head)

@@ -230,6 +230,8 @@ impl Pool {
         if u64::from(self.log_tail) >= self.geo.log_capacity() {
             self.compact()?;
         }
+        // The page is about to be read: a lazily restored RAM must have it first.
+        self.ensure_ram(p, 1)?;
         let b = self.index.alloc_block()?;
         let res = (|| {
             // One copy, RAM -> block, then the crc over the block in place: the block is

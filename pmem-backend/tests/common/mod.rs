@@ -137,5 +137,6 @@ pub fn small_opts(persist: Option<Box<dyn pmem_backend::Persist>>) -> PoolOption
         log_records: Some(128),
         meta_slot_bytes: Some(64 * 1024),
         persist,
+        ..PoolOptions::default()
     }
 }

@@ -135,6 +135,7 @@ mod tests {
             uptime_ms: 5,
             pool_path: "/dev/shm/p".into(),
             version: "0.1.0".into(),
+            lazy_fill: None,
         }
     }
 

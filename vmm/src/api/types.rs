@@ -214,6 +214,10 @@ pub struct VmStatus {
     pub pool_path: String,
     /// pmsnap version ([`VERSION`]).
     pub version: String,
+    /// The lazy fill of a VM restored with `pmsnap restore --from REPO`: pages present,
+    /// first-touch latency, what it waits for. Absent for other VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy_fill: Option<crate::snapshot::lazy::FillStats>,
 }
 
 /// Summary of one snapshot (list, inspect, create).

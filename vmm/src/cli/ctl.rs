@@ -389,7 +389,7 @@ fn human_bytes(b: u64) -> String {
 }
 
 fn render_status(s: &VmStatus) -> String {
-    format!(
+    let mut out = format!(
         "state:   {}\nvcpus:   {}\nmemory:  {} ({} bytes)\nuptime:  {:.1} s\npool:    {}\nversion: {}\n",
         s.state,
         s.vcpus,
@@ -398,7 +398,26 @@ fn render_status(s: &VmStatus) -> String {
         s.uptime_ms as f64 / 1000.0,
         s.pool_path,
         s.version
-    )
+    );
+    if let Some(f) = &s.lazy_fill {
+        let _ = writeln!(
+            out,
+            "fill:    {} of {} pages from {}{} ({} on first touch, p50 {} us, p99 {} us)",
+            f.present,
+            f.pages,
+            f.source,
+            if f.complete { ", complete" } else { "" },
+            f.demanded,
+            f.first_touch_p50_us,
+            f.first_touch_p99_us
+        );
+        for (what, v) in [("waiting", &f.waiting), ("error", &f.error)] {
+            if let Some(v) = v {
+                let _ = writeln!(out, "fill {what}: {v}");
+            }
+        }
+    }
+    out
 }
 
 fn render_labels(labels: &BTreeMap<String, String>) -> String {
@@ -815,6 +834,7 @@ mod tests {
             uptime_ms: 1500,
             pool_path: "/dev/shm/pool".into(),
             version: "0.1.0".into(),
+            lazy_fill: None,
         };
         let text = render_status(&s);
         assert!(text.contains("state:   running"));

@@ -119,7 +119,7 @@ pub enum RepoCommand {
     },
 }
 
-fn open_existing(dir: &Path) -> Result<Repo> {
+pub(super) fn open_existing(dir: &Path) -> Result<Repo> {
     // Checked before DirStorage, which would create the directory.
     if !dir.join("config").is_file() {
         return Err(format!("{} is not a pmsnap repository (no config)", dir.display()).into());

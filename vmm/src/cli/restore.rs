@@ -1,18 +1,25 @@
 //! `pmsnap restore`: resume a guest from a VM snapshot in its pool, in a new VMM process
 //! (for example after the first one was killed).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
+
+use pmem_backend::{Pool, PoolOptions, SnapshotKind};
 
 use clap::Args;
 
 use super::anyhow_like::{context, Result};
-use crate::builder::VmBuilder;
+use crate::api::ApiServerHandle;
+use crate::builder::{LazySpec, RunningVm, VmBuilder};
 use crate::config::{self, VmConfig};
+use crate::controller::repo_source::RepoPageSource;
 use crate::devices::legacy::serial::StdoutWriter;
 use crate::devices::legacy::RawModeGuard;
 use crate::event_loop::EventLoop;
 use crate::persist::load::load_vm_state;
+use crate::persist::VmState;
+use crate::snapshot::lazy::{FillOptions, PageSource};
 
 /// Arguments of `pmsnap restore`.
 #[derive(Debug, Args)]
@@ -37,9 +44,24 @@ pub struct RestoreArgs {
         conflicts_with = "snapshot"
     )]
     pub snapshot_flag: Option<String>,
-    /// Pool file holding the snapshot (and guest RAM).
+    /// Pool file holding the snapshot (and guest RAM). With --from: the new pool to
+    /// create (it must not exist).
     #[arg(long, value_name = "PATH")]
     pub pool: PathBuf,
+    /// Restore lazily from this repository (what `pmsnap export` wrote) instead of from
+    /// the pool: a new pool is created and the vCPUs run before guest RAM is there.
+    /// A page comes on its first access; the rest follows in the background (--fill).
+    #[arg(long, value_name = "REPO")]
+    pub from: Option<PathBuf>,
+    /// With --from: `background` fills every page after the vCPUs run; `on-demand`
+    /// fetches only what the guest touches (clones of one snapshot: each uses host
+    /// memory only for what it touches).
+    #[arg(long, value_enum, default_value_t = FillMode::Background, requires = "from")]
+    pub fill: FillMode,
+    /// With --from: size of the new pool's block area (preserved pages), with K, M or G
+    /// suffix (default: as large as guest RAM).
+    #[arg(long, value_name = "SIZE", value_parser = parse_mem, requires = "from")]
+    pub block_area: Option<u64>,
     /// Expected guest RAM (checked against the snapshot), with K, M or G suffix.
     #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
     pub mem: Option<u64>,
@@ -75,6 +97,15 @@ pub struct RestoreArgs {
     pub ids: super::IdArgs,
 }
 
+/// How a lazy restore fills guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FillMode {
+    /// Every page, in the background, once the vCPUs run.
+    Background,
+    /// Only the pages the guest (or the VMM) touches.
+    OnDemand,
+}
+
 fn parse_mem(s: &str) -> std::result::Result<u64, String> {
     config::parse_size(s).map_err(|e| e.to_string())
 }
@@ -97,21 +128,15 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
     for sock in [&args.api_sock, &args.vsock_sock].into_iter().flatten() {
         crate::unix_socket::remove_stale(sock)?;
     }
+    if let Some(repo) = &args.from {
+        return run_lazy(&args, name, repo, started);
+    }
     // Validate everything with the pool's lock held, before building anything.
     let (state, mem_bytes, pool) = {
         let pool = pmem_backend::Pool::open(&args.pool)
             .map_err(context(format!("cannot open pool {}", args.pool.display())))?;
         let mem_bytes = pool.ram_size();
-        if let Some(m) = args.mem {
-            if m != mem_bytes {
-                return Err(format!(
-                    "snapshot {name:?} is of a {} MiB guest, --mem asks for {} MiB",
-                    mem_bytes >> 20,
-                    m >> 20
-                )
-                .into());
-            }
-        }
+        check_mem(&args, name, mem_bytes)?;
         let vcpus = args.vcpus.map(|v| v as usize);
         let state = load_vm_state(&pool, name, vcpus, mem_bytes)
             .map_err(context(format!("cannot restore snapshot {name:?}")))?;
@@ -121,7 +146,131 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         "pool opened and state checked after {:?}",
         started.elapsed()
     );
-    let cfg = VmConfig {
+    let mut event_loop = EventLoop::new()?;
+    event_loop.handle_termination_signals()?;
+    let builder = VmBuilder::for_restore(
+        &restore_config(&args, &state, mem_bytes),
+        event_loop.stop_notifier()?,
+        Box::new(StdoutWriter),
+        pool,
+    )?;
+    let (mut running, raw) = start_paused(&args, name, &state, builder, &event_loop, started)?;
+    let restored = running.controller().restore_snapshot(name, &state)?;
+    log::debug!("snapshot restored after {:?}", started.elapsed());
+    let (to_run, _api) = run_and_serve(&args, &mut event_loop, &mut running, started)?;
+    log::info!(
+        "restored snapshot {name:?}: {} of {} pages copied back in {:?}; vCPUs {} {to_run:?} after start",
+        restored.pages_copied,
+        mem_bytes / 4096,
+        restored.copy_time,
+        run_state(&args)
+    );
+    super::serve_until_stopped(&mut event_loop, running, raw, started)
+}
+
+/// `pmsnap restore --from REPO`: a new pool whose RAM arrives lazily.
+fn run_lazy(args: &RestoreArgs, name: &str, dir: &Path, started: Instant) -> Result<i32> {
+    let where_ = dir.display().to_string();
+    let repo = super::repo::open_existing(dir)?;
+    let m = repo
+        .manifest(name)
+        .map_err(context(format!("repository {where_}")))?;
+    let meta = m.meta().clone();
+    if meta.kind != SnapshotKind::Vm {
+        return Err(format!(
+            "snapshot {name:?} in {where_} is a {} snapshot; only VM snapshots restore",
+            meta.kind.as_str()
+        )
+        .into());
+    }
+    let mem_bytes = meta.ram_size;
+    check_mem(args, name, mem_bytes)?;
+    let blob = repo.read_state(&m).map_err(context(format!(
+        "cannot read the state of {name:?} from {where_}"
+    )))?;
+    let state = VmState::decode(&blob)
+        .and_then(|s| {
+            let vcpus = args.vcpus.map_or(s.vcpus.len(), |v| v as usize);
+            s.validate(vcpus, mem_bytes).map(|()| s)
+        })
+        .map_err(context(format!("cannot restore snapshot {name:?}")))?;
+    if args.pool.exists() {
+        return Err(format!(
+            "{} exists: restore --from creates a new pool (remove it or choose another path)",
+            args.pool.display()
+        )
+        .into());
+    }
+    let source = RepoPageSource::new(repo, m, &where_);
+    let options = PoolOptions {
+        block_count: args.block_area.map(|b| b.div_ceil(4096)),
+        lazy_ram: Some(source.describe()),
+        ..PoolOptions::default()
+    };
+    let pool = Pool::create(&args.pool, mem_bytes, options).map_err(context(format!(
+        "cannot create pool {}",
+        args.pool.display()
+    )))?;
+    // Until the guest state is in, a failure leaves no half-made pool behind.
+    let mut cleanup = RemoveOnError(Some(args.pool.clone()));
+    let mut event_loop = EventLoop::new()?;
+    event_loop.handle_termination_signals()?;
+    let lazy = LazySpec {
+        source: Arc::new(source),
+        options: FillOptions {
+            background: args.fill == FillMode::Background,
+        },
+    };
+    let builder = VmBuilder::for_lazy_restore(
+        &restore_config(args, &state, mem_bytes),
+        event_loop.stop_notifier()?,
+        Box::new(StdoutWriter),
+        pool,
+        lazy,
+    )?;
+    let (mut running, raw) = start_paused(args, name, &state, builder, &event_loop, started)?;
+    running.controller().restore_state(&state)?;
+    cleanup.0 = None;
+    let (to_run, _api) = run_and_serve(args, &mut event_loop, &mut running, started)?;
+    log::info!(
+        "restored snapshot {name:?} lazily from {where_} into {}: vCPUs {} {to_run:?} after start; \
+         guest RAM fills {}",
+        args.pool.display(),
+        run_state(args),
+        match args.fill {
+            FillMode::Background => "in the background",
+            FillMode::OnDemand => "on demand only",
+        }
+    );
+    super::serve_until_stopped(&mut event_loop, running, raw, started)
+}
+
+/// Removes a pool (and its fill marker) when dropped armed.
+struct RemoveOnError(Option<PathBuf>);
+
+impl Drop for RemoveOnError {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(&p);
+            let _ = pmem_backend::mark_ram_complete(&p);
+        }
+    }
+}
+
+fn check_mem(args: &RestoreArgs, name: &str, mem_bytes: u64) -> Result<()> {
+    match args.mem {
+        Some(m) if m != mem_bytes => Err(format!(
+            "snapshot {name:?} is of a {} MiB guest, --mem asks for {} MiB",
+            mem_bytes >> 20,
+            m >> 20
+        )
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+fn restore_config(args: &RestoreArgs, state: &VmState, mem_bytes: u64) -> VmConfig {
+    VmConfig {
         kernel: PathBuf::new(),
         initrd: None,
         extra_cmdline: String::new(),
@@ -130,9 +279,18 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         pool: args.pool.clone(),
         block_area: None,
         pool_node: None,
-    };
-    let mut event_loop = EventLoop::new()?;
-    event_loop.handle_termination_signals()?;
+    }
+}
+
+/// Wire the snapshot's devices and start its vCPUs paused (the state goes in next).
+fn start_paused(
+    args: &RestoreArgs,
+    name: &str,
+    state: &VmState,
+    mut builder: VmBuilder,
+    event_loop: &EventLoop,
+    started: Instant,
+) -> Result<(RunningVm, Option<RawModeGuard>)> {
     let want = usize::from(args.vsock_sock.is_some());
     if state.mmio.len() != want {
         return Err(format!(
@@ -146,49 +304,50 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         )
         .into());
     }
-    let mut builder = VmBuilder::for_restore(
-        &cfg,
-        event_loop.stop_notifier()?,
-        Box::new(StdoutWriter),
-        pool,
-    )?;
     log::debug!("VM and engine created after {:?}", started.elapsed());
     // The same devices, wired the same way, as `pmsnap run` gave the VM.
     if let Some(path) = &args.vsock_sock {
         builder.add_vsock(path, args.guest.limits())?;
     }
     let built = builder.build_for_restore()?;
-    let _raw = RawModeGuard::new(0)?;
+    let raw = RawModeGuard::new(0)?;
     // The vCPUs start paused; the snapshot's RAM and state go in as a rollback puts
     // them back, then they run (unless --paused).
-    let mut running = built.start_paused(&event_loop.stop_notifier()?)?;
+    let running = built.start_paused(&event_loop.stop_notifier()?)?;
     log::debug!("vCPU threads started after {:?}", started.elapsed());
-    let restored = running.controller().restore_snapshot(name, &state)?;
-    log::debug!("snapshot restored after {:?}", started.elapsed());
+    Ok((running, raw))
+}
+
+/// Run the vCPUs (unless --paused), start the background work, serve devices and the
+/// API. Returns the time from start to running vCPUs, and the API server (served until
+/// it is dropped).
+fn run_and_serve(
+    args: &RestoreArgs,
+    event_loop: &mut EventLoop,
+    running: &mut RunningVm,
+    started: Instant,
+) -> Result<(std::time::Duration, Option<ApiServerHandle>)> {
     if !args.paused {
         running.run_vcpus()?;
     }
     let to_run = started.elapsed();
     log::debug!("vCPUs resumed after {to_run:?}");
-    running.start_prefault();
-    super::serve_devices(&mut event_loop, &mut running)?;
+    running.start_prefault()?;
+    super::serve_devices(event_loop, running)?;
     // Served once the vCPUs and state capture exist, so a client that sees the socket
     // can pause, resume or snapshot at once (with --paused, POST /v1/resume is next).
-    let _api = super::serve_api(args.api_sock.as_deref(), running.controller())?;
+    let api = super::serve_api(args.api_sock.as_deref(), running.controller())?;
     args.ids
         .give_sockets(&[args.api_sock.as_deref(), args.vsock_sock.as_deref()])?;
-    log::info!(
-        "restored snapshot {name:?}: {} of {} pages copied back in {:?}; vCPUs {} {to_run:?} after start",
-        restored.pages_copied,
-        mem_bytes / 4096,
-        restored.copy_time,
-        if args.paused {
-            "paused (POST /v1/resume runs them)"
-        } else {
-            "running"
-        }
-    );
-    super::serve_until_stopped(&mut event_loop, running, _raw, started)
+    Ok((to_run, api))
+}
+
+fn run_state(args: &RestoreArgs) -> &'static str {
+    if args.paused {
+        "paused (POST /v1/resume runs them)"
+    } else {
+        "running"
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod export;
 pub mod grants;
 pub mod live;
 pub mod process;
+pub mod repo_source;
 mod vm_ops;
 pub use vm_ops::Restored;
 
@@ -355,6 +356,7 @@ impl Controller {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             pool_path: self.info.pool_path.clone(),
             version: api::VERSION.to_string(),
+            lazy_fill: self.engine.lazy().map(|l| l.stats()),
         }
     }
 

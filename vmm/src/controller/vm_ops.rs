@@ -155,6 +155,16 @@ impl Controller {
     }
 }
 
+impl Controller {
+    /// Bring a VM whose vCPUs were just started paused to `state`, read from a
+    /// repository before the VM was built (`pmsnap restore --from`): its RAM arrives
+    /// through the engine's lazy fill, so only vCPU, VM and device state go in here.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), ApiError> {
+        self.live()?.apply(state)?;
+        Ok(())
+    }
+}
+
 /// What a restore did.
 #[derive(Debug, Clone, Copy)]
 pub struct Restored {

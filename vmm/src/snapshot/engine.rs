@@ -39,7 +39,8 @@ use pmem_backend::{
 };
 
 use super::dirty::DirtyTracker;
-use super::fault::{FaultHandler, FaultStats, HandlerOptions};
+use super::fault::{FaultHandler, FaultStats, HandlerOptions, MissingSink};
+use super::lazy::LazyFill;
 use super::protect::{PageProtector, UffdProtector};
 pub use super::sink::{BlockWait, EngineEvent};
 use super::sink::{PreProtect, StoreSink};
@@ -55,6 +56,8 @@ pub struct Engine {
     sink: Arc<StoreSink>,
     faults: Arc<FaultStats>,
     dirty: Arc<Mutex<DirtyTracker>>,
+    /// The lazy fill of a lazy restore, while there is one.
+    lazy: Option<Arc<LazyFill>>,
     // Last, so the handler thread stops before the rest goes away.
     _handler: Option<FaultHandler>,
 }
@@ -116,6 +119,22 @@ impl Engine {
         dirty_sources: Vec<Box<dyn DirtySource>>,
         opts: HandlerOptions,
     ) -> Result<Self, EngineError> {
+        Self::start_with(pool, protector, dirty_sources, opts, None)
+    }
+
+    /// [`Self::start`] for a lazy restore: guest RAM arrives through `lazy`, which the
+    /// fault handler sends missing pages to and the store passes before it reads RAM.
+    pub fn start_with(
+        pool: Arc<Mutex<Pool>>,
+        protector: Arc<UffdProtector>,
+        dirty_sources: Vec<Box<dyn DirtySource>>,
+        opts: HandlerOptions,
+        lazy: Option<Arc<LazyFill>>,
+    ) -> Result<Self, EngineError> {
+        if let Some(l) = &lazy {
+            let gate: Arc<dyn pmem_backend::RamGate> = l.clone();
+            lock_pool(&pool).set_ram_gate(Some(gate));
+        }
         let (runs, names, pages) = {
             let p = lock_pool(&pool);
             let names: Vec<String> = p.list().into_iter().map(|s| s.name).collect();
@@ -146,14 +165,16 @@ impl Engine {
             protector_dyn.clone(),
             dirty.clone(),
         ));
-        let handler =
-            FaultHandler::spawn(protector, sink.clone(), opts).map_err(EngineError::Handler)?;
+        let missing = lazy.clone().map(|l| l as Arc<dyn MissingSink>);
+        let handler = FaultHandler::spawn_with_missing(protector, sink.clone(), missing, opts)
+            .map_err(EngineError::Handler)?;
         Ok(Self {
             pool,
             protector: protector_dyn,
             sink,
             faults: handler.stats(),
             dirty,
+            lazy,
             _handler: Some(handler),
         })
     }
@@ -296,6 +317,11 @@ impl Engine {
         self.sink.unprotect(&stale);
     }
 
+    /// The lazy fill, for a lazily restored VM.
+    pub fn lazy(&self) -> Option<&Arc<LazyFill>> {
+        self.lazy.as_ref()
+    }
+
     /// Pages preserved by the fault handler since start.
     pub fn preserved_pages(&self) -> u64 {
         self.sink.preserved()
@@ -336,6 +362,9 @@ impl Drop for Engine {
     /// block must give up, or the join would wait for it.
     fn drop(&mut self) {
         self.sink.close();
+        if let Some(l) = &self.lazy {
+            l.stop();
+        }
     }
 }
 

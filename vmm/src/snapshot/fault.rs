@@ -41,6 +41,15 @@ pub trait PreserveSink: Send + Sync {
     }
 }
 
+/// Where the handler sends accesses to guest pages that are not present yet (a lazy
+/// restore registers guest RAM for missing-page faults too). `demand` must not block:
+/// the faulting thread stays blocked in the kernel until the page is filled, which
+/// wakes it.
+pub trait MissingSink: Send + Sync {
+    /// Page `page` was touched and is not present.
+    fn demand(&self, page: u64);
+}
+
 /// How the handler thread waits for faults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WaitMode {
@@ -119,6 +128,16 @@ impl FaultHandler {
         sink: Arc<dyn PreserveSink>,
         opts: HandlerOptions,
     ) -> std::io::Result<Self> {
+        Self::spawn_with_missing(protector, sink, None, opts)
+    }
+
+    /// [`Self::spawn`], passing missing-page faults to `missing` (a lazy restore).
+    pub fn spawn_with_missing(
+        protector: Arc<UffdProtector>,
+        sink: Arc<dyn PreserveSink>,
+        missing: Option<Arc<dyn MissingSink>>,
+        opts: HandlerOptions,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let stats = Arc::new(FaultStats::default());
@@ -134,6 +153,7 @@ impl FaultHandler {
                     run(
                         &protector,
                         sink.as_ref(),
+                        missing.as_deref(),
                         opts.mode,
                         &stop,
                         &stop_evt,
@@ -205,6 +225,7 @@ fn wait_readable(uffd_fd: i32, stop_fd: i32) -> bool {
 fn run(
     protector: &UffdProtector,
     sink: &dyn PreserveSink,
+    missing: Option<&dyn MissingSink>,
     mode: WaitMode,
     stop: &AtomicBool,
     stop_evt: &EventFd,
@@ -230,6 +251,14 @@ fn run(
                     addr,
                     ..
                 }) => handle_wp_fault(protector, sink, addr as usize, stats),
+                Ok(Event::Pagefault {
+                    kind: FaultKind::Missing,
+                    addr,
+                    ..
+                }) => match (missing, protector.page_of(addr as usize)) {
+                    (Some(m), Some(page)) => m.demand(page),
+                    _ => error!("fault handler: missing-page fault at {addr:p} with no lazy fill"),
+                },
                 Ok(other) => warn!("fault handler: unexpected userfaultfd event {other:?}"),
                 Err(e) => error!("fault handler: bad userfaultfd event: {e}"),
             }

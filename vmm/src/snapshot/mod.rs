@@ -5,6 +5,7 @@
 pub mod dirty;
 pub mod engine;
 pub mod fault;
+pub mod lazy;
 pub mod protect;
 pub mod sink;
 #[cfg(test)]

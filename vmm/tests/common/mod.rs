@@ -2,6 +2,8 @@
 //! this module with `mod common;` and uses what it needs).
 #![allow(dead_code)]
 
+pub mod pattern;
+
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -1,0 +1,723 @@
+//! Lazy restore: the vCPUs run before guest RAM is there.
+//!
+//! The pool's RAM starts as holes ([`pmem_backend::PoolOptions::lazy_ram`]) and the
+//! guest RAM mapping is registered for missing-page faults as well as write-protect
+//! ([`UffdProtector::with_ranges_lazy`]). Pages come from a [`PageSource`] (a snapshot
+//! in a repository) three ways, all through one filler thread:
+//!
+//! - **On first access.** A vCPU (through KVM) or a device touching a hole blocks in the
+//!   kernel; the fault handler thread passes the page to [`LazyFill::demand`] and goes
+//!   on. The filler serves demands first: it reads the page (and the holes next to it in
+//!   an aligned 64 KiB window) and puts them in with `UFFDIO_COPY`, which wakes the
+//!   vCPU.
+//! - **In the background.** Between demands it fills the rest in page order, 256 KiB at
+//!   a time, until every page is present (unless started on demand only, as clones are).
+//! - **Before the store reads RAM.** The store reads guest pages through its own mapping
+//!   (preserve, copy-back, export); a hole read there would become a zero page that the
+//!   guest then sees. The store calls [`LazyFill`] as its [`RamGate`] first, which
+//!   queues the pages and waits until they are in. The filler never takes the pool lock,
+//!   so a gate waiting under it cannot deadlock.
+//!
+//! A page is filled write-protected once any protection was asked for (see
+//! [`UffdProtector::fill`]), so a snapshot taken mid-fill keeps every page's content.
+//! A page the source cannot give (a damaged or missing pack) is never filled with
+//! anything else: the fill stops, and the error goes to the `on_fatal` callback (the
+//! VMM stops with it). Errors the source calls transient are retried with backoff, and
+//! [`LazyFill::stats`] says what the fill waits for meanwhile.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use pmem_backend::RamGate;
+
+use super::fault::MissingSink;
+use super::protect::{PageProtector, UffdProtector, PAGE_SIZE};
+
+/// Pages read for one background step (256 KiB).
+const BATCH: u64 = 64;
+/// Pages around a demanded one that come with it (an aligned 64 KiB window).
+const WINDOW: u64 = 16;
+/// First-touch latencies kept for the percentiles.
+const MAX_SAMPLES: usize = 1 << 16;
+
+/// Why a source could not give pages.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Worth retrying: the storage did not answer, or answered with an error that may
+    /// pass.
+    #[error("{0}")]
+    Transient(String),
+    /// Never retried: the content is damaged or missing. Nothing is filled; the VM stops.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Where lazily restored pages come from.
+pub trait PageSource: Send + Sync {
+    /// What it is, for logs and errors ("snapshot NAME in repository REPO").
+    fn describe(&self) -> String;
+    /// Guest pages `first..first + out.len() / 4096` into `out`, checked.
+    fn read(&self, first: u64, out: &mut [u8]) -> Result<(), FetchError>;
+}
+
+/// How the fill runs.
+#[derive(Debug, Clone, Copy)]
+pub struct FillOptions {
+    /// Fill every page in the background (else only what is touched: clones).
+    pub background: bool,
+}
+
+impl Default for FillOptions {
+    fn default() -> Self {
+        Self { background: true }
+    }
+}
+
+/// What the fill has done, for the API and the logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FillStats {
+    /// The source.
+    pub source: String,
+    /// Guest pages.
+    pub pages: u64,
+    /// Pages present.
+    pub present: u64,
+    /// Whether every page is present.
+    pub complete: bool,
+    /// Whether the rest is filled in the background.
+    pub background: bool,
+    /// Pages read because something touched them (a vCPU, a device or the store).
+    pub demanded: u64,
+    /// Pages read by the background fill.
+    pub background_pages: u64,
+    /// Pages found present already when their turn came (written by the VMM).
+    pub already_present: u64,
+    /// Time from a first touch to its page being in: median and 99th percentile, in
+    /// microseconds (0 until something was touched).
+    pub first_touch_p50_us: u64,
+    /// See `first_touch_p50_us`.
+    pub first_touch_p99_us: u64,
+    /// Milliseconds from start until every page was present (while filling: so far).
+    pub elapsed_ms: u64,
+    /// What the fill is waiting for (a transient source error being retried).
+    pub waiting: Option<String>,
+    /// Why the fill stopped for good, if it did.
+    pub error: Option<String>,
+}
+
+/// Queued work and its outcome, under one lock.
+#[derive(Default)]
+struct Queue {
+    /// Demanded runs (first page, count) with when they were asked for.
+    demand: VecDeque<(u64, u64, Instant)>,
+    /// Next page the background fill looks at.
+    cursor: u64,
+    stop: bool,
+    waiting: Option<String>,
+    error: Option<String>,
+    samples: Vec<u32>,
+    demanded: u64,
+    background_pages: u64,
+    already_present: u64,
+    done_at: Option<Duration>,
+}
+
+/// Called once with the error when the fill cannot go on.
+pub type OnFatal = Box<dyn FnOnce(String) + Send>;
+
+/// A running lazy fill. Dropping it stops the filler thread (pages still missing then
+/// stay missing: drop it only with the VM).
+pub struct LazyFill {
+    protector: Arc<UffdProtector>,
+    source: Arc<dyn PageSource>,
+    pages: u64,
+    background: bool,
+    present: Vec<AtomicU64>,
+    remaining: AtomicU64,
+    complete: AtomicBool,
+    queue: Mutex<Queue>,
+    /// Wakes the filler (work queued, stop) and the gate's waiters (pages in, error).
+    cond: Condvar,
+    started: Instant,
+    on_fatal: Mutex<Option<OnFatal>>,
+    on_complete: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for LazyFill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyFill")
+            .field("pages", &self.pages)
+            .field("remaining", &self.remaining.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl LazyFill {
+    /// A fill of the protector's pages from `source`. Nothing runs until [`Self::start`];
+    /// demands queue up meanwhile.
+    pub fn new(
+        protector: Arc<UffdProtector>,
+        source: Arc<dyn PageSource>,
+        opts: FillOptions,
+        on_fatal: OnFatal,
+    ) -> Arc<Self> {
+        let pages = protector.pages();
+        Arc::new(Self {
+            protector,
+            source,
+            pages,
+            background: opts.background,
+            present: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            remaining: AtomicU64::new(pages),
+            complete: AtomicBool::new(pages == 0),
+            queue: Mutex::new(Queue::default()),
+            cond: Condvar::new(),
+            started: Instant::now(),
+            on_fatal: Mutex::new(Some(on_fatal)),
+            on_complete: Mutex::new(None),
+            thread: Mutex::new(None),
+        })
+    }
+
+    /// Call `f` once, from the filler thread, when every page is present (the VMM
+    /// removes the pool's fill marker then).
+    pub fn when_complete(&self, f: Box<dyn FnOnce() + Send>) {
+        *self.on_complete.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
+    /// Start the filler thread.
+    pub fn start(self: &Arc<Self>) -> std::io::Result<()> {
+        let me = self.clone();
+        let t = std::thread::Builder::new()
+            .name("pmsnap-fill".into())
+            .spawn(move || {
+                crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Fill);
+                me.run();
+            })?;
+        *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+        Ok(())
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether page `p` is present.
+    pub fn is_present(&self, p: u64) -> bool {
+        self.complete.load(Ordering::Acquire)
+            || self
+                .present
+                .get((p / 64) as usize)
+                .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (p % 64)) != 0)
+    }
+
+    /// Whether every page is present.
+    pub fn complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
+    }
+
+    /// Record pages `first..first + count` as present; returns how many were not before.
+    fn mark(&self, first: u64, count: u64) -> u64 {
+        let mut newly = 0u64;
+        let mut p = first;
+        let end = first + count;
+        while p < end {
+            let bit = p % 64;
+            let n = (64 - bit).min(end - p);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            let old = self.present[(p / 64) as usize].fetch_or(mask, Ordering::AcqRel);
+            newly += u64::from((mask & !old).count_ones());
+            p += n;
+        }
+        if newly > 0 && self.remaining.fetch_sub(newly, Ordering::AcqRel) == newly {
+            self.complete.store(true, Ordering::Release);
+        }
+        newly
+    }
+
+    /// The first page at or after `from` that is not present, if any.
+    fn next_missing(&self, from: u64) -> Option<u64> {
+        let mut w = (from / 64) as usize;
+        let mut mask = !0u64 << (from % 64);
+        while w < self.present.len() {
+            let free = !self.present[w].load(Ordering::Acquire) & mask;
+            if free != 0 {
+                let p = w as u64 * 64 + u64::from(free.trailing_zeros());
+                return (p < self.pages).then_some(p);
+            }
+            w += 1;
+            mask = !0;
+        }
+        None
+    }
+
+    /// The run of holes starting at `first` (at most `max` pages, not past `end`).
+    fn hole_run(&self, first: u64, end: u64, max: u64) -> u64 {
+        let mut n = 0;
+        while n < max && first + n < end && !self.is_present(first + n) {
+            n += 1;
+        }
+        n
+    }
+
+    /// Queue pages `first..first + count` ahead of the background fill.
+    fn push_demand(&self, first: u64, count: u64) {
+        let mut q = self.queue();
+        q.demand.push_back((first, count, Instant::now()));
+        drop(q);
+        self.cond.notify_all();
+    }
+
+    /// What the fill has done.
+    pub fn stats(&self) -> FillStats {
+        let q = self.queue();
+        let mut s = q.samples.clone();
+        s.sort_unstable();
+        let pct = |p: usize| {
+            s.get((s.len() * p / 100).min(s.len().saturating_sub(1)))
+                .map_or(0, |&v| u64::from(v))
+        };
+        FillStats {
+            source: self.source.describe(),
+            pages: self.pages,
+            present: self.pages - self.remaining.load(Ordering::Acquire),
+            complete: self.complete(),
+            background: self.background,
+            demanded: q.demanded,
+            background_pages: q.background_pages,
+            already_present: q.already_present,
+            first_touch_p50_us: pct(50),
+            first_touch_p99_us: pct(99),
+            elapsed_ms: q
+                .done_at
+                .unwrap_or_else(|| self.started.elapsed())
+                .as_millis() as u64,
+            waiting: q.waiting.clone(),
+            error: q.error.clone(),
+        }
+    }
+
+    /// The filler thread.
+    fn run(&self) {
+        let mut buf = vec![0u8; (BATCH * PAGE_SIZE) as usize];
+        while let Some((first, count, asked)) = self.next_job() {
+            let data = &mut buf[..(count * PAGE_SIZE) as usize];
+            if !self.fetch(first, data) {
+                return;
+            }
+            match self.protector.fill(first, data) {
+                Ok(f) => {
+                    self.mark(first, count);
+                    let mut q = self.queue();
+                    q.already_present += f.present;
+                    match asked {
+                        Some(t) => {
+                            q.demanded += f.copied;
+                            if q.samples.len() < MAX_SAMPLES {
+                                q.samples.push(t.elapsed().as_micros() as u32);
+                            }
+                        }
+                        None => q.background_pages += f.copied,
+                    }
+                    let finished = self.complete() && q.done_at.is_none();
+                    if finished {
+                        q.done_at = Some(self.started.elapsed());
+                        info!(
+                            "lazy restore complete: {} pages from {} in {:?} ({} on first touch)",
+                            self.pages,
+                            self.source.describe(),
+                            self.started.elapsed(),
+                            q.demanded
+                        );
+                    }
+                    drop(q);
+                    if finished {
+                        let f = self
+                            .on_complete
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .take();
+                        if let Some(f) = f {
+                            f();
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.fail(format!("cannot put guest RAM in place: {e}"));
+                    return;
+                }
+            }
+            self.cond.notify_all();
+        }
+    }
+
+    /// The next run to fill: a demanded one first, else the next background batch.
+    /// Waits for work; `None` once stopped (or complete and nothing demanded).
+    fn next_job(&self) -> Option<(u64, u64, Option<Instant>)> {
+        let mut q = self.queue();
+        loop {
+            if q.stop || q.error.is_some() {
+                return None;
+            }
+            while let Some((first, count, asked)) = q.demand.pop_front() {
+                let end = first + count;
+                let Some(p) = self.next_missing(first).filter(|&p| p < end) else {
+                    continue;
+                };
+                // A single page brings the holes after it in its aligned window along.
+                let until = if count == 1 {
+                    ((p / WINDOW + 1) * WINDOW).min(self.pages)
+                } else {
+                    end
+                };
+                let n = self.hole_run(p, until, BATCH).max(1);
+                if p + n < end {
+                    // The rest of a long run stays first in line.
+                    q.demand.push_front((p + n, end - p - n, asked));
+                }
+                return Some((p, n, Some(asked)));
+            }
+            if self.complete() {
+                // Nothing left to fill; demands can still come (a page the VMM wrote
+                // counts as present), so keep answering until stopped.
+                q = self.cond.wait(q).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            if self.background {
+                if let Some(p) = self.next_missing(q.cursor) {
+                    let n = self.hole_run(p, self.pages, BATCH);
+                    q.cursor = p + n;
+                    return Some((p, n, None));
+                }
+                if q.cursor > 0 {
+                    // Wrap: pages before the cursor that a demand skipped.
+                    q.cursor = 0;
+                    continue;
+                }
+            }
+            q = self.cond.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Read pages into `data`, retrying transient errors with backoff until stopped.
+    /// False when the fill must end (stopped, or a fatal error, already reported).
+    fn fetch(&self, first: u64, data: &mut [u8]) -> bool {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.source.read(first, data) {
+                Ok(()) => {
+                    if self.queue().waiting.take().is_some() {
+                        info!("lazy restore: {} answers again", self.source.describe());
+                    }
+                    return true;
+                }
+                Err(FetchError::Fatal(msg)) => {
+                    self.fail(format!(
+                        "guest pages {first}+{} cannot be restored: {msg}",
+                        data.len() as u64 / PAGE_SIZE
+                    ));
+                    return false;
+                }
+                Err(FetchError::Transient(msg)) => {
+                    let why = format!(
+                        "guest pages {first}+{} wait for {}: {msg} (retrying every {backoff:?})",
+                        data.len() as u64 / PAGE_SIZE,
+                        self.source.describe()
+                    );
+                    let mut q = self.queue();
+                    if q.waiting.is_none() {
+                        warn!("lazy restore: {why}");
+                    }
+                    q.waiting = Some(why);
+                    let (q, _) = self
+                        .cond
+                        .wait_timeout_while(q, backoff, |q| !q.stop)
+                        .unwrap_or_else(|e| e.into_inner());
+                    if q.stop {
+                        return false;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// The fill cannot go on: record why, wake every waiter, and report it once.
+    fn fail(&self, msg: String) {
+        let full = format!("lazy restore from {} failed: {msg}", self.source.describe());
+        error!("{full}");
+        // Reported before any waiter learns of it, so whoever sees the error can count on
+        // the VMM stopping.
+        let cb = self
+            .on_fatal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(cb) = cb {
+            cb(full);
+        }
+        self.queue().error = Some(msg);
+        self.cond.notify_all();
+    }
+
+    /// Stop the filler thread and wait for it.
+    pub fn stop(&self) {
+        self.queue().stop = true;
+        self.cond.notify_all();
+        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = t {
+            if t.join().is_err() {
+                error!("the lazy fill thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for LazyFill {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl MissingSink for LazyFill {
+    fn demand(&self, page: u64) {
+        if page < self.pages {
+            self.push_demand(page, 1);
+        }
+    }
+}
+
+impl RamGate for LazyFill {
+    fn ensure(&self, first: u64, count: u64) -> Result<(), String> {
+        let end = first.saturating_add(count).min(self.pages);
+        if self.complete() || self.next_missing(first).is_none_or(|p| p >= end) {
+            return Ok(());
+        }
+        self.push_demand(first, end - first);
+        let mut q = self.queue();
+        loop {
+            if let Some(e) = &q.error {
+                return Err(e.clone());
+            }
+            if self.next_missing(first).is_none_or(|p| p >= end) {
+                return Ok(());
+            }
+            if q.stop {
+                return Err("the lazy fill was stopped".into());
+            }
+            q = self.cond.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::engine::{lock_pool, Engine};
+    use crate::snapshot::fault::HandlerOptions;
+    use pmem_backend::{PageRun, Pool, PoolError, PoolOptions, SnapshotKind};
+    use pmsnap_testenv::{poll_until, SharedMap};
+
+    /// The byte every byte of source page `p` holds.
+    fn byte(p: u64) -> u8 {
+        (p % 251) as u8 + 1
+    }
+
+    /// A source double: page p is all `byte(p)`; `fatal` pages fail for good, and the
+    /// first `transient` reads fail with a transient error.
+    #[derive(Default)]
+    struct TestSource {
+        fatal: Option<u64>,
+        transient: AtomicU64,
+        reads: AtomicU64,
+    }
+
+    impl PageSource for TestSource {
+        fn describe(&self) -> String {
+            "the test source".into()
+        }
+        fn read(&self, first: u64, out: &mut [u8]) -> Result<(), FetchError> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            let n = out.len() as u64 / PAGE_SIZE;
+            if self.fatal.is_some_and(|f| f >= first && f < first + n) {
+                return Err(FetchError::Fatal("pack 00ff is damaged".into()));
+            }
+            if self
+                .transient
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_sub(1))
+                .is_ok()
+            {
+                return Err(FetchError::Transient("storage timed out".into()));
+            }
+            for (i, page) in out.chunks_mut(PAGE_SIZE as usize).enumerate() {
+                page.fill(byte(first + i as u64));
+            }
+            Ok(())
+        }
+    }
+
+    struct Lazy {
+        _dir: tempfile::TempDir,
+        engine: Engine,
+        ram: Arc<SharedMap>,
+        fill: Arc<LazyFill>,
+        fatal: Arc<Mutex<Option<String>>>,
+    }
+
+    fn lazy(pages: u64, source: TestSource, background: bool) -> Lazy {
+        let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir on tmpfs");
+        let opts = PoolOptions {
+            lazy_ram: Some("the test source".into()),
+            ..PoolOptions::default()
+        };
+        let pool = Pool::create(dir.path().join("p.pool"), pages * 4096, opts).expect("pool");
+        let len = pool.ram_size() as usize;
+        let ram = Arc::new(SharedMap::new(pool.file(), pool.ram_offset(), len, true));
+        let prot = Arc::new(UffdProtector::with_ranges_lazy(&[(ram.as_ptr(), len)]).expect("uffd"));
+        let fatal = Arc::new(Mutex::new(None));
+        let f2 = fatal.clone();
+        let fill = LazyFill::new(
+            prot.clone(),
+            Arc::new(source),
+            FillOptions { background },
+            Box::new(move |msg| *f2.lock().expect("lock") = Some(msg)),
+        );
+        let engine = Engine::start_with(
+            Arc::new(Mutex::new(pool)),
+            prot,
+            Vec::new(),
+            HandlerOptions::default(),
+            Some(fill.clone()),
+        )
+        .expect("engine");
+        Lazy {
+            _dir: dir,
+            engine,
+            ram,
+            fill,
+            fatal,
+        }
+    }
+
+    /// One byte of guest page `p` read through the guest's (registered) mapping.
+    fn guest_byte(ram: &SharedMap, p: u64, off: usize) -> u8 {
+        // SAFETY: inside the mapping; a volatile read, as a vCPU's access would be.
+        unsafe { std::ptr::read_volatile(ram.as_ptr().add(p as usize * 4096 + off)) }
+    }
+
+    #[test]
+    fn touched_pages_arrive_first_and_the_rest_in_the_background() {
+        let l = lazy(512, TestSource::default(), true);
+        // Touched before the filler runs: the toucher waits in the kernel until then.
+        let toucher = {
+            let ram = l.ram.clone();
+            std::thread::spawn(move || guest_byte(&ram, 300, 17))
+        };
+        let queued = poll_until(Duration::from_secs(10), || {
+            (!l.fill.queue().demand.is_empty()).then_some(())
+        });
+        assert!(queued.is_some(), "the fault handler passed the touch on");
+        assert!(!l.fill.is_present(300), "nothing is filled before start");
+        l.fill.start().expect("start");
+        assert_eq!(toucher.join().expect("toucher"), byte(300));
+        assert!(poll_until(Duration::from_secs(10), || l.fill.complete().then_some(())).is_some());
+        for p in 0..512 {
+            assert_eq!(guest_byte(&l.ram, p, 4095), byte(p), "page {p}");
+        }
+        let s = l.fill.stats();
+        assert_eq!((s.pages, s.present), (512, 512));
+        assert!(s.complete && s.error.is_none());
+        assert!(s.demanded >= 1, "page 300 came on demand: {s:?}");
+        assert_eq!(s.demanded + s.background_pages + s.already_present, 512);
+        assert!(s.first_touch_p99_us >= s.first_touch_p50_us && s.first_touch_p50_us > 0);
+    }
+
+    #[test]
+    fn a_snapshot_taken_mid_fill_keeps_every_page() {
+        let l = lazy(256, TestSource::default(), false);
+        l.fill.start().expect("start");
+        assert_eq!(guest_byte(&l.ram, 3, 0), byte(3)); // present before the snapshot
+        l.engine
+            .snapshot(
+                "mid",
+                SnapshotKind::Pages,
+                &[PageRun::new(0, 256)],
+                Default::default(),
+            )
+            .expect("snapshot mid-fill");
+        // Page 3 is present and protected; page 100 is a hole whose protection must
+        // survive its fill: both are preserved before the write lands.
+        l.ram.fill_page(3, 0xee);
+        l.ram.fill_page(100, 0xee);
+        assert!(
+            !l.fill.complete(),
+            "on demand only: most pages are still holes"
+        );
+        let pool = lock_pool(l.engine.pool());
+        for p in [3u64, 100, 200, 255] {
+            let (_, data) = pool.read_snapshot_page("mid", p).expect("read");
+            assert!(data.iter().all(|&b| b == byte(p)), "snapshot page {p}");
+        }
+        assert!(
+            l.fill.is_present(200),
+            "the store's read brought page 200 in"
+        );
+        drop(pool);
+        assert_eq!(guest_byte(&l.ram, 3, 9), 0xee);
+        assert_eq!(guest_byte(&l.ram, 100, 9), 0xee);
+        assert!(lock_pool(l.engine.pool()).verify(|_, _| ()).is_clean());
+    }
+
+    #[test]
+    fn a_page_the_source_cannot_give_is_never_filled_with_anything_else() {
+        let src = TestSource {
+            fatal: Some(70),
+            ..TestSource::default()
+        };
+        let l = lazy(128, src, false);
+        l.fill.start().expect("start");
+        assert_eq!(guest_byte(&l.ram, 10, 0), byte(10));
+        let err = lock_pool(l.engine.pool())
+            .read_ram_page(70)
+            .expect_err("page 70 cannot be read");
+        assert!(
+            matches!(&err, PoolError::RamNotPresent { first: 70, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("pack 00ff is damaged"), "{err}");
+        assert!(!l.fill.is_present(70));
+        let fatal = l.fatal.lock().expect("lock").clone();
+        let fatal = fatal.expect("reported");
+        assert!(
+            fatal.contains("the test source") && fatal.contains("pack 00ff"),
+            "{fatal}"
+        );
+        assert!(l.fill.stats().error.is_some());
+    }
+
+    #[test]
+    fn transient_errors_are_retried_and_reported_meanwhile() {
+        let src = TestSource {
+            transient: AtomicU64::new(3),
+            ..TestSource::default()
+        };
+        let l = lazy(64, src, true);
+        l.fill.start().expect("start");
+        let waited = poll_until(Duration::from_secs(2), || l.fill.stats().waiting);
+        assert!(waited.is_some_and(|w| w.contains("storage timed out")));
+        assert!(poll_until(Duration::from_secs(10), || l.fill.complete().then_some(())).is_some());
+        assert!(l.fill.stats().waiting.is_none(), "cleared once it answers");
+        for p in 0..64 {
+            assert_eq!(guest_byte(&l.ram, p, 1), byte(p), "page {p}");
+        }
+    }
+}
