@@ -7,9 +7,9 @@
 //!
 //! - **On first access.** A vCPU (through KVM) or a device touching a hole blocks in the
 //!   kernel; the fault handler thread passes the page to [`LazyFill::demand`] and goes
-//!   on. The filler serves demands first: it reads the page (and the holes next to it in
-//!   an aligned 64 KiB window) and puts them in with `UFFDIO_COPY`, which wakes the
-//!   vCPU.
+//!   on. The filler serves demands first: it reads the page and puts it in with
+//!   `UFFDIO_COPY`, which wakes the vCPU; then the holes next to it in its aligned
+//!   64 KiB window, before the background fill goes on.
 //! - **In the background.** Between demands it fills the rest in page order, 256 KiB at
 //!   a time, until every page is present (unless started on demand only, as clones are).
 //! - **Before the store reads RAM.** The store reads guest pages through its own mapping
@@ -114,6 +114,9 @@ pub struct FillStats {
 struct Queue {
     /// Demanded runs (first page, count) with when they were asked for.
     demand: VecDeque<(u64, u64, Instant)>,
+    /// Holes next to a demanded page (its aligned window), read after the demands and
+    /// before the background fill.
+    prefetch: VecDeque<(u64, u64)>,
     /// Next page the background fill looks at.
     cursor: u64,
     stop: bool,
@@ -124,6 +127,24 @@ struct Queue {
     background_pages: u64,
     already_present: u64,
     done_at: Option<Duration>,
+}
+
+/// What a filler thread does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Pages something waits for (a vCPU, a device, the store).
+    Demand,
+    /// Read-ahead and the background fill.
+    Ahead,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Demand => "demand",
+            Role::Ahead => "ahead",
+        }
+    }
 }
 
 /// Called once with the error when the fill cannot go on.
@@ -145,7 +166,7 @@ pub struct LazyFill {
     started: Instant,
     on_fatal: Mutex<Option<OnFatal>>,
     on_complete: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for LazyFill {
@@ -180,7 +201,7 @@ impl LazyFill {
             started: Instant::now(),
             on_fatal: Mutex::new(Some(on_fatal)),
             on_complete: Mutex::new(None),
-            thread: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
         })
     }
 
@@ -190,16 +211,23 @@ impl LazyFill {
         *self.on_complete.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
 
-    /// Start the filler thread.
+    /// Start the filler threads: one serves pages something waits for, the other
+    /// reads ahead (the windows of touched pages, then the background fill), so a touch
+    /// never queues behind a read-ahead.
     pub fn start(self: &Arc<Self>) -> std::io::Result<()> {
-        let me = self.clone();
-        let t = std::thread::Builder::new()
-            .name("pmsnap-fill".into())
-            .spawn(move || {
-                crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Fill);
-                me.run();
-            })?;
-        *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+        for role in [Role::Demand, Role::Ahead] {
+            let me = self.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("pmsnap-fill-{}", role.name()))
+                .spawn(move || {
+                    crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Fill);
+                    me.run(role);
+                })?;
+            self.threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(t);
+        }
         Ok(())
     }
 
@@ -306,10 +334,10 @@ impl LazyFill {
         }
     }
 
-    /// The filler thread.
-    fn run(&self) {
+    /// A filler thread.
+    fn run(&self, role: Role) {
         let mut buf = vec![0u8; (BATCH * PAGE_SIZE) as usize];
-        while let Some((first, count, asked)) = self.next_job() {
+        while let Some((first, count, asked)) = self.next_job(role) {
             let data = &mut buf[..(count * PAGE_SIZE) as usize];
             if !self.fetch(first, data) {
                 return;
@@ -360,52 +388,66 @@ impl LazyFill {
         }
     }
 
-    /// The next run to fill: a demanded one first, else the next background batch.
-    /// Waits for work; `None` once stopped (or complete and nothing demanded).
-    fn next_job(&self) -> Option<(u64, u64, Option<Instant>)> {
+    /// The next run `role` fills: for [`Role::Demand`] a demanded one, for
+    /// [`Role::Ahead`] a window to read ahead or the next background batch. Waits for
+    /// work; `None` once stopped or failed.
+    fn next_job(&self, role: Role) -> Option<(u64, u64, Option<Instant>)> {
         let mut q = self.queue();
         loop {
             if q.stop || q.error.is_some() {
                 return None;
+            }
+            if role == Role::Ahead {
+                if let Some(job) = self.ahead_job(&mut q) {
+                    return Some(job);
+                }
+                q = self.cond.wait(q).unwrap_or_else(|e| e.into_inner());
+                continue;
             }
             while let Some((first, count, asked)) = q.demand.pop_front() {
                 let end = first + count;
                 let Some(p) = self.next_missing(first).filter(|&p| p < end) else {
                     continue;
                 };
-                // A single page brings the holes after it in its aligned window along.
-                let until = if count == 1 {
-                    ((p / WINDOW + 1) * WINDOW).min(self.pages)
-                } else {
-                    end
-                };
-                let n = self.hole_run(p, until, BATCH).max(1);
+                if count == 1 {
+                    // The page alone (its toucher waits), then the rest of its aligned
+                    // window: a guest that touched one page tends to touch the next.
+                    let until = ((p / WINDOW + 1) * WINDOW).min(self.pages);
+                    if p + 1 < until {
+                        q.prefetch.push_back((p + 1, until - p - 1));
+                    }
+                    return Some((p, 1, Some(asked)));
+                }
+                let n = self.hole_run(p, end, BATCH).max(1);
                 if p + n < end {
                     // The rest of a long run stays first in line.
                     q.demand.push_front((p + n, end - p - n, asked));
                 }
                 return Some((p, n, Some(asked)));
             }
-            if self.complete() {
-                // Nothing left to fill; demands can still come (a page the VMM wrote
-                // counts as present), so keep answering until stopped.
-                q = self.cond.wait(q).unwrap_or_else(|e| e.into_inner());
-                continue;
-            }
-            if self.background {
-                if let Some(p) = self.next_missing(q.cursor) {
-                    let n = self.hole_run(p, self.pages, BATCH);
-                    q.cursor = p + n;
-                    return Some((p, n, None));
-                }
-                if q.cursor > 0 {
-                    // Wrap: pages before the cursor that a demand skipped.
-                    q.cursor = 0;
-                    continue;
-                }
-            }
             q = self.cond.wait(q).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// A read-ahead job: the rest of a touched page's window, else the next background
+    /// batch (when filling in the background).
+    fn ahead_job(&self, q: &mut Queue) -> Option<(u64, u64, Option<Instant>)> {
+        while let Some((first, count)) = q.prefetch.pop_front() {
+            let end = first + count;
+            if let Some(p) = self.next_missing(first).filter(|&p| p < end) {
+                return Some((p, self.hole_run(p, end, BATCH).max(1), None));
+            }
+        }
+        if !self.background || self.complete() {
+            return None;
+        }
+        let p = self.next_missing(q.cursor).or_else(|| {
+            // Wrap: pages before the cursor that a demand skipped.
+            self.next_missing(0)
+        })?;
+        let n = self.hole_run(p, self.pages, BATCH);
+        q.cursor = p + n;
+        Some((p, n, None))
     }
 
     /// Read pages into `data`, retrying transient errors with backoff until stopped.
@@ -469,14 +511,14 @@ impl LazyFill {
         self.cond.notify_all();
     }
 
-    /// Stop the filler thread and wait for it.
+    /// Stop the filler threads and wait for them.
     pub fn stop(&self) {
         self.queue().stop = true;
         self.cond.notify_all();
-        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = t {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
             if t.join().is_err() {
-                error!("the lazy fill thread panicked");
+                error!("a lazy fill thread panicked");
             }
         }
     }
