@@ -135,6 +135,9 @@ pub struct Pool {
     prefault: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
     /// Called before any read of RAM while RAM may have holes (see [`RamGate`]).
     ram_gate: Option<Arc<dyn RamGate>>,
+    /// Metadata and blocks still to be allocated, by the pre-fault thread (a pool
+    /// created with `lazy_ram`).
+    reserve_pending: bool,
 }
 
 impl Drop for Pool {
@@ -228,6 +231,29 @@ fn allocate(file: &File, off: u64, len: u64) -> std::io::Result<()> {
     }
 }
 
+/// Fail now if the file system holding `file` has less than `bytes` free (a pool whose
+/// space is allocated later, see [`PoolOptions::lazy_ram`]).
+fn check_free_space(file: &File, bytes: u64, path: &Path) -> Result<()> {
+    // SAFETY: a zeroed statvfs is a valid out-buffer; fstatvfs fills it from a valid fd.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd owned by `file`, valid pointer to `st` for the call.
+    if unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(io_err("checking free space for", path)(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if free < bytes {
+        return Err(PoolError::InvalidArgument(format!(
+            "{} has {} MiB free; the pool needs {} MiB",
+            path.display(),
+            free >> 20,
+            bytes >> 20
+        )));
+    }
+    Ok(())
+}
+
 /// Allocate the whole file of a new pool (see `allocate`).
 fn reserve_space(file: &File, size: u64, path: &Path) -> Result<()> {
     allocate(file, 0, size).map_err(io_err("reserving space for", path))
@@ -273,11 +299,10 @@ impl Pool {
         if let Some(source) = &options.lazy_ram {
             std::fs::write(filling_marker(path), format!("{source}\n"))
                 .map_err(io_err("writing the fill marker of", path))?;
-            // Everything but RAM: metadata and log before it, blocks after it.
-            reserve_space(&file, geo.ram_offset, path)?;
-            let blocks = geo.file_size - geo.block_offset;
-            allocate(&file, geo.block_offset, blocks)
-                .map_err(io_err("reserving space for", path))?;
+            // Allocating metadata and blocks is O(RAM) (a block per RAM page by default):
+            // a lazy restore must not wait for it before its vCPUs run. The space is
+            // checked now and allocated by the pre-fault thread (`start_prefault`).
+            check_free_space(&file, geo.file_size, path)?;
         } else {
             reserve_space(&file, geo.file_size, path)?;
         }
@@ -290,13 +315,16 @@ impl Pool {
             created_unix_ns: now_ns(),
         };
         let mut pool = Pool::assemble(path, file, map, options.persist, sb);
+        pool.reserve_pending = options.lazy_ram.is_some();
         // Generations 1 and 2: the empty catalog, committed like any other, twice so that
         // both superblock copies are valid from the start (and byte 0 holds the magic).
         pool.commit(None, None, 1)?;
         pool.commit(None, None, 1)?;
         // A new pool is about to get its guest: pre-fault at once (`open` leaves it to
-        // the caller, see `start_prefault`).
-        pool.start_prefault();
+        // the caller, see `start_prefault`). A lazy restore starts it once its vCPUs run.
+        if options.lazy_ram.is_none() {
+            pool.start_prefault();
+        }
         Ok(pool)
     }
 
@@ -322,6 +350,21 @@ impl Pool {
         let geo = self.geo;
         let (bg, stop) = (self.map.clone(), Arc::new(AtomicBool::new(false)));
         let bg_stop = stop.clone();
+        // A lazily created pool allocates its metadata and blocks here, first.
+        let reserve = match self.reserve_pending {
+            true => match self.file.try_clone() {
+                Ok(f) => Some((f, self.path.clone())),
+                Err(e) => {
+                    log::error!(
+                        "cannot allocate the block area of {}: {e}",
+                        self.path.display()
+                    );
+                    None
+                }
+            },
+            false => None,
+        };
+        self.reserve_pending = false;
         let spawned = std::thread::Builder::new()
             .name("pmsnap-prefault".into())
             .spawn(move || {
@@ -331,6 +374,21 @@ impl Pool {
                 // SAFETY: plain syscall on this thread (who 0 = the calling thread).
                 if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0 {
                     log::debug!("pre-fault thread keeps its priority");
+                }
+                if let Some((file, path)) = reserve {
+                    let blocks = geo.file_size - geo.block_offset;
+                    let res = allocate(&file, 0, geo.ram_offset)
+                        .and_then(|()| allocate(&file, geo.block_offset, blocks));
+                    if let Err(e) = res {
+                        // Checked free at creation: only another user of the file
+                        // system can have taken the space since.
+                        log::error!(
+                            "allocating the metadata and block area of {} failed: {e}; \
+                             a preserve into an unallocated block fails if the file system \
+                             stays full",
+                            path.display()
+                        );
+                    }
                 }
                 populate_until_stopped(&bg, 0, geo.ram_offset, &bg_stop);
                 let blocks = geo.file_size - geo.block_offset;
@@ -381,6 +439,7 @@ impl Pool {
             recovery: RecoveryReport::default(),
             prefault: None,
             ram_gate: None,
+            reserve_pending: false,
         }
     }
 
@@ -486,6 +545,71 @@ impl Pool {
 mod tests {
     use super::*;
     use crate::testutil::{small_pool, tmpdir};
+
+    /// Bytes of `[off, off + len)` of `file` that hold data (not holes), by SEEK_DATA.
+    fn data_bytes(file: &File, off: u64, len: u64) -> u64 {
+        let fd = file.as_raw_fd();
+        let (mut at, end, mut n) = (off as i64, (off + len) as i64, 0u64);
+        while at < end {
+            // SAFETY: lseek on a valid fd; no memory is passed.
+            let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+            if data < 0 || data >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) }.min(end);
+            n += (hole - data) as u64;
+            at = hole;
+        }
+        n
+    }
+
+    #[test]
+    fn a_lazy_pool_leaves_ram_as_holes_and_is_refused_until_complete() {
+        let d = tempfile::tempdir_in("/dev/shm").expect("tmpdir on tmpfs");
+        let path = d.path().join("lazy.pool");
+        let opts = PoolOptions {
+            lazy_ram: Some("snapshot s in repository /r".into()),
+            ..PoolOptions::default()
+        };
+        let mut pool = Pool::create(&path, 256 * 4096, opts).expect("create");
+        let geo = pool.geometry();
+        assert_eq!(
+            data_bytes(pool.file(), geo.ram_offset, geo.ram_size),
+            0,
+            "RAM is holes"
+        );
+        // Allocated pages (fallocated ones included, which SEEK_DATA calls holes).
+        let allocated = |f: &File| {
+            use std::os::unix::fs::MetadataExt;
+            f.metadata().expect("stat").blocks() * 512
+        };
+        let outside_ram = geo.ram_offset + (geo.file_size - geo.block_offset);
+        assert!(
+            allocated(pool.file()) < outside_ram / 2,
+            "nothing allocated up front"
+        );
+        pool.start_prefault();
+        pool.stop_prefault();
+        let held = allocated(pool.file());
+        assert!(
+            held == outside_ram,
+            "the pre-fault thread allocated metadata and blocks, not RAM: {held} bytes"
+        );
+        assert_eq!(
+            data_bytes(pool.file(), geo.ram_offset, geo.ram_size),
+            0,
+            "RAM still holes"
+        );
+        drop(pool);
+        let err = Pool::open(&path).expect_err("refused while filling");
+        assert!(
+            matches!(&err, PoolError::RamIncomplete { from, .. } if from.contains("repository /r")),
+            "{err}"
+        );
+        mark_ram_complete(&path).expect("complete");
+        Pool::open(&path).expect("opens once complete");
+    }
 
     #[test]
     fn pool_can_be_shared_between_threads() {

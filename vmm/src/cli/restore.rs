@@ -207,10 +207,12 @@ fn run_lazy(args: &RestoreArgs, name: &str, dir: &Path, started: Instant) -> Res
         lazy_ram: Some(source.describe()),
         ..PoolOptions::default()
     };
+    log::debug!("repository read after {:?}", started.elapsed());
     let pool = Pool::create(&args.pool, mem_bytes, options).map_err(context(format!(
         "cannot create pool {}",
         args.pool.display()
     )))?;
+    log::debug!("pool created after {:?}", started.elapsed());
     // Until the guest state is in, a failure leaves no half-made pool behind.
     let mut cleanup = RemoveOnError(Some(args.pool.clone()));
     let mut event_loop = EventLoop::new()?;
