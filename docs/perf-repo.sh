@@ -28,7 +28,7 @@ ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
 guest() {
   local pool=$1
   rm -f "$pool" "$W/in" "$W/out"; mkfifo "$W/in"; sleep 100000 > "$W/in" & HOLD=$!
-  "$BIN" run --mem "$MEM" --pool "$pool" --api-sock "$W/api" < "$W/in" > "$W/out" 2> "$W/err" & VMM=$!
+  "$BIN" run --no-template --mem "$MEM" --pool "$pool" --api-sock "$W/api" < "$W/in" > "$W/out" 2> "$W/err" & VMM=$!
   wait_out "$W/out" "pmsnap-guest: ready" 600 || { echo "no boot"; cat "$W/err"; exit 1; }
   sleep 2
   "$BIN" ctl --api-sock "$W/api" snapshot-vm s1 > /dev/null

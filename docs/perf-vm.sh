@@ -36,7 +36,7 @@ for MEM in "$@"; do
   MIB=$(( $(numfmt --from=iec "$MEM") >> 20 )); PAGES=$(( MIB * 256 ))
   POOL=/dev/shm/pmsnap-perf-$MIB.pool; rm -f "$POOL" "$W"/*
   mkfifo "$W/in"; sleep 100000 > "$W/in" & HOLD=$!
-  "$BIN" run --mem "$MEM" --pool "$POOL" --api-sock "$W/api" < "$W/in" > "$W/out" 2> "$W/err" & VMM=$!
+  "$BIN" run --no-template --mem "$MEM" --pool "$POOL" --api-sock "$W/api" < "$W/in" > "$W/out" 2> "$W/err" & VMM=$!
   wait_out "$W/out" "pmsnap-guest: ready" 600 || { echo "no boot"; cat "$W/err"; exit 1; }
   sleep 3
   CTL="$BIN ctl --api-sock $W/api --json"

@@ -140,10 +140,17 @@ impl RunOutput {
     }
 }
 
+/// Every `pmsnap` a test starts runs with this unless the test sets it otherwise:
+/// `pmsnap run` neither starts from nor keeps a ready template (a guest started from one
+/// does not print its ready line, which most tests wait for).
+pub const NO_TEMPLATE: (&str, &str) = ("PMSNAP_NO_TEMPLATE", "1");
+
 /// Run `pmsnap <args>` to completion with stdin closed.
 pub fn run_pmsnap(args: &[&str], env: &[(&str, &str)]) -> RunOutput {
     let child = Command::new(pmsnap_bin())
         .args(args)
+        // Guests boot unless a test asks for templates (see `NO_TEMPLATE`).
+        .env(NO_TEMPLATE.0, NO_TEMPLATE.1)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -208,6 +215,7 @@ impl Guest {
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(pmsnap_bin())
             .args(args)
+            .env(NO_TEMPLATE.0, NO_TEMPLATE.1)
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -466,3 +466,105 @@ fn stdin_eof_keeps_the_guest_running_and_sigterm_cleans_up() {
     );
     assert!(leftover_pools(pid).is_empty(), "pool removed on SIGTERM");
 }
+
+/// Wait until `g`'s log holds `needle`.
+fn wait_stderr(g: &Guest, needle: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if g.stderr().contains(needle) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Instant start: the first `pmsnap run` of an image boots and keeps its ready state as
+/// a template; the next run of the same image starts from it (a lazy restore) and its
+/// shell answers at once; `--cold` would boot again.
+#[test]
+fn a_second_run_of_an_image_starts_from_its_ready_template() {
+    require_kvm!("a_second_run_of_an_image_starts_from_its_ready_template");
+    let (kernel, initrd) = image();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let templates = dir.path().join("templates");
+    let args = [
+        "run",
+        "--mem",
+        "128M",
+        "--kernel",
+        s(&kernel),
+        "--initrd",
+        s(&initrd),
+    ];
+    let env = [
+        ("PMSNAP_NO_TEMPLATE", "false"),
+        ("PMSNAP_TEMPLATE_DIR", s(&templates)),
+    ];
+    let mut cold = Guest::spawn(&args, &env);
+    assert!(
+        cold.wait_for(0, "pmsnap-guest: ready", READY_TIMEOUT)
+            .is_some(),
+        "no ready line:\n{}\n{}",
+        cold.output(),
+        cold.stderr()
+    );
+    let boot = cold.started.elapsed();
+    assert!(
+        wait_stderr(
+            &cold,
+            "kept the guest's ready state as template",
+            Duration::from_secs(120)
+        ),
+        "no template kept:\n{}",
+        cold.stderr()
+    );
+    assert!(
+        cold.sync_shell(Duration::from_secs(120)),
+        "{}",
+        cold.output()
+    );
+    cold.send_line("poweroff -f");
+    let st = cold
+        .wait_exit(Duration::from_secs(120))
+        .expect("cold VMM ends");
+    assert_eq!(st.code(), Some(0), "{}", cold.stderr());
+
+    let mut warm = Guest::spawn(&args, &env);
+    assert!(
+        wait_stderr(
+            &warm,
+            "starting from the ready template",
+            Duration::from_secs(30)
+        ),
+        "not started from the template:\n{}",
+        warm.stderr()
+    );
+    assert!(
+        warm.sync_shell(Duration::from_secs(120)),
+        "{}",
+        warm.output()
+    );
+    let shell = warm.started.elapsed();
+    eprintln!("cold boot to the ready line: {boot:?}; from the template to a shell that answers: {shell:?}");
+    let (out, rc) = warm
+        .run(
+            "cat /proc/cpuinfo | grep -c ^processor",
+            Duration::from_secs(60),
+        )
+        .expect("command answers");
+    assert_eq!((out.trim(), rc), ("2", 0), "{}", warm.output());
+    assert!(
+        !warm.output().contains("pmsnap-guest: ready"),
+        "it did not boot"
+    );
+    warm.send_line("poweroff -f");
+    let st = warm
+        .wait_exit(Duration::from_secs(120))
+        .expect("warm VMM ends");
+    assert_eq!(st.code(), Some(0), "{}", warm.stderr());
+    assert!(
+        !wait_stderr(&warm, "kept the guest's ready state", Duration::ZERO),
+        "a run from the template keeps no new one"
+    );
+}

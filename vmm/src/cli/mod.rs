@@ -7,6 +7,7 @@ pub mod repo;
 pub mod restore;
 pub mod run;
 pub mod store;
+pub mod template;
 
 /// The text after the commands in `pmsnap --help`.
 const AFTER_HELP: &str = "Environment: PMSNAP_API_SOCK sets --api-sock (run, restore, ctl); \

@@ -15,6 +15,9 @@ use crate::event_loop::EventLoop;
 use crate::payload::{PayloadProgress, PROGRESS_PORT};
 use crate::pool_dir;
 
+use super::restore::{FillMode, RestoreArgs};
+use super::template::{self, Template};
+
 /// Arguments of `pmsnap run`.
 #[derive(Debug, Args)]
 #[command(after_help = after_help())]
@@ -85,6 +88,29 @@ pub struct RunArgs {
     /// docs/machine-notes.md.
     #[arg(long, value_name = "N")]
     pub pool_node: Option<u32>,
+    /// Boot the kernel even when a ready template of this image exists (and keep the
+    /// new ready state as the template).
+    #[arg(long)]
+    pub cold: bool,
+    /// Repository of ready templates: the first run of an image keeps its booted
+    /// `ready` state there, later runs of the same image, RAM, vCPUs and command line
+    /// start from it. [default: $XDG_CACHE_HOME/pmsnap/templates, else
+    /// ~/.cache/pmsnap/templates]
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "PMSNAP_TEMPLATE_DIR",
+        conflicts_with = "payload"
+    )]
+    pub template_dir: Option<PathBuf>,
+    /// Neither start from a template nor keep one (for scripts that wait for the
+    /// guest's `ready` line: a guest started from a template does not print it again).
+    #[arg(
+        long,
+        env = "PMSNAP_NO_TEMPLATE",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub no_template: bool,
     /// Run without the per-thread seccomp filters (to debug a VMM stopped by "forbidden
     /// system call"; see docs/security.md).
     #[arg(long)]
@@ -97,15 +123,29 @@ pub struct RunArgs {
 /// The line the default image's init prints when the guest is up.
 const READY_MARKER: &[u8] = b"pmsnap-guest: ready";
 
-fn snapshot_when_ready(
-    ready: &std::sync::mpsc::Receiver<()>,
-    engine: &crate::snapshot::engine::Engine,
-    name: &str,
-    pages: u64,
-) {
-    if ready.recv().is_err() {
-        return; // the VM ended first
+/// `pmsnap restore --from TEMPLATE-REPO` arguments for a `pmsnap run` that starts from
+/// template `t` (the same pool, sockets, limits and ids).
+fn from_template(args: &RunArgs, cfg: &VmConfig, t: &Template) -> RestoreArgs {
+    RestoreArgs {
+        snapshot: Some(t.name.clone()),
+        snapshot_flag: None,
+        pool: cfg.pool.clone(),
+        from: Some(t.repo.clone()),
+        fill: FillMode::Background,
+        block_area: cfg.block_area,
+        mem: Some(cfg.mem_bytes),
+        vcpus: Some(cfg.vcpus),
+        api_sock: args.api_sock.clone(),
+        vsock_sock: args.vsock_sock.clone(),
+        paused: false,
+        guest: args.guest,
+        no_seccomp: args.no_seccomp,
+        ids: args.ids,
     }
+}
+
+/// `--snapshot-at-ready`: a page snapshot of all of RAM.
+fn snapshot_at_ready(engine: &crate::snapshot::engine::Engine, name: &str, pages: u64) {
     let t = std::time::Instant::now();
     let res = engine.snapshot(
         name,
@@ -134,6 +174,8 @@ struct TempPool(Option<PathBuf>);
 impl Drop for TempPool {
     fn drop(&mut self) {
         if let Some(p) = &self.0 {
+            // A pool started from a template may still be filling: its marker goes too.
+            let _ = pmem_backend::mark_ram_complete(p);
             if let Err(e) = std::fs::remove_file(p) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     log::warn!("cannot remove pool {}: {e}", p.display());
@@ -240,6 +282,36 @@ pub fn run(args: RunArgs) -> Result<i32> {
     }
     // Removal armed only for a pool we create; it must not exist before (fresh name).
     let _pool_guard = TempPool(remove.then(|| cfg.pool.clone()));
+    // Instant start: a Linux guest of an image booted before starts from its template.
+    let template = match (&args.payload, args.no_template) {
+        (None, false) => {
+            let dir = args
+                .template_dir
+                .clone()
+                .unwrap_or_else(template::default_dir);
+            match Template::for_run(&cfg, args.vsock_sock.is_some(), &dir) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    log::warn!("no ready template (cannot identify the image: {e}); booting");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    if let Some(t) = &template {
+        // --snapshot-at-ready needs the guest to say it is ready: it boots.
+        let boot = args.cold || args.snapshot_at_ready.is_some();
+        if !boot && !cfg.pool.exists() && t.exists() {
+            log::info!(
+                "starting from the ready template {:?} in {} instead of booting \
+                 (--cold boots)",
+                t.name,
+                t.repo.display()
+            );
+            return super::restore::run(from_template(&args, &cfg, t));
+        }
+    }
     let started = std::time::Instant::now();
 
     let mut event_loop = EventLoop::new()?;
@@ -268,18 +340,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
             b
         }
     };
-    let engine = builder.engine().clone();
     if let Some(path) = &args.vsock_sock {
         builder.add_vsock(path, args.guest.limits())?;
-    }
-    if let Some(name) = args.snapshot_at_ready.clone() {
-        let pages = cfg.mem_bytes / 4096;
-        std::thread::Builder::new()
-            .name("pmsnap-ready".into())
-            .spawn(move || {
-                crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Api);
-                snapshot_when_ready(&ready_rx, &engine, &name, pages)
-            })?;
     }
     let built = builder.build()?;
     if temporary && args.keep_pool {
@@ -289,6 +351,28 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let _raw = RawModeGuard::new(0)?;
     log::debug!("starting {} vCPUs after {:?}", cfg.vcpus, started.elapsed());
     let mut running = built.start(&event_loop.stop_notifier()?)?;
+    // What happens when the guest says it is ready (a Linux boot): the snapshot asked
+    // for, and the template kept for the next run.
+    let at_ready = (args.snapshot_at_ready.clone(), template);
+    if args.payload.is_none() && (at_ready.0.is_some() || at_ready.1.is_some()) {
+        let controller = running.controller().clone();
+        let engine = running.engine().clone();
+        let pages = cfg.mem_bytes / 4096;
+        std::thread::Builder::new()
+            .name("pmsnap-ready".into())
+            .spawn(move || {
+                crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Api);
+                if ready_rx.recv().is_err() {
+                    return; // the VM ended first
+                }
+                if let Some(name) = &at_ready.0 {
+                    snapshot_at_ready(&engine, name, pages);
+                }
+                if let Some(t) = &at_ready.1 {
+                    t.save(&controller);
+                }
+            })?;
+    }
     super::serve_devices(&mut event_loop, &mut running)?;
     // Served once the vCPUs and state capture exist, so a client that sees the socket
     // can pause, resume or snapshot at once.

@@ -215,19 +215,35 @@ impl LazyFill {
     /// reads ahead (the windows of touched pages, then the background fill), so a touch
     /// never queues behind a read-ahead.
     pub fn start(self: &Arc<Self>) -> std::io::Result<()> {
-        for role in [Role::Demand, Role::Ahead] {
-            let me = self.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("pmsnap-fill-{}", role.name()))
-                .spawn(move || {
-                    crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Fill);
-                    me.run(role);
-                })?;
-            self.threads
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(t);
-        }
+        self.start_demand()?;
+        self.start_ahead()
+    }
+
+    /// Start the thread that serves touched pages. It must run before anything can
+    /// touch guest RAM: restoring vCPU state already does (KVM writes the kvm-clock
+    /// page), and would wait for it forever.
+    pub fn start_demand(self: &Arc<Self>) -> std::io::Result<()> {
+        self.spawn(Role::Demand)
+    }
+
+    /// Start the read-ahead and background thread (once the vCPUs run, so that it does
+    /// not compete with getting them running).
+    pub fn start_ahead(self: &Arc<Self>) -> std::io::Result<()> {
+        self.spawn(Role::Ahead)
+    }
+
+    fn spawn(self: &Arc<Self>, role: Role) -> std::io::Result<()> {
+        let me = self.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("pmsnap-fill-{}", role.name()))
+            .spawn(move || {
+                crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Fill);
+                me.run(role);
+            })?;
+        self.threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(t);
         Ok(())
     }
 
