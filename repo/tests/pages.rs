@@ -26,13 +26,13 @@ fn a_range_reads_what_single_pages_read_and_damage_is_named() {
     let mut mid = vec![0u8; 37 * PAGE_SIZE];
     repo.read_pages(&m, 101, &mut mid).unwrap();
     assert!(mid[..] == all[101 * PAGE_SIZE..138 * PAGE_SIZE]);
-    let outside = repo.read_pages(&m, 599, &mut vec![0u8; 2 * PAGE_SIZE]);
+    let outside = repo.read_pages(&m, 599, &mut [0u8; 2 * PAGE_SIZE]);
     assert!(
         matches!(outside, Err(RepoError::NoSuchPage { page: 600, .. })),
         "{outside:?}"
     );
     assert!(
-        repo.read_pages(&m, 0, &mut vec![0u8; 100]).is_err(),
+        repo.read_pages(&m, 0, &mut [0u8; 100]).is_err(),
         "not whole pages"
     );
 
