@@ -68,6 +68,28 @@ for MEM in $MEMS; do
   for _ in 1 2 3; do lazy_restore "$MEM"; done
   rm -rf "${REPO:?}/$MEM"
 done
+# `pmsnap run` to a shell that answers: a cold boot (which keeps the ready template)
+# against a run from that template.
+to_shell() { # tag; prints ms from start to the shell's answer
+  local tag=$1 t0; rm -f "$W/$tag.in" "$W/$tag.out"; mkfifo "$W/$tag.in"
+  sleep 100000 > "$W/$tag.in" & local hold=$!
+  t0=$(date +%s%N)
+  PMSNAP_TEMPLATE_DIR=$W/templates "$BIN" run --mem 256M < "$W/$tag.in" > "$W/$tag.out" 2> "$W/$tag.err" & local vmm=$!
+  exec 9> "$W/$tag.in"
+  for _ in $(seq 1 9000); do
+    echo 'echo shell-$((40+2))' >&9
+    if grep -q "shell-42" "$W/$tag.out"; then break; fi
+    sleep 0.1
+  done
+  echo "$(ms_since "$t0")"
+  if [ "$tag" = cold ]; then wait_out "$W/$tag.err" "kept the guest's ready state" 300 || true; fi
+  echo 'poweroff -f' >&9; exec 9>&-
+  wait "$vmm" 2>/dev/null || true; kill "$hold" 2>/dev/null || true
+}
+COLD_MS=$(to_shell cold)
+WARM_MS=$(to_shell warm)
+grep -q "starting from the ready template" "$W/warm.err" || { echo "the second run did not start from the template"; cat "$W/warm.err"; exit 1; }
+echo "pmsnap run, 256 MiB, start to a shell that answers: cold boot $COLD_MS ms, from the ready template $WARM_MS ms (ratio $(python3 -c "print(round($WARM_MS/$COLD_MS, 3))"))"
 # 8 clones of a 256 MiB guest, on demand only, side by side.
 exported_guest 256M
 PIDS=()
