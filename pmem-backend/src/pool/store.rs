@@ -4,7 +4,7 @@
 
 use super::{now_ns, Pool};
 use crate::catalog::{
-    validate_name, validate_owned_name, BlobRef, Snapshot, MAX_LABELS, MAX_VALUE_LEN,
+    validate_name, validate_owned_name, BlobRef, Redirect, Snapshot, MAX_LABELS, MAX_VALUE_LEN,
 };
 use crate::error::{PoolError, Result};
 use crate::redirect_log::LogRecord;
@@ -152,7 +152,7 @@ impl Pool {
         F: FnOnce(&[PageRun]) -> std::result::Result<(), ProtectError>,
     {
         validate_owned_name(meta.owner, name).map_err(invalid)?;
-        if self.snapshots.iter().any(|s| s.name == name) {
+        if self.names.contains_key(name) {
             return Err(PoolError::DuplicateName(name.to_string()));
         }
         validate_meta(kind, runs, &meta)?;
@@ -206,7 +206,8 @@ impl Pool {
         }
         self.next_id = next_id;
         let id = snap.id;
-        self.snapshots.push(snap);
+        self.names.insert(snap.name.clone(), id);
+        self.snapshots.insert(id, snap);
         Ok(id)
     }
 
@@ -278,37 +279,43 @@ impl Pool {
         }
     }
 
-    /// Point every snapshot that references RAM(p) at block b (in memory only).
+    /// Point every snapshot that references RAM(p) at block b (in memory only), and
+    /// keep the redirect for the next commit's delta.
     pub(super) fn apply_redirect(&mut self, p: u64, b: u32, crc: u32) {
         let mut n = 0;
-        for s in &mut self.snapshots {
+        for s in self.snapshots.values_mut() {
             if s.covers(p) && !s.redirects.contains_key(&p) {
                 s.redirects.insert(p, b);
                 n += 1;
             }
         }
         self.index.apply_redirect(p, b, crc, n);
+        self.pending.push(Redirect {
+            page: p,
+            block: b,
+            crc,
+        });
     }
 
     /// Delete a snapshot: drop its references durably, free blocks nobody else uses,
     /// and return the RAM pages that are no longer protected (as runs).
     pub fn delete<'a>(&mut self, sel: impl Into<SnapshotSel<'a>>) -> Result<Vec<PageRun>> {
-        let idx = self.find(sel.into())?;
-        let id = self.snapshots[idx].id;
+        let id = self.find(sel.into())?;
         self.commit(None, Some(id), self.next_id)?;
-        let s = self.snapshots.remove(idx);
+        let s = self.snapshots.remove(&id).expect("found above");
+        self.names.remove(&s.name);
         Ok(self.index.release(&s))
     }
 
     /// Reclaim anything unreferenced: recompute page and block usage from the snapshots,
-    /// free what nothing references, compact the redirect log into a new generation, and
-    /// report. (Block usage is derived from references at open, so blocks written by an
+    /// free what nothing references, compact the redirect log and every delta into a new
+    /// checkpoint (the whole catalog, in the other metadata slot), and report. (Block usage is derived from references at open, so blocks written by an
     /// operation a crash interrupted are already free after reopening; gc is the sweep
     /// that proves it and compacts.)
     pub fn gc(&mut self) -> Result<GcReport> {
         let compacted = u64::from(self.log_tail);
-        self.commit(None, None, self.next_id)?;
-        let (pages_unprotected, blocks_reclaimed) = self.index.recount(&self.snapshots);
+        self.commit_geo(None, None, self.next_id, self.geo, true)?;
+        let (pages_unprotected, blocks_reclaimed) = self.index.recount(self.snapshots.values());
         Ok(GcReport {
             blocks_reclaimed,
             pages_unprotected,
