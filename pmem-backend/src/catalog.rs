@@ -131,6 +131,31 @@ impl Snapshot {
         self.page_set.iter().flat_map(|r| r.first..r.end())
     }
 
+    /// Bytes [`Self::encode`] writes (in the current version; at most that in older ones).
+    fn encoded_len(&self) -> usize {
+        let str16 = |s: &str| 2 + s.len();
+        8 + 1
+            + 1
+            + str16(&self.name)
+            + 8
+            + 5
+            + self.process.as_ref().map_or(0, |p| 4 + str16(&p.comm))
+            + 4
+            + self
+                .labels
+                .iter()
+                .map(|(k, v)| str16(k) + str16(v))
+                .sum::<usize>()
+            + 4
+            + 24 * self.runs.len()
+            + 4
+            + 12 * self.redirects.len()
+            + 8
+            + 4
+            + 4
+            + 4 * self.blob.blocks.len()
+    }
+
     fn encode(&self, w: &mut Writer, version: u32) {
         w.u64(self.id);
         w.u8(self.kind.code());
@@ -290,15 +315,26 @@ pub struct Catalog {
     pub block_crcs: BTreeMap<u32, u32>,
 }
 
-fn push_record(w: &mut Writer, kind: u32, payload: &[u8]) {
+/// Start a record in `w`: room for its header, filled in by [`end_record`] once the
+/// payload that follows is written (in place: a checkpoint of millions of redirects is
+/// not copied from buffer to buffer).
+fn begin_record(w: &mut Writer) -> usize {
+    let at = w.buf.len();
+    w.buf.resize(at + RECORD_HEADER_LEN, 0);
+    at
+}
+
+/// Fill in the header of the record begun at `at`: its type, the payload written since,
+/// and their checksums.
+fn end_record(w: &mut Writer, at: usize, kind: u32) {
+    let payload = &w.buf[at + RECORD_HEADER_LEN..];
     let mut h = Writer::with_capacity(RECORD_HEADER_LEN);
     h.u32(kind);
     h.u32(u32::try_from(payload.len()).expect("catalog records are bounded by the metadata slot"));
     h.u32(crc32c::crc32c(payload));
     let hc = crc32c::crc32c(&h.buf);
     h.u32(hc);
-    w.bytes(&h.buf);
-    w.bytes(payload);
+    w.buf[at..at + RECORD_HEADER_LEN].copy_from_slice(&h.buf);
 }
 
 /// Encode a catalog from its parts (borrowed, so commits don't clone snapshots).
@@ -325,33 +361,37 @@ pub(crate) fn encode_version<'a>(
     snapshots: impl Iterator<Item = &'a Snapshot>,
     block_crcs: impl ExactSizeIterator<Item = (u32, u32)>,
 ) -> Vec<u8> {
-    let mut body = Writer::default();
-    let mut count = 0u32;
-    let mut p = Writer::with_capacity(4 + block_crcs.len() * 8);
-    p.u32(block_crcs.len() as u32);
+    let mut w = Writer::with_capacity(
+        CATALOG_HEADER_LEN + RECORD_HEADER_LEN + 4 + block_crcs.len() * 8 + (1 << 16),
+    );
+    w.buf.resize(CATALOG_HEADER_LEN, 0);
+    let at = begin_record(&mut w);
+    w.u32(block_crcs.len() as u32);
     for (b, c) in block_crcs {
-        p.u32(b);
-        p.u32(c);
+        w.u32(b);
+        w.u32(c);
     }
-    push_record(&mut body, REC_BLOCK_TABLE, &p.buf);
-    count += 1;
+    end_record(&mut w, at, REC_BLOCK_TABLE);
+    let mut count = 1u32;
     for s in snapshots {
-        let mut p = Writer::default();
-        s.encode(&mut p, version);
-        push_record(&mut body, REC_SNAPSHOT, &p.buf);
+        w.buf.reserve(RECORD_HEADER_LEN + s.encoded_len());
+        let at = begin_record(&mut w);
+        s.encode(&mut w, version);
+        end_record(&mut w, at, REC_SNAPSHOT);
         count += 1;
     }
-    let mut w = Writer::with_capacity(CATALOG_HEADER_LEN + body.buf.len());
-    w.bytes(&CATALOG_MAGIC);
-    w.u32(version);
-    w.u32(count);
-    w.u64(generation);
-    w.u64(next_snapshot_id);
-    w.u64(body.buf.len() as u64);
-    w.buf.resize(60, 0);
-    let crc = crc32c::crc32c(&w.buf);
-    w.u32(crc);
-    w.bytes(&body.buf);
+    let body_len = (w.buf.len() - CATALOG_HEADER_LEN) as u64;
+    let mut h = Writer::with_capacity(CATALOG_HEADER_LEN);
+    h.bytes(&CATALOG_MAGIC);
+    h.u32(version);
+    h.u32(count);
+    h.u64(generation);
+    h.u64(next_snapshot_id);
+    h.u64(body_len);
+    h.buf.resize(60, 0);
+    let crc = crc32c::crc32c(&h.buf);
+    h.u32(crc);
+    w.buf[..CATALOG_HEADER_LEN].copy_from_slice(&h.buf);
     w.buf
 }
 
@@ -526,7 +566,7 @@ pub fn encode_delta(
     }
     p.u32(u32::from(added.is_some()));
     if let Some(s) = added {
-        let mut w = Writer::default();
+        let mut w = Writer::with_capacity(s.encoded_len());
         s.encode(&mut w, CATALOG_VERSION);
         p.u32(u32::try_from(w.buf.len()).expect("a snapshot record is small"));
         p.bytes(&w.buf);
@@ -747,6 +787,15 @@ mod tests {
     #[test]
     fn roundtrip() {
         let s = snap();
+        for x in [&s, &vm(4, 0, 9)] {
+            let mut w = Writer::default();
+            x.encode(&mut w, CATALOG_VERSION);
+            assert_eq!(
+                w.buf.len(),
+                x.encoded_len(),
+                "the encoder's reservation is exact"
+            );
+        }
         let bytes = encode(9, 4, [&s].into_iter(), [(11u32, 0xabcu32)].into_iter());
         let c = decode(&bytes, 9).expect("decode");
         assert_eq!(c.snapshots, vec![s]);
