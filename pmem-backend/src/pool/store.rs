@@ -280,10 +280,18 @@ impl Pool {
     }
 
     /// Point every snapshot that references RAM(p) at block b (in memory only), and
-    /// keep the redirect for the next commit's delta.
+    /// keep the redirect for the next commit's delta. Newest first, stopping once the
+    /// `ram_refs(p)` snapshots that reference RAM(p) are found: those are the ones taken
+    /// since p was last preserved, usually the newest, so the walk is about as long as
+    /// the sharing, not the history (an old snapshot alone referencing p still costs a
+    /// walk to it).
     pub(super) fn apply_redirect(&mut self, p: u64, b: u32, crc: u32) {
+        let want = self.index.ram_refs(p);
         let mut n = 0;
-        for s in self.snapshots.values_mut() {
+        for s in self.snapshots.values_mut().rev() {
+            if n == want {
+                break;
+            }
             if s.covers(p) && !s.redirects.contains_key(&p) {
                 s.redirects.insert(p, b);
                 n += 1;
@@ -361,6 +369,45 @@ mod tests {
         assert_eq!(pool.recovery().replayed, 1);
         assert_eq!(pool.read_snapshot_page("b", 10).expect("b").1, pattern(17));
         assert_eq!(pool.read_ram_page(10).expect("ram"), pattern(999));
+        assert!(pool.verify(|_, _| {}).is_clean());
+    }
+
+    /// A preserve re-points exactly the snapshots referencing RAM(p), found newest first:
+    /// the newest only, all of them, or only the oldest (the walk goes to it).
+    #[test]
+    fn preserve_repoints_exactly_the_snapshots_referencing_the_page() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 32, PoolOptions::default());
+        fill(&mut pool, 0..32, 7);
+        vm(&mut pool, "a", &[PageRun::new(0, 12)]);
+        pool.write_ram_page(3, &pattern(100))
+            .expect("a's page 3 preserved");
+        vm(&mut pool, "b", &[PageRun::new(0, 8)]);
+        vm(&mut pool, "c", &[PageRun::new(4, 4)]);
+        for i in 0..5 {
+            vm(&mut pool, &format!("x{i}"), &[PageRun::new(20, 2)]);
+        }
+        let loc = |pool: &Pool, s: &str, p| pool.snapshot_page_location(s, p).expect("loc");
+        let a3 = loc(&pool, "a", 3);
+        // Page 3: b only (a has its block, c does not cover it).
+        pool.write_ram_page(3, &pattern(101)).expect("b's page 3");
+        assert!(matches!(loc(&pool, "b", 3), PageLocation::Block(_)));
+        assert_eq!(loc(&pool, "a", 3), a3, "a keeps its older block");
+        // Page 5: a, b and c share one block.
+        pool.write_ram_page(5, &pattern(102)).expect("page 5");
+        let b5 = loc(&pool, "b", 5);
+        assert!(matches!(b5, PageLocation::Block(_)));
+        assert_eq!((loc(&pool, "a", 5), loc(&pool, "c", 5)), (b5, b5));
+        // Page 10: only the oldest, behind five newer snapshots.
+        pool.write_ram_page(10, &pattern(103)).expect("page 10");
+        assert!(matches!(loc(&pool, "a", 10), PageLocation::Block(_)));
+        assert!(!pool.is_protected(3) && !pool.is_protected(5) && !pool.is_protected(10));
+        for (s, p, seed) in [("a", 3, 10), ("b", 3, 100), ("c", 5, 12), ("a", 10, 17)] {
+            assert_eq!(
+                pool.read_snapshot_page(s, p).expect("read").1,
+                pattern(seed)
+            );
+        }
         assert!(pool.verify(|_, _| {}).is_clean());
     }
 
