@@ -5,8 +5,8 @@
 # preserved.csv and its output to docs/perf-scale/full.txt, then plotted with gnuplot
 # (scripts/setup.sh installs gnuplot-nox) into docs/perf-scale-snapshots.png and
 # docs/perf-scale-preserved.png, next to the same curves of the format before issue 16
-# (docs/perf-scale/before-*.csv: the same example run on commit bfd32cc, where every
-# commit rewrote the whole catalog).
+# (docs/perf-scale/before-*.csv and before-full.txt: the same example built against the
+# pmem-backend of commit bfd32cc, where every commit rewrote the whole catalog).
 # Usage: docs/perf-scale.sh [--plot-only]
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$root/scripts/lib.sh"
