@@ -317,9 +317,10 @@ impl Pool {
 
     /// Reclaim anything unreferenced: recompute page and block usage from the snapshots,
     /// free what nothing references, compact the redirect log and every delta into a new
-    /// checkpoint (the whole catalog, in the other metadata slot), and report. (Block usage is derived from references at open, so blocks written by an
-    /// operation a crash interrupted are already free after reopening; gc is the sweep
-    /// that proves it and compacts.)
+    /// checkpoint (the whole catalog, in the other metadata slot), and report. (Block
+    /// usage is derived from references at open, so blocks written by an operation a
+    /// crash interrupted are already free after reopening; gc is the sweep that proves it
+    /// and compacts.)
     pub fn gc(&mut self) -> Result<GcReport> {
         let compacted = u64::from(self.log_tail);
         self.commit_geo(None, None, self.next_id, self.geo, true)?;
