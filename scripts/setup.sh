@@ -9,9 +9,10 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 pmsnap_init setup
 
 # Host packages for building pmsnap itself (libclang for the userfaultfd crate's bindgen,
-# curl for the API test that talks to the control socket with it).
+# curl for the API test that talks to the control socket with it, gnuplot for the plots
+# of docs/perf-scale.md: docs/perf-scale.sh).
 step "host packages"
-pkg_ensure libclang-dev curl
+pkg_ensure libclang-dev curl gnuplot-nox
 
 if [[ ! -e /dev/kvm ]]; then
     warn "/dev/kvm is missing; guests cannot boot on this machine"

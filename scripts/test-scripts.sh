@@ -19,7 +19,7 @@ trap 'rm -rf -- "$work"' EXIT
 # --- what the scripts ask for, read from the scripts themselves -----------------------
 pin="$(sed -n 's/^LINUX_SOURCE_VERSION="\(.*\)"$/\1/p' "$root/images/build.sh")"
 [[ -n "$pin" ]] || die "no LINUX_SOURCE_VERSION in images/build.sh"
-host_pkgs="libclang-dev curl"
+host_pkgs="libclang-dev curl gnuplot-nox"
 image_pkgs="busybox-static build-essential bc bison flex libelf-dev libssl-dev cpio file patch xz-utils"
 
 # --- a PATH with the stubs and only the real tools the package step needs -------------
@@ -181,7 +181,7 @@ begin "absent packages (fresh machine, no apt lists): update first, then install
 reset
 run scripts/run-guest.sh
 expect "exit 0" rc_is 0
-expect "names the host packages" has "setup: installing Debian packages: libclang-dev curl"
+expect "names the host packages" has "setup: installing Debian packages: libclang-dev curl gnuplot-nox"
 expect "names the pinned kernel source" has "build.sh: installing Debian packages: linux-source-6.1=$pin busybox-static"
 expect "apt-get update before install" update_first
 expect "one apt-get update for both scripts" one_update
@@ -221,8 +221,8 @@ reset
 run scripts/run-guest.sh STUB_APT_UPDATE=fail
 expect "exit non-zero" rc_nonzero
 expect "says apt-get update failed" has "\`apt-get update\` failed (exit 100"
-expect "names the packages" has "libclang-dev curl could not be installed"
-expect "prints the command" has "apt-get update && apt-get install -y --no-install-recommends --allow-downgrades libclang-dev curl"
+expect "names the packages" has "libclang-dev curl gnuplot-nox could not be installed"
+expect "prints the command" has "apt-get update && apt-get install -y --no-install-recommends --allow-downgrades libclang-dev curl gnuplot-nox"
 expect "apt's own message shown" has "Temporary failure resolving"
 expect "did not go on to build.sh" lacks "build.sh:"
 end
@@ -249,8 +249,8 @@ begin "not root, no sudo: names the packages and the command to run as root"
 reset
 run scripts/run-guest.sh STUB_UID=1000
 expect "exit 1" rc_is 1
-expect "explains" has "setup: error: step \"installing Debian packages: libclang-dev curl\": installing libclang-dev curl needs root, and sudo is not installed; as root run:"
-expect "prints the command" has "apt-get update && apt-get install -y --no-install-recommends --allow-downgrades libclang-dev curl"
+expect "explains" has "setup: error: step \"installing Debian packages: libclang-dev curl gnuplot-nox\": installing libclang-dev curl gnuplot-nox needs root, and sudo is not installed; as root run:"
+expect "prints the command" has "apt-get update && apt-get install -y --no-install-recommends --allow-downgrades libclang-dev curl gnuplot-nox"
 expect "no apt-get call" not_logged "apt-get"
 end
 
@@ -261,7 +261,7 @@ run scripts/setup.sh STUB_UID=1000
 rm "$tools/sudo"
 expect "exit 0" rc_is 0
 expect "update through sudo" logged "sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q"
-expect "install as root" logged "apt-get install -y -q --no-install-recommends --allow-downgrades libclang-dev curl (uid 0)"
+expect "install as root" logged "apt-get install -y -q --no-install-recommends --allow-downgrades libclang-dev curl gnuplot-nox (uid 0)"
 end
 
 begin "dpkg-query broken: an error, not \"absent\""

@@ -1,6 +1,12 @@
 //! The catalog: every committed snapshot (name, metadata, runs, redirects, state-blob
-//! location) plus the checksum of every preserved block. It is rewritten whole into the
-//! inactive metadata slot at each commit; each record carries its own crc32c.
+//! location) plus the checksum of every preserved block. Since version 3 (issue 16) it
+//! is a *checkpoint* (the whole state, as versions 1 and 2 were) followed by *delta
+//! records*, one per commit since the checkpoint, each saying only what that commit
+//! changed (the redirects it compacted from the redirect log, the snapshot it deleted,
+//! the snapshot it added). A commit appends its delta; when the deltas have grown past
+//! the checkpoint's size, or the slot has no room for the next one, the commit writes a
+//! new checkpoint into the other slot instead (`pool/commit.rs`). Every record carries
+//! its own crc32c.
 
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::types::{normalize_runs, Owner, PageRun, ProcessInfo, SnapshotKind};
@@ -8,10 +14,13 @@ use std::collections::BTreeMap;
 
 /// Magic at the start of a catalog.
 pub const CATALOG_MAGIC: [u8; 8] = *b"PMSCATLG";
-/// Catalog format version written. Version 2 adds each snapshot's owner (issue 12).
-pub const CATALOG_VERSION: u32 = 2;
+/// Catalog format version written. Version 2 adds each snapshot's owner (issue 12);
+/// version 3 lets delta records follow the checkpoint (issue 16; its snapshot records
+/// are encoded as in version 2).
+pub const CATALOG_VERSION: u32 = 3;
 /// Oldest catalog version read: version 1 catalogs (no owner) are read with every
-/// snapshot host-owned, and rewritten as version 2 at the next commit.
+/// snapshot host-owned; version 1 and 2 catalogs are a checkpoint with no deltas. The
+/// next commit rewrites either as a version 3 checkpoint.
 pub const CATALOG_VERSION_MIN: u32 = 1;
 /// Bytes of the catalog header.
 pub const CATALOG_HEADER_LEN: usize = 64;
@@ -21,6 +30,10 @@ pub const RECORD_HEADER_LEN: usize = 16;
 pub const REC_BLOCK_TABLE: u32 = 1;
 /// Record type: one snapshot.
 pub const REC_SNAPSHOT: u32 = 2;
+/// Record type: what one commit changed (version 3, after the checkpoint).
+pub const REC_DELTA: u32 = 3;
+/// Bytes of a delta record's header.
+pub const DELTA_HEADER_LEN: usize = 24;
 
 /// Catalog bytes a block adds when it holds a preserved page that one snapshot
 /// references: its block-table entry (block u32, crc32c u32) and that snapshot's
@@ -116,6 +129,31 @@ impl Snapshot {
     /// Every page covered, in order.
     pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
         self.page_set.iter().flat_map(|r| r.first..r.end())
+    }
+
+    /// Bytes [`Self::encode`] writes (in the current version; at most that in older ones).
+    fn encoded_len(&self) -> usize {
+        let str16 = |s: &str| 2 + s.len();
+        8 + 1
+            + 1
+            + str16(&self.name)
+            + 8
+            + 5
+            + self.process.as_ref().map_or(0, |p| 4 + str16(&p.comm))
+            + 4
+            + self
+                .labels
+                .iter()
+                .map(|(k, v)| str16(k) + str16(v))
+                .sum::<usize>()
+            + 4
+            + 24 * self.runs.len()
+            + 4
+            + 12 * self.redirects.len()
+            + 8
+            + 4
+            + 4
+            + 4 * self.blob.blocks.len()
     }
 
     fn encode(&self, w: &mut Writer, version: u32) {
@@ -259,8 +297,16 @@ impl Snapshot {
 /// A decoded catalog.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Catalog {
-    /// Generation it was committed under.
+    /// Generation it was committed under (that of its last delta, or of the checkpoint
+    /// when no delta follows it).
     pub generation: u64,
+    /// Version of the checkpoint (a version below 3 has no deltas and is rewritten as a
+    /// version 3 checkpoint at the next commit).
+    pub version: u32,
+    /// Bytes of the checkpoint; the delta records follow it.
+    pub checkpoint_len: u64,
+    /// Delta records applied after the checkpoint.
+    pub deltas: u64,
     /// Next snapshot id to hand out.
     pub next_snapshot_id: u64,
     /// Snapshots, in id order.
@@ -269,15 +315,26 @@ pub struct Catalog {
     pub block_crcs: BTreeMap<u32, u32>,
 }
 
-fn push_record(w: &mut Writer, kind: u32, payload: &[u8]) {
+/// Start a record in `w`: room for its header, filled in by [`end_record`] once the
+/// payload that follows is written (in place: a checkpoint of millions of redirects is
+/// not copied from buffer to buffer).
+fn begin_record(w: &mut Writer) -> usize {
+    let at = w.buf.len();
+    w.buf.resize(at + RECORD_HEADER_LEN, 0);
+    at
+}
+
+/// Fill in the header of the record begun at `at`: its type, the payload written since,
+/// and their checksums.
+fn end_record(w: &mut Writer, at: usize, kind: u32) {
+    let payload = &w.buf[at + RECORD_HEADER_LEN..];
     let mut h = Writer::with_capacity(RECORD_HEADER_LEN);
     h.u32(kind);
     h.u32(u32::try_from(payload.len()).expect("catalog records are bounded by the metadata slot"));
     h.u32(crc32c::crc32c(payload));
     let hc = crc32c::crc32c(&h.buf);
     h.u32(hc);
-    w.bytes(&h.buf);
-    w.bytes(payload);
+    w.buf[at..at + RECORD_HEADER_LEN].copy_from_slice(&h.buf);
 }
 
 /// Encode a catalog from its parts (borrowed, so commits don't clone snapshots).
@@ -296,45 +353,75 @@ pub fn encode<'a>(
     )
 }
 
-fn encode_version<'a>(
+/// Encode a checkpoint in catalog version `version` (tests write older pools with it).
+pub(crate) fn encode_version<'a>(
     version: u32,
     generation: u64,
     next_snapshot_id: u64,
     snapshots: impl Iterator<Item = &'a Snapshot>,
     block_crcs: impl ExactSizeIterator<Item = (u32, u32)>,
 ) -> Vec<u8> {
-    let mut body = Writer::default();
-    let mut count = 0u32;
-    let mut p = Writer::with_capacity(4 + block_crcs.len() * 8);
-    p.u32(block_crcs.len() as u32);
+    let mut w = Writer::with_capacity(
+        CATALOG_HEADER_LEN + RECORD_HEADER_LEN + 4 + block_crcs.len() * 8 + (1 << 16),
+    );
+    w.buf.resize(CATALOG_HEADER_LEN, 0);
+    let at = begin_record(&mut w);
+    w.u32(block_crcs.len() as u32);
     for (b, c) in block_crcs {
-        p.u32(b);
-        p.u32(c);
+        w.u32(b);
+        w.u32(c);
     }
-    push_record(&mut body, REC_BLOCK_TABLE, &p.buf);
-    count += 1;
+    end_record(&mut w, at, REC_BLOCK_TABLE);
+    let mut count = 1u32;
     for s in snapshots {
-        let mut p = Writer::default();
-        s.encode(&mut p, version);
-        push_record(&mut body, REC_SNAPSHOT, &p.buf);
+        w.buf.reserve(RECORD_HEADER_LEN + s.encoded_len());
+        let at = begin_record(&mut w);
+        s.encode(&mut w, version);
+        end_record(&mut w, at, REC_SNAPSHOT);
         count += 1;
     }
-    let mut w = Writer::with_capacity(CATALOG_HEADER_LEN + body.buf.len());
-    w.bytes(&CATALOG_MAGIC);
-    w.u32(version);
-    w.u32(count);
-    w.u64(generation);
-    w.u64(next_snapshot_id);
-    w.u64(body.buf.len() as u64);
-    w.buf.resize(60, 0);
-    let crc = crc32c::crc32c(&w.buf);
-    w.u32(crc);
-    w.bytes(&body.buf);
+    let body_len = (w.buf.len() - CATALOG_HEADER_LEN) as u64;
+    let mut h = Writer::with_capacity(CATALOG_HEADER_LEN);
+    h.bytes(&CATALOG_MAGIC);
+    h.u32(version);
+    h.u32(count);
+    h.u64(generation);
+    h.u64(next_snapshot_id);
+    h.u64(body_len);
+    h.buf.resize(60, 0);
+    let crc = crc32c::crc32c(&h.buf);
+    h.u32(crc);
+    w.buf[..CATALOG_HEADER_LEN].copy_from_slice(&h.buf);
     w.buf
 }
 
-/// Decode a catalog, checking every checksum. Errors name the failing record.
+/// Decode a catalog (a checkpoint and the delta records after it), checking every
+/// checksum; `bytes` is exactly the catalog in force (the superblock's `catalog_len`).
+/// The generation of the last record must be `expected_generation`. Errors name the
+/// failing record.
 pub fn decode(bytes: &[u8], expected_generation: u64) -> Result<Catalog, String> {
+    let mut cat = decode_checkpoint(bytes)?;
+    let rest = &bytes[cat.checkpoint_len as usize..];
+    if cat.version < 3 && !rest.is_empty() {
+        return Err(format!(
+            "catalog: {} bytes after the last record",
+            rest.len()
+        ));
+    }
+    if !rest.is_empty() {
+        apply_deltas(&mut cat, rest)?;
+    }
+    if cat.generation != expected_generation {
+        return Err(format!(
+            "catalog: generation {}, superblock says {expected_generation}",
+            cat.generation
+        ));
+    }
+    Ok(cat)
+}
+
+/// Decode the checkpoint at the start of `bytes` (its header says how long it is).
+fn decode_checkpoint(bytes: &[u8]) -> Result<Catalog, String> {
     let e = |m: String| format!("catalog: {m}");
     if bytes.len() < CATALOG_HEADER_LEN {
         return Err(e("shorter than its header".into()));
@@ -360,19 +447,17 @@ pub fn decode(bytes: &[u8], expected_generation: u64) -> Result<Catalog, String>
              {CATALOG_VERSION}): the pool was written by a newer pmsnap"
         )));
     }
-    if generation != expected_generation {
-        return Err(e(format!(
-            "generation {generation}, superblock says {expected_generation}"
-        )));
-    }
-    if body_len != body.len() as u64 {
+    if body_len > body.len() as u64 {
         return Err(e(format!(
             "body is {} bytes, header says {body_len}",
             body.len()
         )));
     }
+    let body = &body[..body_len as usize];
     let mut cat = Catalog {
         generation,
+        version,
+        checkpoint_len: CATALOG_HEADER_LEN as u64 + body_len,
         next_snapshot_id,
         ..Default::default()
     };
@@ -428,6 +513,248 @@ pub fn decode(bytes: &[u8], expected_generation: u64) -> Result<Catalog, String>
     Ok(cat)
 }
 
+/// One redirect a commit compacts from the redirect log: every snapshot that referenced
+/// RAM(`page`) when it was preserved now references Block(`block`), whose 4 KiB have
+/// crc32c `crc`. Applied in order, to the snapshots of the catalog as it stands before
+/// the delta's deletion and addition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redirect {
+    /// Guest page preserved.
+    pub page: u64,
+    /// Block holding its copy.
+    pub block: u32,
+    /// crc32c of the block.
+    pub crc: u32,
+}
+
+/// What one commit changed: a decoded delta record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// The commit's generation.
+    pub generation: u64,
+    /// Next snapshot id after the commit.
+    pub next_snapshot_id: u64,
+    /// Redirects compacted from the log, applied first.
+    pub redirects: Vec<Redirect>,
+    /// Ids of the snapshots deleted, applied second.
+    pub deleted: Vec<u64>,
+    /// Snapshots added, applied last.
+    pub added: Vec<Snapshot>,
+}
+
+/// Encode the delta record of one commit: header (type, payload length, generation,
+/// payload crc32c, header crc32c) and payload (next snapshot id, redirects, deleted ids,
+/// added snapshots). Its size follows the change, not the catalog.
+pub fn encode_delta(
+    generation: u64,
+    next_snapshot_id: u64,
+    redirects: &[Redirect],
+    deleted: Option<u64>,
+    added: Option<&Snapshot>,
+) -> Vec<u8> {
+    let mut p = Writer::with_capacity(20 + redirects.len() * 16 + 256);
+    p.u64(next_snapshot_id);
+    p.u32(u32::try_from(redirects.len()).expect("the redirect log holds fewer than 2^32"));
+    for r in redirects {
+        p.u64(r.page);
+        p.u32(r.block);
+        p.u32(r.crc);
+    }
+    p.u32(u32::from(deleted.is_some()));
+    if let Some(id) = deleted {
+        p.u64(id);
+    }
+    p.u32(u32::from(added.is_some()));
+    if let Some(s) = added {
+        let mut w = Writer::with_capacity(s.encoded_len());
+        s.encode(&mut w, CATALOG_VERSION);
+        p.u32(u32::try_from(w.buf.len()).expect("a snapshot record is small"));
+        p.bytes(&w.buf);
+    }
+    let mut w = Writer::with_capacity(DELTA_HEADER_LEN + p.buf.len());
+    w.u32(REC_DELTA);
+    w.u32(u32::try_from(p.buf.len()).expect("delta records are bounded by the metadata slot"));
+    w.u64(generation);
+    w.u32(crc32c::crc32c(&p.buf));
+    let hc = crc32c::crc32c(&w.buf);
+    w.u32(hc);
+    w.bytes(&p.buf);
+    w.buf
+}
+
+/// Decode the delta record at the start of `bytes`: the delta and its length. Every
+/// failure (a checksum, a record running past `bytes`, a wrong type) is an error: the
+/// bytes given are all in force (a torn append is never part of them, see
+/// `pool/commit.rs`).
+pub fn decode_delta(bytes: &[u8]) -> Result<(Delta, usize), String> {
+    if bytes.len() < DELTA_HEADER_LEN {
+        return Err(format!(
+            "{} bytes, shorter than a delta header",
+            bytes.len()
+        ));
+    }
+    let h = &bytes[..DELTA_HEADER_LEN];
+    let u32_at = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+    if crc32c::crc32c(&h[..20]) != u32_at(20) {
+        return Err("header checksum mismatch".into());
+    }
+    if u32_at(0) != REC_DELTA {
+        return Err(format!("type {}, not a delta", u32_at(0)));
+    }
+    let len = u32_at(4) as usize;
+    let mut g = [0u8; 8];
+    g.copy_from_slice(&h[8..16]);
+    let generation = u64::from_le_bytes(g);
+    let payload = bytes
+        .get(DELTA_HEADER_LEN..DELTA_HEADER_LEN + len)
+        .ok_or_else(|| format!("payload of {len} bytes runs past the catalog"))?;
+    if crc32c::crc32c(payload) != u32_at(16) {
+        return Err("payload checksum mismatch".into());
+    }
+    let mut r = Reader::new(payload, "catalog delta");
+    let delta = (|| -> Result<Delta, DecodeError> {
+        let mut d = Delta {
+            generation,
+            next_snapshot_id: r.u64()?,
+            ..Default::default()
+        };
+        let n = r.count(16)?;
+        d.redirects.reserve(n);
+        for _ in 0..n {
+            d.redirects.push(Redirect {
+                page: r.u64()?,
+                block: r.u32()?,
+                crc: r.u32()?,
+            });
+        }
+        for _ in 0..r.count(8)? {
+            d.deleted.push(r.u64()?);
+        }
+        for _ in 0..r.count(4)? {
+            let n = r.count(1)?;
+            let mut sr = Reader::new(r.take(n)?, "snapshot in a delta");
+            d.added.push(Snapshot::decode(&mut sr, CATALOG_VERSION)?);
+            if sr.remaining() != 0 {
+                return Err(DecodeError::Invalid(format!(
+                    "{} trailing bytes after a snapshot",
+                    sr.remaining()
+                )));
+            }
+        }
+        Ok(d)
+    })()
+    .map_err(|x| x.to_string())?;
+    if r.remaining() != 0 {
+        return Err(format!("{} trailing bytes", r.remaining()));
+    }
+    Ok((delta, DELTA_HEADER_LEN + len))
+}
+
+/// Apply a delta's redirects to `snaps` as the store applied them, in log order: each
+/// snapshot covering the page and not redirecting it yet gets the block, and a block
+/// some snapshot got is entered in the block table. Snapshot by snapshot over the
+/// redirects sorted by page (a stable sort: for one page the earlier record comes
+/// first, and wins, as in log order), so the cost is the runs times log(redirects)
+/// plus the redirects applied, not snapshots times redirects.
+fn apply_redirects(
+    snaps: &mut BTreeMap<u64, Snapshot>,
+    redirects: &[Redirect],
+    block_crcs: &mut BTreeMap<u32, u32>,
+) {
+    if redirects.is_empty() {
+        return;
+    }
+    let mut sorted: Vec<(usize, &Redirect)> = redirects.iter().enumerate().collect();
+    sorted.sort_by_key(|(_, r)| r.page);
+    let mut applied = vec![false; redirects.len()];
+    for s in snaps.values_mut() {
+        for run in &s.page_set {
+            let from = sorted.partition_point(|(_, r)| r.page < run.first);
+            for &(i, r) in sorted[from..]
+                .iter()
+                .take_while(|(_, r)| r.page < run.end())
+            {
+                if let std::collections::btree_map::Entry::Vacant(v) = s.redirects.entry(r.page) {
+                    v.insert(r.block);
+                    applied[i] = true;
+                }
+            }
+        }
+    }
+    for (r, _) in redirects.iter().zip(&applied).filter(|(_, &a)| a) {
+        block_crcs.insert(r.block, r.crc);
+    }
+}
+
+/// Apply the delta records in `bytes` (all of them, back to back) to the checkpoint
+/// `cat`, in order. Each delta's generation must be above the previous one's.
+fn apply_deltas(cat: &mut Catalog, mut bytes: &[u8]) -> Result<(), String> {
+    let mut snaps: BTreeMap<u64, Snapshot> = BTreeMap::new();
+    for s in cat.snapshots.drain(..) {
+        let id = s.id;
+        if snaps.insert(id, s).is_some() {
+            return Err(format!("catalog: two snapshots with id {id}"));
+        }
+    }
+    // Blocks a deleted snapshot redirected to: dropped from the block table at the end
+    // unless a snapshot still references them.
+    let mut released = Vec::new();
+    let mut i = 0u64;
+    while !bytes.is_empty() {
+        let e = |m: String| format!("catalog: delta {i}: {m}");
+        let (d, len) = decode_delta(bytes).map_err(e)?;
+        bytes = &bytes[len..];
+        if d.generation <= cat.generation {
+            return Err(e(format!(
+                "generation {} after generation {}",
+                d.generation, cat.generation
+            )));
+        }
+        if d.next_snapshot_id < cat.next_snapshot_id {
+            return Err(e(format!(
+                "next snapshot id goes back from {} to {}",
+                cat.next_snapshot_id, d.next_snapshot_id
+            )));
+        }
+        apply_redirects(&mut snaps, &d.redirects, &mut cat.block_crcs);
+        for id in &d.deleted {
+            let s = snaps
+                .remove(id)
+                .ok_or_else(|| e(format!("deletes snapshot id {id}, which does not exist")))?;
+            released.extend(s.redirects.into_values());
+        }
+        for s in d.added {
+            if s.id >= d.next_snapshot_id {
+                return Err(e(format!(
+                    "adds snapshot id {} but the next id is {}",
+                    s.id, d.next_snapshot_id
+                )));
+            }
+            let id = s.id;
+            if snaps.insert(id, s).is_some() {
+                return Err(e(format!("adds snapshot id {id}, which exists")));
+            }
+        }
+        cat.generation = d.generation;
+        cat.next_snapshot_id = d.next_snapshot_id;
+        cat.deltas += 1;
+        i += 1;
+    }
+    if !released.is_empty() {
+        let referenced: std::collections::HashSet<u32> = snaps
+            .values()
+            .flat_map(|s| s.redirects.values().copied())
+            .collect();
+        for b in released {
+            if !referenced.contains(&b) {
+                cat.block_crcs.remove(&b);
+            }
+        }
+    }
+    cat.snapshots = snaps.into_values().collect();
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,6 +787,15 @@ mod tests {
     #[test]
     fn roundtrip() {
         let s = snap();
+        for x in [&s, &vm(4, 0, 9)] {
+            let mut w = Writer::default();
+            x.encode(&mut w, CATALOG_VERSION);
+            assert_eq!(
+                w.buf.len(),
+                x.encoded_len(),
+                "the encoder's reservation is exact"
+            );
+        }
         let bytes = encode(9, 4, [&s].into_iter(), [(11u32, 0xabcu32)].into_iter());
         let c = decode(&bytes, 9).expect("decode");
         assert_eq!(c.snapshots, vec![s]);
@@ -506,25 +842,226 @@ mod tests {
         g.id = 4;
         let h = snap();
         let bytes = encode(2, 5, [&h, &g].into_iter(), [(11u32, 1u32)].into_iter());
-        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().expect("4")), 2);
+        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().expect("4")), 3);
         let c = decode(&bytes, 2).expect("decode");
         assert_eq!(c.snapshots, vec![h.clone(), g.clone()]);
         // A version 1 catalog (no owner field) reads with every snapshot host-owned.
         let v1 = encode_version(1, 2, 5, [&h].into_iter(), [(11u32, 1u32)].into_iter());
         let c = decode(&v1, 2).expect("decode v1");
         assert_eq!(c.snapshots[0].owner, Owner::Host);
-        assert_eq!(c.snapshots, vec![h]);
+        assert_eq!(c.snapshots, vec![h.clone()]);
         // A guest-style name in a version 1 catalog is not a valid host name.
         let v1g = encode_version(1, 2, 5, [&g].into_iter(), [(11u32, 1u32)].into_iter());
         assert!(decode(&v1g, 2)
             .expect_err("bad name")
             .contains("name space"));
+        // A version 2 catalog (issue 12, before issue 16) reads as a checkpoint.
+        let v2 = encode_version(2, 2, 5, [&h, &g].into_iter(), [(11u32, 1u32)].into_iter());
+        let c2 = decode(&v2, 2).expect("decode v2");
+        assert_eq!((c2.version, c2.deltas), (2, 0));
+        assert_eq!(c2.snapshots, vec![h, g]);
+        // No delta may follow a version 1 or 2 checkpoint.
+        let mut v2d = v2.clone();
+        v2d.extend(encode_delta(3, 5, &[], None, None));
+        assert!(decode(&v2d, 3)
+            .expect_err("delta after v2")
+            .contains("after the last record"));
         // A newer catalog is refused with a clear error.
-        let mut v3 = bytes.clone();
-        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
-        let crc = crc32c::crc32c(&v3[..60]);
-        v3[60..64].copy_from_slice(&crc.to_le_bytes());
-        assert!(decode(&v3, 2).expect_err("v3").contains("newer pmsnap"));
+        let mut v4 = bytes.clone();
+        v4[8..12].copy_from_slice(&4u32.to_le_bytes());
+        let crc = crc32c::crc32c(&v4[..60]);
+        v4[60..64].copy_from_slice(&crc.to_le_bytes());
+        assert!(decode(&v4, 2).expect_err("v4").contains("newer pmsnap"));
+    }
+
+    fn vm(id: u64, first: u64, count: u64) -> Snapshot {
+        let runs = vec![PageRun::new(first, count)];
+        Snapshot {
+            id,
+            name: format!("s{id}"),
+            owner: Owner::Host,
+            kind: SnapshotKind::Vm,
+            created_unix_ns: id,
+            labels: Vec::new(),
+            process: None,
+            page_set: normalize_runs(&runs),
+            runs,
+            redirects: BTreeMap::new(),
+            blob: BlobRef::default(),
+        }
+    }
+
+    fn red(page: u64, block: u32, crc: u32) -> Redirect {
+        Redirect { page, block, crc }
+    }
+
+    #[test]
+    fn delta_roundtrip() {
+        let s = snap();
+        let bytes = encode_delta(7, 9, &[red(3, 4, 5), red(1 << 40, 8, 9)], Some(2), Some(&s));
+        let (d, len) = decode_delta(&bytes).expect("decode");
+        assert_eq!(len, bytes.len());
+        assert_eq!(
+            d,
+            Delta {
+                generation: 7,
+                next_snapshot_id: 9,
+                redirects: vec![red(3, 4, 5), red(1 << 40, 8, 9)],
+                deleted: vec![2],
+                added: vec![s],
+            }
+        );
+        // A delta is as long as its change: an empty one is its header and 20 bytes.
+        assert_eq!(
+            encode_delta(1, 1, &[], None, None).len(),
+            DELTA_HEADER_LEN + 20
+        );
+        // Followed by more bytes, it says where it ends.
+        let mut two = bytes.clone();
+        two.extend(encode_delta(8, 9, &[], None, None));
+        assert_eq!(decode_delta(&two).expect("first").1, bytes.len());
+    }
+
+    #[test]
+    fn corrupt_or_truncated_deltas_are_refused() {
+        let bytes = encode_delta(7, 9, &[red(3, 4, 5)], Some(2), Some(&snap()));
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            assert!(decode_delta(&b).is_err(), "flip at {i} undetected");
+        }
+        let e = |b: &[u8]| decode_delta(b).expect_err("refused");
+        let mut b = bytes.clone();
+        b[DELTA_HEADER_LEN + 3] ^= 1;
+        assert!(e(&b).contains("payload checksum"), "{}", e(&b));
+        b = bytes.clone();
+        b[9] ^= 1;
+        assert!(e(&b).contains("header checksum"), "{}", e(&b));
+        for cut in [0, 10, DELTA_HEADER_LEN, bytes.len() - 1] {
+            let m = e(&bytes[..cut]);
+            assert!(
+                m.contains("shorter") || m.contains("runs past"),
+                "{cut}: {m}"
+            );
+        }
+        assert!(e(&[0u8; 64]).contains("checksum"), "zeroes are no record");
+    }
+
+    /// A checkpoint and its deltas decode to what the whole catalog at the end holds,
+    /// in particular: a redirect applies to the snapshots before the delta's addition,
+    /// and a deleted snapshot's blocks leave the block table unless still referenced.
+    #[test]
+    fn deltas_apply_in_order_onto_the_checkpoint() {
+        let (a, b) = (vm(1, 0, 8), vm(2, 4, 8));
+        let mut bytes = encode(5, 3, [&a, &b].into_iter(), std::iter::empty());
+        // Gen 6: page 5 (a and b) -> block 20, page 1 (a) -> 21; then c is added: it
+        // covers page 5 too, but was taken after the preserve.
+        let c = vm(3, 5, 1);
+        bytes.extend(encode_delta(
+            6,
+            4,
+            &[red(5, 20, 0xa), red(1, 21, 0xb)],
+            None,
+            Some(&c),
+        ));
+        // Gen 7: a deleted: block 21 (a only) leaves the table, 20 (b too) stays.
+        bytes.extend(encode_delta(7, 4, &[], Some(1), None));
+        // Gen 8: page 6 (b only: c covers 5) -> block 21, reused.
+        bytes.extend(encode_delta(8, 4, &[red(6, 21, 0xc)], None, None));
+        let cat = decode(&bytes, 8).expect("decode");
+        assert_eq!((cat.generation, cat.version, cat.deltas), (8, 3, 3));
+        assert_eq!(cat.next_snapshot_id, 4);
+        let mut b2 = b.clone();
+        b2.redirects = BTreeMap::from([(5, 20), (6, 21)]);
+        assert_eq!(cat.snapshots, vec![b2.clone(), c.clone()]);
+        assert_eq!(cat.block_crcs, BTreeMap::from([(20, 0xa), (21, 0xc)]));
+        // The same state as one checkpoint.
+        let whole = encode(
+            8,
+            4,
+            [&b2, &c].into_iter(),
+            [(20, 0xa), (21, 0xc)].into_iter(),
+        );
+        let w = decode(&whole, 8).expect("whole");
+        assert_eq!((w.snapshots, w.block_crcs), (cat.snapshots, cat.block_crcs));
+        // Each prefix ending at a record is the catalog of that generation.
+        let cp = decode(&bytes, 8).expect("again").checkpoint_len as usize;
+        assert_eq!(
+            decode(&bytes[..cp], 5).expect("checkpoint").snapshots,
+            vec![a, b]
+        );
+    }
+
+    /// Redirects apply in log order: of two records of one page, the first wins (the
+    /// second found no snapshot left referencing RAM(p)) and only its block is listed;
+    /// a redirect of a page no snapshot covers lists nothing.
+    #[test]
+    fn the_first_redirect_of_a_page_wins() {
+        let (a, b) = (vm(1, 0, 8), vm(2, 100, 8));
+        let mut bytes = encode(5, 3, [&a, &b].into_iter(), std::iter::empty());
+        let reds = [
+            red(50, 9, 0x9),
+            red(5, 30, 0x1),
+            red(102, 31, 0x2),
+            red(5, 32, 0x3),
+        ];
+        bytes.extend(encode_delta(6, 3, &reds, None, None));
+        let cat = decode(&bytes, 6).expect("decode");
+        assert_eq!(cat.snapshots[0].redirects, BTreeMap::from([(5, 30)]));
+        assert_eq!(cat.snapshots[1].redirects, BTreeMap::from([(102, 31)]));
+        assert_eq!(cat.block_crcs, BTreeMap::from([(30, 0x1), (31, 0x2)]));
+    }
+
+    #[test]
+    fn delta_generations_and_references_are_checked() {
+        let a = vm(1, 0, 8);
+        let cp = encode(5, 2, [&a].into_iter(), std::iter::empty());
+        let with = |deltas: &[Vec<u8>]| {
+            let mut b = cp.clone();
+            for d in deltas {
+                b.extend_from_slice(d);
+            }
+            b
+        };
+        let d6 = encode_delta(6, 2, &[], None, None);
+        // The last record's generation is the superblock's.
+        assert!(decode(&with(std::slice::from_ref(&d6)), 7)
+            .expect_err("wrong generation")
+            .contains("generation 6, superblock says 7"));
+        assert!(decode(&with(std::slice::from_ref(&d6)), 6).is_ok());
+        // Generations only go up.
+        for g in [5, 4] {
+            let m = decode(&with(&[encode_delta(g, 2, &[], None, None)]), g).expect_err("old");
+            assert!(
+                m.contains("delta 0") && m.contains("after generation 5"),
+                "{m}"
+            );
+        }
+        let m = decode(&with(&[d6.clone(), d6.clone()]), 6).expect_err("twice");
+        assert!(m.contains("delta 1"), "{m}");
+        // A delta must delete what exists and add what does not.
+        let m = decode(&with(&[encode_delta(6, 2, &[], Some(9), None)]), 6).expect_err("9");
+        assert!(m.contains("snapshot id 9, which does not exist"), "{m}");
+        let m = decode(&with(&[encode_delta(6, 2, &[], None, Some(&a))]), 6).expect_err("dup");
+        assert!(m.contains("adds snapshot id 1"), "{m}");
+        let m = decode(
+            &with(&[encode_delta(6, 2, &[], None, Some(&vm(2, 0, 1)))]),
+            6,
+        )
+        .expect_err("id beyond next");
+        assert!(m.contains("next id is 2"), "{m}");
+        let m = decode(&with(&[encode_delta(6, 1, &[], None, None)]), 6).expect_err("id back");
+        assert!(m.contains("goes back"), "{m}");
+        // A truncated delta (the catalog length cutting into it) is an error: whatever
+        // the superblock covers must be whole.
+        let full = with(std::slice::from_ref(&d6));
+        let m = decode(&full[..full.len() - 1], 6).expect_err("truncated");
+        assert!(m.contains("delta 0"), "{m}");
+        // Corrupt crc in the payload.
+        let mut bad = full.clone();
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        assert!(decode(&bad, 6).expect_err("crc").contains("checksum"));
     }
 
     #[test]

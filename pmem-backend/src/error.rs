@@ -45,7 +45,10 @@ pub enum PoolError {
     #[error("not a pmsnap pool (bad magic)")]
     NotAPool,
     /// The pool was written by a newer pmsnap.
-    #[error("pool format version {found} is newer than the supported version {supported}")]
+    #[error(
+        "pool format version {found} is newer than this pmsnap supports (version {supported}): \
+         the pool was written by a newer pmsnap; open it with that pmsnap or a newer one"
+    )]
     NewerVersion {
         /// Version found in the superblock.
         found: u32,

@@ -10,8 +10,15 @@ use crate::PAGE_SIZE;
 
 /// Magic at byte 0 of each superblock copy.
 pub const SB_MAGIC: [u8; 8] = *b"PMSNAPPL";
-/// Newest format version this build reads and the one it writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Newest format version this build reads and the one it writes. Version 2 (issue 16):
+/// the catalog in force is a checkpoint followed by delta records (catalog version 3),
+/// and `catalog_len` covers both. A version 1 pool (one whole catalog per commit) is
+/// read as it is, and its next commit writes a version 3 checkpoint and a version 2
+/// superblock; from then on a pmsnap that knows only version 1 refuses the pool
+/// (`NewerVersion`) instead of misreading it.
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest format version this build reads.
+pub const FORMAT_VERSION_MIN: u32 = 1;
 /// Bytes per superblock copy.
 pub const SB_SIZE: u64 = 4096;
 /// Bytes of header fields in use (the rest of the sector is zero).
@@ -287,7 +294,8 @@ pub struct Superblock {
     pub geometry: Geometry,
     /// Metadata slot holding this generation's catalog.
     pub catalog_slot: u32,
-    /// Bytes of that catalog.
+    /// Bytes of that catalog in force: its checkpoint and the delta records after it
+    /// (anything written beyond, such as a torn append, is not part of it).
     pub catalog_len: u64,
     /// Pool creation time (ns since the Unix epoch).
     pub created_unix_ns: u64,
@@ -369,8 +377,10 @@ fn decode_fields(
     if version > FORMAT_VERSION {
         return Ok(Err(version));
     }
-    if version == 0 {
-        return Err(DecodeError::Invalid("superblock: format version 0".into()));
+    if version < FORMAT_VERSION_MIN {
+        return Err(DecodeError::Invalid(format!(
+            "superblock: format version {version}"
+        )));
     }
     let _header_len = r.u32()?;
     let generation = r.u64()?;
@@ -573,10 +583,10 @@ mod tests {
             Err(PoolError::Corrupt(_))
         ));
         assert!(matches!(
-            select(&SbCopy::Newer(2), &SbCopy::NoMagic),
+            select(&SbCopy::Newer(3), &SbCopy::NoMagic),
             Err(PoolError::NewerVersion {
-                found: 2,
-                supported: 1
+                found: 3,
+                supported: 2
             })
         ));
     }

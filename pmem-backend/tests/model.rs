@@ -1,6 +1,8 @@
 //! Property test: random sequences of snapshot / write (preserve, then change the RAM
-//! page) / delete / crash-and-reopen, checked after every step against a plain
-//! in-memory model of what each snapshot must contain.
+//! page) / delete / delete-and-recreate / gc / crash-and-reopen, checked after every
+//! step against a plain in-memory model of what each snapshot must contain. The
+//! metadata slot is small (4 KiB), so a sequence crosses checkpoints as well as appending
+//! deltas, and crashes land in both.
 
 mod common;
 
@@ -16,15 +18,22 @@ enum Op {
     Snapshot(Vec<(u64, u64)>),
     Write(u64, u64),
     Delete(usize),
+    /// Delete a snapshot and take a new one under the same name (another page set).
+    Recreate(usize, Vec<(u64, u64)>),
+    /// gc: a checkpoint.
+    Gc,
     /// Arm a crash `k` persists ahead, run the inner op, reopen from the durable image.
     Crash(u64, u8, Box<Op>),
 }
 
 fn plain_op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        2 => prop::collection::vec((0..PAGES, 1..5u64), 1..4).prop_map(Op::Snapshot),
-        5 => (0..PAGES, any::<u64>()).prop_map(|(p, s)| Op::Write(p, s)),
-        1 => any::<usize>().prop_map(Op::Delete),
+        4 => prop::collection::vec((0..PAGES, 1..5u64), 1..4).prop_map(Op::Snapshot),
+        10 => (0..PAGES, any::<u64>()).prop_map(|(p, s)| Op::Write(p, s)),
+        2 => any::<usize>().prop_map(Op::Delete),
+        2 => (any::<usize>(), prop::collection::vec((0..PAGES, 1..5u64), 1..4))
+            .prop_map(|(i, v)| Op::Recreate(i, v)),
+        1 => Just(Op::Gc),
     ]
 }
 
@@ -57,7 +66,7 @@ impl World {
         let opts = PoolOptions {
             block_count: Some(PAGES * (MAX_LIVE as u64 + 2)),
             log_records: Some(128),
-            meta_slot_bytes: Some(64 * 1024),
+            meta_slot_bytes: Some(4 * 1024),
             persist: Some(Box::new(sim.clone())),
             ..PoolOptions::default()
         };
@@ -75,20 +84,23 @@ impl World {
         }
     }
 
-    /// Apply a plain op to pool and model. Returns the model as it would be after.
-    fn apply(&mut self, op: &Op) -> (pmem_backend::Result<()>, Model) {
+    /// Apply a plain op to pool and model. Returns the model as it would be after, and
+    /// for an op of two commits (recreate), the model between them.
+    fn apply(&mut self, op: &Op) -> (pmem_backend::Result<()>, Model, Option<Model>) {
         let mut after = self.model.clone();
+        let mut mid = None;
         let res = match op {
             Op::Snapshot(v) => {
                 if self.model.snaps.len() >= MAX_LIVE {
-                    return (Ok(()), after);
+                    return (Ok(()), after, None);
                 }
                 let runs = clamp_runs(v);
                 let name = format!("s{}", self.next_name);
                 self.next_name += 1;
                 after.record_snapshot(&name, &runs, Vec::new());
                 let meta = pmem_backend::SnapshotMeta {
-                    labels: vec![("test".into(), name.clone())],
+                    // A label of some size, so that deltas fill the slot sooner.
+                    labels: vec![("test".into(), format!("{name}-{}", "x".repeat(60)))],
                     ..Default::default()
                 };
                 self.pool
@@ -101,7 +113,7 @@ impl World {
             }
             Op::Delete(i) => {
                 if self.model.snaps.is_empty() {
-                    return (Ok(()), after);
+                    return (Ok(()), after, None);
                 }
                 let name = self
                     .model
@@ -113,9 +125,38 @@ impl World {
                 after.snaps.remove(&name);
                 self.pool.delete(name.as_str()).map(|_| ())
             }
+            Op::Recreate(i, v) => {
+                // Two commits: the crash tests check each is atomic; here the name must
+                // come back with the new pages.
+                if self.model.snaps.is_empty() {
+                    return (Ok(()), after, None);
+                }
+                let name = self
+                    .model
+                    .snaps
+                    .keys()
+                    .nth(i % self.model.snaps.len())
+                    .cloned()
+                    .expect("non-empty");
+                let runs = clamp_runs(v);
+                after.snaps.remove(&name);
+                mid = Some(after.clone());
+                after.record_snapshot(&name, &runs, Vec::new());
+                self.pool.delete(name.as_str()).and_then(|_| {
+                    self.pool
+                        .snapshot(
+                            &name,
+                            pmem_backend::SnapshotKind::Vm,
+                            &runs,
+                            Default::default(),
+                        )
+                        .map(|_| ())
+                })
+            }
+            Op::Gc => self.pool.gc().map(|_| ()),
             Op::Crash(..) => unreachable!("crash ops are not nested"),
         };
-        (res, after)
+        (res, after, mid)
     }
 
     fn reopen(&mut self) {
@@ -138,7 +179,7 @@ impl World {
                 let tear = Tear::ALL[*t as usize];
                 self.sim.arm(*k, tear);
                 let before = self.model.clone();
-                let (res, after) = self.apply(inner);
+                let (res, after, mid) = self.apply(inner);
                 if !self.sim.crashed() {
                     // The op finished before the crash point: crash right after it.
                     self.sim.disarm();
@@ -154,9 +195,11 @@ impl World {
                 // the snapshots intact; the RAM page may or may not have been written.
                 let ok_before = before.check(&self.pool);
                 let ok_after = after.check(&self.pool);
+                let ok_mid = mid.as_ref().map(|m| m.check(&self.pool));
                 match (ok_before, ok_after) {
                     (Ok(()), _) => self.model = before.clone(),
                     (_, Ok(())) => self.model = after.clone(),
+                    _ if ok_mid == Some(Ok(())) => self.model = mid.expect("checked"),
                     (Err(a), Err(b)) => {
                         return Err(TestCaseError::fail(format!(
                             "after crash in {inner:?}: {a} / {b}"
@@ -190,7 +233,7 @@ impl World {
                 Ok(())
             }
             plain => {
-                let (res, after) = self.apply(plain);
+                let (res, after, _) = self.apply(plain);
                 res.map_err(|e| TestCaseError::fail(format!("{plain:?}: {e}")))?;
                 self.model = after;
                 self.model.check(&self.pool).map_err(TestCaseError::fail)
@@ -203,7 +246,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 200, ..ProptestConfig::default() })]
 
     #[test]
-    fn store_matches_model(ops in prop::collection::vec(op(), 1..40)) {
+    fn store_matches_model(ops in prop::collection::vec(op(), 1..60)) {
         let mut w = World::new();
         for op in &ops {
             w.step(op)?;

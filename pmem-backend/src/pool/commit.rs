@@ -1,28 +1,70 @@
-//! The commit protocol: a new catalog generation is written into the metadata slot not
-//! in use and persisted, then the superblock copy of the new generation is written and
-//! persisted; only then is it the pool's state. A crash before the superblock lands
-//! leaves the previous generation in force (see `docs/pool-format.md`). Every durable
-//! write of the store goes through `persist_range` here.
+//! The commit protocol. The catalog in force is a checkpoint followed by delta records
+//! (`catalog.rs`), in the metadata slot the superblock names, `catalog_len` bytes long.
+//! A commit of generation g+1 either
+//! - **appends** its delta record right after those bytes, in the same slot, and
+//!   persists it; or, when the deltas would outgrow the checkpoint (or the slot),
+//! - writes a **checkpoint** (the whole catalog) into the *other* slot and persists it;
+//!
+//! then writes superblock copy (g+1) % 2, with the new `catalog_len` (and slot), and
+//! persists it; only then is it the pool's state. Either way the bytes the superblock of
+//! generation g covers are never written, so a crash before the new superblock lands
+//! leaves generation g in force, whole; a torn delta lies beyond its `catalog_len` and
+//! is never read (see `docs/pool-format.md`). Every durable write of the store goes
+//! through `persist_range` here.
 
 use super::Pool;
-use crate::catalog::{self, Snapshot};
+use crate::catalog::{self, Snapshot, CATALOG_VERSION};
 use crate::error::{PoolError, Result};
 use crate::superblock::{Geometry, Superblock, SB_SIZE};
 
+/// Delta records may fill at least this many bytes after a checkpoint before a commit
+/// writes a new checkpoint (beyond it, as many bytes as the checkpoint has), so small
+/// catalogs are not rewritten every few commits.
+pub const MIN_DELTA_BYTES: u64 = 64 << 10;
+
 impl Pool {
     /// Commit a new catalog generation: the current snapshots, plus `extra`, minus the
-    /// snapshot with id `skip`, with `next_id`. Writes the catalog into the inactive slot,
-    /// persists it, then writes and persists the superblock copy for the new generation.
-    /// The in-memory state is not changed except for the superblock and the log tail.
+    /// snapshot with id `skip`, with `next_id`, and the redirects made since the last
+    /// commit. Appends a delta record, or writes a checkpoint when the deltas have grown
+    /// past it (see the module docs). The in-memory state is not changed except for the
+    /// superblock, the log tail and the pending redirects.
     pub(super) fn commit(
         &mut self,
         extra: Option<&Snapshot>,
         skip: Option<u64>,
         next_id: u64,
     ) -> Result<()> {
+        self.commit_geo(extra, skip, next_id, self.geo, false)
+    }
+
+    /// As [`Self::commit`], with the superblock describing `geo` (the pool's geometry,
+    /// except when the block area grows), and a checkpoint however short the deltas are
+    /// when `checkpoint` is set (gc).
+    pub(super) fn commit_geo(
+        &mut self,
+        extra: Option<&Snapshot>,
+        skip: Option<u64>,
+        next_id: u64,
+        geo: Geometry,
+        checkpoint: bool,
+    ) -> Result<()> {
         let gen = self.next_generation()?;
+        if !checkpoint && self.catalog_version == CATALOG_VERSION && self.sb.catalog_len > 0 {
+            let delta = catalog::encode_delta(gen, next_id, &self.pending, skip, extra);
+            if self.delta_fits(delta.len() as u64, geo) {
+                return self.append_delta(gen, &delta, geo);
+            }
+        }
         let bytes = self.encode_catalog(gen, extra, skip, next_id);
-        self.commit_catalog(gen, &bytes, self.geo)
+        self.commit_checkpoint(gen, &bytes, geo)
+    }
+
+    /// Whether a delta of `len` bytes goes after the catalog in force: the deltas stay
+    /// within max(checkpoint, `MIN_DELTA_BYTES`) bytes, and the slot has room.
+    fn delta_fits(&self, len: u64, geo: Geometry) -> bool {
+        let deltas = self.sb.catalog_len - self.checkpoint_len;
+        deltas + len <= self.checkpoint_len.max(MIN_DELTA_BYTES)
+            && self.sb.catalog_len + len <= geo.meta_slot_size
     }
 
     /// The generation the next commit writes.
@@ -33,8 +75,8 @@ impl Pool {
             .ok_or_else(|| PoolError::Corrupt("generation counter exhausted".into()))
     }
 
-    /// The catalog of generation `gen`: the current snapshots, plus `extra`, minus the
-    /// snapshot with id `skip`, with `next_id`.
+    /// The whole catalog (a checkpoint) of generation `gen`: the current snapshots, plus
+    /// `extra`, minus the snapshot with id `skip`, with `next_id`.
     pub(super) fn encode_catalog(
         &self,
         gen: u64,
@@ -42,31 +84,42 @@ impl Pool {
         skip: Option<u64>,
         next_id: u64,
     ) -> Vec<u8> {
-        let dropping = skip.and_then(|id| self.snapshots.iter().find(|s| s.id == id));
+        let dropping = skip.and_then(|id| self.snapshots.get(&id));
         let blocks = self.index.catalog_blocks(dropping);
         let snaps = self
             .snapshots
-            .iter()
+            .values()
             .filter(|s| Some(s.id) != skip)
             .chain(extra);
         catalog::encode(gen, next_id, snaps, blocks.into_iter())
     }
 
-    /// Commit `bytes` (encoded by `encode_catalog` for `gen`) as generation `gen`, whose
-    /// superblock describes `geo` (the pool's geometry, except when the block area
-    /// grows). The catalog goes into slot `gen % 2` and is persisted, then superblock copy
-    /// `gen % 2` is written and persisted; only then do the superblock, the geometry and
-    /// the log tail in memory change.
-    pub(super) fn commit_catalog(&mut self, gen: u64, bytes: &[u8], geo: Geometry) -> Result<()> {
+    /// Append `delta` (encoded for `gen`) after the catalog in force and persist it;
+    /// then write and persist superblock copy `gen % 2` covering it.
+    fn append_delta(&mut self, gen: u64, delta: &[u8], geo: Geometry) -> Result<()> {
+        let off = geo.meta_slot_offset(self.sb.catalog_slot) + self.sb.catalog_len;
+        self.write_persist(off, delta, "catalog delta")?;
+        let sb = Superblock {
+            generation: gen,
+            geometry: geo,
+            catalog_len: self.sb.catalog_len + delta.len() as u64,
+            ..self.sb
+        };
+        self.commit_superblock(sb)
+    }
+
+    /// Commit `bytes` (a checkpoint encoded by `encode_catalog` for `gen`) as generation
+    /// `gen`, whose superblock describes `geo`. The checkpoint goes into the slot not in
+    /// force and is persisted, then superblock copy `gen % 2` is written and persisted.
+    fn commit_checkpoint(&mut self, gen: u64, bytes: &[u8], geo: Geometry) -> Result<()> {
         if bytes.len() as u64 > geo.meta_slot_size {
             return Err(PoolError::MetadataFull {
                 needed: bytes.len() as u64,
                 capacity: geo.meta_slot_size,
             });
         }
-        let slot = (gen % 2) as u32;
-        let off = geo.meta_slot_offset(slot);
-        self.write_persist(off, bytes, "catalog")?;
+        let slot = 1 - self.sb.catalog_slot;
+        self.write_persist(geo.meta_slot_offset(slot), bytes, "catalog")?;
         let sb = Superblock {
             generation: gen,
             geometry: geo,
@@ -74,10 +127,20 @@ impl Pool {
             catalog_len: bytes.len() as u64,
             ..self.sb
         };
-        self.write_persist((gen % 2) * SB_SIZE, &sb.encode(), "superblock")?;
+        self.commit_superblock(sb)?;
+        self.checkpoint_len = bytes.len() as u64;
+        self.catalog_version = CATALOG_VERSION;
+        Ok(())
+    }
+
+    /// Write and persist superblock copy `generation % 2`; then it is in force: the
+    /// superblock, the geometry, the log tail and the pending redirects change in memory.
+    fn commit_superblock(&mut self, sb: Superblock) -> Result<()> {
+        self.write_persist((sb.generation % 2) * SB_SIZE, &sb.encode(), "superblock")?;
         self.sb = sb;
-        self.geo = geo;
+        self.geo = sb.geometry;
         self.log_tail = 0;
+        self.pending.clear();
         Ok(())
     }
 
@@ -126,7 +189,7 @@ mod tests {
     }
 
     #[test]
-    fn commit_alternates_slots_and_keeps_the_previous_generation() {
+    fn deltas_append_in_place_and_checkpoints_go_to_the_other_slot() {
         let d = tmpdir();
         let (_, mut pool) = small_pool(&d, 16, PoolOptions::default());
         let meta = SnapshotMeta::default;
@@ -134,32 +197,78 @@ mod tests {
             .expect("a");
         pool.write_ram_page(1, &pattern(1))
             .expect("preserve, then write");
-        assert_eq!(pool.log_tail, 1);
-        let gen = pool.generation();
+        assert_eq!((pool.log_tail, pool.pending.len()), (1, 1));
+        let (gen, old) = (pool.generation(), pool.sb);
         pool.compact().expect("commit");
         assert_eq!(pool.generation(), gen + 1);
         assert_eq!(pool.log_tail, 0, "the log's records are in the catalog now");
+        assert!(pool.pending.is_empty());
         let new = pool.sb;
-        assert_eq!(u64::from(new.catalog_slot), new.generation % 2);
+        assert_eq!(new.catalog_slot, old.catalog_slot, "a delta, in place");
+        assert!(new.catalog_len > old.catalog_len && new.catalog_len - old.catalog_len < 100);
         match (copy(&pool, new.generation % 2), copy(&pool, gen % 2)) {
-            (SbCopy::Good(n), SbCopy::Good(old)) => {
-                assert_eq!(n, new);
-                assert_eq!(old.generation, gen);
-                assert_ne!(old.catalog_slot, new.catalog_slot);
-            }
+            (SbCopy::Good(n), SbCopy::Good(o)) => assert_eq!((n, o), (new, old)),
             other => panic!("{other:?}"),
         }
         let cat = catalog(&pool);
-        assert_eq!(cat.snapshots.len(), 1);
+        assert_eq!((cat.snapshots.len(), cat.deltas), (1, 3));
         assert_eq!(cat.snapshots[0].redirects.len(), 1);
         assert_eq!(cat.block_crcs.len(), 1);
-        // Committing without "a" drops the block only "a" used from the catalog (the
+        // The previous generation's catalog is a prefix of this one, still whole.
+        let mut prev = vec![0u8; old.catalog_len as usize];
+        pool.map
+            .read_at(pool.geo.meta_slot_offset(old.catalog_slot), &mut prev)
+            .expect("read");
+        let prev = catalog::decode(&prev, gen).expect("the old generation decodes");
+        assert!(prev.snapshots[0].redirects.is_empty());
+        // gc writes a checkpoint into the other slot.
+        pool.gc().expect("gc");
+        let cp = pool.sb;
+        assert_ne!(cp.catalog_slot, new.catalog_slot);
+        assert_eq!(cp.catalog_len, pool.checkpoint_len);
+        let cat2 = catalog(&pool);
+        assert_eq!((cat2.deltas, &cat2.snapshots), (0, &cat.snapshots));
+        // A commit without "a" drops the block only "a" used from the catalog (the
         // in-memory state is the caller's to change).
-        let id = pool.snapshots[0].id;
-        pool.commit(None, Some(id), pool.next_id).expect("commit");
+        pool.commit(None, Some(1), pool.next_id).expect("commit");
         let cat = catalog(&pool);
         assert!(cat.snapshots.is_empty() && cat.block_crcs.is_empty());
+        assert_eq!(cat.deltas, 1);
         assert_eq!(pool.snapshots.len(), 1);
+    }
+
+    /// Deltas stay within max(checkpoint, MIN_DELTA_BYTES): past that the commit writes
+    /// a checkpoint, so a commit's amortised cost follows its change.
+    #[test]
+    fn deltas_past_their_bound_are_checkpointed() {
+        let d = tmpdir();
+        let (path, mut pool) = small_pool(&d, 64, PoolOptions::default());
+        let meta = SnapshotMeta::default;
+        let (mut checkpoints, mut slot) = (0, pool.sb.catalog_slot);
+        for i in 0..1500u64 {
+            let name = format!("s{i}");
+            pool.snapshot(&name, SnapshotKind::Vm, &[PageRun::new(i % 60, 4)], meta())
+                .expect("snapshot");
+            if i % 3 != 0 {
+                pool.delete(name.as_str()).expect("delete");
+            }
+            let deltas = pool.sb.catalog_len - pool.checkpoint_len;
+            assert!(
+                deltas <= pool.checkpoint_len.max(MIN_DELTA_BYTES),
+                "{deltas}"
+            );
+            if pool.sb.catalog_slot != slot {
+                checkpoints += 1;
+                slot = pool.sb.catalog_slot;
+            }
+        }
+        assert!((2..10).contains(&checkpoints), "{checkpoints} checkpoints");
+        let listed = pool.list();
+        assert_eq!(listed.len(), 500);
+        drop(pool);
+        let pool = Pool::open(&path).expect("reopen");
+        assert_eq!(pool.list(), listed);
+        assert!(pool.verify(|_, _| {}).is_clean());
     }
 
     #[test]
@@ -177,7 +286,7 @@ mod tests {
             SnapshotMeta::default(),
         )
         .expect("a");
-        let mut big = pool.snapshots[0].clone();
+        let mut big = pool.snapshots[&1].clone();
         big.name = "big".into();
         big.labels = (0..30)
             .map(|i| (format!("k{i}"), "v".repeat(200)))

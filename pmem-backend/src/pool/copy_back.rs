@@ -20,7 +20,7 @@ impl Pool {
         sel: impl Into<SnapshotSel<'a>>,
         runs: &[PageRun],
     ) -> Result<Vec<u64>> {
-        let s = &self.snapshots[self.find(sel.into())?];
+        let s = &self.snapshots[&self.find(sel.into())?];
         let mut out = Vec::new();
         for r in normalize_runs(runs) {
             // The page set is merged, so a covered run lies inside one of its runs.
@@ -56,10 +56,10 @@ impl Pool {
         runs: &[PageRun],
     ) -> Result<Vec<u64>> {
         let idx = self.find(sel.into())?;
-        let pages = self.preserved_pages(SnapshotSel::Id(self.snapshots[idx].id), runs)?;
+        let pages = self.preserved_pages(SnapshotSel::Id(idx), runs)?;
         // Fault in what the loop will touch with a few madvise calls: a page fault per
         // page (a RAM write and a block read each) costs more than the copy itself.
-        let s = &self.snapshots[idx];
+        let s = &self.snapshots[&idx];
         let mut blocks: Vec<u64> = pages
             .iter()
             .filter_map(|p| s.redirects.get(p))
@@ -77,7 +77,7 @@ impl Pool {
         let res = pages.iter().try_for_each(|&p| {
             // `preserve` re-points other snapshots only: this one's redirect of p stays.
             self.preserve(p)?;
-            let b = self.snapshots[idx]
+            let b = self.snapshots[&idx]
                 .redirects
                 .get(&p)
                 .copied()

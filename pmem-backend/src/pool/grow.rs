@@ -10,7 +10,7 @@
 //! 2. make the store's mapping cover the new blocks (the pre-fault thread, the only
 //!    other holder of the mapping, is stopped first and started again after);
 //! 3. commit a new generation whose superblock has the new `block_count` and
-//!    `file_size` (the usual two-slot catalog and two-copy superblock commit);
+//!    `file_size` (the usual commit: a catalog delta or checkpoint, then the superblock);
 //! 4. only then hand the new blocks to the allocator, so no block outside the committed
 //!    block area is ever written.
 //!
@@ -125,8 +125,9 @@ impl Pool {
             )));
         }
         let gen = self.next_generation()?;
-        // The catalog the growth commits: the state now (the log's redirects included),
-        // under the next generation. Its length is the base of the metadata limit.
+        // The whole catalog (a checkpoint) of the state now, the log's redirects
+        // included, under the next generation: its length is the base of the metadata
+        // limit. (The growth's commit itself appends a delta when the slot has room.)
         let catalog = self.encode_catalog(gen, None, None, self.next_id);
         let limits = self.limits(catalog.len() as u64);
         let largest = if limits.max() > old.block_count {
@@ -164,7 +165,7 @@ impl Pool {
         geo.check_limits(superblock::host_memory_bytes())
             .map_err(|e| invalid(format!("{e}; {largest}")))?;
         let prefaulting = self.stop_prefault();
-        let res = self.extend_and_commit(geo, gen, &catalog);
+        let res = self.extend_and_commit(geo);
         if prefaulting {
             self.start_prefault();
         }
@@ -187,7 +188,7 @@ impl Pool {
     }
 
     /// Steps 1 to 4 of the module docs, the pre-fault thread stopped.
-    fn extend_and_commit(&mut self, geo: Geometry, gen: u64, catalog: &[u8]) -> Result<()> {
+    fn extend_and_commit(&mut self, geo: Geometry) -> Result<()> {
         if geo.file_size > self.geo.file_size {
             self.extend_file(geo.file_size)?;
         }
@@ -202,7 +203,7 @@ impl Pool {
             map.grow(&self.file, len)
                 .map_err(io_err("remapping", &self.path))?;
         }
-        self.commit_catalog(gen, catalog, geo)?;
+        self.commit_geo(None, None, self.next_id, geo, false)?;
         self.index.grow_blocks(geo.block_count);
         Ok(())
     }

@@ -336,7 +336,10 @@ impl RefIndex {
     /// Recount every reference from `snapshots` (gc): pages counted as referenced that
     /// none references are unprotected, blocks in use that none references are freed.
     /// Returns (pages unprotected, blocks reclaimed).
-    pub(super) fn recount(&mut self, snapshots: &[Snapshot]) -> (u64, u64) {
+    pub(super) fn recount<'a>(
+        &mut self,
+        snapshots: impl IntoIterator<Item = &'a Snapshot>,
+    ) -> (u64, u64) {
         let mut ram = vec![0u32; self.ram_refs.len()];
         let mut blk = vec![0u32; self.block_refs.len()];
         for s in snapshots {

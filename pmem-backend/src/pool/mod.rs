@@ -26,7 +26,7 @@ pub use recovery::RecoveryReport;
 pub use store::{GcReport, ProtectError};
 pub use verify::{Problem, VerifyReport};
 
-use crate::catalog::Snapshot;
+use crate::catalog::{Redirect, Snapshot};
 use crate::error::{PoolError, Result};
 use crate::lock::{lock_exclusive, still_linked, LockError};
 use crate::mapping::Mapping;
@@ -34,6 +34,7 @@ use crate::persist::{MsyncPersist, Persist};
 use crate::superblock::{self, Geometry, Superblock};
 use crate::{Page, PAGE_SIZE};
 use index::RefIndex;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -120,9 +121,20 @@ pub struct Pool {
     geo: Geometry,
     /// The superblock of the generation in force.
     sb: Superblock,
-    /// The snapshots in creation order: the catalog's, with the redirects replayed or
-    /// made since.
-    snapshots: Vec<Snapshot>,
+    /// The snapshots by id (so in creation order): the catalog's, with the redirects
+    /// replayed or made since.
+    snapshots: BTreeMap<u64, Snapshot>,
+    /// Snapshot ids by name (creating and deleting look a name up without walking every
+    /// snapshot).
+    names: HashMap<String, u64>,
+    /// The redirects applied since the last commit (the redirect log's records of the
+    /// current generation, less those recovery dropped): the next commit's delta.
+    pending: Vec<Redirect>,
+    /// Bytes of the checkpoint at the start of the catalog in force (the deltas follow).
+    checkpoint_len: u64,
+    /// Version of that checkpoint: below `CATALOG_VERSION` (an older pool), the next
+    /// commit writes a checkpoint.
+    catalog_version: u32,
     /// Id of the next snapshot.
     next_id: u64,
     /// Reference counts, block usage and protection (see `index.rs`).
@@ -432,7 +444,11 @@ impl Pool {
             persist,
             geo,
             sb,
-            snapshots: Vec::new(),
+            snapshots: BTreeMap::new(),
+            names: HashMap::new(),
+            pending: Vec::new(),
+            checkpoint_len: 0,
+            catalog_version: 0,
             next_id: 1,
             index: RefIndex::new(geo.ram_pages(), geo.block_count),
             log_tail: 0,

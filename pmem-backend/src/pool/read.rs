@@ -9,14 +9,13 @@ use crate::types::{PageLocation, PageRun, SnapshotInfo, SnapshotSel, Stats};
 use crate::{Page, PAGE_SIZE};
 
 impl Pool {
-    pub(super) fn find(&self, sel: SnapshotSel<'_>) -> Result<usize> {
-        self.snapshots
-            .iter()
-            .position(|s| match sel {
-                SnapshotSel::Name(n) => s.name == n,
-                SnapshotSel::Id(i) => s.id == i,
-            })
-            .ok_or_else(|| PoolError::NoSuchSnapshot(sel.to_string()))
+    /// The id of the snapshot `sel` names.
+    pub(super) fn find(&self, sel: SnapshotSel<'_>) -> Result<u64> {
+        match sel {
+            SnapshotSel::Name(n) => self.names.get(n).copied(),
+            SnapshotSel::Id(i) => self.snapshots.contains_key(&i).then_some(i),
+        }
+        .ok_or_else(|| PoolError::NoSuchSnapshot(sel.to_string()))
     }
 
     /// Where snapshot page p is, without reading it.
@@ -25,7 +24,7 @@ impl Pool {
         sel: impl Into<SnapshotSel<'a>>,
         p: u64,
     ) -> Result<PageLocation> {
-        let s = &self.snapshots[self.find(sel.into())?];
+        let s = &self.snapshots[&self.find(sel.into())?];
         if !s.covers(p) {
             return Err(PoolError::PageNotInSnapshot {
                 snapshot: s.name.clone(),
@@ -39,8 +38,8 @@ impl Pool {
     }
 
     /// `BadBlock` unless `actual` is the recorded crc32c of block `b`, which holds page
-    /// `p` of snapshot `idx`.
-    pub(super) fn check_block_crc(&self, idx: usize, p: u64, b: u64, actual: u32) -> Result<()> {
+    /// `p` of snapshot `id`.
+    pub(super) fn check_block_crc(&self, id: u64, p: u64, b: u64, actual: u32) -> Result<()> {
         let expected = u32::try_from(b)
             .ok()
             .and_then(|b| self.index.block_crc(b))
@@ -49,7 +48,7 @@ impl Pool {
             return Ok(());
         }
         Err(PoolError::BadBlock {
-            snapshot: self.snapshots[idx].name.clone(),
+            snapshot: self.snapshots[&id].name.clone(),
             page: p,
             block: b,
             expected,
@@ -79,7 +78,7 @@ impl Pool {
 
     /// Read a snapshot's state blob, checking its crc32c.
     pub fn read_state<'a>(&self, sel: impl Into<SnapshotSel<'a>>) -> Result<Vec<u8>> {
-        let s = &self.snapshots[self.find(sel.into())?];
+        let s = &self.snapshots[&self.find(sel.into())?];
         let mut out = Vec::with_capacity(s.blob.len as usize);
         for &b in &s.blob.blocks {
             let mut page: Page = [0; PAGE_SIZE];
@@ -129,12 +128,12 @@ impl Pool {
 
     /// All snapshots, in creation order.
     pub fn list(&self) -> Vec<SnapshotInfo> {
-        self.snapshots.iter().map(|s| self.info(s)).collect()
+        self.snapshots.values().map(|s| self.info(s)).collect()
     }
 
     /// One snapshot.
     pub fn inspect<'a>(&self, sel: impl Into<SnapshotSel<'a>>) -> Result<SnapshotInfo> {
-        Ok(self.info(&self.snapshots[self.find(sel.into())?]))
+        Ok(self.info(&self.snapshots[&self.find(sel.into())?]))
     }
 
     /// Store-wide statistics.

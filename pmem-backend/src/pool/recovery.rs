@@ -156,7 +156,14 @@ impl Pool {
         }
         // (The free list is built once, after the log replay.)
         self.next_id = cat.next_snapshot_id.max(1);
-        self.snapshots = cat.snapshots;
+        self.checkpoint_len = cat.checkpoint_len;
+        self.catalog_version = cat.version;
+        self.names = cat
+            .snapshots
+            .iter()
+            .map(|s| (s.name.clone(), s.id))
+            .collect();
+        self.snapshots = cat.snapshots.into_iter().map(|s| (s.id, s)).collect();
         Ok(())
     }
 
@@ -311,14 +318,20 @@ mod tests {
         let d = tmpdir();
         let (path, pool) = small_pool(&d, 16, PoolOptions::default());
         drop(pool);
-        reseal_superblock(&path, 0, |s| s[8] = 2);
-        assert!(matches!(
-            Pool::open(&path),
-            Err(PoolError::NewerVersion {
-                found: 2,
-                supported: 1
-            })
-        ));
+        reseal_superblock(&path, 0, |s| s[8] = 3);
+        match Pool::open(&path) {
+            Err(
+                e @ PoolError::NewerVersion {
+                    found: 3,
+                    supported: 2,
+                },
+            ) => {
+                let m = e.to_string();
+                assert!(m.contains("version 3") && m.contains("version 2"), "{m}");
+                assert!(m.contains("newer pmsnap"), "{m}");
+            }
+            other => panic!("expected NewerVersion, got {other:?}"),
+        }
     }
 
     #[test]
@@ -360,9 +373,88 @@ mod tests {
         drop(pool);
         patch(&path2, off, &[0x99]);
         match Pool::open(&path2) {
-            Err(PoolError::Corrupt(m)) => assert!(m.contains("record 1"), "{m}"),
+            Err(PoolError::Corrupt(m)) => assert!(m.contains("delta 1"), "{m}"),
             other => panic!("expected Corrupt, got {other:?}"),
         }
+    }
+
+    /// A pool written before issue 16 (superblock format 1, one whole version 2 catalog
+    /// per commit) opens as it is; its next commit writes a version 3 checkpoint into
+    /// the other slot and a format 2 superblock, after which a pmsnap that knows only
+    /// format 1 would refuse it (`NewerVersion`) rather than misread the deltas.
+    #[test]
+    fn a_format_1_pool_opens_and_its_next_commit_upgrades_it() {
+        use std::os::unix::fs::FileExt;
+        let d = tmpdir();
+        let (path, mut pool) = small_pool(&d, 16, PoolOptions::default());
+        let meta = SnapshotMeta::default;
+        for p in 0..16 {
+            pool.write_ram_page(p, &pattern(p)).expect("fill");
+        }
+        pool.snapshot("a", SnapshotKind::Vm, &[PageRun::new(0, 8)], meta())
+            .expect("a");
+        pool.write_ram_page(1, &pattern(100)).expect("preserve 1");
+        pool.gc().expect("one checkpoint");
+        pool.write_ram_page(2, &pattern(101))
+            .expect("preserve 2, in the log");
+        let (sb, next_id) = (pool.sb, pool.next_id);
+        let mut cat = vec![0u8; sb.catalog_len as usize];
+        pool.map
+            .read_at(pool.geo.meta_slot_offset(sb.catalog_slot), &mut cat)
+            .expect("read");
+        let cat = catalog::decode(&cat, sb.generation).expect("decode");
+        drop(pool);
+        // What pmsnap wrote before: the same state as a version 2 catalog, and both
+        // superblock copies in format 1.
+        let old = catalog::encode_version(
+            2,
+            sb.generation,
+            next_id,
+            cat.snapshots.iter(),
+            cat.block_crcs.iter().map(|(&b, &c)| (b, c)),
+        );
+        patch(&path, sb.geometry.meta_slot_offset(sb.catalog_slot), &old);
+        let len = old.len() as u64;
+        reseal_superblock(&path, sb.generation % 2, |s| {
+            s[8] = 1;
+            s[112..120].copy_from_slice(&len.to_le_bytes());
+        });
+        reseal_superblock(&path, 1 - sb.generation % 2, |s| s[8] = 1);
+        let version = |copy: u64| {
+            let f = std::fs::File::open(&path).expect("open");
+            let mut v = [0u8; 4];
+            f.read_exact_at(&mut v, copy * SB_SIZE + 8).expect("read");
+            u32::from_le_bytes(v)
+        };
+        assert_eq!((version(0), version(1)), (1, 1));
+        let mut pool = Pool::open(&path).expect("a format 1 pool opens");
+        assert_eq!((pool.catalog_version, pool.recovery().replayed), (2, 1));
+        assert_eq!(pool.read_snapshot_page("a", 1).expect("a").1, pattern(1));
+        assert_eq!(pool.read_snapshot_page("a", 2).expect("a").1, pattern(2));
+        pool.snapshot("b", SnapshotKind::Vm, &[PageRun::new(4, 8)], meta())
+            .expect("b");
+        // That commit was a checkpoint, in the other slot, under a format 2 superblock.
+        assert_ne!(pool.sb.catalog_slot, sb.catalog_slot);
+        assert_eq!(pool.sb.catalog_len, pool.checkpoint_len);
+        assert_eq!(pool.catalog_version, catalog::CATALOG_VERSION);
+        let g = pool.sb.generation;
+        assert_eq!(version(g % 2), superblock::FORMAT_VERSION);
+        assert_eq!(
+            version(1 - g % 2),
+            1,
+            "the previous generation stays as it was"
+        );
+        // The next commit is a delta again.
+        pool.write_ram_page(5, &pattern(102)).expect("preserve 5");
+        pool.delete("b").expect("delete b");
+        assert!(pool.sb.catalog_len > pool.checkpoint_len);
+        drop(pool);
+        let pool = Pool::open(&path).expect("reopen the upgraded pool");
+        assert_eq!(pool.list().len(), 1);
+        for (p, seed) in [(1, 1), (2, 2), (5, 5), (6, 6)] {
+            assert_eq!(pool.read_snapshot_page("a", p).expect("a").1, pattern(seed));
+        }
+        assert!(pool.verify(|_, _| {}).is_clean());
     }
 
     /// `load` counts references run by run and relies on every redirect lying inside
@@ -379,17 +471,19 @@ mod tests {
         // The next commit puts a's redirect of page 1 into the catalog.
         pool.snapshot("b", SnapshotKind::Vm, &[PageRun::new(8, 2)], meta())
             .expect("b");
-        assert_eq!(pool.snapshots[0].redirects.len(), 1);
+        assert_eq!(pool.snapshots[&1].redirects.len(), 1);
+        pool.gc()
+            .expect("gc: the catalog in force is one checkpoint");
         // Rewrite the catalog (same length) with a's redirect moved to page 9, which a
         // does not cover (b does).
-        let mut a = pool.snapshots[0].clone();
+        let mut a = pool.snapshots[&1].clone();
         let b = a.redirects.pop_first().map(|(_, b)| b).expect("redirect");
         a.redirects.insert(9, b);
         let blocks = pool.index.catalog_blocks(None);
         let bytes = catalog::encode(
             pool.sb.generation,
             pool.next_id,
-            [&a, &pool.snapshots[1]].into_iter(),
+            [&a, &pool.snapshots[&2]].into_iter(),
             blocks.into_iter(),
         );
         assert_eq!(bytes.len() as u64, pool.sb.catalog_len);

@@ -4,7 +4,7 @@
 
 use super::{now_ns, Pool};
 use crate::catalog::{
-    validate_name, validate_owned_name, BlobRef, Snapshot, MAX_LABELS, MAX_VALUE_LEN,
+    validate_name, validate_owned_name, BlobRef, Redirect, Snapshot, MAX_LABELS, MAX_VALUE_LEN,
 };
 use crate::error::{PoolError, Result};
 use crate::redirect_log::LogRecord;
@@ -152,7 +152,7 @@ impl Pool {
         F: FnOnce(&[PageRun]) -> std::result::Result<(), ProtectError>,
     {
         validate_owned_name(meta.owner, name).map_err(invalid)?;
-        if self.snapshots.iter().any(|s| s.name == name) {
+        if self.names.contains_key(name) {
             return Err(PoolError::DuplicateName(name.to_string()));
         }
         validate_meta(kind, runs, &meta)?;
@@ -206,7 +206,8 @@ impl Pool {
         }
         self.next_id = next_id;
         let id = snap.id;
-        self.snapshots.push(snap);
+        self.names.insert(snap.name.clone(), id);
+        self.snapshots.insert(id, snap);
         Ok(id)
     }
 
@@ -280,37 +281,52 @@ impl Pool {
         }
     }
 
-    /// Point every snapshot that references RAM(p) at block b (in memory only).
+    /// Point every snapshot that references RAM(p) at block b (in memory only), and
+    /// keep the redirect for the next commit's delta. Newest first, stopping once the
+    /// `ram_refs(p)` snapshots that reference RAM(p) are found: those are the ones taken
+    /// since p was last preserved, usually the newest, so the walk is about as long as
+    /// the sharing, not the history (an old snapshot alone referencing p still costs a
+    /// walk to it).
     pub(super) fn apply_redirect(&mut self, p: u64, b: u32, crc: u32) {
+        let want = self.index.ram_refs(p);
         let mut n = 0;
-        for s in &mut self.snapshots {
+        for s in self.snapshots.values_mut().rev() {
+            if n == want {
+                break;
+            }
             if s.covers(p) && !s.redirects.contains_key(&p) {
                 s.redirects.insert(p, b);
                 n += 1;
             }
         }
         self.index.apply_redirect(p, b, crc, n);
+        self.pending.push(Redirect {
+            page: p,
+            block: b,
+            crc,
+        });
     }
 
     /// Delete a snapshot: drop its references durably, free blocks nobody else uses,
     /// and return the RAM pages that are no longer protected (as runs).
     pub fn delete<'a>(&mut self, sel: impl Into<SnapshotSel<'a>>) -> Result<Vec<PageRun>> {
-        let idx = self.find(sel.into())?;
-        let id = self.snapshots[idx].id;
+        let id = self.find(sel.into())?;
         self.commit(None, Some(id), self.next_id)?;
-        let s = self.snapshots.remove(idx);
+        let s = self.snapshots.remove(&id).expect("found above");
+        self.names.remove(&s.name);
         Ok(self.index.release(&s))
     }
 
     /// Reclaim anything unreferenced: recompute page and block usage from the snapshots,
-    /// free what nothing references, compact the redirect log into a new generation, and
-    /// report. (Block usage is derived from references at open, so blocks written by an
-    /// operation a crash interrupted are already free after reopening; gc is the sweep
-    /// that proves it and compacts.)
+    /// free what nothing references, compact the redirect log and every delta into a new
+    /// checkpoint (the whole catalog, in the other metadata slot), and report. (Block
+    /// usage is derived from references at open, so blocks written by an operation a
+    /// crash interrupted are already free after reopening; gc is the sweep that proves it
+    /// and compacts.)
     pub fn gc(&mut self) -> Result<GcReport> {
         let compacted = u64::from(self.log_tail);
-        self.commit(None, None, self.next_id)?;
-        let (pages_unprotected, blocks_reclaimed) = self.index.recount(&self.snapshots);
+        self.commit_geo(None, None, self.next_id, self.geo, true)?;
+        let (pages_unprotected, blocks_reclaimed) = self.index.recount(self.snapshots.values());
         Ok(GcReport {
             blocks_reclaimed,
             pages_unprotected,
@@ -356,6 +372,45 @@ mod tests {
         assert_eq!(pool.recovery().replayed, 1);
         assert_eq!(pool.read_snapshot_page("b", 10).expect("b").1, pattern(17));
         assert_eq!(pool.read_ram_page(10).expect("ram"), pattern(999));
+        assert!(pool.verify(|_, _| {}).is_clean());
+    }
+
+    /// A preserve re-points exactly the snapshots referencing RAM(p), found newest first:
+    /// the newest only, all of them, or only the oldest (the walk goes to it).
+    #[test]
+    fn preserve_repoints_exactly_the_snapshots_referencing_the_page() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 32, PoolOptions::default());
+        fill(&mut pool, 0..32, 7);
+        vm(&mut pool, "a", &[PageRun::new(0, 12)]);
+        pool.write_ram_page(3, &pattern(100))
+            .expect("a's page 3 preserved");
+        vm(&mut pool, "b", &[PageRun::new(0, 8)]);
+        vm(&mut pool, "c", &[PageRun::new(4, 4)]);
+        for i in 0..5 {
+            vm(&mut pool, &format!("x{i}"), &[PageRun::new(20, 2)]);
+        }
+        let loc = |pool: &Pool, s: &str, p| pool.snapshot_page_location(s, p).expect("loc");
+        let a3 = loc(&pool, "a", 3);
+        // Page 3: b only (a has its block, c does not cover it).
+        pool.write_ram_page(3, &pattern(101)).expect("b's page 3");
+        assert!(matches!(loc(&pool, "b", 3), PageLocation::Block(_)));
+        assert_eq!(loc(&pool, "a", 3), a3, "a keeps its older block");
+        // Page 5: a, b and c share one block.
+        pool.write_ram_page(5, &pattern(102)).expect("page 5");
+        let b5 = loc(&pool, "b", 5);
+        assert!(matches!(b5, PageLocation::Block(_)));
+        assert_eq!((loc(&pool, "a", 5), loc(&pool, "c", 5)), (b5, b5));
+        // Page 10: only the oldest, behind five newer snapshots.
+        pool.write_ram_page(10, &pattern(103)).expect("page 10");
+        assert!(matches!(loc(&pool, "a", 10), PageLocation::Block(_)));
+        assert!(!pool.is_protected(3) && !pool.is_protected(5) && !pool.is_protected(10));
+        for (s, p, seed) in [("a", 3, 10), ("b", 3, 100), ("c", 5, 12), ("a", 10, 17)] {
+            assert_eq!(
+                pool.read_snapshot_page(s, p).expect("read").1,
+                pattern(seed)
+            );
+        }
         assert!(pool.verify(|_, _| {}).is_clean());
     }
 

@@ -78,7 +78,7 @@ impl VerifyReport {
 impl Pool {
     /// Total units of work `verify` reports progress in (snapshot pages).
     pub fn verify_work(&self) -> u64 {
-        self.snapshots.iter().map(|s| s.page_count()).sum()
+        self.snapshots.values().map(|s| s.page_count()).sum()
     }
 
     /// Check every checksum (superblock, catalog records, current log records, every
@@ -119,7 +119,7 @@ impl Pool {
         let total = self.verify_work();
         let mut done = 0u64;
         let mut block_ok: HashMap<u32, (bool, u32)> = HashMap::new();
-        for s in &self.snapshots {
+        for s in self.snapshots.values() {
             rep.snapshots += 1;
             for p in s.pages() {
                 match s.redirects.get(&p) {
@@ -221,7 +221,7 @@ mod tests {
         };
         pool.snapshot("a", SnapshotKind::Vm, &[], meta)
             .expect("snapshot");
-        let b = pool.snapshots[0].blob.blocks[0];
+        let b = pool.snapshots[&1].blob.blocks[0];
         pool.map
             .write_at(pool.geo.block_offset_of(u64::from(b)), &[6])
             .expect("corrupt");

@@ -140,3 +140,21 @@ pub fn small_opts(persist: Option<Box<dyn pmem_backend::Persist>>) -> PoolOption
         ..PoolOptions::default()
     }
 }
+
+/// The superblock in force in the first 8 KiB of a pool (file or durable image).
+pub fn superblock_of(head: &[u8]) -> pmem_backend::superblock::Superblock {
+    use pmem_backend::superblock::{decode, select, SB_SIZE};
+    let n = SB_SIZE as usize;
+    select(&decode(&head[..n]), &decode(&head[n..2 * n])).expect("a superblock in force")
+}
+
+/// The superblock in force in the pool file at `path` (an open pool's file shows what
+/// the store wrote through its mapping).
+pub fn superblock_at(path: &Path) -> pmem_backend::superblock::Superblock {
+    use std::io::Read;
+    let mut head = vec![0u8; 8192];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .expect("read the superblocks");
+    superblock_of(&head)
+}
