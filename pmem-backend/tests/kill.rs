@@ -190,6 +190,7 @@ fn kill_9_during_commits_across_checkpoints() {
         log_records: Some(128),
         meta_slot_bytes: Some(8 * 1024),
         persist: None,
+        ..PoolOptions::default()
     };
     let mut pool = Pool::create(&path, PAGES * PAGE_SIZE as u64, opts).expect("create");
     models[0].fill(&mut pool);
