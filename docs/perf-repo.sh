@@ -64,4 +64,24 @@ T0=$(date +%s%N)
 "$BIN" import s1 --from "$REPO" --pool /dev/shm/pmsnap-perf-repo-c.pool --json > /dev/null
 echo "mem=$MEM import of s1 into a new pool: $(ms_since "$T0") ms"
 du -sh "$REPO"
+# A guest whose RAM is in use: the pattern payload (vmm/tests/payload/pattern.S) writes
+# every page of its region with distinct content. p1 is taken, the vCPUs run for a few
+# milliseconds (the payload writes about 1% of RAM), p2 is taken; p1 exported in full,
+# then p2 incrementally.
+as --64 -o "$W/p.o" "$(dirname "${BASH_SOURCE[0]}")/../vmm/tests/payload/pattern.S"
+objcopy -O binary "$W/p.o" "$W/p.bin"
+P=/dev/shm/pmsnap-perf-repo-p.pool
+"$BIN" run --payload "$W/p.bin" --mem "$MEM" --pool "$P" --api-sock "$W/p.api" < /dev/null > /dev/null 2> "$W/p.err" & VMM=$!
+sleep 5
+"$BIN" ctl --api-sock "$W/p.api" pause > /dev/null
+"$BIN" ctl --api-sock "$W/p.api" snapshot-vm p1 > /dev/null
+"$BIN" ctl --api-sock "$W/p.api" resume > /dev/null; sleep 0.005
+"$BIN" ctl --api-sock "$W/p.api" pause > /dev/null
+"$BIN" ctl --api-sock "$W/p.api" snapshot-vm p2 > /dev/null
+DIRTY=$("$BIN" ctl --api-sock "$W/p.api" --json dirty p1 | json pages)
+kill -9 "$VMM"; wait "$VMM" 2>/dev/null || true; VMM=
+P1=$("$BIN" export p1 --pool "$P" --to "$REPO" --json)
+P2=$("$BIN" export p2 --pool "$P" --to "$REPO" --json)
+rm -f "$P"
+echo "mem=$MEM payload guest (RAM in use): full export of p1 $(echo "$P1" | json bytes_written) bytes; p2 after $DIRTY pages ($(python3 -c "print(round(100*$DIRTY/$PAGES, 2))")% of RAM) were written: $(echo "$P2" | json bytes_written) bytes, ratio $(python3 -c "print(round($(echo "$P2" | json bytes_written)/$(echo "$P1" | json bytes_written), 4))")"
 echo "load: $(uptime)"
