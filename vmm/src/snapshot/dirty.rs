@@ -262,10 +262,7 @@ impl DirtyTracker {
             }
             let start = g * 64;
             let end = (start + 64).min(self.last.len());
-            let mut word = 0u64;
-            for (i, &stamp) in self.last[start..end].iter().enumerate() {
-                word |= u64::from(stamp >= epoch) << i;
-            }
+            let mut word = group_mask(&self.last[start..end], epoch);
             while word != 0 {
                 let page = start as u64 + u64::from(word.trailing_zeros());
                 match runs.last_mut() {
@@ -277,6 +274,27 @@ impl DirtyTracker {
         }
         runs
     }
+}
+
+/// Bit `i` set where `stamps[i] >= epoch` (at most 64 stamps).
+fn group_mask(stamps: &[u32], epoch: u32) -> u64 {
+    if let Ok(full) = <&[u32; 64]>::try_from(stamps) {
+        // A fixed-length loop the compiler turns into vector compares.
+        let mut word = 0u64;
+        for (half, chunk) in full.chunks_exact(32).enumerate() {
+            let mut bits = 0u32;
+            for (i, &stamp) in chunk.iter().enumerate() {
+                bits |= u32::from(stamp >= epoch) << i;
+            }
+            word |= u64::from(bits) << (half * 32);
+        }
+        return word;
+    }
+    let mut word = 0u64;
+    for (i, &stamp) in stamps.iter().enumerate() {
+        word |= u64::from(stamp >= epoch) << i;
+    }
+    word
 }
 
 #[cfg(test)]
