@@ -262,14 +262,18 @@ impl DirtyTracker {
             }
             let start = g * 64;
             let end = (start + 64).min(self.last.len());
-            let mut word = group_mask(&self.last[start..end], epoch);
-            while word != 0 {
-                let page = start as u64 + u64::from(word.trailing_zeros());
+            let word = group_mask(&self.last[start..end], epoch);
+            // A run of set bits at a time, not a bit.
+            let mut bit = 0u32;
+            while bit < 64 && word >> bit != 0 {
+                bit += (word >> bit).trailing_zeros();
+                let len = (word >> bit).trailing_ones();
+                let page = start as u64 + u64::from(bit);
                 match runs.last_mut() {
-                    Some((first, count)) if *first + *count == page => *count += 1,
-                    _ => runs.push((page, 1)),
+                    Some((first, count)) if *first + *count == page => *count += u64::from(len),
+                    _ => runs.push((page, u64::from(len))),
                 }
-                word &= word - 1;
+                bit += len;
             }
         }
         runs
