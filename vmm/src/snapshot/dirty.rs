@@ -95,14 +95,16 @@ impl DirtyTracker {
                 if word == 0 {
                     continue;
                 }
-                let base = w as u64 * 64;
-                let mut word = word;
-                while word != 0 {
-                    let p = base + u64::from(word.trailing_zeros());
-                    if p < self.pages {
-                        self.last[p as usize] = self.epoch;
-                    }
-                    word &= word - 1;
+                // A run of set bits at a time; `last` ends at the last page.
+                let base = w * 64;
+                let mut bit = 0u32;
+                while bit < 64 && word >> bit != 0 {
+                    bit += (word >> bit).trailing_zeros();
+                    let len = (word >> bit).trailing_ones();
+                    let first = (base + bit as usize).min(self.last.len());
+                    let end = (first + len as usize).min(self.last.len());
+                    self.last[first..end].fill(self.epoch);
+                    bit += len;
                 }
                 self.group_max[w] = self.epoch;
             }
