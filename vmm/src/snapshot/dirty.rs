@@ -12,10 +12,16 @@
 //! - memory is one `u32` per guest page plus one per 64 pages (4.0 + 0.06 MiB for a
 //!   4 GiB guest), whatever the number of snapshots and however much was written;
 //! - a harvest stamps the harvested pages with the current epoch: its cost is the
-//!   sources' own (their RAM-sized bitmaps) plus one store per written page;
+//!   sources' own (their RAM-sized bitmaps) plus a store per written page;
 //! - `dirty_since(S)` scans the per-64-page maxima and looks inside only the groups with
 //!   a write in or after `S`'s epoch;
-//! - start, reset and forget are O(1) (an epoch counter and a name map).
+//! - start and reset are a harvest plus O(1) (an epoch counter and a name map), forget
+//!   is O(1). The stamps are allocated (zeroed, lazily by the kernel) when the first
+//!   snapshot is tracked by epoch and freed when the last one goes; epoch numbers are
+//!   renumbered in one O(pages) pass before they would pass `u32::MAX`.
+//!
+//! `vmm/examples/dirty_scale.rs` measures this against the previous tracker
+//! (docs/perf-scale.md).
 //!
 //! Each harvest takes the bitmaps of every source (KVM's dirty log and the VMM's own
 //! writes, see [`crate::vstate::dirty`]), so "dirty since S" is exact for as long as S is
