@@ -5,7 +5,8 @@
 //! bitmap per snapshot, every harvest ORed into all of them; kept here only).
 //!
 //! `cargo run --release -p vmm --example dirty_scale` (a 4 GiB guest, 1,000 snapshots,
-//! about a minute); `-- --mib M --snapshots N --rounds R` to change the sizes.
+//! 10-20 s here, most of it the old tracker's); `-- --mib M --snapshots N --rounds R` to
+//! change the sizes.
 //!
 //! The guest RAM is real anonymous memory behind vm-memory (`GuestMemoryMmap` with its
 //! `AtomicBitmap`), written through vm-memory, and the tracker's source is the VMM's own
