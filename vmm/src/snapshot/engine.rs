@@ -586,6 +586,70 @@ mod tests {
         );
     }
 
+    /// A dirty source fed by hand: the pages a test wrote into RAM as the guest.
+    struct GuestWrites(Arc<Mutex<Vec<u64>>>, u64);
+    impl DirtySource for GuestWrites {
+        fn harvest(&mut self) -> Result<crate::vstate::dirty::PageBitmap, DirtyError> {
+            let mut out = vec![0u64; crate::vstate::dirty::bitmap_words(self.1)];
+            for p in self.0.lock().expect("lock").drain(..) {
+                out[(p / 64) as usize] |= 1 << (p % 64);
+            }
+            Ok(out)
+        }
+    }
+
+    fn dirty_pages(engine: &Engine, name: &str) -> Vec<u64> {
+        let runs = engine.dirty_since(name).expect("dirty since");
+        runs.iter()
+            .flat_map(|r| r.first..r.first + r.count)
+            .collect()
+    }
+
+    /// The controller's rollback sequence (dirty since, copy back, after_vmm_write,
+    /// reset) on three snapshots: the rolled-back one starts over, and the pages the
+    /// rollback wrote are dirty for the others, whose content they changed.
+    #[test]
+    fn a_rollback_leaves_its_copied_back_pages_dirty_for_the_other_snapshots() {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let (_dir, engine, ram) = crate::snapshot::testutil::setup_with_sources(
+            32,
+            Default::default(),
+            vec![Box::new(GuestWrites(written.clone(), 32))],
+        );
+        let guest_write = |p: u64, v: u8| {
+            ram.fill_page(p, v);
+            written.lock().expect("lock").push(p);
+        };
+        for p in 0..32 {
+            ram.fill_page(p, 1);
+        }
+        snap(&engine, "a", &[(0, 32)]).expect("a");
+        guest_write(3, 2);
+        snap(&engine, "b", &[(0, 32)]).expect("b");
+        guest_write(5, 3);
+        snap(&engine, "c", &[(0, 32)]).expect("c");
+        guest_write(7, 4);
+        assert_eq!(dirty_pages(&engine, "b"), vec![5, 7]);
+        let dirty = engine.dirty_since("b").expect("dirty since b");
+        let back = lock_pool(engine.pool())
+            .copy_back("b", &dirty)
+            .expect("copy back");
+        assert_eq!(back, vec![5, 7]);
+        engine.after_vmm_write(&back);
+        engine.reset_dirty("b").expect("reset b");
+        assert_eq!((ram.word(5, 0) as u8, ram.word(7, 0) as u8), (1, 1));
+        assert_eq!(dirty_pages(&engine, "b"), Vec::<u64>::new());
+        assert_eq!(dirty_pages(&engine, "a"), vec![3, 5, 7]);
+        assert_eq!(
+            dirty_pages(&engine, "c"),
+            vec![5, 7],
+            "page 5 held 3 when c was taken and holds 1 now"
+        );
+        guest_write(9, 5);
+        assert_eq!(dirty_pages(&engine, "b"), vec![9]);
+        assert_eq!(dirty_pages(&engine, "c"), vec![5, 7, 9]);
+    }
+
     #[test]
     fn a_duplicate_name_keeps_the_existing_snapshots_dirty_tracking() {
         let (_dir, engine, _ram) = setup(16);

@@ -9,6 +9,7 @@ use pmsnap_testenv::SharedMap;
 use super::engine::Engine;
 use super::fault::HandlerOptions;
 use super::protect::UffdProtector;
+use crate::vstate::dirty::DirtySource;
 
 /// The VMM's view of guest RAM: the pool's RAM area mapped shared, as KVM sees it.
 pub(crate) type Ram = SharedMap;
@@ -22,6 +23,15 @@ pub(crate) fn setup_with(
     pages: u64,
     options: PoolOptions,
 ) -> (tempfile::TempDir, Engine, Arc<Ram>) {
+    setup_with_sources(pages, options, Vec::new())
+}
+
+/// [`setup_with`] with dirty-tracking sources.
+pub(crate) fn setup_with_sources(
+    pages: u64,
+    options: PoolOptions,
+    dirty_sources: Vec<Box<dyn DirtySource>>,
+) -> (tempfile::TempDir, Engine, Arc<Ram>) {
     let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir on tmpfs");
     let pool = Pool::create(dir.path().join("p.pool"), pages * 4096, options).expect("create pool");
     let len = pool.ram_size() as usize;
@@ -30,7 +40,7 @@ pub(crate) fn setup_with(
     let engine = Engine::start(
         Arc::new(Mutex::new(pool)),
         prot,
-        Vec::new(),
+        dirty_sources,
         HandlerOptions::default(),
     )
     .expect("engine");
