@@ -163,13 +163,17 @@ impl Writer<'_> {
         let (bytes, idx) = b.finish();
         let id = idx.pack;
         let pk = pack_key(&id);
-        self.repo.put(&pk, &bytes)?;
         let sealed = seal(INDEX_MAGIC, &encode(&idx));
         let ik = index_key(&id);
-        self.repo.put(&ik, &sealed)?;
         self.report.bytes_written += (bytes.len() + sealed.len()) as u64;
-        self.report.packs_written += 1;
         let hash = blake(&sealed);
+        // The pack, then its index, in the background on an object store (a bounded
+        // number of packs in flight); the export waits for all before its final check.
+        self.repo
+            .storage
+            .put_queued(vec![(pk.clone(), bytes), (ik, sealed)])
+            .map_err(storage_err("put", &pk))?;
+        self.report.packs_written += 1;
         for (i, e) in idx.entries.iter().enumerate() {
             self.known.entry(e.hash).or_insert(Loc {
                 pack: id,
@@ -229,6 +233,20 @@ impl Repo {
     /// ([`RepoError::Exists`]) unless its content and metadata are identical, in which
     /// case nothing is written and the report says `no_op`.
     pub fn export(
+        &self,
+        source: &mut dyn SnapshotSource,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<ExportReport> {
+        let r = self.export_inner(source, progress);
+        if r.is_err() {
+            // Uploads still in flight finish (or fail) before the error is returned, so
+            // nothing of this export is written afterwards.
+            let _ = self.storage.wait_queued();
+        }
+        r
+    }
+
+    fn export_inner(
         &self,
         source: &mut dyn SnapshotSource,
         progress: &mut dyn FnMut(Progress),
@@ -342,6 +360,9 @@ impl Repo {
         });
 
         w.flush()?;
+        self.storage
+            .wait_queued()
+            .map_err(storage_err("put", "packs/"))?;
         progress(Progress {
             phase: Phase::Commit,
             done: 0,

@@ -86,6 +86,7 @@ mod manage;
 mod meta;
 mod read;
 mod repo;
+mod s3;
 mod storage;
 
 pub use error::{RepoError, Result, SourceError};
@@ -94,6 +95,7 @@ pub use format::{hex, parse_hex, Hash32};
 pub use manage::{GcReport, Problem, SnapshotSummary, VerifyReport};
 pub use meta::{Manifest, SnapshotMeta};
 pub use repo::{Repo, DEFAULT_PACK_SIZE, MAX_STATE_LEN, REPO_VERSION};
+pub use s3::{open_storage, RepoLocation, S3Options, S3Storage};
 pub use storage::{DirStorage, MemStorage, ObjectInfo, Storage};
 
 /// Bytes per page and per chunk.
