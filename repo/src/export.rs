@@ -267,6 +267,14 @@ impl Repo {
         let idx_ids = self.list_ids("index/")?;
         let mut known: HashMap<Hash32, Loc> = HashMap::new();
         let n_idx = idx_ids.len() as u64;
+        // All at once (concurrent GETs on an object store); the loop below finds them
+        // loaded, or reports what was wrong.
+        let usable: Vec<Hash32> = idx_ids
+            .keys()
+            .filter(|id| packs.contains_key(*id) && !condemned.contains(*id))
+            .copied()
+            .collect();
+        self.load_indexes(&usable);
         for (i, id) in idx_ids.keys().enumerate() {
             if !packs.contains_key(id) || condemned.contains(id) {
                 continue;

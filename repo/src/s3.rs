@@ -524,6 +524,31 @@ impl Storage for S3Storage {
         )
     }
 
+    fn get_many(&self, keys: &[String]) -> Vec<io::Result<Vec<u8>>> {
+        let ctx = self.ctx();
+        let futs = keys.iter().map(|key| {
+            let (store, ctx) = (self.store.clone(), ctx.clone());
+            let path = self.path(key);
+            let key = key.clone();
+            async move {
+                let path = path?;
+                let r = store
+                    .get(&path)
+                    .await
+                    .map_err(|e| ctx.map("get", &key, e))?;
+                r.bytes()
+                    .await
+                    .map(|b| b.to_vec())
+                    .map_err(|e| ctx.map("get", &key, e))
+            }
+        });
+        self.rt.block_on(
+            futures::stream::iter(futs)
+                .buffered(self.in_flight)
+                .collect::<Vec<_>>(),
+        )
+    }
+
     fn list(&self, prefix: &str) -> io::Result<Vec<ObjectInfo>> {
         // Directory-like part and start of a name, as DirStorage.
         let dir = match prefix.rfind('/') {

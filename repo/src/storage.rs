@@ -73,6 +73,11 @@ pub trait Storage: Send + Sync + fmt::Debug {
             .map(|(k, o, l)| self.get_range(k, *o, *l))
             .collect()
     }
+    /// Several whole objects at once (an object store fetches them concurrently,
+    /// bounded); one result per key, in order.
+    fn get_many(&self, keys: &[String]) -> Vec<io::Result<Vec<u8>>> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
     /// Where the objects are, for messages (a directory, `s3://bucket/prefix`).
     fn describe(&self) -> String {
         format!("{self:?}")
@@ -106,6 +111,9 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     }
     fn get_ranges(&self, reqs: &[(String, u64, u64)]) -> Vec<io::Result<Vec<u8>>> {
         (**self).get_ranges(reqs)
+    }
+    fn get_many(&self, keys: &[String]) -> Vec<io::Result<Vec<u8>>> {
+        (**self).get_many(keys)
     }
     fn describe(&self) -> String {
         (**self).describe()

@@ -406,12 +406,33 @@ fn a_live_export_to_a_bucket_under_seccomp_and_every_repo_command_on_it() {
     assert_eq!(v3["problems"].as_array().map(Vec::len), Some(0), "{v3}");
     assert_eq!(v3["chunks"], vd["chunks"]);
 
-    let imp = ok_json_env(
-        &["import", "v1", "--from", url, "--pool", s(&p2), "--json"],
-        &env,
-    );
+    // Two imports on this host through one pack cache: the second fetches nothing.
+    let cache = dir.path().join("cache");
+    let import = |pool: &Path| {
+        ok_json_env(
+            &[
+                "import",
+                "v1",
+                "--from",
+                url,
+                "--pool",
+                s(pool),
+                "--cache-dir",
+                s(&cache),
+                "--json",
+            ],
+            &env,
+        )
+    };
+    let imp = import(&p2);
     assert_eq!(imp["pages"], 8192, "{imp}");
+    let fetched = imp["fetched_bytes"].as_u64().expect("fetched_bytes");
+    assert!(fetched > 0, "{imp}");
     assert_same_v1(&p1, &p2, 8192, "imported from the bucket");
+    std::fs::remove_file(&p2).expect("rm pool");
+    let imp = import(&p2);
+    assert_eq!(imp["fetched_bytes"], 0, "{imp}");
+    assert_same_v1(&p1, &p2, 8192, "imported again, from the cache");
 
     ok_json_env(&["repo", "rm", url, "v1", "--json"], &env);
     let gc = ok_json_env(&["repo", "gc", url, "--grace-secs", "0", "--json"], &env);

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use clap::{Args, Subcommand};
 use guest_agent::cli::{exit, format_time_ms};
 use pmem_backend::{Pool, PoolOptions};
-use pmsnap_repo::{open_storage, Repo, RepoLocation, S3Options};
+use pmsnap_repo::{open_storage, PackCache, Repo, RepoLocation, S3Options};
 
 use super::anyhow_like::{context, Result};
 use crate::controller::export::{every_tenth, export_snapshot};
@@ -38,6 +38,15 @@ pub struct StoreArgs {
     /// 60].
     #[arg(long, value_name = "SECS", global = true)]
     pub s3_retry_secs: Option<u64>,
+    /// Local cache of pack ranges fetched from s3:// repositories, shared by every pmsnap
+    /// on this host that uses it (each 1 MiB range is fetched once) [default:
+    /// $PMSNAP_CACHE_DIR, else /var/tmp/pmsnap-cache].
+    #[arg(long, value_name = "DIR", global = true)]
+    pub cache_dir: Option<PathBuf>,
+    /// Size limit of the cache in MiB; the least recently used ranges go first (0: no
+    /// cache).
+    #[arg(long, value_name = "MIB", global = true, default_value_t = 4096)]
+    pub cache_mib: u64,
 }
 
 impl StoreArgs {
@@ -54,6 +63,23 @@ impl StoreArgs {
             o.retry_timeout = std::time::Duration::from_secs(s);
         }
         o
+    }
+
+    /// The pack cache of s3:// repositories (None with `--cache-mib 0`).
+    pub fn cache(&self) -> Result<Option<Arc<PackCache>>> {
+        if self.cache_mib == 0 {
+            return Ok(None);
+        }
+        let dir = self
+            .cache_dir
+            .clone()
+            .or_else(|| std::env::var_os("PMSNAP_CACHE_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/var/tmp/pmsnap-cache"));
+        let c = PackCache::open(&dir, self.cache_mib << 20).map_err(context(format!(
+            "cannot open the pack cache {}",
+            dir.display()
+        )))?;
+        Ok(Some(Arc::new(c)))
     }
 }
 
@@ -78,7 +104,12 @@ pub fn open_repo(arg: &str, store: &StoreArgs, create: bool) -> Result<Repo> {
         storage.list("config").map_err(cannot())?;
         return Err(format!("{loc} is not a pmsnap repository (no config)").into());
     }
-    Repo::open_or_init(storage).map_err(context(what.clone()))
+    let repo = Repo::open_or_init(storage).map_err(context(what.clone()))?;
+    // A directory is read in place; a bucket through the host's pack cache.
+    match store.cache()? {
+        Some(c) if loc.is_s3() => Ok(repo.with_cache(c)),
+        _ => Ok(repo),
+    }
 }
 
 /// Arguments of `pmsnap export`.
@@ -242,6 +273,10 @@ struct ImportReport {
     zero_pages: u64,
     ram_bytes: u64,
     millis: u64,
+    /// Bytes fetched from a bucket into the pack cache (0: all in the cache already;
+    /// absent for a directory).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fetched_bytes: Option<u64>,
 }
 
 /// Run `pmsnap import`.
@@ -287,18 +322,22 @@ pub fn import(args: ImportArgs) -> Result<i32> {
         zero_pages: m.zero_pages(),
         ram_bytes: meta.ram_size,
         millis: t.elapsed().as_millis() as u64,
+        fetched_bytes: repo.pack_cache().map(|c| c.stats().fetched_bytes),
     };
     if args.json {
         return print_json(&rep).map(|()| exit::OK);
     }
     println!(
-        "imported {} into {}: {} pages ({} zero) of a {} MiB guest in {} ms",
+        "imported {} into {}: {} pages ({} zero) of a {} MiB guest in {} ms{}",
         rep.name,
         rep.pool,
         rep.pages,
         rep.zero_pages,
         rep.ram_bytes >> 20,
-        rep.millis
+        rep.millis,
+        rep.fetched_bytes
+            .map(|b| format!(", {b} bytes fetched (the rest from the pack cache)"))
+            .unwrap_or_default()
     );
     Ok(exit::OK)
 }
@@ -315,18 +354,28 @@ fn fill(
     let (file, base) = (pool.file().try_clone()?, pool.ram_offset());
     let total = m.pages();
     let (mut done, mut tenth) = (0u64, 0u64);
-    for run in m.page_runs() {
-        for page in run.first..run.first + run.count {
-            done += 1;
-            if !quiet && done * 10 / total.max(1) > tenth {
-                tenth = done * 10 / total.max(1);
-                eprintln!("import: {}% of {total} pages", tenth * 10);
-            }
-            if m.is_zero(page) == Some(true) {
-                continue;
-            }
+    // Non-zero pages in windows of 64 MiB: with a pack cache (a bucket), each window's
+    // ranges are fetched concurrently first, then its pages are read from the cache.
+    let pages: Vec<u64> = m
+        .page_runs()
+        .iter()
+        .flat_map(|r| r.first..r.first + r.count)
+        .collect();
+    for window in pages.chunks(16384) {
+        let nonzero: Vec<u64> = window
+            .iter()
+            .copied()
+            .filter(|&p| m.is_zero(p) != Some(true))
+            .collect();
+        repo.prefetch(m, &nonzero)?;
+        for &page in &nonzero {
             let data = repo.read_page(m, page)?;
             file.write_all_at(&data, base + page * PAGE)?;
+        }
+        done += window.len() as u64;
+        if !quiet && done * 10 / total.max(1) > tenth {
+            tenth = done * 10 / total.max(1);
+            eprintln!("import: {}% of {total} pages", tenth * 10);
         }
     }
     file.sync_data()?;
