@@ -163,13 +163,17 @@ impl Writer<'_> {
         let (bytes, idx) = b.finish();
         let id = idx.pack;
         let pk = pack_key(&id);
-        self.repo.put(&pk, &bytes)?;
         let sealed = seal(INDEX_MAGIC, &encode(&idx));
         let ik = index_key(&id);
-        self.repo.put(&ik, &sealed)?;
         self.report.bytes_written += (bytes.len() + sealed.len()) as u64;
-        self.report.packs_written += 1;
         let hash = blake(&sealed);
+        // The pack, then its index, in the background on an object store (a bounded
+        // number of packs in flight); the export waits for all before its final check.
+        self.repo
+            .storage
+            .put_queued(vec![(pk.clone(), bytes), (ik, sealed)])
+            .map_err(storage_err("put", &pk))?;
+        self.report.packs_written += 1;
         for (i, e) in idx.entries.iter().enumerate() {
             self.known.entry(e.hash).or_insert(Loc {
                 pack: id,
@@ -233,6 +237,20 @@ impl Repo {
         source: &mut dyn SnapshotSource,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<ExportReport> {
+        let r = self.export_inner(source, progress);
+        if r.is_err() {
+            // Uploads still in flight finish (or fail) before the error is returned, so
+            // nothing of this export is written afterwards.
+            let _ = self.storage.wait_queued();
+        }
+        r
+    }
+
+    fn export_inner(
+        &self,
+        source: &mut dyn SnapshotSource,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<ExportReport> {
         let meta = source.meta().map_err(RepoError::Source)?;
         let body = meta.to_body()?;
         let mkey = manifest_key(&meta.name);
@@ -249,6 +267,14 @@ impl Repo {
         let idx_ids = self.list_ids("index/")?;
         let mut known: HashMap<Hash32, Loc> = HashMap::new();
         let n_idx = idx_ids.len() as u64;
+        // All at once (concurrent GETs on an object store); the loop below finds them
+        // loaded, or reports what was wrong.
+        let usable: Vec<Hash32> = idx_ids
+            .keys()
+            .filter(|id| packs.contains_key(*id) && !condemned.contains(*id))
+            .copied()
+            .collect();
+        self.load_indexes(&usable);
         for (i, id) in idx_ids.keys().enumerate() {
             if !packs.contains_key(id) || condemned.contains(id) {
                 continue;
@@ -342,6 +368,9 @@ impl Repo {
         });
 
         w.flush()?;
+        self.storage
+            .wait_queued()
+            .map_err(storage_err("put", "packs/"))?;
         progress(Progress {
             phase: Phase::Commit,
             done: 0,

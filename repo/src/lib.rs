@@ -79,6 +79,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod cache;
 mod error;
 mod export;
 mod format;
@@ -87,14 +88,18 @@ mod meta;
 mod pages;
 mod read;
 mod repo;
+mod s3;
 mod storage;
 
+pub use cache::{CacheStats, PackCache, CACHE_BLOCK};
 pub use error::{RepoError, Result, SourceError};
 pub use export::{ExportReport, Phase, Progress, SnapshotSource};
 pub use format::{hex, parse_hex, Hash32};
 pub use manage::{GcReport, Problem, SnapshotSummary, VerifyReport};
 pub use meta::{Manifest, SnapshotMeta};
+pub use read::PrefetchReport;
 pub use repo::{Repo, DEFAULT_PACK_SIZE, MAX_STATE_LEN, REPO_VERSION};
+pub use s3::{open_storage, RepoLocation, S3Options, S3Storage};
 pub use storage::{DirStorage, MemStorage, ObjectInfo, Storage};
 
 /// Bytes per page and per chunk.

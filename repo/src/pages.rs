@@ -80,7 +80,22 @@ impl Repo {
                 ents.push(e);
             }
             let total: u64 = ents.iter().map(|e| u64::from(e.len)).sum();
-            let data = self.pack_range(m, &pack, e0.offset, total, &what(k), entry + k as u64)?;
+            let first = entry + k as u64;
+            let mut data = self.pack_range(m, &pack, e0.offset, total, &what(k), first, true)?;
+            let intact = |d: &[u8]| {
+                let mut at = 0usize;
+                ents.iter().all(|e| {
+                    let ok = check_chunk(e, &d[at..at + e.len as usize]).is_ok();
+                    at += e.len as usize;
+                    ok
+                })
+            };
+            if data.1 && !intact(&data.0) {
+                // A damaged cached block: drop it and read the storage itself.
+                self.drop_cached(&pack, e0.offset, total);
+                data = self.pack_range(m, &pack, e0.offset, total, &what(k), first, false)?;
+            }
+            let data = data.0;
             let mut at = 0usize;
             for (j, e) in ents.iter().enumerate() {
                 let chunk = &data[at..at + e.len as usize];

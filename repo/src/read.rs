@@ -1,9 +1,13 @@
 //! Reading from the repository: manifests, pages and state blobs, every byte checked,
 //! and the cache of loaded pack indexes.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::Arc;
 
+use serde::Serialize;
+
+use crate::cache::{blocks_of, BlockId, CACHE_BLOCK};
 use crate::error::{corrupt, storage_err, RepoError, Result};
 use crate::format::{
     blake, check_chunk, hex, index_key, manifest_key, name_from_key, pack_key, Hash32, PackIndex,
@@ -17,6 +21,24 @@ pub(crate) struct LoadedIndex {
     pub(crate) idx: PackIndex,
     pub(crate) hash: Hash32,
 }
+
+/// What [`Repo::prefetch`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PrefetchReport {
+    /// Blocks the pages need.
+    pub blocks: u64,
+    /// Of those, blocks that were cached already.
+    pub cached: u64,
+    /// Blocks fetched now.
+    pub fetched: u64,
+    /// Bytes fetched now.
+    pub bytes: u64,
+    /// Blocks whose fetch failed (reading their pages reports why).
+    pub failed: u64,
+}
+
+/// Blocks fetched per round of [`Repo::prefetch`] (bounds its memory: 64 MiB).
+const PREFETCH_ROUND: usize = 64;
 
 impl Repo {
     pub(crate) fn cache(&self, id: Hash32, li: LoadedIndex) -> Arc<LoadedIndex> {
@@ -48,6 +70,158 @@ impl Repo {
                 hash: blake(&data),
             },
         ))
+    }
+
+    /// Load the indexes of these packs that are not loaded yet, all at once (concurrent
+    /// GETs on an object store). Errors are left for [`Repo::load_index`] to report
+    /// when the index is used.
+    pub(crate) fn load_indexes(&self, packs: &[Hash32]) {
+        let missing: Vec<Hash32> = {
+            let have = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
+            let set: BTreeSet<Hash32> = packs
+                .iter()
+                .filter(|p| !have.contains_key(*p))
+                .copied()
+                .collect();
+            set.into_iter().collect()
+        };
+        let keys: Vec<String> = missing.iter().map(index_key).collect();
+        for ((pack, key), data) in missing.iter().zip(&keys).zip(self.storage.get_many(&keys)) {
+            let Ok(data) = data else { continue };
+            if let Ok(idx) = PackIndex::decode(key, pack, &data) {
+                self.cache(
+                    *pack,
+                    LoadedIndex {
+                        idx,
+                        hash: blake(&data),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Load every index the snapshot uses, concurrently: afterwards a page read is one
+    /// ranged read (or a cache hit) and nothing else. Damaged or missing indexes are
+    /// reported by the page reads that need them.
+    pub fn load_manifest_indexes(&self, m: &Manifest) {
+        let packs: Vec<Hash32> = m.body.packs.iter().map(|p| p.pack).collect();
+        self.load_indexes(&packs);
+    }
+
+    /// Fetch into the cache ([`Repo::with_cache`]) every block the given pages need and
+    /// it lacks, with concurrent ranged reads (an object store keeps a bounded number in
+    /// flight), in rounds of 64 blocks. Zero pages and pages not in the snapshot need
+    /// nothing. Best effort: a block that cannot be fetched is counted in `failed`, and
+    /// reading its pages reports the error precisely. Without a cache, does nothing.
+    pub fn prefetch(&self, m: &Manifest, pages: &[u64]) -> Result<PrefetchReport> {
+        let mut rep = PrefetchReport::default();
+        let Some(cache) = self.cache.clone() else {
+            return Ok(rep);
+        };
+        self.load_manifest_indexes(m);
+        // Wanted blocks, in first-needed order, with their pack's length.
+        let mut seen: BTreeSet<BlockId> = BTreeSet::new();
+        let mut want: Vec<(BlockId, u64)> = Vec::new();
+        for &page in pages {
+            let Some((Target::Chunks { pack, entry }, off)) = find(&m.body.pages, page) else {
+                continue;
+            };
+            let Ok((e, id)) = self.entry(m, pack, u64::from(entry) + off, "") else {
+                continue;
+            };
+            let Ok(li) = self.load_index(&id) else {
+                continue;
+            };
+            for b in blocks_of(&id, e.offset, u64::from(e.len)) {
+                if seen.insert(b) {
+                    rep.blocks += 1;
+                    if cache.has(&b) {
+                        rep.cached += 1;
+                    } else {
+                        want.push((b, li.idx.pack_len));
+                    }
+                }
+            }
+        }
+        for round in want.chunks(PREFETCH_ROUND) {
+            let reqs: Vec<(String, u64, u64)> = round
+                .iter()
+                .map(|((pack, b), plen)| {
+                    let start = b * CACHE_BLOCK;
+                    (
+                        pack_key(pack),
+                        start,
+                        CACHE_BLOCK.min(plen.saturating_sub(start)),
+                    )
+                })
+                .collect();
+            for ((id, _), r) in round.iter().zip(self.storage.get_ranges(&reqs)) {
+                match r {
+                    Ok(d) => {
+                        rep.fetched += 1;
+                        rep.bytes += d.len() as u64;
+                        if let Err(e) = cache.insert(id, &d) {
+                            log::warn!("cannot cache a block of pack {}: {e}", hex(&id.0));
+                        }
+                    }
+                    Err(e) => {
+                        rep.failed += 1;
+                        log::debug!("prefetch of a block of pack {}: {e}", hex(&id.0));
+                    }
+                }
+            }
+        }
+        Ok(rep)
+    }
+
+    /// `len` bytes at `off` of pack `pack` (`pack_len` bytes long): through the cache
+    /// when there is one (missing blocks fetched whole and kept), else one ranged read.
+    /// Also says whether any byte came from the cache (a failed check then retries
+    /// without it).
+    fn fetch_range(
+        &self,
+        pack: &Hash32,
+        pack_len: u64,
+        off: u64,
+        len: u64,
+        use_cache: bool,
+    ) -> io::Result<(Vec<u8>, bool)> {
+        let key = pack_key(pack);
+        let cache = match &self.cache {
+            Some(c) if use_cache => c,
+            _ => return self.storage.get_range(&key, off, len).map(|d| (d, false)),
+        };
+        if off.checked_add(len).is_none_or(|end| end > pack_len) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("range {off}+{len} past the end of {key} ({pack_len} bytes)"),
+            ));
+        }
+        let mut out = Vec::with_capacity(len as usize);
+        let mut from_cache = false;
+        let mut fetched: BTreeMap<BlockId, Vec<u8>> = BTreeMap::new();
+        for id in blocks_of(pack, off, len) {
+            let bstart = id.1 * CACHE_BLOCK;
+            let bend = (bstart + CACHE_BLOCK).min(pack_len);
+            let (s, e) = (off.max(bstart), (off + len).min(bend));
+            match cache.read(&id, s - bstart, (e - s) as usize) {
+                Some(d) => {
+                    from_cache = true;
+                    out.extend_from_slice(&d);
+                }
+                None => {
+                    let blk = self.storage.get_range(&key, bstart, bend - bstart)?;
+                    out.extend_from_slice(&blk[(s - bstart) as usize..(e - bstart) as usize]);
+                    fetched.insert(id, blk);
+                }
+            }
+        }
+        for (id, blk) in fetched {
+            if let Err(e) = cache.insert(&id, &blk) {
+                log::warn!("cannot cache a block of pack {}: {e}", hex(pack));
+            }
+        }
+        Ok((out, from_cache))
     }
 
     /// Names of the snapshots in the repository, sorted.
@@ -138,13 +312,22 @@ impl Repo {
         if e.len as usize != len {
             return Err(damaged(format!("chunk is {} bytes, expected {len}", e.len)));
         }
-        let data = self.pack_range(m, &pack, e.offset, u64::from(e.len), what, entry)?;
+        let mut data = self.pack_range(m, &pack, e.offset, u64::from(e.len), what, entry, true)?;
+        if data.1 && check_chunk(&e, &data.0).is_err() {
+            // A damaged cached block: drop it and read the storage itself.
+            self.drop_cached(&pack, e.offset, u64::from(e.len));
+            data = self.pack_range(m, &pack, e.offset, u64::from(e.len), what, entry, false)?;
+        }
+        let data = data.0;
         check_chunk(&e, &data).map_err(damaged)?;
         Ok(data)
     }
 
-    /// `len` bytes at `offset` of `pack`, for chunk `entry` onwards of `m`'s `what`: a
-    /// missing pack or a short one is named as such.
+    /// `len` bytes at `offset` of `pack`, for chunk `entry` onwards of `m`'s `what`,
+    /// through the pack cache when there is one and `use_cache`; says whether any byte
+    /// came from the cache (a failed check then retries without it). A missing pack or
+    /// a short one is named as such.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn pack_range(
         &self,
         m: &Manifest,
@@ -153,9 +336,11 @@ impl Repo {
         len: u64,
         what: &str,
         entry: u64,
-    ) -> Result<Vec<u8>> {
+        use_cache: bool,
+    ) -> Result<(Vec<u8>, bool)> {
         let key = pack_key(pack);
-        match self.storage.get_range(&key, offset, len) {
+        let pack_len = self.load_index(pack)?.idx.pack_len;
+        match self.fetch_range(pack, pack_len, offset, len, use_cache) {
             Ok(d) => Ok(d),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Err(RepoError::PackMissing {
                 snapshot: m.name().to_string(),
@@ -172,6 +357,15 @@ impl Repo {
                 })
             }
             Err(err) => Err(storage_err("get", &key)(err)),
+        }
+    }
+
+    /// Forget the cached blocks holding `len` bytes at `offset` of `pack`.
+    pub(crate) fn drop_cached(&self, pack: &Hash32, offset: u64, len: u64) {
+        if let Some(cache) = &self.cache {
+            for b in blocks_of(pack, offset, len) {
+                cache.remove(&b);
+            }
         }
     }
 

@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::PackCache;
 use crate::error::{storage_err, RepoError, Result};
 use crate::format::{parse_hex, Hash32};
 use crate::read::LoadedIndex;
@@ -45,6 +46,7 @@ pub struct Repo {
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) pack_size: usize,
     pub(crate) indexes: Mutex<HashMap<Hash32, Arc<LoadedIndex>>>,
+    pub(crate) cache: Option<Arc<PackCache>>,
 }
 
 impl std::fmt::Debug for Repo {
@@ -103,6 +105,7 @@ impl Repo {
             storage,
             pack_size: DEFAULT_PACK_SIZE,
             indexes: Mutex::new(HashMap::new()),
+            cache: None,
         })
     }
 
@@ -110,6 +113,19 @@ impl Repo {
     pub fn with_pack_size(mut self, bytes: usize) -> Repo {
         self.pack_size = bytes.clamp(PAGE_SIZE + 64, 1 << 30);
         self
+    }
+
+    /// Read packs through `cache`: a chunk is read from its cached block, and a missing
+    /// block ([`crate::CACHE_BLOCK`] bytes of the pack) is fetched whole with one ranged
+    /// read and kept. For a remote repository; a directory needs none.
+    pub fn with_cache(mut self, cache: Arc<PackCache>) -> Repo {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// The pack cache, if any.
+    pub fn pack_cache(&self) -> Option<&Arc<PackCache>> {
+        self.cache.as_ref()
     }
 
     /// The storage.
@@ -138,3 +154,12 @@ impl Repo {
             .collect())
     }
 }
+
+// A fault handler and a background filler read one Repo at once.
+const _: () = {
+    fn send_sync<T: Send + Sync>() {}
+    fn check() {
+        send_sync::<Repo>();
+    }
+    let _ = check;
+};

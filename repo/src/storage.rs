@@ -50,6 +50,38 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn delete(&self, key: &str) -> io::Result<()>;
     /// Whether the object exists.
     fn exists(&self, key: &str) -> io::Result<bool>;
+
+    /// Put `objects` in the given order, possibly in the background: the call may return
+    /// before they are stored, and a failure may be reported by a later `put_queued` or
+    /// by [`Storage::wait_queued`]. An object store uploads several groups at once
+    /// (bounded); the default puts them now, one after the other.
+    fn put_queued(&self, objects: Vec<(String, Vec<u8>)>) -> io::Result<()> {
+        for (k, d) in objects {
+            self.put(&k, &d)?;
+        }
+        Ok(())
+    }
+    /// Wait until everything given to [`Storage::put_queued`] is stored; the first
+    /// failure among them.
+    fn wait_queued(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Several ranges `(key, offset, len)` at once (an object store fetches them
+    /// concurrently, bounded); one result per request, in order.
+    fn get_ranges(&self, reqs: &[(String, u64, u64)]) -> Vec<io::Result<Vec<u8>>> {
+        reqs.iter()
+            .map(|(k, o, l)| self.get_range(k, *o, *l))
+            .collect()
+    }
+    /// Several whole objects at once (an object store fetches them concurrently,
+    /// bounded); one result per key, in order.
+    fn get_many(&self, keys: &[String]) -> Vec<io::Result<Vec<u8>>> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
+    /// Where the objects are, for messages (a directory, `s3://bucket/prefix`).
+    fn describe(&self) -> String {
+        format!("{self:?}")
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for Arc<S> {
@@ -71,10 +103,25 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     fn exists(&self, key: &str) -> io::Result<bool> {
         (**self).exists(key)
     }
+    fn put_queued(&self, objects: Vec<(String, Vec<u8>)>) -> io::Result<()> {
+        (**self).put_queued(objects)
+    }
+    fn wait_queued(&self) -> io::Result<()> {
+        (**self).wait_queued()
+    }
+    fn get_ranges(&self, reqs: &[(String, u64, u64)]) -> Vec<io::Result<Vec<u8>>> {
+        (**self).get_ranges(reqs)
+    }
+    fn get_many(&self, keys: &[String]) -> Vec<io::Result<Vec<u8>>> {
+        (**self).get_many(keys)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
 }
 
 /// Refuse keys that could escape the root or collide with temporary files.
-fn check_key(key: &str) -> io::Result<()> {
+pub(crate) fn check_key(key: &str) -> io::Result<()> {
     let ok = !key.is_empty()
         && key.split('/').all(|seg| {
             !seg.is_empty()
@@ -263,6 +310,10 @@ impl Storage for DirStorage {
 
     fn exists(&self, key: &str) -> io::Result<bool> {
         Ok(self.path(key)?.is_file())
+    }
+
+    fn describe(&self) -> String {
+        self.root.display().to_string()
     }
 }
 

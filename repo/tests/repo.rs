@@ -617,3 +617,79 @@ fn interrupted_export_on_a_directory() {
         assert_reads_back(&repo, &src);
     }
 }
+
+#[test]
+fn a_pack_cache_fetches_each_block_once_and_refetches_a_damaged_one() {
+    use pmsnap_repo::{PackCache, CACHE_BLOCK};
+    let store = Arc::new(MemStorage::new());
+    let src = vm("c", 3000, 5);
+    Repo::open_or_init(store.clone())
+        .unwrap()
+        .export(&mut src.clone(), &mut no_progress())
+        .unwrap();
+    let pack_len: u64 = store.list("packs/").unwrap().iter().map(|o| o.size).sum();
+    let blocks = pack_len.div_ceil(CACHE_BLOCK);
+    assert!(blocks > 3, "{pack_len}");
+    let dir = tempfile::tempdir().unwrap();
+    let pages: Vec<u64> = src.pages.keys().copied().collect();
+
+    // Host process 1: prefetch everything, then read it all from the cache.
+    let c1 = Arc::new(PackCache::open(dir.path(), 1 << 30).unwrap());
+    let r1 = Repo::open_or_init(store.clone())
+        .unwrap()
+        .with_cache(c1.clone());
+    let m = r1.manifest("c").unwrap();
+    let p = r1.prefetch(&m, &pages).unwrap();
+    assert_eq!(
+        (p.blocks, p.fetched, p.cached, p.failed),
+        (blocks, blocks, 0, 0)
+    );
+    assert_reads_back(&r1, &src);
+    assert_eq!(c1.stats().fetched_bytes, pack_len, "each byte fetched once");
+    assert_eq!(c1.stats().misses, 0);
+
+    // Process 2 on the same directory fetches nothing.
+    let c2 = Arc::new(PackCache::open(dir.path(), 1 << 30).unwrap());
+    let r2 = Repo::open_or_init(store.clone())
+        .unwrap()
+        .with_cache(c2.clone());
+    let p = r2.prefetch(&m, &pages).unwrap();
+    assert_eq!((p.fetched, p.cached), (0, blocks));
+    assert_reads_back(&r2, &src);
+    assert_eq!(c2.stats().fetched_bytes, 0);
+
+    // Without prefetch, reads fetch whole blocks on demand, each once.
+    let d3 = tempfile::tempdir().unwrap();
+    let c3 = Arc::new(PackCache::open(d3.path(), 1 << 30).unwrap());
+    let r3 = Repo::open_or_init(store.clone())
+        .unwrap()
+        .with_cache(c3.clone());
+    assert_reads_back(&r3, &src);
+    assert_eq!(c3.stats().fetched_bytes, pack_len);
+
+    // A damaged cached block is not trusted: the page is read from the storage again.
+    for e in std::fs::read_dir(d3.path()).unwrap() {
+        let p = e.unwrap().path();
+        let mut b = std::fs::read(&p).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 1;
+        std::fs::write(&p, b).unwrap();
+    }
+    let r4 = Repo::open_or_init(store.clone())
+        .unwrap()
+        .with_cache(c3.clone());
+    assert_reads_back(&r4, &src);
+
+    // A small cache stays near its limit and still reads right.
+    let d5 = tempfile::tempdir().unwrap();
+    let c5 = Arc::new(PackCache::open(d5.path(), 2 * CACHE_BLOCK).unwrap());
+    let r5 = Repo::open_or_init(store).unwrap().with_cache(c5.clone());
+    r5.prefetch(&m, &pages).unwrap();
+    assert_reads_back(&r5, &src);
+    let used: u64 = std::fs::read_dir(d5.path())
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(used <= 2 * CACHE_BLOCK, "{used}");
+    assert!(c5.stats().evicted > 0);
+}

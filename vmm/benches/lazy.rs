@@ -190,7 +190,9 @@ fn main() {
         .expect("snapshot");
     }
     let t = Instant::now();
-    export_snapshot(src, "all", None, repo_dir.path(), &mut |_| ()).expect("export");
+    let to = pmsnap_repo::RepoLocation::Dir(repo_dir.path().to_path_buf());
+    let s3 = pmsnap_repo::S3Options::from_env();
+    export_snapshot(src, "all", None, &to, &s3, &mut |_| ()).expect("export");
     println!(
         "setup: 256 MiB of random pages exported to {} in {:?}",
         disk.display(),

@@ -9,7 +9,7 @@
 //! | [`ThreadKind::Fault`] | `pmsnap-fault` | reads userfaultfd events, preserves pages into the pool, unprotects |
 //! | [`ThreadKind::EventLoop`] | the main thread, once the VM runs | epoll, the serial console, virtio-vsock and the guest's snapshot service, signals, teardown |
 //! | [`ThreadKind::Api`] | `pmsnap-api`, `pmsnap-api-conn`, `pmsnap-ready` | the control API, the engine's operations (VM snapshots, rollback), the agent client |
-//! | [`ThreadKind::Export`] | `pmsnap-export` | writes snapshots into a repository directory (`ctl export`): the one kind that opens files |
+//! | [`ThreadKind::Export`] | `pmsnap-export`, `pmsnap-s3` | writes snapshots into a repository (`ctl export`): a directory (the one kind that opens files) or an S3 bucket (TCP; the S3 client's runtime threads inherit the filter) |
 //!
 //! A system call outside the list raises `SIGSYS` (`SECCOMP_RET_TRAP`); the handler writes
 //! one line naming the thread kind and the call to stderr and ends the process with exit
@@ -428,6 +428,36 @@ const EXPORT: &[i64] = &[
     libc::SYS_ftruncate,
 ];
 
+/// The calls of an `s3://` repository's client (export worker and lazy fill):
+/// the S3 client's tokio runtime (its worker and blocking-pool threads, started by the
+/// thread, inherit its filter) and its TCP connections (`strace -f` of a repository
+/// command shows them); bind, sendto, sendmmsg and recvmsg are glibc's name resolution
+/// of an endpoint given by host name (netlink and UDP DNS).
+const S3_CLIENT: &[i64] = &[
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_eventfd2,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_sendmmsg,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_shutdown,
+];
+
 /// Extra calls of the lazy-restore filler: reading repository files (the `EXPORT` file
 /// calls it needs) and `UFFDIO_COPY`/`UFFDIO_WAKE` on the userfaultfd.
 const FILL: &[i64] = &[
@@ -450,8 +480,8 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::Fault => &[COMMON, FAULT],
         ThreadKind::EventLoop => &[COMMON, SERVICE, EVENT_LOOP],
         ThreadKind::Api => &[COMMON, SERVICE, API],
-        ThreadKind::Export => &[COMMON, EXPORT],
-        ThreadKind::Fill => &[COMMON, FILL],
+        ThreadKind::Export => &[COMMON, EXPORT, S3_CLIENT],
+        ThreadKind::Fill => &[COMMON, FILL, S3_CLIENT],
     };
     let mut v = lists.concat();
     v.sort_unstable();
@@ -561,7 +591,8 @@ mod tests {
                 assert!(!list.contains(&nr), "{kind:?} allows {nr}");
             }
         }
-        // Only the API threads start threads or open sockets.
+        // Only the API threads and the export worker (an S3 repository) start threads or
+        // open sockets.
         assert!(!allowed(ThreadKind::Vcpu).contains(&libc::SYS_socket));
         assert!(!allowed(ThreadKind::Fault).contains(&libc::SYS_clone3));
     }

@@ -309,3 +309,164 @@ fn a_live_export_while_the_guest_writes_holds_the_snapshot_byte_exact() {
         "the export read what the guest wrote later",
     );
 }
+
+fn pmsnap_env(args: &[&str], env: &[(String, String)]) -> Output {
+    Command::new(pmsnap_bin())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("run pmsnap")
+}
+
+fn ok_json_env(args: &[&str], env: &[(String, String)]) -> serde_json::Value {
+    let o = pmsnap_env(args, env);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+/// ls without the export times (they differ between two exports of the same snapshot).
+fn ls_sizes(v: &serde_json::Value) -> serde_json::Value {
+    let mut v = v.clone();
+    for s in v.as_array_mut().expect("ls array") {
+        s["exported_unix_ms"] = 0.into();
+    }
+    v
+}
+
+#[test]
+fn a_live_export_to_a_bucket_under_seccomp_and_every_repo_command_on_it() {
+    let test = "a_live_export_to_a_bucket_under_seccomp_and_every_repo_command_on_it";
+    if kvm_missing(test) {
+        return;
+    }
+    pmsnap_testenv::require!(test, pmsnap_testenv::ObjStore::unavailable());
+    let os = pmsnap_testenv::ObjStore::start();
+    let env = os.env.clone();
+    let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir on tmpfs");
+    let (p1, p2) = (dir.path().join("a.pool"), dir.path().join("b.pool"));
+    let local = dir.path().join("repo");
+    let url = "s3://pmsnap/hosts/a";
+    // The VMM (seccomp on: the export thread's filter) reaches the bucket with its own
+    // environment.
+    let mut vmm = ApiVmm::spawn_payload_env(dir.path(), "live", &p1, "32M", &[], &env);
+    vmm.api.snapshot_vm("v1").expect("snapshot");
+    let sock = dir.path().join("live.sock");
+    let ctl = [
+        "ctl",
+        "--api-sock",
+        s(&sock),
+        "--json",
+        "export",
+        "v1",
+        "--to",
+        url,
+    ];
+    let ctl_export = |vmm: &ApiVmm| {
+        let o = pmsnap(&ctl);
+        assert!(
+            o.status.success(),
+            "{}; the VMM's log: {}",
+            String::from_utf8_lossy(&o.stderr),
+            vmm.log_tail(20)
+        );
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("json")
+    };
+    let rep = ctl_export(&vmm);
+    assert_eq!(rep["pages"], 8192, "{rep}");
+    assert!(rep["packs_written"].as_u64().expect("packs") > 0, "{rep}");
+    assert!(
+        vmm.api.status().is_ok(),
+        "the VMM runs on: {}",
+        vmm.log_tail(20)
+    );
+    assert_eq!(ctl_export(&vmm)["no_op"], true);
+    vmm.child.kill().expect("kill");
+    vmm.child.wait().expect("reap");
+
+    // The same snapshot exported offline to a directory lists and verifies the same.
+    ok_json(&[
+        "export",
+        "v1",
+        "--pool",
+        s(&p1),
+        "--to",
+        s(&local),
+        "--json",
+    ]);
+    let ls3 = ok_json_env(&["repo", "ls", url, "--json"], &env);
+    let lsd = ok_json(&["repo", "ls", s(&local), "--json"]);
+    assert_eq!(ls_sizes(&ls3), ls_sizes(&lsd));
+    let v3 = ok_json_env(&["repo", "verify", url, "--json"], &env);
+    let vd = ok_json(&["repo", "verify", s(&local), "--json"]);
+    assert_eq!(v3["problems"].as_array().map(Vec::len), Some(0), "{v3}");
+    assert_eq!(v3["chunks"], vd["chunks"]);
+
+    // Two imports on this host through one pack cache: the second fetches nothing.
+    let cache = dir.path().join("cache");
+    let import = |pool: &Path| {
+        ok_json_env(
+            &[
+                "import",
+                "v1",
+                "--from",
+                url,
+                "--pool",
+                s(pool),
+                "--cache-dir",
+                s(&cache),
+                "--json",
+            ],
+            &env,
+        )
+    };
+    let imp = import(&p2);
+    assert_eq!(imp["pages"], 8192, "{imp}");
+    let fetched = imp["fetched_bytes"].as_u64().expect("fetched_bytes");
+    assert!(fetched > 0, "{imp}");
+    assert_same_v1(&p1, &p2, 8192, "imported from the bucket");
+    std::fs::remove_file(&p2).expect("rm pool");
+    let imp = import(&p2);
+    assert_eq!(imp["fetched_bytes"], 0, "{imp}");
+    assert_same_v1(&p1, &p2, 8192, "imported again, from the cache");
+
+    ok_json_env(&["repo", "rm", url, "v1", "--json"], &env);
+    let gc = ok_json_env(&["repo", "gc", url, "--grace-secs", "0", "--json"], &env);
+    assert!(gc["deleted_packs"].as_u64().expect("deleted") > 0, "{gc}");
+    let ls = ok_json_env(&["repo", "ls", url, "--json"], &env);
+    assert_eq!(ls.as_array().map(Vec::len), Some(0), "{ls}");
+
+    // Clear errors: no repository there, no such bucket, no credentials, server down.
+    let err = |args: &[&str], env: &[(String, String)]| {
+        let o = pmsnap_env(args, env);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = err(&["repo", "ls", "s3://pmsnap/nothing"], &env);
+    assert!(
+        e.contains("s3://pmsnap/nothing is not a pmsnap repository"),
+        "{e}"
+    );
+    let e = err(&["repo", "ls", "s3://no-such-bucket/x"], &env);
+    assert!(e.contains("bucket no-such-bucket does not exist"), "{e}");
+    let no_creds: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| !k.contains("SECRET"))
+        .cloned()
+        .collect();
+    let o = Command::new(pmsnap_bin())
+        .args(["repo", "ls", url])
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .envs(no_creds.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("run");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("no S3 credentials"), "{e}");
+    os.stop();
+    let e = err(&["repo", "ls", url, "--s3-retry-secs", "1"], &env);
+    assert!(e.contains(os.endpoint()) && e.contains("running"), "{e}");
+}

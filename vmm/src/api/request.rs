@@ -288,15 +288,21 @@ fn parse_rollback(params: &Params, body: &[u8]) -> Result<ApiRequest, ApiError> 
 fn parse_export(params: &Params, body: &[u8]) -> Result<ApiRequest, ApiError> {
     let req: super::types::ExportRequest = serde_json::from_slice(body)
         .map_err(|e| ApiError::InvalidJson(format!("{e}; expected {{\"to\": \"/path\"}}")))?;
-    if !req.to.starts_with('/') || req.to.len() > 4096 || req.to.contains('\0') {
+    let s3 = req.to.starts_with("s3://");
+    if !(req.to.starts_with('/') || s3) || req.to.len() > 4096 || req.to.contains('\0') {
         return Err(ApiError::BadRequest(format!(
-            "\"to\" must be an absolute path of at most 4096 bytes, not {:?}",
+            "\"to\" must be an absolute path or s3://BUCKET/PREFIX of at most 4096 bytes, \
+             not {:?}",
             req.to
         )));
     }
+    if s3 {
+        pmsnap_repo::RepoLocation::parse(&req.to)
+            .map_err(|e| ApiError::BadRequest(format!("\"to\": {e}")))?;
+    }
     Ok(ApiRequest::ExportSnapshot {
         name: name_param(params)?,
-        to: req.to.into(),
+        to: req.to,
     })
 }
 
@@ -476,7 +482,7 @@ mod tests {
     }
 
     #[test]
-    fn export_needs_an_absolute_directory() {
+    fn export_needs_an_absolute_directory_or_a_bucket() {
         assert_eq!(
             ok(
                 "POST",
@@ -488,7 +494,19 @@ mod tests {
                 to: "/srv/snaps".into()
             }
         );
+        assert_eq!(
+            ok(
+                "POST",
+                "/v1/snapshots/base/export",
+                r#"{"to": "s3://pmsnap/a"}"#
+            ),
+            ApiRequest::ExportSnapshot {
+                name: "base".into(),
+                to: "s3://pmsnap/a".into()
+            }
+        );
         for bad in [
+            r#"{"to": "s3://No_Bucket/x"}"#,
             r#"{"to": "rel/dir"}"#,
             r#"{"to": ""}"#,
             "{}",

@@ -121,13 +121,13 @@ pub enum ApiRequest {
         add_bytes: u64,
     },
     /// `POST /v1/snapshots/{name}/export {"to"}`: write the snapshot into the repository
-    /// directory `to` (an absolute path) while the guest runs. Answer
+    /// `to` (an absolute directory path or `s3://BUCKET/PREFIX`) while the guest runs. Answer
     /// [`ApiResponse::Json`] 200 with the export report.
     ExportSnapshot {
         /// Validated snapshot name.
         name: String,
-        /// The repository directory.
-        to: std::path::PathBuf,
+        /// The repository: an absolute directory path or `s3://BUCKET/PREFIX`.
+        to: String,
     },
 }
 
@@ -135,7 +135,8 @@ pub enum ApiRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportRequest {
-    /// The repository directory, an absolute path (created if missing).
+    /// The repository: an absolute directory path (created if missing) or
+    /// `s3://BUCKET/PREFIX` (the VMM's AWS_* environment says where and as whom).
     pub to: String,
 }
 

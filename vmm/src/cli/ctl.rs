@@ -122,16 +122,17 @@ pub enum CtlCommand {
         #[command(flatten)]
         name: NameArg,
     },
-    /// Write a snapshot into a repository directory while the guest runs (the snapshot
-    /// is immutable; pages the guest writes meanwhile are preserved first). Waits up to
-    /// an hour; the VMM logs progress.
+    /// Write a snapshot into a repository (a directory or an S3 bucket) while the guest
+    /// runs (the snapshot is immutable; pages the guest writes meanwhile are preserved
+    /// first). Waits up to an hour; the VMM logs progress.
     Export {
         #[command(flatten)]
         name: NameArg,
-        /// The repository directory (created if missing; a relative path is taken from
-        /// this directory).
-        #[arg(long, value_name = "DIR")]
-        to: PathBuf,
+        /// The repository: a directory (created if missing; a relative path is taken
+        /// from this directory) or s3://BUCKET/PREFIX, reached with the VMM's own
+        /// AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION.
+        #[arg(long, value_name = "REPO")]
+        to: String,
     },
     /// The pool: `pool grow SIZE` adds SIZE to the block area online (for a VM whose
     /// status is `paused: block area full`, or before it gets there).
@@ -248,10 +249,15 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
         }
         CtlCommand::Stats => ("GET", "/v1/stats".to_string(), None),
         CtlCommand::Export { name, to } => {
-            let to = std::path::absolute(to).map_err(|e| {
-                ClientError::BadResponse(format!("cannot resolve {}: {e}", to.display()))
-            })?;
-            let body = serde_json::json!({ "to": to.display().to_string() });
+            let to = if to.starts_with("s3://") {
+                to.clone()
+            } else {
+                std::path::absolute(to)
+                    .map_err(|e| ClientError::BadResponse(format!("cannot resolve {to}: {e}")))?
+                    .display()
+                    .to_string()
+            };
+            let body = serde_json::json!({ "to": to });
             ("POST", snapshot_path(name.get(), "/export")?, Some(body))
         }
         CtlCommand::Pool {
@@ -327,13 +333,13 @@ pub fn send(client: &ApiClient, cmd: &CtlCommand, json: bool) -> Result<String, 
                 format!(
                     "{} is in {} already (same content)\n",
                     value["name"].as_str().unwrap_or("?"),
-                    to.display()
+                    to
                 )
             } else {
                 format!(
                     "exported {} to {}: {} pages ({} zero), {} new bytes, {} already there, {} written\n",
                     value["name"].as_str().unwrap_or("?"),
-                    to.display(),
+                    to,
                     n("pages"),
                     n("zero_pages"),
                     n("bytes_new"),

@@ -42,7 +42,7 @@ pub enum Command {
     Run(run::RunArgs),
     /// Resume a guest from a VM snapshot in its pool, in this new VMM process.
     Restore(restore::RestoreArgs),
-    /// Copy a snapshot of a pool (offline) into a repository directory, deduplicated.
+    /// Copy a snapshot of a pool (offline) into a repository (a directory or an S3 bucket), deduplicated.
     Export(repo::ExportArgs),
     /// Create a new pool holding a snapshot from a repository.
     Import(repo::ImportArgs),

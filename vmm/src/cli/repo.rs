@@ -8,19 +8,109 @@
 //! Exit codes: 0 success; 1 error; 2 usage error; 3 `repo verify` found damage.
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use std::sync::{Arc, Mutex};
 
 use clap::{Args, Subcommand};
 use guest_agent::cli::{exit, format_time_ms};
 use pmem_backend::{Pool, PoolOptions};
-use pmsnap_repo::{DirStorage, Repo};
+use pmsnap_repo::{open_storage, PackCache, Repo, RepoLocation, S3Options};
 
 use super::anyhow_like::{context, Result};
 use crate::controller::export::{every_tenth, export_snapshot};
 
 const PAGE: u64 = 4096;
+
+/// How to reach a repository in an S3 bucket (every repository command takes them).
+#[derive(Debug, Clone, Default, Args)]
+pub struct StoreArgs {
+    /// Endpoint of s3:// repositories [default: $AWS_ENDPOINT_URL, else AWS]. An
+    /// http:// endpoint is used as plain HTTP; requests are path-style. Credentials come
+    /// from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN).
+    #[arg(long, value_name = "URL", global = true)]
+    pub s3_endpoint: Option<String>,
+    /// Region of s3:// repositories [default: $AWS_REGION, else us-east-1].
+    #[arg(long, value_name = "REGION", global = true)]
+    pub s3_region: Option<String>,
+    /// Give up on an S3 request still failing this long after its first attempt (it is
+    /// retried with exponential backoff meanwhile) [default: $PMSNAP_S3_RETRY_SECS, else
+    /// 60].
+    #[arg(long, value_name = "SECS", global = true)]
+    pub s3_retry_secs: Option<u64>,
+    /// Local cache of pack ranges fetched from s3:// repositories, shared by every pmsnap
+    /// on this host that uses it (each 1 MiB range is fetched once) [default:
+    /// $PMSNAP_CACHE_DIR, else /var/tmp/pmsnap-cache].
+    #[arg(long, value_name = "DIR", global = true)]
+    pub cache_dir: Option<PathBuf>,
+    /// Size limit of the cache in MiB; the least recently used ranges go first (0: no
+    /// cache).
+    #[arg(long, value_name = "MIB", global = true, default_value_t = 4096)]
+    pub cache_mib: u64,
+}
+
+impl StoreArgs {
+    /// The S3 options: the environment, overridden by the flags.
+    pub fn s3_options(&self) -> S3Options {
+        let mut o = S3Options::from_env();
+        if let Some(e) = &self.s3_endpoint {
+            o.endpoint = Some(e.clone());
+        }
+        if let Some(r) = &self.s3_region {
+            o.region = r.clone();
+        }
+        if let Some(s) = self.s3_retry_secs {
+            o.retry_timeout = std::time::Duration::from_secs(s);
+        }
+        o
+    }
+
+    /// The pack cache of s3:// repositories (None with `--cache-mib 0`).
+    pub fn cache(&self) -> Result<Option<Arc<PackCache>>> {
+        if self.cache_mib == 0 {
+            return Ok(None);
+        }
+        let dir = self
+            .cache_dir
+            .clone()
+            .or_else(|| std::env::var_os("PMSNAP_CACHE_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/var/tmp/pmsnap-cache"));
+        let c = PackCache::open(&dir, self.cache_mib << 20).map_err(context(format!(
+            "cannot open the pack cache {}",
+            dir.display()
+        )))?;
+        Ok(Some(Arc::new(c)))
+    }
+}
+
+/// Open the repository named by a REPO argument (a directory or `s3://BUCKET/PREFIX`):
+/// the one way every command reaches a repository. With `create`, a repository is made
+/// if there is none (export); otherwise its absence is an error naming REPO.
+pub fn open_repo(arg: &str, store: &StoreArgs, create: bool) -> Result<Repo> {
+    let loc = RepoLocation::parse(arg)?;
+    let what = format!("cannot open repository {loc}");
+    let cannot = || context(what.clone());
+    if !create {
+        if let RepoLocation::Dir(dir) = &loc {
+            // Checked before DirStorage, which would create the directory.
+            if !dir.join("config").is_file() {
+                return Err(format!("{loc} is not a pmsnap repository (no config)").into());
+            }
+        }
+    }
+    let storage = open_storage(&loc, &store.s3_options()).map_err(cannot())?;
+    if !create && loc.is_s3() && !storage.exists("config").map_err(cannot())? {
+        // Says so when the bucket itself is missing or unreachable.
+        storage.list("config").map_err(cannot())?;
+        return Err(format!("{loc} is not a pmsnap repository (no config)").into());
+    }
+    let repo = Repo::open_or_init(storage).map_err(context(what.clone()))?;
+    // A directory is read in place; a bucket through the host's pack cache.
+    match store.cache()? {
+        Some(c) if loc.is_s3() => Ok(repo.with_cache(c)),
+        _ => Ok(repo),
+    }
+}
 
 /// Arguments of `pmsnap export`.
 #[derive(Debug, Args)]
@@ -38,9 +128,9 @@ pub struct ExportArgs {
     /// The pool holding it (must not be in use by a running VMM).
     #[arg(long, value_name = "PATH")]
     pub pool: PathBuf,
-    /// The repository directory (created if missing).
-    #[arg(long, value_name = "DIR")]
-    pub to: PathBuf,
+    /// The repository: a directory (created if missing) or s3://BUCKET/PREFIX.
+    #[arg(long, value_name = "REPO")]
+    pub to: String,
     /// The name in the repository (default: the snapshot's own); `import` creates the
     /// snapshot under this name.
     #[arg(long = "as", value_name = "NAME")]
@@ -48,6 +138,8 @@ pub struct ExportArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 /// Arguments of `pmsnap import`.
@@ -63,15 +155,17 @@ pub struct ImportArgs {
     /// The snapshot in the repository.
     #[arg(value_name = "NAME")]
     pub snapshot: String,
-    /// The repository directory.
-    #[arg(long, value_name = "DIR")]
-    pub from: PathBuf,
+    /// The repository: a directory or s3://BUCKET/PREFIX.
+    #[arg(long, value_name = "REPO")]
+    pub from: String,
     /// The pool to create (must not exist).
     #[arg(long, value_name = "PATH")]
     pub pool: PathBuf,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 /// Arguments of `pmsnap repo`.
@@ -81,6 +175,8 @@ pub struct RepoArgs {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// The command.
     #[command(subcommand)]
     pub command: RepoCommand,
@@ -92,42 +188,31 @@ pub enum RepoCommand {
     /// List the snapshots with their sizes and the bytes they share.
     #[command(alias = "list")]
     Ls {
-        /// The repository directory.
-        repo: PathBuf,
+        /// The repository: a directory or s3://BUCKET/PREFIX.
+        repo: String,
     },
     /// Check every checksum; exit code 3 naming what is damaged.
     Verify {
-        /// The repository directory.
-        repo: PathBuf,
+        /// The repository: a directory or s3://BUCKET/PREFIX.
+        repo: String,
     },
     /// Remove a snapshot (its content goes at the next gc runs).
     #[command(alias = "delete")]
     Rm {
-        /// The repository directory.
-        repo: PathBuf,
+        /// The repository: a directory or s3://BUCKET/PREFIX.
+        repo: String,
         /// The snapshot.
         name: String,
     },
     /// Delete content no snapshot references, in two runs at least GRACE apart (safe
     /// while an export is running; docs/repository.md).
     Gc {
-        /// The repository directory.
-        repo: PathBuf,
+        /// The repository: a directory or s3://BUCKET/PREFIX.
+        repo: String,
         /// Grace period in seconds (0: at once, only when nothing else writes REPO).
         #[arg(long, default_value_t = 3600)]
         grace_secs: u64,
     },
-}
-
-pub(super) fn open_existing(dir: &Path) -> Result<Repo> {
-    // Checked before DirStorage, which would create the directory.
-    if !dir.join("config").is_file() {
-        return Err(format!("{} is not a pmsnap repository (no config)", dir.display()).into());
-    }
-    let storage = DirStorage::new(dir)
-        .map_err(context(format!("cannot open repository {}", dir.display())))?;
-    Repo::open_or_init(storage)
-        .map_err(context(format!("cannot open repository {}", dir.display())))
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -150,7 +235,8 @@ pub fn export(args: ExportArgs) -> Result<i32> {
         Arc::new(Mutex::new(pool)),
         &args.snapshot,
         args.as_name.as_deref(),
-        &args.to,
+        &RepoLocation::parse(&args.to)?,
+        &args.store.s3_options(),
         &mut progress,
     )
     .map_err(context(format!("cannot export {:?}", args.snapshot)))?;
@@ -159,17 +245,13 @@ pub fn export(args: ExportArgs) -> Result<i32> {
         return print_json(&rep).map(|()| exit::OK);
     }
     if rep.no_op {
-        println!(
-            "{} is in {} already (same content)",
-            rep.name,
-            args.to.display()
-        );
+        println!("{} is in {} already (same content)", rep.name, args.to);
     } else {
         println!(
             "exported {} to {}: {} pages ({} zero), {} new bytes in {} chunks, {} already there, \
              {} written in {:.2} s",
             rep.name,
-            args.to.display(),
+            args.to,
             rep.pages,
             rep.zero_pages,
             rep.bytes_new,
@@ -191,14 +273,18 @@ struct ImportReport {
     zero_pages: u64,
     ram_bytes: u64,
     millis: u64,
+    /// Bytes fetched from a bucket into the pack cache (0: all in the cache already;
+    /// absent for a directory).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fetched_bytes: Option<u64>,
 }
 
 /// Run `pmsnap import`.
 pub fn import(args: ImportArgs) -> Result<i32> {
-    let repo = open_existing(&args.from)?;
+    let repo = open_repo(&args.from, &args.store, false)?;
     let m = repo
         .manifest(&args.snapshot)
-        .map_err(context(format!("repository {}", args.from.display())))?;
+        .map_err(context(format!("repository {}", args.from)))?;
     let meta = m.meta().clone();
     if meta.ram_size == 0 || meta.ram_size % PAGE != 0 {
         return Err(format!(
@@ -236,18 +322,22 @@ pub fn import(args: ImportArgs) -> Result<i32> {
         zero_pages: m.zero_pages(),
         ram_bytes: meta.ram_size,
         millis: t.elapsed().as_millis() as u64,
+        fetched_bytes: repo.pack_cache().map(|c| c.stats().fetched_bytes),
     };
     if args.json {
         return print_json(&rep).map(|()| exit::OK);
     }
     println!(
-        "imported {} into {}: {} pages ({} zero) of a {} MiB guest in {} ms",
+        "imported {} into {}: {} pages ({} zero) of a {} MiB guest in {} ms{}",
         rep.name,
         rep.pool,
         rep.pages,
         rep.zero_pages,
         rep.ram_bytes >> 20,
-        rep.millis
+        rep.millis,
+        rep.fetched_bytes
+            .map(|b| format!(", {b} bytes fetched (the rest from the pack cache)"))
+            .unwrap_or_default()
     );
     Ok(exit::OK)
 }
@@ -264,18 +354,28 @@ fn fill(
     let (file, base) = (pool.file().try_clone()?, pool.ram_offset());
     let total = m.pages();
     let (mut done, mut tenth) = (0u64, 0u64);
-    for run in m.page_runs() {
-        for page in run.first..run.first + run.count {
-            done += 1;
-            if !quiet && done * 10 / total.max(1) > tenth {
-                tenth = done * 10 / total.max(1);
-                eprintln!("import: {}% of {total} pages", tenth * 10);
-            }
-            if m.is_zero(page) == Some(true) {
-                continue;
-            }
+    // Non-zero pages in windows of 64 MiB: with a pack cache (a bucket), each window's
+    // ranges are fetched concurrently first, then its pages are read from the cache.
+    let pages: Vec<u64> = m
+        .page_runs()
+        .iter()
+        .flat_map(|r| r.first..r.first + r.count)
+        .collect();
+    for window in pages.chunks(16384) {
+        let nonzero: Vec<u64> = window
+            .iter()
+            .copied()
+            .filter(|&p| m.is_zero(p) != Some(true))
+            .collect();
+        repo.prefetch(m, &nonzero)?;
+        for &page in &nonzero {
             let data = repo.read_page(m, page)?;
             file.write_all_at(&data, base + page * PAGE)?;
+        }
+        done += window.len() as u64;
+        if !quiet && done * 10 / total.max(1) > tenth {
+            tenth = done * 10 / total.max(1);
+            eprintln!("import: {}% of {total} pages", tenth * 10);
         }
     }
     file.sync_data()?;
@@ -294,7 +394,7 @@ fn fill(
 pub fn repo(args: RepoArgs) -> Result<i32> {
     match args.command {
         RepoCommand::Ls { repo } => {
-            let r = open_existing(&repo)?;
+            let r = open_repo(&repo, &args.store, false)?;
             let list = r.ls()?;
             if args.json {
                 return print_json(&list).map(|()| exit::OK);
@@ -323,7 +423,7 @@ pub fn repo(args: RepoArgs) -> Result<i32> {
             Ok(exit::OK)
         }
         RepoCommand::Verify { repo } => {
-            let r = open_existing(&repo)?;
+            let r = open_repo(&repo, &args.store, false)?;
             let rep = r.verify()?;
             let code = if rep.is_clean() {
                 exit::OK
@@ -360,7 +460,7 @@ pub fn repo(args: RepoArgs) -> Result<i32> {
             Ok(code)
         }
         RepoCommand::Rm { repo, name } => {
-            let r = open_existing(&repo)?;
+            let r = open_repo(&repo, &args.store, false)?;
             r.remove(&name)?;
             if args.json {
                 return print_json(&serde_json::json!({ "removed": name })).map(|()| exit::OK);
@@ -369,7 +469,7 @@ pub fn repo(args: RepoArgs) -> Result<i32> {
             Ok(exit::OK)
         }
         RepoCommand::Gc { repo, grace_secs } => {
-            let r = open_existing(&repo)?;
+            let r = open_repo(&repo, &args.store, false)?;
             let rep = r.gc(std::time::Duration::from_secs(grace_secs))?;
             if args.json {
                 return print_json(&rep).map(|()| exit::OK);

@@ -1,7 +1,7 @@
 //! `pmsnap restore`: resume a guest from a VM snapshot in its pool, in a new VMM process
 //! (for example after the first one was killed).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -52,7 +52,10 @@ pub struct RestoreArgs {
     /// the pool: a new pool is created and the vCPUs run before guest RAM is there.
     /// A page comes on its first access; the rest follows in the background (--fill).
     #[arg(long, value_name = "REPO")]
-    pub from: Option<PathBuf>,
+    pub from: Option<String>,
+    /// How to reach an s3:// repository (--from).
+    #[command(flatten)]
+    pub store: super::repo::StoreArgs,
     /// With --from: `background` fills every page after the vCPUs run; `on-demand`
     /// fetches only what the guest touches (clones of one snapshot: each uses host
     /// memory only for what it touches).
@@ -169,9 +172,9 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
 }
 
 /// `pmsnap restore --from REPO`: a new pool whose RAM arrives lazily.
-fn run_lazy(args: &RestoreArgs, name: &str, dir: &Path, started: Instant) -> Result<i32> {
-    let where_ = dir.display().to_string();
-    let repo = super::repo::open_existing(dir)?;
+fn run_lazy(args: &RestoreArgs, name: &str, from: &str, started: Instant) -> Result<i32> {
+    let where_ = from.to_string();
+    let repo = super::repo::open_repo(from, &args.store, false)?;
     let m = repo
         .manifest(name)
         .map_err(context(format!("repository {where_}")))?;

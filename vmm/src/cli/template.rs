@@ -79,9 +79,14 @@ impl Template {
     /// Whether the repository holds it.
     pub fn exists(&self) -> bool {
         self.repo.join("config").is_file()
-            && super::repo::open_existing(&self.repo)
+            && super::repo::open_repo(&self.location(), &Default::default(), false)
                 .and_then(|r| r.manifest(&self.name).map_err(Into::into))
                 .is_ok()
+    }
+
+    /// The repository as a REPO argument.
+    pub fn location(&self) -> String {
+        self.repo.display().to_string()
     }
 
     /// Keep the guest's state now as this template: a VM snapshot, exported to the
@@ -94,7 +99,7 @@ impl Template {
         let res = run(ApiRequest::CreateVmSnapshot { name: name.clone() }).and_then(|()| {
             let exported = run(ApiRequest::ExportSnapshot {
                 name: name.clone(),
-                to: self.repo.clone(),
+                to: self.location(),
             });
             // Deleted either way: the pool must not keep pages protected for it.
             let deleted = run(ApiRequest::DeleteSnapshot { name: name.clone() });

@@ -6,16 +6,17 @@
 //!
 //! A running VMM exports on its own thread, [`ExportWorker`], started before any seccomp
 //! filter exists (a thread inherits its creator's filter, and every other thread kind is
-//! refused `open`); it installs the `export` filter, which lets it write the repository
-//! directory and nothing else beyond the common calls.
+//! refused `open`); it installs the `export` filter, which lets it write a repository
+//! directory or talk to an S3 endpoint (TCP sockets, and the threads of the S3 client's
+//! runtime, which inherit the filter) and nothing else beyond the common calls.
 
-use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use pmem_backend::{Pool, SnapshotInfo};
 use pmsnap_repo::{
-    DirStorage, ExportReport, Phase, Progress, Repo, SnapshotSource, SourceError, PAGE_SIZE,
+    open_storage, ExportReport, Phase, Progress, Repo, RepoLocation, S3Options, SnapshotSource,
+    SourceError, PAGE_SIZE,
 };
 
 use crate::snapshot::engine::lock_pool;
@@ -91,16 +92,16 @@ pub enum ExportError {
     /// The repository refused or failed.
     #[error("repository {dir}: {source}")]
     Repo {
-        /// The repository directory.
+        /// The repository (directory or URL).
         dir: String,
         /// Cause (boxed: the repository's errors are large).
         #[source]
         source: Box<pmsnap_repo::RepoError>,
     },
-    /// The repository directory could not be created or opened.
+    /// The repository could not be created or opened (a directory, or the S3 client).
     #[error("repository {dir}: {source}")]
     Dir {
-        /// The repository directory.
+        /// The repository (directory or URL).
         dir: String,
         /// Cause.
         #[source]
@@ -111,18 +112,19 @@ pub enum ExportError {
     NoWorker,
 }
 
-/// Export `snapshot` of `pool` into the repository directory `to`, calling `progress`
-/// as it goes.
+/// Export `snapshot` of `pool` into the repository `to` (a directory, created if
+/// missing, or a bucket reached with `s3`), calling `progress` as it goes.
 pub fn export_snapshot(
     pool: Arc<Mutex<Pool>>,
     snapshot: &str,
     as_name: Option<&str>,
-    to: &Path,
+    to: &RepoLocation,
+    s3: &S3Options,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<ExportReport, ExportError> {
     let mut src = PoolSource::new(pool, snapshot, as_name)?;
-    let dir = to.display().to_string();
-    let storage = DirStorage::new(to).map_err(|source| ExportError::Dir {
+    let dir = to.to_string();
+    let storage = open_storage(to, s3).map_err(|source| ExportError::Dir {
         dir: dir.clone(),
         source,
     })?;
@@ -159,7 +161,7 @@ pub fn every_tenth(mut log: impl FnMut(String)) -> impl FnMut(Progress) {
 
 struct Job {
     snapshot: String,
-    to: PathBuf,
+    to: String,
     reply: mpsc::Sender<Result<ExportReport, String>>,
 }
 
@@ -186,8 +188,18 @@ impl ExportWorker {
                 for job in rx {
                     let name = job.snapshot.clone();
                     let mut progress = every_tenth(|line| log::info!("export of {name:?}: {line}"));
-                    let res =
-                        export_snapshot(pool.clone(), &job.snapshot, None, &job.to, &mut progress)
+                    // The environment is read per export: AWS_* of the VMM process.
+                    let res = RepoLocation::parse(&job.to)
+                        .map_err(|e| e.to_string())
+                        .and_then(|to| {
+                            export_snapshot(
+                                pool.clone(),
+                                &job.snapshot,
+                                None,
+                                &to,
+                                &S3Options::from_env(),
+                                &mut progress,
+                            )
                             .map_err(|e| {
                                 // The whole cause chain, for the API's one message.
                                 let mut m = e.to_string();
@@ -197,19 +209,21 @@ impl ExportWorker {
                                     src = s.source();
                                 }
                                 m
-                            });
+                            })
+                        });
                     let _ = job.reply.send(res);
                 }
             })?;
         Ok(Self { tx: Mutex::new(tx) })
     }
 
-    /// Export `snapshot` into the repository directory `to` and wait for the report.
-    pub fn export(&self, snapshot: &str, to: &Path) -> Result<ExportReport, String> {
+    /// Export `snapshot` into the repository `to` (an absolute directory or
+    /// `s3://BUCKET/PREFIX`) and wait for the report.
+    pub fn export(&self, snapshot: &str, to: &str) -> Result<ExportReport, String> {
         let (reply, answer) = mpsc::channel();
         let job = Job {
             snapshot: snapshot.to_string(),
-            to: to.to_path_buf(),
+            to: to.to_string(),
             reply,
         };
         self.tx
@@ -247,15 +261,20 @@ mod tests {
         }
         let worker = ExportWorker::spawn(engine.pool().clone()).expect("worker");
         let repo_dir = dir.path().join("repo");
-        let rep = worker.export("s", &repo_dir).expect("export");
+        let rep = worker
+            .export("s", &repo_dir.display().to_string())
+            .expect("export");
         assert_eq!((rep.pages, rep.zero_pages), (32, 0));
-        let repo = Repo::open_or_init(DirStorage::new(&repo_dir).expect("dir")).expect("repo");
+        let repo = Repo::open_or_init(pmsnap_repo::DirStorage::new(&repo_dir).expect("dir"))
+            .expect("repo");
         let m = repo.manifest("s").expect("manifest");
         for p in 0..32u64 {
             let page = repo.read_page(&m, p).expect("page");
             assert!(page.iter().all(|&b| b == p as u8 + 1), "page {p}");
         }
-        let e = worker.export("nope", &repo_dir).expect_err("unknown");
+        let e = worker
+            .export("nope", &repo_dir.display().to_string())
+            .expect_err("unknown");
         assert!(e.contains("nope"), "{e}");
     }
 }

@@ -269,9 +269,10 @@ impl Controller {
         }
     }
 
-    /// `POST /v1/snapshots/{name}/export`: write the snapshot into the repository
-    /// directory `to` while the guest runs (on the export thread; this request waits).
-    fn export(&self, name: &str, to: &std::path::Path) -> Result<ApiResponse, ApiError> {
+    /// `POST /v1/snapshots/{name}/export`: write the snapshot into the repository `to`
+    /// (a directory or `s3://BUCKET/PREFIX`) while the guest runs (on the export thread;
+    /// this request waits).
+    fn export(&self, name: &str, to: &str) -> Result<ApiResponse, ApiError> {
         let worker = self
             .export
             .as_ref()
@@ -281,8 +282,7 @@ impl Controller {
         let t = Instant::now();
         let report = worker.export(name, to).map_err(ApiError::InvalidState)?;
         info!(
-            "exported snapshot {name:?} to {} in {:?}: {} pages, {} new bytes",
-            to.display(),
+            "exported snapshot {name:?} to {to} in {:?}: {} pages, {} new bytes",
             t.elapsed(),
             report.pages,
             report.bytes_new

@@ -68,11 +68,22 @@ impl ApiVmm {
         tag: &str,
         args: impl IntoIterator<Item = impl AsRef<OsStr>>,
     ) -> Result<Self, String> {
+        Self::spawn_env(dir, tag, args, &[])
+    }
+
+    /// [`ApiVmm::spawn`] with these environment variables added.
+    pub fn spawn_env(
+        dir: &Path,
+        tag: &str,
+        args: impl IntoIterator<Item = impl AsRef<OsStr>>,
+        env: &[(String, String)],
+    ) -> Result<Self, String> {
         let sock = dir.join(format!("{tag}.sock"));
         let _ = std::fs::remove_file(&sock);
         let stderr = dir.join(format!("{tag}.stderr"));
         let child = Command::new(pmsnap_bin())
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .arg("--api-sock")
             .arg(&sock)
             .stdin(Stdio::null())
@@ -102,6 +113,18 @@ impl ApiVmm {
     /// payload, assembled into `dir`), started as [`ApiVmm::spawn`] does; panics if it
     /// does not come up.
     pub fn spawn_payload(dir: &Path, tag: &str, pool: &Path, mem: &str, extra: &[&str]) -> Self {
+        Self::spawn_payload_env(dir, tag, pool, mem, extra, &[])
+    }
+
+    /// [`ApiVmm::spawn_payload`] with these environment variables added.
+    pub fn spawn_payload_env(
+        dir: &Path,
+        tag: &str,
+        pool: &Path,
+        mem: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Self {
         let bin = payload(dir);
         let base = ["run", "--mem", mem, "--vcpus", "2"];
         let args = base
@@ -109,7 +132,7 @@ impl ApiVmm {
             .chain(extra)
             .map(std::ffi::OsString::from)
             .chain(["--payload".into(), bin.into(), "--pool".into(), pool.into()]);
-        Self::spawn(dir, tag, args).unwrap_or_else(|e| panic!("{e}"))
+        Self::spawn_env(dir, tag, args, env).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The VMM's whole log so far.

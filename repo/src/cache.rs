@@ -1,0 +1,244 @@
+//! A local, size-limited cache of pack ranges fetched from a remote repository
+//! ([`PackCache`]), shared by every process of a host that uses the same directory, so
+//! several imports or restores of snapshots that share content fetch each range once.
+//!
+//! The unit is a **block**: the aligned [`CACHE_BLOCK`] bytes of a pack (the last block
+//! of a pack is shorter), stored as the file `DIR/<pack id>.<block number>`, written to
+//! a temporary file and renamed into place, so a reader sees a whole block or none.
+//! Cached bytes are not trusted more than fetched ones: every chunk read through the
+//! cache is checked (crc32c and BLAKE3) as always, and a block that fails the check is
+//! dropped and fetched again once.
+//!
+//! Eviction is least-recently-used by modification time (a hit touches the file): when
+//! this process's count of the directory's bytes passes the limit it lists the
+//! directory and deletes the oldest blocks until the total is 90% of the limit. Another
+//! process sharing the directory may delete a block between a lookup and its read: that
+//! is a miss, never an error.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::format::{hex, Hash32};
+
+/// Bytes per cached block of a pack: the unit of a ranged download.
+pub const CACHE_BLOCK: u64 = 1 << 20;
+
+/// What a cache did since it was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CacheStats {
+    /// Reads served from the directory.
+    pub hits: u64,
+    /// Reads that had to fetch their block.
+    pub misses: u64,
+    /// Bytes fetched from the storage into the cache.
+    pub fetched_bytes: u64,
+    /// Blocks evicted by this process.
+    pub evicted: u64,
+}
+
+/// A directory of cached pack blocks, at most about `limit` bytes.
+#[derive(Debug)]
+pub struct PackCache {
+    dir: PathBuf,
+    limit: u64,
+    /// Bytes in the directory as this process last counted them (plus its inserts).
+    used: Mutex<u64>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    fetched: AtomicU64,
+    evicted: AtomicU64,
+    tmp: AtomicU64,
+}
+
+/// One block of one pack.
+pub(crate) type BlockId = (Hash32, u64);
+
+impl PackCache {
+    /// Use (and create) `dir`, keeping at most about `limit` bytes in it.
+    pub fn open(dir: impl Into<PathBuf>, limit: u64) -> io::Result<PackCache> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(|e| {
+            io::Error::new(e.kind(), format!("cache directory {}: {e}", dir.display()))
+        })?;
+        let c = PackCache {
+            dir,
+            limit,
+            used: Mutex::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            fetched: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            tmp: AtomicU64::new(0),
+        };
+        let total: u64 = c.entries()?.iter().map(|e| e.1).sum();
+        *c.lock_used() = total;
+        c.evict_if_needed()?;
+        Ok(c)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The size limit in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Counters since [`PackCache::open`].
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            fetched_bytes: self.fetched.load(Ordering::Relaxed),
+            evicted: self.evicted.load(Ordering::Relaxed),
+        }
+    }
+
+    fn lock_used(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.used.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn path(&self, (pack, block): &BlockId) -> PathBuf {
+        self.dir.join(format!("{}.{block}", hex(pack)))
+    }
+
+    /// Whether the block is in the directory now.
+    pub(crate) fn has(&self, id: &BlockId) -> bool {
+        self.path(id).is_file()
+    }
+
+    /// `len` bytes at `off` inside cached block `id`, or None on a miss (absent, or
+    /// shorter than asked).
+    pub(crate) fn read(&self, id: &BlockId, off: u64, len: usize) -> Option<Vec<u8>> {
+        let f = match fs::File::open(self.path(id)) {
+            Ok(f) => f,
+            Err(_) => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        };
+        let mut buf = vec![0u8; len];
+        if f.read_exact_at(&mut buf, off).is_err() {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        // Recently used: eviction goes by modification time.
+        let _ = f.set_modified(SystemTime::now());
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(buf)
+    }
+
+    /// Store block `id` (fetched: counted in the stats), then evict if over the limit.
+    pub(crate) fn insert(&self, id: &BlockId, data: &[u8]) -> io::Result<()> {
+        self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let tmp = self.dir.join(format!(
+            ".tmp-{}-{}",
+            std::process::id(),
+            self.tmp.fetch_add(1, Ordering::Relaxed)
+        ));
+        let res = fs::write(&tmp, data).and_then(|()| fs::rename(&tmp, self.path(id)));
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res?;
+        *self.lock_used() += data.len() as u64;
+        self.evict_if_needed()
+    }
+
+    /// Drop a block (it failed a check).
+    pub(crate) fn remove(&self, id: &BlockId) {
+        let _ = fs::remove_file(self.path(id));
+    }
+
+    /// The cached blocks: (path, size, modified).
+    fn entries(&self) -> io::Result<Vec<(PathBuf, u64, SystemTime)>> {
+        let mut v = Vec::new();
+        for e in fs::read_dir(&self.dir)? {
+            let e = e?;
+            let name = e.file_name();
+            if name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if let Ok(md) = e.metadata() {
+                if md.is_file() {
+                    v.push((e.path(), md.len(), md.modified()?));
+                }
+            }
+        }
+        Ok(v)
+    }
+
+    fn evict_if_needed(&self) -> io::Result<()> {
+        let mut used = self.lock_used();
+        if *used <= self.limit {
+            return Ok(());
+        }
+        let mut entries = self.entries()?;
+        let mut total: u64 = entries.iter().map(|e| e.1).sum();
+        entries.sort_by_key(|e| e.2);
+        let target = self.limit / 10 * 9;
+        for (path, size, _) in entries {
+            if total <= target {
+                break;
+            }
+            if fs::remove_file(&path).is_ok() {
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+            }
+            total -= size;
+        }
+        *used = total;
+        Ok(())
+    }
+}
+
+/// The blocks of a pack of `pack_len` bytes that range `off..off+len` touches.
+pub(crate) fn blocks_of(pack: &Hash32, off: u64, len: u64) -> BTreeSet<BlockId> {
+    if len == 0 {
+        return BTreeSet::new();
+    }
+    (off / CACHE_BLOCK..=(off + len - 1) / CACHE_BLOCK)
+        .map(|b| (*pack, b))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_cached_read_and_evicted_oldest_first() {
+        let d = tempfile::tempdir().unwrap();
+        let c = PackCache::open(d.path(), 3 * 1000).unwrap();
+        let a = ([1u8; 32], 0);
+        assert_eq!(c.read(&a, 0, 10), None);
+        c.insert(&a, &[7u8; 1000]).unwrap();
+        assert_eq!(c.read(&a, 990, 10), Some(vec![7u8; 10]));
+        assert_eq!(c.read(&a, 995, 10), None, "past the block's end");
+        // Make a the oldest, then overflow: a goes first.
+        let f = fs::File::options().write(true).open(c.path(&a)).unwrap();
+        f.set_modified(SystemTime::UNIX_EPOCH).unwrap();
+        for i in 1..4u64 {
+            c.insert(&([1u8; 32], i), &[i as u8; 1000]).unwrap();
+        }
+        assert!(!c.has(&a), "oldest evicted");
+        assert!(c.has(&([1u8; 32], 3)));
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses, s.fetched_bytes), (1, 2, 4000));
+        assert!(s.evicted >= 1);
+        // A second handle on the same directory sees the blocks.
+        let c2 = PackCache::open(d.path(), 1 << 20).unwrap();
+        assert_eq!(c2.read(&([1u8; 32], 3), 0, 3), Some(vec![3u8; 3]));
+        assert_eq!(blocks_of(&[0; 32], CACHE_BLOCK - 1, 2).len(), 2);
+        assert_eq!(blocks_of(&[0; 32], 0, CACHE_BLOCK).len(), 1);
+    }
+}
