@@ -106,10 +106,13 @@ pub fn open_repo(arg: &str, store: &StoreArgs, create: bool) -> Result<Repo> {
     }
     let repo = Repo::open_or_init(storage).map_err(context(what.clone()))?;
     // A directory is read in place; a bucket through the host's pack cache.
-    match store.cache()? {
-        Some(c) if loc.is_s3() => Ok(repo.with_cache(c)),
-        _ => Ok(repo),
+    if !loc.is_s3() {
+        return Ok(repo);
     }
+    Ok(match store.cache()? {
+        Some(c) => repo.with_cache(c),
+        None => repo,
+    })
 }
 
 /// Arguments of `pmsnap export`.
