@@ -9,19 +9,21 @@
 //! cache is checked (crc32c and BLAKE3) as always, and a block that fails the check is
 //! dropped and fetched again once.
 //!
+//! The 32 most recently used blocks are also kept in the process's memory, so that the
+//! chunks of one block are copied out of memory rather than each read from its file.
+//!
 //! Eviction is least-recently-used by modification time (a hit touches the file): when
 //! this process's count of the directory's bytes passes the limit it lists the
 //! directory and deletes the oldest blocks until the total is 90% of the limit. Another
 //! process sharing the directory may delete a block between a lookup and its read: that
 //! is a miss, never an error.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::fs;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -30,6 +32,10 @@ use crate::format::{hex, Hash32};
 
 /// Bytes per cached block of a pack: the unit of a ranged download.
 pub const CACHE_BLOCK: u64 = 1 << 20;
+
+/// Blocks also kept in this process's memory (most recently used), so consecutive
+/// chunk reads of one block cost a copy, not a file open and read.
+const MEM_BLOCKS: usize = 32;
 
 /// What a cache did since it was opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -56,6 +62,8 @@ pub struct PackCache {
     fetched: AtomicU64,
     evicted: AtomicU64,
     tmp: AtomicU64,
+    /// Most recently used blocks in memory, most recent last.
+    mem: Mutex<VecDeque<(BlockId, Arc<Vec<u8>>)>>,
 }
 
 /// One block of one pack.
@@ -77,6 +85,7 @@ impl PackCache {
             fetched: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             tmp: AtomicU64::new(0),
+            mem: Mutex::new(VecDeque::new()),
         };
         let total: u64 = c.entries()?.iter().map(|e| e.1).sum();
         *c.lock_used() = total;
@@ -117,46 +126,89 @@ impl PackCache {
         self.path(id).is_file()
     }
 
+    fn lock_mem(&self) -> std::sync::MutexGuard<'_, VecDeque<(BlockId, Arc<Vec<u8>>)>> {
+        self.mem.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, id: &BlockId, data: Arc<Vec<u8>>) {
+        let mut mem = self.lock_mem();
+        mem.retain(|(i, _)| i != id);
+        if mem.len() >= MEM_BLOCKS {
+            mem.pop_front();
+        }
+        mem.push_back((*id, data));
+    }
+
     /// `len` bytes at `off` inside cached block `id`, or None on a miss (absent, or
     /// shorter than asked).
     pub(crate) fn read(&self, id: &BlockId, off: u64, len: usize) -> Option<Vec<u8>> {
-        let f = match fs::File::open(self.path(id)) {
-            Ok(f) => f,
-            Err(_) => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
+        let slice = |d: &[u8]| -> Option<Vec<u8>> {
+            let s = usize::try_from(off).ok()?;
+            d.get(s..s.checked_add(len)?).map(<[u8]>::to_vec)
         };
-        let mut buf = vec![0u8; len];
-        if f.read_exact_at(&mut buf, off).is_err() {
+        let in_mem = self
+            .lock_mem()
+            .iter()
+            .rev()
+            .find(|(i, _)| i == id)
+            .map(|(_, d)| d.clone());
+        if let Some(d) = in_mem {
+            let r = slice(&d);
+            let counter = if r.is_some() {
+                &self.hits
+            } else {
+                &self.misses
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            return r;
+        }
+        let data = fs::File::open(self.path(id)).and_then(|f| {
+            let mut d = Vec::new();
+            io::Read::read_to_end(&mut &f, &mut d)?;
+            // Recently used: eviction goes by modification time.
+            let _ = f.set_modified(SystemTime::now());
+            Ok(d)
+        });
+        let Ok(data) = data else {
             self.misses.fetch_add(1, Ordering::Relaxed);
             return None;
-        }
-        // Recently used: eviction goes by modification time.
-        let _ = f.set_modified(SystemTime::now());
-        self.hits.fetch_add(1, Ordering::Relaxed);
-        Some(buf)
+        };
+        let r = slice(&data);
+        self.remember(id, Arc::new(data));
+        let counter = if r.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        r
     }
 
     /// Store block `id` (fetched: counted in the stats), then evict if over the limit.
-    pub(crate) fn insert(&self, id: &BlockId, data: &[u8]) -> io::Result<()> {
+    /// With `in_memory` it is also one of the blocks kept in memory (a block read now;
+    /// not one prefetched for later, which would push out the blocks being read).
+    pub(crate) fn insert(&self, id: &BlockId, data: Vec<u8>, in_memory: bool) -> io::Result<()> {
         self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
         let tmp = self.dir.join(format!(
             ".tmp-{}-{}",
             std::process::id(),
             self.tmp.fetch_add(1, Ordering::Relaxed)
         ));
-        let res = fs::write(&tmp, data).and_then(|()| fs::rename(&tmp, self.path(id)));
+        let res = fs::write(&tmp, &data).and_then(|()| fs::rename(&tmp, self.path(id)));
         if res.is_err() {
             let _ = fs::remove_file(&tmp);
         }
         res?;
         *self.lock_used() += data.len() as u64;
+        if in_memory {
+            self.remember(id, Arc::new(data));
+        }
         self.evict_if_needed()
     }
 
     /// Drop a block (it failed a check).
     pub(crate) fn remove(&self, id: &BlockId) {
+        self.lock_mem().retain(|(i, _)| i != id);
         let _ = fs::remove_file(self.path(id));
     }
 
@@ -221,14 +273,15 @@ mod tests {
         let c = PackCache::open(d.path(), 3 * 1000).unwrap();
         let a = ([1u8; 32], 0);
         assert_eq!(c.read(&a, 0, 10), None);
-        c.insert(&a, &[7u8; 1000]).unwrap();
+        c.insert(&a, vec![7u8; 1000], true).unwrap();
         assert_eq!(c.read(&a, 990, 10), Some(vec![7u8; 10]));
         assert_eq!(c.read(&a, 995, 10), None, "past the block's end");
         // Make a the oldest, then overflow: a goes first.
         let f = fs::File::options().write(true).open(c.path(&a)).unwrap();
         f.set_modified(SystemTime::UNIX_EPOCH).unwrap();
         for i in 1..4u64 {
-            c.insert(&([1u8; 32], i), &[i as u8; 1000]).unwrap();
+            c.insert(&([1u8; 32], i), vec![i as u8; 1000], false)
+                .unwrap();
         }
         assert!(!c.has(&a), "oldest evicted");
         assert!(c.has(&([1u8; 32], 3)));

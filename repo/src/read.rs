@@ -1,7 +1,7 @@
 //! Reading from the repository: manifests, pages and state blobs, every byte checked,
 //! and the cache of loaded pack indexes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io;
 use std::sync::Arc;
 
@@ -160,7 +160,7 @@ impl Repo {
                     Ok(d) => {
                         rep.fetched += 1;
                         rep.bytes += d.len() as u64;
-                        if let Err(e) = cache.insert(id, &d) {
+                        if let Err(e) = cache.insert(id, d, false) {
                             log::warn!("cannot cache a block of pack {}: {e}", hex(&id.0));
                         }
                     }
@@ -172,6 +172,46 @@ impl Repo {
             }
         }
         Ok(rep)
+    }
+
+    /// Read the given pages in order, calling `f` with each; with a pack cache, a second
+    /// thread prefetches ([`Repo::prefetch`]) the pages in windows of 64 MiB, up to two
+    /// windows ahead of the reads, so fetching and checking overlap. The first error
+    /// (of a read or of `f`) ends it.
+    pub fn read_pages(
+        &self,
+        m: &Manifest,
+        pages: &[u64],
+        f: &mut dyn FnMut(u64, &[u8; PAGE_SIZE]) -> Result<()>,
+    ) -> Result<()> {
+        const WINDOW: usize = 16384;
+        if self.cache.is_none() {
+            for &p in pages {
+                f(p, &self.read_page(m, p)?)?;
+            }
+            return Ok(());
+        }
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+            s.spawn(move || {
+                for w in pages.chunks(WINDOW) {
+                    if let Err(e) = self.prefetch(m, w) {
+                        log::debug!("prefetch: {e}");
+                    }
+                    if tx.send(()).is_err() {
+                        break;
+                    }
+                }
+            });
+            for w in pages.chunks(WINDOW) {
+                // Ready, or the prefetcher is gone: read anyway (misses fetch).
+                let _ = rx.recv();
+                for &p in w {
+                    f(p, &self.read_page(m, p)?)?;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// `len` bytes at `off` of pack `pack` (`pack_len` bytes long): through the cache
@@ -197,14 +237,16 @@ impl Repo {
                 format!("range {off}+{len} past the end of {key} ({pack_len} bytes)"),
             ));
         }
+        let blocks = blocks_of(pack, off, len);
         let mut out = Vec::with_capacity(len as usize);
         let mut from_cache = false;
-        let mut fetched: BTreeMap<BlockId, Vec<u8>> = BTreeMap::new();
-        for id in blocks_of(pack, off, len) {
+        for id in blocks.iter().copied() {
             let bstart = id.1 * CACHE_BLOCK;
             let bend = (bstart + CACHE_BLOCK).min(pack_len);
             let (s, e) = (off.max(bstart), (off + len).min(bend));
             match cache.read(&id, s - bstart, (e - s) as usize) {
+                // The common case, a chunk inside one block: no second copy.
+                Some(d) if blocks.len() == 1 => return Ok((d, true)),
                 Some(d) => {
                     from_cache = true;
                     out.extend_from_slice(&d);
@@ -212,13 +254,10 @@ impl Repo {
                 None => {
                     let blk = self.storage.get_range(&key, bstart, bend - bstart)?;
                     out.extend_from_slice(&blk[(s - bstart) as usize..(e - bstart) as usize]);
-                    fetched.insert(id, blk);
+                    if let Err(e) = cache.insert(&id, blk, true) {
+                        log::warn!("cannot cache a block of pack {}: {e}", hex(pack));
+                    }
                 }
-            }
-        }
-        for (id, blk) in fetched {
-            if let Err(e) = cache.insert(&id, &blk) {
-                log::warn!("cannot cache a block of pack {}: {e}", hex(pack));
             }
         }
         Ok((out, from_cache))

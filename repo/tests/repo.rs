@@ -675,10 +675,16 @@ fn a_pack_cache_fetches_each_block_once_and_refetches_a_damaged_one() {
         b[mid] ^= 1;
         std::fs::write(&p, b).unwrap();
     }
+    // (A new handle: c3 still holds the good blocks in memory.)
+    let c4 = Arc::new(PackCache::open(d3.path(), 1 << 30).unwrap());
     let r4 = Repo::open_or_init(store.clone())
         .unwrap()
-        .with_cache(c3.clone());
+        .with_cache(c4.clone());
     assert_reads_back(&r4, &src);
+    assert!(
+        c4.stats().fetched_bytes > 0,
+        "damaged blocks are fetched again"
+    );
 
     // A small cache stays near its limit and still reads right.
     let d5 = tempfile::tempdir().unwrap();

@@ -346,8 +346,11 @@ fn a_live_export_to_a_bucket_under_seccomp_and_every_repo_command_on_it() {
     }
     pmsnap_testenv::require!(test, pmsnap_testenv::ObjStore::unavailable());
     let os = pmsnap_testenv::ObjStore::start();
-    let env = os.env.clone();
     let dir = tempfile::tempdir_in("/dev/shm").expect("tmpdir on tmpfs");
+    let mut env = os.env.clone();
+    // The pack cache of this test's commands stays in its directory.
+    let default_cache = dir.path().join("default-cache");
+    env.push(("PMSNAP_CACHE_DIR".into(), s(&default_cache).into()));
     let (p1, p2) = (dir.path().join("a.pool"), dir.path().join("b.pool"));
     let local = dir.path().join("repo");
     let url = "s3://pmsnap/hosts/a";

@@ -106,10 +106,13 @@ pub fn open_repo(arg: &str, store: &StoreArgs, create: bool) -> Result<Repo> {
     }
     let repo = Repo::open_or_init(storage).map_err(context(what.clone()))?;
     // A directory is read in place; a bucket through the host's pack cache.
-    match store.cache()? {
-        Some(c) if loc.is_s3() => Ok(repo.with_cache(c)),
-        _ => Ok(repo),
+    if !loc.is_s3() {
+        return Ok(repo);
     }
+    Ok(match store.cache()? {
+        Some(c) => repo.with_cache(c),
+        None => repo,
+    })
 }
 
 /// Arguments of `pmsnap export`.
@@ -354,30 +357,39 @@ fn fill(
     let (file, base) = (pool.file().try_clone()?, pool.ram_offset());
     let total = m.pages();
     let (mut done, mut tenth) = (0u64, 0u64);
-    // Non-zero pages in windows of 64 MiB: with a pack cache (a bucket), each window's
-    // ranges are fetched concurrently first, then its pages are read from the cache.
+    // Non-zero pages, through Repo::read_pages: with a pack cache (a bucket), blocks are
+    // fetched concurrently a window ahead of the reads.
     let pages: Vec<u64> = m
         .page_runs()
         .iter()
         .flat_map(|r| r.first..r.first + r.count)
         .collect();
-    for window in pages.chunks(16384) {
-        let nonzero: Vec<u64> = window
-            .iter()
-            .copied()
-            .filter(|&p| m.is_zero(p) != Some(true))
-            .collect();
-        repo.prefetch(m, &nonzero)?;
-        for &page in &nonzero {
-            let data = repo.read_page(m, page)?;
-            file.write_all_at(&data, base + page * PAGE)?;
+    let nonzero: Vec<u64> = pages
+        .iter()
+        .copied()
+        .filter(|&p| m.is_zero(p) != Some(true))
+        .collect();
+    let n = nonzero.len() as u64;
+    let mut write_err = None;
+    let res = repo.read_pages(m, &nonzero, &mut |page, data| {
+        if let Err(e) = file.write_all_at(data, base + page * PAGE) {
+            write_err = Some(e);
+            return Err(pmsnap_repo::RepoError::Source("write".into()));
         }
-        done += window.len() as u64;
-        if !quiet && done * 10 / total.max(1) > tenth {
-            tenth = done * 10 / total.max(1);
-            eprintln!("import: {}% of {total} pages", tenth * 10);
+        done += 1;
+        if !quiet && done * 10 / n.max(1) > tenth {
+            tenth = done * 10 / n.max(1);
+            eprintln!(
+                "import: {}% of {n} non-zero pages ({total} pages)",
+                tenth * 10
+            );
         }
+        Ok(())
+    });
+    if let Some(e) = write_err {
+        return Err(e.into());
     }
+    res?;
     file.sync_data()?;
     let state = repo.read_state(m)?;
     let store_meta = pmem_backend::SnapshotMeta {
