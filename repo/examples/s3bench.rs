@@ -82,7 +82,7 @@ fn main() {
     let all: Vec<u64> = (0..pages).collect();
     let mut sum = 0u64;
     reader
-        .read_pages(&m, &all, &mut |_, d| {
+        .read_page_list(&m, &all, &mut |_, d| {
             sum = sum.wrapping_add(u64::from(d[0]));
             Ok(())
         })

@@ -178,7 +178,7 @@ impl Repo {
     /// thread prefetches ([`Repo::prefetch`]) the pages in windows of 64 MiB, up to two
     /// windows ahead of the reads, so fetching and checking overlap. The first error
     /// (of a read or of `f`) ends it.
-    pub fn read_pages(
+    pub fn read_page_list(
         &self,
         m: &Manifest,
         pages: &[u64],

@@ -461,6 +461,8 @@ const S3_CLIENT: &[i64] = &[
 /// Extra calls of the lazy-restore filler: reading repository files (the `EXPORT` file
 /// calls it needs) and `UFFDIO_COPY`/`UFFDIO_WAKE` on the userfaultfd.
 const FILL: &[i64] = &[
+    // The pack cache marks a block it used (its LRU order).
+    libc::SYS_utimensat,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
     libc::SYS_ioctl,
@@ -481,7 +483,8 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::EventLoop => &[COMMON, SERVICE, EVENT_LOOP],
         ThreadKind::Api => &[COMMON, SERVICE, API],
         ThreadKind::Export => &[COMMON, EXPORT, S3_CLIENT],
-        ThreadKind::Fill => &[COMMON, FILL, S3_CLIENT],
+        // The pack cache of an s3:// repository writes its directory like an export.
+        ThreadKind::Fill => &[COMMON, EXPORT, FILL, S3_CLIENT],
     };
     let mut v = lists.concat();
     v.sort_unstable();

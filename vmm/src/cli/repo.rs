@@ -371,7 +371,7 @@ fn fill(
         .collect();
     let n = nonzero.len() as u64;
     let mut write_err = None;
-    let res = repo.read_pages(m, &nonzero, &mut |page, data| {
+    let res = repo.read_page_list(m, &nonzero, &mut |page, data| {
         if let Err(e) = file.write_all_at(data, base + page * PAGE) {
             write_err = Some(e);
             return Err(pmsnap_repo::RepoError::Source("write".into()));
