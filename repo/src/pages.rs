@@ -3,7 +3,7 @@
 //! (crc32c and BLAKE3) before a byte of it is handed out.
 
 use crate::error::{RepoError, Result};
-use crate::format::{check_chunk, hex, Extent, Target};
+use crate::format::{check_chunk, hex, Extent, Target, CHUNK_HEADER};
 use crate::meta::Manifest;
 use crate::repo::Repo;
 use crate::PAGE_SIZE;
@@ -73,22 +73,22 @@ impl Repo {
             let mut ents = vec![e0];
             while k + ents.len() < count && ents.len() * PAGE_SIZE < MAX_RANGE {
                 let (e, _) = self.entry(m, slot, entry + (k + ents.len()) as u64, &what(k))?;
+                // Next in the pack: after the previous chunk's data and its own header.
                 let last = ents[ents.len() - 1];
-                if e.offset != last.offset + u64::from(last.len) {
+                if e.offset != last.offset + u64::from(last.len) + CHUNK_HEADER as u64 {
                     break;
                 }
                 ents.push(e);
             }
-            let total: u64 = ents.iter().map(|e| u64::from(e.len)).sum();
+            // From the first chunk's data to the end of the last one's (headers between).
+            let last = ents[ents.len() - 1];
+            let total = last.offset + u64::from(last.len) - e0.offset;
+            let at_of = |e: &crate::format::IndexEntry| (e.offset - e0.offset) as usize;
             let first = entry + k as u64;
             let mut data = self.pack_range(m, &pack, e0.offset, total, &what(k), first, true)?;
             let intact = |d: &[u8]| {
-                let mut at = 0usize;
-                ents.iter().all(|e| {
-                    let ok = check_chunk(e, &d[at..at + e.len as usize]).is_ok();
-                    at += e.len as usize;
-                    ok
-                })
+                ents.iter()
+                    .all(|e| check_chunk(e, &d[at_of(e)..at_of(e) + e.len as usize]).is_ok())
             };
             if data.1 && !intact(&data.0) {
                 // A damaged cached block: drop it and read the storage itself.
@@ -96,9 +96,8 @@ impl Repo {
                 data = self.pack_range(m, &pack, e0.offset, total, &what(k), first, false)?;
             }
             let data = data.0;
-            let mut at = 0usize;
             for (j, e) in ents.iter().enumerate() {
-                let chunk = &data[at..at + e.len as usize];
+                let chunk = &data[at_of(e)..at_of(e) + e.len as usize];
                 let damaged = |detail: String| RepoError::ChunkDamaged {
                     snapshot: m.name().to_string(),
                     pack: hex(&pack),
@@ -114,7 +113,6 @@ impl Repo {
                 }
                 check_chunk(e, chunk).map_err(damaged)?;
                 dst[(k + j) * PAGE_SIZE..(k + j + 1) * PAGE_SIZE].copy_from_slice(chunk);
-                at += e.len as usize;
             }
             k += ents.len();
         }

@@ -451,6 +451,8 @@ mod tests {
 pub struct ObjStore {
     dir: PathBuf,
     script: PathBuf,
+    /// The address it listens on.
+    bind: String,
     /// `(variable, value)` pairs printed by `scripts/objstore.sh env`.
     pub env: Vec<(String, String)>,
 }
@@ -468,6 +470,12 @@ impl ObjStore {
 
     /// Start one (panics with the script's output when it fails).
     pub fn start() -> ObjStore {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// [`ObjStore::start`], listening on `addr` (`0.0.0.0`: every interface, so test
+    /// hosts in network namespaces reach it over their veth pairs).
+    pub fn start_on(addr: &str) -> ObjStore {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let script = root.join("scripts/objstore.sh");
@@ -479,6 +487,7 @@ impl ObjStore {
         let mut s = ObjStore {
             dir,
             script,
+            bind: addr.to_string(),
             env: Vec::new(),
         };
         s.run("start");
@@ -497,6 +506,7 @@ impl ObjStore {
             .arg(&self.script)
             .arg(cmd)
             .arg(&self.dir)
+            .env("PMSNAP_OBJSTORE_BIND", &self.bind)
             .stdin(std::process::Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.script.display()));

@@ -44,16 +44,6 @@ impl Controller {
         if lock_pool(engine.pool()).inspect(name).is_ok() {
             return Err(ApiError::DuplicateName(name.to_string()));
         }
-        // Write-protect all of RAM while the vCPUs still run: the kernel's walk over every
-        // page table entry (and KVM dropping its mappings) is what grows with RAM, and
-        // inside the pause only the pages written meanwhile are protected again. 4 GiB
-        // payload guest: store time of the first pause 35-80 ms -> 11-19 ms
-        // (docs/perf-vm.md). `PMSNAP_NO_PREPROTECT` turns it off, to measure both.
-        let t = Instant::now();
-        if std::env::var_os("PMSNAP_NO_PREPROTECT").is_none() {
-            engine.preprotect(&[PageRun::new(0, pages)])?;
-        }
-        let preprotect_us = t.elapsed().as_micros() as u64;
         let ((capture_us, store_us, state_bytes), pause_us, stop_us) =
             paused(self.vm.as_ref(), || {
                 let t = Instant::now();
@@ -70,8 +60,7 @@ impl Controller {
                 Ok((capture_us, t.elapsed().as_micros() as u64, state_bytes))
             })?;
         log::info!(
-            "VM snapshot {name:?}: {pages} pages, {state_bytes} bytes of state, paused {pause_us} us \
-             (pre-protected in {preprotect_us} us before the pause)"
+            "VM snapshot {name:?}: {pages} pages, {state_bytes} bytes of state, paused {pause_us} us"
         );
         Ok(ApiResponse::Json {
             status: 201,
