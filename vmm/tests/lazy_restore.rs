@@ -55,16 +55,7 @@ fn live_export(sock: &Path, name: &str, repo: &Path) {
 /// repository.
 fn from_repo(repo: &Path, name: &str) -> (Vec<u64>, Vec<u64>) {
     let repo = Repo::open_or_init(DirStorage::new(repo).expect("storage")).expect("repo");
-    let m = repo.manifest(name).expect("manifest");
-    let mut bytes = vec![0u8; MEM as usize];
-    repo.read_pages(&m, 0, &mut bytes).expect("pages");
-    let words = bytes
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-        .collect();
-    let state =
-        vmm::persist::VmState::decode(&repo.read_state(&m).expect("state")).expect("decode");
-    (words, state.vcpus.iter().map(|v| v.regs.r12).collect())
+    common::pattern::from_repository(&repo, name)
 }
 
 /// Guest RAM of a (paused) VMM's pool, read from the file (pages not filled yet read

@@ -18,7 +18,7 @@ use pmsnap_testenv::{poll_until, ObjStore};
 use vmm::api::client::ApiClient;
 
 mod common;
-use common::pattern::{guest_continued, MEM, MEM_ARG};
+use common::pattern::{guest_continued, MEM_ARG};
 use common::{kvm_missing, payload, pmsnap_bin};
 
 /// One test host: a network namespace joined to the root namespace by a veth pair.
@@ -170,16 +170,7 @@ fn from_bucket(store: &ObjStore, prefix: &str, name: &str) -> (Vec<u64>, Vec<u64
     opts.region = store.var("AWS_REGION").to_string();
     let loc = RepoLocation::parse(&format!("s3://pmsnap/{prefix}")).expect("location");
     let repo = Repo::open_or_init(open_storage(&loc, &opts).expect("storage")).expect("repo");
-    let m = repo.manifest(name).expect("manifest");
-    let mut bytes = vec![0u8; MEM as usize];
-    repo.read_pages(&m, 0, &mut bytes).expect("pages");
-    let words = bytes
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-        .collect();
-    let state =
-        vmm::persist::VmState::decode(&repo.read_state(&m).expect("state")).expect("decode");
-    (words, state.vcpus.iter().map(|v| v.regs.r12).collect())
+    common::pattern::from_repository(&repo, name)
 }
 
 #[test]

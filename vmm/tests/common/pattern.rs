@@ -94,3 +94,18 @@ pub fn guest_continued(now: &[u64], from: &[u64], rounds: &[u64]) -> Result<usiz
     }
     Ok(changed)
 }
+
+/// VM snapshot `name` of the payload guest in `repo`: its guest RAM as words and its
+/// vCPUs' payload rounds (r12, from the saved registers).
+pub fn from_repository(repo: &pmsnap_repo::Repo, name: &str) -> (Vec<u64>, Vec<u64>) {
+    let m = repo.manifest(name).expect("manifest");
+    let mut bytes = vec![0u8; MEM as usize];
+    repo.read_pages(&m, 0, &mut bytes).expect("pages");
+    let words = bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    let state =
+        vmm::persist::VmState::decode(&repo.read_state(&m).expect("state")).expect("decode");
+    (words, state.vcpus.iter().map(|v| v.regs.r12).collect())
+}
