@@ -7,7 +7,8 @@
 //! lazy restore on B: the fill waits, `GET /v1/status` says why, the VMM stays up, and
 //! when the store is back every page arrives.
 //!
-//! Needs root (namespaces, veth), /dev/kvm and `weed` (scripts/setup.sh installs it).
+//! Needs root (namespaces, veth), /dev/kvm, `weed` (scripts/setup.sh installs it), and
+//! `ip` (Debian's iproute2) and `unshare` (util-linux), which Debian installs by default.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -179,6 +180,8 @@ fn host_b_restores_host_a_guest_lazily_from_the_bucket_and_waits_out_a_store_out
     if kvm_missing(name)
         || pmsnap_testenv::skip_or_fail(name, pmsnap_testenv::root_unavailable("namespaces"))
         || pmsnap_testenv::skip_or_fail(name, ObjStore::unavailable())
+        || pmsnap_testenv::skip_or_fail(name, pmsnap_testenv::tool_unavailable("ip"))
+        || pmsnap_testenv::skip_or_fail(name, pmsnap_testenv::tool_unavailable("unshare"))
     {
         return;
     }
