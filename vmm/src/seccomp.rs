@@ -458,22 +458,11 @@ const S3_CLIENT: &[i64] = &[
     libc::SYS_shutdown,
 ];
 
-/// Extra calls of the lazy-restore filler: reading repository files (the `EXPORT` file
-/// calls it needs) and `UFFDIO_COPY`/`UFFDIO_WAKE` on the userfaultfd.
-const FILL: &[i64] = &[
-    // The pack cache marks a block it used (its LRU order).
-    libc::SYS_utimensat,
-    libc::SYS_unlink,
-    libc::SYS_unlinkat,
-    libc::SYS_ioctl,
-    libc::SYS_read,
-    libc::SYS_pread64,
-    libc::SYS_lseek,
-    libc::SYS_fstat,
-    libc::SYS_newfstatat,
-    libc::SYS_statx,
-    libc::SYS_getdents64,
-];
+/// Extra calls of the lazy-restore filler beyond the `EXPORT` list, which it also has (it
+/// reads repository files and writes the pack cache's directory, unlinks the pool's fill
+/// marker): `UFFDIO_COPY`/`UFFDIO_WAKE` on the userfaultfd, and the pack cache marking
+/// a block it used (its LRU order).
+const FILL: &[i64] = &[libc::SYS_ioctl, libc::SYS_utimensat];
 
 /// The allow-list of `kind`.
 pub fn allowed(kind: ThreadKind) -> Vec<i64> {
