@@ -69,9 +69,7 @@ impl Pool {
         self.populate_near(blocks.into_iter(), false);
         // Populating a RAM hole through this mapping would make it present as zeros:
         // with RAM still filling lazily, the pages come in through the gate first.
-        for r in pages_to_runs(pages.iter().copied()) {
-            self.ensure_ram(r.first, r.count)?;
-        }
+        self.ensure_ram(&pages_to_runs(pages.iter().copied()))?;
         self.populate_near(pages.iter().map(|&p| self.geo.ram_page_offset(p)), true);
         let mut done = RunBuilder::default();
         let res = pages.iter().try_for_each(|&p| {

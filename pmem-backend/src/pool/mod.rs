@@ -32,7 +32,7 @@ use crate::lock::{lock_exclusive, still_linked, LockError};
 use crate::mapping::Mapping;
 use crate::persist::{MsyncPersist, Persist};
 use crate::superblock::{self, Geometry, Superblock};
-use crate::{Page, PAGE_SIZE};
+use crate::{Page, PageRun, PAGE_SIZE};
 use index::RefIndex;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -93,8 +93,9 @@ pub fn mark_ram_complete(pool: &Path) -> std::io::Result<()> {
 /// It is called with the pool borrowed mutably or not at all by the caller (under the
 /// embedder's pool lock), so it must not need that lock itself.
 pub trait RamGate: Send + Sync {
-    /// Make pages `first..first + count` present in RAM, or say why they cannot be.
-    fn ensure(&self, first: u64, count: u64) -> std::result::Result<(), String>;
+    /// Make the pages of `runs` present in RAM, or say why they cannot be. All of them
+    /// are asked for before any is waited for (a copy-back passes many scattered runs).
+    fn ensure(&self, runs: &[PageRun]) -> std::result::Result<(), String>;
 }
 
 /// Called first in every thread the pool starts (its pre-fault thread), once set: an
@@ -465,17 +466,16 @@ impl Pool {
         self.ram_gate = gate;
     }
 
-    /// Make RAM pages `first..first + count` present before the store reads them (a
-    /// no-op without a gate).
-    pub(super) fn ensure_ram(&self, first: u64, count: u64) -> Result<()> {
-        match &self.ram_gate {
-            Some(g) if count > 0 => {
-                g.ensure(first, count)
-                    .map_err(|reason| PoolError::RamNotPresent {
-                        first,
-                        count,
-                        reason,
-                    })
+    /// Make the RAM pages of `runs` present before the store reads them (a no-op
+    /// without a gate). An error names the span of the runs.
+    pub(super) fn ensure_ram(&self, runs: &[PageRun]) -> Result<()> {
+        match (&self.ram_gate, runs.first(), runs.last()) {
+            (Some(g), Some(a), Some(z)) => {
+                g.ensure(runs).map_err(|reason| PoolError::RamNotPresent {
+                    first: a.first,
+                    count: z.end() - a.first,
+                    reason,
+                })
             }
             _ => Ok(()),
         }
@@ -501,7 +501,7 @@ impl Pool {
     /// Copy RAM page p out through the store's mapping.
     pub fn read_ram_page(&self, p: u64) -> Result<Page> {
         self.check_page(p)?;
-        self.ensure_ram(p, 1)?;
+        self.ensure_ram(&[PageRun::new(p, 1)])?;
         let mut out: Page = [0; PAGE_SIZE];
         self.map
             .read_at(self.geo.ram_page_offset(p), &mut out)

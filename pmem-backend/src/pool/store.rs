@@ -232,7 +232,7 @@ impl Pool {
             self.compact()?;
         }
         // The page is about to be read: a lazily restored RAM must have it first.
-        self.ensure_ram(p, 1)?;
+        self.ensure_ram(&[PageRun::new(p, 1)])?;
         let b = self.index.alloc_block()?;
         let res = (|| {
             // One copy, RAM -> block, then the crc over the block in place: the block is

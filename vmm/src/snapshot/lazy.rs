@@ -32,7 +32,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
-use pmem_backend::RamGate;
+use pmem_backend::{PageRun, RamGate};
 
 use super::fault::MissingSink;
 use super::protect::{PageProtector, UffdProtector, PAGE_SIZE};
@@ -555,18 +555,27 @@ impl MissingSink for LazyFill {
 }
 
 impl RamGate for LazyFill {
-    fn ensure(&self, first: u64, count: u64) -> Result<(), String> {
-        let end = first.saturating_add(count).min(self.pages);
-        if self.complete() || self.next_missing(first).is_none_or(|p| p >= end) {
+    fn ensure(&self, runs: &[PageRun]) -> Result<(), String> {
+        let holes = |r: &PageRun| {
+            let end = r.end().min(self.pages);
+            self.next_missing(r.first).is_some_and(|p| p < end)
+        };
+        if self.complete() || !runs.iter().any(holes) {
             return Ok(());
         }
-        self.push_demand(first, end - first);
+        // Every run with holes is queued at once, then waited for.
         let mut q = self.queue();
+        let now = Instant::now();
+        for r in runs.iter().filter(|r| holes(r)) {
+            let end = r.end().min(self.pages);
+            q.demand.push_back((r.first, end - r.first, now));
+        }
+        self.cond.notify_all();
         loop {
             if let Some(e) = &q.error {
                 return Err(e.clone());
             }
-            if self.next_missing(first).is_none_or(|p| p >= end) {
+            if !runs.iter().any(holes) {
                 return Ok(());
             }
             if q.stop {
@@ -582,7 +591,7 @@ mod tests {
     use super::*;
     use crate::snapshot::engine::{lock_pool, Engine};
     use crate::snapshot::fault::HandlerOptions;
-    use pmem_backend::{PageRun, Pool, PoolError, PoolOptions, SnapshotKind};
+    use pmem_backend::{Pool, PoolError, PoolOptions, SnapshotKind};
     use pmsnap_testenv::{poll_until, SharedMap};
 
     /// The byte every byte of source page `p` holds.
