@@ -207,21 +207,7 @@ fn a_damaged_pack_stops_the_vm_with_an_error_naming_it() {
     }
     let t = exported_guest();
     let d = t.dir.path();
-    // Flip a byte in the middle of the largest pack.
-    let pack = std::fs::read_dir(t.repo.join("packs"))
-        .expect("packs")
-        .map(|e| e.expect("entry").path())
-        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
-        .expect("a pack");
-    let mut bytes = std::fs::read(&pack).expect("read pack");
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x40;
-    std::fs::write(&pack, &bytes).expect("write pack");
-    let pack_id = pack
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("name")
-        .to_string();
+    let pack_id = common::damage_largest_pack(&t.repo);
 
     let pool = d.join("b.pool");
     let mut vmm = restore_lazy(d, "b", &t.repo, "v1", &pool, &[]);

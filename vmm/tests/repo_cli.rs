@@ -96,16 +96,8 @@ fn export_import_restore_verify_and_gc() {
     let v = ok_json(&["repo", "verify", s(&repo), "--json"]);
     assert_eq!(v["problems"].as_array().map(Vec::len), Some(0), "{v}");
     // Damage: flip one byte in the middle of the largest pack.
-    let pack = std::fs::read_dir(repo.join("packs"))
-        .expect("packs")
-        .map(|e| e.expect("entry").path())
-        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
-        .expect("a pack");
-    let mut bytes = std::fs::read(&pack).expect("read pack");
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x40;
-    std::fs::write(&pack, &bytes).expect("write pack");
-    let pack_id = pack.file_name().and_then(|n| n.to_str()).expect("name");
+    let pack_id = common::damage_largest_pack(&repo);
+    let pack_id = pack_id.as_str();
     let o = pmsnap(&["repo", "verify", s(&repo)]);
     assert_eq!(o.status.code(), Some(3), "verify finds the damage");
     let out = String::from_utf8_lossy(&o.stdout);

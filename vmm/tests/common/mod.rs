@@ -176,3 +176,21 @@ impl Drop for ApiVmm {
         }
     }
 }
+
+/// Damage repository directory `repo`: flip one byte in the middle of its largest pack.
+/// Returns the pack's id (its file name).
+pub fn damage_largest_pack(repo: &Path) -> String {
+    let pack = std::fs::read_dir(repo.join("packs"))
+        .expect("packs")
+        .map(|e| e.expect("entry").path())
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("a pack");
+    let mut bytes = std::fs::read(&pack).expect("read pack");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&pack, &bytes).expect("write pack");
+    pack.file_name()
+        .and_then(|n| n.to_str())
+        .expect("name")
+        .to_string()
+}
