@@ -279,6 +279,28 @@ impl Guest {
         self.wait_until(from, timeout, |t| t.contains(needle))
     }
 
+    /// Wait until the VMM's log (stderr) satisfies `pred`; returns the log at that point,
+    /// or None on timeout or when the VMM closed stderr.
+    pub fn wait_log(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let (m, cv) = &*self.stderr;
+        let deadline = Instant::now() + timeout;
+        let mut c = m.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let text = String::from_utf8_lossy(&c.bytes).into_owned();
+            if pred(&text) {
+                return Some(text);
+            }
+            let now = Instant::now();
+            if c.closed || now >= deadline {
+                return None;
+            }
+            c = cv
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Current length of the console output.
     pub fn output_len(&self) -> usize {
         self.out
@@ -401,15 +423,10 @@ pub fn ctl_json(sock: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out.stdout).expect("ctl --json prints JSON")
 }
 
-/// Guest RAM of the ready template (and of every guest restored from it).
+/// Guest RAM of the ready template (and of every guest started from it).
 pub const TEMPLATE_MEM: &str = "256M";
 /// vCPUs of the ready template.
 pub const TEMPLATE_VCPUS: &str = "2";
-/// Name of the VM snapshot in the template pool.
-pub const TEMPLATE_SNAPSHOT: &str = "ready";
-/// What the template is made of besides the image and the VMM binary: bump when the
-/// way it is made changes, so older templates are not used.
-const TEMPLATE_RECIPE: &str = "ready-v1: run --mem 256M --vcpus 2 --vsock-sock; ready line; shell; snapshot-vm ready; SIGKILL";
 
 /// The cargo target directory this test runs from (`target/<profile>/deps/<test>`).
 pub fn target_dir() -> PathBuf {
@@ -427,22 +444,11 @@ pub fn test_cache_dir() -> PathBuf {
     target_dir().join("pmsnap-test-cache")
 }
 
-/// Key of the template: sha256 of the kernel, the initrd, the `pmsnap` binary and the
-/// recipe, so a change to any of them makes a new template.
-fn template_key(kernel: &Path, initrd: &Path, bin: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .args([kernel, initrd, bin])
-        .output()
-        .expect("run sha256sum");
-    assert!(out.status.success(), "sha256sum failed: {out:?}");
-    let sums: String = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (sums, TEMPLATE_RECIPE).hash(&mut h);
-    format!("{:016x}", h.finish())
+/// The repository of the suite's ready templates, `target/pmsnap-test-cache/templates`:
+/// the suite starts its guests the way users do, through `pmsnap run`'s templates
+/// (`--template-dir`), not through a mechanism of its own.
+pub fn template_repo() -> PathBuf {
+    test_cache_dir().join("templates")
 }
 
 /// An exclusive flock on a file, released on drop (also when the process dies).
@@ -477,140 +483,40 @@ impl Drop for FileLock {
     }
 }
 
-/// A file removed on drop.
+/// A file removed on drop (for a pool, its `.filling` marker too, left when a lazily
+/// restored pool did not finish filling).
 #[derive(Debug)]
 pub struct RemoveOnDrop(pub PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+        let mut marker = self.0.clone().into_os_string();
+        marker.push(".filling");
+        let _ = std::fs::remove_file(marker);
     }
 }
 
-/// Sparse-aware copy (`cp --sparse=always`): a pool is mostly holes, and /dev/shm is
-/// tmpfs, where a plain copy would allocate every page.
-pub fn copy_sparse(from: &Path, to: &Path) {
-    let out = Command::new("cp")
-        .arg("--sparse=always")
-        .arg(from)
-        .arg(to)
-        .output()
-        .expect("run cp");
-    assert!(
-        out.status.success(),
-        "cp {} {}: {}",
-        from.display(),
-        to.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// The suite's ready template: the VM snapshot `pmsnap run` keeps in [`template_repo`]
+/// for the standard test configuration ([`TEMPLATE_MEM`], [`TEMPLATE_VCPUS`], a vsock
+/// device, the test image).
+#[derive(Debug, Clone)]
+pub struct ReadyTemplate {
+    /// The repository.
+    pub repo: PathBuf,
+    /// The snapshot's name there (`ready-<key>`, the key chosen by `pmsnap run`).
+    pub name: String,
 }
 
-/// Boot the default image with the standard test configuration, wait for the ready line
-/// and a shell answer, take VM snapshot `ready`, SIGKILL the VMM (the snapshot survives
-/// in the pool) and copy the pool to `dest`.
-fn make_template(kernel: &Path, initrd: &Path, dest: &Path) {
-    let t0 = Instant::now();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pool = PathBuf::from(format!(
-        "/dev/shm/pmsnap-test-template-{}.pool",
-        std::process::id()
-    ));
-    let _rm = RemoveOnDrop(pool.clone());
-    let _ = std::fs::remove_file(&pool);
-    let api = dir.path().join("api.sock");
-    let vsock = dir.path().join("v.sock");
-    let mut g = Guest::spawn(
-        &[
-            "run",
-            "--kernel",
-            s(kernel),
-            "--initrd",
-            s(initrd),
-            "--mem",
-            TEMPLATE_MEM,
-            "--vcpus",
-            TEMPLATE_VCPUS,
-            "--pool",
-            s(&pool),
-            "--api-sock",
-            s(&api),
-            "--vsock-sock",
-            s(&vsock),
-        ],
-        &[],
-    );
-    assert!(
-        g.wait_for(0, "pmsnap-guest: ready", READY_TIMEOUT)
-            .is_some(),
-        "template guest not ready; console:\n{}\nstderr:\n{}",
-        g.output(),
-        g.stderr()
-    );
-    assert!(
-        g.sync_shell(Duration::from_secs(300)),
-        "template guest's shell does not answer:\n{}",
-        g.output()
-    );
-    let snap = ctl_json(&api, &["snapshot-vm", TEMPLATE_SNAPSHOT]);
-    assert_eq!(snap["name"], TEMPLATE_SNAPSHOT, "{snap}");
-    // SAFETY: kill(2) on our own child, not yet reaped.
-    assert_eq!(unsafe { libc::kill(g.pid() as i32, libc::SIGKILL) }, 0);
-    assert!(
-        g.wait_exit(Duration::from_secs(30)).is_some(),
-        "VMM survived SIGKILL"
-    );
-    let tmp = dest.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    copy_sparse(&pool, &tmp);
-    std::fs::rename(&tmp, dest).expect("rename the template into place");
-    eprintln!(
-        "ready template {} made in {:?}",
-        dest.display(),
-        t0.elapsed()
-    );
-}
+static TEMPLATE: OnceLock<ReadyTemplate> = OnceLock::new();
 
-/// The pool of the ready template: a guest of the standard test configuration
-/// ([`TEMPLATE_MEM`], [`TEMPLATE_VCPUS`], a vsock device) snapshotted as
-/// [`TEMPLATE_SNAPSHOT`] once its shell answered. Made by the first caller (across test
-/// processes, under a lock in [`test_cache_dir`]) and kept until the image or the
-/// `pmsnap` binary changes. Copy it before use ([`ready_guest`] does).
-pub fn ready_template() -> PathBuf {
-    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
-    TEMPLATE
-        .get_or_init(|| {
-            let (kernel, initrd) = image();
-            let bin = pmsnap_bin();
-            let cache = test_cache_dir();
-            std::fs::create_dir_all(&cache).expect("create the test cache directory");
-            let key = template_key(&kernel, &initrd, &bin);
-            let path = cache.join(format!("ready-{key}.pool"));
-            let _lock = FileLock::take(&cache.join("template.lock"));
-            if !path.is_file() {
-                // Templates of older images or binaries are no use any more.
-                for e in std::fs::read_dir(&cache)
-                    .expect("list the test cache")
-                    .flatten()
-                {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    if n.starts_with("ready-") {
-                        let _ = std::fs::remove_file(e.path());
-                    }
-                }
-                make_template(&kernel, &initrd, &path);
-            }
-            path
-        })
-        .clone()
-}
-
-/// A guest restored from a copy of the ready template, whose shell answers. Dropping it
-/// stops the VMM, then removes the pool copy and the sockets.
+/// A guest started by `pmsnap run` of the standard test configuration, before it is
+/// known to answer. Fields drop in order: the VMM stops before its pool is removed.
 #[derive(Debug)]
 pub struct ReadyGuest {
-    /// The running `pmsnap restore`.
+    /// The running `pmsnap run` (a lazy restore of the template).
     pub guest: Guest,
-    /// Its pool (a copy of the template in /dev/shm), removed on drop.
+    /// Its pool in /dev/shm, removed on drop.
     pub pool: RemoveOnDrop,
     /// Control API socket.
     pub api: PathBuf,
@@ -618,6 +524,158 @@ pub struct ReadyGuest {
     pub vsock: PathBuf,
     /// Directory of the sockets.
     pub dir: tempfile::TempDir,
+}
+
+/// A new pool path in /dev/shm for this test process (removed on drop).
+fn fresh_pool() -> RemoveOnDrop {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    remove_stale_copies();
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pool = PathBuf::from(format!(
+        "/dev/shm/pmsnap-test-{}-{n}.pool",
+        std::process::id()
+    ));
+    let rm = RemoveOnDrop(pool);
+    let _ = std::fs::remove_file(&rm.0);
+    rm
+}
+
+/// The quoted name after `phrase` in `log`, if the phrase is there.
+fn quoted_after(log: &str, phrase: &str) -> Option<String> {
+    let rest = &log[log.find(phrase)? + phrase.len()..];
+    let rest = rest.trim_start().strip_prefix('"')?;
+    Some(rest[..rest.find('"')?].to_string())
+}
+
+const FROM_TEMPLATE: &str = "starting from the ready template";
+const KEPT_TEMPLATE: &str = "kept the guest's ready state as template";
+
+/// `pmsnap run` of the standard test configuration with templates in [`template_repo`]:
+/// returns the guest, the template's name and whether it booted (and so kept a new
+/// template) rather than starting from one.
+fn standard_run(env: &[(&str, &str)]) -> (ReadyGuest, String, bool) {
+    let (kernel, initrd) = image();
+    let repo = template_repo();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = dir.path().join("api.sock");
+    let vsock = dir.path().join("v.sock");
+    let pool = fresh_pool();
+    let mut all_env = vec![
+        ("RUST_LOG", "info"),
+        ("PMSNAP_NO_TEMPLATE", "false"),
+        ("PMSNAP_TEMPLATE_DIR", s(&repo)),
+    ];
+    all_env.extend_from_slice(env);
+    let guest = Guest::spawn(
+        &[
+            "run",
+            "--kernel",
+            s(&kernel),
+            "--initrd",
+            s(&initrd),
+            "--mem",
+            TEMPLATE_MEM,
+            "--vcpus",
+            TEMPLATE_VCPUS,
+            "--pool",
+            s(&pool.0),
+            "--api-sock",
+            s(&api),
+            "--vsock-sock",
+            s(&vsock),
+        ],
+        &all_env,
+    );
+    // A start from the template says so at once; a boot keeps the template at the
+    // guest's ready line.
+    let log = guest.wait_log(READY_TIMEOUT + Duration::from_secs(120), |l| {
+        l.contains(FROM_TEMPLATE) || l.contains(KEPT_TEMPLATE) || l.contains("cannot keep")
+    });
+    let found = log.as_deref().and_then(|l| {
+        quoted_after(l, FROM_TEMPLATE)
+            .map(|n| (n, false))
+            .or_else(|| quoted_after(l, KEPT_TEMPLATE).map(|n| (n, true)))
+    });
+    let Some((name, cold)) = found else {
+        panic!(
+            "`pmsnap run` neither started from a template nor kept one; console:\n{}\nstderr:\n{}",
+            guest.output(),
+            guest.stderr()
+        );
+    };
+    let rg = ReadyGuest {
+        guest,
+        pool,
+        api,
+        vsock,
+        dir,
+    };
+    (rg, name, cold)
+}
+
+/// Remove the templates of older images and binaries from [`template_repo`] (each new
+/// build of `pmsnap` keys a new one) and collect what only they used.
+fn prune_templates(keep: &str) {
+    let repo = template_repo();
+    let out = run_pmsnap(&["repo", "ls", s(&repo), "--json"], &[]);
+    assert!(out.status.success(), "repo ls: {}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("repo ls --json");
+    let list = v
+        .as_array()
+        .or_else(|| v["snapshots"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    for snap in list {
+        let Some(name) = snap["name"].as_str() else {
+            continue;
+        };
+        if name.starts_with("ready-") && name != keep {
+            let out = run_pmsnap(&["repo", "rm", s(&repo), name], &[]);
+            assert!(out.status.success(), "repo rm {name}: {}", out.stderr);
+        }
+    }
+    // Unreferenced packs go at a later run, a grace period after this one.
+    let out = run_pmsnap(&["repo", "gc", s(&repo)], &[]);
+    assert!(out.status.success(), "repo gc: {}", out.stderr);
+}
+
+/// A `pmsnap run` of the standard test configuration that started from the ready
+/// template. The first caller on a machine (across test processes, under a lock in
+/// [`test_cache_dir`]) boots instead, which keeps the template, and starts again.
+fn run_from_template(env: &[(&str, &str)]) -> ReadyGuest {
+    let cache = test_cache_dir();
+    std::fs::create_dir_all(&cache).expect("create the test cache directory");
+    let lock = FileLock::take(&cache.join("template.lock"));
+    let (mut rg, mut name, cold) = standard_run(env);
+    if cold {
+        eprintln!(
+            "ready template {name} kept in {} by a boot of {:?}",
+            template_repo().display(),
+            rg.guest.started.elapsed()
+        );
+        drop(rg);
+        prune_templates(&name);
+        (rg, name, _) = standard_run(env);
+        assert!(
+            rg.guest.stderr().contains(FROM_TEMPLATE),
+            "the run after the boot did not start from the template it kept:\n{}",
+            rg.guest.stderr()
+        );
+    }
+    drop(lock);
+    let _ = TEMPLATE.set(ReadyTemplate {
+        repo: template_repo(),
+        name: std::mem::take(&mut name),
+    });
+    rg
+}
+
+/// The suite's ready template, made by a boot on first use (see [`ready_guest`]).
+pub fn ready_template() -> ReadyTemplate {
+    if TEMPLATE.get().is_none() {
+        drop(run_from_template(&[]));
+    }
+    TEMPLATE.get().expect("template known").clone()
 }
 
 /// Remove pool copies in /dev/shm left by test processes that died before their drop
@@ -641,20 +699,25 @@ fn remove_stale_copies() {
     }
 }
 
-/// A fresh copy of the ready template at a new path in /dev/shm (removed on drop).
+/// A new pool in /dev/shm holding the ready template as a pool snapshot (`pmsnap
+/// import` from [`template_repo`]), removed on drop: for tests that look into the pool
+/// before a VMM takes its lock ([`ready_guest_in`] starts one on it).
 pub fn ready_pool_copy() -> RemoveOnDrop {
-    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let template = ready_template();
-    remove_stale_copies();
-    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let pool = PathBuf::from(format!(
-        "/dev/shm/pmsnap-test-{}-{n}.pool",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&pool);
-    let rm = RemoveOnDrop(pool);
-    copy_sparse(&template, &rm.0);
-    rm
+    let t = ready_template();
+    let pool = fresh_pool();
+    let out = run_pmsnap(
+        &[
+            "import",
+            &t.name,
+            "--from",
+            s(&t.repo),
+            "--pool",
+            s(&pool.0),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "import the template: {}", out.stderr);
+    pool
 }
 
 /// The arguments of `pmsnap restore` for `snapshot` of `pool` with these sockets.
@@ -677,78 +740,70 @@ pub fn restore_args<'a>(
     ]
 }
 
-/// Start a guest from a copy of the ready template instead of booting one: `pmsnap
-/// restore` of [`TEMPLATE_SNAPSHOT`], then wait until its (fresh) console's shell answers
-/// and its control API listens.
-pub fn ready_guest(env: &[(&str, &str)]) -> ReadyGuest {
-    ready_guest_in(ready_pool_copy(), env)
+/// Until the console's shell answers and, for a lazily restored guest, every page of its
+/// RAM is in place (a test may stop the VMM and restore the pool).
+fn wait_ready(rg: &mut ReadyGuest, t0: Instant, how: &str) {
+    assert!(
+        rg.guest.sync_shell(Duration::from_secs(300)),
+        "{how}: the shell does not answer; console:\n{}\nstderr:\n{}",
+        rg.guest.output(),
+        rg.guest.stderr()
+    );
+    assert!(
+        rg.api.exists(),
+        "no API socket; stderr:\n{}",
+        rg.guest.stderr()
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = ctl_json(&rg.api, &["status"]);
+        let fill = &st["lazy_fill"];
+        if fill.is_null() || fill["complete"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{how}: guest RAM not filled in 120 s: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("{how}: shell answers after {:?}", t0.elapsed());
 }
 
-/// [`ready_guest`] on a given copy of the template (made with [`ready_pool_copy`]), for
-/// tests that look at the pool before the VMM takes its lock.
+/// A guest of the standard test configuration, started by `pmsnap run` from the ready
+/// template as a user's second run of an image is (a lazy restore, no boot), whose shell
+/// answers and whose RAM is all in place. Dropping it stops the VMM, then removes the
+/// pool and the sockets. `env` is added to the VMM's environment.
+pub fn ready_guest(env: &[(&str, &str)]) -> ReadyGuest {
+    let t0 = Instant::now();
+    let mut rg = run_from_template(env);
+    wait_ready(&mut rg, t0, "guest started from the ready template");
+    rg
+}
+
+/// `pmsnap restore` of the ready template's snapshot in `pool` (made with
+/// [`ready_pool_copy`]), for tests that look at the pool before the VMM takes its lock.
 pub fn ready_guest_in(pool: RemoveOnDrop, env: &[(&str, &str)]) -> ReadyGuest {
+    let t = ready_template();
     let dir = tempfile::tempdir().expect("tempdir");
     let api = dir.path().join("api.sock");
     let vsock = dir.path().join("v.sock");
     let t0 = Instant::now();
-    let mut guest = Guest::spawn(&restore_args(&pool.0, TEMPLATE_SNAPSHOT, &api, &vsock), env);
-    assert!(
-        guest.sync_shell(Duration::from_secs(300)),
-        "restored guest's shell does not answer; console:\n{}\nstderr:\n{}",
-        guest.output(),
-        guest.stderr()
-    );
-    assert!(api.exists(), "no API socket; stderr:\n{}", guest.stderr());
-    eprintln!(
-        "guest restored from the ready template, shell after {:?}",
-        t0.elapsed()
-    );
-    ReadyGuest {
+    let guest = Guest::spawn(&restore_args(&pool.0, &t.name, &api, &vsock), env);
+    let mut rg = ReadyGuest {
         guest,
         pool,
         api,
         vsock,
         dir,
-    }
+    };
+    wait_ready(&mut rg, t0, "guest restored from the imported template");
+    rg
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
-
-    #[test]
-    fn template_key_follows_every_input() {
-        let d = tempfile::tempdir().expect("tempdir");
-        let (k, i, b) = (d.path().join("k"), d.path().join("i"), d.path().join("b"));
-        for (p, c) in [(&k, "kernel"), (&i, "initrd"), (&b, "bin")] {
-            std::fs::write(p, c).expect("write");
-        }
-        let key = template_key(&k, &i, &b);
-        assert_eq!(key, template_key(&k, &i, &b), "stable");
-        for p in [&k, &i, &b] {
-            let old = std::fs::read(p).expect("read");
-            std::fs::write(p, b"changed").expect("write");
-            assert_ne!(template_key(&k, &i, &b), key, "{}", p.display());
-            std::fs::write(p, old).expect("write");
-        }
-        assert_eq!(template_key(&k, &i, &b), key);
-    }
-
-    #[test]
-    fn sparse_copy_keeps_content_and_holes() {
-        let d = tempfile::tempdir_in("/dev/shm").expect("tempdir on tmpfs");
-        let (a, b) = (d.path().join("a"), d.path().join("b"));
-        let f = std::fs::File::create(&a).expect("create");
-        f.set_len(64 << 20).expect("set_len");
-        use std::os::unix::fs::FileExt;
-        f.write_all_at(b"data at 1 MiB", 1 << 20).expect("write");
-        drop(f);
-        copy_sparse(&a, &b);
-        assert_eq!(std::fs::read(&a).expect("a"), std::fs::read(&b).expect("b"));
-        let blocks = std::fs::metadata(&b).expect("stat").blocks();
-        assert!(blocks * 512 < 1 << 20, "copy is sparse: {blocks} blocks");
-    }
 
     #[test]
     fn file_lock_excludes_a_second_holder_until_dropped() {

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pmsnap_tests::{ctl_json, image, require_kvm, run_pmsnap, s, Guest, READY_TIMEOUT};
+use pmsnap_tests::{
+    ctl_json, image, ready_guest, ready_template, require_kvm, run_pmsnap, s, Guest, READY_TIMEOUT,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// A kernel and initrd that exist but are not a real image (for checks that happen
@@ -467,87 +469,34 @@ fn stdin_eof_keeps_the_guest_running_and_sigterm_cleans_up() {
     assert!(leftover_pools(pid).is_empty(), "pool removed on SIGTERM");
 }
 
-/// Wait until `g`'s log holds `needle`.
-fn wait_stderr(g: &Guest, needle: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if g.stderr().contains(needle) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
-/// Instant start: the first `pmsnap run` of an image boots and keeps its ready state as
-/// a template; the next run of the same image starts from it (a lazy restore) and its
-/// shell answers at once; `--cold` would boot again.
+/// Instant start, as every guest test of this suite starts its guest: the first
+/// `pmsnap run` of an image boots and keeps its ready state as a template (the suite's
+/// harness did that in `ready_template`, asserting the log said so); a run of the same
+/// image starts from it (a lazy restore), its shell answers, and it neither boots nor
+/// keeps another template.
 #[test]
 fn a_second_run_of_an_image_starts_from_its_ready_template() {
     require_kvm!("a_second_run_of_an_image_starts_from_its_ready_template");
-    let (kernel, initrd) = image();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let templates = dir.path().join("templates");
-    let args = [
-        "run",
-        "--mem",
-        "128M",
-        "--kernel",
-        s(&kernel),
-        "--initrd",
-        s(&initrd),
-    ];
-    let env = [
-        ("PMSNAP_NO_TEMPLATE", "false"),
-        ("PMSNAP_TEMPLATE_DIR", s(&templates)),
-    ];
-    let mut cold = Guest::spawn(&args, &env);
+    let t = ready_template();
+    let listed = run_pmsnap(&["repo", "ls", s(&t.repo), "--json"], &[]);
+    assert!(listed.status.success(), "{}", listed.stderr);
     assert!(
-        cold.wait_for(0, "pmsnap-guest: ready", READY_TIMEOUT)
-            .is_some(),
-        "no ready line:\n{}\n{}",
-        cold.output(),
-        cold.stderr()
+        listed.stdout.contains(&format!("\"{}\"", t.name)),
+        "template {} not in its repository: {}",
+        t.name,
+        listed.stdout
     );
-    let boot = cold.started.elapsed();
+    let started = Instant::now();
+    let mut warm = ready_guest(&[]);
+    let shell = started.elapsed();
+    let log = warm.guest.stderr();
     assert!(
-        wait_stderr(
-            &cold,
-            "kept the guest's ready state as template",
-            Duration::from_secs(120)
-        ),
-        "no template kept:\n{}",
-        cold.stderr()
+        log.contains(&format!("starting from the ready template {:?}", t.name)),
+        "not started from the template:\n{log}"
     );
-    assert!(
-        cold.sync_shell(Duration::from_secs(120)),
-        "{}",
-        cold.output()
-    );
-    cold.send_line("poweroff -f");
-    let st = cold
-        .wait_exit(Duration::from_secs(120))
-        .expect("cold VMM ends");
-    assert_eq!(st.code(), Some(0), "{}", cold.stderr());
-
-    let mut warm = Guest::spawn(&args, &env);
-    assert!(
-        wait_stderr(
-            &warm,
-            "starting from the ready template",
-            Duration::from_secs(30)
-        ),
-        "not started from the template:\n{}",
-        warm.stderr()
-    );
-    assert!(
-        warm.sync_shell(Duration::from_secs(120)),
-        "{}",
-        warm.output()
-    );
-    let shell = warm.started.elapsed();
-    eprintln!("cold boot to the ready line: {boot:?}; from the template to a shell that answers: {shell:?}");
+    eprintln!("from the template to a shell that answers, RAM all in place: {shell:?}");
     let (out, rc) = warm
+        .guest
         .run(
             "cat /proc/cpuinfo | grep -c ^processor",
             Duration::from_secs(60),
@@ -555,18 +504,19 @@ fn a_second_run_of_an_image_starts_from_its_ready_template() {
         .expect("command answers");
     // The last line printed (the console may echo the typed line twice).
     let count = out.lines().last().map(str::trim);
-    assert_eq!((count, rc), (Some("2"), 0), "{}", warm.output());
+    assert_eq!((count, rc), (Some("2"), 0), "{}", warm.guest.output());
     assert!(
-        !warm.output().contains("pmsnap-guest: ready"),
+        !warm.guest.output().contains("pmsnap-guest: ready"),
         "it did not boot"
     );
-    warm.send_line("poweroff -f");
+    warm.guest.send_line("poweroff -f");
     let st = warm
+        .guest
         .wait_exit(Duration::from_secs(120))
-        .expect("warm VMM ends");
-    assert_eq!(st.code(), Some(0), "{}", warm.stderr());
+        .expect("the VMM ends");
+    assert_eq!(st.code(), Some(0), "{}", warm.guest.stderr());
     assert!(
-        !wait_stderr(&warm, "kept the guest's ready state", Duration::ZERO),
+        !warm.guest.stderr().contains("kept the guest's ready state"),
         "a run from the template keeps no new one"
     );
 }
