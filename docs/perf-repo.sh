@@ -72,10 +72,13 @@ as --64 -o "$W/p.o" "$(dirname "${BASH_SOURCE[0]}")/../vmm/tests/payload/pattern
 objcopy -O binary "$W/p.o" "$W/p.bin"
 P=/dev/shm/pmsnap-perf-repo-p.pool
 "$BIN" run --payload "$W/p.bin" --mem "$MEM" --pool "$P" --api-sock "$W/p.api" < /dev/null > /dev/null 2> "$W/p.err" & VMM=$!
-sleep 5
+# PAYLOAD_WARMUP (s, default 20): until every page of RAM holds distinct content;
+# PAYLOAD_WINDOW (s, default 0.3): how long the vCPUs run between p1 and p2 (the pages
+# written then are counted and printed; about 1% of RAM on an idle machine).
+sleep "${PAYLOAD_WARMUP:-20}"
 "$BIN" ctl --api-sock "$W/p.api" pause > /dev/null
 "$BIN" ctl --api-sock "$W/p.api" snapshot-vm p1 > /dev/null
-"$BIN" ctl --api-sock "$W/p.api" resume > /dev/null; sleep 0.005
+"$BIN" ctl --api-sock "$W/p.api" resume > /dev/null; sleep "${PAYLOAD_WINDOW:-0.3}"
 "$BIN" ctl --api-sock "$W/p.api" pause > /dev/null
 "$BIN" ctl --api-sock "$W/p.api" snapshot-vm p2 > /dev/null
 DIRTY=$("$BIN" ctl --api-sock "$W/p.api" --json dirty p1 | json pages)
