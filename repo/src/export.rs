@@ -10,8 +10,9 @@ use serde::Serialize;
 
 use crate::error::{storage_err, RepoError, Result, SourceError};
 use crate::format::{
-    blake, encode, index_key, manifest_key, pack_key, seal, Extent, Hash32, ManifestBody, MetaBody,
-    PackBuilder, PackPin, Target, INDEX_MAGIC, MANIFEST_MAGIC,
+    blake, encode, index_key, manifest_key, pack_key, seal, Extent, Hash32, ManifestBody,
+    ManifestExt, MetaBody, PackBuilder, PackPin, Target, INDEX_MAGIC, MANIFEST_MAGIC,
+    MAX_TOUCH_PAGES, MAX_TOUCH_RUNS,
 };
 use crate::meta::{find, Manifest, SnapshotMeta};
 use crate::read::LoadedIndex;
@@ -31,6 +32,13 @@ pub trait SnapshotSource {
     ) -> std::result::Result<(), SourceError>;
     /// The state blob (empty for snapshots without one).
     fn state(&mut self) -> std::result::Result<Vec<u8>, SourceError>;
+    /// The pages the guest touched first after the snapshot, in that order, if known
+    /// (called after the pages were read). Recorded in the manifest, cut to
+    /// [`crate::MAX_TOUCH_RUNS`] runs and [`crate::MAX_TOUCH_PAGES`] pages; runs outside
+    /// the snapshot are dropped.
+    fn touch_order(&mut self) -> Vec<PageRun> {
+        Vec::new()
+    }
 }
 
 /// Which part of an export is running.
@@ -221,6 +229,30 @@ fn push_extent(ext: &mut Vec<Extent>, n: u64, target: Target) {
     });
 }
 
+/// `order` cut to what a manifest may hold: runs inside the snapshot's (normalized)
+/// `runs`, at most [`MAX_TOUCH_RUNS`] runs and [`MAX_TOUCH_PAGES`] pages.
+fn bounded_touch_order(order: Vec<PageRun>, runs: &[PageRun]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    for r in order {
+        if out.len() >= MAX_TOUCH_RUNS || total >= MAX_TOUCH_PAGES {
+            break;
+        }
+        let i = runs.partition_point(|s| s.first <= r.first);
+        let Some(s) = i.checked_sub(1).map(|i| runs[i]) else {
+            continue;
+        };
+        let end = r.end().min(s.end());
+        if r.count == 0 || end <= r.first {
+            continue;
+        }
+        let count = (end - r.first).min(MAX_TOUCH_PAGES - total);
+        out.push((r.first, count));
+        total += count;
+    }
+    out
+}
+
 fn is_zero(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
 }
@@ -407,7 +439,13 @@ impl Repo {
             state_hash: blake(&state),
             state: state_ext,
         };
-        let sealed = seal(MANIFEST_MAGIC, &encode(&manifest));
+        let touch_order = bounded_touch_order(source.touch_order(), &runs);
+        let mut sealed_body = encode(&manifest);
+        if !touch_order.is_empty() {
+            // After the body: format 1 readers stop there (docs/repository.md).
+            sealed_body.extend(encode(&ManifestExt { touch_order }));
+        }
+        let sealed = seal(MANIFEST_MAGIC, &sealed_body);
         self.put(&mkey, &sealed)?;
         let mut report = w.report;
         report.bytes_written += sealed.len() as u64;

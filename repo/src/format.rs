@@ -383,6 +383,21 @@ pub(crate) struct ManifestBody {
     pub state: Vec<Extent>,
 }
 
+/// Most runs a manifest's touch order holds (runs beyond are dropped at export).
+pub const MAX_TOUCH_RUNS: usize = 16384;
+/// Most pages a manifest's touch order covers (256 MiB of guest RAM).
+pub const MAX_TOUCH_PAGES: u64 = 65536;
+
+/// What follows a [`ManifestBody`] in a manifest's sealed body, if anything (a format 1
+/// reader decodes the body and ignores the bytes after it, so new fields go here and old
+/// readers keep reading new manifests; a manifest without them ends after the body).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ManifestExt {
+    /// The pages the guest touched first after the snapshot, in that order, as runs
+    /// `(first page, count)`: the order a lazy restore fetches them in before the rest.
+    pub touch_order: Vec<(u64, u64)>,
+}
+
 // ---------------------------------------------------------------------------------------
 // Keys
 

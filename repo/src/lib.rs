@@ -94,7 +94,7 @@ mod storage;
 pub use cache::{CacheStats, PackCache, CACHE_BLOCK};
 pub use error::{RepoError, Result, SourceError};
 pub use export::{ExportReport, Phase, Progress, SnapshotSource};
-pub use format::{hex, parse_hex, Hash32};
+pub use format::{hex, parse_hex, Hash32, MAX_TOUCH_PAGES, MAX_TOUCH_RUNS};
 pub use manage::{GcReport, Problem, SnapshotSummary, VerifyReport};
 pub use meta::{Manifest, SnapshotMeta};
 pub use read::PrefetchReport;

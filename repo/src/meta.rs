@@ -6,7 +6,8 @@ use pmem_backend::{normalize_runs, Owner, PageRun, ProcessInfo, SnapshotKind};
 
 use crate::error::{corrupt, RepoError, Result};
 use crate::format::{
-    decode, hex, manifest_key, unseal, Extent, ManifestBody, MetaBody, Target, MANIFEST_MAGIC,
+    decode, hex, manifest_key, unseal, Extent, ManifestBody, ManifestExt, MetaBody, Target,
+    MANIFEST_MAGIC, MAX_TOUCH_PAGES, MAX_TOUCH_RUNS,
 };
 use crate::repo::MAX_STATE_LEN;
 use crate::PAGE_SIZE;
@@ -142,11 +143,19 @@ impl SnapshotMeta {
 pub struct Manifest {
     pub(crate) body: ManifestBody,
     pub(crate) meta: SnapshotMeta,
+    pub(crate) touch_order: Vec<PageRun>,
 }
 
 impl Manifest {
     pub(crate) fn decode(key: &str, data: &[u8]) -> Result<Manifest> {
-        let body: ManifestBody = decode(key, unseal(key, MANIFEST_MAGIC, data)?)?;
+        let raw = unseal(key, MANIFEST_MAGIC, data)?;
+        let (body, rest): (ManifestBody, &[u8]) = postcard::take_from_bytes(raw)
+            .map_err(|e| corrupt(key, format!("does not decode: {e}")))?;
+        let ext: ManifestExt = if rest.is_empty() {
+            ManifestExt::default()
+        } else {
+            decode(key, rest)?
+        };
         let meta = SnapshotMeta::from_body(key, &body.meta)?;
         if manifest_key(&meta.name) != key {
             return Err(corrupt(key, "manifest holds another snapshot's name"));
@@ -195,7 +204,13 @@ impl Manifest {
         if check_extents(&body.state, "state")? != want {
             return Err(corrupt(key, "state map does not cover the state blob"));
         }
-        Ok(Manifest { body, meta })
+        let touch_order = check_touch_order(&ext.touch_order, &meta.runs)
+            .map_err(|m| corrupt(key, format!("touch order: {m}")))?;
+        Ok(Manifest {
+            body,
+            meta,
+            touch_order,
+        })
     }
 
     /// The snapshot name.
@@ -242,10 +257,47 @@ impl Manifest {
     pub fn exported_unix_ms(&self) -> u64 {
         self.body.exported_unix_ms
     }
+    /// The pages the guest touched first after the snapshot, in that order (recorded at
+    /// export when the source knew it; empty otherwise). Every run lies in the snapshot.
+    pub fn touch_order(&self) -> &[PageRun] {
+        &self.touch_order
+    }
     /// The packs it uses (hex ids).
     pub fn packs(&self) -> Vec<String> {
         self.body.packs.iter().map(|p| hex(&p.pack)).collect()
     }
+}
+
+/// A touch order as runs, checked: at most [`MAX_TOUCH_RUNS`] runs and
+/// [`MAX_TOUCH_PAGES`] pages, every run non-empty and inside the snapshot's `runs`.
+pub(crate) fn check_touch_order(
+    order: &[(u64, u64)],
+    runs: &[PageRun],
+) -> std::result::Result<Vec<PageRun>, String> {
+    if order.len() > MAX_TOUCH_RUNS {
+        return Err(format!("{} runs (at most {MAX_TOUCH_RUNS})", order.len()));
+    }
+    let runs = normalize_runs(runs);
+    let mut total = 0u64;
+    let mut out = Vec::with_capacity(order.len());
+    for &(first, count) in order {
+        let r = PageRun::new(first, count);
+        let i = runs.partition_point(|s| s.first <= first);
+        let inside = count > 0
+            && first.checked_add(count).is_some()
+            && i > 0
+            && runs[i - 1].first <= first
+            && r.end() <= runs[i - 1].end();
+        if !inside {
+            return Err(format!("run {first}+{count} is not in the snapshot"));
+        }
+        total = total.saturating_add(count);
+        if total > MAX_TOUCH_PAGES {
+            return Err(format!("more than {MAX_TOUCH_PAGES} pages"));
+        }
+        out.push(r);
+    }
+    Ok(out)
 }
 
 /// The target of piece `n` in `ext` and its offset in the extent.
@@ -290,5 +342,57 @@ mod tests {
         let mut m = good;
         m.runs.push(PageRun::new(100, 1));
         assert!(m.to_body().is_err());
+    }
+
+    #[test]
+    fn touch_orders_are_checked_and_old_readers_skip_them() {
+        let runs = [PageRun::new(0, 100), PageRun::new(200, 10)];
+        let ok = check_touch_order(&[(205, 5), (3, 1), (0, 100)], &runs).unwrap();
+        assert_eq!(ok[0], PageRun::new(205, 5));
+        for bad in [
+            vec![(205, 6)],
+            vec![(100, 1)],
+            vec![(3, 0)],
+            vec![(u64::MAX, 2)],
+            vec![(0, 100); (MAX_TOUCH_PAGES / 100 + 1) as usize],
+            vec![(0, 1); MAX_TOUCH_RUNS + 1],
+        ] {
+            assert!(check_touch_order(&bad, &runs).is_err(), "{:?}", &bad[..1]);
+        }
+        // A format 1 reader decodes the body and never sees what follows it.
+        let body = crate::format::MetaBody {
+            name: "x".into(),
+            kind: 2,
+            owner_tag: 0,
+            owner_uid: 0,
+            created_unix_ms: 1,
+            created_unix_ns: 2,
+            labels: vec![],
+            process: None,
+            ram_size: 4096,
+            runs: vec![(0, 1)],
+        };
+        let manifest = ManifestBody {
+            meta: body,
+            exported_unix_ms: 3,
+            packs: vec![],
+            pages: vec![Extent {
+                first: 0,
+                count: 1,
+                target: Target::Zero,
+            }],
+            state_len: 0,
+            state_hash: [0; 32],
+            state: vec![],
+        };
+        let mut bytes = crate::format::encode(&manifest);
+        bytes.extend(crate::format::encode(&ManifestExt {
+            touch_order: vec![(0, 1)],
+        }));
+        let old: ManifestBody = decode("k", &bytes).unwrap();
+        assert_eq!(old, manifest);
+        let sealed = crate::format::seal(MANIFEST_MAGIC, &bytes);
+        let m = Manifest::decode(&crate::format::manifest_key("x"), &sealed).unwrap();
+        assert_eq!(m.touch_order(), [PageRun::new(0, 1)]);
     }
 }

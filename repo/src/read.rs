@@ -252,6 +252,14 @@ impl Repo {
                     out.extend_from_slice(&d);
                 }
                 None => {
+                    // One fetch per block on this host: wait for anyone fetching it, then
+                    // look again (cache.rs, "One fetch per block").
+                    let _claim = cache.claim(&id);
+                    if let Some(d) = cache.read_claimed(&id, s - bstart, (e - s) as usize) {
+                        from_cache = true;
+                        out.extend_from_slice(&d);
+                        continue;
+                    }
                     let blk = self.storage.get_range(&key, bstart, bend - bstart)?;
                     out.extend_from_slice(&blk[(s - bstart) as usize..(e - bstart) as usize]);
                     if let Err(e) = cache.insert(&id, blk, true) {

@@ -699,3 +699,68 @@ fn a_pack_cache_fetches_each_block_once_and_refetches_a_damaged_one() {
     assert!(used <= 2 * CACHE_BLOCK, "{used}");
     assert!(c5.stats().evicted > 0);
 }
+
+/// A source that knows the order the guest touched pages in after the snapshot.
+struct Ordered(FakeSource, Vec<PageRun>);
+
+impl SnapshotSource for Ordered {
+    fn meta(&mut self) -> Result<pmsnap_repo::SnapshotMeta, pmsnap_repo::SourceError> {
+        self.0.meta()
+    }
+    fn read_page(&mut self, page: u64, buf: &mut Page) -> Result<(), pmsnap_repo::SourceError> {
+        self.0.read_page(page, buf)
+    }
+    fn state(&mut self) -> Result<Vec<u8>, pmsnap_repo::SourceError> {
+        self.0.state()
+    }
+    fn touch_order(&mut self) -> Vec<PageRun> {
+        self.1.clone()
+    }
+}
+
+#[test]
+fn the_touch_order_is_recorded_bounded_and_optional() {
+    let repo = Repo::open_or_init(MemStorage::new()).unwrap();
+    // Out of address order; one run reaches past the snapshot, one lies outside it.
+    let order = vec![
+        PageRun::new(90, 3),
+        PageRun::new(5, 1),
+        PageRun::new(598, 10),
+        PageRun::new(5000, 2),
+        PageRun::new(40, 2),
+    ];
+    repo.export(
+        &mut Ordered(vm("hinted", 600, 3), order),
+        &mut no_progress(),
+    )
+    .unwrap();
+    let m = repo.manifest("hinted").unwrap();
+    assert_eq!(
+        m.touch_order(),
+        [
+            PageRun::new(90, 3),
+            PageRun::new(5, 1),
+            PageRun::new(598, 2),
+            PageRun::new(40, 2)
+        ]
+    );
+    assert_reads_back(&repo, &vm("hinted", 600, 3));
+    assert!(repo.verify().unwrap().is_clean());
+
+    // Without one the manifest is as before (and reads back an empty order).
+    export(&repo, &vm("plain", 600, 4));
+    assert!(repo.manifest("plain").unwrap().touch_order().is_empty());
+
+    // A huge order is cut to the bound, never refused.
+    let huge: Vec<PageRun> = (0..17_000u64)
+        .map(|i| PageRun::new(i * 2 % 17_000, 1))
+        .collect();
+    repo.export(
+        &mut Ordered(vm("huge", 17_000, 5), huge),
+        &mut no_progress(),
+    )
+    .unwrap();
+    let m = repo.manifest("huge").unwrap();
+    assert_eq!(m.touch_order().len(), pmsnap_repo::MAX_TOUCH_RUNS);
+    assert_eq!(m.touch_order()[1], PageRun::new(2, 1));
+}

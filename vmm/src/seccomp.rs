@@ -460,9 +460,10 @@ const S3_CLIENT: &[i64] = &[
 
 /// Extra calls of the lazy-restore filler beyond the `EXPORT` list, which it also has (it
 /// reads repository files and writes the pack cache's directory, unlinks the pool's fill
-/// marker): `UFFDIO_COPY`/`UFFDIO_WAKE` on the userfaultfd, and the pack cache marking
-/// a block it used (its LRU order).
-const FILL: &[i64] = &[libc::SYS_ioctl, libc::SYS_utimensat];
+/// marker): `UFFDIO_COPY`/`UFFDIO_WAKE` on the userfaultfd, the pack cache marking
+/// a block it used (its LRU order) and claiming a block it fetches (`flock`, so that
+/// processes sharing the cache fetch each block once).
+const FILL: &[i64] = &[libc::SYS_ioctl, libc::SYS_utimensat, libc::SYS_flock];
 
 /// The allow-list of `kind`.
 pub fn allowed(kind: ThreadKind) -> Vec<i64> {

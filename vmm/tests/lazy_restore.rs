@@ -10,6 +10,8 @@
 //!   exactly the guest's memory: its live export and a rollback to it agree byte for
 //!   byte, and it is a valid continuation of the first snapshot.
 //! - A damaged pack stops the VM with an error naming the pack; nothing else is mapped.
+//! - The live export records the order the guest wrote pages in after the snapshot, and
+//!   the restore's read-ahead fetches those pages first.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -18,7 +20,7 @@ use std::time::Duration;
 use pmsnap_repo::{DirStorage, Repo};
 
 mod common;
-use common::pattern::{guest_continued, MEM, MEM_ARG, PAGES, WORDS};
+use common::pattern::{guest_continued, MEM, MEM_ARG, PAGES, REGION_FIRST, WORDS};
 use common::{kvm_missing, pmsnap_bin, ApiVmm};
 
 fn pmsnap(args: &[&str]) -> Output {
@@ -136,12 +138,44 @@ fn a_lazily_restored_guest_goes_on_and_a_mid_fill_snapshot_is_exact() {
     let t = exported_guest();
     let d = t.dir.path();
 
-    // 1. Background fill: the guest runs on from v1 and every page arrives.
+    // The live export recorded the pages the guest wrote after v1 (the payload rewrites
+    // its region every round), in that order.
+    let repo = Repo::open_or_init(DirStorage::new(&t.repo).expect("storage")).expect("repo");
+    let order = repo
+        .manifest("v1")
+        .expect("manifest")
+        .touch_order()
+        .to_vec();
+    let hint: u64 = order.iter().map(|r| r.count).sum();
+    let in_region = order
+        .iter()
+        .filter(|r| r.first >= REGION_FIRST as u64)
+        .map(|r| r.count)
+        .sum::<u64>();
+    assert!(
+        hint > 0 && in_region * 2 > hint,
+        "the touch order holds the region's pages: {} runs, {hint} pages, {in_region} in the region",
+        order.len()
+    );
+
+    // 1. Background fill: the guest runs on from v1 and every page arrives, the pages of
+    // the touch order first.
     let pool = d.join("b.pool");
     let vmm = restore_lazy(d, "b", &t.repo, "v1", &pool, &[]);
     let fill = wait_complete(&vmm);
     assert_eq!(fill.pages, PAGES, "{fill:?}");
     assert!(fill.error.is_none(), "{fill:?}");
+    assert_eq!(fill.hint_pages, hint, "{fill:?}");
+    assert!(
+        fill.hinted_pages > 0,
+        "the read-ahead used the order: {fill:?}"
+    );
+    assert!(
+        vmm.log()
+            .contains("in the order the guest touched them after the snapshot"),
+        "{}",
+        vmm.log_tail(20)
+    );
     assert!(
         !marker(&pool).exists(),
         "the fill marker goes once every page is in"

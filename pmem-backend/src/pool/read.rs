@@ -37,6 +37,32 @@ impl Pool {
         })
     }
 
+    /// The snapshot's pages that were preserved into blocks (the guest wrote them after
+    /// the snapshot), in the order their blocks were allocated, at most `max` pages, as
+    /// runs in that order (consecutive pages merged). Blocks are taken lowest first, so
+    /// on a block area that had nothing freed since the snapshot this is exactly the
+    /// order of the guest's first writes; after frees, a reused lower block moves its
+    /// page earlier. A lazy restore fetches these pages first (docs/repository.md).
+    pub fn preserved_in_order<'a>(
+        &self,
+        sel: impl Into<SnapshotSel<'a>>,
+        max: u64,
+    ) -> Result<Vec<PageRun>> {
+        let s = &self.snapshots[&self.find(sel.into())?];
+        let mut by_block: Vec<(u32, u64)> = s.redirects.iter().map(|(&p, &b)| (b, p)).collect();
+        let max = usize::try_from(max).unwrap_or(usize::MAX);
+        if by_block.len() > max {
+            // The lowest `max` blocks without sorting them all (this runs under the pool
+            // lock of a live VMM).
+            by_block.select_nth_unstable(max);
+            by_block.truncate(max);
+        }
+        by_block.sort_unstable();
+        Ok(crate::types::pages_to_runs(
+            by_block.into_iter().map(|(_, p)| p),
+        ))
+    }
+
     /// `BadBlock` unless `actual` is the recorded crc32c of block `b`, which holds page
     /// `p` of snapshot `id`.
     pub(super) fn check_block_crc(&self, id: u64, p: u64, b: u64, actual: u32) -> Result<()> {
@@ -197,5 +223,33 @@ mod tests {
             ),
             (1, 12, 0, 0)
         );
+    }
+
+    #[test]
+    fn preserved_pages_come_in_the_order_they_were_written() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 64, PoolOptions::default());
+        fill(&mut pool, 0..64, 1);
+        vm(&mut pool, "a", &[PageRun::new(0, 64)]);
+        for p in [40, 41, 42, 7, 30, 31, 3] {
+            assert!(pool.preserve(p).expect("preserve"));
+        }
+        let runs = |v: &[(u64, u64)]| {
+            v.iter()
+                .map(|&(f, c)| PageRun::new(f, c))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            pool.preserved_in_order("a", 100).expect("order"),
+            runs(&[(40, 3), (7, 1), (30, 2), (3, 1)])
+        );
+        assert_eq!(
+            pool.preserved_in_order("a", 4).expect("order"),
+            runs(&[(40, 3), (7, 1)])
+        );
+        // A later snapshot has nothing preserved yet.
+        vm(&mut pool, "b", &[PageRun::new(0, 64)]);
+        assert!(pool.preserved_in_order("b", 100).expect("order").is_empty());
+        assert!(pool.preserved_in_order("nope", 1).is_err());
     }
 }

@@ -65,6 +65,11 @@ pub struct RestoreArgs {
     /// suffix (default: as large as guest RAM).
     #[arg(long, value_name = "SIZE", value_parser = parse_mem, requires = "from")]
     pub block_area: Option<u64>,
+    /// With --from: the background fill goes in address order even when the snapshot
+    /// records the order the guest touched pages in after it (which it otherwise reads
+    /// first); to measure what that order gains.
+    #[arg(long, requires = "from")]
+    pub ignore_touch_order: bool,
     /// Expected guest RAM (checked against the snapshot), with K, M or G suffix.
     #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
     pub mem: Option<u64>,
@@ -204,7 +209,10 @@ fn run_lazy(args: &RestoreArgs, name: &str, from: &str, started: Instant) -> Res
         )
         .into());
     }
-    let source = RepoPageSource::new(repo, m, &where_);
+    let mut source = RepoPageSource::new(repo, m, &where_);
+    if args.ignore_touch_order {
+        source = source.without_touch_order();
+    }
     let options = PoolOptions {
         block_count: args.block_area.map(|b| b.div_ceil(4096)),
         lazy_ram: Some(source.describe()),

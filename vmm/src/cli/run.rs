@@ -134,6 +134,7 @@ fn from_template(args: &RunArgs, cfg: &VmConfig, t: &Template) -> RestoreArgs {
         store: Default::default(),
         fill: FillMode::Background,
         block_area: cfg.block_area,
+        ignore_touch_order: false,
         mem: Some(cfg.mem_bytes),
         vcpus: Some(cfg.vcpus),
         api_sock: args.api_sock.clone(),

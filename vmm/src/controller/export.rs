@@ -81,6 +81,15 @@ impl SnapshotSource for PoolSource {
             .read_state(self.info.name.as_str())
             .map_err(|e| Box::new(e) as SourceError)
     }
+
+    /// The pages the guest wrote after the snapshot, in the order the write faults
+    /// preserved them (their blocks' allocation order): a lazy restore fetches them
+    /// first. Read after the pages, so a live export sees the writes made meanwhile.
+    fn touch_order(&mut self) -> Vec<pmem_backend::PageRun> {
+        lock_pool(&self.pool)
+            .preserved_in_order(self.info.name.as_str(), pmsnap_repo::MAX_TOUCH_PAGES)
+            .unwrap_or_default()
+    }
 }
 
 /// Why an export failed.

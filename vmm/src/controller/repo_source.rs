@@ -3,6 +3,7 @@
 //! [`pmsnap_repo::Repo::read_pages`], every chunk checked. A storage error may pass and
 //! is retried; damaged or missing content never does, and stops the VM.
 
+use pmem_backend::PageRun;
 use pmsnap_repo::{Manifest, Repo, RepoError};
 
 use crate::snapshot::lazy::{FetchError, PageSource};
@@ -12,6 +13,7 @@ pub struct RepoPageSource {
     repo: Repo,
     manifest: Manifest,
     describe: String,
+    touch_order: bool,
 }
 
 impl std::fmt::Debug for RepoPageSource {
@@ -28,7 +30,15 @@ impl RepoPageSource {
             repo,
             manifest,
             describe,
+            touch_order: true,
         }
+    }
+
+    /// The same, but without the snapshot's touch order as [`PageSource::first_pages`]
+    /// (`restore --ignore-touch-order`: the fill goes in address order).
+    pub fn without_touch_order(mut self) -> Self {
+        self.touch_order = false;
+        self
     }
 }
 
@@ -44,5 +54,21 @@ impl PageSource for RepoPageSource {
                 RepoError::Storage { .. } => FetchError::Transient(e.to_string()),
                 e => FetchError::Fatal(e.to_string()),
             })
+    }
+
+    /// The order the guest touched pages in after the snapshot, as the export recorded
+    /// it (docs/repository.md, "Touch order").
+    /// What this process's pack cache fetched (the restore's repository reads go through
+    /// it for a bucket).
+    fn fetched_bytes(&self) -> Option<u64> {
+        self.repo.pack_cache().map(|c| c.stats().fetched_bytes)
+    }
+
+    fn first_pages(&self) -> Vec<PageRun> {
+        if self.touch_order {
+            self.manifest.touch_order().to_vec()
+        } else {
+            Vec::new()
+        }
     }
 }

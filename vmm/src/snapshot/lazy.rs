@@ -10,8 +10,11 @@
 //!   on. The filler serves demands first: it reads the page and puts it in with
 //!   `UFFDIO_COPY`, which wakes the vCPU; then the holes next to it in its aligned
 //!   64 KiB window, before the background fill goes on.
-//! - **In the background.** Between demands it fills the rest in page order, 256 KiB at
-//!   a time, until every page is present (unless started on demand only, as clones are).
+//! - **In the background.** Between demands it first reads the pages the source says
+//!   the guest touches first ([`PageSource::first_pages`]: the order the guest wrote
+//!   pages after the snapshot, recorded at export), in that order, then fills the rest
+//!   in page order, 256 KiB at a time, until every page is present (unless started on
+//!   demand only, as clones are).
 //! - **Before the store reads RAM.** The store reads guest pages through its own mapping
 //!   (preserve, copy-back, export); a hole read there would become a zero page that the
 //!   guest then sees. The store calls [`LazyFill`] as its [`RamGate`] first, which
@@ -43,6 +46,8 @@ const BATCH: u64 = 64;
 const WINDOW: u64 = 16;
 /// First-touch latencies kept for the percentiles.
 const MAX_SAMPLES: usize = 1 << 16;
+/// Most runs of [`PageSource::first_pages`] used (more are ignored).
+const MAX_HINT_RUNS: usize = 1 << 16;
 
 /// Why a source could not give pages.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +67,15 @@ pub trait PageSource: Send + Sync {
     fn describe(&self) -> String;
     /// Guest pages `first..first + out.len() / 4096` into `out`, checked.
     fn read(&self, first: u64, out: &mut [u8]) -> Result<(), FetchError>;
+    /// Pages the guest is expected to touch first, in that order (read ahead before the
+    /// address-order fill). Runs beyond guest RAM are ignored.
+    fn first_pages(&self) -> Vec<PageRun> {
+        Vec::new()
+    }
+    /// Bytes fetched from remote storage so far, if the source counts them.
+    fn fetched_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// How the fill runs.
@@ -92,10 +106,26 @@ pub struct FillStats {
     pub background: bool,
     /// Pages read because something touched them (a vCPU, a device or the store).
     pub demanded: u64,
+    /// Missing-page faults: first touches of a hole by a vCPU or a device, each of which
+    /// waited until its page was in (whichever thread put it there; `demanded` counts
+    /// only those the demand thread read).
+    #[serde(default)]
+    pub faults: u64,
     /// Pages read by the background fill.
     pub background_pages: u64,
     /// Pages found present already when their turn came (written by the VMM).
     pub already_present: u64,
+    /// Pages the source said the guest touches first (the snapshot's recorded touch
+    /// order), read ahead in that order before the rest; 0 without one.
+    #[serde(default)]
+    pub hint_pages: u64,
+    /// Of the background pages, those read because of that order.
+    #[serde(default)]
+    pub hinted_pages: u64,
+    /// Bytes this VMM fetched from the repository's storage (an `s3://` repository,
+    /// through the host's pack cache; `None` for a directory, read in place).
+    #[serde(default)]
+    pub fetched_bytes: Option<u64>,
     /// Time from a first touch to its page being in: median and 99th percentile, in
     /// microseconds (0 until something was touched).
     pub first_touch_p50_us: u64,
@@ -117,6 +147,11 @@ struct Queue {
     /// Holes next to a demanded page (its aligned window), read after the demands and
     /// before the background fill.
     prefetch: VecDeque<(u64, u64)>,
+    /// Runs the guest is expected to touch first, read after the windows of touched
+    /// pages and before the address-order fill.
+    hint: VecDeque<(u64, u64)>,
+    hint_pages: u64,
+    hinted_pages: u64,
     /// Next page the background fill looks at.
     cursor: u64,
     stop: bool,
@@ -159,6 +194,7 @@ pub struct LazyFill {
     background: bool,
     present: Vec<AtomicU64>,
     remaining: AtomicU64,
+    faults: AtomicU64,
     complete: AtomicBool,
     queue: Mutex<Queue>,
     /// Wakes the filler (work queued, stop) and the gate's waiters (pages in, error).
@@ -188,6 +224,24 @@ impl LazyFill {
         on_fatal: OnFatal,
     ) -> Arc<Self> {
         let pages = protector.pages();
+        let mut queue = Queue::default();
+        if opts.background {
+            for r in source.first_pages().into_iter().take(MAX_HINT_RUNS) {
+                let end = r.end().min(pages);
+                if r.first < end {
+                    queue.hint.push_back((r.first, end - r.first));
+                    queue.hint_pages += end - r.first;
+                }
+            }
+            if queue.hint_pages > 0 {
+                info!(
+                    "lazy restore: reading {} pages ({} runs) first, in the order the guest \
+                     touched them after the snapshot",
+                    queue.hint_pages,
+                    queue.hint.len()
+                );
+            }
+        }
         Arc::new(Self {
             protector,
             source,
@@ -195,8 +249,9 @@ impl LazyFill {
             background: opts.background,
             present: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             remaining: AtomicU64::new(pages),
+            faults: AtomicU64::new(0),
             complete: AtomicBool::new(pages == 0),
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(queue),
             cond: Condvar::new(),
             started: Instant::now(),
             on_fatal: Mutex::new(Some(on_fatal)),
@@ -337,8 +392,12 @@ impl LazyFill {
             complete: self.complete(),
             background: self.background,
             demanded: q.demanded,
+            faults: self.faults.load(Ordering::Relaxed),
             background_pages: q.background_pages,
             already_present: q.already_present,
+            hint_pages: q.hint_pages,
+            hinted_pages: q.hinted_pages,
+            fetched_bytes: self.source.fetched_bytes(),
             first_touch_p50_us: pct(50),
             first_touch_p99_us: pct(99),
             elapsed_ms: q
@@ -445,8 +504,9 @@ impl LazyFill {
         }
     }
 
-    /// A read-ahead job: the rest of a touched page's window, else the next background
-    /// batch (when filling in the background).
+    /// A read-ahead job: the rest of a touched page's window, else the next run of the
+    /// source's touch order, else the next background batch (when filling in the
+    /// background).
     fn ahead_job(&self, q: &mut Queue) -> Option<(u64, u64, Option<Instant>)> {
         while let Some((first, count)) = q.prefetch.pop_front() {
             let end = first + count;
@@ -456,6 +516,17 @@ impl LazyFill {
         }
         if !self.background || self.complete() {
             return None;
+        }
+        while let Some((first, count)) = q.hint.pop_front() {
+            let end = first + count;
+            if let Some(p) = self.next_missing(first).filter(|&p| p < end) {
+                let n = self.hole_run(p, end, BATCH).max(1);
+                if p + n < end {
+                    q.hint.push_front((p + n, end - p - n));
+                }
+                q.hinted_pages += n;
+                return Some((p, n, None));
+            }
         }
         let p = self.next_missing(q.cursor).or_else(|| {
             // Wrap: pages before the cursor that a demand skipped.
@@ -549,6 +620,7 @@ impl Drop for LazyFill {
 impl MissingSink for LazyFill {
     fn demand(&self, page: u64) {
         if page < self.pages {
+            self.faults.fetch_add(1, Ordering::Relaxed);
             self.push_demand(page, 1);
         }
     }
@@ -606,6 +678,10 @@ mod tests {
         fatal: Option<u64>,
         transient: AtomicU64,
         reads: AtomicU64,
+        /// What `first_pages` says.
+        first: Vec<PageRun>,
+        /// Every read asked for, (first page, pages), in order.
+        log: Mutex<Vec<(u64, u64)>>,
     }
 
     impl PageSource for TestSource {
@@ -615,6 +691,7 @@ mod tests {
         fn read(&self, first: u64, out: &mut [u8]) -> Result<(), FetchError> {
             self.reads.fetch_add(1, Ordering::Relaxed);
             let n = out.len() as u64 / PAGE_SIZE;
+            self.log.lock().expect("log").push((first, n));
             if self.fatal.is_some_and(|f| f >= first && f < first + n) {
                 return Err(FetchError::Fatal("pack 00ff is damaged".into()));
             }
@@ -630,9 +707,13 @@ mod tests {
             }
             Ok(())
         }
+        fn first_pages(&self) -> Vec<PageRun> {
+            self.first.clone()
+        }
     }
 
     struct Lazy {
+        source: Arc<TestSource>,
         _dir: tempfile::TempDir,
         engine: Engine,
         ram: Arc<SharedMap>,
@@ -652,9 +733,10 @@ mod tests {
         let prot = Arc::new(UffdProtector::with_ranges_lazy(&[(ram.as_ptr(), len)]).expect("uffd"));
         let fatal = Arc::new(Mutex::new(None));
         let f2 = fatal.clone();
+        let source = Arc::new(source);
         let fill = LazyFill::new(
             prot.clone(),
-            Arc::new(source),
+            source.clone(),
             FillOptions { background },
             Box::new(move |msg| *f2.lock().expect("lock") = Some(msg)),
         );
@@ -667,6 +749,7 @@ mod tests {
         )
         .expect("engine");
         Lazy {
+            source,
             _dir: dir,
             engine,
             ram,
@@ -711,6 +794,7 @@ mod tests {
         assert_eq!((s.pages, s.present), (512, 512));
         assert!(s.complete && s.error.is_none());
         assert_eq!(s.demanded + s.background_pages + s.already_present, 512);
+        assert_eq!(s.faults, 1, "one missing-page fault: the touch of page 300");
         assert!(s.first_touch_p99_us >= s.first_touch_p50_us && s.first_touch_p50_us > 0);
     }
 
@@ -792,5 +876,49 @@ mod tests {
         for p in 0..64 {
             assert_eq!(guest_byte(&l.ram, p, 1), byte(p), "page {p}");
         }
+    }
+
+    #[test]
+    fn the_touch_order_is_read_first_in_that_order() {
+        let order = vec![
+            PageRun::new(400, 8),
+            PageRun::new(100, 4),
+            PageRun::new(7, 1),
+            PageRun::new(510, 9),  // cut at the end of RAM
+            PageRun::new(9000, 3), // beyond RAM: ignored
+        ];
+        let src = TestSource {
+            first: order.clone(),
+            ..TestSource::default()
+        };
+        let l = lazy(512, src, true);
+        assert_eq!(l.fill.stats().hint_pages, 15);
+        l.fill.start().expect("start");
+        assert!(poll_until(Duration::from_secs(10), || l.fill.complete().then_some(())).is_some());
+        let log = l.source.log.lock().expect("log").clone();
+        assert_eq!(
+            log[..4],
+            [(400, 8), (100, 4), (7, 1), (510, 2)],
+            "the order first, before any address-order batch: {log:?}"
+        );
+        assert_eq!(log[4], (0, 7), "then the rest from page 0: {log:?}");
+        for p in 0..512 {
+            assert_eq!(guest_byte(&l.ram, p, 4000), byte(p), "page {p}");
+        }
+        let s = l.fill.stats();
+        assert_eq!((s.hint_pages, s.hinted_pages, s.demanded), (15, 15, 0));
+        assert_eq!(s.background_pages, 512);
+
+        // On demand only (clones), the order is not read ahead.
+        let src = TestSource {
+            first: order,
+            ..TestSource::default()
+        };
+        let l = lazy(512, src, false);
+        l.fill.start().expect("start");
+        assert_eq!(guest_byte(&l.ram, 200, 0), byte(200));
+        let s = l.fill.stats();
+        assert_eq!((s.hint_pages, s.hinted_pages), (0, 0));
+        assert!(!l.source.log.lock().expect("log").contains(&(400, 8)));
     }
 }
