@@ -75,15 +75,19 @@ pub(super) struct FillPin {
     pub(super) runs: Vec<PageRun>,
 }
 
-/// The offset of the first byte of data at or after `off` in `file` (`u64::MAX`: none).
-fn next_data(file: &File, off: u64) -> std::io::Result<u64> {
+/// `lseek(off, whence)` on `file` (`SEEK_DATA` or `SEEK_HOLE`); `u64::MAX` when there
+/// is no such byte at or after `off` (ENXIO).
+///
+/// On tmpfs, pages allocated by `fallocate` and never written count as holes, and the
+/// kernel walks the page cache from `off` to the answer (about 90 ns a page): a call
+/// costs the distance it travels.
+fn seek(file: &File, off: u64, whence: libc::c_int) -> std::io::Result<u64> {
     let at =
         libc::off_t::try_from(off).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
     // SAFETY: plain syscall on a valid fd owned by `file`; no memory is passed.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
+    let r = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
     if r < 0 {
         let e = std::io::Error::last_os_error();
-        // ENXIO: no data at or after `off`.
         return match e.raw_os_error() {
             Some(libc::ENXIO) => Ok(u64::MAX),
             _ => Err(e),
@@ -92,9 +96,10 @@ fn next_data(file: &File, off: u64) -> std::io::Result<u64> {
     Ok(r as u64)
 }
 
-/// Whether byte `off` of `file` is in a hole.
+/// Whether byte `off` of `file` is in a hole: one page-cache lookup when it is (the
+/// case after a punch), a walk to the next hole when it is not.
 fn is_hole(file: &File, off: u64) -> std::io::Result<bool> {
-    Ok(next_data(file, off)? != off)
+    Ok(seek(file, off, libc::SEEK_HOLE)? == off)
 }
 
 /// Punch bytes `off..off + len` of `file` out (the file keeps its size).
@@ -176,6 +181,7 @@ impl Pool {
         if pages.is_empty() {
             return Ok(out);
         }
+        let t0 = std::time::Instant::now();
         let mut holes = Vec::with_capacity(pages.len());
         for &p in &pages {
             // `preserve` re-points other snapshots only: this one's redirect of p stays.
@@ -202,7 +208,9 @@ impl Pool {
             let path = path.clone();
             move |source| PoolError::Io { what, path, source }
         };
+        let t1 = t0.elapsed();
         write_marker(&self.path, idx, &name).map_err(io("writing the fill marker of"))?;
+        let t2 = t0.elapsed();
         self.fill_pin = Some(FillPin {
             id: idx,
             runs: pages_to_runs(pages.iter().copied()),
@@ -212,31 +220,27 @@ impl Pool {
             punch(&self.file, off, r.count * PAGE_SIZE as u64)
                 .map_err(io("punching RAM pages out of"))?;
         }
+        let t3 = t0.elapsed();
         // A punch into part of a huge page may zero it rather than free it: such a page
-        // is no hole (userfaultfd would never ask for it), so it is copied now. One
-        // check per run when the whole run is a hole (the usual case), else per page.
-        let mut at = 0;
-        for r in pages_to_runs(pages.iter().copied()) {
-            let run = &holes[at..at + r.count as usize];
-            at += r.count as usize;
-            let (start, end) = (
-                self.geo.ram_page_offset(r.first),
-                self.geo.ram_page_offset(r.end()),
-            );
-            if next_data(&self.file, start).map_err(io("checking RAM holes in"))? >= end {
-                out.holes.extend_from_slice(run);
-                continue;
-            }
-            for &h in run {
-                let off = self.geo.ram_page_offset(h.page);
-                if is_hole(&self.file, off).map_err(io("checking RAM holes in"))? {
-                    out.holes.push(h);
-                } else {
-                    self.fill_from_block(idx, h)?;
-                    out.copied.push(h.page);
-                }
+        // is no hole (userfaultfd would never ask for it), so it is copied now. Checked
+        // page by page: a run at once (`SEEK_DATA`) would walk on past its end over pages
+        // allocated and never written, which count as holes too.
+        for h in holes {
+            let off = self.geo.ram_page_offset(h.page);
+            if is_hole(&self.file, off).map_err(io("checking RAM holes in"))? {
+                out.holes.push(h);
+            } else {
+                self.fill_from_block(idx, h)?;
+                out.copied.push(h.page);
             }
         }
+        log::debug!(
+            "lazy copy back of {name:?}: {} pages in {} runs; preserved after {t1:?}, marker \
+             after {t2:?}, punched after {t3:?}, holes checked after {:?}",
+            pages.len(),
+            pages_to_runs(pages.iter().copied()).len(),
+            t0.elapsed()
+        );
         if !out.copied.is_empty() {
             self.persist_ram(&out.copied)?;
             let runs = pages_to_runs(out.holes.iter().map(|h| h.page));
@@ -303,18 +307,32 @@ impl Pool {
     }
 
     /// Fill every hole of RAM among snapshot `id`'s preserved pages from its blocks,
-    /// persisted. Returns how many were filled.
+    /// persisted. Returns how many were filled. The RAM area's holes are walked once,
+    /// extent by extent. Pages allocated and never written count as holes there too,
+    /// but none is among the snapshot's preserved pages: a preserve reads RAM(p), which
+    /// makes the page written (zeroed) on tmpfs, and the write it preserved for follows.
     fn fill_holes_from(&self, id: u64) -> Result<u64> {
         let s = &self.snapshots[&id];
+        let io = |source| PoolError::Io {
+            what: "checking RAM holes in",
+            path: self.path.clone(),
+            source,
+        };
+        let page = PAGE_SIZE as u64;
+        let start = self.geo.ram_page_offset(0);
+        let end = start + self.geo.ram_size;
         let mut filled = Vec::new();
-        for (&p, &b) in &s.redirects {
-            let off = self.geo.ram_page_offset(p);
-            let hole = is_hole(&self.file, off).map_err(|source| PoolError::Io {
-                what: "checking RAM holes in",
-                path: self.path.clone(),
-                source,
-            })?;
-            if hole {
+        let mut off = start;
+        while off < end {
+            let hole = seek(&self.file, off, libc::SEEK_HOLE).map_err(io)?;
+            if hole >= end {
+                break;
+            }
+            let data = seek(&self.file, hole, libc::SEEK_DATA)
+                .map_err(io)?
+                .min(end);
+            let (first, last) = ((hole - start) / page, (data - start).div_ceil(page));
+            for (&p, &b) in s.redirects.range(first..last) {
                 let h = LazyPage {
                     page: p,
                     block: u64::from(b),
@@ -324,6 +342,7 @@ impl Pool {
                 self.fill_from_block(id, h)?;
                 filled.push(p);
             }
+            off = data.max(hole + page);
         }
         self.persist_ram(&filled)?;
         Ok(filled.len() as u64)
@@ -360,17 +379,14 @@ impl Pool {
     fn ram_has_hole(&self) -> Result<bool> {
         let start = self.geo.ram_page_offset(0);
         let end = start + self.geo.ram_size;
-        let at = libc::off_t::try_from(start).unwrap_or(libc::off_t::MAX);
-        // SAFETY: plain syscall on a valid fd owned by `self.file`; no memory is passed.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), at, libc::SEEK_HOLE) };
-        if r < 0 {
-            return Err(PoolError::Io {
-                what: "checking RAM holes in",
-                path: self.path.clone(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok((r as u64) < end)
+        // (Pages allocated and never written count as holes: a false alarm refuses the
+        // pool, never the other way round.)
+        let hole = seek(&self.file, start, libc::SEEK_HOLE).map_err(|source| PoolError::Io {
+            what: "checking RAM holes in",
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(hole < end)
     }
 }
 
