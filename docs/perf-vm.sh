@@ -62,9 +62,15 @@ for MEM in "$@"; do
   done
   stop_vmm
   # Restore s1 (10% of RAM written and rolled back since: its pages are in blocks and
-  # are copied back each time), three times.
+  # are copied back each time), three times copying them before the vCPUs run
+  # (--copy-back eager) and three times lazily (--copy-back lazy: punched out of RAM and
+  # filled from their blocks on first access and in the background; the default from
+  # 4096 pages on), alternating. A lazy one also prints when its fill completed.
   for i in 1 2 3; do
-    restore s1 "s1 #$i"
+    restore s1 "s1 eager #$i" --copy-back eager
+    stop_vmm
+    restore s1 "s1 lazy #$i" --copy-back lazy
+    wait_out "$W/rerr" "lazy restore complete" 60 && echo "mem=$MEM restore s1 lazy #$i: $(grep -o 'lazy restore complete.*' "$W/rerr")"
     stop_vmm
   done
   # Restore a snapshot taken just before the VMM was killed (only what the guest wrote

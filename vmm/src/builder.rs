@@ -47,7 +47,7 @@ use crate::event_loop::Subscriber;
 use crate::memory::GuestMemoryMmap;
 use crate::snapshot::engine::{lock_pool, Engine, EngineError};
 use crate::snapshot::fault::HandlerOptions;
-use crate::snapshot::lazy::{FillOptions, LazyFill, PageSource};
+use crate::snapshot::lazy::{FillOptions, LazyFill, OnFatal, PageSource};
 use crate::snapshot::protect::{ProtectError, UffdProtector};
 use crate::stop::{StopNotifier, VmStop};
 use crate::vstate::control::VcpuControl;
@@ -56,7 +56,7 @@ use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError, Vcpus};
 use crate::vstate::vm::{Vm, VmError};
-use pmem_backend::Pool;
+use pmem_backend::{PageRun, Pool};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Offset of the 64-bit entry point from the start of a bzImage's protected-mode kernel.
@@ -140,6 +140,9 @@ pub struct LazySpec {
     pub source: Arc<dyn PageSource>,
     /// Background fill or on demand only.
     pub options: FillOptions,
+    /// The pages that are holes (a lazy copy back, see
+    /// [`pmem_backend::Pool::copy_back_lazy`]); `None`: all of RAM (a new pool).
+    pub missing: Option<Vec<PageRun>>,
 }
 
 impl std::fmt::Debug for LazySpec {
@@ -147,6 +150,13 @@ impl std::fmt::Debug for LazySpec {
         f.debug_struct("LazySpec")
             .field("source", &self.source.describe())
             .field("options", &self.options)
+            .field(
+                "missing",
+                &self
+                    .missing
+                    .as_ref()
+                    .map(|m| m.iter().map(|r| r.count).sum::<u64>()),
+            )
             .finish()
     }
 }
@@ -475,12 +485,12 @@ impl VmBuilder {
         );
         let pool_path = pool.path().to_path_buf();
         let fill = lazy.map(|(spec, stop)| {
-            let fill = LazyFill::new(
-                protector.clone(),
-                spec.source,
-                spec.options,
-                Box::new(move |msg| stop.notify(VmStop::Error(msg))),
-            );
+            let on_fatal: OnFatal = Box::new(move |msg| stop.notify(VmStop::Error(msg)));
+            let (source, opts) = (spec.source, spec.options);
+            let fill = match &spec.missing {
+                None => LazyFill::new(protector.clone(), source, opts, on_fatal),
+                Some(m) => LazyFill::new_partial(protector.clone(), source, opts, on_fatal, m),
+            };
             fill.when_complete(Box::new(move || {
                 if let Err(e) = pmem_backend::mark_ram_complete(&pool_path) {
                     log::warn!(

@@ -15,12 +15,14 @@ mod commit;
 mod copy_back;
 mod grow;
 mod index;
+mod lazy_back;
 mod read;
 mod recovery;
 mod store;
 mod verify;
 
 pub use grow::GrowReport;
+pub use lazy_back::{LazyCopyBack, LazyPage};
 pub use recovery::RecoveryReport;
 
 pub use store::{GcReport, ProtectError};
@@ -151,6 +153,9 @@ pub struct Pool {
     /// Metadata and blocks still to be allocated, by the pre-fault thread (a pool
     /// created with `lazy_ram`).
     reserve_pending: bool,
+    /// The snapshot a lazy copy back fills RAM from, while it fills (see
+    /// [`Pool::copy_back_lazy`]).
+    fill_pin: Option<lazy_back::FillPin>,
 }
 
 impl Drop for Pool {
@@ -457,6 +462,7 @@ impl Pool {
             prefault: None,
             ram_gate: None,
             reserve_pending: false,
+            fill_pin: None,
         }
     }
 

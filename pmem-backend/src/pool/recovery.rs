@@ -44,11 +44,16 @@ impl Pool {
             .open(path)
             .map_err(io_err("opening", path))?;
         take_lock(&file, path)?;
-        if let Ok(source) = std::fs::read_to_string(super::filling_marker(path)) {
-            return Err(PoolError::RamIncomplete {
-                path: path.to_path_buf(),
-                from: source.trim().to_string(),
-            });
+        // RAM with holes: a lazy copy back (finished below, once the catalog is in) or
+        // a lazy restore from a repository (refused: only its source can fill them).
+        let marker = std::fs::read_to_string(super::filling_marker(path)).ok();
+        if let Some(m) = marker.as_deref() {
+            if super::lazy_back::marker_snapshot(m).is_none() {
+                return Err(PoolError::RamIncomplete {
+                    path: path.to_path_buf(),
+                    from: m.trim().to_string(),
+                });
+            }
         }
         let len = file.metadata().map_err(io_err("stat", path))?.len();
         let mut head = vec![0u8; (2 * SB_SIZE).min(len) as usize];
@@ -94,6 +99,9 @@ impl Pool {
         pool.load(cat)?;
         let t3 = t0.elapsed();
         pool.replay_log()?;
+        if let Some(m) = marker.as_deref() {
+            pool.finish_interrupted_fill(m)?;
+        }
         log::debug!(
             "pool {} opened: mapped after {t1:?}, catalog read after {t2:?}, loaded after {t3:?}, log replayed after {:?}",
             path.display(),

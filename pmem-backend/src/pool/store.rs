@@ -311,6 +311,8 @@ impl Pool {
     /// and return the RAM pages that are no longer protected (as runs).
     pub fn delete<'a>(&mut self, sel: impl Into<SnapshotSel<'a>>) -> Result<Vec<PageRun>> {
         let id = self.find(sel.into())?;
+        // The source of a lazy copy back still filling: its blocks fill RAM's holes.
+        self.unpin_for_delete(id)?;
         self.commit(None, Some(id), self.next_id)?;
         let s = self.snapshots.remove(&id).expect("found above");
         self.names.remove(&s.name);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use pmem_backend::{Pool, PoolOptions, SnapshotKind};
+use pmem_backend::{PageRun, Pool, PoolOptions, SnapshotKind};
 
 use clap::Args;
 
@@ -19,6 +19,7 @@ use crate::devices::legacy::RawModeGuard;
 use crate::event_loop::EventLoop;
 use crate::persist::load::load_vm_state;
 use crate::persist::VmState;
+use crate::snapshot::block_source::PoolBlockSource;
 use crate::snapshot::lazy::{FillOptions, PageSource};
 
 /// Arguments of `pmsnap restore`.
@@ -56,10 +57,11 @@ pub struct RestoreArgs {
     /// How to reach an s3:// repository (--from).
     #[command(flatten)]
     pub store: super::repo::StoreArgs,
-    /// With --from: `background` fills every page after the vCPUs run; `on-demand`
-    /// fetches only what the guest touches (clones of one snapshot: each uses host
-    /// memory only for what it touches).
-    #[arg(long, value_enum, default_value_t = FillMode::Background, requires = "from")]
+    /// With --from (or a lazy --copy-back): `background` fills every page after the
+    /// vCPUs run; `on-demand` fetches only what the guest touches (clones of one
+    /// snapshot: each uses host memory only for what it touches; a pool left with
+    /// pages to copy back finishes the copy when it is next opened).
+    #[arg(long, value_enum, default_value_t = FillMode::Background)]
     pub fill: FillMode,
     /// With --from: size of the new pool's block area (preserved pages), with K, M or G
     /// suffix (default: as large as guest RAM).
@@ -70,6 +72,12 @@ pub struct RestoreArgs {
     /// first); to measure what that order gains.
     #[arg(long, requires = "from")]
     pub ignore_touch_order: bool,
+    /// How preserved pages come back into RAM: `eager` copies them before the vCPUs
+    /// run; `lazy` leaves them out and the vCPUs run at once, each page arriving from
+    /// its block on first access or in the background; `auto` is lazy from
+    /// 4096 pages on (eager with --paused, whose RAM must hold the snapshot).
+    #[arg(long, value_enum, default_value_t = CopyBack::Auto, conflicts_with = "from")]
+    pub copy_back: CopyBack,
     /// Expected guest RAM (checked against the snapshot), with K, M or G suffix.
     #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
     pub mem: Option<u64>,
@@ -114,6 +122,22 @@ pub enum FillMode {
     OnDemand,
 }
 
+/// How `pmsnap restore` brings preserved pages back into RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CopyBack {
+    /// Lazily from 4096 pages on (eager when paused).
+    Auto,
+    /// Copied before the vCPUs run.
+    Eager,
+    /// Filled on first access and in the background while the vCPUs run.
+    Lazy,
+}
+
+/// From this many pages to copy back, `--copy-back auto` fills them lazily: copying
+/// costs about 1.6 us a page here (docs/perf-vm.md), so 4096 pages are ~7 ms before the
+/// vCPUs run, about what setting up the lazy fill costs.
+pub const LAZY_COPY_BACK_PAGES: u64 = 4096;
+
 fn parse_mem(s: &str) -> std::result::Result<u64, String> {
     config::parse_size(s).map_err(|e| e.to_string())
 }
@@ -154,6 +178,22 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         "pool opened and state checked after {:?}",
         started.elapsed()
     );
+    let to_copy = pool
+        .inspect(name)
+        .and_then(|i| {
+            pool.preserved_pages(name, &i.runs)
+                .map(|p| (i.runs, p.len() as u64))
+        })
+        .map_err(context(format!("cannot restore snapshot {name:?}")))?;
+    let (runs, to_copy) = to_copy;
+    let lazy = match args.copy_back {
+        CopyBack::Eager => false,
+        CopyBack::Lazy => to_copy > 0,
+        CopyBack::Auto => to_copy >= LAZY_COPY_BACK_PAGES && !args.paused,
+    };
+    if lazy {
+        return run_copy_back_lazy(&args, name, &state, pool, &runs, started);
+    }
     let mut event_loop = EventLoop::new()?;
     event_loop.handle_termination_signals()?;
     let builder = VmBuilder::for_restore(
@@ -172,6 +212,58 @@ pub fn run(args: RestoreArgs) -> Result<i32> {
         mem_bytes / 4096,
         restored.copy_time,
         run_state(&args)
+    );
+    super::serve_until_stopped(&mut event_loop, running, raw, started)
+}
+
+/// `pmsnap restore` of a snapshot with many pages in blocks: they are punched out of RAM
+/// (each preserved first for the other snapshots that reference it) and arrive from
+/// their blocks through the lazy fill once the vCPUs run
+/// ([`pmem_backend::Pool::copy_back_lazy`], [`PoolBlockSource`]).
+fn run_copy_back_lazy(
+    args: &RestoreArgs,
+    name: &str,
+    state: &VmState,
+    mut pool: Pool,
+    runs: &[PageRun],
+    started: Instant,
+) -> Result<i32> {
+    let mem_bytes = pool.ram_size();
+    let t = Instant::now();
+    let back = pool
+        .copy_back_lazy(name, runs)
+        .map_err(context(format!("cannot restore snapshot {name:?}")))?;
+    let prepared = t.elapsed();
+    let file = pool
+        .file()
+        .try_clone()
+        .map_err(context(format!("cannot read {}", args.pool.display())))?;
+    let lazy = LazySpec {
+        source: Arc::new(PoolBlockSource::new(file, &back)),
+        options: FillOptions {
+            background: args.fill == FillMode::Background,
+        },
+        missing: Some(back.hole_runs()),
+    };
+    let mut event_loop = EventLoop::new()?;
+    event_loop.handle_termination_signals()?;
+    let builder = VmBuilder::for_lazy_restore(
+        &restore_config(args, state, mem_bytes),
+        event_loop.stop_notifier()?,
+        Box::new(StdoutWriter),
+        pool,
+        lazy,
+    )?;
+    let (mut running, raw) = start_paused(args, name, state, builder, &event_loop, started)?;
+    running.controller().restore_state(state)?;
+    let (to_run, _api) = run_and_serve(args, &mut event_loop, &mut running, started)?;
+    log::info!(
+        "restored snapshot {name:?}: {} of {} pages copied back in {prepared:?}, {} arrive \
+         lazily from its blocks; vCPUs {} {to_run:?} after start",
+        back.copied.len(),
+        mem_bytes / 4096,
+        back.holes.len(),
+        run_state(args)
     );
     super::serve_until_stopped(&mut event_loop, running, raw, started)
 }
@@ -233,6 +325,7 @@ fn run_lazy(args: &RestoreArgs, name: &str, from: &str, started: Instant) -> Res
         options: FillOptions {
             background: args.fill == FillMode::Background,
         },
+        missing: None,
     };
     let builder = VmBuilder::for_lazy_restore(
         &restore_config(args, &state, mem_bytes),

@@ -133,6 +133,7 @@ fn from_template(args: &RunArgs, cfg: &VmConfig, t: &Template) -> RestoreArgs {
         from: Some(t.location()),
         store: Default::default(),
         fill: FillMode::Background,
+        copy_back: super::restore::CopyBack::Auto,
         block_area: cfg.block_area,
         ignore_touch_order: false,
         mem: Some(cfg.mem_bytes),

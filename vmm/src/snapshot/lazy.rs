@@ -260,6 +260,31 @@ impl LazyFill {
         })
     }
 
+    /// A fill of only the pages of `missing` (a lazy copy back: the rest of RAM is in
+    /// place); otherwise as [`Self::new`].
+    pub fn new_partial(
+        protector: Arc<UffdProtector>,
+        source: Arc<dyn PageSource>,
+        opts: FillOptions,
+        on_fatal: OnFatal,
+        missing: &[PageRun],
+    ) -> Arc<Self> {
+        let fill = Self::new(protector, source, opts, on_fatal);
+        for w in &fill.present {
+            w.store(u64::MAX, Ordering::Relaxed);
+        }
+        let mut holes = 0;
+        for r in pmem_backend::normalize_runs(missing) {
+            for p in r.first..r.end().min(fill.pages) {
+                fill.present[(p / 64) as usize].fetch_and(!(1 << (p % 64)), Ordering::Relaxed);
+                holes += 1;
+            }
+        }
+        fill.remaining.store(holes, Ordering::Release);
+        fill.complete.store(holes == 0, Ordering::Release);
+        fill
+    }
+
     /// Call `f` once, from the filler thread, when every page is present (the VMM
     /// removes the pool's fill marker then).
     pub fn when_complete(&self, f: Box<dyn FnOnce() + Send>) {

@@ -2,6 +2,7 @@
 //! that preserves a page before its first write, and dirty tracking. It knows nothing of
 //! the control API, VM state or the guest agent (see `crate::controller`).
 
+pub mod block_source;
 pub mod dirty;
 pub mod engine;
 pub mod fault;
