@@ -1,7 +1,8 @@
 //! Repository throughput on any REPO (docs/perf-s3.md): export a synthetic VM snapshot
 //! of MIB MiB whose pages are all distinct and non-zero (what a guest that uses all its
-//! RAM looks like), read it all back through a fresh pack cache, then export a second
-//! snapshot in which 1% of the pages changed. Prints one JSON line per step.
+//! RAM looks like), read it all back through a fresh pack cache and again without a cache
+//! (checking every page; the read's CPU time is `cpu_ms`), then export a second snapshot
+//! in which 1% of the pages changed. Prints one JSON line per step.
 //!
 //! `cargo run --release -p pmsnap-repo --example s3bench -- REPO MIB CACHE_DIR`
 //! (REPO: a directory or s3://BUCKET/PREFIX with the usual AWS_* environment).
@@ -51,6 +52,22 @@ impl SnapshotSource for Synthetic {
     }
 }
 
+/// CPU time (user + system) this process used so far, in ms: the read's own cost, apart
+/// from what the object store server and the rest of a shared machine take.
+fn cpu_ms() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime
+    // the 13th, in clock ticks of 1/100 s.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split(' ')
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    (f[0] + f[1]) * 10
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (url, mib, cache_dir) = match &args[..] {
@@ -75,23 +92,36 @@ fn main() {
         r.bytes_written, r.packs_written
     );
 
-    let cache = Arc::new(PackCache::open(&cache_dir, 4 << 30).unwrap());
-    let reader = open().with_cache(cache.clone());
-    let t = Instant::now();
-    let m = reader.manifest("a").unwrap();
+    // Read every page back, as `pmsnap import` does: through a fresh pack cache (the
+    // default), then with none (`--cache-mib 0`: nothing written to the cache directory).
     let all: Vec<u64> = (0..pages).collect();
-    let mut sum = 0u64;
-    reader
-        .read_page_list(&m, &all, &mut |_, d| {
-            sum = sum.wrapping_add(u64::from(d[0]));
-            Ok(())
-        })
-        .unwrap();
-    let ms = t.elapsed().as_millis();
-    println!(
-        "{{\"step\":\"full read\",\"ms\":{ms},\"fetched_bytes\":{},\"checksum\":{sum}}}",
-        cache.stats().fetched_bytes
-    );
+    for cached in [true, false] {
+        let cache = cached.then(|| Arc::new(PackCache::open(&cache_dir, 4 << 30).unwrap()));
+        let reader = match &cache {
+            Some(c) => open().with_cache(c.clone()),
+            None => open(),
+        };
+        let (t, cpu) = (Instant::now(), cpu_ms());
+        let m = reader.manifest("a").unwrap();
+        let mut sum = 0u64;
+        let mut bytes = 0u64;
+        reader
+            .read_page_list(&m, &all, &mut |_, d| {
+                sum = sum.wrapping_add(u64::from(d[0]));
+                bytes += PAGE_SIZE as u64;
+                Ok(())
+            })
+            .unwrap();
+        let ms = t.elapsed().as_millis();
+        let (step, fetched) = match &cache {
+            Some(c) => ("full read", c.stats().fetched_bytes),
+            None => ("full read, no cache", bytes),
+        };
+        println!(
+            "{{\"step\":\"{step}\",\"ms\":{ms},\"cpu_ms\":{},\"fetched_bytes\":{fetched},\"checksum\":{sum}}}",
+            cpu_ms() - cpu,
+        );
+    }
 
     let t = Instant::now();
     let mut b = Synthetic {

@@ -154,6 +154,37 @@ impl PackCache {
         mem.push_back((*id, data));
     }
 
+    /// The whole cached block `id` if it is `len` bytes long (a block of another length
+    /// is a miss), from memory or from its file (then kept in memory).
+    pub(crate) fn block(&self, id: &BlockId, len: usize) -> Option<Arc<Vec<u8>>> {
+        let in_mem = self
+            .lock_mem()
+            .iter()
+            .rev()
+            .find(|(i, _)| i == id)
+            .map(|(_, d)| d.clone());
+        let data = in_mem.or_else(|| {
+            let f = fs::File::open(self.path(id)).ok()?;
+            let mut d = Vec::with_capacity(len);
+            io::Read::read_to_end(&mut &f, &mut d).ok()?;
+            // Recently used: eviction goes by modification time.
+            let _ = f.set_modified(SystemTime::now());
+            let d = Arc::new(d);
+            self.remember(id, d.clone());
+            Some(d)
+        });
+        match data {
+            Some(d) if d.len() == len => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Some(d)
+            }
+            _ => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
     /// `len` bytes at `off` inside cached block `id`, or None on a miss (absent, or
     /// shorter than asked).
     pub(crate) fn read(&self, id: &BlockId, off: u64, len: usize) -> Option<Vec<u8>> {
@@ -229,25 +260,37 @@ impl PackCache {
         r
     }
 
+    /// Count `bytes` fetched from the storage for this cache's blocks.
+    pub(crate) fn count_fetched(&self, bytes: u64) {
+        self.fetched.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// Store block `id` (fetched: counted in the stats), then evict if over the limit.
     /// With `in_memory` it is also one of the blocks kept in memory (a block read now;
     /// not one prefetched for later, which would push out the blocks being read).
     pub(crate) fn insert(&self, id: &BlockId, data: Vec<u8>, in_memory: bool) -> io::Result<()> {
-        self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.count_fetched(data.len() as u64);
+        self.store(id, &data)?;
+        if in_memory {
+            self.remember(id, Arc::new(data));
+        }
+        Ok(())
+    }
+
+    /// Store block `id` (not counted as fetched: the caller counts what it fetched),
+    /// then evict if over the limit.
+    pub(crate) fn store(&self, id: &BlockId, data: &[u8]) -> io::Result<()> {
         let tmp = self.dir.join(format!(
             ".tmp-{}-{}",
             std::process::id(),
             self.tmp.fetch_add(1, Ordering::Relaxed)
         ));
-        let res = fs::write(&tmp, &data).and_then(|()| fs::rename(&tmp, self.path(id)));
+        let res = fs::write(&tmp, data).and_then(|()| fs::rename(&tmp, self.path(id)));
         if res.is_err() {
             let _ = fs::remove_file(&tmp);
         }
         res?;
         *self.lock_used() += data.len() as u64;
-        if in_memory {
-            self.remember(id, Arc::new(data));
-        }
         self.evict_if_needed()
     }
 

@@ -90,6 +90,7 @@ mod read;
 mod repo;
 mod s3;
 mod storage;
+mod stream;
 
 pub use cache::{CacheStats, PackCache, CACHE_BLOCK};
 pub use error::{RepoError, Result, SourceError};

@@ -174,46 +174,6 @@ impl Repo {
         Ok(rep)
     }
 
-    /// Read the given pages in order, calling `f` with each; with a pack cache, a second
-    /// thread prefetches ([`Repo::prefetch`]) the pages in windows of 64 MiB, up to two
-    /// windows ahead of the reads, so fetching and checking overlap. The first error
-    /// (of a read or of `f`) ends it.
-    pub fn read_page_list(
-        &self,
-        m: &Manifest,
-        pages: &[u64],
-        f: &mut dyn FnMut(u64, &[u8; PAGE_SIZE]) -> Result<()>,
-    ) -> Result<()> {
-        const WINDOW: usize = 16384;
-        if self.cache.is_none() {
-            for &p in pages {
-                f(p, &self.read_page(m, p)?)?;
-            }
-            return Ok(());
-        }
-        std::thread::scope(|s| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-            s.spawn(move || {
-                for w in pages.chunks(WINDOW) {
-                    if let Err(e) = self.prefetch(m, w) {
-                        log::debug!("prefetch: {e}");
-                    }
-                    if tx.send(()).is_err() {
-                        break;
-                    }
-                }
-            });
-            for w in pages.chunks(WINDOW) {
-                // Ready, or the prefetcher is gone: read anyway (misses fetch).
-                let _ = rx.recv();
-                for &p in w {
-                    f(p, &self.read_page(m, p)?)?;
-                }
-            }
-            Ok(())
-        })
-    }
-
     /// `len` bytes at `off` of pack `pack` (`pack_len` bytes long): through the cache
     /// when there is one (missing blocks fetched whole and kept), else one ranged read.
     /// Also says whether any byte came from the cache (a failed check then retries
@@ -385,25 +345,35 @@ impl Repo {
         entry: u64,
         use_cache: bool,
     ) -> Result<(Vec<u8>, bool)> {
-        let key = pack_key(pack);
         let pack_len = self.load_index(pack)?.idx.pack_len;
-        match self.fetch_range(pack, pack_len, offset, len, use_cache) {
-            Ok(d) => Ok(d),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Err(RepoError::PackMissing {
+        self.fetch_range(pack, pack_len, offset, len, use_cache)
+            .map_err(|err| self.range_error(m, pack, what, entry, err))
+    }
+
+    /// The error for a failed ranged read of `pack`, for chunk `entry` onwards of `m`'s
+    /// `what`: a missing pack or a short one is named as such.
+    pub(crate) fn range_error(
+        &self,
+        m: &Manifest,
+        pack: &Hash32,
+        what: &str,
+        entry: u64,
+        err: io::Error,
+    ) -> RepoError {
+        match err.kind() {
+            io::ErrorKind::NotFound => RepoError::PackMissing {
                 snapshot: m.name().to_string(),
                 pack: hex(pack),
                 what: what.to_string(),
-            }),
-            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => {
-                Err(RepoError::ChunkDamaged {
-                    snapshot: m.name().to_string(),
-                    pack: hex(pack),
-                    entry: entry as u32,
-                    what: what.to_string(),
-                    detail: "pack is truncated".into(),
-                })
-            }
-            Err(err) => Err(storage_err("get", &key)(err)),
+            },
+            io::ErrorKind::UnexpectedEof => RepoError::ChunkDamaged {
+                snapshot: m.name().to_string(),
+                pack: hex(pack),
+                entry: entry as u32,
+                what: what.to_string(),
+                detail: "pack is truncated".into(),
+            },
+            _ => storage_err("get", &pack_key(pack))(err),
         }
     }
 

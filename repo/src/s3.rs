@@ -356,6 +356,54 @@ impl S3Storage {
         }
     }
 
+    /// One ranged read, as a future the runtime can run anywhere.
+    fn range_future(
+        &self,
+        ctx: &ErrCtx,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> impl std::future::Future<Output = io::Result<Vec<u8>>> + Send + 'static {
+        let (store, ctx) = (self.store.clone(), ctx.clone());
+        let path = self.path(key);
+        let key = key.to_string();
+        async move {
+            let path = path?;
+            let end = offset
+                .checked_add(len)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range overflows"))?;
+            if len == 0 {
+                return Ok(Vec::new());
+            }
+            let range: Range<u64> = offset..end;
+            match store.get_range(&path, range).await {
+                Ok(b) if b.len() as u64 == len => Ok(Vec::from(b)),
+                Ok(b) => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "range {offset}+{len} past the end of {key} ({} bytes read)",
+                        b.len()
+                    ),
+                )),
+                // A range starting past the end: 416, or object_store's own check.
+                Err(e) if matches!(e, object_store::Error::NotFound { .. }) => {
+                    Err(ctx.map("get", &key, e))
+                }
+                Err(e) => {
+                    let s = e.to_string();
+                    if s.contains("416") || s.contains("Range") || s.contains("range") {
+                        Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("range {offset}+{len} past the end of {key}: {s}"),
+                        ))
+                    } else {
+                        Err(ctx.map("get", &key, e))
+                    }
+                }
+            }
+        }
+    }
+
     fn path(&self, key: &str) -> io::Result<ObjPath> {
         check_key(key)?;
         let full = if self.prefix.is_empty() {
@@ -464,59 +512,27 @@ impl Storage for S3Storage {
                 .map_err(|e| ctx.map("get", key, e))?;
             r.bytes()
                 .await
-                .map(|b| b.to_vec())
+                .map(Vec::from)
                 .map_err(|e| ctx.map("get", key, e))
         })
     }
 
     fn get_range(&self, key: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
-        self.get_ranges(&[(key.to_string(), offset, len)])
-            .pop()
-            .unwrap_or_else(|| Err(io::Error::other("no answer")))
+        // On the runtime's workers, which drive the connection, rather than on the calling
+        // thread: the body then comes in without a switch between threads for each piece
+        // of it, which matters when several threads each wait for a range at once
+        // (`Repo::read_page_list`).
+        let fut = self.range_future(&self.ctx(), key, offset, len);
+        self.rt
+            .block_on(self.rt.spawn(fut))
+            .unwrap_or_else(|e| Err(io::Error::other(format!("ranged get of {key}: {e}"))))
     }
 
     fn get_ranges(&self, reqs: &[(String, u64, u64)]) -> Vec<io::Result<Vec<u8>>> {
         let ctx = self.ctx();
-        let futs = reqs.iter().map(|(key, offset, len)| {
-            let (store, ctx) = (self.store.clone(), ctx.clone());
-            let path = self.path(key);
-            let (key, offset, len) = (key.clone(), *offset, *len);
-            async move {
-                let path = path?;
-                let end = offset.checked_add(len).ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "range overflows")
-                })?;
-                if len == 0 {
-                    return Ok(Vec::new());
-                }
-                let range: Range<u64> = offset..end;
-                match store.get_range(&path, range).await {
-                    Ok(b) if b.len() as u64 == len => Ok(b.to_vec()),
-                    Ok(b) => Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!(
-                            "range {offset}+{len} past the end of {key} ({} bytes read)",
-                            b.len()
-                        ),
-                    )),
-                    // A range starting past the end: 416, or object_store's own check.
-                    Err(e) if matches!(e, object_store::Error::NotFound { .. }) => {
-                        Err(ctx.map("get", &key, e))
-                    }
-                    Err(e) => {
-                        let s = e.to_string();
-                        if s.contains("416") || s.contains("Range") || s.contains("range") {
-                            Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                format!("range {offset}+{len} past the end of {key}: {s}"),
-                            ))
-                        } else {
-                            Err(ctx.map("get", &key, e))
-                        }
-                    }
-                }
-            }
-        });
+        let futs = reqs
+            .iter()
+            .map(|(key, offset, len)| self.range_future(&ctx, key, *offset, *len));
         self.rt.block_on(
             futures::stream::iter(futs)
                 .buffered(self.in_flight)
@@ -538,7 +554,7 @@ impl Storage for S3Storage {
                     .map_err(|e| ctx.map("get", &key, e))?;
                 r.bytes()
                     .await
-                    .map(|b| b.to_vec())
+                    .map(Vec::from)
                     .map_err(|e| ctx.map("get", &key, e))
             }
         });

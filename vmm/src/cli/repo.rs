@@ -357,8 +357,8 @@ fn fill(
     let (file, base) = (pool.file().try_clone()?, pool.ram_offset());
     let total = m.pages();
     let (mut done, mut tenth) = (0u64, 0u64);
-    // Non-zero pages, through Repo::read_pages: with a pack cache (a bucket), blocks are
-    // fetched concurrently a window ahead of the reads.
+    // Non-zero pages, through Repo::read_page_list: spans of close chunks are fetched
+    // (or taken from the pack cache) and checked on several threads, ahead of the writes.
     let pages: Vec<u64> = m
         .page_runs()
         .iter()
