@@ -91,7 +91,7 @@ step "B. a booted guest of $MEM"
 step "B guest: boot, fill $FILL% of RAM, snapshot s1, write 1% of RAM, snapshot s2"
 A=/dev/shm/pmsnap-perf-s3-a.pool
 rm -f "$A" "$W/in" "$W/out"; mkfifo "$W/in"; sleep 100000 > "$W/in" & HOLD=$!
-"$BIN" run --mem "$MEM" --pool "$A" --api-sock "$W/api" < "$W/in" > "$W/out" 2> "$W/err" & VMM=$!
+"$BIN" run --no-template --mem "$MEM" --pool "$A" --api-sock "$W/api" < "$W/in" > "$W/out" 2> "$W/err" & VMM=$!
 wait_out "$W/out" "pmsnap-guest: ready" 600 || { echo "no boot"; cat "$W/err"; exit 1; }
 sleep 2
 if [ "$FILL" -gt 0 ]; then
@@ -123,6 +123,22 @@ INC_MS=$(ms_since "$T0")
 INC_B=$(echo "$R2" | json bytes_written)
 echo "mem=$MEM incremental upload of s2 (1% of RAM written after s1): $INC_MS ms, $INC_B bytes written"
 echo "RATIO B incremental/full bytes = $(ratio "$INC_B" "$UP_B"), time = $(ratio "$INC_MS" "$UP_MS")"
+
+step "B second guest of the same image"
+# Another boot of the same image (what a second host or a second guest of it exports):
+# what it adds to the bucket beside the first.
+G=/dev/shm/pmsnap-perf-s3-g.pool
+rm -f "$G" "$W/in" "$W/out"; mkfifo "$W/in"; sleep 100000 > "$W/in" & HOLD=$!
+"$BIN" run --no-template --mem "$MEM" --pool "$G" --api-sock "$W/api" < "$W/in" > "$W/out" 2> "$W/err" & VMM=$!
+wait_out "$W/out" "pmsnap-guest: ready" 600 || { echo "no boot"; cat "$W/err"; exit 1; }
+sleep 2
+"$BIN" ctl --api-sock "$W/api" snapshot-vm s1 > /dev/null
+kill -9 "$VMM"; wait "$VMM" 2>/dev/null || true; VMM=
+kill "$HOLD"; HOLD=
+R5=$("$BIN" export s1 --as g-s1 --pool "$G" --to "$S3" --json)
+rm -f "$G"
+echo "mem=$MEM second guest of the same image into the same bucket: $(echo "$R5" | json bytes_written) bytes written vs $UP_B for the first"
+echo "RATIO B second guest/first bytes = $(ratio "$(echo "$R5" | json bytes_written)" "$UP_B")"
 
 step "B full download (import)"
 C=/dev/shm/pmsnap-perf-s3-c.pool

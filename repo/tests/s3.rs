@@ -216,9 +216,13 @@ fn an_export_to_a_server_that_goes_down_fails_clearly_and_a_rerun_finishes() {
     assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
 
     os.restart();
-    let repo = Repo::open_or_init(s3(&os, url, 10))
-        .unwrap()
-        .with_pack_size(128 << 10);
+    // A restarted SeaweedFS may answer 500 for a few seconds while its volume server
+    // registers again: the client's retries can run out before that (see s3.rs).
+    let repo = pmsnap_testenv::poll_until(Duration::from_secs(60), || {
+        Repo::open_or_init(s3(&os, url, 10)).ok()
+    })
+    .expect("the restarted store serves the repository within 60 s")
+    .with_pack_size(128 << 10);
     assert!(repo.snapshots().unwrap().is_empty(), "no partial snapshot");
     let v = repo.verify().unwrap();
     assert!(v.is_clean(), "{v:?}");

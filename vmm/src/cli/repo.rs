@@ -152,6 +152,10 @@ pub struct ExportArgs {
 snapshot under its name: `pmsnap restore NAME --pool PATH` runs a VM snapshot from it. \
 Every page is checked against its checksum and hash; a damaged or missing pack is an \
 error naming it, and the new pool is removed.\n\n\
+From an s3:// repository, import keeps what it fetched in the pack cache only when \
+--cache-dir or PMSNAP_CACHE_DIR names one: it reads every range once and the new pool \
+holds the pages afterwards, and writing a copy into the cache would cost more than the \
+download (docs/perf-s3.md).\n\n\
 Exit status: 0 imported; 1 error; 2 usage."
 )]
 pub struct ImportArgs {
@@ -277,14 +281,19 @@ struct ImportReport {
     ram_bytes: u64,
     millis: u64,
     /// Bytes fetched from a bucket into the pack cache (0: all in the cache already;
-    /// absent for a directory).
+    /// absent for a directory, and without a pack cache).
     #[serde(skip_serializing_if = "Option::is_none")]
     fetched_bytes: Option<u64>,
 }
 
 /// Run `pmsnap import`.
 pub fn import(args: ImportArgs) -> Result<i32> {
-    let repo = open_repo(&args.from, &args.store, false)?;
+    // A one-pass copy: the pack cache only when the user names one (see the help).
+    let mut store = args.store.clone();
+    if store.cache_dir.is_none() && std::env::var_os("PMSNAP_CACHE_DIR").is_none() {
+        store.cache_mib = 0;
+    }
+    let repo = open_repo(&args.from, &store, false)?;
     let m = repo
         .manifest(&args.snapshot)
         .map_err(context(format!("repository {}", args.from)))?;
