@@ -210,6 +210,31 @@ fn pump(mut r: impl Read + Send + 'static, sink: Arc<(Mutex<Captured>, Condvar)>
     });
 }
 
+/// Wait until `check` finds what it looks for in the captured output (checked again each
+/// time more arrives); None on timeout or when the stream closed.
+fn wait_on<T>(
+    sink: &(Mutex<Captured>, Condvar),
+    timeout: Duration,
+    check: impl Fn(&Captured) -> Option<T>,
+) -> Option<T> {
+    let (m, cv) = sink;
+    let deadline = Instant::now() + timeout;
+    let mut c = m.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if let Some(v) = check(&c) {
+            return Some(v);
+        }
+        let now = Instant::now();
+        if c.closed || now >= deadline {
+            return None;
+        }
+        c = cv
+            .wait_timeout(c, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
 impl Guest {
     /// Start `pmsnap <args>` with piped stdin/stdout/stderr.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
@@ -255,23 +280,10 @@ impl Guest {
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Option<usize> {
-        let (m, cv) = &*self.out;
-        let deadline = Instant::now() + timeout;
-        let mut c = m.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            let text = String::from_utf8_lossy(&c.bytes[from.min(c.bytes.len())..]).into_owned();
-            if pred(&text) {
-                return Some(c.bytes.len());
-            }
-            let now = Instant::now();
-            if c.closed || now >= deadline {
-                return None;
-            }
-            c = cv
-                .wait_timeout(c, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        wait_on(&self.out, timeout, |c| {
+            let text = String::from_utf8_lossy(&c.bytes[from.min(c.bytes.len())..]);
+            pred(&text).then_some(c.bytes.len())
+        })
     }
 
     /// Wait for `needle` in the console output after byte `from`.
@@ -282,23 +294,10 @@ impl Guest {
     /// Wait until the VMM's log (stderr) satisfies `pred`; returns the log at that point,
     /// or None on timeout or when the VMM closed stderr.
     pub fn wait_log(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-        let (m, cv) = &*self.stderr;
-        let deadline = Instant::now() + timeout;
-        let mut c = m.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
+        wait_on(&self.stderr, timeout, |c| {
             let text = String::from_utf8_lossy(&c.bytes).into_owned();
-            if pred(&text) {
-                return Some(text);
-            }
-            let now = Instant::now();
-            if c.closed || now >= deadline {
-                return None;
-            }
-            c = cv
-                .wait_timeout(c, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+            pred(&text).then_some(text)
+        })
     }
 
     /// Current length of the console output.

@@ -82,18 +82,29 @@ impl Pool {
                 .ok_or_else(|| {
                     PoolError::Corrupt(format!("page {p} lost its block during copy back"))
                 })?;
-            let boff = self.geo.block_offset_of(u64::from(b));
-            let io = |e: std::io::Error| PoolError::Corrupt(format!("block {b}: {e}"));
-            let actual = self.map.crc32c(boff, PAGE_SIZE).map_err(io)?;
-            self.check_block_crc(idx, p, u64::from(b), actual)?;
-            self.map
-                .copy_within(boff, self.geo.ram_page_offset(p), PAGE_SIZE)
-                .map_err(io)?;
+            self.copy_block_to_ram(idx, p, u64::from(b))?;
             done.push(p);
             Ok(())
         });
-        let ranges: Vec<std::ops::Range<u64>> = done
-            .runs
+        self.persist_ram_runs(&done.runs)?;
+        res.map(|()| pages)
+    }
+
+    /// Copy block `block` (snapshot `idx`'s content of page `p`) into RAM page `p`
+    /// through the store's mapping, after checking its crc.
+    pub(super) fn copy_block_to_ram(&self, idx: u64, p: u64, block: u64) -> Result<()> {
+        let boff = self.geo.block_offset_of(block);
+        let io = |e: std::io::Error| PoolError::Corrupt(format!("block {block}: {e}"));
+        let actual = self.map.crc32c(boff, PAGE_SIZE).map_err(io)?;
+        self.check_block_crc(idx, p, block, actual)?;
+        self.map
+            .copy_within(boff, self.geo.ram_page_offset(p), PAGE_SIZE)
+            .map_err(io)
+    }
+
+    /// Persist the RAM pages of `runs`, copied back, as one batch.
+    pub(super) fn persist_ram_runs(&self, runs: &[PageRun]) -> Result<()> {
+        let ranges: Vec<std::ops::Range<u64>> = runs
             .iter()
             .map(|r| {
                 let off = self.geo.ram_page_offset(r.first);
@@ -105,8 +116,7 @@ impl Pool {
             .map_err(|source| PoolError::Persist {
                 what: "RAM pages copied back",
                 source,
-            })?;
-        res.map(|()| pages)
+            })
     }
 
     /// Pre-fault the pages at `offsets` (ascending) in the store's mapping, one madvise

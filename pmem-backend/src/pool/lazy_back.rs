@@ -254,29 +254,12 @@ impl Pool {
 
     /// Copy hole `h`'s block into RAM through the store's mapping, checked.
     fn fill_from_block(&self, idx: u64, h: LazyPage) -> Result<()> {
-        let io = |e: std::io::Error| PoolError::Corrupt(format!("block {}: {e}", h.block));
-        let actual = self.map.crc32c(h.block_offset, PAGE_SIZE).map_err(io)?;
-        self.check_block_crc(idx, h.page, h.block, actual)?;
-        self.map
-            .copy_within(h.block_offset, self.geo.ram_page_offset(h.page), PAGE_SIZE)
-            .map_err(io)
+        self.copy_block_to_ram(idx, h.page, h.block)
     }
 
     /// Persist RAM pages `pages` (ascending) as one batch.
     fn persist_ram(&self, pages: &[u64]) -> Result<()> {
-        let ranges: Vec<std::ops::Range<u64>> = pages_to_runs(pages.iter().copied())
-            .iter()
-            .map(|r| {
-                let off = self.geo.ram_page_offset(r.first);
-                off..off + r.count * PAGE_SIZE as u64
-            })
-            .collect();
-        self.persist
-            .persist_batch(&self.map, &ranges)
-            .map_err(|source| PoolError::Persist {
-                what: "RAM pages copied back",
-                source,
-            })
+        self.persist_ram_runs(&pages_to_runs(pages.iter().copied()))
     }
 
     /// Every hole of the lazy copy back is filled: unpin its snapshot and remove the
