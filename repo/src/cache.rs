@@ -154,16 +154,19 @@ impl PackCache {
         mem.push_back((*id, data));
     }
 
-    /// The whole cached block `id` if it is `len` bytes long (a block of another length
-    /// is a miss), from memory or from its file (then kept in memory).
-    pub(crate) fn block(&self, id: &BlockId, len: usize) -> Option<Arc<Vec<u8>>> {
-        let in_mem = self
-            .lock_mem()
+    /// Block `id` if it is among the recently used blocks kept in memory.
+    fn mem_block(&self, id: &BlockId) -> Option<Arc<Vec<u8>>> {
+        self.lock_mem()
             .iter()
             .rev()
             .find(|(i, _)| i == id)
-            .map(|(_, d)| d.clone());
-        let data = in_mem.or_else(|| {
+            .map(|(_, d)| d.clone())
+    }
+
+    /// The whole cached block `id` if it is `len` bytes long (a block of another length
+    /// is a miss), from memory or from its file (then kept in memory).
+    pub(crate) fn block(&self, id: &BlockId, len: usize) -> Option<Arc<Vec<u8>>> {
+        let data = self.mem_block(id).or_else(|| {
             let f = fs::File::open(self.path(id)).ok()?;
             let mut d = Vec::with_capacity(len);
             io::Read::read_to_end(&mut &f, &mut d).ok()?;
@@ -232,13 +235,7 @@ impl PackCache {
             let s = usize::try_from(off).ok()?;
             d.get(s..s.checked_add(len)?).map(<[u8]>::to_vec)
         };
-        let in_mem = self
-            .lock_mem()
-            .iter()
-            .rev()
-            .find(|(i, _)| i == id)
-            .map(|(_, d)| d.clone());
-        if let Some(d) = in_mem {
+        if let Some(d) = self.mem_block(id) {
             let r = slice(&d);
             hit(r.is_some());
             return r;

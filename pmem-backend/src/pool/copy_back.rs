@@ -73,21 +73,25 @@ impl Pool {
         self.populate_near(pages.iter().map(|&p| self.geo.ram_page_offset(p)), true);
         let mut done = RunBuilder::default();
         let res = pages.iter().try_for_each(|&p| {
-            // `preserve` re-points other snapshots only: this one's redirect of p stays.
-            self.preserve(p)?;
-            let b = self.snapshots[&idx]
-                .redirects
-                .get(&p)
-                .copied()
-                .ok_or_else(|| {
-                    PoolError::Corrupt(format!("page {p} lost its block during copy back"))
-                })?;
+            let b = self.preserve_for_others(idx, p)?;
             self.copy_block_to_ram(idx, p, u64::from(b))?;
             done.push(p);
             Ok(())
         });
         self.persist_ram_runs(&done.runs)?;
         res.map(|()| pages)
+    }
+
+    /// Preserve page `p` for every other snapshot that references it in place, before
+    /// snapshot `idx`'s content replaces it in RAM; the block holding `idx`'s content.
+    pub(super) fn preserve_for_others(&mut self, idx: u64, p: u64) -> Result<u32> {
+        // `preserve` re-points other snapshots only: this one's redirect of p stays.
+        self.preserve(p)?;
+        self.snapshots[&idx]
+            .redirects
+            .get(&p)
+            .copied()
+            .ok_or_else(|| PoolError::Corrupt(format!("page {p} lost its block during copy back")))
     }
 
     /// Copy block `block` (snapshot `idx`'s content of page `p`) into RAM page `p`

@@ -184,15 +184,7 @@ impl Pool {
         let t0 = std::time::Instant::now();
         let mut holes = Vec::with_capacity(pages.len());
         for &p in &pages {
-            // `preserve` re-points other snapshots only: this one's redirect of p stays.
-            self.preserve(p)?;
-            let b = self.snapshots[&idx]
-                .redirects
-                .get(&p)
-                .copied()
-                .ok_or_else(|| {
-                    PoolError::Corrupt(format!("page {p} lost its block during copy back"))
-                })?;
+            let b = self.preserve_for_others(idx, p)?;
             let crc = self.index.block_crc(b).ok_or_else(|| {
                 PoolError::Corrupt(format!("block {b} of page {p} has no checksum"))
             })?;
