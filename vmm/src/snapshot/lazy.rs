@@ -444,18 +444,23 @@ impl LazyFill {
             }
             match self.protector.fill(first, data) {
                 Ok(f) => {
+                    // Counted before the pages are marked present, so that whoever sees
+                    // the fill complete (the status) sees every page of it counted.
+                    {
+                        let mut q = self.queue();
+                        q.already_present += f.present;
+                        match asked {
+                            Some(t) => {
+                                q.demanded += f.copied;
+                                if q.samples.len() < MAX_SAMPLES {
+                                    q.samples.push(t.elapsed().as_micros() as u32);
+                                }
+                            }
+                            None => q.background_pages += f.copied,
+                        }
+                    }
                     self.mark(first, count);
                     let mut q = self.queue();
-                    q.already_present += f.present;
-                    match asked {
-                        Some(t) => {
-                            q.demanded += f.copied;
-                            if q.samples.len() < MAX_SAMPLES {
-                                q.samples.push(t.elapsed().as_micros() as u32);
-                            }
-                        }
-                        None => q.background_pages += f.copied,
-                    }
                     let finished = self.complete() && q.done_at.is_none();
                     if finished {
                         q.done_at = Some(self.started.elapsed());
