@@ -7,20 +7,27 @@
 //! the checkpoint's size, or the slot has no room for the next one, the commit writes a
 //! new checkpoint into the other slot instead (`pool/commit.rs`). Every record carries
 //! its own crc32c.
+//!
+//! Version 4 keeps the redirects apart from the snapshots, one record per preserve
+//! shared by the snapshots it re-pointed (`redirects.rs`), instead of a page -> block
+//! map in every snapshot: checkpoints follow the preserved pages, not snapshots x pages.
 
 use crate::codec::{DecodeError, Reader, Writer};
+use crate::redirects::{Redirects, Version};
 use crate::types::{normalize_runs, Owner, PageRun, ProcessInfo, SnapshotKind};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 /// Magic at the start of a catalog.
 pub const CATALOG_MAGIC: [u8; 8] = *b"PMSCATLG";
 /// Catalog format version written. Version 2 adds each snapshot's owner (issue 12);
 /// version 3 lets delta records follow the checkpoint (issue 16; its snapshot records
-/// are encoded as in version 2).
-pub const CATALOG_VERSION: u32 = 3;
+/// are encoded as in version 2); version 4 moves the redirects out of the snapshot
+/// records into one shared record list (issue 16).
+pub const CATALOG_VERSION: u32 = 4;
 /// Oldest catalog version read: version 1 catalogs (no owner) are read with every
-/// snapshot host-owned; version 1 and 2 catalogs are a checkpoint with no deltas. The
-/// next commit rewrites either as a version 3 checkpoint.
+/// snapshot host-owned; version 1 and 2 catalogs are a checkpoint with no deltas.
+/// Older catalogs' per-snapshot redirects are turned into shared records as they are
+/// read, and the next commit rewrites the catalog as a version 4 checkpoint.
 pub const CATALOG_VERSION_MIN: u32 = 1;
 /// Bytes of the catalog header.
 pub const CATALOG_HEADER_LEN: usize = 64;
@@ -32,15 +39,17 @@ pub const REC_BLOCK_TABLE: u32 = 1;
 pub const REC_SNAPSHOT: u32 = 2;
 /// Record type: what one commit changed (version 3, after the checkpoint).
 pub const REC_DELTA: u32 = 3;
+/// Record type: the shared redirects (version 4).
+pub const REC_REDIRECTS: u32 = 4;
 /// Bytes of a delta record's header.
 pub const DELTA_HEADER_LEN: usize = 24;
 
-/// Catalog bytes a block adds when it holds a preserved page that one snapshot
-/// references: its block-table entry (block u32, crc32c u32) and that snapshot's
-/// redirect (page u64, block u32). Each further snapshot sharing the block adds another
-/// 12; a state-blob block adds 4 (its number in the blob's list). Growing the block area
-/// reserves this much metadata-slot room per free block (`Pool::grow_blocks`).
-pub const CATALOG_BYTES_PER_BLOCK: u64 = 8 + 12;
+/// Catalog bytes a block adds when it holds a preserved page: its block-table entry
+/// (block u32, crc32c u32) and its redirect record (page u64, upto u64, block u32),
+/// however many snapshots share it (since version 4); a state-blob block adds 4 (its
+/// number in the blob's list). Growing the block area reserves this much metadata-slot
+/// room per free block (`Pool::grow_blocks`).
+pub const CATALOG_BYTES_PER_BLOCK: u64 = 8 + 20;
 
 /// Longest snapshot name / label key.
 pub const MAX_NAME_LEN: usize = 64;
@@ -109,9 +118,8 @@ pub struct Snapshot {
     /// Runs as given.
     pub runs: Vec<PageRun>,
     /// The distinct pages covered: `runs` sorted and merged. Derived, not stored.
+    /// Where each page is (RAM or a block) is in the store's shared redirects.
     pub page_set: Vec<PageRun>,
-    /// Pages already preserved, page -> block. Pages of `page_set` not in here are RAM(p).
-    pub redirects: BTreeMap<u64, u32>,
     /// State blob.
     pub blob: BlobRef,
 }
@@ -131,7 +139,8 @@ impl Snapshot {
         self.page_set.iter().flat_map(|r| r.first..r.end())
     }
 
-    /// Bytes [`Self::encode`] writes (in the current version; at most that in older ones).
+    /// Bytes [`Self::encode`] writes in the current version (older ones add the
+    /// snapshot's redirects).
     fn encoded_len(&self) -> usize {
         let str16 = |s: &str| 2 + s.len();
         8 + 1
@@ -148,15 +157,15 @@ impl Snapshot {
                 .sum::<usize>()
             + 4
             + 24 * self.runs.len()
-            + 4
-            + 12 * self.redirects.len()
             + 8
             + 4
             + 4
             + 4 * self.blob.blocks.len()
     }
 
-    fn encode(&self, w: &mut Writer, version: u32) {
+    /// Encode in catalog version `version`; before version 4 a snapshot record carries
+    /// its own redirects, `map` (page, block), by page.
+    fn encode(&self, w: &mut Writer, version: u32, map: &[(u64, u32)]) {
         w.u64(self.id);
         w.u8(self.kind.code());
         w.u8(u8::from(self.process.is_some()));
@@ -187,10 +196,12 @@ impl Snapshot {
                     .unwrap_or(0),
             );
         }
-        w.u32(self.redirects.len() as u32);
-        for (&p, &b) in &self.redirects {
-            w.u64(p);
-            w.u32(b);
+        if version < 4 {
+            w.u32(map.len() as u32);
+            for &(p, b) in map {
+                w.u64(p);
+                w.u32(b);
+            }
         }
         w.u64(self.blob.len);
         w.u32(self.blob.crc);
@@ -200,7 +211,9 @@ impl Snapshot {
         }
     }
 
-    fn decode(r: &mut Reader<'_>, version: u32) -> Result<Self, DecodeError> {
+    /// Decode a snapshot record of catalog version `version`, with its own redirects
+    /// (page, block), by page, before version 4 (none from version 4 on).
+    fn decode(r: &mut Reader<'_>, version: u32) -> Result<(Self, Vec<(u64, u32)>), DecodeError> {
         let inv = |m: String| DecodeError::Invalid(m);
         let id = r.u64()?;
         let kind =
@@ -249,13 +262,14 @@ impl Snapshot {
                 p.run_vas.push(va);
             }
         }
-        let nd = r.count(12)?;
         let mut redirects = BTreeMap::new();
-        for _ in 0..nd {
-            let p = r.u64()?;
-            let b = r.u32()?;
-            if redirects.insert(p, b).is_some() {
-                return Err(inv(format!("snapshot {name:?}: page {p} redirected twice")));
+        if version < 4 {
+            for _ in 0..r.count(12)? {
+                let p = r.u64()?;
+                let b = r.u32()?;
+                if redirects.insert(p, b).is_some() {
+                    return Err(inv(format!("snapshot {name:?}: page {p} redirected twice")));
+                }
             }
         }
         let len = r.u64()?;
@@ -281,16 +295,15 @@ impl Snapshot {
             process,
             runs,
             page_set,
-            redirects,
             blob: BlobRef { len, crc, blocks },
         };
-        if let Some(&p) = s.redirects.keys().find(|&&p| !s.covers(p)) {
+        if let Some(&p) = redirects.keys().find(|&&p| !s.covers(p)) {
             return Err(inv(format!(
                 "snapshot {:?}: redirect of page {p} it does not cover",
                 s.name
             )));
         }
-        Ok(s)
+        Ok((s, redirects.into_iter().collect()))
     }
 }
 
@@ -311,6 +324,8 @@ pub struct Catalog {
     pub next_snapshot_id: u64,
     /// Snapshots, in id order.
     pub snapshots: Vec<Snapshot>,
+    /// Where their preserved pages are.
+    pub redirects: Redirects,
     /// crc32c of every block holding a preserved page.
     pub block_crcs: BTreeMap<u32, u32>,
 }
@@ -337,30 +352,48 @@ fn end_record(w: &mut Writer, at: usize, kind: u32) {
     w.buf[at..at + RECORD_HEADER_LEN].copy_from_slice(&h.buf);
 }
 
-/// Encode a catalog from its parts (borrowed, so commits don't clone snapshots).
-pub fn encode<'a>(
-    generation: u64,
-    next_snapshot_id: u64,
-    snapshots: impl Iterator<Item = &'a Snapshot>,
-    block_crcs: impl ExactSizeIterator<Item = (u32, u32)>,
-) -> Vec<u8> {
-    encode_version(
-        CATALOG_VERSION,
-        generation,
-        next_snapshot_id,
-        snapshots,
-        block_crcs,
-    )
+/// What a checkpoint holds, borrowed from the store (commits don't clone snapshots).
+#[allow(missing_debug_implementations)] // two of its parts are iterators
+pub struct CheckpointParts<'a, S, B> {
+    /// Generation it is committed under.
+    pub generation: u64,
+    /// Next snapshot id to hand out.
+    pub next_snapshot_id: u64,
+    /// The snapshots, in id order.
+    pub snapshots: S,
+    /// The redirects, less the records whose block is in `dropped_blocks` (those only a
+    /// snapshot the commit deletes uses).
+    pub redirects: &'a Redirects,
+    /// Blocks left out (see `redirects`).
+    pub dropped_blocks: &'a HashSet<u32>,
+    /// (block, crc32c) of every block holding a preserved page.
+    pub block_crcs: B,
+}
+
+/// Encode a catalog checkpoint from its parts.
+pub fn encode<'a, S, B>(parts: CheckpointParts<'a, S, B>) -> Vec<u8>
+where
+    S: Iterator<Item = &'a Snapshot>,
+    B: ExactSizeIterator<Item = (u32, u32)>,
+{
+    encode_version(CATALOG_VERSION, parts)
 }
 
 /// Encode a checkpoint in catalog version `version` (tests write older pools with it).
-pub(crate) fn encode_version<'a>(
-    version: u32,
-    generation: u64,
-    next_snapshot_id: u64,
-    snapshots: impl Iterator<Item = &'a Snapshot>,
-    block_crcs: impl ExactSizeIterator<Item = (u32, u32)>,
-) -> Vec<u8> {
+pub(crate) fn encode_version<'a, S, B>(version: u32, parts: CheckpointParts<'a, S, B>) -> Vec<u8>
+where
+    S: Iterator<Item = &'a Snapshot>,
+    B: ExactSizeIterator<Item = (u32, u32)>,
+{
+    let CheckpointParts {
+        generation,
+        next_snapshot_id,
+        snapshots,
+        redirects,
+        dropped_blocks,
+        block_crcs,
+    } = parts;
+    let kept = |v: &Version| !dropped_blocks.contains(&v.block);
     let mut w = Writer::with_capacity(
         CATALOG_HEADER_LEN + RECORD_HEADER_LEN + 4 + block_crcs.len() * 8 + (1 << 16),
     );
@@ -373,10 +406,37 @@ pub(crate) fn encode_version<'a>(
     }
     end_record(&mut w, at, REC_BLOCK_TABLE);
     let mut count = 1u32;
-    for s in snapshots {
-        w.buf.reserve(RECORD_HEADER_LEN + s.encoded_len());
+    if version >= 4 {
+        w.buf.reserve(RECORD_HEADER_LEN + 4 + 20 * redirects.len());
         let at = begin_record(&mut w);
-        s.encode(&mut w, version);
+        let n_at = w.buf.len();
+        w.u32(0);
+        let mut n = 0u32;
+        for v in redirects.iter().filter(kept) {
+            w.u64(v.page);
+            w.u64(v.upto);
+            w.u32(v.block);
+            n += 1;
+        }
+        w.buf[n_at..n_at + 4].copy_from_slice(&n.to_le_bytes());
+        end_record(&mut w, at, REC_REDIRECTS);
+        count += 1;
+    }
+    for s in snapshots {
+        let map: Vec<(u64, u32)> = if version < 4 {
+            redirects
+                .of(s)
+                .iter()
+                .filter(|v| kept(v))
+                .map(|v| (v.page, v.block))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        w.buf
+            .reserve(RECORD_HEADER_LEN + s.encoded_len() + 4 + 12 * map.len());
+        let at = begin_record(&mut w);
+        s.encode(&mut w, version, &map);
         end_record(&mut w, at, REC_SNAPSHOT);
         count += 1;
     }
@@ -462,6 +522,8 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Catalog, String> {
         ..Default::default()
     };
     let mut r = Reader::new(body, "catalog");
+    // Before version 4: each snapshot's own redirects, turned into shared records below.
+    let mut maps = Vec::new();
     for i in 0..count {
         let rec = (|| -> Result<_, DecodeError> {
             let h = r.take(RECORD_HEADER_LEN)?;
@@ -497,9 +559,14 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Catalog, String> {
                 }
             }
             REC_SNAPSHOT => {
-                let s = Snapshot::decode(&mut pr, version)
+                let (s, map) = Snapshot::decode(&mut pr, version)
                     .map_err(|x| e(format!("record {i} (snapshot): {x}")))?;
                 cat.snapshots.push(s);
+                maps.push(map);
+            }
+            REC_REDIRECTS if version >= 4 => {
+                cat.redirects = decode_redirects(&mut pr, next_snapshot_id)
+                    .map_err(|x| e(format!("record {i} (redirects): {x}")))?;
             }
             other => return Err(e(format!("record {i}: unknown type {other}"))),
         }
@@ -510,7 +577,37 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Catalog, String> {
     if r.remaining() != 0 {
         return Err(e(format!("{} bytes after the last record", r.remaining())));
     }
+    if version < 4 {
+        cat.redirects = Redirects::from_per_snapshot(&cat.snapshots, &maps)
+            .map_err(|x| e(format!("upgrading version {version} redirects: {x}")))?;
+    }
     Ok(cat)
+}
+
+/// Decode the shared redirect records: strictly ascending by (page, upto), each `upto`
+/// an id already handed out, no block twice.
+fn decode_redirects(r: &mut Reader<'_>, next_snapshot_id: u64) -> Result<Redirects, String> {
+    let n = r.count(20).map_err(|x| x.to_string())?;
+    let mut out = Redirects::new();
+    let mut blocks = HashSet::with_capacity(n);
+    let mut last = None;
+    for _ in 0..n {
+        let x = (|| Ok::<_, DecodeError>((r.u64()?, r.u64()?, r.u32()?)))()
+            .map_err(|x| x.to_string())?;
+        let (page, upto, block) = x;
+        if last.is_some_and(|l| l >= (page, upto)) {
+            return Err(format!("record of page {page} upto {upto} out of order"));
+        }
+        if upto == 0 || upto >= next_snapshot_id {
+            return Err(format!("page {page}: snapshot id {upto} never handed out"));
+        }
+        if !blocks.insert(block) {
+            return Err(format!("block {block} in two records"));
+        }
+        last = Some((page, upto));
+        out.add(Version { page, upto, block });
+    }
+    Ok(out)
 }
 
 /// One redirect a commit compacts from the redirect log: every snapshot that referenced
@@ -567,7 +664,7 @@ pub fn encode_delta(
     p.u32(u32::from(added.is_some()));
     if let Some(s) = added {
         let mut w = Writer::with_capacity(s.encoded_len());
-        s.encode(&mut w, CATALOG_VERSION);
+        s.encode(&mut w, CATALOG_VERSION, &[]);
         p.u32(u32::try_from(w.buf.len()).expect("a snapshot record is small"));
         p.bytes(&w.buf);
     }
@@ -582,11 +679,12 @@ pub fn encode_delta(
     w.buf
 }
 
-/// Decode the delta record at the start of `bytes`: the delta and its length. Every
-/// failure (a checksum, a record running past `bytes`, a wrong type) is an error: the
-/// bytes given are all in force (a torn append is never part of them, see
-/// `pool/commit.rs`).
-pub fn decode_delta(bytes: &[u8]) -> Result<(Delta, usize), String> {
+/// Decode the delta record at the start of `bytes`, which follows a checkpoint of
+/// catalog version `version` (its added snapshots are encoded in that version): the
+/// delta and its length. Every failure (a checksum, a record running past `bytes`, a
+/// wrong type) is an error: the bytes given are all in force (a torn append is never
+/// part of them, see `pool/commit.rs`).
+pub fn decode_delta(bytes: &[u8], version: u32) -> Result<(Delta, usize), String> {
     if bytes.len() < DELTA_HEADER_LEN {
         return Err(format!(
             "{} bytes, shorter than a delta header",
@@ -633,7 +731,14 @@ pub fn decode_delta(bytes: &[u8]) -> Result<(Delta, usize), String> {
         for _ in 0..r.count(4)? {
             let n = r.count(1)?;
             let mut sr = Reader::new(r.take(n)?, "snapshot in a delta");
-            d.added.push(Snapshot::decode(&mut sr, CATALOG_VERSION)?);
+            let (s, map) = Snapshot::decode(&mut sr, version)?;
+            if !map.is_empty() {
+                return Err(DecodeError::Invalid(format!(
+                    "snapshot {:?} added with redirects",
+                    s.name
+                )));
+            }
+            d.added.push(s);
             if sr.remaining() != 0 {
                 return Err(DecodeError::Invalid(format!(
                     "{} trailing bytes after a snapshot",
@@ -650,39 +755,55 @@ pub fn decode_delta(bytes: &[u8]) -> Result<(Delta, usize), String> {
     Ok((delta, DELTA_HEADER_LEN + len))
 }
 
-/// Apply a delta's redirects to `snaps` as the store applied them, in log order: each
-/// snapshot covering the page and not redirecting it yet gets the block, and a block
-/// some snapshot got is entered in the block table. Snapshot by snapshot over the
-/// redirects sorted by page (a stable sort: for one page the earlier record comes
-/// first, and wins, as in log order), so the cost is the runs times log(redirects)
-/// plus the redirects applied, not snapshots times redirects.
+/// Apply a delta's redirects as the store applied them, in log order: a preserve of
+/// page p re-pointed the snapshots covering p taken since p's newest record, if there
+/// were any (else its block holds nothing), and its record's `upto` is the newest
+/// snapshot id (`Pool::apply_redirect`). `snaps` is the catalog as it stands before the
+/// delta's deletion and addition.
 fn apply_redirects(
-    snaps: &mut BTreeMap<u64, Snapshot>,
+    snaps: &BTreeMap<u64, Snapshot>,
     redirects: &[Redirect],
+    shared: &mut Redirects,
+    block_crcs: &mut BTreeMap<u32, u32>,
+) -> Result<(), String> {
+    let Some(&upto) = snaps.keys().next_back() else {
+        return Ok(());
+    };
+    for r in redirects {
+        let since = shared.newest_upto(r.page).unwrap_or(0);
+        if !snaps.range(since + 1..).any(|(_, s)| s.covers(r.page)) {
+            continue;
+        }
+        if block_crcs.insert(r.block, r.crc).is_some() {
+            return Err(format!(
+                "preserve of page {} into block {}, which holds a page already",
+                r.page, r.block
+            ));
+        }
+        shared.add(Version {
+            page: r.page,
+            upto,
+            block: r.block,
+        });
+    }
+    Ok(())
+}
+
+/// Drop the records of `records` (a deleted snapshot's) that no snapshot left in
+/// `snaps` uses (none in their id range covers their page), and their blocks from
+/// `block_crcs`: what `Pool::delete` frees.
+fn drop_unused(
+    snaps: &BTreeMap<u64, Snapshot>,
+    records: Vec<Version>,
+    shared: &mut Redirects,
     block_crcs: &mut BTreeMap<u32, u32>,
 ) {
-    if redirects.is_empty() {
-        return;
-    }
-    let mut sorted: Vec<(usize, &Redirect)> = redirects.iter().enumerate().collect();
-    sorted.sort_by_key(|(_, r)| r.page);
-    let mut applied = vec![false; redirects.len()];
-    for s in snaps.values_mut() {
-        for run in &s.page_set {
-            let from = sorted.partition_point(|(_, r)| r.page < run.first);
-            for &(i, r) in sorted[from..]
-                .iter()
-                .take_while(|(_, r)| r.page < run.end())
-            {
-                if let std::collections::btree_map::Entry::Vacant(v) = s.redirects.entry(r.page) {
-                    v.insert(r.block);
-                    applied[i] = true;
-                }
-            }
+    for v in records {
+        let from = shared.previous_upto(v) + 1;
+        if !snaps.range(from..=v.upto).any(|(_, s)| s.covers(v.page)) {
+            shared.remove(v);
+            block_crcs.remove(&v.block);
         }
-    }
-    for (r, _) in redirects.iter().zip(&applied).filter(|(_, &a)| a) {
-        block_crcs.insert(r.block, r.crc);
     }
 }
 
@@ -696,13 +817,10 @@ fn apply_deltas(cat: &mut Catalog, mut bytes: &[u8]) -> Result<(), String> {
             return Err(format!("catalog: two snapshots with id {id}"));
         }
     }
-    // Blocks a deleted snapshot redirected to: dropped from the block table at the end
-    // unless a snapshot still references them.
-    let mut released = Vec::new();
     let mut i = 0u64;
     while !bytes.is_empty() {
         let e = |m: String| format!("catalog: delta {i}: {m}");
-        let (d, len) = decode_delta(bytes).map_err(e)?;
+        let (d, len) = decode_delta(bytes, cat.version).map_err(e)?;
         bytes = &bytes[len..];
         if d.generation <= cat.generation {
             return Err(e(format!(
@@ -716,12 +834,19 @@ fn apply_deltas(cat: &mut Catalog, mut bytes: &[u8]) -> Result<(), String> {
                 cat.next_snapshot_id, d.next_snapshot_id
             )));
         }
-        apply_redirects(&mut snaps, &d.redirects, &mut cat.block_crcs);
+        apply_redirects(
+            &snaps,
+            &d.redirects,
+            &mut cat.redirects,
+            &mut cat.block_crcs,
+        )
+        .map_err(e)?;
         for id in &d.deleted {
             let s = snaps
                 .remove(id)
                 .ok_or_else(|| e(format!("deletes snapshot id {id}, which does not exist")))?;
-            released.extend(s.redirects.into_values());
+            let records = cat.redirects.of(&s);
+            drop_unused(&snaps, records, &mut cat.redirects, &mut cat.block_crcs);
         }
         for s in d.added {
             if s.id >= d.next_snapshot_id {
@@ -740,17 +865,6 @@ fn apply_deltas(cat: &mut Catalog, mut bytes: &[u8]) -> Result<(), String> {
         cat.deltas += 1;
         i += 1;
     }
-    if !released.is_empty() {
-        let referenced: std::collections::HashSet<u32> = snaps
-            .values()
-            .flat_map(|s| s.redirects.values().copied())
-            .collect();
-        for b in released {
-            if !referenced.contains(&b) {
-                cat.block_crcs.remove(&b);
-            }
-        }
-    }
     cat.snapshots = snaps.into_values().collect();
     Ok(())
 }
@@ -758,6 +872,55 @@ fn apply_deltas(cat: &mut Catalog, mut bytes: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Shared redirects from (page, upto, block) triples.
+    fn reds(list: &[(u64, u64, u32)]) -> Redirects {
+        let mut r = Redirects::new();
+        for &(page, upto, block) in list {
+            r.add(Version { page, upto, block });
+        }
+        r
+    }
+
+    /// A checkpoint of catalog version `version`.
+    fn enc_v(
+        version: u32,
+        generation: u64,
+        next_snapshot_id: u64,
+        snapshots: &[&Snapshot],
+        redirects: &Redirects,
+        blocks: &[(u32, u32)],
+    ) -> Vec<u8> {
+        encode_version(
+            version,
+            CheckpointParts {
+                generation,
+                next_snapshot_id,
+                snapshots: snapshots.iter().copied(),
+                redirects,
+                dropped_blocks: &HashSet::new(),
+                block_crcs: blocks.iter().copied(),
+            },
+        )
+    }
+
+    /// A checkpoint in the current version.
+    fn enc(
+        generation: u64,
+        next_snapshot_id: u64,
+        snapshots: &[&Snapshot],
+        redirects: &Redirects,
+        blocks: &[(u32, u32)],
+    ) -> Vec<u8> {
+        enc_v(
+            CATALOG_VERSION,
+            generation,
+            next_snapshot_id,
+            snapshots,
+            redirects,
+            blocks,
+        )
+    }
 
     fn snap() -> Snapshot {
         let runs = vec![PageRun::new(5, 3), PageRun::new(0, 2)];
@@ -775,7 +938,6 @@ mod tests {
             }),
             page_set: normalize_runs(&runs),
             runs,
-            redirects: BTreeMap::from([(6, 11)]),
             blob: BlobRef {
                 len: 5000,
                 crc: 7,
@@ -789,16 +951,18 @@ mod tests {
         let s = snap();
         for x in [&s, &vm(4, 0, 9)] {
             let mut w = Writer::default();
-            x.encode(&mut w, CATALOG_VERSION);
+            x.encode(&mut w, CATALOG_VERSION, &[]);
             assert_eq!(
                 w.buf.len(),
                 x.encoded_len(),
                 "the encoder's reservation is exact"
             );
         }
-        let bytes = encode(9, 4, [&s].into_iter(), [(11u32, 0xabcu32)].into_iter());
+        let r = reds(&[(6, 3, 11)]);
+        let bytes = enc(9, 4, &[&s], &r, &[(11, 0xabc)]);
         let c = decode(&bytes, 9).expect("decode");
         assert_eq!(c.snapshots, vec![s]);
+        assert_eq!(c.redirects, r);
         assert_eq!(c.next_snapshot_id, 4);
         assert_eq!(c.block_crcs, BTreeMap::from([(11, 0xabc)]));
         assert!(decode(&bytes, 8)
@@ -806,26 +970,40 @@ mod tests {
             .contains("generation"));
     }
 
-    /// `CATALOG_BYTES_PER_BLOCK` is what the encoder really spends per preserved page.
+    /// `CATALOG_BYTES_PER_BLOCK` is what the encoder really spends per preserved page,
+    /// however many snapshots share it.
     #[test]
-    fn a_preserved_block_costs_the_catalog_twenty_bytes() {
+    fn a_preserved_block_costs_the_catalog_the_same_for_any_sharing() {
         let mut s = snap();
         s.runs = vec![PageRun::new(0, 1000)];
         s.page_set = normalize_runs(&s.runs);
         s.process = None;
         s.kind = SnapshotKind::Vm;
-        s.redirects.clear();
-        let empty = encode(1, 4, [&s].into_iter(), std::iter::empty::<(u32, u32)>()).len();
-        s.redirects = (0..100).map(|p| (p * 3, 500 + p as u32)).collect();
-        let table: Vec<(u32, u32)> = s.redirects.values().map(|&b| (b, 0)).collect();
-        let full = encode(1, 4, [&s].into_iter(), table.into_iter()).len();
+        let empty = enc(1, 4, &[&s], &Redirects::new(), &[]).len();
+        let list: Vec<(u64, u64, u32)> = (0..100).map(|p| (p * 3, 3, 500 + p as u32)).collect();
+        let table: Vec<(u32, u32)> = list.iter().map(|&(_, _, b)| (b, 0)).collect();
+        let full = enc(1, 4, &[&s], &reds(&list), &table).len();
         assert_eq!((full - empty) as u64, 100 * CATALOG_BYTES_PER_BLOCK);
+        // Ten snapshots sharing every record: the same bytes per record.
+        let many: Vec<Snapshot> = (0..10)
+            .map(|i| {
+                let mut t = s.clone();
+                t.id = 3 + i;
+                t.name = format!("s{i}");
+                t
+            })
+            .collect();
+        let refs: Vec<&Snapshot> = many.iter().collect();
+        let list: Vec<(u64, u64, u32)> = (0..100).map(|p| (p * 3, 12, 500 + p as u32)).collect();
+        let e10 = enc(1, 13, &refs, &Redirects::new(), &[]).len();
+        let f10 = enc(1, 13, &refs, &reds(&list), &table).len();
+        assert_eq!((f10 - e10) as u64, 100 * CATALOG_BYTES_PER_BLOCK);
     }
 
     #[test]
     fn every_flipped_byte_is_detected() {
         let s = snap();
-        let bytes = encode(1, 4, [&s].into_iter(), [(11u32, 1u32)].into_iter());
+        let bytes = enc(1, 4, &[&s], &reds(&[(6, 3, 11)]), &[(11, 1)]);
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 0x40;
@@ -841,25 +1019,33 @@ mod tests {
         g.name = "guest:1000/web-1".into();
         g.id = 4;
         let h = snap();
-        let bytes = encode(2, 5, [&h, &g].into_iter(), [(11u32, 1u32)].into_iter());
-        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().expect("4")), 3);
+        let r = reds(&[(6, 3, 11)]);
+        let bytes = enc(2, 5, &[&h, &g], &r, &[(11, 1)]);
+        assert_eq!(
+            u32::from_le_bytes(bytes[8..12].try_into().expect("4")),
+            4,
+            "block table, redirects, two snapshots"
+        );
         let c = decode(&bytes, 2).expect("decode");
         assert_eq!(c.snapshots, vec![h.clone(), g.clone()]);
-        // A version 1 catalog (no owner field) reads with every snapshot host-owned.
-        let v1 = encode_version(1, 2, 5, [&h].into_iter(), [(11u32, 1u32)].into_iter());
+        // A version 1 catalog (no owner field) reads with every snapshot host-owned,
+        // and its per-snapshot redirects as shared records.
+        let v1 = enc_v(1, 2, 5, &[&h], &r, &[(11, 1)]);
         let c = decode(&v1, 2).expect("decode v1");
         assert_eq!(c.snapshots[0].owner, Owner::Host);
         assert_eq!(c.snapshots, vec![h.clone()]);
+        assert_eq!(c.redirects, r);
         // A guest-style name in a version 1 catalog is not a valid host name.
-        let v1g = encode_version(1, 2, 5, [&g].into_iter(), [(11u32, 1u32)].into_iter());
+        let v1g = enc_v(1, 2, 5, &[&g], &r, &[(11, 1)]);
         assert!(decode(&v1g, 2)
             .expect_err("bad name")
             .contains("name space"));
         // A version 2 catalog (issue 12, before issue 16) reads as a checkpoint.
-        let v2 = encode_version(2, 2, 5, [&h, &g].into_iter(), [(11u32, 1u32)].into_iter());
+        let v2 = enc_v(2, 2, 5, &[&h, &g], &r, &[(11, 1)]);
         let c2 = decode(&v2, 2).expect("decode v2");
         assert_eq!((c2.version, c2.deltas), (2, 0));
         assert_eq!(c2.snapshots, vec![h, g]);
+        assert_eq!(c2.redirects, r);
         // No delta may follow a version 1 or 2 checkpoint.
         let mut v2d = v2.clone();
         v2d.extend(encode_delta(3, 5, &[], None, None));
@@ -867,11 +1053,11 @@ mod tests {
             .expect_err("delta after v2")
             .contains("after the last record"));
         // A newer catalog is refused with a clear error.
-        let mut v4 = bytes.clone();
-        v4[8..12].copy_from_slice(&4u32.to_le_bytes());
-        let crc = crc32c::crc32c(&v4[..60]);
-        v4[60..64].copy_from_slice(&crc.to_le_bytes());
-        assert!(decode(&v4, 2).expect_err("v4").contains("newer pmsnap"));
+        let mut v5 = bytes.clone();
+        v5[8..12].copy_from_slice(&5u32.to_le_bytes());
+        let crc = crc32c::crc32c(&v5[..60]);
+        v5[60..64].copy_from_slice(&crc.to_le_bytes());
+        assert!(decode(&v5, 2).expect_err("v5").contains("newer pmsnap"));
     }
 
     fn vm(id: u64, first: u64, count: u64) -> Snapshot {
@@ -886,7 +1072,6 @@ mod tests {
             process: None,
             page_set: normalize_runs(&runs),
             runs,
-            redirects: BTreeMap::new(),
             blob: BlobRef::default(),
         }
     }
@@ -899,7 +1084,7 @@ mod tests {
     fn delta_roundtrip() {
         let s = snap();
         let bytes = encode_delta(7, 9, &[red(3, 4, 5), red(1 << 40, 8, 9)], Some(2), Some(&s));
-        let (d, len) = decode_delta(&bytes).expect("decode");
+        let (d, len) = decode_delta(&bytes, CATALOG_VERSION).expect("decode");
         assert_eq!(len, bytes.len());
         assert_eq!(
             d,
@@ -919,7 +1104,10 @@ mod tests {
         // Followed by more bytes, it says where it ends.
         let mut two = bytes.clone();
         two.extend(encode_delta(8, 9, &[], None, None));
-        assert_eq!(decode_delta(&two).expect("first").1, bytes.len());
+        assert_eq!(
+            decode_delta(&two, CATALOG_VERSION).expect("first").1,
+            bytes.len()
+        );
     }
 
     #[test]
@@ -928,9 +1116,12 @@ mod tests {
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 0x10;
-            assert!(decode_delta(&b).is_err(), "flip at {i} undetected");
+            assert!(
+                decode_delta(&b, CATALOG_VERSION).is_err(),
+                "flip at {i} undetected"
+            );
         }
-        let e = |b: &[u8]| decode_delta(b).expect_err("refused");
+        let e = |b: &[u8]| decode_delta(b, CATALOG_VERSION).expect_err("refused");
         let mut b = bytes.clone();
         b[DELTA_HEADER_LEN + 3] ^= 1;
         assert!(e(&b).contains("payload checksum"), "{}", e(&b));
@@ -953,7 +1144,7 @@ mod tests {
     #[test]
     fn deltas_apply_in_order_onto_the_checkpoint() {
         let (a, b) = (vm(1, 0, 8), vm(2, 4, 8));
-        let mut bytes = encode(5, 3, [&a, &b].into_iter(), std::iter::empty());
+        let mut bytes = enc(5, 3, &[&a, &b], &Redirects::new(), &[]);
         // Gen 6: page 5 (a and b) -> block 20, page 1 (a) -> 21; then c is added: it
         // covers page 5 too, but was taken after the preserve.
         let c = vm(3, 5, 1);
@@ -969,21 +1160,25 @@ mod tests {
         // Gen 8: page 6 (b only: c covers 5) -> block 21, reused.
         bytes.extend(encode_delta(8, 4, &[red(6, 21, 0xc)], None, None));
         let cat = decode(&bytes, 8).expect("decode");
-        assert_eq!((cat.generation, cat.version, cat.deltas), (8, 3, 3));
+        assert_eq!(
+            (cat.generation, cat.version, cat.deltas),
+            (8, CATALOG_VERSION, 3)
+        );
         assert_eq!(cat.next_snapshot_id, 4);
-        let mut b2 = b.clone();
-        b2.redirects = BTreeMap::from([(5, 20), (6, 21)]);
-        assert_eq!(cat.snapshots, vec![b2.clone(), c.clone()]);
+        assert_eq!(cat.snapshots, vec![b.clone(), c.clone()]);
+        // Page 5 of b (ids up to 2), page 6 of b and c (c does not cover it).
+        let want = reds(&[(5, 2, 20), (6, 3, 21)]);
+        assert_eq!(cat.redirects, want);
+        assert_eq!(cat.redirects.get(&b, 5), Some(20));
+        assert_eq!(cat.redirects.get(&c, 5), None, "c: page 5 in RAM");
         assert_eq!(cat.block_crcs, BTreeMap::from([(20, 0xa), (21, 0xc)]));
         // The same state as one checkpoint.
-        let whole = encode(
-            8,
-            4,
-            [&b2, &c].into_iter(),
-            [(20, 0xa), (21, 0xc)].into_iter(),
-        );
+        let whole = enc(8, 4, &[&b, &c], &want, &[(20, 0xa), (21, 0xc)]);
         let w = decode(&whole, 8).expect("whole");
-        assert_eq!((w.snapshots, w.block_crcs), (cat.snapshots, cat.block_crcs));
+        assert_eq!(
+            (w.snapshots, w.redirects, w.block_crcs),
+            (cat.snapshots, cat.redirects, cat.block_crcs)
+        );
         // Each prefix ending at a record is the catalog of that generation.
         let cp = decode(&bytes, 8).expect("again").checkpoint_len as usize;
         assert_eq!(
@@ -998,24 +1193,25 @@ mod tests {
     #[test]
     fn the_first_redirect_of_a_page_wins() {
         let (a, b) = (vm(1, 0, 8), vm(2, 100, 8));
-        let mut bytes = encode(5, 3, [&a, &b].into_iter(), std::iter::empty());
-        let reds = [
+        let mut bytes = enc(5, 3, &[&a, &b], &Redirects::new(), &[]);
+        let log = [
             red(50, 9, 0x9),
             red(5, 30, 0x1),
             red(102, 31, 0x2),
             red(5, 32, 0x3),
         ];
-        bytes.extend(encode_delta(6, 3, &reds, None, None));
+        bytes.extend(encode_delta(6, 3, &log, None, None));
         let cat = decode(&bytes, 6).expect("decode");
-        assert_eq!(cat.snapshots[0].redirects, BTreeMap::from([(5, 30)]));
-        assert_eq!(cat.snapshots[1].redirects, BTreeMap::from([(102, 31)]));
+        assert_eq!(cat.redirects, reds(&[(5, 2, 30), (102, 2, 31)]));
+        assert_eq!(cat.redirects.get(&a, 5), Some(30));
+        assert_eq!(cat.redirects.get(&b, 102), Some(31));
         assert_eq!(cat.block_crcs, BTreeMap::from([(30, 0x1), (31, 0x2)]));
     }
 
     #[test]
     fn delta_generations_and_references_are_checked() {
         let a = vm(1, 0, 8);
-        let cp = encode(5, 2, [&a].into_iter(), std::iter::empty());
+        let cp = enc(5, 2, &[&a], &Redirects::new(), &[]);
         let with = |deltas: &[Vec<u8>]| {
             let mut b = cp.clone();
             for d in deltas {

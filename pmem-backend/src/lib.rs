@@ -52,6 +52,7 @@ pub mod mapping;
 pub mod persist;
 mod pool;
 pub mod redirect_log;
+pub mod redirects;
 pub mod superblock;
 mod types;
 

@@ -373,8 +373,11 @@ fn a_torn_delta_is_ignored_and_written_over() {
     let now = superblock_at(&path);
     assert_eq!(now.catalog_slot, sb.catalog_slot);
     let file = std::fs::read(&path).expect("read");
-    let (delta, len) =
-        pmem_backend::catalog::decode_delta(&file[tail as usize..]).expect("the new delta");
+    let (delta, len) = pmem_backend::catalog::decode_delta(
+        &file[tail as usize..],
+        pmem_backend::catalog::CATALOG_VERSION,
+    )
+    .expect("the new delta");
     assert_eq!(delta.generation, sb.generation + 1);
     assert_eq!(now.catalog_len, sb.catalog_len + len as u64);
     drop(pool);

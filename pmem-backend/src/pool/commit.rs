@@ -84,14 +84,24 @@ impl Pool {
         skip: Option<u64>,
         next_id: u64,
     ) -> Vec<u8> {
-        let dropping = skip.and_then(|id| self.snapshots.get(&id));
-        let blocks = self.index.catalog_blocks(dropping);
+        let dropped = match skip.and_then(|id| self.snapshots.get(&id)) {
+            Some(s) => self.index.dropped_blocks(&self.redirects.of(s)),
+            None => Default::default(),
+        };
+        let blocks = self.index.catalog_blocks(&dropped);
         let snaps = self
             .snapshots
             .values()
             .filter(|s| Some(s.id) != skip)
             .chain(extra);
-        catalog::encode(gen, next_id, snaps, blocks.into_iter())
+        catalog::encode(catalog::CheckpointParts {
+            generation: gen,
+            next_snapshot_id: next_id,
+            snapshots: snaps,
+            redirects: &self.redirects,
+            dropped_blocks: &dropped,
+            block_crcs: blocks.into_iter(),
+        })
     }
 
     /// Append `delta` (encoded for `gen`) after the catalog in force and persist it;
@@ -212,7 +222,7 @@ mod tests {
         }
         let cat = catalog(&pool);
         assert_eq!((cat.snapshots.len(), cat.deltas), (1, 3));
-        assert_eq!(cat.snapshots[0].redirects.len(), 1);
+        assert_eq!(cat.redirects.len(), 1);
         assert_eq!(cat.block_crcs.len(), 1);
         // The previous generation's catalog is a prefix of this one, still whole.
         let mut prev = vec![0u8; old.catalog_len as usize];
@@ -220,7 +230,7 @@ mod tests {
             .read_at(pool.geo.meta_slot_offset(old.catalog_slot), &mut prev)
             .expect("read");
         let prev = catalog::decode(&prev, gen).expect("the old generation decodes");
-        assert!(prev.snapshots[0].redirects.is_empty());
+        assert!(prev.redirects.is_empty());
         // gc writes a checkpoint into the other slot.
         pool.gc().expect("gc");
         let cp = pool.sb;
@@ -228,6 +238,7 @@ mod tests {
         assert_eq!(cp.catalog_len, pool.checkpoint_len);
         let cat2 = catalog(&pool);
         assert_eq!((cat2.deltas, &cat2.snapshots), (0, &cat.snapshots));
+        assert_eq!(cat2.redirects, cat.redirects);
         // A commit without "a" drops the block only "a" used from the catalog (the
         // in-memory state is the caller's to change).
         pool.commit(None, Some(1), pool.next_id).expect("commit");

@@ -37,7 +37,12 @@ impl Pool {
                     page,
                 });
             }
-            out.extend(s.redirects.range(r.first..r.end()).map(|(&p, _)| p));
+            out.extend(
+                self.redirects
+                    .range_of(s, r.first, r.end())
+                    .iter()
+                    .map(|v| v.page),
+            );
         }
         Ok(out)
     }
@@ -62,8 +67,8 @@ impl Pool {
         let s = &self.snapshots[&idx];
         let mut blocks: Vec<u64> = pages
             .iter()
-            .filter_map(|p| s.redirects.get(p))
-            .map(|&b| self.geo.block_offset_of(u64::from(b)))
+            .filter_map(|&p| self.redirects.get(s, p))
+            .map(|b| self.geo.block_offset_of(u64::from(b)))
             .collect();
         blocks.sort_unstable();
         self.populate_near(blocks.into_iter(), false);
@@ -87,10 +92,8 @@ impl Pool {
     pub(super) fn preserve_for_others(&mut self, idx: u64, p: u64) -> Result<u32> {
         // `preserve` re-points other snapshots only: this one's redirect of p stays.
         self.preserve(p)?;
-        self.snapshots[&idx]
-            .redirects
-            .get(&p)
-            .copied()
+        self.redirects
+            .get(&self.snapshots[&idx], p)
             .ok_or_else(|| PoolError::Corrupt(format!("page {p} lost its block during copy back")))
     }
 

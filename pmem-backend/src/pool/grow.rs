@@ -96,12 +96,10 @@ impl Pool {
     /// - it exceeds the format's 2^32-1 blocks (block numbers are 32 bits);
     /// - the metadata slot could not hold the catalog of the grown pool once its block
     ///   area is full: the catalog now (as the next commit would write it) plus
-    ///   [`CATALOG_BYTES_PER_BLOCK`] (20) bytes for every block free after growing,
-    ///   which is what a block holding a page preserved for one snapshot adds (its
-    ///   block-table entry and the redirect). So the largest count is
-    ///   `used blocks + (meta_slot_size - catalog length) / 20`. More sharing (several
-    ///   snapshots redirected to one block) costs 12 bytes more per snapshot and is, as
-    ///   before, refused at the commit that needs it ([`PoolError::MetadataFull`]);
+    ///   [`CATALOG_BYTES_PER_BLOCK`] (28) bytes for every block free after growing,
+    ///   which is what a block holding a preserved page adds (its block-table entry
+    ///   and its redirect record, however many snapshots share it). So the largest
+    ///   count is `used blocks + (meta_slot_size - catalog length) / 28`;
     /// - RAM plus the grown block area would be more than this host's memory and swap,
     ///   a pool `open` would refuse.
     ///

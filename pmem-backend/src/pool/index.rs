@@ -12,14 +12,97 @@
 //!   block has at least one reference and a crc; a `Blob` block has one reference and
 //!   no crc; neither is on the free list.
 //!
-//! The snapshots themselves (`catalog::Snapshot`) live in the pool; the index is told
-//! about them (`add_snapshot_refs`, `release`, `recount`) and never keeps them.
+//! The snapshots themselves (`catalog::Snapshot`) and their redirects
+//! (`redirects::Redirects`) live in the pool; the index is told about them
+//! (`add_snapshot_refs`, `load_counts`, `release`, `recount`) and never keeps them.
 
 use crate::catalog::Snapshot;
 use crate::error::{PoolError, Result};
+use crate::redirects::{Redirects, Version};
 use crate::types::{pages_to_runs, PageRun, RunBuilder};
 use crate::PAGE_SIZE;
 use std::collections::{BTreeMap, HashSet};
+
+/// References counted from snapshots and their redirects (`count_refs`).
+pub(super) struct Counts {
+    /// Per RAM page: snapshots referencing RAM(p).
+    pub ram: Vec<u32>,
+    /// Per block: snapshots whose redirect record names it.
+    pub blocks: Vec<u32>,
+    /// Records no snapshot uses (every snapshot of their range deleted).
+    pub dead: Vec<Version>,
+}
+
+/// Count every reference of `snapshots` (in id order) given their redirects: RAM(p) for
+/// each page a snapshot covers, less the snapshots a record re-points to its block. The
+/// coverage is summed run by run (a difference array), and a record's snapshots are
+/// counted by binary search among the snapshots covering all of RAM plus a walk over
+/// the others in its id range, so the cost is pages + runs + records (x the partial
+/// snapshots in a record's range), not snapshots x pages.
+pub(super) fn count_refs<'a>(
+    ram_pages: u64,
+    block_count: u64,
+    snapshots: impl IntoIterator<Item = &'a Snapshot>,
+    redirects: &Redirects,
+) -> std::result::Result<Counts, String> {
+    let mut diff = vec![0u32; ram_pages as usize + 1];
+    let mut full = Vec::new();
+    let mut partial = Vec::new();
+    for s in snapshots {
+        for r in &s.page_set {
+            diff[r.first as usize] = diff[r.first as usize].wrapping_add(1);
+            diff[r.end() as usize] = diff[r.end() as usize].wrapping_sub(1);
+        }
+        if s.page_set.len() == 1 && s.page_set[0] == PageRun::new(0, ram_pages) {
+            full.push(s.id);
+        } else {
+            partial.push(s);
+        }
+    }
+    let mut ram = Vec::with_capacity(ram_pages as usize);
+    let mut at = 0u32;
+    for d in &diff[..ram_pages as usize] {
+        at = at.wrapping_add(*d);
+        ram.push(at);
+    }
+    drop(diff);
+    let mut blocks = vec![0u32; block_count as usize];
+    let mut dead = Vec::new();
+    let mut prev = (u64::MAX, 0u64);
+    for v in redirects.iter() {
+        let lo = if prev.0 == v.page { prev.1 + 1 } else { 1 };
+        prev = (v.page, v.upto);
+        if v.page >= ram_pages || u64::from(v.block) >= block_count {
+            return Err(format!(
+                "redirect of page {} to block {} out of range",
+                v.page, v.block
+            ));
+        }
+        let in_full =
+            full.partition_point(|&id| id <= v.upto) - full.partition_point(|&id| id < lo);
+        let from = partial.partition_point(|s| s.id < lo);
+        let in_partial = partial[from..]
+            .iter()
+            .take_while(|s| s.id <= v.upto)
+            .filter(|s| s.covers(v.page))
+            .count();
+        let n = u32::try_from(in_full + in_partial).map_err(|_| "too many snapshots")?;
+        if n == 0 {
+            dead.push(v);
+            continue;
+        }
+        let b = &mut blocks[v.block as usize];
+        if *b != 0 {
+            return Err(format!("block {} holds two redirected pages", v.block));
+        }
+        *b = n;
+        let r = &mut ram[v.page as usize];
+        *r = r
+            .checked_sub(n)
+            .ok_or_else(|| format!("page {}: more snapshots redirected than cover it", v.page))?;
+    }
+    Ok(Counts { ram, blocks, dead })
+}
 
 /// What a block holds. Derived from references, like everything here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,18 +198,19 @@ impl RefIndex {
         self.free_blocks.len() as u64
     }
 
+    /// The blocks of `records` (those of the snapshot a commit deletes) that only that
+    /// snapshot references: they leave the catalog with it.
+    pub(super) fn dropped_blocks(&self, records: &[Version]) -> HashSet<u32> {
+        records
+            .iter()
+            .map(|v| v.block)
+            .filter(|&b| self.block_refs[b as usize] == 1)
+            .collect()
+    }
+
     /// The (block, crc32c) list a catalog holds: every block holding a preserved page,
-    /// less those only `dropping` references (the snapshot a commit deletes).
-    pub(super) fn catalog_blocks(&self, dropping: Option<&Snapshot>) -> Vec<(u32, u32)> {
-        let dropped: HashSet<u32> = match dropping {
-            Some(s) => s
-                .redirects
-                .values()
-                .copied()
-                .filter(|&b| self.block_refs[b as usize] == 1)
-                .collect(),
-            None => HashSet::new(),
-        };
+    /// less `dropped` ([`Self::dropped_blocks`]).
+    pub(super) fn catalog_blocks(&self, dropped: &HashSet<u32>) -> Vec<(u32, u32)> {
         self.page_blocks
             .iter()
             .filter(|(b, _)| !dropped.contains(b))
@@ -169,22 +253,37 @@ impl RefIndex {
         self.block_refs[b as usize] = 1;
     }
 
-    /// Count snapshot `s`'s references: RAM(p) for its pages in place, a reference to
-    /// each block it redirects a page to. Its blob blocks are marked apart
-    /// ([`Self::mark_blob`]). Run by run, not page by page: a VM snapshot covers all of
-    /// RAM (a quarter of a million pages per GiB), and opening a pool is on the way to a
-    /// restored guest's first instruction. The free list is not updated.
+    /// Count a new snapshot's references: RAM(p) for every page it covers (nothing of
+    /// it is preserved yet). Its blob blocks are marked apart ([`Self::mark_blob`]). Run
+    /// by run: a VM snapshot covers all of RAM (a quarter of a million pages per GiB).
     pub(super) fn add_snapshot_refs(&mut self, s: &Snapshot) {
         for r in &s.page_set {
-            let mut at = r.first;
-            for (&p, &b) in s.redirects.range(r.first..r.end()) {
-                self.add_ram_refs(at, p - at);
-                self.block_refs[b as usize] += 1;
-                self.block_use[b as usize] = BlockUse::Page;
-                at = p + 1;
-            }
-            self.add_ram_refs(at, r.end() - at);
+            self.add_ram_refs(r.first, r.count);
         }
+    }
+
+    /// Take the counts of an opened pool ([`count_refs`]): RAM references and
+    /// protection, and the page blocks (blob blocks are marked already; a record naming
+    /// one is corrupt). The free list is not updated.
+    pub(super) fn load_counts(&mut self, c: &Counts) -> std::result::Result<(), String> {
+        for (b, &n) in c.blocks.iter().enumerate() {
+            if n > 0 {
+                if self.block_use[b] == BlockUse::Blob {
+                    return Err(format!("block {b} holds a state blob and a page"));
+                }
+                self.block_use[b] = BlockUse::Page;
+                self.block_refs[b] = n;
+            }
+        }
+        let mut runs = RunBuilder::default();
+        for (p, &n) in c.ram.iter().enumerate() {
+            if n > 0 {
+                runs.push(p as u64);
+            }
+        }
+        self.ram_refs.copy_from_slice(&c.ram);
+        self.set_protected(&runs.runs, true);
+        Ok(())
     }
 
     /// One more snapshot references RAM pages `first..first + count` in place.
@@ -287,12 +386,13 @@ impl RefIndex {
         self.protected.set(p, false);
     }
 
-    /// Drop every reference of snapshot `s` (deleted): blocks nothing references any more
-    /// go back to the free list, and pages no snapshot references any more are
-    /// unprotected and returned, as runs.
-    pub(super) fn release(&mut self, s: &Snapshot) -> Vec<PageRun> {
+    /// Drop every reference of snapshot `s` (deleted), whose redirect records are
+    /// `records` (by page): blocks nothing references any more go back to the free
+    /// list, and pages no snapshot references any more are unprotected and returned, as
+    /// runs.
+    pub(super) fn release(&mut self, s: &Snapshot, records: &[Version]) -> Vec<PageRun> {
         let mut unprotected = RunBuilder::default();
-        if s.redirects.is_empty() {
+        if records.is_empty() {
             for r in &s.page_set {
                 let refs = &mut self.ram_refs[r.first as usize..r.end() as usize];
                 for n in refs.iter_mut() {
@@ -301,10 +401,10 @@ impl RefIndex {
                 unprotected.push_zeros(r.first, refs);
             }
         } else {
-            let mut red = s.redirects.iter().peekable();
+            let mut red = records.iter().peekable();
             for p in s.pages() {
-                if red.peek().is_some_and(|(&rp, _)| rp == p) {
-                    let (_, &b) = red.next().expect("peeked");
+                if red.peek().is_some_and(|v| v.page == p) {
+                    let b = red.next().expect("peeked").block;
                     self.block_refs[b as usize] -= 1;
                     if self.block_refs[b as usize] == 0 {
                         self.free_block(b);
@@ -333,22 +433,23 @@ impl RefIndex {
         self.free_blocks.push(b);
     }
 
-    /// Recount every reference from `snapshots` (gc): pages counted as referenced that
-    /// none references are unprotected, blocks in use that none references are freed.
-    /// Returns (pages unprotected, blocks reclaimed).
+    /// Recount every reference from `snapshots` and their redirects (gc): pages counted
+    /// as referenced that none references are unprotected, blocks in use that none
+    /// references are freed. Returns (pages unprotected, blocks reclaimed).
     pub(super) fn recount<'a>(
         &mut self,
-        snapshots: impl IntoIterator<Item = &'a Snapshot>,
-    ) -> (u64, u64) {
-        let mut ram = vec![0u32; self.ram_refs.len()];
-        let mut blk = vec![0u32; self.block_refs.len()];
+        snapshots: impl IntoIterator<Item = &'a Snapshot> + Clone,
+        redirects: &Redirects,
+    ) -> Result<(u64, u64)> {
+        let c = count_refs(
+            self.ram_refs.len() as u64,
+            self.block_count(),
+            snapshots.clone(),
+            redirects,
+        )
+        .map_err(PoolError::Corrupt)?;
+        let (ram, mut blk) = (c.ram, c.blocks);
         for s in snapshots {
-            for p in s.pages() {
-                match s.redirects.get(&p) {
-                    Some(&b) => blk[b as usize] += 1,
-                    None => ram[p as usize] += 1,
-                }
-            }
             for &b in &s.blob.blocks {
                 blk[b as usize] += 1;
             }
@@ -370,7 +471,7 @@ impl RefIndex {
         }
         self.block_refs = blk;
         self.rebuild_free_list();
-        (unprotected, reclaimed)
+        Ok((unprotected, reclaimed))
     }
 
     /// Break the counts as a lost update would: page `p` counted (and protected) with
@@ -457,7 +558,7 @@ mod tests {
     use crate::types::normalize_runs;
     use crate::{Owner, SnapshotKind};
 
-    fn snap(id: u64, runs: &[PageRun], redirects: &[(u64, u32)], blob: &[u32]) -> Snapshot {
+    fn snap(id: u64, runs: &[PageRun], blob: &[u32]) -> Snapshot {
         Snapshot {
             id,
             name: format!("s{id}"),
@@ -468,7 +569,6 @@ mod tests {
             process: None,
             runs: runs.to_vec(),
             page_set: normalize_runs(runs),
-            redirects: redirects.iter().copied().collect(),
             blob: BlobRef {
                 len: blob.len() as u64,
                 crc: 0,
@@ -522,17 +622,28 @@ mod tests {
         }
 
         /// Preserve page p for `snaps` as `Pool::preserve` does.
-        fn preserve(&mut self, snaps: &mut [Snapshot], p: u64, crc: u32) -> u32 {
+        fn preserve(&mut self, snaps: &[Snapshot], red: &mut Redirects, p: u64, crc: u32) -> u32 {
             let b = self.alloc_block().expect("a free block");
-            let mut n = 0;
-            for s in snaps.iter_mut() {
-                if s.covers(p) && !s.redirects.contains_key(&p) {
-                    s.redirects.insert(p, b);
-                    n += 1;
+            let upto = snaps.last().expect("a snapshot").id;
+            red.add(Version {
+                page: p,
+                upto,
+                block: b,
+            });
+            self.apply_redirect(p, b, crc, self.ram_refs(p));
+            b
+        }
+
+        /// Delete a snapshot as `Pool::delete` does.
+        fn delete(&mut self, s: &Snapshot, red: &mut Redirects) -> Vec<PageRun> {
+            let records = red.of(s);
+            let runs = self.release(s, &records);
+            for v in records {
+                if self.is_free(v.block) {
+                    red.remove(v);
                 }
             }
-            self.apply_redirect(p, b, crc, n);
-            b
+            runs
         }
     }
 
@@ -572,10 +683,10 @@ mod tests {
     fn snapshots_preserve_and_release_keep_the_counts() {
         let mut ix = RefIndex::new(32, 16);
         let blob = ix.alloc_blocks(1).expect("blob block");
-        let mut snaps = vec![snap(1, &[PageRun::new(0, 16)], &[], &blob)];
+        let mut snaps = vec![snap(1, &[PageRun::new(0, 16)], &blob)];
         assert_eq!(ix.take(&snaps[0]), vec![PageRun::new(0, 16)]);
         ix.check().expect("after a");
-        snaps.push(snap(2, &[PageRun::new(8, 16)], &[], &[]));
+        snaps.push(snap(2, &[PageRun::new(8, 16)], &[]));
         assert_eq!(
             ix.take(&snaps[1]),
             vec![PageRun::new(16, 8)],
@@ -583,8 +694,13 @@ mod tests {
         );
         ix.check().expect("after b");
         assert_eq!((ix.ram_refs(9), ix.ram_refs(2), ix.ram_refs(30)), (2, 1, 0));
-        let shared = ix.preserve(&mut snaps, 9, 0x99);
-        let a_only = ix.preserve(&mut snaps, 2, 0x22);
+        let mut red = Redirects::new();
+        let shared = ix.preserve(&snaps, &mut red, 9, 0x99);
+        let a_only = ix.preserve(&snaps, &mut red, 2, 0x22);
+        assert_eq!(red.get(&snaps[0], 9), Some(shared));
+        assert_eq!(red.get(&snaps[1], 9), Some(shared));
+        assert_eq!(red.get(&snaps[0], 2), Some(a_only));
+        assert_eq!(red.get(&snaps[1], 2), None, "b does not cover page 2");
         ix.check().expect("after preserves");
         assert!(!ix.is_protected(9) && !ix.is_protected(2) && ix.is_protected(3));
         assert_eq!(ix.block_crc(shared), Some(0x99));
@@ -602,21 +718,26 @@ mod tests {
         assert_eq!(c.shared_bytes, 8 * PAGE_SIZE as u64);
         assert_eq!(c.saved_bytes, 8 * PAGE_SIZE as u64);
         assert_eq!(
-            ix.catalog_blocks(Some(&snaps[0])),
+            ix.catalog_blocks(&ix.dropped_blocks(&red.of(&snaps[0]))),
             vec![(shared, 0x99)],
             "a's own block goes with a, the shared one stays"
         );
         let a = snaps.remove(0);
-        assert_eq!(ix.release(&a), vec![PageRun::new(0, 2), PageRun::new(3, 5)]);
+        assert_eq!(
+            ix.delete(&a, &mut red),
+            vec![PageRun::new(0, 2), PageRun::new(3, 5)]
+        );
         ix.check().expect("after deleting a");
         assert!(ix.is_free(a_only) && ix.is_free(blob[0]) && !ix.is_free(shared));
-        assert_eq!(ix.catalog_blocks(None), vec![(shared, 0x99)]);
+        assert_eq!(ix.catalog_blocks(&HashSet::new()), vec![(shared, 0x99)]);
+        assert_eq!(red.len(), 1, "a's own record went with its block");
         let b = snaps.remove(0);
         assert_eq!(
-            ix.release(&b),
+            ix.delete(&b, &mut red),
             vec![PageRun::new(8, 1), PageRun::new(10, 14)]
         );
         ix.check().expect("after deleting b");
+        assert!(red.is_empty());
         assert_eq!(ix.counts(), RefIndex::new(32, 16).counts());
         assert_eq!(ix.free_count(), 16);
     }
@@ -627,22 +748,23 @@ mod tests {
     fn rebuilding_from_the_snapshots_gives_the_same_index() {
         let mut ix = RefIndex::new(64, 32);
         let mut snaps = Vec::new();
+        let mut red = Redirects::new();
         for (id, runs) in [
             (1, vec![PageRun::new(0, 40)]),
             (2, vec![PageRun::new(10, 5), PageRun::new(30, 30)]),
             (3, vec![PageRun::new(12, 1)]),
         ] {
             let blob = ix.alloc_blocks(id).expect("blob");
-            snaps.push(snap(id, &runs, &[], &blob));
+            snaps.push(snap(id, &runs, &blob));
             ix.take(&snaps[snaps.len() - 1]);
             for p in [12, 13, 35, 50 + id] {
                 if ix.ram_refs(p) > 0 {
-                    ix.preserve(&mut snaps, p, p as u32);
+                    ix.preserve(&snaps, &mut red, p, p as u32);
                 }
             }
         }
         for p in [14, 31, 38] {
-            let b = ix.preserve(&mut snaps, p, p as u32);
+            let b = ix.preserve(&snaps, &mut red, p, p as u32);
             assert_eq!(ix.block_refs[b as usize], 2, "page {p} shared by 1 and 2");
         }
         ix.check().expect("built by operations");
@@ -652,10 +774,10 @@ mod tests {
                 re.mark_blob(b);
             }
         }
-        for s in &snaps {
-            re.add_snapshot_refs(s);
-        }
-        for (b, crc) in ix.catalog_blocks(None) {
+        let counts = count_refs(64, 32, &snaps, &red).expect("counts");
+        assert!(counts.dead.is_empty());
+        re.load_counts(&counts).expect("load");
+        for (b, crc) in ix.catalog_blocks(&HashSet::new()) {
             re.keep_block_crc(b, crc);
         }
         re.keep_block_crc(31, 7); // listed but unreferenced: dropped
@@ -674,10 +796,9 @@ mod tests {
     #[test]
     fn grown_blocks_are_free_and_allocated_after_the_old_free_ones() {
         let mut ix = RefIndex::new(8, 4);
-        let snaps = vec![snap(1, &[PageRun::new(0, 8)], &[], &[])];
+        let snaps = vec![snap(1, &[PageRun::new(0, 8)], &[])];
         ix.take(&snaps[0]);
-        let mut snaps = snaps;
-        let b0 = ix.preserve(&mut snaps, 0, 10);
+        let b0 = ix.preserve(&snaps, &mut Redirects::new(), 0, 10);
         let got = ix.alloc_blocks(2).expect("two of the three free");
         ix.unalloc(&got);
         assert_eq!((b0, got.as_slice()), (0, &[1, 2][..]));
@@ -702,15 +823,20 @@ mod tests {
     #[test]
     fn recount_repairs_a_leak() {
         let mut ix = RefIndex::new(8, 8);
-        let snaps = vec![snap(1, &[PageRun::new(0, 2)], &[], &[])];
+        let snaps = vec![snap(1, &[PageRun::new(0, 2)], &[])];
         ix.take(&snaps[0]);
         ix.simulate_leak(6, 5);
         assert!(ix.check().is_err());
-        assert_eq!(ix.recount(&snaps), (1, 1));
+        let red = Redirects::new();
+        assert_eq!(ix.recount(&snaps, &red).expect("recount"), (1, 1));
         ix.check().expect("repaired");
         assert!(!ix.is_protected(6) && ix.is_protected(1));
         assert_eq!(ix.free_count(), 8);
-        assert_eq!(ix.recount(&snaps), (0, 0), "nothing more to repair");
+        assert_eq!(
+            ix.recount(&snaps, &red).expect("recount"),
+            (0, 0),
+            "nothing more to repair"
+        );
     }
 
     #[test]

@@ -307,7 +307,8 @@ impl Pool {
                 .map_err(io)?
                 .min(end);
             let (first, last) = ((hole - start) / page, (data - start).div_ceil(page));
-            for (&p, &b) in s.redirects.range(first..last) {
+            for v in self.redirects.range_of(s, first, last) {
+                let (p, b) = (v.page, v.block);
                 let h = LazyPage {
                     page: p,
                     block: u64::from(b),

@@ -33,6 +33,7 @@ use crate::error::{PoolError, Result};
 use crate::lock::{lock_exclusive, still_linked, LockError};
 use crate::mapping::Mapping;
 use crate::persist::{MsyncPersist, Persist};
+use crate::redirects::Redirects;
 use crate::superblock::{self, Geometry, Superblock};
 use crate::{Page, PageRun, PAGE_SIZE};
 use index::RefIndex;
@@ -124,9 +125,11 @@ pub struct Pool {
     geo: Geometry,
     /// The superblock of the generation in force.
     sb: Superblock,
-    /// The snapshots by id (so in creation order): the catalog's, with the redirects
-    /// replayed or made since.
+    /// The snapshots by id (so in creation order): the catalog's.
     snapshots: BTreeMap<u64, Snapshot>,
+    /// Where their preserved pages are: the catalog's redirects, with those replayed or
+    /// made since (one record per preserve, shared by its snapshots).
+    redirects: Redirects,
     /// Snapshot ids by name (creating and deleting look a name up without walking every
     /// snapshot).
     names: HashMap<String, u64>,
@@ -451,6 +454,7 @@ impl Pool {
             geo,
             sb,
             snapshots: BTreeMap::new(),
+            redirects: Redirects::new(),
             names: HashMap::new(),
             pending: Vec::new(),
             checkpoint_len: 0,

@@ -31,8 +31,8 @@ impl Pool {
                 page: p,
             });
         }
-        Ok(match s.redirects.get(&p) {
-            Some(&b) => PageLocation::Block(u64::from(b)),
+        Ok(match self.redirects.get(s, p) {
+            Some(b) => PageLocation::Block(u64::from(b)),
             None => PageLocation::Ram(p),
         })
     }
@@ -49,7 +49,12 @@ impl Pool {
         max: u64,
     ) -> Result<Vec<PageRun>> {
         let s = &self.snapshots[&self.find(sel.into())?];
-        let mut by_block: Vec<(u32, u64)> = s.redirects.iter().map(|(&p, &b)| (b, p)).collect();
+        let mut by_block: Vec<(u32, u64)> = self
+            .redirects
+            .of(s)
+            .iter()
+            .map(|v| (v.block, v.page))
+            .collect();
         let max = usize::try_from(max).unwrap_or(usize::MAX);
         if by_block.len() > max {
             // The lowest `max` blocks without sorting them all (this runs under the pool
@@ -135,6 +140,7 @@ impl Pool {
 
     fn info(&self, s: &Snapshot) -> SnapshotInfo {
         let pages = s.page_count();
+        let in_blocks = self.redirects.count_of(s);
         SnapshotInfo {
             id: s.id,
             name: s.name.clone(),
@@ -146,8 +152,8 @@ impl Pool {
             process: s.process.clone(),
             runs: s.runs.clone(),
             pages,
-            pages_in_ram: pages - s.redirects.len() as u64,
-            pages_in_blocks: s.redirects.len() as u64,
+            pages_in_ram: pages - in_blocks,
+            pages_in_blocks: in_blocks,
             state_len: s.blob.len,
         }
     }

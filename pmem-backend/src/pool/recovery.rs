@@ -4,7 +4,7 @@
 //! made durable since the last commit. See `docs/pool-format.md` for why this recovers
 //! every crash.
 
-use super::{io_err, take_lock, Pool};
+use super::{index, io_err, take_lock, Pool};
 use crate::catalog::{self, Catalog};
 use crate::error::{PoolError, Result};
 use crate::mapping::Mapping;
@@ -135,14 +135,6 @@ impl Pool {
                     )));
                 }
             }
-            for (&p, &b) in &s.redirects {
-                if !cat.block_crcs.contains_key(&b) || u64::from(b) >= self.geo.block_count {
-                    return Err(c(format!(
-                        "catalog: snapshot {:?} page {p} points to unknown block {b}",
-                        s.name
-                    )));
-                }
-            }
             for &b in &s.blob.blocks {
                 let bad = u64::from(b) >= self.geo.block_count
                     || cat.block_crcs.contains_key(&b)
@@ -156,9 +148,27 @@ impl Pool {
                 self.index.mark_blob(b);
             }
         }
-        for s in &cat.snapshots {
-            self.index.add_snapshot_refs(s);
+        for v in cat.redirects.iter() {
+            if !cat.block_crcs.contains_key(&v.block) || u64::from(v.block) >= self.geo.block_count
+            {
+                return Err(c(format!(
+                    "catalog: page {} points to unknown block {}",
+                    v.page, v.block
+                )));
+            }
         }
+        let mut redirects = cat.redirects;
+        let counts = index::count_refs(ram_pages, self.geo.block_count, &cat.snapshots, &redirects)
+            .map_err(|m| c(format!("catalog: {m}")))?;
+        self.index
+            .load_counts(&counts)
+            .map_err(|m| c(format!("catalog: {m}")))?;
+        // Records no snapshot uses (none is written, but a block the counts do not hold
+        // must not stay named): their blocks are free.
+        for v in counts.dead {
+            redirects.remove(v);
+        }
+        self.redirects = redirects;
         for (&b, &crc) in &cat.block_crcs {
             self.index.keep_block_crc(b, crc);
         }
@@ -236,6 +246,8 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::Snapshot;
+    use crate::redirects::{Redirects, Version};
     use crate::superblock::SB_CRC_OFFSET;
     use crate::testutil::{pattern, small_pool, tmpdir};
     use crate::{PageLocation, PageRun, PoolOptions, SnapshotKind, SnapshotMeta};
@@ -416,10 +428,14 @@ mod tests {
         // superblock copies in format 1.
         let old = catalog::encode_version(
             2,
-            sb.generation,
-            next_id,
-            cat.snapshots.iter(),
-            cat.block_crcs.iter().map(|(&b, &c)| (b, c)),
+            catalog::CheckpointParts {
+                generation: sb.generation,
+                next_snapshot_id: next_id,
+                snapshots: cat.snapshots.iter(),
+                redirects: &cat.redirects,
+                dropped_blocks: &HashSet::new(),
+                block_crcs: cat.block_crcs.iter().map(|(&b, &c)| (b, c)),
+            },
         );
         patch(&path, sb.geometry.meta_slot_offset(sb.catalog_slot), &old);
         let len = old.len() as u64;
@@ -465,10 +481,10 @@ mod tests {
         assert!(pool.verify(|_, _| {}).is_clean());
     }
 
-    /// `load` counts references run by run and relies on every redirect lying inside
-    /// its snapshot's pages: a catalog breaking that is refused.
+    /// A redirect record naming a block the catalog's block table does not list, or a
+    /// state blob's block, is refused; one no snapshot uses is dropped, its block free.
     #[test]
-    fn catalog_redirect_outside_its_snapshot_is_corrupt() {
+    fn catalog_redirects_to_bad_blocks_are_corrupt() {
         let d = tmpdir();
         let (path, mut pool) = small_pool(&d, 16, PoolOptions::default());
         let meta = SnapshotMeta::default;
@@ -476,34 +492,63 @@ mod tests {
             .expect("a");
         pool.write_ram_page(1, &pattern(6))
             .expect("preserve 1, then write");
-        // The next commit puts a's redirect of page 1 into the catalog.
-        pool.snapshot("b", SnapshotKind::Vm, &[PageRun::new(8, 2)], meta())
-            .expect("b");
-        assert_eq!(pool.snapshots[&1].redirects.len(), 1);
+        pool.snapshot(
+            "b",
+            SnapshotKind::Vm,
+            &[PageRun::new(8, 2)],
+            SnapshotMeta {
+                state: vec![7; 10],
+                ..meta()
+            },
+        )
+        .expect("b");
         pool.gc()
             .expect("gc: the catalog in force is one checkpoint");
-        // Rewrite the catalog (same length) with a's redirect moved to page 9, which a
-        // does not cover (b does).
-        let mut a = pool.snapshots[&1].clone();
-        let b = a.redirects.pop_first().map(|(_, b)| b).expect("redirect");
-        a.redirects.insert(9, b);
-        let blocks = pool.index.catalog_blocks(None);
-        let bytes = catalog::encode(
+        let v = pool.redirects.iter().next().expect("a's record");
+        let blob = pool.snapshots[&2].blob.blocks[0];
+        let (gen, next_id, off) = (
             pool.sb.generation,
             pool.next_id,
-            [&a, &pool.snapshots[&2]].into_iter(),
-            blocks.into_iter(),
+            pool.geo.meta_slot_offset(pool.sb.catalog_slot),
         );
-        assert_eq!(bytes.len() as u64, pool.sb.catalog_len);
-        let off = pool.geo.meta_slot_offset(pool.sb.catalog_slot);
+        let snaps: Vec<Snapshot> = pool.snapshots.values().cloned().collect();
+        let blocks = pool.index.catalog_blocks(&HashSet::new());
         drop(pool);
-        patch(&path, off, &bytes);
-        match Pool::open(&path) {
-            Err(PoolError::Corrupt(m)) => {
-                assert!(m.contains("redirect of page 9 it does not cover"), "{m}")
-            }
+        // Rewrite the catalog with one record changed, and open it.
+        let open_with = |record: Version, table: &[(u32, u32)]| {
+            let mut red = Redirects::new();
+            red.add(record);
+            let bytes = catalog::encode(catalog::CheckpointParts {
+                generation: gen,
+                next_snapshot_id: next_id,
+                snapshots: snaps.iter(),
+                redirects: &red,
+                dropped_blocks: &HashSet::new(),
+                block_crcs: table.iter().copied(),
+            });
+            patch(&path, off, &bytes);
+            reseal_superblock(&path, gen % 2, |s| {
+                s[112..120].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+            });
+            Pool::open(&path)
+        };
+        let unknown = Version { block: 12, ..v };
+        match open_with(unknown, &blocks) {
+            Err(PoolError::Corrupt(m)) => assert!(m.contains("unknown block 12"), "{m}"),
             other => panic!("expected Corrupt, got {other:?}"),
         }
+        let on_blob = Version { block: blob, ..v };
+        let table = [(blob, 0)];
+        match open_with(on_blob, &table) {
+            Err(PoolError::Corrupt(m)) => assert!(m.contains("state blob"), "{m}"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        // Page 9 for ids up to 1: only a is in that range, and a does not cover page 9.
+        let unused = Version { page: 9, ..v };
+        let pool = open_with(unused, &blocks).expect("an unused record is dropped");
+        assert!(pool.redirects.is_empty());
+        assert!(pool.index.is_free(v.block));
+        assert_eq!(pool.stats().pages_in_blocks, 0);
     }
 
     #[test]

@@ -8,12 +8,12 @@ use crate::catalog::{
 };
 use crate::error::{PoolError, Result};
 use crate::redirect_log::LogRecord;
+use crate::redirects::Version;
 use crate::superblock::LOG_RECORD_SIZE;
 use crate::types::{
     normalize_runs, pages_to_runs, Owner, PageRun, SnapshotKind, SnapshotMeta, SnapshotSel,
 };
 use crate::{Page, PAGE_SIZE};
-use std::collections::BTreeMap;
 
 /// Error type a protect callback returns.
 pub type ProtectError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -184,7 +184,6 @@ impl Pool {
             process: meta.process,
             runs: runs.to_vec(),
             page_set,
-            redirects: BTreeMap::new(),
             blob,
         };
         let res = protect(&newly).and_then(|()| {
@@ -282,23 +281,18 @@ impl Pool {
     }
 
     /// Point every snapshot that references RAM(p) at block b (in memory only), and
-    /// keep the redirect for the next commit's delta. Newest first, stopping once the
-    /// `ram_refs(p)` snapshots that reference RAM(p) are found: those are the ones taken
-    /// since p was last preserved, usually the newest, so the walk is about as long as
-    /// the sharing, not the history (an old snapshot alone referencing p still costs a
-    /// walk to it).
+    /// keep the redirect for the next commit's delta. Those snapshots are the ones
+    /// covering p taken since p's newest record, so one record `(p, newest id) -> b`
+    /// says it for all of them (`redirects.rs`): O(log), whatever the sharing. The
+    /// caller has checked that `ram_refs(p) > 0`, so there is a snapshot.
     pub(super) fn apply_redirect(&mut self, p: u64, b: u32, crc: u32) {
-        let want = self.index.ram_refs(p);
-        let mut n = 0;
-        for s in self.snapshots.values_mut().rev() {
-            if n == want {
-                break;
-            }
-            if s.covers(p) && !s.redirects.contains_key(&p) {
-                s.redirects.insert(p, b);
-                n += 1;
-            }
-        }
+        let n = self.index.ram_refs(p);
+        let upto = self.snapshots.keys().next_back().copied().unwrap_or(0);
+        self.redirects.add(Version {
+            page: p,
+            upto,
+            block: b,
+        });
         self.index.apply_redirect(p, b, crc, n);
         self.pending.push(Redirect {
             page: p,
@@ -316,7 +310,14 @@ impl Pool {
         self.commit(None, Some(id), self.next_id)?;
         let s = self.snapshots.remove(&id).expect("found above");
         self.names.remove(&s.name);
-        Ok(self.index.release(&s))
+        let records = self.redirects.of(&s);
+        let unprotected = self.index.release(&s, &records);
+        for v in records {
+            if self.index.is_free(v.block) {
+                self.redirects.remove(v);
+            }
+        }
+        Ok(unprotected)
     }
 
     /// Reclaim anything unreferenced: recompute page and block usage from the snapshots,
@@ -328,7 +329,11 @@ impl Pool {
     pub fn gc(&mut self) -> Result<GcReport> {
         let compacted = u64::from(self.log_tail);
         self.commit_geo(None, None, self.next_id, self.geo, true)?;
-        let (pages_unprotected, blocks_reclaimed) = self.index.recount(self.snapshots.values());
+        let (pages_unprotected, blocks_reclaimed) = self
+            .index
+            .recount(self.snapshots.values(), &self.redirects)?;
+        let index = &self.index;
+        self.redirects.retain(|v| !index.is_free(v.block));
         Ok(GcReport {
             blocks_reclaimed,
             pages_unprotected,

@@ -121,9 +121,12 @@ impl Pool {
         let mut block_ok: HashMap<u32, (bool, u32)> = HashMap::new();
         for s in self.snapshots.values() {
             rep.snapshots += 1;
+            let records = self.redirects.of(s);
+            let mut red = records.iter().peekable();
             for p in s.pages() {
-                match s.redirects.get(&p) {
-                    Some(&b) => {
+                let here = red.next_if(|v| v.page == p).map(|v| v.block);
+                match here {
+                    Some(b) => {
                         let (ok, actual) = *block_ok.entry(b).or_insert_with(|| {
                             rep.blocks_checked += 1;
                             let mut page: Page = [0; PAGE_SIZE];
