@@ -337,6 +337,10 @@ impl Pool {
         };
         let mut pool = Pool::assemble(path, file, map, options.persist, sb);
         pool.reserve_pending = options.lazy_ram.is_some();
+        if options.lazy_ram.is_none() {
+            // Not on a lazy restore's way to running vCPUs (a few ms at 4 GiB).
+            pool.index.prefault();
+        }
         // Generations 1 and 2: the empty catalog, committed like any other, twice so that
         // both superblock copies are valid from the start (and byte 0 holds the magic).
         pool.commit(None, None, 1)?;

@@ -44,6 +44,11 @@ impl Controller {
         if lock_pool(engine.pool()).inspect(name).is_ok() {
             return Err(ApiError::DuplicateName(name.to_string()));
         }
+        // What the guest wrote so far is harvested before the pause, which then takes
+        // only what it writes in between (the first harvest covers all of RAM).
+        if let Err(e) = engine.harvest_dirty() {
+            log::warn!("dirty tracking: harvest before snapshot {name:?} failed: {e}");
+        }
         let ((capture_us, store_us, state_bytes), pause_us, stop_us) =
             paused(self.vm.as_ref(), || {
                 let t = Instant::now();

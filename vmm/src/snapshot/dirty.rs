@@ -312,7 +312,7 @@ fn group_mask(stamps: &[u32], epoch: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vstate::dirty::{bitmap_runs, bitmap_words, PageBitmap};
+    use crate::vstate::dirty::{bitmap_runs, bitmap_words, or_bitmap_at, PageBitmap};
     use std::collections::BTreeSet;
     use std::sync::{Arc, Mutex};
 
@@ -348,8 +348,34 @@ mod tests {
         assert_eq!(bitmap_runs(&[0b1110_0001]), vec![(0, 1), (5, 3)]);
         assert_eq!(bitmap_runs(&[1 << 63, 1]), vec![(63, 2)]);
         assert_eq!(bitmap_runs(&[u64::MAX, u64::MAX]), vec![(0, 128)]);
+        assert_eq!(
+            bitmap_runs(&[1 << 63, u64::MAX, 3, u64::MAX]),
+            vec![(63, 67), (192, 64)]
+        );
         assert_eq!(bitmap_words(0), 0);
         assert_eq!(bitmap_words(65), 2);
+    }
+
+    /// The word-wise OR puts every bit where the page-by-page loop put it, at any
+    /// offset, and drops bits past the source's page count and past the target.
+    #[test]
+    fn or_at_an_offset_matches_page_by_page() {
+        let src = [0x8000_0000_0000_0001u64, u64::MAX, 0b1011];
+        for first in [0u64, 1, 63, 64, 70, 190] {
+            for pages in [1u64, 64, 65, 130, 192] {
+                let mut fast = vec![0u64; 5];
+                or_bitmap_at(&mut fast, first, &src, pages);
+                let mut slow = vec![0u64; 5];
+                for p in 0..pages {
+                    let set = src[(p / 64) as usize] & (1 << (p % 64)) != 0;
+                    let at = first + p;
+                    if set && at < 5 * 64 {
+                        slow[(at / 64) as usize] |= 1 << (at % 64);
+                    }
+                }
+                assert_eq!(fast, slow, "first {first} pages {pages}");
+            }
+        }
     }
 
     #[test]

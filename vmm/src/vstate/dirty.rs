@@ -50,10 +50,48 @@ pub fn bitmap_words(pages: u64) -> usize {
     pages.div_ceil(64) as usize
 }
 
+/// OR the first `pages` bits of `bits` (a bitmap whose bit 0 is page `first_page`) into
+/// `out` (a bitmap of pages from 0), word by word: a harvest after which all of a 4 GiB
+/// guest's pages are dirty (the first, as KVM starts with every bit set) costs 16,384
+/// words, not a million pages. Bits beyond `out` are dropped.
+pub fn or_bitmap_at(out: &mut [u64], first_page: u64, bits: &[u64], pages: u64) {
+    let shift = (first_page % 64) as u32;
+    let base = (first_page / 64) as usize;
+    for (w, &word) in bits.iter().enumerate().take(bitmap_words(pages)) {
+        let tail = pages - w as u64 * 64;
+        let word = if tail < 64 {
+            word & ((1u64 << tail) - 1)
+        } else {
+            word
+        };
+        if word == 0 {
+            continue;
+        }
+        let at = base + w;
+        if let Some(o) = out.get_mut(at) {
+            *o |= word << shift;
+        }
+        if shift != 0 {
+            if let Some(o) = out.get_mut(at + 1) {
+                *o |= word >> (64 - shift);
+            }
+        }
+    }
+}
+
 /// Turn a bitmap into runs `(first_page, count)` of set bits, in page order.
 pub fn bitmap_runs(bitmap: &[u64]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for (w, &word) in bitmap.iter().enumerate() {
+        if word == u64::MAX {
+            // A full word extends the run or starts one: 64 pages at once.
+            let page = w as u64 * 64;
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == page => *count += 64,
+                _ => runs.push((page, 64)),
+            }
+            continue;
+        }
         let mut bits = word;
         while bits != 0 {
             let bit = bits.trailing_zeros() as u64;
@@ -179,11 +217,7 @@ impl DirtySource for KvmDirtyLog {
                     });
                 }
             }
-            for (first, count) in bitmap_runs(&bits) {
-                for page in s.first_page + first..s.first_page + first + count {
-                    out[(page / 64) as usize] |= 1 << (page % 64);
-                }
-            }
+            or_bitmap_at(&mut out, s.first_page, &bits, s.pages);
         }
         Ok(out)
     }
@@ -211,16 +245,7 @@ impl DirtySource for VmmWriteLog {
         for region in self.mem.iter() {
             let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
             let bits = mapping.bitmap().get_and_reset();
-            for (w, word) in bits.iter().enumerate() {
-                let mut word = *word;
-                while word != 0 {
-                    let page = first + w as u64 * 64 + u64::from(word.trailing_zeros());
-                    if page < total {
-                        out[(page / 64) as usize] |= 1 << (page % 64);
-                    }
-                    word &= word - 1;
-                }
-            }
+            or_bitmap_at(&mut out, first, &bits, region.len() / 4096);
             first += region.len() / 4096;
         }
         Ok(out)
