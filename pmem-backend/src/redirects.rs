@@ -121,12 +121,27 @@ impl Redirects {
         out
     }
 
-    /// Pages snapshot `s` holds in blocks.
+    /// Pages snapshot `s` holds in blocks. Costs the pages preserved since `s` was taken;
+    /// [`Self::counter`] answers for many snapshots at once.
     pub fn count_of(&self, s: &Snapshot) -> u64 {
         self.newest
             .range((s.id, 0)..)
             .filter(|&&(_, p)| s.covers(p))
             .count() as u64
+    }
+
+    /// [`Self::count_of`] for many snapshots (a listing of thousands): a snapshot whose
+    /// one run covers every page with a record (a VM snapshot) is answered by a binary
+    /// search over the pages' newest `upto`s, the others by [`Self::count_of`].
+    pub fn counter(&self) -> impl Fn(&Snapshot) -> u64 + '_ {
+        let uptos: Vec<u64> = self.newest.iter().map(|&(u, _)| u).collect();
+        let end = self.by_page.keys().next_back().map_or(0, |&(p, _)| p + 1);
+        move |s: &Snapshot| match s.page_set.as_slice() {
+            [r] if r.first == 0 && r.end() >= end => {
+                (uptos.len() - uptos.partition_point(|&u| u < s.id)) as u64
+            }
+            _ => self.count_of(s),
+        }
     }
 
     /// Add the record of a preserve of page `v.page` while `v.upto` was the newest
@@ -271,6 +286,11 @@ mod tests {
         assert_eq!(r.of(&s[2]), vec![v(5, 4, 11), v(6, 4, 12)]);
         assert!(r.of(&s[3]).is_empty());
         assert_eq!(r.count_of(&s[1]), 2);
+        let count = r.counter();
+        for x in &s {
+            assert_eq!(count(x), r.count_of(x), "snapshot {}", x.id);
+        }
+        drop(count);
         assert_eq!(r.range_of(&s[2], 0, 6), vec![v(5, 4, 11)]);
         assert_eq!(r.range_of(&s[0], 6, 8), vec![v(6, 4, 12)]);
         assert_eq!((r.newest_upto(5), r.newest_upto(7)), (Some(4), None));

@@ -138,9 +138,8 @@ impl Pool {
         self.index.protected_runs()
     }
 
-    fn info(&self, s: &Snapshot) -> SnapshotInfo {
+    fn info(&self, s: &Snapshot, in_blocks: u64) -> SnapshotInfo {
         let pages = s.page_count();
-        let in_blocks = self.redirects.count_of(s);
         SnapshotInfo {
             id: s.id,
             name: s.name.clone(),
@@ -160,12 +159,17 @@ impl Pool {
 
     /// All snapshots, in creation order.
     pub fn list(&self) -> Vec<SnapshotInfo> {
-        self.snapshots.values().map(|s| self.info(s)).collect()
+        let count = self.redirects.counter();
+        self.snapshots
+            .values()
+            .map(|s| self.info(s, count(s)))
+            .collect()
     }
 
     /// One snapshot.
     pub fn inspect<'a>(&self, sel: impl Into<SnapshotSel<'a>>) -> Result<SnapshotInfo> {
-        Ok(self.info(&self.snapshots[&self.find(sel.into())?]))
+        let s = &self.snapshots[&self.find(sel.into())?];
+        Ok(self.info(s, self.redirects.count_of(s)))
     }
 
     /// Store-wide statistics.
