@@ -904,24 +904,6 @@ mod tests {
         )
     }
 
-    /// A checkpoint in the current version.
-    fn enc(
-        generation: u64,
-        next_snapshot_id: u64,
-        snapshots: &[&Snapshot],
-        redirects: &Redirects,
-        blocks: &[(u32, u32)],
-    ) -> Vec<u8> {
-        enc_v(
-            CATALOG_VERSION,
-            generation,
-            next_snapshot_id,
-            snapshots,
-            redirects,
-            blocks,
-        )
-    }
-
     fn snap() -> Snapshot {
         let runs = vec![PageRun::new(5, 3), PageRun::new(0, 2)];
         Snapshot {
@@ -959,7 +941,7 @@ mod tests {
             );
         }
         let r = reds(&[(6, 3, 11)]);
-        let bytes = enc(9, 4, &[&s], &r, &[(11, 0xabc)]);
+        let bytes = enc_v(CATALOG_VERSION, 9, 4, &[&s], &r, &[(11, 0xabc)]);
         let c = decode(&bytes, 9).expect("decode");
         assert_eq!(c.snapshots, vec![s]);
         assert_eq!(c.redirects, r);
@@ -979,10 +961,10 @@ mod tests {
         s.page_set = normalize_runs(&s.runs);
         s.process = None;
         s.kind = SnapshotKind::Vm;
-        let empty = enc(1, 4, &[&s], &Redirects::new(), &[]).len();
+        let empty = enc_v(CATALOG_VERSION, 1, 4, &[&s], &Redirects::new(), &[]).len();
         let list: Vec<(u64, u64, u32)> = (0..100).map(|p| (p * 3, 3, 500 + p as u32)).collect();
         let table: Vec<(u32, u32)> = list.iter().map(|&(_, _, b)| (b, 0)).collect();
-        let full = enc(1, 4, &[&s], &reds(&list), &table).len();
+        let full = enc_v(CATALOG_VERSION, 1, 4, &[&s], &reds(&list), &table).len();
         assert_eq!((full - empty) as u64, 100 * CATALOG_BYTES_PER_BLOCK);
         // Ten snapshots sharing every record: the same bytes per record.
         let many: Vec<Snapshot> = (0..10)
@@ -995,15 +977,22 @@ mod tests {
             .collect();
         let refs: Vec<&Snapshot> = many.iter().collect();
         let list: Vec<(u64, u64, u32)> = (0..100).map(|p| (p * 3, 12, 500 + p as u32)).collect();
-        let e10 = enc(1, 13, &refs, &Redirects::new(), &[]).len();
-        let f10 = enc(1, 13, &refs, &reds(&list), &table).len();
+        let e10 = enc_v(CATALOG_VERSION, 1, 13, &refs, &Redirects::new(), &[]).len();
+        let f10 = enc_v(CATALOG_VERSION, 1, 13, &refs, &reds(&list), &table).len();
         assert_eq!((f10 - e10) as u64, 100 * CATALOG_BYTES_PER_BLOCK);
     }
 
     #[test]
     fn every_flipped_byte_is_detected() {
         let s = snap();
-        let bytes = enc(1, 4, &[&s], &reds(&[(6, 3, 11)]), &[(11, 1)]);
+        let bytes = enc_v(
+            CATALOG_VERSION,
+            1,
+            4,
+            &[&s],
+            &reds(&[(6, 3, 11)]),
+            &[(11, 1)],
+        );
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 0x40;
@@ -1020,7 +1009,7 @@ mod tests {
         g.id = 4;
         let h = snap();
         let r = reds(&[(6, 3, 11)]);
-        let bytes = enc(2, 5, &[&h, &g], &r, &[(11, 1)]);
+        let bytes = enc_v(CATALOG_VERSION, 2, 5, &[&h, &g], &r, &[(11, 1)]);
         assert_eq!(
             u32::from_le_bytes(bytes[8..12].try_into().expect("4")),
             4,
@@ -1061,19 +1050,7 @@ mod tests {
     }
 
     fn vm(id: u64, first: u64, count: u64) -> Snapshot {
-        let runs = vec![PageRun::new(first, count)];
-        Snapshot {
-            id,
-            name: format!("s{id}"),
-            owner: Owner::Host,
-            kind: SnapshotKind::Vm,
-            created_unix_ns: id,
-            labels: Vec::new(),
-            process: None,
-            page_set: normalize_runs(&runs),
-            runs,
-            blob: BlobRef::default(),
-        }
+        crate::testutil::vm_record(id, &[PageRun::new(first, count)])
     }
 
     fn red(page: u64, block: u32, crc: u32) -> Redirect {
@@ -1144,7 +1121,7 @@ mod tests {
     #[test]
     fn deltas_apply_in_order_onto_the_checkpoint() {
         let (a, b) = (vm(1, 0, 8), vm(2, 4, 8));
-        let mut bytes = enc(5, 3, &[&a, &b], &Redirects::new(), &[]);
+        let mut bytes = enc_v(CATALOG_VERSION, 5, 3, &[&a, &b], &Redirects::new(), &[]);
         // Gen 6: page 5 (a and b) -> block 20, page 1 (a) -> 21; then c is added: it
         // covers page 5 too, but was taken after the preserve.
         let c = vm(3, 5, 1);
@@ -1173,7 +1150,14 @@ mod tests {
         assert_eq!(cat.redirects.get(&c, 5), None, "c: page 5 in RAM");
         assert_eq!(cat.block_crcs, BTreeMap::from([(20, 0xa), (21, 0xc)]));
         // The same state as one checkpoint.
-        let whole = enc(8, 4, &[&b, &c], &want, &[(20, 0xa), (21, 0xc)]);
+        let whole = enc_v(
+            CATALOG_VERSION,
+            8,
+            4,
+            &[&b, &c],
+            &want,
+            &[(20, 0xa), (21, 0xc)],
+        );
         let w = decode(&whole, 8).expect("whole");
         assert_eq!(
             (w.snapshots, w.redirects, w.block_crcs),
@@ -1193,7 +1177,7 @@ mod tests {
     #[test]
     fn the_first_redirect_of_a_page_wins() {
         let (a, b) = (vm(1, 0, 8), vm(2, 100, 8));
-        let mut bytes = enc(5, 3, &[&a, &b], &Redirects::new(), &[]);
+        let mut bytes = enc_v(CATALOG_VERSION, 5, 3, &[&a, &b], &Redirects::new(), &[]);
         let log = [
             red(50, 9, 0x9),
             red(5, 30, 0x1),
@@ -1211,7 +1195,7 @@ mod tests {
     #[test]
     fn delta_generations_and_references_are_checked() {
         let a = vm(1, 0, 8);
-        let cp = enc(5, 2, &[&a], &Redirects::new(), &[]);
+        let cp = enc_v(CATALOG_VERSION, 5, 2, &[&a], &Redirects::new(), &[]);
         let with = |deltas: &[Vec<u8>]| {
             let mut b = cp.clone();
             for d in deltas {

@@ -240,24 +240,11 @@ impl Redirects {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::BlobRef;
-    use crate::types::{normalize_runs, PageRun};
-    use crate::{Owner, SnapshotKind};
+    use crate::testutil::vm_record;
+    use crate::types::PageRun;
 
     fn snap(id: u64, first: u64, count: u64) -> Snapshot {
-        let runs = vec![PageRun::new(first, count)];
-        Snapshot {
-            id,
-            name: format!("s{id}"),
-            owner: Owner::Host,
-            kind: SnapshotKind::Vm,
-            created_unix_ns: 0,
-            labels: Vec::new(),
-            process: None,
-            page_set: normalize_runs(&runs),
-            runs,
-            blob: BlobRef::default(),
-        }
+        vm_record(id, &[PageRun::new(first, count)])
     }
 
     fn v(page: u64, upto: u64, block: u32) -> Version {

@@ -1,6 +1,8 @@
 //! Helpers shared by the unit tests.
 
-use crate::{Page, PageRun, Pool, PoolOptions, SnapshotKind, SnapshotMeta, PAGE_SIZE};
+use crate::catalog::{BlobRef, Snapshot};
+use crate::types::normalize_runs;
+use crate::{Owner, Page, PageRun, Pool, PoolOptions, SnapshotKind, SnapshotMeta, PAGE_SIZE};
 use std::path::PathBuf;
 
 /// A temp directory on /dev/shm when there is one (where pools live), else the default.
@@ -38,5 +40,22 @@ pub fn vm(pool: &mut Pool, name: &str, runs: &[PageRun]) -> u64 {
 pub fn fill(pool: &mut Pool, pages: std::ops::Range<u64>, seed: u64) {
     for p in pages {
         pool.write_ram_page(p, &pattern(seed + p)).expect("write");
+    }
+}
+
+/// A catalog record of a host VM snapshot `s{id}` of `runs`, with no state blob (for
+/// tests of the catalog, the index and the redirects, which need no pool).
+pub fn vm_record(id: u64, runs: &[PageRun]) -> Snapshot {
+    Snapshot {
+        id,
+        name: format!("s{id}"),
+        owner: Owner::Host,
+        kind: SnapshotKind::Vm,
+        created_unix_ns: id,
+        labels: Vec::new(),
+        process: None,
+        runs: runs.to_vec(),
+        page_set: normalize_runs(runs),
+        blob: BlobRef::default(),
     }
 }

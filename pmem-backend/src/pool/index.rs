@@ -575,26 +575,15 @@ impl ProtectionBitmap {
 mod tests {
     use super::*;
     use crate::catalog::BlobRef;
-    use crate::types::normalize_runs;
-    use crate::{Owner, SnapshotKind};
 
     fn snap(id: u64, runs: &[PageRun], blob: &[u32]) -> Snapshot {
-        Snapshot {
-            id,
-            name: format!("s{id}"),
-            owner: Owner::Host,
-            kind: SnapshotKind::Vm,
-            created_unix_ns: 0,
-            labels: Vec::new(),
-            process: None,
-            runs: runs.to_vec(),
-            page_set: normalize_runs(runs),
-            blob: BlobRef {
-                len: blob.len() as u64,
-                crc: 0,
-                blocks: blob.to_vec(),
-            },
-        }
+        let mut s = crate::testutil::vm_record(id, runs);
+        s.blob = BlobRef {
+            len: blob.len() as u64,
+            crc: 0,
+            blocks: blob.to_vec(),
+        };
+        s
     }
 
     impl RefIndex {
