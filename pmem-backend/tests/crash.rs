@@ -232,6 +232,62 @@ fn crash_during_delete() {
     });
 }
 
+/// Three snapshots of the same pages share each page preserved after them: one redirect
+/// record (catalog version 4) whose id range holds all three; a fourth, taken after,
+/// has a record of its own for page 5.
+fn shared_setup(pool: &mut Pool, m: &mut Model) {
+    m.fill(pool);
+    for name in ["a", "b", "c"] {
+        m.snapshot(pool, name, &[PageRun::new(0, 12)], Vec::new())
+            .expect(name);
+    }
+    m.write(pool, 5, 60).expect("page 5, shared by a, b and c");
+    m.write(pool, 6, 61).expect("page 6, shared by a, b and c");
+    m.snapshot(pool, "d", &[PageRun::new(4, 8)], Vec::new())
+        .expect("d");
+    m.write(pool, 5, 62).expect("page 5 again, for d");
+}
+
+/// Deleting a snapshot in the middle of a shared record's range keeps the record (and its
+/// block) for the others.
+#[test]
+fn crash_during_delete_inside_a_shared_range() {
+    run(&Scenario {
+        name: "delete inside a shared range",
+        meta_slot: None,
+        commit: Commit::Append,
+        pages: PAGES,
+        setup: shared_setup,
+        op: |pool, m| {
+            let mut after = m.clone();
+            after.snaps.remove("b");
+            (pool.delete("b").map(|_| ()), after)
+        },
+    });
+}
+
+/// Deleting the newest snapshot of a shared record's range (the id the record is keyed
+/// by) keeps the record for the older ones, and d keeps its own.
+#[test]
+fn crash_during_delete_of_a_shared_range_s_newest() {
+    run(&Scenario {
+        name: "delete the newest of a shared range",
+        meta_slot: None,
+        commit: Commit::Append,
+        pages: PAGES,
+        setup: |pool, m| {
+            shared_setup(pool, m);
+            pool.delete("a").expect("a");
+            m.snaps.remove("a");
+        },
+        op: |pool, m| {
+            let mut after = m.clone();
+            after.snaps.remove("c");
+            (pool.delete("c").map(|_| ()), after)
+        },
+    });
+}
+
 #[test]
 fn crash_during_gc() {
     run(&Scenario {
