@@ -226,7 +226,14 @@ impl Engine {
         let protector = self.protector.clone();
         // Taken under the pool lock: the handler records under it too, so the list of
         // pages it made writable is complete here.
-        let pre = self.sink.armed().take();
+        let pre = {
+            let mut armed = self.sink.armed();
+            if armed.as_ref().is_some_and(|p| p.walked) {
+                armed.take()
+            } else {
+                None // still being walked (another request's): protect all newly here
+            }
+        };
         let res = pool.snapshot_with(name, kind, runs, meta, |newly| {
             for r in to_protect(newly, pre.as_ref()) {
                 protector.protect(r.first, r.count)?;
@@ -259,12 +266,16 @@ impl Engine {
         *self.sink.armed() = Some(PreProtect {
             runs: runs.clone(),
             unprotected: Vec::new(),
+            walked: false,
         });
         for r in &runs {
             if let Err(e) = self.protector.protect(r.first, r.count) {
                 *self.sink.armed() = None;
                 return Err(PoolError::InvalidArgument(e.to_string()));
             }
+        }
+        if let Some(pre) = self.sink.armed().as_mut() {
+            pre.walked = true;
         }
         Ok(())
     }
@@ -501,6 +512,7 @@ mod tests {
         let pre = PreProtect {
             runs: vec![PageRun::new(0, 10), PageRun::new(20, 5)],
             unprotected: vec![3, 3, 21, 40],
+            walked: true,
         };
         assert_eq!(
             to_protect(&[PageRun::new(0, 30)], Some(&pre)),
@@ -548,6 +560,27 @@ mod tests {
         assert_eq!(page_of(&engine, "s", 31).1, 1);
         assert!(matches!(page_of(&engine, "s", 7).0, PageLocation::Block(_)));
         assert!(lock_pool(engine.pool()).verify(|_, _| ()).is_clean());
+    }
+
+    /// A snapshot taken while another request's pre-protection is still being walked
+    /// must not count on it: the pages the walk has not reached are writable.
+    #[test]
+    fn a_pre_protection_still_being_walked_is_not_relied_on() {
+        let (_dir, engine, ram) = setup(64);
+        for p in 0..64 {
+            ram.fill_page(p, 1);
+        }
+        // Armed as `preprotect` arms before its walk, and no walk yet.
+        *engine.sink.armed() = Some(PreProtect {
+            runs: vec![PageRun::new(0, 32)],
+            unprotected: Vec::new(),
+            walked: false,
+        });
+        snap(&engine, "s", &[(0, 8)]).expect("snapshot");
+        assert!(engine.sink.armed().is_some(), "left armed for its owner");
+        ram.fill_page(4, 7); // must be preserved: the snapshot protected it itself
+        assert_eq!(page_of(&engine, "s", 4).1, 1);
+        assert!(matches!(page_of(&engine, "s", 4).0, PageLocation::Block(_)));
     }
 
     #[test]

@@ -80,6 +80,10 @@ fn unix_ms() -> u64 {
 pub(super) struct PreProtect {
     pub(super) runs: Vec<PageRun>,
     pub(super) unprotected: Vec<u64>,
+    /// Set once the write-protect of `runs` has returned: before that, pages of `runs`
+    /// the walk has not reached yet are writable without being in `unprotected`, so a
+    /// snapshot must not rely on the record (`Engine::snapshot` leaves it armed).
+    pub(super) walked: bool,
 }
 
 /// The fault handler's view of the store: preserve before the first write.
