@@ -56,7 +56,9 @@ pub struct PoolOptions {
     /// Redirect-log capacity in records (default: 32768 or one per RAM page, whichever
     /// is larger, so compactions stay rare relative to the catalog size).
     pub log_records: Option<u64>,
-    /// Bytes per metadata slot (default 1 MiB + 16 bytes per RAM page and per block).
+    /// Bytes per metadata slot (default 1 MiB + 24 bytes per RAM page and per block: a
+    /// block area full of preserved pages is a 28-byte-a-page checkpoint, and the room
+    /// left decides how many commits append a delta before the next checkpoint).
     pub meta_slot_bytes: Option<u64>,
     /// The persist seam (default msync).
     pub persist: Option<Box<dyn Persist>>,
@@ -289,7 +291,7 @@ impl Pool {
         let blocks = options.block_count.unwrap_or(ram_pages);
         let meta = options
             .meta_slot_bytes
-            .unwrap_or_else(|| (1 << 20) + 16 * (ram_pages.saturating_add(blocks)));
+            .unwrap_or_else(|| (1 << 20) + 24 * (ram_pages.saturating_add(blocks)));
         let geo = Geometry::plan(
             ram_bytes,
             blocks,
