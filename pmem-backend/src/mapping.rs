@@ -197,6 +197,20 @@ impl Mapping {
         let _ = (off, write);
     }
 
+    /// Read one byte at `off` (nothing if out of range): faults the page into this
+    /// mapping if it is not mapped yet. A read fault on a shared file mapping also maps
+    /// the neighbouring pages that are in the page cache (fault-around, 64 KiB by
+    /// default), writable where the mapping is (tmpfs tracks no dirty pages), so one
+    /// touch can save the write faults of 16 pages; on a mapped page it costs one load.
+    #[inline]
+    pub fn touch(&self, off: u64) {
+        if let Ok(off) = self.check(off, 1) {
+            // SAFETY: in bounds (checked); a volatile read of shared memory that may
+            // change under us is fine for a byte whose value is ignored.
+            unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(off)) };
+        }
+    }
+
     /// crc32c of `len` bytes at `off`, computed in place (no copy). Callers use it on
     /// bytes nobody writes concurrently: store-owned areas, or a write-protected RAM page.
     pub fn crc32c(&self, off: u64, len: usize) -> io::Result<u32> {
@@ -326,6 +340,8 @@ mod tests {
         m.prefetch(0, 4096, false);
         m.prefetch(4096, 4096, true);
         m.prefetch(u64::MAX - 10, 4096, false); // out of range: ignored
+        m.touch(3 * 4096);
+        m.touch(u64::MAX); // out of range: ignored
         m.copy_within_nt(0, 4096, 4096).expect("aligned");
         m.copy_within_nt(0, 2 * 4096 + 8, 100)
             .expect("unaligned, odd length");
