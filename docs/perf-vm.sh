@@ -32,6 +32,38 @@ restore() {
   local t1; t1=$(date -d "$ts" +%s%N)
   echo "mem=$MEM restore $label: $(grep -o 'restored snapshot.*' "$W/rerr"); process start to vCPUs running $(( (t1 - t0) / 1000000 )) ms"
 }
+# Median of 5 memcpys of $1 bytes into memory already faulted in, in us: the baseline
+# of a copy-back's throughput, measured in the same run (Python's bytearray slice
+# assignment of equal size is one memcpy).
+memcpy_us() {
+  python3 -c '
+import sys, time
+n = int(sys.argv[1]); s = bytearray(b"\x07") * n; d = bytearray(n); d[:] = s
+t = []
+for _ in range(5):
+    t0 = time.perf_counter_ns(); d[:] = s; t.append(time.perf_counter_ns() - t0)
+print(sorted(t)[2] // 1000)' "$1"
+}
+# Print a copy-back's throughput (label $1, $2 pages in $3 us) against a memcpy of the
+# same bytes measured now: ratio = memcpy time / copy-back time (issue 16: >= 0.5).
+copy_ratio() {
+  local label=$1 pages=$2 us=$3 m
+  [ "$pages" -gt 0 ] && [ "$us" -gt 0 ] || return 0
+  m=$(memcpy_us $(( pages * 4096 )))
+  python3 -c '
+import sys
+label, pages, us, m = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+b = pages * 4096
+print(f"{label}: copy-back of {pages} pages in {us} us, {b / us / 1e3:.2f} GB/s; memcpy of the same bytes: {m} us, {b / max(m, 1) / 1e3:.2f} GB/s; ratio={m / us:.2f} goal>=0.5")' \
+    "$label" "$pages" "$us" "$m"
+}
+# The time in us of a Rust Duration as `pmsnap restore` logs it (12.3ms, 99.8µs, 1.2s).
+duration_us() {
+  python3 -c '
+import re, sys
+v, u = re.fullmatch(r"([0-9.]+)(ns|µs|us|ms|s)", sys.argv[1]).groups()
+print(int(float(v) * {"ns": 1e-3, "µs": 1, "us": 1, "ms": 1e3, "s": 1e6}[u]))' "$1"
+}
 for MEM in "$@"; do
   MIB=$(( $(numfmt --from=iec "$MEM") >> 20 )); PAGES=$(( MIB * 256 ))
   POOL=/dev/shm/pmsnap-perf-$MIB.pool; rm -f "$POOL" "$W"/*
@@ -58,6 +90,8 @@ for MEM in "$@"; do
     wait_out "$W/out" "FILLED-$PCT-2" 900 || { echo "fill $PCT% timed out"; break; }
     R=$($CTL rollback s1)
     echo "mem=$MEM rollback after writing $PCT% ($N pages): $(echo "$R" | json pages_copied) pages copied of $(echo "$R" | json dirty_pages) dirty, pause $(echo "$R" | json pause_us) us (stop $(echo "$R" | json stop_us) us, copy $(echo "$R" | json copy_us) us, state $(echo "$R" | json restore_us) us)"
+    # copy_us counts the dirty-log harvest, the copy back and the unprotect after it.
+    copy_ratio "mem=$MEM rollback after writing $PCT%" "$(echo "$R" | json pages_copied)" "$(echo "$R" | json copy_us)"
     sleep 2
   done
   stop_vmm
@@ -68,6 +102,8 @@ for MEM in "$@"; do
   # 4096 pages on), alternating. A lazy one also prints when its fill completed.
   for i in 1 2 3; do
     restore s1 "s1 eager #$i" --copy-back eager
+    C=$(grep -o 'restored snapshot.*' "$W/rerr" | sed -E 's/.*: ([0-9]+) of [0-9]+ pages copied back in ([^;,]+).*/\1 \2/')
+    copy_ratio "mem=$MEM restore s1 eager #$i" "${C% *}" "$(duration_us "${C#* }")"
     stop_vmm
     restore s1 "s1 lazy #$i" --copy-back lazy
     wait_out "$W/rerr" "lazy restore complete" 60 && echo "mem=$MEM restore s1 lazy #$i: $(grep -o 'lazy restore complete.*' "$W/rerr")"

@@ -167,6 +167,50 @@ impl Mapping {
         }
     }
 
+    /// Hint that the `len` bytes at `off` will be read (`write`: written) soon: one
+    /// prefetch per cache line, so that their cache misses (and the TLB miss of their
+    /// page) overlap with work on other bytes instead of stalling it. A hint only: it
+    /// changes no byte and cannot fault; bytes outside the mapping are skipped.
+    #[inline]
+    pub fn prefetch(&self, off: u64, len: usize, write: bool) {
+        let Ok(off) = self.check(off, len) else {
+            return;
+        };
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
+            for line in (0..len).step_by(64) {
+                // SAFETY: `check` proved the address lies inside the live mapping, and a
+                // prefetch neither faults nor changes memory (PREFETCHW is a NOP on CPUs
+                // without it).
+                unsafe {
+                    let p = self.ptr.as_ptr().add(off + line).cast::<i8>().cast_const();
+                    if write {
+                        _mm_prefetch::<_MM_HINT_ET0>(p);
+                    } else {
+                        _mm_prefetch::<_MM_HINT_T0>(p);
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (off, write);
+    }
+
+    /// Read one byte at `off` (nothing if out of range): faults the page into this
+    /// mapping if it is not mapped yet. A read fault on a shared file mapping also maps
+    /// the neighbouring pages that are in the page cache (fault-around, 64 KiB by
+    /// default), writable where the mapping is (tmpfs tracks no dirty pages), so one
+    /// touch can save the write faults of 16 pages; on a mapped page it costs one load.
+    #[inline]
+    pub fn touch(&self, off: u64) {
+        if let Ok(off) = self.check(off, 1) {
+            // SAFETY: in bounds (checked); a volatile read of shared memory that may
+            // change under us is fine for a byte whose value is ignored.
+            unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(off)) };
+        }
+    }
+
     /// crc32c of `len` bytes at `off`, computed in place (no copy). Callers use it on
     /// bytes nobody writes concurrently: store-owned areas, or a write-protected RAM page.
     pub fn crc32c(&self, off: u64, len: usize) -> io::Result<u32> {
@@ -192,6 +236,60 @@ impl Mapping {
             std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(s), self.ptr.as_ptr().add(d), len)
         };
         Ok(())
+    }
+
+    /// Copy `len` bytes within the mapping from `src` to `dst` (non-overlapping) with
+    /// non-temporal stores where the CPU has them: the destination's cache lines are
+    /// neither read first nor kept, which saves a third of the memory traffic of
+    /// copying into memory that is not in the cache. The stores are weakly ordered:
+    /// call [`Mapping::store_fence`] before anything else relies on the bytes (another
+    /// thread, a persist).
+    pub fn copy_within_nt(&self, src: u64, dst: u64, len: usize) -> io::Result<()> {
+        let s = self.check(src, len)?;
+        let d = self.check(dst, len)?;
+        if s < d + len && d < s + len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "overlapping copy",
+            ));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if d % 16 == 0 && len % 64 == 0 {
+            use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+            // SAFETY: both ranges are inside the mapping and do not overlap (checked);
+            // the destination is 16-byte aligned (checked) as MOVNTDQ requires, and SSE2
+            // is part of x86_64.
+            unsafe {
+                let sp = self.ptr.as_ptr().add(s).cast::<__m128i>().cast_const();
+                let dp = self.ptr.as_ptr().add(d).cast::<__m128i>();
+                for i in (0..len / 16).step_by(4) {
+                    let a = _mm_loadu_si128(sp.add(i));
+                    let b = _mm_loadu_si128(sp.add(i + 1));
+                    let c = _mm_loadu_si128(sp.add(i + 2));
+                    let e = _mm_loadu_si128(sp.add(i + 3));
+                    _mm_stream_si128(dp.add(i), a);
+                    _mm_stream_si128(dp.add(i + 1), b);
+                    _mm_stream_si128(dp.add(i + 2), c);
+                    _mm_stream_si128(dp.add(i + 3), e);
+                }
+            }
+            return Ok(());
+        }
+        // SAFETY: as in `copy_within`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(s), self.ptr.as_ptr().add(d), len)
+        };
+        Ok(())
+    }
+
+    /// Order every earlier non-temporal store ([`Mapping::copy_within_nt`]) before any
+    /// later store (SFENCE).
+    pub fn store_fence(&self) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: SFENCE has no operands and only orders stores.
+        unsafe {
+            std::arch::x86_64::_mm_sfence()
+        };
     }
 }
 
@@ -230,6 +328,32 @@ mod tests {
         m.read_at(0, &mut b).expect("read");
         assert_eq!(b, [1, 2]);
         assert!(m.copy_within(0, 1, 2).is_err());
+    }
+
+    #[test]
+    fn streaming_copy_matches_a_plain_one() {
+        let f = tempfile::tempfile().expect("tempfile");
+        f.set_len(4 * 4096).expect("set_len");
+        let m = Mapping::new(&f, 4 * 4096).expect("map");
+        let src: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        m.write_at(0, &src).expect("write");
+        m.prefetch(0, 4096, false);
+        m.prefetch(4096, 4096, true);
+        m.prefetch(u64::MAX - 10, 4096, false); // out of range: ignored
+        m.touch(3 * 4096);
+        m.touch(u64::MAX); // out of range: ignored
+        m.copy_within_nt(0, 4096, 4096).expect("aligned");
+        m.copy_within_nt(0, 2 * 4096 + 8, 100)
+            .expect("unaligned, odd length");
+        m.store_fence();
+        let mut b = vec![0u8; 4096];
+        m.read_at(4096, &mut b).expect("read");
+        assert_eq!(b, src);
+        let mut c = vec![0u8; 100];
+        m.read_at(2 * 4096 + 8, &mut c).expect("read");
+        assert_eq!(c, src[..100]);
+        assert!(m.copy_within_nt(0, 64, 4096).is_err(), "overlapping");
+        assert!(m.copy_within_nt(0, 4 * 4096 - 64, 4096).is_err(), "beyond");
     }
 
     #[test]

@@ -98,6 +98,10 @@ impl Controller {
                 let dirty = engine.dirty_since(name)?;
                 let dirty_pages = dirty.iter().map(|r| r.count).sum();
                 let harvest = t.elapsed();
+                log::debug!(
+                    "rollback to {name:?}: {} dirty runs harvested in {harvest:?}",
+                    dirty.len()
+                );
                 let (written, copy) = self.bring_back(port.as_ref(), name, &dirty, &state)?;
                 let copy_us = (harvest + copy).as_micros() as u64;
                 engine.reset_dirty(name)?;
@@ -140,9 +144,18 @@ impl Controller {
     ) -> Result<(Vec<u64>, Duration), ApiError> {
         let t = Instant::now();
         let written = lock_pool(self.engine.pool()).copy_back(name, runs)?;
+        let stored = t.elapsed();
         self.engine.after_vmm_write(&written);
         let copy = t.elapsed();
         live.apply(state)?;
+        log::debug!(
+            "brought back {name:?}: {} pages in {} runs asked, {} copied back by the store in \
+             {stored:?}, unprotected and marked dirty after {copy:?}, state in after {:?}",
+            runs.iter().map(|r| r.count).sum::<u64>(),
+            runs.len(),
+            written.len(),
+            t.elapsed()
+        );
         Ok((written, copy))
     }
 
