@@ -13,6 +13,9 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "common/mod.rs"]
+mod common;
+
 use pmem_backend::{PageRun, Pool, PoolOptions, SnapshotKind};
 
 const PAGE: usize = 4096;
@@ -45,14 +48,7 @@ fn copy_back(mib: u64, percent: u64, shuffled: bool) -> (usize, Duration) {
         .take(moved as usize)
         .collect();
     if shuffled {
-        // xorshift: the same order every run.
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        for i in (1..written.len()).rev() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            written.swap(i, (x % (i as u64 + 1)) as usize);
-        }
+        common::shuffle(&mut written);
     }
     let runs: Vec<PageRun> = written.iter().map(|&p| PageRun::new(p, 1)).collect();
     let mut rounds = Vec::new();

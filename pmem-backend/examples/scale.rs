@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "common/mod.rs"]
+mod common;
+
 use pmem_backend::{PageRun, Pool, PoolOptions, SnapshotKind};
 
 const PAGE: u64 = 4096;
@@ -295,13 +298,7 @@ fn copy_back_line(dir: &Path) {
     )
     .expect("snapshot");
     let mut written: Vec<u64> = (0..pages).step_by(10).collect();
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    for i in (1..written.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        written.swap(i, (x % (i as u64 + 1)) as usize);
-    }
+    common::shuffle(&mut written);
     page.fill(0xa5);
     for &i in &written {
         p.write_ram_page(i, &page)

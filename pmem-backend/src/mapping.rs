@@ -221,8 +221,9 @@ impl Mapping {
         Ok(crc32c::crc32c(s))
     }
 
-    /// Copy `len` bytes within the mapping from `src` to `dst` (non-overlapping ranges).
-    pub fn copy_within(&self, src: u64, dst: u64, len: usize) -> io::Result<()> {
+    /// The offsets of a copy of `len` bytes from `src` to `dst` within the mapping, both
+    /// ranges checked to lie inside it and not to overlap.
+    fn copy_ranges(&self, src: u64, dst: u64, len: usize) -> io::Result<(usize, usize)> {
         let s = self.check(src, len)?;
         let d = self.check(dst, len)?;
         if s < d + len && d < s + len {
@@ -231,6 +232,12 @@ impl Mapping {
                 "overlapping copy",
             ));
         }
+        Ok((s, d))
+    }
+
+    /// Copy `len` bytes within the mapping from `src` to `dst` (non-overlapping ranges).
+    pub fn copy_within(&self, src: u64, dst: u64, len: usize) -> io::Result<()> {
+        let (s, d) = self.copy_ranges(src, dst, len)?;
         // SAFETY: both ranges are inside the mapping (checked) and do not overlap (checked).
         unsafe {
             std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(s), self.ptr.as_ptr().add(d), len)
@@ -245,14 +252,7 @@ impl Mapping {
     /// call [`Mapping::store_fence`] before anything else relies on the bytes (another
     /// thread, a persist).
     pub fn copy_within_nt(&self, src: u64, dst: u64, len: usize) -> io::Result<()> {
-        let s = self.check(src, len)?;
-        let d = self.check(dst, len)?;
-        if s < d + len && d < s + len {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "overlapping copy",
-            ));
-        }
+        let (s, d) = self.copy_ranges(src, dst, len)?;
         #[cfg(target_arch = "x86_64")]
         if d % 16 == 0 && len % 64 == 0 {
             use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
