@@ -49,6 +49,16 @@ impl Controller {
         if let Err(e) = engine.harvest_dirty() {
             log::warn!("dirty tracking: harvest before snapshot {name:?} failed: {e}");
         }
+        // Write-protect all of RAM while the vCPUs still run: the kernel's walk over every
+        // page table entry (and KVM dropping its mappings) is what grows with RAM. Inside
+        // the pause only the pages written meanwhile are protected again: those that
+        // faulted and every page dirty tracking saw written (docs/perf-vm.md).
+        // `PMSNAP_NO_PREPROTECT` turns it off, to measure both.
+        let t = Instant::now();
+        if std::env::var_os("PMSNAP_NO_PREPROTECT").is_none() {
+            engine.preprotect(&[PageRun::new(0, pages)])?;
+        }
+        let preprotect_us = t.elapsed().as_micros() as u64;
         let ((capture_us, store_us, state_bytes), pause_us, stop_us) =
             paused(self.vm.as_ref(), || {
                 let t = Instant::now();
@@ -65,7 +75,8 @@ impl Controller {
                 Ok((capture_us, t.elapsed().as_micros() as u64, state_bytes))
             })?;
         log::info!(
-            "VM snapshot {name:?}: {pages} pages, {state_bytes} bytes of state, paused {pause_us} us"
+            "VM snapshot {name:?}: {pages} pages, {state_bytes} bytes of state, paused {pause_us} us \
+             (pre-protected in {preprotect_us} us before the pause)"
         );
         Ok(ApiResponse::Json {
             status: 201,

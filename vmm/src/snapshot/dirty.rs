@@ -29,7 +29,7 @@
 
 use std::collections::HashMap;
 
-use crate::vstate::dirty::{DirtyError, DirtySource};
+use crate::vstate::dirty::{prefaulted, DirtyError, DirtySource};
 
 /// Where a snapshot's dirty set starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +95,7 @@ impl DirtyTracker {
         for src in &mut self.sources {
             let bits = src.harvest()?;
             if self.last.is_empty() {
+                src.recycle(bits);
                 continue; // nothing tracked by epoch: the writes concern no snapshot
             }
             for (w, &word) in bits.iter().enumerate().take(self.group_max.len()) {
@@ -114,6 +115,7 @@ impl DirtyTracker {
                 }
                 self.group_max[w] = self.epoch;
             }
+            src.recycle(bits);
         }
         Ok(())
     }
@@ -215,8 +217,10 @@ impl DirtyTracker {
     /// an older one) and return it.
     fn open_epoch(&mut self) -> u32 {
         if self.last.is_empty() {
-            self.last = vec![0; self.pages as usize];
-            self.group_max = vec![0; self.pages.div_ceil(64) as usize];
+            // Mapped now, not page by page at the first stamps, which may fall inside a
+            // pause (see `prefaulted`).
+            self.last = prefaulted(self.pages as usize);
+            self.group_max = prefaulted(self.pages.div_ceil(64) as usize);
             self.epoch = 0;
         }
         if self.epoch >= self.epoch_limit {

@@ -211,7 +211,9 @@ impl Engine {
         runs: &[PageRun],
         meta: SnapshotMeta,
     ) -> Result<pmem_backend::SnapshotInfo, PoolError> {
+        let t = Instant::now();
         let mut pool = lock_pool(&self.pool);
+        let locked = t.elapsed();
         // A duplicate name must not touch the existing snapshot's dirty tracking (start
         // would reset it, and the failure path would forget it). Checked under the pool
         // lock, which is held until the snapshot is in, so no other creation can race.
@@ -223,23 +225,66 @@ impl Engine {
         if let Err(e) = self.dirty().start(name) {
             warn!("dirty tracking for {name:?} could not start: {e}");
         }
+        let harvested = t.elapsed();
         let protector = self.protector.clone();
         // Taken under the pool lock: the handler records under it too, so the list of
         // pages it made writable is complete here.
         let pre = {
             let mut armed = self.sink.armed();
-            if armed.as_ref().is_some_and(|p| p.walked) {
+            if armed.as_ref().is_some_and(|p| p.walked && p.tracked) {
                 armed.take()
             } else {
                 None // still being walked (another request's): protect all newly here
             }
         };
+        // Every page written since the pre-protection began, as the dirty sources saw
+        // it (KVM's dirty log and the VMM's own writes): protected again with the pages
+        // the handler made writable. The faults alone are not relied on: a write that
+        // raced the walk while the vCPUs ran once went unpreserved (docs/perf-vm.md).
+        let pre = pre.and_then(|p| {
+            let mut dirty = self.dirty();
+            let written = dirty.dirty_since(PRE_PROTECT_MARK);
+            dirty.forget(PRE_PROTECT_MARK);
+            match written {
+                Ok(w) => Some((
+                    p,
+                    w.into_iter()
+                        .map(|(f, c)| PageRun::new(f, c))
+                        .collect::<Vec<_>>(),
+                )),
+                Err(e) => {
+                    warn!("pre-protection not used for {name:?}: dirty tracking failed: {e}");
+                    None
+                }
+            }
+        });
+        let before_store = t.elapsed();
+        let mut walk = (0u64, 0usize, std::time::Duration::ZERO); // pages, runs, time
         let res = pool.snapshot_with(name, kind, runs, meta, |newly| {
-            for r in to_protect(newly, pre.as_ref()) {
+            let t = Instant::now();
+            let runs = match &pre {
+                Some((p, written)) => to_protect(newly, Some(p), written),
+                None => newly.to_vec(),
+            };
+            walk.1 = runs.len();
+            for r in runs {
+                walk.0 += r.count;
                 protector.protect(r.first, r.count)?;
             }
+            walk.2 = t.elapsed();
             Ok(())
         });
+        log::debug!(
+            "snapshot {name:?}: pool lock {locked:?}, dirty harvest {:?}, pre-protection record {:?} \
+             ({}), write-protect {} pages in {} runs {:?}, store total {:?}",
+            harvested - locked,
+            before_store - harvested,
+            if pre.is_some() { "used" } else { "none" },
+            walk.0,
+            walk.1,
+            walk.2,
+            t.elapsed()
+        );
         match res {
             Ok(id) => pool.inspect(id),
             Err(e) => {
@@ -259,24 +304,39 @@ impl Engine {
     /// again the pages written in between. The kernel's write-protect walk over every
     /// page table entry is most of a snapshot's cost; this moves it out of the pause.
     /// Pages written meanwhile fault once and become writable again (nothing to
-    /// preserve yet); the handler records them. Pre-protected pages that no snapshot
-    /// takes fault once later and are released then.
+    /// preserve yet); the handler records them, and dirty tracking, started before the
+    /// walk, records every write whether it faulted or not. Pre-protected pages that no
+    /// snapshot takes fault once later and are released then.
     pub fn preprotect(&self, runs: &[PageRun]) -> Result<(), PoolError> {
         let runs = normalize_runs(runs);
-        *self.sink.armed() = Some(PreProtect {
-            runs: runs.clone(),
-            unprotected: Vec::new(),
-            walked: false,
-        });
+        let id = {
+            // The mark and the record are set together (lock order: armed, then dirty),
+            // so the record in force always began no later than the mark it relies on.
+            let mut armed = self.sink.armed();
+            let id = armed.as_ref().map_or(0, |p| p.id) + 1;
+            let tracked = match self.dirty().start(PRE_PROTECT_MARK) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!("pre-protection: dirty tracking did not start, not relied on: {e}");
+                    false
+                }
+            };
+            *armed = Some(PreProtect {
+                runs: runs.clone(),
+                unprotected: Vec::new(),
+                walked: false,
+                id,
+                tracked,
+            });
+            id
+        };
         for r in &runs {
             if let Err(e) = self.protector.protect(r.first, r.count) {
                 *self.sink.armed() = None;
                 return Err(PoolError::InvalidArgument(e.to_string()));
             }
         }
-        if let Some(pre) = self.sink.armed().as_mut() {
-            pre.walked = true;
-        }
+        mark_walked(&mut self.sink.armed(), id);
         Ok(())
     }
 
@@ -389,9 +449,13 @@ impl Drop for Engine {
     }
 }
 
+/// The name dirty tracking knows a pre-protection by (no snapshot name has a NUL).
+const PRE_PROTECT_MARK: &str = "\0pre-protect";
+
 /// The runs a snapshot must write-protect: its newly referenced pages, less those a
-/// pre-protection already covers and that were not made writable since.
-fn to_protect(newly: &[PageRun], pre: Option<&PreProtect>) -> Vec<PageRun> {
+/// pre-protection already covers and that were not made writable (`pre.unprotected`)
+/// or written (`written`) since it began.
+fn to_protect(newly: &[PageRun], pre: Option<&PreProtect>, written: &[PageRun]) -> Vec<PageRun> {
     let Some(pre) = pre else {
         return newly.to_vec();
     };
@@ -419,7 +483,36 @@ fn to_protect(newly: &[PageRun], pre: Option<&PreProtect>) -> Vec<PageRun> {
     pages.sort_unstable();
     pages.dedup();
     out.extend(pages.into_iter().map(|p| PageRun::new(p, 1)));
+    out.extend(intersect(&normalize_runs(newly), &normalize_runs(written)));
     normalize_runs(&out)
+}
+
+/// The walk of pre-protection `id` has returned: its record, if still the one armed,
+/// can be relied on. Another request may have armed its own meanwhile, whose walk may
+/// not have returned yet.
+fn mark_walked(armed: &mut Option<PreProtect>, id: u64) {
+    if let Some(pre) = armed.as_mut().filter(|p| p.id == id) {
+        pre.walked = true;
+    }
+}
+
+/// The pages in both `a` and `b` (each sorted, without overlaps), as runs.
+fn intersect(a: &[PageRun], b: &[PageRun]) -> Vec<PageRun> {
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < a.len() && j < b.len() {
+        let first = a[i].first.max(b[j].first);
+        let end = a[i].end().min(b[j].end());
+        if first < end {
+            out.push(PageRun::new(first, end - first));
+        }
+        if a[i].end() < b[j].end() {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -513,9 +606,11 @@ mod tests {
             runs: vec![PageRun::new(0, 10), PageRun::new(20, 5)],
             unprotected: vec![3, 3, 21, 40],
             walked: true,
+            id: 1,
+            tracked: true,
         };
         assert_eq!(
-            to_protect(&[PageRun::new(0, 30)], Some(&pre)),
+            to_protect(&[PageRun::new(0, 30)], Some(&pre), &[]),
             vec![
                 PageRun::new(3, 1),
                 PageRun::new(10, 10),
@@ -524,10 +619,99 @@ mod tests {
             ]
         );
         assert_eq!(
-            to_protect(&[PageRun::new(5, 2)], None),
+            to_protect(&[PageRun::new(5, 2)], None, &[]),
             vec![PageRun::new(5, 2)]
         );
-        assert_eq!(to_protect(&[PageRun::new(5, 2)], Some(&pre)), vec![]);
+        assert_eq!(to_protect(&[PageRun::new(5, 2)], Some(&pre), &[]), vec![]);
+        // Written since the pre-protection began: protected again, within `newly` only.
+        assert_eq!(
+            to_protect(
+                &[PageRun::new(0, 8), PageRun::new(20, 4)],
+                Some(&pre),
+                &[PageRun::new(6, 16), PageRun::new(50, 2)]
+            ),
+            vec![PageRun::new(3, 1), PageRun::new(6, 2), PageRun::new(20, 2)]
+        );
+    }
+
+    #[test]
+    fn intersect_keeps_the_pages_in_both() {
+        let a = [
+            PageRun::new(0, 10),
+            PageRun::new(20, 10),
+            PageRun::new(40, 1),
+        ];
+        let b = [PageRun::new(5, 20), PageRun::new(29, 12)];
+        assert_eq!(
+            intersect(&a, &b),
+            vec![
+                PageRun::new(5, 5),
+                PageRun::new(20, 5),
+                PageRun::new(29, 1),
+                PageRun::new(40, 1)
+            ]
+        );
+        assert_eq!(intersect(&a, &[]), vec![]);
+    }
+
+    /// A guest write during the pre-protection that left its page writable without a
+    /// fault reaching the handler (as a write through a mapping KVM kept across the
+    /// walk would): dirty tracking saw it, so the snapshot protects the page again and
+    /// the next write is preserved first.
+    #[test]
+    fn a_write_during_pre_protection_without_a_fault_is_protected_again() {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let (_dir, engine, ram) = crate::snapshot::testutil::setup_with_sources(
+            64,
+            Default::default(),
+            vec![Box::new(GuestWrites(written.clone(), 64))],
+        );
+        for p in 0..64 {
+            ram.fill_page(p, 1);
+        }
+        engine
+            .preprotect(&[PageRun::new(0, 64)])
+            .expect("preprotect");
+        // The write bypasses the handler: the protection goes, nothing records it but
+        // the dirty source.
+        engine.protector.unprotect(9, 1).expect("unprotect");
+        ram.fill_page(9, 2);
+        written.lock().expect("lock").push(9);
+        assert_eq!(engine.stats().faults, 0);
+        snap(&engine, "s", &[(0, 64)]).expect("snapshot");
+        ram.fill_page(9, 3);
+        assert_eq!(
+            page_of(&engine, "s", 9).1,
+            2,
+            "the write after the snapshot is preserved"
+        );
+        assert!(matches!(page_of(&engine, "s", 9).0, PageLocation::Block(_)));
+        assert_eq!(page_of(&engine, "s", 10), (PageLocation::Ram(10), 1));
+        assert!(lock_pool(engine.pool()).verify(|_, _| ()).is_clean());
+    }
+
+    /// The walk of one pre-protection returning while another request's record is
+    /// armed (its walk still going) must not mark that record walked.
+    #[test]
+    fn only_its_own_walk_marks_a_pre_protection_walked() {
+        let (_dir, engine, _ram) = setup(64);
+        engine.preprotect(&[PageRun::new(0, 8)]).expect("first");
+        let first = engine
+            .sink
+            .armed()
+            .as_ref()
+            .map(|p| (p.id, p.walked, p.tracked));
+        assert_eq!(first, Some((1, true, true)));
+        engine.preprotect(&[PageRun::new(8, 8)]).expect("second");
+        assert_eq!(engine.sink.armed().as_ref().map(|p| p.id), Some(2));
+        let mut other = Some(PreProtect {
+            id: 3,
+            ..Default::default()
+        });
+        mark_walked(&mut other, 2);
+        assert!(!other.as_ref().expect("armed").walked);
+        mark_walked(&mut other, 3);
+        assert!(other.as_ref().expect("armed").walked);
     }
 
     #[test]
@@ -575,6 +759,8 @@ mod tests {
             runs: vec![PageRun::new(0, 32)],
             unprotected: Vec::new(),
             walked: false,
+            id: 1,
+            tracked: true,
         });
         snap(&engine, "s", &[(0, 8)]).expect("snapshot");
         assert!(engine.sink.armed().is_some(), "left armed for its owner");

@@ -84,6 +84,13 @@ pub(super) struct PreProtect {
     /// the walk has not reached yet are writable without being in `unprotected`, so a
     /// snapshot must not rely on the record (`Engine::snapshot` leaves it armed).
     pub(super) walked: bool,
+    /// Which `Engine::preprotect` call armed this record: only that call marks it walked
+    /// (another one may have replaced the record meanwhile).
+    pub(super) id: u64,
+    /// Whether dirty tracking started (under `PRE_PROTECT_MARK`) before the walk: the
+    /// snapshot then also protects again every page written since, whether or not the
+    /// write raised a fault. Without it the record is not relied on.
+    pub(super) tracked: bool,
 }
 
 /// The fault handler's view of the store: preserve before the first write.

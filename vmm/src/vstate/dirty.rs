@@ -106,8 +106,30 @@ pub fn bitmap_runs(bitmap: &[u64]) -> Vec<(u64, u64)> {
     runs
 }
 
+/// A zeroed vector of `len` elements whose memory is already mapped: each of its pages
+/// is written once here. A page fault in the VMM process is a round through KVM's
+/// mmu notifier (the process's mm is the guest's), and right after a write-protect of
+/// all of a 4 GiB guest's RAM each took about a millisecond on this host: a harvest
+/// inside a snapshot's pause that faulted in a fresh bitmap took 20-30 ms
+/// (docs/perf-vm.md). Buffers used inside pauses are made with this, once, and reused.
+pub fn prefaulted<T: Copy + Default>(len: usize) -> Vec<T> {
+    let mut v = vec![T::default(); len];
+    let step = (4096 / std::mem::size_of::<T>().max(1)).max(1);
+    for i in (0..len).step_by(step) {
+        // SAFETY: `i < len`, a valid element; volatile so the store is not elided
+        // (the compiler knows the memory is zero already).
+        unsafe { std::ptr::write_volatile(v.as_mut_ptr().add(i), T::default()) };
+    }
+    v
+}
+
 /// A source of "pages written since the last harvest", cleared by each harvest.
 pub trait DirtySource: Send {
+    /// Hand back a bitmap [`DirtySource::harvest`] returned, once read: a source may
+    /// keep it and fill it again next time instead of allocating (and faulting in) a
+    /// new one.
+    fn recycle(&mut self, _bits: PageBitmap) {}
+
     /// Pages written since the previous call, as a bitmap over all guest pages.
     fn harvest(&mut self) -> Result<PageBitmap, DirtyError>;
 }
@@ -150,6 +172,10 @@ pub struct KvmDirtyLog {
     slots: Vec<DirtySlot>,
     total_pages: u64,
     manual_protect: bool,
+    /// Per slot, the buffer KVM writes its log into (allocated once, mapped).
+    slot_bits: Vec<Vec<u64>>,
+    /// A bitmap handed back by [`DirtySource::recycle`], filled again next time.
+    spare: Option<PageBitmap>,
 }
 
 impl KvmDirtyLog {
@@ -167,20 +193,37 @@ impl KvmDirtyLog {
         }
         // SAFETY: `fd` is a fresh descriptor nobody else owns.
         let vm = unsafe { File::from_raw_fd(fd) };
+        let slot_bits = slots
+            .iter()
+            .map(|s| prefaulted(bitmap_words(s.pages)))
+            .collect();
         Ok(Self {
             vm,
             slots,
             total_pages,
             manual_protect,
+            slot_bits,
+            spare: Some(prefaulted(bitmap_words(total_pages))),
         })
     }
 }
 
 impl DirtySource for KvmDirtyLog {
+    fn recycle(&mut self, bits: PageBitmap) {
+        if bits.len() == bitmap_words(self.total_pages) {
+            self.spare = Some(bits);
+        }
+    }
+
     fn harvest(&mut self) -> Result<PageBitmap, DirtyError> {
-        let mut out = vec![0u64; bitmap_words(self.total_pages)];
-        for s in &self.slots {
-            let mut bits = vec![0u64; bitmap_words(s.pages)];
+        let mut out = match self.spare.take() {
+            Some(mut b) => {
+                b.fill(0);
+                b
+            }
+            None => vec![0u64; bitmap_words(self.total_pages)],
+        };
+        for (s, bits) in self.slots.iter().zip(self.slot_bits.iter_mut()) {
             let mut log = kvm_dirty_log {
                 slot: s.slot,
                 ..Default::default()
@@ -217,7 +260,7 @@ impl DirtySource for KvmDirtyLog {
                     });
                 }
             }
-            or_bitmap_at(&mut out, s.first_page, &bits, s.pages);
+            or_bitmap_at(&mut out, s.first_page, bits, s.pages);
         }
         Ok(out)
     }
@@ -228,19 +271,35 @@ impl DirtySource for KvmDirtyLog {
 #[derive(Debug)]
 pub struct VmmWriteLog {
     mem: GuestMemoryMmap,
+    /// A bitmap handed back by [`DirtySource::recycle`], filled again next time.
+    spare: Option<PageBitmap>,
 }
 
 impl VmmWriteLog {
     /// Track writes made through `mem` (a clone shares the regions and their bitmaps).
     pub fn new(mem: GuestMemoryMmap) -> Self {
-        Self { mem }
+        let pages: u64 = mem.iter().map(|r| r.len() / 4096).sum();
+        Self {
+            mem,
+            spare: Some(prefaulted(bitmap_words(pages))),
+        }
     }
 }
 
 impl DirtySource for VmmWriteLog {
+    fn recycle(&mut self, bits: PageBitmap) {
+        self.spare = Some(bits);
+    }
+
     fn harvest(&mut self) -> Result<PageBitmap, DirtyError> {
         let total: u64 = self.mem.iter().map(|r| r.len() / 4096).sum();
-        let mut out = vec![0u64; bitmap_words(total)];
+        let mut out = match self.spare.take() {
+            Some(mut b) if b.len() == bitmap_words(total) => {
+                b.fill(0);
+                b
+            }
+            _ => vec![0u64; bitmap_words(total)],
+        };
         let mut first = 0u64;
         for region in self.mem.iter() {
             let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
