@@ -138,6 +138,18 @@ impl Pool {
         self.index.protected_runs()
     }
 
+    /// The pages of `runs` that no snapshot references in RAM (so not write-protected by
+    /// the store), as runs; pages beyond guest RAM are left out.
+    pub fn unprotected_runs(&self, runs: &[PageRun]) -> Vec<PageRun> {
+        let end = self.ram_pages();
+        let within: Vec<PageRun> = crate::normalize_runs(runs)
+            .into_iter()
+            .filter(|r| r.first < end)
+            .map(|r| PageRun::new(r.first, r.count.min(end - r.first)))
+            .collect();
+        self.index.unreferenced_runs(&within)
+    }
+
     fn info(&self, s: &Snapshot, in_blocks: u64) -> SnapshotInfo {
         let pages = s.page_count();
         SnapshotInfo {
@@ -211,6 +223,15 @@ mod tests {
         assert_eq!(
             pool.protected_runs(),
             vec![PageRun::new(0, 8), PageRun::new(20, 4)]
+        );
+        assert_eq!(
+            pool.unprotected_runs(&[PageRun::new(4, 30), PageRun::new(60, 10)]),
+            vec![
+                PageRun::new(8, 12),
+                PageRun::new(24, 10),
+                PageRun::new(60, 4)
+            ],
+            "pages beyond RAM (64) are left out"
         );
         let (loc, page) = pool.read_snapshot_page("a", 3).expect("read");
         assert_eq!(loc, PageLocation::Ram(3));

@@ -49,14 +49,17 @@ impl Controller {
         if let Err(e) = engine.harvest_dirty() {
             log::warn!("dirty tracking: harvest before snapshot {name:?} failed: {e}");
         }
-        // Write-protect all of RAM while the vCPUs still run: the kernel's walk over every
-        // page table entry (and KVM dropping its mappings) is what grows with RAM. Inside
-        // the pause only the pages written meanwhile are protected again: those that
-        // faulted and every page dirty tracking saw written (docs/perf-vm.md).
-        // `PMSNAP_NO_PREPROTECT` turns it off, to measure both.
+        // Write-protect the RAM no snapshot protects yet while the vCPUs still run: the
+        // kernel's walk over every page table entry (and KVM dropping its mappings) is
+        // what grows with RAM. Inside the pause only the pages written meanwhile are
+        // protected again: those that faulted and every page dirty tracking saw written
+        // (docs/perf-vm.md). Pages other snapshots protect are left alone: walking them
+        // again would cost a walk of all RAM per snapshot and make the guest fault its
+        // working set back into KVM. `PMSNAP_NO_PREPROTECT` turns it off, to measure.
         let t = Instant::now();
         if std::env::var_os("PMSNAP_NO_PREPROTECT").is_none() {
-            engine.preprotect(&[PageRun::new(0, pages)])?;
+            let runs = lock_pool(engine.pool()).unprotected_runs(&[PageRun::new(0, pages)]);
+            engine.preprotect(&runs)?;
         }
         let preprotect_us = t.elapsed().as_micros() as u64;
         let ((capture_us, store_us, state_bytes), pause_us, stop_us) =
