@@ -313,7 +313,7 @@ impl Engine {
             // The mark and the record are set together (lock order: armed, then dirty),
             // so the record in force always began no later than the mark it relies on.
             let mut armed = self.sink.armed();
-            let id = armed.as_ref().map_or(0, |p| p.id) + 1;
+            let id = self.sink.next_preprotect_id();
             let tracked = match self.dirty().start(PRE_PROTECT_MARK) {
                 Ok(()) => true,
                 Err(e) => {
@@ -702,6 +702,10 @@ mod tests {
             .as_ref()
             .map(|p| (p.id, p.walked, p.tracked));
         assert_eq!(first, Some((1, true, true)));
+        // A snapshot takes the record; the next pre-protection still gets a new id, so
+        // the first walk, were it still going, could not mark it walked.
+        snap(&engine, "s", &[(0, 8)]).expect("snapshot");
+        assert!(engine.sink.armed().is_none());
         engine.preprotect(&[PageRun::new(8, 8)]).expect("second");
         assert_eq!(engine.sink.armed().as_ref().map(|p| p.id), Some(2));
         let mut other = Some(PreProtect {

@@ -102,6 +102,9 @@ pub(super) struct StoreSink {
     /// While a pre-protection is armed: what was pre-protected, and every page the
     /// handler has made writable since (those must be protected again at the snapshot).
     armed: Mutex<Option<PreProtect>>,
+    /// The id of the next pre-protection (ids are never reused, so a walk that returns
+    /// late cannot mistake a newer record for its own).
+    next_preprotect: AtomicU64,
     /// Signalled (with the pool mutex) when blocks may have become free.
     space: Condvar,
     /// Set when the engine goes away: a waiting preserve gives up.
@@ -143,6 +146,7 @@ impl StoreSink {
             dirty,
             preserved: AtomicU64::new(0),
             armed: Mutex::new(None),
+            next_preprotect: AtomicU64::new(1),
             space: Condvar::new(),
             closing: AtomicBool::new(false),
             waiting: Mutex::new(None),
@@ -153,6 +157,11 @@ impl StoreSink {
 
     pub(super) fn armed(&self) -> MutexGuard<'_, Option<PreProtect>> {
         lock(&self.armed)
+    }
+
+    /// A fresh id for a pre-protection record.
+    pub(super) fn next_preprotect_id(&self) -> u64 {
+        self.next_preprotect.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Pages preserved by the fault handler.
