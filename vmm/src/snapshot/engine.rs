@@ -262,10 +262,7 @@ impl Engine {
         let mut walk = (0u64, 0usize, std::time::Duration::ZERO); // pages, runs, time
         let res = pool.snapshot_with(name, kind, runs, meta, |newly| {
             let t = Instant::now();
-            let runs = match &pre {
-                Some((p, written)) => to_protect(newly, Some(p), written),
-                None => newly.to_vec(),
-            };
+            let runs = to_protect(newly, pre.as_ref().map(|(p, w)| (p, w.as_slice())));
             walk.1 = runs.len();
             for r in runs {
                 walk.0 += r.count;
@@ -455,8 +452,8 @@ const PRE_PROTECT_MARK: &str = "\0pre-protect";
 /// The runs a snapshot must write-protect: its newly referenced pages, less those a
 /// pre-protection already covers and that were not made writable (`pre.unprotected`)
 /// or written (`written`) since it began.
-fn to_protect(newly: &[PageRun], pre: Option<&PreProtect>, written: &[PageRun]) -> Vec<PageRun> {
-    let Some(pre) = pre else {
+fn to_protect(newly: &[PageRun], pre: Option<(&PreProtect, &[PageRun])>) -> Vec<PageRun> {
+    let Some((pre, written)) = pre else {
         return newly.to_vec();
     };
     let mut pages: Vec<u64> = Vec::new();
@@ -610,7 +607,7 @@ mod tests {
             tracked: true,
         };
         assert_eq!(
-            to_protect(&[PageRun::new(0, 30)], Some(&pre), &[]),
+            to_protect(&[PageRun::new(0, 30)], Some((&pre, &[]))),
             vec![
                 PageRun::new(3, 1),
                 PageRun::new(10, 10),
@@ -619,16 +616,15 @@ mod tests {
             ]
         );
         assert_eq!(
-            to_protect(&[PageRun::new(5, 2)], None, &[]),
+            to_protect(&[PageRun::new(5, 2)], None),
             vec![PageRun::new(5, 2)]
         );
-        assert_eq!(to_protect(&[PageRun::new(5, 2)], Some(&pre), &[]), vec![]);
+        assert_eq!(to_protect(&[PageRun::new(5, 2)], Some((&pre, &[]))), vec![]);
         // Written since the pre-protection began: protected again, within `newly` only.
         assert_eq!(
             to_protect(
                 &[PageRun::new(0, 8), PageRun::new(20, 4)],
-                Some(&pre),
-                &[PageRun::new(6, 16), PageRun::new(50, 2)]
+                Some((&pre, &[PageRun::new(6, 16), PageRun::new(50, 2)]))
             ),
             vec![PageRun::new(3, 1), PageRun::new(6, 2), PageRun::new(20, 2)]
         );

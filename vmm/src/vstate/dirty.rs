@@ -107,11 +107,12 @@ pub fn bitmap_runs(bitmap: &[u64]) -> Vec<(u64, u64)> {
 }
 
 /// A zeroed vector of `len` elements whose memory is already mapped: each of its pages
-/// is written once here. A page fault in the VMM process is a round through KVM's
-/// mmu notifier (the process's mm is the guest's), and right after a write-protect of
-/// all of a 4 GiB guest's RAM each took about a millisecond on this host: a harvest
-/// inside a snapshot's pause that faulted in a fresh bitmap took 20-30 ms
-/// (docs/perf-vm.md). Buffers used inside pauses are made with this, once, and reused.
+/// is written once here. A page fault (or the `mmap` of a fresh allocation) in the VMM
+/// process waits for the mm's lock, which write-protect walks and the pool's pre-fault
+/// thread hold for milliseconds while a big guest runs: a harvest inside a snapshot's
+/// pause that allocated and faulted in fresh bitmaps took 20-30 ms at 4 GiB
+/// (docs/perf-vm.md, docs/machine-notes.md). Buffers used inside pauses are made with
+/// this, once, and reused.
 pub fn prefaulted<T: Copy + Default>(len: usize) -> Vec<T> {
     let mut v = vec![T::default(); len];
     let step = (4096 / std::mem::size_of::<T>().max(1)).max(1);
@@ -121,6 +122,18 @@ pub fn prefaulted<T: Copy + Default>(len: usize) -> Vec<T> {
         unsafe { std::ptr::write_volatile(v.as_mut_ptr().add(i), T::default()) };
     }
     v
+}
+
+/// The bitmap a source handed out last and got back (`spare`), zeroed, if it has
+/// `words` words; otherwise a new one.
+fn reuse_zeroed(spare: &mut Option<PageBitmap>, words: usize) -> PageBitmap {
+    match spare.take() {
+        Some(mut b) if b.len() == words => {
+            b.fill(0);
+            b
+        }
+        _ => vec![0u64; words],
+    }
 }
 
 /// A source of "pages written since the last harvest", cleared by each harvest.
@@ -210,19 +223,11 @@ impl KvmDirtyLog {
 
 impl DirtySource for KvmDirtyLog {
     fn recycle(&mut self, bits: PageBitmap) {
-        if bits.len() == bitmap_words(self.total_pages) {
-            self.spare = Some(bits);
-        }
+        self.spare = Some(bits);
     }
 
     fn harvest(&mut self) -> Result<PageBitmap, DirtyError> {
-        let mut out = match self.spare.take() {
-            Some(mut b) => {
-                b.fill(0);
-                b
-            }
-            None => vec![0u64; bitmap_words(self.total_pages)],
-        };
+        let mut out = reuse_zeroed(&mut self.spare, bitmap_words(self.total_pages));
         for (s, bits) in self.slots.iter().zip(self.slot_bits.iter_mut()) {
             let mut log = kvm_dirty_log {
                 slot: s.slot,
@@ -293,13 +298,7 @@ impl DirtySource for VmmWriteLog {
 
     fn harvest(&mut self) -> Result<PageBitmap, DirtyError> {
         let total: u64 = self.mem.iter().map(|r| r.len() / 4096).sum();
-        let mut out = match self.spare.take() {
-            Some(mut b) if b.len() == bitmap_words(total) => {
-                b.fill(0);
-                b
-            }
-            _ => vec![0u64; bitmap_words(total)],
-        };
+        let mut out = reuse_zeroed(&mut self.spare, bitmap_words(total));
         let mut first = 0u64;
         for region in self.mem.iter() {
             let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
