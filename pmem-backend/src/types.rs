@@ -57,25 +57,16 @@ impl RunBuilder {
         self.runs.push(PageRun::new(p, 1));
     }
 
-    /// Append the runs of pages in `first..first+refs.len()` whose counter is zero (a
-    /// tight scan over the counters, for snapshot and delete of large runs).
-    pub fn push_zeros(&mut self, first: u64, refs: &[u32]) {
-        let mut i = 0;
-        while i < refs.len() {
-            if refs[i] != 0 {
-                i += 1;
-                continue;
-            }
-            let start = i;
-            while i < refs.len() && refs[i] == 0 {
-                i += 1;
-            }
-            let p = first + start as u64;
-            let n = (i - start) as u64;
-            match self.runs.last_mut() {
-                Some(r) if r.first + r.count == p => r.count += n,
-                _ => self.runs.push(PageRun::new(p, n)),
-            }
+    /// Append run `r` (after every page pushed so far), merged with the last run where
+    /// they touch.
+    #[inline]
+    pub fn push_run(&mut self, r: PageRun) {
+        if r.count == 0 {
+            return;
+        }
+        match self.runs.last_mut() {
+            Some(last) if last.first + last.count == r.first => last.count += r.count,
+            _ => self.runs.push(r),
         }
     }
 }
@@ -363,24 +354,25 @@ mod tests {
     }
 
     #[test]
-    fn run_builder_push_and_zero_scan() {
+    fn run_builder_push_and_push_run() {
         let mut b = RunBuilder::default();
         b.push(3);
         b.push(4);
         b.push(9);
-        b.push_zeros(10, &[0, 0, 1, 0, 2, 2, 0]);
+        b.push_run(PageRun::new(10, 2));
+        b.push_run(PageRun::new(13, 0));
+        b.push_run(PageRun::new(13, 1));
+        b.push(14);
+        b.push_run(PageRun::new(16, 4));
         assert_eq!(
             b.runs,
             vec![
                 PageRun::new(3, 2),
                 PageRun::new(9, 3),
-                PageRun::new(13, 1),
-                PageRun::new(16, 1)
+                PageRun::new(13, 2),
+                PageRun::new(16, 4)
             ]
         );
-        let mut z = RunBuilder::default();
-        z.push_zeros(0, &[1, 1]);
-        assert!(z.runs.is_empty());
     }
 
     #[test]
