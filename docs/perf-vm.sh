@@ -2,6 +2,8 @@
 # Measure whole-VM snapshot pause, rollback and restore (docs/perf-vm.md).
 # Usage: PMSNAP=target/release/pmsnap PMSNAP_IMAGE_DIR=... docs/perf-vm.sh 256M 1G
 # Prints the load average first and last: these machines are shared and noisy.
+# PERF_LOG sets the restores' RUST_LOG (default info; e.g. info,pmem_backend=debug for the
+# lazy copy back's preparation steps).
 # A failing step stops the script with its line and command (scripts/lib.sh).
 . "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/scripts/lib.sh"
 pmsnap_init perf-vm
@@ -26,11 +28,12 @@ restore() {
   local snap=$1 label=$2; shift 2
   rm -f "$W/rerr"
   local t0; t0=$(date +%s%N)
-  RUST_LOG=info "$BIN" restore --pool "$POOL" --snapshot "$snap" "$@" < /dev/null > "$W/rout" 2> "$W/rerr" & VMM=$!
+  RUST_LOG=${PERF_LOG:-info} "$BIN" restore --pool "$POOL" --snapshot "$snap" "$@" < /dev/null > "$W/rout" 2> "$W/rerr" & VMM=$!
   wait_out "$W/rerr" "vCPUs running" 60 || { echo "restore $label failed"; cat "$W/rerr"; return 1; }
   local ts; ts=$(grep 'vCPUs running' "$W/rerr" | sed -E 's/^\[([^ ]+) .*/\1/')
   local t1; t1=$(date -d "$ts" +%s%N)
   echo "mem=$MEM restore $label: $(grep -o 'restored snapshot.*' "$W/rerr"); process start to vCPUs running $(( (t1 - t0) / 1000000 )) ms"
+  if [ -n "${PERF_LOG:-}" ]; then grep -o 'DEBUG.*copy back of.*' "$W/rerr" | sed "s/^/mem=$MEM restore $label: /" || true; fi
 }
 # Median of 5 memcpys of $1 bytes into memory already faulted in, in us: the baseline
 # of a copy-back's throughput, measured in the same run (Python's bytearray slice

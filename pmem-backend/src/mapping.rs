@@ -211,6 +211,40 @@ impl Mapping {
         }
     }
 
+    /// Which of the `pages` pages at `off` (page aligned) are in memory: one `mincore`
+    /// call, one byte per page, bit 0 set where the page is in the page cache. On tmpfs
+    /// that is every page with data except one swapped out; a punched hole never is.
+    pub fn resident(&self, off: u64, pages: usize) -> io::Result<Vec<u8>> {
+        let page = crate::PAGE_SIZE;
+        let len = pages
+            .checked_mul(page)
+            .ok_or_else(|| oob(off, usize::MAX, self.len))?;
+        let start = self.check(off, len)?;
+        if start % page != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "mincore of an unaligned offset",
+            ));
+        }
+        let mut vec = vec![0u8; pages];
+        if pages == 0 {
+            return Ok(vec);
+        }
+        // SAFETY: start..start+len lies inside the live mapping (checked) and is page
+        // aligned; `vec` has one byte for each of its pages. mincore only writes `vec`.
+        let rc = unsafe {
+            libc::mincore(
+                self.ptr.as_ptr().add(start).cast(),
+                len,
+                vec.as_mut_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(vec)
+    }
+
     /// crc32c of `len` bytes at `off`, computed in place (no copy). Callers use it on
     /// bytes nobody writes concurrently: store-owned areas, or a write-protected RAM page.
     pub fn crc32c(&self, off: u64, len: usize) -> io::Result<u32> {
@@ -328,6 +362,9 @@ mod tests {
         m.read_at(0, &mut b).expect("read");
         assert_eq!(b, [1, 2]);
         assert!(m.copy_within(0, 1, 2).is_err());
+        assert!(m.resident(1, 1).is_err(), "unaligned");
+        assert!(m.resident(4096, 2).is_err(), "beyond the end");
+        assert_eq!(m.resident(0, 2).expect("mincore").len(), 2);
     }
 
     #[test]

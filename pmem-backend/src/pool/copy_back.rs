@@ -14,6 +14,27 @@ use crate::PAGE_SIZE;
 const COPY_PREFETCH_AHEAD: usize = 2;
 const COPY_PREFETCH_BYTES: usize = 256;
 
+/// Pages of a copy back below which it runs in one thread: starting a thread costs tens
+/// of microseconds, a page about one.
+const COPY_PAGES_PER_THREAD: usize = 2048;
+
+/// Threads for a copy back of `pages` pages: one per CPU this process may use, at most
+/// [`COPY_MAX_THREADS`], and one per [`COPY_PAGES_PER_THREAD`] pages.
+fn copy_threads(pages: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    threads_for(pages, cpus)
+}
+
+/// At most this many copy threads: beyond a few, copies share memory bandwidth rather
+/// than add to it.
+const COPY_MAX_THREADS: usize = 4;
+
+fn threads_for(pages: usize, cpus: usize) -> usize {
+    cpus.min(COPY_MAX_THREADS)
+        .min(pages / COPY_PAGES_PER_THREAD)
+        .max(1)
+}
+
 /// Pages one read fault maps in the store's mapping (the kernel's default fault-around
 /// of 64 KiB): the copy-back loop touches one RAM page per such window.
 const TOUCH_PAGES: u64 = 16;
@@ -29,7 +50,18 @@ impl Pool {
         sel: impl Into<SnapshotSel<'a>>,
         runs: &[PageRun],
     ) -> Result<Vec<u64>> {
-        let s = &self.snapshots[&self.find(sel.into())?];
+        let idx = self.find(sel.into())?;
+        Ok(self
+            .preserved_blocks(idx, runs)?
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect())
+    }
+
+    /// [`Pool::preserved_pages`] of snapshot `idx`, each with the block holding its
+    /// content (read from the same records: no lookup per page).
+    pub(super) fn preserved_blocks(&self, idx: u64, runs: &[PageRun]) -> Result<Vec<(u64, u32)>> {
+        let s = &self.snapshots[&idx];
         let mut out = Vec::new();
         for r in normalize_runs(runs) {
             // The page set is merged, so a covered run lies inside one of its runs.
@@ -50,7 +82,7 @@ impl Pool {
                 self.redirects
                     .range_of(s, r.first, r.end())
                     .iter()
-                    .map(|v| v.page),
+                    .map(|v| (v.page, v.block)),
             );
         }
         Ok(out)
@@ -62,8 +94,10 @@ impl Pool {
     /// still references it; pages it references in place already hold it. The RAM
     /// writes are persisted as one batch at the end (no snapshot references them in
     /// place any more, so their order does not matter). Returns the pages written,
-    /// ascending. A bad block fails with `BadBlock` naming the page; the pages before it
-    /// are written (and every page was preserved for the others first).
+    /// ascending. A bad block fails with `BadBlock` naming the page; the pages copied
+    /// by then are written and persisted (every page was preserved for the others
+    /// first). A copy of many pages runs in several threads ([`copy_threads`]), each
+    /// over its own part of the pages, so pages after a bad one may be written too.
     pub fn copy_back<'a>(
         &mut self,
         sel: impl Into<SnapshotSel<'a>>,
@@ -71,28 +105,90 @@ impl Pool {
     ) -> Result<Vec<u64>> {
         let t0 = std::time::Instant::now();
         let idx = self.find(sel.into())?;
-        let pages = self.preserved_pages(SnapshotSel::Id(idx), runs)?;
+        let work = self.preserved_blocks(idx, runs)?;
         // Populating a RAM hole through this mapping would make it present as zeros:
         // with RAM still filling lazily, the pages come in through the gate first.
-        self.ensure_ram(&pages_to_runs(pages.iter().copied()))?;
+        self.ensure_ram(&pages_to_runs(work.iter().map(|&(p, _)| p)))?;
         // First preserve every page for the others (a no-op for a page no other
-        // snapshot references in place, the usual case), noting its block: the copy
-        // loop below then only moves bytes.
-        let mut work: Vec<(u64, u64)> = Vec::with_capacity(pages.len());
-        for &p in &pages {
-            work.push((p, u64::from(self.preserve_for_others(idx, p)?)));
-        }
+        // snapshot references in place, the usual case): the copy loop below then only
+        // moves bytes.
+        self.preserve_for_others(idx, &work)?;
         let t1 = t0.elapsed();
-        // The RAM pages are mapped in this mapping before they are written (below, two
-        // pages ahead), a read fault per 64 KiB (fault-around maps the neighbours, see
-        // `Mapping::touch`): a write fault per page costs more than the copy itself. In
-        // a rollback they are mapped already and a touch is one load, where
-        // `MADV_POPULATE_WRITE` of runs walked every page (the VMM's 10% rollback of
-        // 1 GiB: 5-17 ms). Not the blocks either: they are mapped already in a rollback
-        // (the store wrote them), and in a new process the crc's reads fault them in
-        // with their neighbours. Copying back 100 runs of 262 pages of 1 GiB, blocks in
-        // shuffled order: 0.97-1.08 against 1.05-1.20 us a page with populate in the
-        // same process, 1.69-1.79 against 1.94-1.97 in a new one.
+        // The copy is split into page-ordered parts, one thread each, where there are
+        // CPUs to spare and enough pages to pay for a thread (the vCPUs are paused or
+        // not started yet: the CPUs are otherwise idle). Each part writes its pages and
+        // fences its own non-temporal stores; the parts' pages are persisted together.
+        let parts = copy_threads(work.len());
+        let results = self.copy_in_parts(idx, &work, parts);
+        let t3 = t0.elapsed();
+        let done: Vec<PageRun> = results
+            .iter()
+            .flat_map(|(d, _)| d.iter().copied())
+            .collect();
+        self.persist_ram_runs(&done)?;
+        log::debug!(
+            "copy back of {} pages ({} runs, {parts} threads): preserved after {t1:?}, \
+             copied after {t3:?}, persisted after {:?}",
+            work.len(),
+            done.len(),
+            t0.elapsed()
+        );
+        let res = results.into_iter().try_for_each(|(_, r)| r);
+        res.map(|()| work.into_iter().map(|(p, _)| p).collect())
+    }
+
+    /// [`Pool::copy_part`] of `work` split into `parts` parts of consecutive pages, all
+    /// but the first in threads of their own (or in this one where no thread can be
+    /// started): each part's result, in page order.
+    fn copy_in_parts(
+        &self,
+        idx: u64,
+        work: &[(u64, u32)],
+        parts: usize,
+    ) -> Vec<(Vec<PageRun>, Result<()>)> {
+        if parts <= 1 || work.len() < 2 {
+            return vec![self.copy_part(idx, work)];
+        }
+        std::thread::scope(|sc| {
+            let mut chunks = work.chunks(work.len().div_ceil(parts));
+            let first = chunks.next().unwrap_or(&[]);
+            let spawned: Vec<_> = chunks
+                .map(|c| {
+                    let t = std::thread::Builder::new()
+                        .name("copy-back".into())
+                        .spawn_scoped(sc, move || self.copy_part(idx, c));
+                    (c, t)
+                })
+                .collect();
+            let mut out = vec![self.copy_part(idx, first)];
+            for (c, t) in spawned {
+                out.push(match t {
+                    Ok(h) => h
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                    Err(_) => self.copy_part(idx, c),
+                });
+            }
+            out
+        })
+    }
+
+    /// Copy the blocks of `work` (page, block; ascending) into RAM, each checked against
+    /// its crc32c: the runs written, and the first error (the pages after it are left).
+    /// Ends with a store fence: the copies' non-temporal stores are ordered before the
+    /// caller's persist and before anyone (the resumed guest) reads the pages.
+    ///
+    /// The RAM pages are mapped in the store's mapping before they are written (two
+    /// pages ahead), a read fault per 64 KiB (fault-around maps the neighbours, see
+    /// `Mapping::touch`): a write fault per page costs more than the copy itself. In a
+    /// rollback they are mapped already and a touch is one load, where
+    /// `MADV_POPULATE_WRITE` of runs walked every page (the VMM's 10% rollback of
+    /// 1 GiB: 5-17 ms). Not the blocks either: they are mapped already in a rollback
+    /// (the store wrote them), and in a new process the crc's reads fault them in with
+    /// their neighbours. Copying back 100 runs of 262 pages of 1 GiB, blocks in shuffled
+    /// order: 0.97-1.08 against 1.05-1.20 us a page with populate in the same process,
+    /// 1.69-1.79 against 1.94-1.97 in a new one.
+    fn copy_part(&self, idx: u64, work: &[(u64, u32)]) -> (Vec<PageRun>, Result<()>) {
         let mut done = RunBuilder::default();
         let mut last_window = u64::MAX;
         for &(p, _) in work.iter().take(COPY_PREFETCH_AHEAD) {
@@ -104,27 +200,19 @@ impl Pool {
             // start of a later one now overlaps its TLB miss and first cache misses
             // with this page's crc and copy, and starts the hardware prefetcher on it.
             if let Some(&(p2, b2)) = work.get(i + COPY_PREFETCH_AHEAD) {
-                self.map
-                    .prefetch(self.geo.block_offset_of(b2), COPY_PREFETCH_BYTES, false);
+                self.map.prefetch(
+                    self.geo.block_offset_of(u64::from(b2)),
+                    COPY_PREFETCH_BYTES,
+                    false,
+                );
                 self.touch_ram(p2, &mut last_window);
             }
-            self.copy_block_to_ram_streaming(idx, p, b)?;
+            self.copy_block_to_ram_streaming(idx, p, u64::from(b))?;
             done.push(p);
             Ok(())
         });
-        // The copies' non-temporal stores, ordered before the persist and before
-        // anyone (the resumed guest) reads the pages.
         self.map.store_fence();
-        let t3 = t0.elapsed();
-        self.persist_ram_runs(&done.runs)?;
-        log::debug!(
-            "copy back of {} pages ({} runs): preserved after {t1:?}, copied after {t3:?}, \
-             persisted after {:?}",
-            pages.len(),
-            done.runs.len(),
-            t0.elapsed()
-        );
-        res.map(|()| pages)
+        (done.runs, res)
     }
 
     /// Touch RAM page `p` in the store's mapping unless it lies in the fault-around
@@ -139,14 +227,16 @@ impl Pool {
         }
     }
 
-    /// Preserve page `p` for every other snapshot that references it in place, before
-    /// snapshot `idx`'s content replaces it in RAM; the block holding `idx`'s content.
-    pub(super) fn preserve_for_others(&mut self, idx: u64, p: u64) -> Result<u32> {
-        // `preserve` re-points other snapshots only: this one's redirect of p stays.
-        self.preserve(p)?;
-        self.redirects
-            .get(&self.snapshots[&idx], p)
-            .ok_or_else(|| PoolError::Corrupt(format!("page {p} lost its block during copy back")))
+    /// Preserve the pages of `work` ([`Pool::preserved_blocks`] of snapshot `idx`) for
+    /// every other snapshot that references them in place, before `idx`'s content
+    /// replaces them in RAM. `preserve` re-points the other snapshots only, so the
+    /// blocks of `work` stay `idx`'s.
+    pub(super) fn preserve_for_others(&mut self, idx: u64, work: &[(u64, u32)]) -> Result<()> {
+        for &(p, b) in work {
+            self.preserve(p)?;
+            debug_assert_eq!(self.redirects.get(&self.snapshots[&idx], p), Some(b));
+        }
+        Ok(())
     }
 
     /// Copy block `block` (snapshot `idx`'s content of page `p`) into RAM page `p`
@@ -269,6 +359,54 @@ mod tests {
             pattern(8),
             "9 untouched"
         );
+    }
+
+    #[test]
+    fn threads_follow_the_cpus_and_the_pages() {
+        assert_eq!(threads_for(100, 8), 1, "too few pages for a second thread");
+        assert_eq!(threads_for(2 * COPY_PAGES_PER_THREAD, 8), 2);
+        assert_eq!(threads_for(1 << 20, 2), 2, "no more than the CPUs");
+        assert_eq!(threads_for(1 << 20, 64), COPY_MAX_THREADS);
+        assert_eq!(threads_for(1 << 20, 0), 1);
+    }
+
+    /// Copied in parts (threads), every page is back and a bad block in a later part is
+    /// named, the pages of the other parts written and reported.
+    #[test]
+    fn a_copy_in_parts_writes_every_page_and_names_a_bad_block() {
+        let d = tmpdir();
+        let (_, mut pool) = small_pool(&d, 64, PoolOptions::default());
+        fill(&mut pool, 0..64, 1);
+        let all = [PageRun::new(0, 64)];
+        vm(&mut pool, "a", &all);
+        fill(&mut pool, 0..64, 2);
+        let idx = pool.find("a".into()).expect("a");
+        let work = pool.preserved_blocks(idx, &all).expect("blocks");
+        assert_eq!(work.len(), 64);
+        let parts = pool.copy_in_parts(idx, &work, 3);
+        assert_eq!(parts.len(), 3);
+        let done: Vec<PageRun> = parts.iter().flat_map(|(d, _)| d.clone()).collect();
+        assert_eq!(normalize_runs(&done), all.to_vec());
+        assert!(parts.iter().all(|(_, r)| r.is_ok()));
+        for p in 0..64 {
+            let want = pool.read_snapshot_page("a", p).expect("a").1;
+            assert_eq!(pool.read_ram_page(p).expect("ram"), want, "page {p}");
+        }
+        // Page 50's block damaged: the third part stops there, the others finish.
+        fill(&mut pool, 0..64, 3);
+        let b = work[50].1;
+        pool.map
+            .write_at(pool.geo.block_offset_of(u64::from(b)), &[0xee; 8])
+            .expect("damage");
+        let parts = pool.copy_in_parts(idx, &work, 3);
+        assert!(parts[0].1.is_ok() && parts[1].1.is_ok());
+        assert!(matches!(
+            parts[2].1,
+            Err(PoolError::BadBlock { page: 50, .. })
+        ));
+        let done: Vec<PageRun> = parts.iter().flat_map(|(d, _)| d.clone()).collect();
+        assert_eq!(normalize_runs(&done), vec![PageRun::new(0, 50)]);
+        assert_eq!(pool.read_ram_page(51).expect("ram"), pattern(3 + 51));
     }
 
     #[test]

@@ -102,6 +102,31 @@ fn is_hole(file: &File, off: u64) -> std::io::Result<bool> {
     Ok(seek(file, off, libc::SEEK_HOLE)? == off)
 }
 
+/// Whether a RAM page just punched still has data, from its `mincore` byte: in memory
+/// means data; not in memory means a hole, unless swap is on (`swap`), where it may be
+/// data swapped out and `is_hole` (a `SEEK_HOLE`, which counts swapped pages as data)
+/// decides.
+fn page_has_data(
+    mincore: u8,
+    swap: bool,
+    is_hole: impl FnOnce() -> std::io::Result<bool>,
+) -> std::io::Result<bool> {
+    if mincore & 1 != 0 {
+        Ok(true)
+    } else if swap {
+        Ok(!is_hole()?)
+    } else {
+        Ok(false)
+    }
+}
+
+/// Whether this host may swap out tmpfs pages: any swap area listed in `/proc/swaps`
+/// (yes when it cannot be read).
+fn swap_active() -> bool {
+    std::fs::read_to_string("/proc/swaps")
+        .map_or(true, |s| s.lines().skip(1).any(|l| !l.trim().is_empty()))
+}
+
 /// Punch bytes `off..off + len` of `file` out (the file keeps its size).
 fn punch(file: &File, off: u64, len: u64) -> std::io::Result<()> {
     let too_large = || std::io::Error::from_raw_os_error(libc::EFBIG);
@@ -172,19 +197,19 @@ impl Pool {
             ));
         }
         let idx = self.find(sel.into())?;
-        let pages = self.preserved_pages(SnapshotSel::Id(idx), runs)?;
+        let work = self.preserved_blocks(idx, runs)?;
         let name = self.snapshots[&idx].name.clone();
         let mut out = LazyCopyBack {
             snapshot: name.clone(),
             ..LazyCopyBack::default()
         };
-        if pages.is_empty() {
+        if work.is_empty() {
             return Ok(out);
         }
         let t0 = std::time::Instant::now();
-        let mut holes = Vec::with_capacity(pages.len());
-        for &p in &pages {
-            let b = self.preserve_for_others(idx, p)?;
+        self.preserve_for_others(idx, &work)?;
+        let mut holes = Vec::with_capacity(work.len());
+        for &(p, b) in &work {
             let crc = self.index.block_crc(b).ok_or_else(|| {
                 PoolError::Corrupt(format!("block {b} of page {p} has no checksum"))
             })?;
@@ -203,11 +228,12 @@ impl Pool {
         let t1 = t0.elapsed();
         write_marker(&self.path, idx, &name).map_err(io("writing the fill marker of"))?;
         let t2 = t0.elapsed();
+        let runs = pages_to_runs(work.iter().map(|&(p, _)| p));
         self.fill_pin = Some(FillPin {
             id: idx,
-            runs: pages_to_runs(pages.iter().copied()),
+            runs: runs.clone(),
         });
-        for r in pages_to_runs(pages.iter().copied()) {
+        for r in &runs {
             let off = self.geo.ram_page_offset(r.first);
             punch(&self.file, off, r.count * PAGE_SIZE as u64)
                 .map_err(io("punching RAM pages out of"))?;
@@ -215,23 +241,41 @@ impl Pool {
         let t3 = t0.elapsed();
         // A punch into part of a huge page may zero it rather than free it: such a page
         // is no hole (userfaultfd would never ask for it), so it is copied now. Checked
-        // page by page: a run at once (`SEEK_DATA`) would walk on past its end over pages
-        // allocated and never written, which count as holes too.
-        for h in holes {
-            let off = self.geo.ram_page_offset(h.page);
-            if is_hole(&self.file, off).map_err(io("checking RAM holes in"))? {
-                out.holes.push(h);
-            } else {
-                self.fill_from_block(idx, h)?;
-                out.copied.push(h.page);
+        // with one `mincore` of the store's mapping per run: a page in the page cache is
+        // data. A page that is not may still be data swapped out, so where swap is on,
+        // each such page is checked again with `SEEK_HOLE` (one call a page: a run at
+        // once with `SEEK_DATA` would walk on past its end over pages allocated and never
+        // written, which count as holes too).
+        let swap = swap_active();
+        let mut holes = holes.into_iter();
+        for r in &runs {
+            let resident = self
+                .map
+                .resident(self.geo.ram_page_offset(r.first), r.count as usize)
+                .map_err(io("checking RAM holes in"))?;
+            for in_memory in resident {
+                let h = holes.next().ok_or_else(|| {
+                    PoolError::Corrupt(format!("run {r:?} has more pages than its holes"))
+                })?;
+                debug_assert!(r.contains(h.page));
+                let off = self.geo.ram_page_offset(h.page);
+                let hole = !page_has_data(in_memory, swap, || is_hole(&self.file, off))
+                    .map_err(io("checking RAM holes in"))?;
+                if hole {
+                    out.holes.push(h);
+                } else {
+                    self.fill_from_block(idx, h)?;
+                    out.copied.push(h.page);
+                }
             }
         }
         log::debug!(
             "lazy copy back of {name:?}: {} pages in {} runs; preserved after {t1:?}, marker \
-             after {t2:?}, punched after {t3:?}, holes checked after {:?}",
-            pages.len(),
-            pages_to_runs(pages.iter().copied()).len(),
-            t0.elapsed()
+             after {t2:?}, punched after {t3:?}, holes checked after {:?} (swap {})",
+            work.len(),
+            runs.len(),
+            t0.elapsed(),
+            if swap { "on" } else { "off" }
         );
         if !out.copied.is_empty() {
             self.persist_ram(&out.copied)?;
@@ -537,6 +581,34 @@ mod tests {
         let (data, hole) = file_page(&pool, 20);
         assert!(!hole);
         assert_eq!(data, want.to_vec());
+    }
+
+    #[test]
+    fn a_page_in_memory_after_its_punch_is_data_and_swap_needs_a_second_look() {
+        let never = || -> std::io::Result<bool> { panic!("no SEEK_HOLE needed") };
+        assert!(page_has_data(1, false, never).expect("in memory"));
+        assert!(page_has_data(0x81, true, never).expect("in memory, swap on"));
+        assert!(!page_has_data(0, false, never).expect("not in memory, no swap"));
+        assert!(page_has_data(0, true, || Ok(false)).expect("swapped out: data"));
+        assert!(!page_has_data(0, true, || Ok(true)).expect("a hole"));
+        assert!(page_has_data(0, true, || Err(std::io::Error::other("x"))).is_err());
+    }
+
+    #[test]
+    fn mincore_sees_a_punched_page_as_out_of_memory() {
+        let d = tmpdir();
+        let (_, mut pool) = two_snapshots(&d);
+        let back = pool
+            .copy_back_lazy("a", &[PageRun::new(0, 32)])
+            .expect("lazy copy back");
+        let res = pool
+            .map
+            .resident(pool.geo.ram_page_offset(0), 32)
+            .expect("mincore");
+        for p in 0..32u64 {
+            let hole = back.holes.iter().any(|h| h.page == p);
+            assert_eq!(res[p as usize] & 1 == 0, hole, "page {p}");
+        }
     }
 
     #[test]
