@@ -129,6 +129,24 @@ impl DirtyTracker {
         Ok(())
     }
 
+    /// [`Self::start`] of `name` and the end of `mark`'s tracking, with one harvest:
+    /// returns the pages written since `mark` up to the start of `name` (what
+    /// [`Self::dirty_since`] of `mark` would say), and `mark` is forgotten. On an error
+    /// neither changed (the caller forgets `mark` as it sees fit).
+    pub fn start_ending(&mut self, name: &str, mark: &str) -> Result<Vec<(u64, u64)>, DirtyError> {
+        self.harvest()?;
+        let since = match self.since.get(mark) {
+            None => return Err(DirtyError::Untracked(mark.to_string())),
+            Some(Since::Unknown) if self.pages == 0 => Vec::new(),
+            Some(Since::Unknown) => vec![(0, self.pages)],
+            Some(&Since::Epoch(e)) => self.runs_since(e),
+        };
+        let epoch = self.open_epoch();
+        self.set(name, Since::Epoch(epoch));
+        self.forget(mark);
+        Ok(since)
+    }
+
     /// Start tracking `name` with everything marked written (a snapshot made by an
     /// earlier VMM process: what happened in between is unknown here).
     pub fn start_unknown(&mut self, name: &str) {
@@ -403,6 +421,33 @@ mod tests {
         assert!(matches!(t.dirty_since("a"), Err(DirtyError::Untracked(_))));
         t.start_unknown("old");
         assert_eq!(t.dirty_since("old").expect("old"), vec![(0, 100)]);
+    }
+
+    /// One harvest starts a snapshot and ends a mark: the mark's pages up to the start,
+    /// the snapshot's from it on.
+    #[test]
+    fn start_ending_a_mark() {
+        let (mut t, [kvm, vmm]) = tracker(100, u32::MAX);
+        t.start("a").expect("a");
+        t.start("\0mark").expect("mark");
+        write(&kvm, 7);
+        write(&vmm, 8);
+        assert_eq!(t.start_ending("b", "\0mark").expect("b"), vec![(7, 2)]);
+        assert!(matches!(
+            t.dirty_since("\0mark"),
+            Err(DirtyError::Untracked(_))
+        ));
+        write(&kvm, 9);
+        assert_eq!(t.dirty_since("b").expect("b"), vec![(9, 1)]);
+        assert_eq!(t.dirty_since("a").expect("a"), vec![(7, 3)]);
+        assert!(matches!(
+            t.start_ending("c", "\0none"),
+            Err(DirtyError::Untracked(_))
+        ));
+        assert!(
+            matches!(t.dirty_since("c"), Err(DirtyError::Untracked(_))),
+            "not started when the mark is unknown"
+        );
     }
 
     /// A rollback to one snapshot among many: the pages it copies back are VMM writes,

@@ -220,12 +220,6 @@ impl Engine {
         if pool.inspect(name).is_ok() {
             return Err(PoolError::DuplicateName(name.to_string()));
         }
-        // Track writes from before the pages are protected: a write in between is counted
-        // as dirty (harmless for rollback) rather than missed. Lock order: pool, then dirty.
-        if let Err(e) = self.dirty().start(name) {
-            warn!("dirty tracking for {name:?} could not start: {e}");
-        }
-        let harvested = t.elapsed();
         let protector = self.protector.clone();
         // Taken under the pool lock: the handler records under it too, so the list of
         // pages it made writable is complete here.
@@ -237,27 +231,42 @@ impl Engine {
                 None // still being walked (another request's): protect all newly here
             }
         };
-        // Every page written since the pre-protection began, as the dirty sources saw
-        // it (KVM's dirty log and the VMM's own writes): protected again with the pages
-        // the handler made writable. The faults alone are not relied on: a write that
-        // raced the walk while the vCPUs ran once went unpreserved (docs/perf-vm.md).
-        let pre = pre.and_then(|p| {
+        let armed_at = t.elapsed();
+        // Track writes from before the pages are protected: a write in between is counted
+        // as dirty (harmless for rollback) rather than missed. Lock order: pool, then
+        // dirty. With a pre-protection record, the same harvest also gives every page
+        // written since the pre-protection began, as the dirty sources saw it (KVM's
+        // dirty log and the VMM's own writes): protected again with the pages the
+        // handler made writable. The faults alone are not relied on: a write that raced
+        // the walk while the vCPUs ran once went unpreserved (docs/perf-vm.md). One
+        // harvest, not two: each reads RAM-sized bitmaps inside the pause.
+        let pre = {
             let mut dirty = self.dirty();
-            let written = dirty.dirty_since(PRE_PROTECT_MARK);
-            dirty.forget(PRE_PROTECT_MARK);
-            match written {
-                Ok(w) => Some((
-                    p,
-                    w.into_iter()
-                        .map(|(f, c)| PageRun::new(f, c))
-                        .collect::<Vec<_>>(),
-                )),
-                Err(e) => {
-                    warn!("pre-protection not used for {name:?}: dirty tracking failed: {e}");
+            match pre {
+                None => {
+                    if let Err(e) = dirty.start(name) {
+                        warn!("dirty tracking for {name:?} could not start: {e}");
+                    }
                     None
                 }
+                Some(p) => match dirty.start_ending(name, PRE_PROTECT_MARK) {
+                    Ok(w) => Some((
+                        p,
+                        w.into_iter()
+                            .map(|(f, c)| PageRun::new(f, c))
+                            .collect::<Vec<_>>(),
+                    )),
+                    Err(e) => {
+                        warn!(
+                            "pre-protection not used for {name:?}, dirty tracking not \
+                             started: {e}"
+                        );
+                        dirty.forget(PRE_PROTECT_MARK);
+                        None
+                    }
+                },
             }
-        });
+        };
         let before_store = t.elapsed();
         let mut walk = (0u64, 0usize, std::time::Duration::ZERO); // pages, runs, time
         let res = pool.snapshot_with(name, kind, runs, meta, |newly| {
@@ -272,10 +281,10 @@ impl Engine {
             Ok(())
         });
         log::debug!(
-            "snapshot {name:?}: pool lock {locked:?}, dirty harvest {:?}, pre-protection record {:?} \
-             ({}), write-protect {} pages in {} runs {:?}, store total {:?}",
-            harvested - locked,
-            before_store - harvested,
+            "snapshot {name:?}: pool lock {locked:?}, pre-protection record {:?}, dirty harvest \
+             {:?} ({}), write-protect {} pages in {} runs {:?}, store total {:?}",
+            armed_at - locked,
+            before_store - armed_at,
             if pre.is_some() { "used" } else { "none" },
             walk.0,
             walk.1,
