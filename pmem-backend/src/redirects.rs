@@ -20,7 +20,7 @@ use crate::catalog::Snapshot;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Longest page range [`Redirects::range_of`] answers by walking its records.
-const RANGE_WALK_PAGES: u64 = 4096;
+pub(crate) const RANGE_WALK_PAGES: u64 = 4096;
 
 /// One redirect: page `page` of the snapshots covering it with ids in (the previous
 /// record's `upto`, `upto`] is in block `block`.

@@ -3,6 +3,7 @@
 
 use super::Pool;
 use crate::error::{PoolError, Result};
+use crate::redirects::{Version, RANGE_WALK_PAGES};
 use crate::types::{normalize_runs, pages_to_runs, PageRun, RunBuilder, SnapshotSel};
 use crate::PAGE_SIZE;
 
@@ -62,8 +63,8 @@ impl Pool {
     /// content (read from the same records: no lookup per page).
     pub(super) fn preserved_blocks(&self, idx: u64, runs: &[PageRun]) -> Result<Vec<(u64, u32)>> {
         let s = &self.snapshots[&idx];
-        let mut out = Vec::new();
-        for r in normalize_runs(runs) {
+        let norm = normalize_runs(runs);
+        for &r in &norm {
             // The page set is merged, so a covered run lies inside one of its runs.
             let i = s.page_set.partition_point(|x| x.first <= r.first);
             let inside = i > 0 && s.page_set[i - 1].end() >= r.end();
@@ -78,12 +79,34 @@ impl Pool {
                     page,
                 });
             }
-            out.extend(
-                self.redirects
-                    .range_of(s, r.first, r.end())
-                    .iter()
-                    .map(|v| (v.page, v.block)),
-            );
+        }
+        // A long run is answered by a walk over every record since the snapshot (see
+        // `Redirects::range_of`): with two or more (a rollback's written runs), one walk
+        // over the span of all runs, kept where inside one, costs less than a walk each.
+        let long = norm.iter().filter(|r| r.count > RANGE_WALK_PAGES).count();
+        let pick = |v: &Version| (v.page, v.block);
+        if long < 2 {
+            let mut out = Vec::new();
+            for r in &norm {
+                out.extend(
+                    self.redirects
+                        .range_of(s, r.first, r.end())
+                        .iter()
+                        .map(pick),
+                );
+            }
+            return Ok(out);
+        }
+        let (first, end) = (norm[0].first, norm[norm.len() - 1].end());
+        let mut runs = norm.iter().peekable();
+        let mut out = Vec::new();
+        for v in self.redirects.range_of(s, first, end) {
+            while runs.peek().is_some_and(|r| r.end() <= v.page) {
+                runs.next();
+            }
+            if runs.peek().is_some_and(|r| r.contains(v.page)) {
+                out.push(pick(&v));
+            }
         }
         Ok(out)
     }
@@ -359,6 +382,41 @@ mod tests {
             pattern(8),
             "9 untouched"
         );
+    }
+
+    /// Two or more long runs (a rollback's) are answered by one walk: the same pages as
+    /// page by page.
+    #[test]
+    fn preserved_pages_of_several_long_runs() {
+        let d = tmpdir();
+        let pages = 3 * RANGE_WALK_PAGES + 300;
+        let (_, mut pool) = small_pool(&d, pages, PoolOptions::default());
+        let all = [PageRun::new(0, pages)];
+        vm(&mut pool, "a", &all);
+        for p in (0..pages).step_by(97) {
+            pool.write_ram_page(p, &pattern(p)).expect("write");
+        }
+        vm(&mut pool, "b", &all);
+        for p in (5..pages).step_by(89) {
+            pool.write_ram_page(p, &pattern(p + 1)).expect("write");
+        }
+        let long = RANGE_WALK_PAGES + 10;
+        let runs = [
+            PageRun::new(pages - long, long),
+            PageRun::new(3, long),
+            PageRun::new(long + 100, 50),
+        ];
+        for name in ["a", "b"] {
+            let want: Vec<u64> = normalize_runs(&runs)
+                .iter()
+                .flat_map(|r| r.first..r.end())
+                .filter(|&p| {
+                    pool.snapshot_page_location(name, p).expect("covered") != PageLocation::Ram(p)
+                })
+                .collect();
+            assert!(!want.is_empty());
+            assert_eq!(pool.preserved_pages(name, &runs).expect(name), want, "{name}");
+        }
     }
 
     #[test]
