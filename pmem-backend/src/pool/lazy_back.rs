@@ -103,28 +103,37 @@ fn is_hole(file: &File, off: u64) -> std::io::Result<bool> {
 }
 
 /// Whether a RAM page just punched still has data, from its `mincore` byte: in memory
-/// means data; not in memory means a hole, unless swap is on (`swap`), where it may be
-/// data swapped out and `is_hole` (a `SEEK_HOLE`, which counts swapped pages as data)
-/// decides.
+/// means data. Not in memory means a hole only where `absent_is_hole` (tmpfs without
+/// swap, [`mincore_absent_is_hole`]); elsewhere `is_hole` (a `SEEK_HOLE`) decides.
 fn page_has_data(
     mincore: u8,
-    swap: bool,
+    absent_is_hole: bool,
     is_hole: impl FnOnce() -> std::io::Result<bool>,
 ) -> std::io::Result<bool> {
     if mincore & 1 != 0 {
         Ok(true)
-    } else if swap {
-        Ok(!is_hole()?)
-    } else {
+    } else if absent_is_hole {
         Ok(false)
+    } else {
+        Ok(!is_hole()?)
     }
 }
 
-/// Whether this host may swap out tmpfs pages: any swap area listed in `/proc/swaps`
-/// (yes when it cannot be read).
-fn swap_active() -> bool {
-    std::fs::read_to_string("/proc/swaps")
-        .map_or(true, |s| s.lines().skip(1).any(|l| !l.trim().is_empty()))
+/// Whether a page of `file` that `mincore` reports not in memory is a hole: on tmpfs
+/// (whose `mincore` looks the page up in the page cache) when no swap area is listed in
+/// `/proc/swaps` (a swapped-out page is data not in memory). Not on hugetlbfs, whose
+/// `mincore` reads only this process's page tables.
+fn mincore_absent_is_hole(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    // SAFETY: statfs is plain data, valid when zeroed.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd owned by `file`; `st` is a live, writable statfs the call fills.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
+    let tmpfs = rc == 0 && st.f_type as i64 == TMPFS_MAGIC;
+    let no_swap = std::fs::read_to_string("/proc/swaps")
+        .is_ok_and(|s| s.lines().skip(1).all(|l| l.trim().is_empty()));
+    tmpfs && no_swap
 }
 
 /// Punch bytes `off..off + len` of `file` out (the file keeps its size).
@@ -242,11 +251,11 @@ impl Pool {
         // A punch into part of a huge page may zero it rather than free it: such a page
         // is no hole (userfaultfd would never ask for it), so it is copied now. Checked
         // with one `mincore` of the store's mapping per run: a page in the page cache is
-        // data. A page that is not may still be data swapped out, so where swap is on,
-        // each such page is checked again with `SEEK_HOLE` (one call a page: a run at
-        // once with `SEEK_DATA` would walk on past its end over pages allocated and never
-        // written, which count as holes too).
-        let swap = swap_active();
+        // data. A page that is not may still be data swapped out (or, on hugetlbfs, data
+        // not mapped here), so there each such page is checked again with `SEEK_HOLE`
+        // (one call a page: a run at once with `SEEK_DATA` would walk on past its end
+        // over pages allocated and never written, which count as holes too).
+        let absent_is_hole = mincore_absent_is_hole(&self.file);
         let mut holes = holes.into_iter();
         for r in &runs {
             let resident = self
@@ -259,7 +268,7 @@ impl Pool {
                 })?;
                 debug_assert!(r.contains(h.page));
                 let off = self.geo.ram_page_offset(h.page);
-                let hole = !page_has_data(in_memory, swap, || is_hole(&self.file, off))
+                let hole = !page_has_data(in_memory, absent_is_hole, || is_hole(&self.file, off))
                     .map_err(io("checking RAM holes in"))?;
                 if hole {
                     out.holes.push(h);
@@ -271,11 +280,15 @@ impl Pool {
         }
         log::debug!(
             "lazy copy back of {name:?}: {} pages in {} runs; preserved after {t1:?}, marker \
-             after {t2:?}, punched after {t3:?}, holes checked after {:?} (swap {})",
+             after {t2:?}, punched after {t3:?}, holes checked after {:?} (mincore {})",
             work.len(),
             runs.len(),
             t0.elapsed(),
-            if swap { "on" } else { "off" }
+            if absent_is_hole {
+                "alone"
+            } else {
+                "and SEEK_HOLE"
+            }
         );
         if !out.copied.is_empty() {
             self.persist_ram(&out.copied)?;
@@ -586,12 +599,19 @@ mod tests {
     #[test]
     fn a_page_in_memory_after_its_punch_is_data_and_swap_needs_a_second_look() {
         let never = || -> std::io::Result<bool> { panic!("no SEEK_HOLE needed") };
-        assert!(page_has_data(1, false, never).expect("in memory"));
-        assert!(page_has_data(0x81, true, never).expect("in memory, swap on"));
-        assert!(!page_has_data(0, false, never).expect("not in memory, no swap"));
-        assert!(page_has_data(0, true, || Ok(false)).expect("swapped out: data"));
-        assert!(!page_has_data(0, true, || Ok(true)).expect("a hole"));
-        assert!(page_has_data(0, true, || Err(std::io::Error::other("x"))).is_err());
+        assert!(page_has_data(1, true, never).expect("in memory"));
+        assert!(page_has_data(0x81, false, never).expect("in memory, swap on"));
+        assert!(!page_has_data(0, true, never).expect("not in memory, tmpfs, no swap"));
+        assert!(page_has_data(0, false, || Ok(false)).expect("swapped out: data"));
+        assert!(!page_has_data(0, false, || Ok(true)).expect("a hole"));
+        assert!(page_has_data(0, false, || Err(std::io::Error::other("x"))).is_err());
+        // This machine's test pools: tmpfs, and whatever /proc/swaps says.
+        let d = tmpdir();
+        let f = File::create(d.path().join("f")).expect("file");
+        let swaps = std::fs::read_to_string("/proc/swaps").expect("/proc/swaps");
+        let no_swap = swaps.lines().skip(1).all(|l| l.trim().is_empty());
+        let on_tmpfs = d.path().starts_with("/dev/shm");
+        assert_eq!(mincore_absent_is_hole(&f), on_tmpfs && no_swap);
     }
 
     #[test]
