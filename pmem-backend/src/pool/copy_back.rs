@@ -17,7 +17,7 @@ const COPY_PREFETCH_BYTES: usize = 256;
 
 /// Pages of a copy back below which it runs in one thread: starting a thread costs tens
 /// of microseconds, a page about one.
-const COPY_PAGES_PER_THREAD: usize = 2048;
+const COPY_PAGES_PER_THREAD: usize = 1024;
 
 /// Threads for a copy back of `pages` pages: one per CPU this process may use, at most
 /// [`COPY_MAX_THREADS`], and one per [`COPY_PAGES_PER_THREAD`] pages.
@@ -415,7 +415,11 @@ mod tests {
                 })
                 .collect();
             assert!(!want.is_empty());
-            assert_eq!(pool.preserved_pages(name, &runs).expect(name), want, "{name}");
+            assert_eq!(
+                pool.preserved_pages(name, &runs).expect(name),
+                want,
+                "{name}"
+            );
         }
     }
 
