@@ -75,14 +75,14 @@ set terminal pngcairo size 900,560 font "sans,11"
 set datafile separator ","
 set output "$root/docs/perf-scale-guest-size.png"
 set title "snapshot-vm pause against guest RAM (payload guest writing, median of $RUNS)"
-set key top left box opaque
+set key bottom right box opaque
 set logscale xy
 set grid
 set xlabel "guest RAM (MiB)"
 set ylabel "ms"
 set format y "%g"
 plot "$data/guest-size.csv" using 1:(\$2/1000) skip 1 with linespoints lw 2 title "first snapshot pause", \
-     "$data/guest-size.csv" using 1:(\$3/1000) skip 1 with linespoints lw 2 title "  of which store (reference + protect all RAM)", \
+     "$data/guest-size.csv" using 1:(\$3/1000) skip 1 with linespoints lw 2 title "  of which store (dirty harvest, reference, protect what was written)", \
      "$data/guest-size.csv" using 1:(\$4/1000) skip 1 with linespoints lw 2 title "second snapshot pause", \
      "$data/guest-size.csv" using 1:(\$5/100000) skip 1 with lines dt 2 lw 2 title "memcpy of the RAM / 100 (the goal)"
 GP
