@@ -135,12 +135,7 @@ impl DirtyTracker {
     /// neither changed (the caller forgets `mark` as it sees fit).
     pub fn start_ending(&mut self, name: &str, mark: &str) -> Result<Vec<(u64, u64)>, DirtyError> {
         self.harvest()?;
-        let since = match self.since.get(mark) {
-            None => return Err(DirtyError::Untracked(mark.to_string())),
-            Some(Since::Unknown) if self.pages == 0 => Vec::new(),
-            Some(Since::Unknown) => vec![(0, self.pages)],
-            Some(&Since::Epoch(e)) => self.runs_since(e),
-        };
+        let since = self.written_since(mark)?;
         let epoch = self.open_epoch();
         self.set(name, Since::Epoch(epoch));
         self.forget(mark);
@@ -178,6 +173,11 @@ impl DirtyTracker {
     /// Pages written since `name` was taken, as runs.
     pub fn dirty_since(&mut self, name: &str) -> Result<Vec<(u64, u64)>, DirtyError> {
         self.harvest()?;
+        self.written_since(name)
+    }
+
+    /// Pages recorded written since `name` was taken, as of the last harvest.
+    fn written_since(&self, name: &str) -> Result<Vec<(u64, u64)>, DirtyError> {
         match self.since.get(name) {
             None => Err(DirtyError::Untracked(name.to_string())),
             Some(Since::Unknown) if self.pages == 0 => Ok(Vec::new()),

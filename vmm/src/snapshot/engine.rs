@@ -257,11 +257,11 @@ impl Engine {
                             .collect::<Vec<_>>(),
                     )),
                     Err(e) => {
-                        warn!(
-                            "pre-protection not used for {name:?}, dirty tracking not \
-                             started: {e}"
-                        );
+                        warn!("pre-protection not used for {name:?}: dirty tracking failed: {e}");
                         dirty.forget(PRE_PROTECT_MARK);
+                        if let Err(e) = dirty.start(name) {
+                            warn!("dirty tracking for {name:?} could not start: {e}");
+                        }
                         None
                     }
                 },
