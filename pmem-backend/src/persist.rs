@@ -36,21 +36,25 @@ pub struct MsyncPersist {
 }
 
 /// statfs magic numbers of the memory filesystems.
-const TMPFS_MAGIC: i64 = 0x0102_1994;
+pub(crate) const TMPFS_MAGIC: i64 = 0x0102_1994;
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// The statfs magic number of the filesystem `file` lives on (`None` if fstatfs fails).
+pub(crate) fn fs_type(file: &std::fs::File) -> Option<i64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: statfs is plain data, valid when zeroed.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd; `st` is a live, writable statfs the call fills in.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
+    (rc == 0).then_some(st.f_type as i64)
+}
 
 impl MsyncPersist {
     /// The msync seam for `file`, noting whether it lives on a memory filesystem.
     pub fn for_file(file: &std::fs::File) -> Self {
-        use std::os::fd::AsRawFd;
-        // SAFETY: statfs is plain data, valid when zeroed.
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: valid fd; `st` is a live, writable statfs the call fills in.
-        let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
-        #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
-        let t = st.f_type as i64;
         MsyncPersist {
-            memory_fs: rc == 0 && (t == TMPFS_MAGIC || t == HUGETLBFS_MAGIC),
+            memory_fs: matches!(fs_type(file), Some(TMPFS_MAGIC | HUGETLBFS_MAGIC)),
         }
     }
 }

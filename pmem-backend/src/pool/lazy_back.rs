@@ -124,13 +124,8 @@ fn page_has_data(
 /// `/proc/swaps` (a swapped-out page is data not in memory). Not on hugetlbfs, whose
 /// `mincore` reads only this process's page tables.
 fn mincore_absent_is_hole(file: &File) -> bool {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    // SAFETY: statfs is plain data, valid when zeroed.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd owned by `file`; `st` is a live, writable statfs the call fills.
-    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
-    let tmpfs = rc == 0 && st.f_type as i64 == TMPFS_MAGIC;
+    use crate::persist::{fs_type, TMPFS_MAGIC};
+    let tmpfs = fs_type(file) == Some(TMPFS_MAGIC);
     let no_swap = std::fs::read_to_string("/proc/swaps")
         .is_ok_and(|s| s.lines().skip(1).all(|l| l.trim().is_empty()));
     tmpfs && no_swap
