@@ -2,14 +2,14 @@
 //!
 //! Two sources exist. KVM's dirty log (`KVM_MEM_LOG_DIRTY_PAGES` with
 //! `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`) sees every vCPU write; the VMM's own writes into
-//! guest RAM (device emulation) never reach KVM's log, so vm-memory's `AtomicBitmap` on
-//! the guest memory region records those ([`VmmWriteLog`]). The snapshot engine's
+//! guest RAM (device emulation) never reach KVM's log, so the guest memory region's
+//! bitmap (`crate::memory::WriteLog`, vm-memory's `AtomicBitmap` with a written flag)
+//! records those ([`VmmWriteLog`]). The snapshot engine's
 //! `DirtyTracker` (crate::snapshot::dirty) harvests both.
 
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::memory::GuestMemoryMmap;
+use crate::memory::{GuestMemoryMmap, WriteLog};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 
@@ -143,7 +143,8 @@ pub trait DirtySource: Send {
     /// new one.
     fn recycle(&mut self, _bits: PageBitmap) {}
 
-    /// Pages written since the previous call, as a bitmap over all guest pages.
+    /// Pages written since the previous call, as a bitmap over all guest pages, or an
+    /// empty bitmap when the source knows that nothing was written.
     fn harvest(&mut self) -> Result<PageBitmap, DirtyError>;
 }
 
@@ -185,7 +186,13 @@ pub struct KvmDirtyLog {
     slots: Vec<DirtySlot>,
     total_pages: u64,
     manual_protect: bool,
-    /// Per slot, the buffer KVM writes its log into (allocated once, mapped).
+    /// Whether KVM writes each slot's log straight into the harvest's bitmap: the slots
+    /// tile the guest's pages in order, each starting at a multiple of 64 pages and
+    /// all but the last a multiple of 64 long (always, for RAM sizes in MiB). Saves a
+    /// zeroing and an OR pass over a RAM-sized bitmap in each harvest, inside pauses.
+    direct: bool,
+    /// Without `direct`: per slot, the buffer KVM writes its log into (allocated once,
+    /// mapped).
     slot_bits: Vec<Vec<u64>>,
     /// A bitmap handed back by [`DirtySource::recycle`], filled again next time.
     spare: Option<PageBitmap>,
@@ -206,15 +213,21 @@ impl KvmDirtyLog {
         }
         // SAFETY: `fd` is a fresh descriptor nobody else owns.
         let vm = unsafe { File::from_raw_fd(fd) };
-        let slot_bits = slots
-            .iter()
-            .map(|s| prefaulted(bitmap_words(s.pages)))
-            .collect();
+        let direct = slots_tile_words(&slots, total_pages);
+        let slot_bits = if direct {
+            Vec::new()
+        } else {
+            slots
+                .iter()
+                .map(|s| prefaulted(bitmap_words(s.pages)))
+                .collect()
+        };
         Ok(Self {
             vm,
             slots,
             total_pages,
             manual_protect,
+            direct,
             slot_bits,
             spare: Some(prefaulted(bitmap_words(total_pages))),
         })
@@ -223,52 +236,96 @@ impl KvmDirtyLog {
 
 impl DirtySource for KvmDirtyLog {
     fn recycle(&mut self, bits: PageBitmap) {
-        self.spare = Some(bits);
+        if !bits.is_empty() {
+            self.spare = Some(bits);
+        }
     }
 
     fn harvest(&mut self) -> Result<PageBitmap, DirtyError> {
-        let mut out = reuse_zeroed(&mut self.spare, bitmap_words(self.total_pages));
-        for (s, bits) in self.slots.iter().zip(self.slot_bits.iter_mut()) {
-            let mut log = kvm_dirty_log {
-                slot: s.slot,
-                ..Default::default()
+        let words = bitmap_words(self.total_pages);
+        if self.direct {
+            // Every word is written by KVM: no zeroing.
+            let mut out = match self.spare.take() {
+                Some(b) if b.len() == words => b,
+                _ => prefaulted(words),
             };
-            log.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr().cast();
-            // SAFETY: `bits` is large enough for the slot's pages and outlives the call;
-            // the ioctl only writes the bitmap.
-            let rc = unsafe { ioctl_with_ref(&self.vm, KVM_GET_DIRTY_LOG(), &log) };
-            if rc < 0 {
-                return Err(DirtyError::Kvm {
-                    op: "KVM_GET_DIRTY_LOG",
-                    slot: s.slot,
-                    source: std::io::Error::last_os_error(),
-                });
+            for s in &self.slots {
+                let at = (s.first_page / 64) as usize;
+                let bits = &mut out[at..at + bitmap_words(s.pages)];
+                fetch_slot_log(&self.vm, s, self.manual_protect, bits)?;
             }
-            if self.manual_protect && bits.iter().any(|&w| w != 0) {
-                // Re-protect exactly what was reported, so writes after this point show up
-                // in the next harvest.
-                // The range reaches the slot's end, so num_pages need not be a multiple of 64.
-                let mut clear = kvm_clear_dirty_log {
-                    slot: s.slot,
-                    num_pages: u32::try_from(s.pages).unwrap_or(u32::MAX),
-                    first_page: 0,
-                    ..Default::default()
-                };
-                clear.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr().cast();
-                // SAFETY: as above; the ioctl reads the bitmap.
-                let rc = unsafe { ioctl_with_ref(&self.vm, KVM_CLEAR_DIRTY_LOG(), &clear) };
-                if rc < 0 {
-                    return Err(DirtyError::Kvm {
-                        op: "KVM_CLEAR_DIRTY_LOG",
-                        slot: s.slot,
-                        source: std::io::Error::last_os_error(),
-                    });
-                }
-            }
+            return Ok(out);
+        }
+        let mut out = reuse_zeroed(&mut self.spare, words);
+        for (s, bits) in self.slots.iter().zip(self.slot_bits.iter_mut()) {
+            fetch_slot_log(&self.vm, s, self.manual_protect, bits)?;
             or_bitmap_at(&mut out, s.first_page, bits, s.pages);
         }
         Ok(out)
     }
+}
+
+/// Whether `slots` tile pages `0..total_pages` in order with every slot starting on a
+/// bitmap word and all but the last ending on one, so that each slot's log can be
+/// written in place into a bitmap of all pages (KVM writes whole words of a slot's log,
+/// with the bits past its end clear).
+fn slots_tile_words(slots: &[DirtySlot], total_pages: u64) -> bool {
+    let mut next = 0u64;
+    for (i, s) in slots.iter().enumerate() {
+        let last = i + 1 == slots.len();
+        if s.first_page != next || s.first_page % 64 != 0 || (!last && s.pages % 64 != 0) {
+            return false;
+        }
+        next += s.pages;
+    }
+    next == total_pages
+}
+
+/// Read KVM's log of slot `s` into `bits` (at least the slot's words) and, with manual
+/// protect, clear in KVM exactly what was read, so writes after this point show up in
+/// the next read.
+fn fetch_slot_log(
+    vm: &File,
+    s: &DirtySlot,
+    manual_protect: bool,
+    bits: &mut [u64],
+) -> Result<(), DirtyError> {
+    assert!(bits.len() >= bitmap_words(s.pages), "a slot's log fits");
+    let mut log = kvm_dirty_log {
+        slot: s.slot,
+        ..Default::default()
+    };
+    log.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr().cast();
+    // SAFETY: `bits` holds the slot's words (checked above) and outlives the call; the
+    // ioctl only writes the bitmap.
+    let rc = unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &log) };
+    if rc < 0 {
+        return Err(DirtyError::Kvm {
+            op: "KVM_GET_DIRTY_LOG",
+            slot: s.slot,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if manual_protect && bits.iter().any(|&w| w != 0) {
+        // The range reaches the slot's end, so num_pages need not be a multiple of 64.
+        let mut clear = kvm_clear_dirty_log {
+            slot: s.slot,
+            num_pages: u32::try_from(s.pages).unwrap_or(u32::MAX),
+            first_page: 0,
+            ..Default::default()
+        };
+        clear.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr().cast();
+        // SAFETY: as above; the ioctl reads the bitmap.
+        let rc = unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &clear) };
+        if rc < 0 {
+            return Err(DirtyError::Kvm {
+                op: "KVM_CLEAR_DIRTY_LOG",
+                slot: s.slot,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The VMM's own writes into guest RAM (device emulation through vm-memory), which
@@ -293,19 +350,61 @@ impl VmmWriteLog {
 
 impl DirtySource for VmmWriteLog {
     fn recycle(&mut self, bits: PageBitmap) {
-        self.spare = Some(bits);
+        if !bits.is_empty() {
+            self.spare = Some(bits);
+        }
     }
 
+    /// Reads a region's RAM-sized bitmap only when its written flag says the VMM wrote
+    /// there since the last harvest; empty when it wrote nowhere.
     fn harvest(&mut self) -> Result<PageBitmap, DirtyError> {
         let total: u64 = self.mem.iter().map(|r| r.len() / 4096).sum();
-        let mut out = reuse_zeroed(&mut self.spare, bitmap_words(total));
+        let mut out: PageBitmap = Vec::new();
         let mut first = 0u64;
         for region in self.mem.iter() {
-            let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
-            let bits = mapping.bitmap().get_and_reset();
-            or_bitmap_at(&mut out, first, &bits, region.len() / 4096);
-            first += region.len() / 4096;
+            let pages = region.len() / 4096;
+            let mapping: &vm_memory::MmapRegion<WriteLog> = region;
+            if mapping.bitmap().take_written() {
+                if out.is_empty() {
+                    out = reuse_zeroed(&mut self.spare, bitmap_words(total));
+                }
+                let bits = mapping.bitmap().get_and_reset();
+                or_bitmap_at(&mut out, first, &bits, pages);
+            }
+            first += pages;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(first_page: u64, pages: u64) -> DirtySlot {
+        DirtySlot {
+            slot: 0,
+            first_page,
+            pages,
+        }
+    }
+
+    /// A slot's log is written in place only where its words are its own alone.
+    #[test]
+    fn slots_tile_words_only_on_word_boundaries() {
+        assert!(slots_tile_words(&[slot(0, 100)], 100));
+        assert!(slots_tile_words(
+            &[slot(0, 786_432), slot(786_432, 262_144)],
+            1_048_576
+        ));
+        assert!(slots_tile_words(&[slot(0, 128), slot(128, 5)], 133));
+        assert!(!slots_tile_words(&[slot(0, 100), slot(100, 28)], 128));
+        assert!(!slots_tile_words(&[slot(64, 64)], 128), "a gap");
+        assert!(
+            !slots_tile_words(&[slot(0, 64), slot(0, 64)], 128),
+            "overlap"
+        );
+        assert!(!slots_tile_words(&[slot(0, 64)], 128), "short of the end");
+        assert!(slots_tile_words(&[], 0));
     }
 }

@@ -289,7 +289,21 @@ mod tests {
         assert_eq!(&page[..4], &0xdead_beef_u32.to_le_bytes());
         // The VMM's write shows in its own dirty log.
         use crate::vstate::dirty::{DirtySource, VmmWriteLog};
-        let dirty = VmmWriteLog::new(mem.clone()).harvest().expect("harvest");
+        let mut log = VmmWriteLog::new(mem.clone());
+        let dirty = log.harvest().expect("harvest");
         assert_eq!(dirty[0], 1 << 1);
+        log.recycle(dirty);
+        assert_eq!(
+            log.harvest().expect("harvest"),
+            Vec::<u64>::new(),
+            "none since"
+        );
+        mem.write_obj(1u8, GuestAddress(0x3000)).expect("write");
+        let dirty = log.harvest().expect("harvest");
+        assert_eq!(
+            dirty,
+            [1 << 3, 0, 0, 0, 0, 0, 0, 0],
+            "only the new write, in the recycled bitmap"
+        );
     }
 }
