@@ -171,11 +171,16 @@ impl Drop for Pool {
     }
 }
 
-/// Pre-fault `len` bytes at `off` for writing in 4 MiB steps, stopping early when asked. Small
-/// steps: each one holds the process's mmap lock for reading, and a thread that wants it
-/// for writing (any mmap or munmap) waits for the step in progress.
+/// Pre-fault `len` bytes at `off` for writing in 256 KiB steps, stopping early when
+/// asked. Small steps: each one holds the process's mmap lock for reading, and a thread
+/// that wants it for writing (any mmap or munmap) waits for the step in progress; and
+/// each is one stretch in the kernel that a kernel built without preemption
+/// (`PREEMPT_NONE`, as this machine's) may not interrupt for a woken thread. A 4 MiB
+/// step ran 3-14 ms at a time at 4 GiB while the vCPUs, the fault handler and the API
+/// thread waited for the CPU (`perf sched timehist` of a 4 GiB `snapshot-vm` whose
+/// pause took 5 ms).
 fn populate_until_stopped(map: &Mapping, off: u64, len: u64, stop: &AtomicBool) {
-    const STEP: u64 = 4 << 20;
+    const STEP: u64 = 256 << 10;
     let mut at = off;
     while at < off + len && !stop.load(Ordering::Relaxed) {
         let n = STEP.min(off + len - at);
@@ -429,7 +434,7 @@ impl Pool {
     }
 
     /// Stop the pre-fault thread, if one runs, and wait for it (it stops within one
-    /// 4 MiB step): afterwards nothing but the pool holds the mapping. Returns whether
+    /// 256 KiB step): afterwards nothing but the pool holds the mapping. Returns whether
     /// one ran.
     fn stop_prefault(&mut self) -> bool {
         let Some((stop, thread)) = self.prefault.take() else {

@@ -367,7 +367,8 @@ pub struct VmSnapshotCreated {
     pub pages: u64,
     /// Size of the state blob in bytes.
     pub state_bytes: u64,
-    /// Time the vCPUs were paused, in microseconds (pause request to resume done).
+    /// Time the guest was paused, in microseconds: from the pause request until the
+    /// last vCPU thread went back to the guest. The answer itself may come later.
     pub pause_us: u64,
     /// Of that, waiting for every vCPU to stop (a vCPU in emulated guest kernel code
     /// can take milliseconds to leave it).
@@ -387,7 +388,7 @@ pub struct RolledBack {
     pub dirty_pages: u64,
     /// Pages whose snapshot content was copied back from a block.
     pub pages_copied: u64,
-    /// Time the vCPUs were paused, in microseconds.
+    /// Time the guest was paused, in microseconds (as for a VM snapshot).
     pub pause_us: u64,
     /// Of that, waiting for every vCPU to stop.
     pub stop_us: u64,

@@ -37,8 +37,8 @@ pub use live::{LiveVm, VirtioSlot, VmPersist};
 pub trait VmControl: Send + Sync {
     /// Stop every vCPU and wait until each has acknowledged.
     fn pause(&self) -> Result<(), VcpuError>;
-    /// Let every vCPU run again.
-    fn resume(&self) -> Result<(), VcpuError>;
+    /// Let every vCPU run again; returns when the last one went back to the guest.
+    fn resume(&self) -> Result<Instant, VcpuError>;
     /// Whether the vCPUs are paused.
     fn is_paused(&self) -> bool;
     /// Number of vCPUs.
@@ -50,7 +50,7 @@ impl VmControl for VcpuControl {
         VcpuControl::pause(self)
     }
 
-    fn resume(&self) -> Result<(), VcpuError> {
+    fn resume(&self) -> Result<Instant, VcpuError> {
         VcpuControl::resume(self)
     }
 
@@ -187,9 +187,8 @@ impl Controller {
         self.vm.pause()?;
         let res = self.engine.snapshot(name, kind, runs, meta);
         let resumed = self.vm.resume();
-        let paused = t.elapsed();
         let info = res?;
-        resumed?;
+        let paused = resumed?.saturating_duration_since(t);
         Ok((info, paused))
     }
 

@@ -14,9 +14,9 @@ impl VmControl for FakeVm {
         self.0.store(true, Ordering::SeqCst);
         Ok(())
     }
-    fn resume(&self) -> Result<(), VcpuError> {
+    fn resume(&self) -> Result<std::time::Instant, VcpuError> {
         self.0.store(false, Ordering::SeqCst);
-        Ok(())
+        Ok(std::time::Instant::now())
     }
     fn is_paused(&self) -> bool {
         self.0.load(Ordering::SeqCst)

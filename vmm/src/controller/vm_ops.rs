@@ -13,8 +13,9 @@ use crate::persist::VmState;
 use crate::snapshot::engine::lock_pool;
 
 /// Run `f` with the vCPUs paused; resume afterwards unless they were paused before.
-/// Returns `f`'s result, the time from the pause request to the end of the resume, and
-/// of that the time until every vCPU had stopped.
+/// Returns `f`'s result, the guest's pause (from the pause request until the last vCPU
+/// went back to the guest; `f`'s time alone when the vCPUs stay paused), and of that
+/// the time until every vCPU had stopped.
 fn paused<T>(
     vm: &dyn VmControl,
     f: impl FnOnce() -> Result<T, ApiError>,
@@ -26,12 +27,13 @@ fn paused<T>(
     }
     let stop_us = t.elapsed().as_micros() as u64;
     let res = f();
-    if !was_paused {
-        if let Err(e) = vm.resume() {
-            return Err(ApiError::Internal(format!("cannot resume the vCPUs: {e}")));
-        }
-    }
-    let us = t.elapsed().as_micros() as u64;
+    let end = if was_paused {
+        Instant::now()
+    } else {
+        vm.resume()
+            .map_err(|e| ApiError::Internal(format!("cannot resume the vCPUs: {e}")))?
+    };
+    let us = end.saturating_duration_since(t).as_micros() as u64;
     res.map(|v| (v, us, stop_us))
 }
 

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
 
 use super::vcpu::{VcpuError, Vcpus};
 
@@ -46,11 +47,12 @@ impl VcpuControl {
         Ok(())
     }
 
-    /// Resume every vCPU (see [`Vcpus::resume`]) and report the VM running.
-    pub fn resume(&self) -> Result<(), VcpuError> {
-        self.vcpus().resume()?;
+    /// Resume every vCPU (see [`Vcpus::resume`]) and report the VM running. Returns
+    /// when the last vCPU went back to the guest.
+    pub fn resume(&self) -> Result<Instant, VcpuError> {
+        let at = self.vcpus().resume()?;
         self.paused.store(false, Ordering::SeqCst);
-        Ok(())
+        Ok(at)
     }
 
     /// Let vCPUs started paused run without waiting for them (see [`Vcpus::release`])

@@ -95,7 +95,12 @@ fn pause_reaches_a_vcpu_halted_in_the_kernel() {
     let mut vcpus = Vcpus::start(vec![vcpu], &stop).expect("start");
     std::thread::sleep(Duration::from_millis(200));
     vcpus.pause().expect("pause a halted vCPU");
-    vcpus.resume().expect("resume");
+    let asked = std::time::Instant::now();
+    let back = vcpus.resume().expect("resume");
+    assert!(
+        back >= asked && back <= std::time::Instant::now(),
+        "the vCPU went back to the guest between the request and the answer"
+    );
     vcpus.resume().expect("resume while running");
     vcpus.pause().expect("pause again");
     vcpus.stop();

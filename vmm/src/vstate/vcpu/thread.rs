@@ -23,7 +23,7 @@ use std::os::raw::{c_int, c_void};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Once;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuFd;
@@ -73,8 +73,9 @@ impl std::fmt::Debug for VcpuRequest {
 pub enum VcpuAck {
     /// Out of `KVM_RUN` with pending I/O completed; guest state is stable.
     Paused,
-    /// Running the guest again.
-    Resumed,
+    /// Running the guest again: when the thread took the request and turned to
+    /// `KVM_RUN` (the end of the guest's pause, as near as user space sees it).
+    Resumed(Instant),
     /// The VM has stopped; the vCPU only waits for `Exit`.
     Stopped,
 }
@@ -158,7 +159,7 @@ impl Vcpu {
                     (VcpuRequest::Pause, _) => Some(VcpuAck::Paused),
                     (VcpuRequest::Resume, _) => {
                         state = State::Running;
-                        Some(VcpuAck::Resumed)
+                        Some(VcpuAck::Resumed(Instant::now()))
                     }
                 };
                 if let Some(reply) = reply {
@@ -195,8 +196,8 @@ impl VcpuHandle {
         Ok(())
     }
 
-    /// Wait for `expected` (or `Stopped`). A late answer to an earlier request that
-    /// timed out is skipped, so it cannot be taken for this one.
+    /// Wait for an answer of `expected`'s kind (or `Stopped`). A late answer to an
+    /// earlier request that timed out is skipped, so it cannot be taken for this one.
     fn wait(&self, expected: VcpuAck, what: &'static str) -> Result<VcpuAck, VcpuError> {
         let deadline = std::time::Instant::now() + ACK_TIMEOUT;
         loop {
@@ -205,7 +206,9 @@ impl VcpuHandle {
                 RecvTimeoutError::Timeout => VcpuError::AckTimeout(self.id, what),
                 RecvTimeoutError::Disconnected => VcpuError::Gone(self.id),
             })?;
-            if ack == expected || ack == VcpuAck::Stopped {
+            if std::mem::discriminant(&ack) == std::mem::discriminant(&expected)
+                || ack == VcpuAck::Stopped
+            {
                 return Ok(ack);
             }
         }
@@ -297,20 +300,27 @@ impl Vcpus {
         Ok(())
     }
 
-    /// Resume every vCPU. Fails if the VM has stopped.
-    pub fn resume(&self) -> Result<(), VcpuError> {
+    /// Resume every vCPU and wait for each to acknowledge. Returns when the last one
+    /// went back to the guest, which is the end of the guest's pause: the
+    /// acknowledgements themselves can reach this thread a scheduler tick later on a
+    /// host whose CPUs the vCPUs keep busy (see [`Vcpus::release`]). Fails if the VM
+    /// has stopped.
+    pub fn resume(&self) -> Result<Instant, VcpuError> {
         for h in &self.handles {
             // Kicked too: a vCPU that was never paused may sit in an in-kernel HLT for
             // a long time and would otherwise not see the request.
             h.send(VcpuRequest::Resume)?;
         }
-        let mut result = Ok(());
+        let mut result = Ok(None::<Instant>);
         for h in &self.handles {
-            if h.wait(VcpuAck::Resumed, "resume")? == VcpuAck::Stopped && result.is_ok() {
-                result = Err(VcpuError::Stopped(h.id));
-            }
+            let ack = h.wait(VcpuAck::Resumed(Instant::now()), "resume")?;
+            result = match (result, ack) {
+                (Ok(last), VcpuAck::Resumed(at)) => Ok(Some(last.map_or(at, |l| l.max(at)))),
+                (Ok(_), _) => Err(VcpuError::Stopped(h.id)),
+                (err, _) => err,
+            };
         }
-        result
+        result.map(|last| last.unwrap_or_else(Instant::now))
     }
 
     /// Run `job` on every vCPU's own thread, in parallel, with the vCPU's index and fd
