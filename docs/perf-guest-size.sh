@@ -75,7 +75,8 @@ set terminal pngcairo size 900,560 font "sans,11"
 set datafile separator ","
 set output "$root/docs/perf-scale-guest-size.png"
 set title "snapshot-vm pause against guest RAM (payload guest writing, median of $RUNS)"
-set key bottom right box opaque
+set key top left box opaque
+set yrange [0.01:30]
 set logscale xy
 set grid
 set xlabel "guest RAM (MiB)"
