@@ -721,12 +721,7 @@ mod tests {
     /// the next write is preserved first.
     #[test]
     fn a_write_during_pre_protection_without_a_fault_is_protected_again() {
-        let written = Arc::new(Mutex::new(Vec::new()));
-        let (_dir, engine, ram) = crate::snapshot::testutil::setup_with_sources(
-            64,
-            Default::default(),
-            vec![Box::new(GuestWrites(written.clone(), 64))],
-        );
+        let (_dir, engine, ram, written) = setup_with_guest_writes(64);
         for p in 0..64 {
             ram.fill_page(p, 1);
         }
@@ -756,12 +751,7 @@ mod tests {
     /// start over, so a second call reports only what came after the first.
     #[test]
     fn a_walk_again_covers_what_was_written_during_the_walk_before() {
-        let written = Arc::new(Mutex::new(Vec::new()));
-        let (_dir, engine, ram) = crate::snapshot::testutil::setup_with_sources(
-            64,
-            Default::default(),
-            vec![Box::new(GuestWrites(written.clone(), 64))],
-        );
+        let (_dir, engine, ram, written) = setup_with_guest_writes(64);
         for p in 0..64 {
             ram.fill_page(p, 1);
         }
@@ -935,6 +925,25 @@ mod tests {
     }
 
     /// A dirty source fed by hand: the pages a test wrote into RAM as the guest.
+    /// An engine over `pages` pages whose dirty tracking's one source reports the pages
+    /// pushed onto the returned list (guest writes that raise no fault).
+    fn setup_with_guest_writes(
+        pages: u64,
+    ) -> (
+        tempfile::TempDir,
+        Engine,
+        Arc<crate::snapshot::testutil::Ram>,
+        Arc<Mutex<Vec<u64>>>,
+    ) {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let (dir, engine, ram) = crate::snapshot::testutil::setup_with_sources(
+            pages,
+            Default::default(),
+            vec![Box::new(GuestWrites(written.clone(), pages))],
+        );
+        (dir, engine, ram, written)
+    }
+
     struct GuestWrites(Arc<Mutex<Vec<u64>>>, u64);
     impl DirtySource for GuestWrites {
         fn harvest(&mut self) -> Result<crate::vstate::dirty::PageBitmap, DirtyError> {
@@ -958,12 +967,7 @@ mod tests {
     /// rollback wrote are dirty for the others, whose content they changed.
     #[test]
     fn a_rollback_leaves_its_copied_back_pages_dirty_for_the_other_snapshots() {
-        let written = Arc::new(Mutex::new(Vec::new()));
-        let (_dir, engine, ram) = crate::snapshot::testutil::setup_with_sources(
-            32,
-            Default::default(),
-            vec![Box::new(GuestWrites(written.clone(), 32))],
-        );
+        let (_dir, engine, ram, written) = setup_with_guest_writes(32);
         let guest_write = |p: u64, v: u8| {
             ram.fill_page(p, v);
             written.lock().expect("lock").push(p);
