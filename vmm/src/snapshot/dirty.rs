@@ -134,10 +134,7 @@ impl DirtyTracker {
     /// [`Self::dirty_since`] of `mark` would say), and `mark` is forgotten. On an error
     /// neither changed (the caller forgets `mark` as it sees fit).
     pub fn start_ending(&mut self, name: &str, mark: &str) -> Result<Vec<(u64, u64)>, DirtyError> {
-        self.harvest()?;
-        let since = self.written_since(mark)?;
-        let epoch = self.open_epoch();
-        self.set(name, Since::Epoch(epoch));
+        let since = self.harvest_then_start(mark, name)?;
         self.forget(mark);
         Ok(since)
     }
@@ -146,10 +143,20 @@ impl DirtyTracker {
     /// since its previous start (what [`Self::dirty_since`] would have said). On an
     /// error nothing changed.
     pub fn restart(&mut self, name: &str) -> Result<Vec<(u64, u64)>, DirtyError> {
+        self.harvest_then_start(name, name)
+    }
+
+    /// Harvest, take what `ending` says was written since its start, then (re)start
+    /// `starting` from now. On an error `starting` is unchanged.
+    fn harvest_then_start(
+        &mut self,
+        ending: &str,
+        starting: &str,
+    ) -> Result<Vec<(u64, u64)>, DirtyError> {
         self.harvest()?;
-        let since = self.written_since(name)?;
+        let since = self.written_since(ending)?;
         let epoch = self.open_epoch();
-        self.set(name, Since::Epoch(epoch));
+        self.set(starting, Since::Epoch(epoch));
         Ok(since)
     }
 

@@ -384,10 +384,8 @@ impl Engine {
                 return Vec::new();
             }
         };
-        let mut made_writable = std::mem::take(&mut pre.unprotected);
-        made_writable.sort_unstable();
-        made_writable.dedup();
-        let mut again: Vec<PageRun> = made_writable
+        // Unsorted, with repeats: `normalize_runs` sorts and merges.
+        let mut again: Vec<PageRun> = std::mem::take(&mut pre.unprotected)
             .into_iter()
             .map(|p| PageRun::new(p, 1))
             .collect();
@@ -924,7 +922,6 @@ mod tests {
         );
     }
 
-    /// A dirty source fed by hand: the pages a test wrote into RAM as the guest.
     /// An engine over `pages` pages whose dirty tracking's one source reports the pages
     /// pushed onto the returned list (guest writes that raise no fault).
     fn setup_with_guest_writes(
@@ -944,6 +941,7 @@ mod tests {
         (dir, engine, ram, written)
     }
 
+    /// A dirty source fed by hand: the pages a test wrote into RAM as the guest.
     struct GuestWrites(Arc<Mutex<Vec<u64>>>, u64);
     impl DirtySource for GuestWrites {
         fn harvest(&mut self) -> Result<crate::vstate::dirty::PageBitmap, DirtyError> {

@@ -291,6 +291,11 @@ fn fetch_slot_log(
     bits: &mut [u64],
 ) -> Result<(), DirtyError> {
     assert!(bits.len() >= bitmap_words(s.pages), "a slot's log fits");
+    let failed = |op| DirtyError::Kvm {
+        op,
+        slot: s.slot,
+        source: std::io::Error::last_os_error(),
+    };
     let mut log = kvm_dirty_log {
         slot: s.slot,
         ..Default::default()
@@ -300,11 +305,7 @@ fn fetch_slot_log(
     // ioctl only writes the bitmap.
     let rc = unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &log) };
     if rc < 0 {
-        return Err(DirtyError::Kvm {
-            op: "KVM_GET_DIRTY_LOG",
-            slot: s.slot,
-            source: std::io::Error::last_os_error(),
-        });
+        return Err(failed("KVM_GET_DIRTY_LOG"));
     }
     if manual_protect && bits.iter().any(|&w| w != 0) {
         // The range reaches the slot's end, so num_pages need not be a multiple of 64.
@@ -318,11 +319,7 @@ fn fetch_slot_log(
         // SAFETY: as above; the ioctl reads the bitmap.
         let rc = unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &clear) };
         if rc < 0 {
-            return Err(DirtyError::Kvm {
-                op: "KVM_CLEAR_DIRTY_LOG",
-                slot: s.slot,
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(failed("KVM_CLEAR_DIRTY_LOG"));
         }
     }
     Ok(())
