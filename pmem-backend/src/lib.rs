@@ -60,9 +60,9 @@ pub use error::{PoolError, Result};
 pub use lock::{claim_unused, PoolUse, UnusedPool};
 pub use persist::{CrashSim, MsyncPersist, Persist, Tear};
 pub use pool::{
-    filling_marker, mark_ram_complete, GcReport, GrowReport, LazyCopyBack, LazyPage, Pool,
-    PoolOptions, Problem, ProtectError, RamGate, RecoveryReport, VerifyReport, DEFAULT_LOG_RECORDS,
-    THREAD_START,
+    filling_marker, mark_ram_complete, BackgroundHold, GcReport, GrowReport, LazyCopyBack,
+    LazyPage, Pool, PoolOptions, Problem, ProtectError, RamGate, RecoveryReport, VerifyReport,
+    DEFAULT_LOG_RECORDS, THREAD_START,
 };
 pub use types::{
     normalize_runs, pages_to_runs, Owner, PageLocation, PageRun, ProcessInfo, SnapshotInfo,

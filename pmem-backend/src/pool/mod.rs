@@ -11,6 +11,7 @@
 //! - `read.rs`: reading snapshots, listings and statistics;
 //! - `verify.rs`: re-reading and checking everything.
 
+mod background;
 mod commit;
 mod copy_back;
 mod grow;
@@ -21,6 +22,7 @@ mod recovery;
 mod store;
 mod verify;
 
+pub use background::BackgroundHold;
 pub use grow::GrowReport;
 pub use lazy_back::{LazyCopyBack, LazyPage};
 pub use recovery::RecoveryReport;
@@ -36,6 +38,7 @@ use crate::persist::{MsyncPersist, Persist};
 use crate::redirects::Redirects;
 use crate::superblock::{self, Geometry, Superblock};
 use crate::{Page, PageRun, PAGE_SIZE};
+use background::{populate_until_stopped, Quiet};
 use index::RefIndex;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -153,6 +156,8 @@ pub struct Pool {
     recovery: RecoveryReport,
     /// The background pre-fault (see `start_prefault`): its stop flag and thread.
     prefault: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    /// Holds that keep the pre-fault thread waiting (see [`Pool::hold_background`]).
+    quiet: Arc<Quiet>,
     /// Called before any read of RAM while RAM may have holes (see [`RamGate`]).
     ram_gate: Option<Arc<dyn RamGate>>,
     /// Metadata and blocks still to be allocated, by the pre-fault thread (a pool
@@ -168,24 +173,6 @@ impl Drop for Pool {
         // The thread holds the mapping, and the mapping holds the file and so its flock:
         // stop it before the pool is considered closed, so a reopen finds it unlocked.
         self.stop_prefault();
-    }
-}
-
-/// Pre-fault `len` bytes at `off` for writing in 256 KiB steps, stopping early when
-/// asked. Small steps: each one holds the process's mmap lock for reading, and a thread
-/// that wants it for writing (any mmap or munmap) waits for the step in progress; and
-/// each is one stretch in the kernel that a kernel built without preemption
-/// (`PREEMPT_NONE`, as this machine's) may not interrupt for a woken thread. A 4 MiB
-/// step ran 3-14 ms at a time at 4 GiB while the vCPUs, the fault handler and the API
-/// thread waited for the CPU (`perf sched timehist` of a 4 GiB `snapshot-vm` whose
-/// pause took 5 ms).
-fn populate_until_stopped(map: &Mapping, off: u64, len: u64, stop: &AtomicBool) {
-    const STEP: u64 = 256 << 10;
-    let mut at = off;
-    while at < off + len && !stop.load(Ordering::Relaxed) {
-        let n = STEP.min(off + len - at);
-        map.populate(at, n, true);
-        at += n;
     }
 }
 
@@ -382,6 +369,7 @@ impl Pool {
         let geo = self.geo;
         let (bg, stop) = (self.map.clone(), Arc::new(AtomicBool::new(false)));
         let bg_stop = stop.clone();
+        let quiet = self.quiet.clone();
         // A lazily created pool allocates its metadata and blocks here, first.
         let reserve = match self.reserve_pending {
             true => match self.file.try_clone() {
@@ -422,15 +410,24 @@ impl Pool {
                         );
                     }
                 }
-                populate_until_stopped(&bg, 0, geo.ram_offset, &bg_stop);
+                populate_until_stopped(&bg, 0, geo.ram_offset, &bg_stop, &quiet);
                 let blocks = geo.file_size - geo.block_offset;
-                populate_until_stopped(&bg, geo.block_offset, blocks, &bg_stop);
+                populate_until_stopped(&bg, geo.block_offset, blocks, &bg_stop, &quiet);
             });
         match spawned {
             Ok(t) => self.prefault = Some((stop, t)),
             // Only a speed-up: without a thread, accesses fault pages in as they come.
             Err(e) => log::debug!("no background pre-fault thread: {e}"),
         }
+    }
+
+    /// Keep the background pre-fault off the CPUs until the returned hold is dropped
+    /// (it finishes its step in progress, at most 256 KiB, and waits): for the length of
+    /// a guest's pause, whose every hand-off between threads would otherwise wait for
+    /// that step on a kernel without preemption. The hold outlives a restart of the
+    /// thread (growing the pool) and does not keep the pool from closing.
+    pub fn hold_background(&self) -> BackgroundHold {
+        self.quiet.hold()
     }
 
     /// Stop the pre-fault thread, if one runs, and wait for it (it stops within one
@@ -441,6 +438,7 @@ impl Pool {
             return false;
         };
         stop.store(true, Ordering::Relaxed);
+        self.quiet.wake();
         if thread.join().is_err() {
             log::warn!("the pool's pre-fault thread panicked");
         }
@@ -475,6 +473,7 @@ impl Pool {
             log_tail: 0,
             recovery: RecoveryReport::default(),
             prefault: None,
+            quiet: Arc::default(),
             ram_gate: None,
             reserve_pending: false,
             fill_pin: None,
@@ -711,6 +710,20 @@ mod tests {
         drop(pool);
         // The thread held the mapping (and so the file and its lock): it is gone now.
         Pool::open(&path).expect("reopen after the pre-fault thread stopped");
+    }
+
+    /// A hold keeps the pre-fault thread waiting but never keeps the pool from closing:
+    /// dropping the pool stops and joins the held thread (and so releases the file).
+    #[test]
+    fn a_held_prefault_still_stops_with_the_pool() {
+        let d = tmpdir();
+        let (path, pool) = small_pool(&d, 64, PoolOptions::default());
+        let hold = pool.hold_background();
+        assert!(pool.quiet.is_held());
+        assert!(pool.prefault.is_some());
+        drop(pool);
+        Pool::open(&path).expect("reopen: the held thread stopped with the pool");
+        drop(hold);
     }
 
     #[test]
