@@ -373,7 +373,9 @@ pub struct VmSnapshotCreated {
     /// Of that, waiting for every vCPU to stop (a vCPU in emulated guest kernel code
     /// can take milliseconds to leave it).
     pub stop_us: u64,
-    /// Of that, capturing vCPU, VM and device state.
+    /// Of that, capturing vCPU, VM and device state, from the moment the last vCPU
+    /// left the guest (each vCPU thread saves its own state right then, in the same
+    /// round trip as the pause).
     pub capture_us: u64,
     /// Of that, recording the snapshot in the store and write-protecting RAM.
     pub store_us: u64,

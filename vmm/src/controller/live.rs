@@ -3,19 +3,28 @@
 //! goes back into a VM, for a rollback and for `pmsnap restore` alike.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::devices::legacy::SerialDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::Vsock;
+use crate::persist::vcpu::VcpuState;
 use crate::persist::{Persist, PersistError, VmState};
 use crate::vstate::control::VcpuControl;
 use crate::vstate::vm::Vm;
 
-/// Capture and apply the whole VM's state (vCPUs, VM, devices). Both are called with
-/// the vCPUs paused.
+/// Capture and apply the whole VM's state (vCPUs, VM, devices). Called with the vCPUs
+/// paused, but for [`VmPersist::pause_capture`], which pauses them.
 pub trait VmPersist: Send + Sync {
-    /// Capture the state.
+    /// Capture the state (the vCPUs are paused).
     fn capture(&self) -> Result<VmState, PersistError>;
+    /// Pause the running vCPUs and capture the state, with the vCPU threads saving
+    /// their state as soon as all have left the guest (one round trip with them, not a
+    /// pause and then a capture). The outer error: the vCPUs did not pause. Otherwise
+    /// they are paused, with the state (or why it could not be captured) and when the
+    /// last vCPU left the guest.
+    #[allow(clippy::type_complexity)]
+    fn pause_capture(&self) -> Result<(Result<VmState, PersistError>, Instant), PersistError>;
     /// Apply a validated state.
     fn apply(&self, state: &VmState) -> Result<(), PersistError>;
     /// Number of vCPUs (for validation).
@@ -122,13 +131,16 @@ impl LiveVm {
             virtio,
         })
     }
-}
 
-impl VmPersist for LiveVm {
-    fn capture(&self) -> Result<VmState, PersistError> {
-        let msrs = self.msrs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    /// The MSR indices a save reads.
+    fn msrs(&self) -> Arc<Vec<u32>> {
+        self.msrs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The whole state from the vCPUs' saved with `msrs` and the rest read now (the
+    /// vCPUs are paused).
+    fn assemble(&self, vcpus: Vec<VcpuState>, msrs: &[u32]) -> Result<VmState, PersistError> {
         let vm = self.vm.save()?;
-        let vcpus = crate::persist::vcpu::save_all(&self.vcpus.vcpus(), &msrs)?;
         // Keep only the MSRs that read back, so later saves skip the probing.
         if let Some(v0) = vcpus.first() {
             if v0.msrs.len() < msrs.len() {
@@ -147,6 +159,20 @@ impl VmPersist for LiveVm {
                 .map(|v| v.transport.save())
                 .collect::<Result<_, _>>()?,
         })
+    }
+}
+
+impl VmPersist for LiveVm {
+    fn capture(&self) -> Result<VmState, PersistError> {
+        let msrs = self.msrs();
+        let vcpus = crate::persist::vcpu::save_all(&self.vcpus.vcpus(), &msrs)?;
+        self.assemble(vcpus, &msrs)
+    }
+
+    fn pause_capture(&self) -> Result<(Result<VmState, PersistError>, Instant), PersistError> {
+        let msrs = self.msrs();
+        let (vcpus, stopped) = crate::persist::vcpu::pause_and_save_all(&self.vcpus, &msrs)?;
+        Ok((vcpus.and_then(|v| self.assemble(v, &msrs)), stopped))
     }
 
     fn apply(&self, state: &VmState) -> Result<(), PersistError> {

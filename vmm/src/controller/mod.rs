@@ -183,6 +183,8 @@ impl Controller {
             return Err(ApiError::DuplicateName(name.to_string()));
         }
         self.engine.preprotect(runs)?;
+        // As a VM snapshot's pause does (see `Controller::paused`).
+        let _quiet = lock_pool(self.engine.pool()).hold_background();
         let t = Instant::now();
         self.vm.pause()?;
         let res = self.engine.snapshot(name, kind, runs, meta);

@@ -6,38 +6,66 @@ use std::time::{Duration, Instant};
 
 use pmem_backend::{PageRun, SnapshotKind, SnapshotMeta};
 
-use super::{Controller, VmControl, VmPersist};
+use super::{Controller, VmPersist};
 use crate::api::{ApiError, ApiResponse, RolledBack, VmSnapshotCreated};
 use crate::persist::load::load_vm_state;
 use crate::persist::VmState;
 use crate::snapshot::engine::lock_pool;
 
-/// Run `f` with the vCPUs paused; resume afterwards unless they were paused before.
-/// Returns `f`'s result, the guest's pause (from the pause request until the last vCPU
-/// went back to the guest; `f`'s time alone when the vCPUs stay paused), and of that
-/// the time until every vCPU had stopped.
-fn paused<T>(
-    vm: &dyn VmControl,
-    f: impl FnOnce() -> Result<T, ApiError>,
-) -> Result<(T, u64, u64), ApiError> {
-    let was_paused = vm.is_paused();
-    let t = Instant::now();
-    if !was_paused {
-        vm.pause()?;
-    }
-    let stop_us = t.elapsed().as_micros() as u64;
-    let res = f();
-    let end = if was_paused {
-        Instant::now()
-    } else {
-        vm.resume()
-            .map_err(|e| ApiError::Internal(format!("cannot resume the vCPUs: {e}")))?
-    };
-    let us = end.saturating_duration_since(t).as_micros() as u64;
-    res.map(|v| (v, us, stop_us))
+/// How long the guest was paused and, of that, how long its vCPUs took to stop.
+struct Pause {
+    us: u64,
+    stop_us: u64,
 }
 
 impl Controller {
+    /// Run `f` with the vCPUs paused; resume afterwards unless they were paused before.
+    /// `stop` pauses them when told they run (or does what the paused VM needs instead)
+    /// and returns what `f` gets and when the last vCPU stopped. Returns `f`'s result
+    /// and the guest's pause: from the pause request until the last vCPU went back to
+    /// the guest (`f`'s time alone when the vCPUs stay paused). The pool's background
+    /// pre-fault is held off the CPUs meanwhile ([`pmem_backend::Pool::hold_background`]).
+    fn paused<S, T>(
+        &self,
+        stop: impl FnOnce(bool) -> Result<(S, Instant), ApiError>,
+        f: impl FnOnce(S) -> Result<T, ApiError>,
+    ) -> Result<(T, Pause), ApiError> {
+        let _quiet = lock_pool(self.engine.pool()).hold_background();
+        let vm = self.vm.as_ref();
+        let was_paused = vm.is_paused();
+        let t = Instant::now();
+        // A failed pause leaves nothing to resume; a failure after it (the VM reports
+        // paused) still resumes below.
+        let res = stop(!was_paused).and_then(|(s, stopped)| {
+            let stop_us = stopped.saturating_duration_since(t).as_micros() as u64;
+            f(s).map(|v| (v, stop_us))
+        });
+        let end = if was_paused || !vm.is_paused() {
+            Instant::now()
+        } else {
+            vm.resume()
+                .map_err(|e| ApiError::Internal(format!("cannot resume the vCPUs: {e}")))?
+        };
+        let us = end.saturating_duration_since(t).as_micros() as u64;
+        res.map(|(v, stop_us)| (v, Pause { us, stop_us }))
+    }
+
+    /// [`Controller::paused`] for an `f` that needs nothing from the pause.
+    fn paused_plain<T>(
+        &self,
+        f: impl FnOnce() -> Result<T, ApiError>,
+    ) -> Result<(T, Pause), ApiError> {
+        self.paused(
+            |running| {
+                if running {
+                    self.vm.pause()?;
+                }
+                Ok(((), Instant::now()))
+            },
+            |()| f(),
+        )
+    }
+
     /// `POST /v1/vm-snapshots {"name"}`.
     pub(super) fn snapshot_vm(&self, name: &str) -> Result<ApiResponse, ApiError> {
         let engine = &self.engine;
@@ -64,12 +92,22 @@ impl Controller {
             engine.preprotect(&runs)?;
         }
         let preprotect_us = t.elapsed().as_micros() as u64;
-        let ((capture_us, store_us, state_bytes), pause_us, stop_us) =
-            paused(self.vm.as_ref(), || {
-                let t = Instant::now();
-                let state = port.capture()?;
-                let blob = state.encode()?;
-                let capture_us = t.elapsed().as_micros() as u64;
+        // A running VM's vCPUs save their state as they stop, in one round trip (see
+        // `VmPersist::pause_capture`); `capture_us` is then what follows their stop.
+        let ((capture_us, store_us, state_bytes), pause) = self.paused(
+            |running| {
+                let (state, stopped) = match running {
+                    true => port
+                        .pause_capture()
+                        .map(|(state, stopped)| (Some(state), stopped))?,
+                    false => (None, Instant::now()),
+                };
+                Ok(((state, stopped), stopped))
+            },
+            |(state, stopped)| {
+                let state = state.unwrap_or_else(|| port.capture());
+                let blob = state?.encode()?;
+                let capture_us = stopped.elapsed().as_micros() as u64;
                 let t = Instant::now();
                 let state_bytes = blob.len() as u64;
                 let meta = SnapshotMeta {
@@ -78,7 +116,9 @@ impl Controller {
                 };
                 engine.snapshot(name, SnapshotKind::Vm, &[PageRun::new(0, pages)], meta)?;
                 Ok((capture_us, t.elapsed().as_micros() as u64, state_bytes))
-            })?;
+            },
+        )?;
+        let (pause_us, stop_us) = (pause.us, pause.stop_us);
         log::info!(
             "VM snapshot {name:?}: {pages} pages, {state_bytes} bytes of state, paused {pause_us} us \
              (pre-protected in {preprotect_us} us before the pause)"
@@ -108,8 +148,8 @@ impl Controller {
             Some(port.vcpu_count()),
             port.mem_bytes(),
         )?;
-        let ((dirty_pages, pages_copied, copy_us, restore_us), pause_us, stop_us) =
-            paused(self.vm.as_ref(), || {
+        let ((dirty_pages, pages_copied, copy_us, restore_us), pause) =
+            self.paused_plain(|| {
                 let t = Instant::now();
                 let dirty = engine.dirty_since(name)?;
                 let dirty_pages = dirty.iter().map(|r| r.count).sum();
@@ -128,6 +168,7 @@ impl Controller {
                     (t.elapsed().as_micros() as u64).saturating_sub(copy_us),
                 ))
             })?;
+        let (pause_us, stop_us) = (pause.us, pause.stop_us);
         log::info!(
         "rolled back to {name:?}: {pages_copied} of {dirty_pages} dirty pages copied, paused {pause_us} us"
     );

@@ -14,8 +14,10 @@ use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::PersistError;
+use crate::vstate::control::VcpuControl;
 use crate::vstate::vcpu::Vcpus;
 
 /// IA32_TSC.
@@ -341,6 +343,26 @@ pub fn save_all(
         .map_err(PersistError::VcpuThread)?
         .into_iter()
         .collect()
+}
+
+/// Pause the running `vcpus` and save each one's state on its own thread as soon as
+/// all have left the guest (see [`VcpuControl::pause_then`]). The outer error: they did
+/// not pause. Otherwise they are paused, with the states (or the first error saving
+/// them) and when the last vCPU left the guest.
+#[allow(clippy::type_complexity)]
+pub fn pause_and_save_all(
+    vcpus: &VcpuControl,
+    msr_indices: &Arc<Vec<u32>>,
+) -> Result<(Result<Vec<VcpuState>, PersistError>, Instant), PersistError> {
+    let msrs = msr_indices.clone();
+    let (answers, stopped) = vcpus
+        .pause_then("save its state", move |id, fd| save(fd, id, &msrs))
+        .map_err(PersistError::VcpuThread)?;
+    let states = answers
+        .into_iter()
+        .map(|a| a.map_err(PersistError::VcpuThread).and_then(|s| s))
+        .collect();
+    Ok((states, stopped))
 }
 
 /// Put `states` (one per vCPU, in id order) into the paused `vcpus`, each on its own

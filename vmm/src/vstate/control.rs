@@ -47,6 +47,23 @@ impl VcpuControl {
         Ok(())
     }
 
+    /// Pause every vCPU and run `job` on each one's thread once all have left the guest
+    /// (see [`Vcpus::pause_then`]), and report the VM paused.
+    #[allow(clippy::type_complexity)]
+    pub fn pause_then<R, F>(
+        &self,
+        what: &'static str,
+        job: F,
+    ) -> Result<(Vec<Result<R, VcpuError>>, Instant), VcpuError>
+    where
+        R: Send + 'static,
+        F: Fn(u8, &kvm_ioctls::VcpuFd) -> R + Clone + Send + 'static,
+    {
+        let answers = self.vcpus().pause_then(what, job)?;
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(answers)
+    }
+
     /// Resume every vCPU (see [`Vcpus::resume`]) and report the VM running. Returns
     /// when the last vCPU went back to the guest.
     pub fn resume(&self) -> Result<Instant, VcpuError> {

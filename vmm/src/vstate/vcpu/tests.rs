@@ -172,6 +172,52 @@ fn port_io_goes_through_the_bus_and_stops_while_paused() {
     );
 }
 
+/// `pause_then` stops the guest and runs the job on the vCPU's thread in the same
+/// request: the job sees the vCPU out of the guest (its RIP inside the loop), no guest
+/// I/O follows, the stop time lies between request and answer, and the vCPUs are
+/// paused as after `pause` (a resume runs the guest again; a second `pause_then` on the
+/// paused vCPU answers too).
+#[test]
+fn pause_then_runs_the_job_once_the_guest_has_stopped() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let Some((_vm, vcpu, count)) = port_loop_vm() else {
+        return;
+    };
+    let (stop, _stops) = StopNotifier::new().expect("notifier");
+    let mut vcpus = Vcpus::start(vec![vcpu], &stop).expect("start");
+    assert!(wait_count(&count, |c| c >= 10) >= 10, "guest runs");
+    let asked = std::time::Instant::now();
+    let (answers, stopped) = vcpus
+        .pause_then("read RIP", |id, fd| (id, fd.get_regs().map(|r| r.rip)))
+        .expect("pause_then");
+    let answered = std::time::Instant::now();
+    assert!(
+        asked <= stopped && stopped <= answered,
+        "stop time within the request"
+    );
+    assert_eq!(answers.len(), 1);
+    let (id, rip) = answers.into_iter().next().expect("one").expect("answered");
+    assert_eq!(id, 0);
+    let rip = rip.expect("GET_REGS");
+    assert!((0x1000..0x1006).contains(&rip), "RIP {rip:#x} in the loop");
+    let frozen = count.load(SeqCst);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count.load(SeqCst), frozen, "no guest I/O after pause_then");
+    let (again, _) = vcpus
+        .pause_then("read RIP", |_, fd| fd.get_regs().map(|r| r.rip))
+        .expect("pause_then while paused");
+    assert_eq!(
+        again[0].as_ref().ok().and_then(|r| r.as_ref().ok()),
+        Some(&rip)
+    );
+    vcpus.resume().expect("resume");
+    assert!(
+        wait_count(&count, |c| c > frozen) > frozen,
+        "guest runs again after resume"
+    );
+    vcpus.stop();
+}
+
 #[test]
 fn a_vcpu_started_paused_runs_nothing_until_resumed() {
     use std::sync::atomic::Ordering::SeqCst;

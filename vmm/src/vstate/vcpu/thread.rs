@@ -21,7 +21,7 @@
 use std::cell::Cell;
 use std::os::raw::{c_int, c_void};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::Once;
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,10 @@ pub enum VcpuRequest {
     /// restoring its state). Not run (dropped) when the vCPU is not paused, which the
     /// caller sees as its answer channel closing.
     WithFd(FdJob),
+    /// `Pause`, then wait until every vCPU of the request has left the guest (the
+    /// latch), then run the job as `WithFd` does, then acknowledge `Paused`: a pause and
+    /// a state capture in one round trip (see [`Vcpus::pause_then`]).
+    PauseThen(Arc<Latch>, FdJob),
 }
 
 impl std::fmt::Debug for VcpuRequest {
@@ -64,6 +68,7 @@ impl std::fmt::Debug for VcpuRequest {
             VcpuRequest::Resume => "Resume",
             VcpuRequest::Exit => "Exit",
             VcpuRequest::WithFd(_) => "WithFd",
+            VcpuRequest::PauseThen(..) => "PauseThen",
         })
     }
 }
@@ -78,6 +83,50 @@ pub enum VcpuAck {
     Resumed(Instant),
     /// The VM has stopped; the vCPU only waits for `Exit`.
     Stopped,
+}
+
+/// The meeting point of the vCPUs of one [`VcpuRequest::PauseThen`]: each arrives once
+/// it has left the guest, and none goes on before all have (so no vCPU's state is read
+/// while another can still change it, by an IPI say) or [`ACK_TIMEOUT`] has passed (a
+/// vCPU thread that died: the request then fails on its acknowledgement).
+#[derive(Debug)]
+pub struct Latch {
+    left: Mutex<usize>,
+    all_in: Condvar,
+    at: Mutex<Option<Instant>>,
+}
+
+impl Latch {
+    fn new(count: usize) -> Self {
+        Self {
+            left: Mutex::new(count),
+            all_in: Condvar::new(),
+            at: Mutex::new(None),
+        }
+    }
+
+    /// Count one arrival; the last one notes the time and lets everyone go on.
+    fn arrive(&self) {
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            *self.at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            self.all_in.notify_all();
+        }
+    }
+
+    fn arrive_and_wait(&self) {
+        self.arrive();
+        let left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self
+            .all_in
+            .wait_timeout_while(left, ACK_TIMEOUT, |left| *left > 0);
+    }
+
+    /// When the last one arrived.
+    fn all_arrived_at(&self) -> Option<Instant> {
+        *self.at.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 thread_local! {
@@ -150,6 +199,21 @@ impl Vcpu {
                         None
                     }
                     (VcpuRequest::WithFd(_), _) => None,
+                    // Before the `Stopped` answer: a stopped vCPU arrives at the latch
+                    // too, or the others would wait for it until the latch times out.
+                    (VcpuRequest::PauseThen(latch, job), _) => {
+                        if state == State::Running {
+                            self.complete_pending_io();
+                            state = State::Paused;
+                        }
+                        latch.arrive_and_wait();
+                        if state == State::Stopped {
+                            Some(VcpuAck::Stopped)
+                        } else {
+                            job(self.id, &self.fd);
+                            Some(VcpuAck::Paused)
+                        }
+                    }
                     (_, State::Stopped) => Some(VcpuAck::Stopped),
                     (VcpuRequest::Pause, State::Running) => {
                         self.complete_pending_io();
@@ -351,6 +415,51 @@ impl Vcpus {
             .collect()
     }
 
+    /// Pause every vCPU and run `job` on each one's own thread as soon as all have left
+    /// the guest: a pause and a state capture in one round trip with the vCPU threads,
+    /// not two (on this 2-CPU host each hand-off to a sleeping thread costs tens to
+    /// hundreds of microseconds of the guest's pause, docs/perf-vm.md). Fails as
+    /// [`Vcpus::pause`] does when a vCPU does not pause; otherwise the vCPUs are paused,
+    /// and each answer is `job`'s or, for a vCPU of a stopped VM, `NotPaused`. Also
+    /// returns when the last vCPU left the guest.
+    #[allow(clippy::type_complexity)]
+    pub fn pause_then<R, F>(
+        &self,
+        what: &'static str,
+        job: F,
+    ) -> Result<(Vec<Result<R, VcpuError>>, Instant), VcpuError>
+    where
+        R: Send + 'static,
+        F: Fn(u8, &VcpuFd) -> R + Clone + Send + 'static,
+    {
+        let latch = Arc::new(Latch::new(self.handles.len()));
+        let mut answers = Vec::with_capacity(self.handles.len());
+        for (i, h) in self.handles.iter().enumerate() {
+            let (tx, rx) = mpsc::channel();
+            let job = job.clone();
+            let sent = h.send(VcpuRequest::PauseThen(
+                latch.clone(),
+                Box::new(move |id, fd| {
+                    let _ = tx.send(job(id, fd));
+                }),
+            ));
+            if let Err(e) = sent {
+                // Arrive for the vCPUs that will not, so those already asked go on.
+                (i..self.handles.len()).for_each(|_| latch.arrive());
+                return Err(e);
+            }
+            answers.push((h.id, rx));
+        }
+        for h in &self.handles {
+            h.wait(VcpuAck::Paused, "pause")?;
+        }
+        let answers = answers
+            .into_iter()
+            .map(|(id, rx)| rx.try_recv().map_err(|_| VcpuError::NotPaused(id, what)))
+            .collect();
+        Ok((answers, latch.all_arrived_at().unwrap_or_else(Instant::now)))
+    }
+
     /// Tell every vCPU thread to exit and join them. Idempotent.
     pub fn stop(&mut self) {
         for h in &self.handles {
@@ -369,5 +478,35 @@ impl Vcpus {
 impl Drop for Vcpus {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod latch_tests {
+    use super::*;
+
+    /// No one passes the latch before the last arrival, and the time noted is the last
+    /// arrival's.
+    #[test]
+    fn nobody_passes_the_latch_before_the_last_arrival() {
+        let latch = Arc::new(Latch::new(3));
+        let passed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let (l, p) = (latch.clone(), passed.clone());
+                std::thread::spawn(move || {
+                    l.arrive_and_wait();
+                    p.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(passed.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(latch.all_arrived_at().is_none());
+        let before = Instant::now();
+        latch.arrive_and_wait();
+        waiters.into_iter().for_each(|w| w.join().expect("waiter"));
+        assert_eq!(passed.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(latch.all_arrived_at().expect("all in") >= before);
     }
 }
