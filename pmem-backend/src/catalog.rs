@@ -346,8 +346,8 @@ fn end_record(w: &mut Writer, at: usize, kind: u32) {
     let mut h = Writer::with_capacity(RECORD_HEADER_LEN);
     h.u32(kind);
     h.u32(u32::try_from(payload.len()).expect("catalog records are bounded by the metadata slot"));
-    h.u32(crc32c::crc32c(payload));
-    let hc = crc32c::crc32c(&h.buf);
+    h.u32(crate::checksum::crc32c(payload));
+    let hc = crate::checksum::crc32c(&h.buf);
     h.u32(hc);
     w.buf[at..at + RECORD_HEADER_LEN].copy_from_slice(&h.buf);
 }
@@ -449,7 +449,7 @@ where
     h.u64(next_snapshot_id);
     h.u64(body_len);
     h.buf.resize(60, 0);
-    let crc = crc32c::crc32c(&h.buf);
+    let crc = crate::checksum::crc32c(&h.buf);
     h.u32(crc);
     w.buf[..CATALOG_HEADER_LEN].copy_from_slice(&h.buf);
     w.buf
@@ -491,7 +491,7 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Catalog, String> {
         return Err(e("bad magic".into()));
     }
     let stored = u32::from_le_bytes([head[60], head[61], head[62], head[63]]);
-    if crc32c::crc32c(&head[..60]) != stored {
+    if crate::checksum::crc32c(&head[..60]) != stored {
         return Err(e("header checksum mismatch".into()));
     }
     let mut r = Reader::new(head, "catalog header");
@@ -536,11 +536,11 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Catalog, String> {
         })()
         .map_err(|x| e(format!("record {i}: {x}")))?;
         let (h, kind, len, pcrc, hcrc) = rec;
-        if crc32c::crc32c(&h[..12]) != hcrc {
+        if crate::checksum::crc32c(&h[..12]) != hcrc {
             return Err(e(format!("record {i}: header checksum mismatch")));
         }
         let payload = r.take(len).map_err(|x| e(format!("record {i}: {x}")))?;
-        if crc32c::crc32c(payload) != pcrc {
+        if crate::checksum::crc32c(payload) != pcrc {
             return Err(e(format!("record {i}: payload checksum mismatch")));
         }
         let mut pr = Reader::new(payload, "catalog record");
@@ -672,8 +672,8 @@ pub fn encode_delta(
     w.u32(REC_DELTA);
     w.u32(u32::try_from(p.buf.len()).expect("delta records are bounded by the metadata slot"));
     w.u64(generation);
-    w.u32(crc32c::crc32c(&p.buf));
-    let hc = crc32c::crc32c(&w.buf);
+    w.u32(crate::checksum::crc32c(&p.buf));
+    let hc = crate::checksum::crc32c(&w.buf);
     w.u32(hc);
     w.bytes(&p.buf);
     w.buf
@@ -693,7 +693,7 @@ pub fn decode_delta(bytes: &[u8], version: u32) -> Result<(Delta, usize), String
     }
     let h = &bytes[..DELTA_HEADER_LEN];
     let u32_at = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-    if crc32c::crc32c(&h[..20]) != u32_at(20) {
+    if crate::checksum::crc32c(&h[..20]) != u32_at(20) {
         return Err("header checksum mismatch".into());
     }
     if u32_at(0) != REC_DELTA {
@@ -706,7 +706,7 @@ pub fn decode_delta(bytes: &[u8], version: u32) -> Result<(Delta, usize), String
     let payload = bytes
         .get(DELTA_HEADER_LEN..DELTA_HEADER_LEN + len)
         .ok_or_else(|| format!("payload of {len} bytes runs past the catalog"))?;
-    if crc32c::crc32c(payload) != u32_at(16) {
+    if crate::checksum::crc32c(payload) != u32_at(16) {
         return Err("payload checksum mismatch".into());
     }
     let mut r = Reader::new(payload, "catalog delta");
@@ -1044,7 +1044,7 @@ mod tests {
         // A newer catalog is refused with a clear error.
         let mut v5 = bytes.clone();
         v5[8..12].copy_from_slice(&5u32.to_le_bytes());
-        let crc = crc32c::crc32c(&v5[..60]);
+        let crc = crate::checksum::crc32c(&v5[..60]);
         v5[60..64].copy_from_slice(&crc.to_le_bytes());
         assert!(decode(&v5, 2).expect_err("v5").contains("newer pmsnap"));
     }

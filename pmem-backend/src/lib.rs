@@ -45,6 +45,7 @@
 //! before it starts the handler (`Engine::start`).
 
 pub mod catalog;
+pub mod checksum;
 pub mod codec;
 mod error;
 mod lock;

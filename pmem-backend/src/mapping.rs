@@ -252,7 +252,7 @@ impl Mapping {
         // SAFETY: bounds checked; the slice lives only for this call, during which the
         // caller guarantees no writer touches these bytes (see above).
         let s = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off), len) };
-        Ok(crc32c::crc32c(s))
+        Ok(crate::checksum::crc32c(s))
     }
 
     /// The offsets of a copy of `len` bytes from `src` to `dst` within the mapping, both
@@ -357,7 +357,10 @@ mod tests {
         assert!(m.write_at(8191, &[1, 2]).is_err());
         assert!(m.read_at(u64::MAX, &mut b).is_err());
         m.copy_within(8190, 0, 2).expect("copy");
-        assert_eq!(m.crc32c(8190, 2).expect("crc"), crc32c::crc32c(&[1, 2]));
+        assert_eq!(
+            m.crc32c(8190, 2).expect("crc"),
+            crate::checksum::crc32c(&[1, 2])
+        );
         assert!(m.crc32c(8191, 2).is_err());
         m.read_at(0, &mut b).expect("read");
         assert_eq!(b, [1, 2]);

@@ -33,7 +33,7 @@ impl LogRecord {
         b[8..16].copy_from_slice(&self.generation.to_le_bytes());
         b[16..24].copy_from_slice(&self.page.to_le_bytes());
         b[24..28].copy_from_slice(&self.block_crc.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..28]);
+        let crc = crate::checksum::crc32c(&b[..28]);
         b[28..32].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -46,7 +46,7 @@ impl LogRecord {
             a.copy_from_slice(&b[o..o + 8]);
             u64::from_le_bytes(a)
         };
-        if crc32c::crc32c(&b[..28]) != u32_at(28) {
+        if crate::checksum::crc32c(&b[..28]) != u32_at(28) {
             return None;
         }
         Some(LogRecord {

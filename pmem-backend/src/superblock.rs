@@ -331,7 +331,7 @@ impl Superblock {
         w.u64(self.created_unix_ns);
         debug_assert_eq!(w.buf.len(), SB_HEADER_LEN as usize);
         w.buf.resize(SB_CRC_OFFSET, 0);
-        let crc = crc32c::crc32c(&w.buf);
+        let crc = crate::checksum::crc32c(&w.buf);
         w.u32(crc);
         w.buf
     }
@@ -358,7 +358,7 @@ pub fn decode(sector: &[u8]) -> SbCopy {
         return SbCopy::NoMagic;
     }
     let stored = u32::from_le_bytes([sector[4092], sector[4093], sector[4094], sector[4095]]);
-    if crc32c::crc32c(&sector[..SB_CRC_OFFSET]) != stored {
+    if crate::checksum::crc32c(&sector[..SB_CRC_OFFSET]) != stored {
         return SbCopy::BadCrc;
     }
     match decode_fields(sector) {
@@ -558,12 +558,12 @@ mod tests {
         assert_eq!(decode(&[0u8; 4096]), SbCopy::NoMagic);
         let mut newer = sb(3).encode();
         newer[8] = 9;
-        let crc = crc32c::crc32c(&newer[..SB_CRC_OFFSET]);
+        let crc = crate::checksum::crc32c(&newer[..SB_CRC_OFFSET]);
         newer[SB_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(decode(&newer), SbCopy::Newer(9));
         let mut bad_layout = sb(3).encode();
         bad_layout[40] = 1; // ram_offset no longer aligned
-        let crc = crc32c::crc32c(&bad_layout[..SB_CRC_OFFSET]);
+        let crc = crate::checksum::crc32c(&bad_layout[..SB_CRC_OFFSET]);
         bad_layout[SB_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(decode(&bad_layout), SbCopy::Invalid(_)));
     }

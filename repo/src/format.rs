@@ -193,7 +193,7 @@ impl PackBuilder {
 
     /// Append a chunk; returns its entry number.
     pub fn push(&mut self, hash: Hash32, data: &[u8]) -> u32 {
-        let crc = crc32c::crc32c(data);
+        let crc = pmem_backend::checksum::crc32c(data);
         self.bytes.extend_from_slice(&hash);
         self.bytes
             .extend_from_slice(&(data.len() as u32).to_le_bytes());
@@ -232,7 +232,7 @@ pub(crate) fn check_chunk(e: &IndexEntry, data: &[u8]) -> std::result::Result<()
     if data.len() != e.len as usize {
         return Err(format!("{} bytes, index says {}", data.len(), e.len));
     }
-    if crc32c::crc32c(data) != e.crc {
+    if pmem_backend::checksum::crc32c(data) != e.crc {
         return Err("checksum (crc32c) mismatch".into());
     }
     if blake(data) != e.hash {

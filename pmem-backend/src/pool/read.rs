@@ -101,7 +101,7 @@ impl Pool {
             PageLocation::Block(b) => {
                 let mut page: Page = [0; PAGE_SIZE];
                 self.read_block(b, &mut page)?;
-                self.check_block_crc(self.find(sel)?, p, b, crc32c::crc32c(&page))?;
+                self.check_block_crc(self.find(sel)?, p, b, crate::checksum::crc32c(&page))?;
                 Ok((loc, page))
             }
         }
@@ -117,7 +117,7 @@ impl Pool {
             let take = (s.blob.len as usize - out.len()).min(PAGE_SIZE);
             out.extend_from_slice(&page[..take]);
         }
-        if crc32c::crc32c(&out) != s.blob.crc {
+        if crate::checksum::crc32c(&out) != s.blob.crc {
             return Err(PoolError::Corrupt(format!(
                 "snapshot {:?}: state blob fails its checksum",
                 s.name

@@ -221,9 +221,9 @@ impl Pool {
                 // completed and the block went bad later: keep it, so verify reports it.
                 let mut page: Page = [0; PAGE_SIZE];
                 self.read_block(u64::from(r.block), &mut page)?;
-                if crc32c::crc32c(&page) != r.block_crc && r.page < self.geo.ram_pages() {
+                if crate::checksum::crc32c(&page) != r.block_crc && r.page < self.geo.ram_pages() {
                     let ram = self.read_ram_page(r.page)?;
-                    if crc32c::crc32c(&ram) == r.block_crc {
+                    if crate::checksum::crc32c(&ram) == r.block_crc {
                         self.recovery.torn_discarded += 1;
                         self.log_tail = i as u32;
                         break;
@@ -268,7 +268,7 @@ mod tests {
         let mut s = vec![0u8; SB_SIZE as usize];
         file.read_exact_at(&mut s, copy * SB_SIZE).expect("read");
         f(&mut s);
-        let crc = crc32c::crc32c(&s[..SB_CRC_OFFSET]);
+        let crc = crate::checksum::crc32c(&s[..SB_CRC_OFFSET]);
         s[SB_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         file.write_all_at(&s, copy * SB_SIZE).expect("write");
     }

@@ -115,7 +115,7 @@ impl Pool {
         }
         Ok(BlobRef {
             len: data.len() as u64,
-            crc: crc32c::crc32c(data),
+            crc: crate::checksum::crc32c(data),
             blocks,
         })
     }

@@ -131,7 +131,7 @@ impl Pool {
                             rep.blocks_checked += 1;
                             let mut page: Page = [0; PAGE_SIZE];
                             let actual = match self.read_block(u64::from(b), &mut page) {
-                                Ok(()) => crc32c::crc32c(&page),
+                                Ok(()) => crate::checksum::crc32c(&page),
                                 Err(_) => 0,
                             };
                             (self.index.block_crc(b) == Some(actual), actual)

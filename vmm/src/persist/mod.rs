@@ -150,7 +150,7 @@ pub fn seal(payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out.extend_from_slice(&pmem_backend::checksum::crc32c(payload).to_le_bytes());
     out.extend_from_slice(payload);
     out
 }
@@ -185,7 +185,7 @@ pub fn unseal(blob: &[u8]) -> Result<&[u8], PersistError> {
         )));
     }
     let payload = &blob[HEADER_LEN..];
-    let computed = crc32c::crc32c(payload);
+    let computed = pmem_backend::checksum::crc32c(payload);
     if computed != stored {
         return Err(PersistError::Checksum { stored, computed });
     }

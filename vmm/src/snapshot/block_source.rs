@@ -63,7 +63,7 @@ impl PageSource for PoolBlockSource {
             self.file
                 .read_exact_at(dst, h.block_offset)
                 .map_err(|e| FetchError::Fatal(format!("block {} of page {p}: {e}", h.block)))?;
-            let actual = crc32c::crc32c(dst);
+            let actual = pmem_backend::checksum::crc32c(dst);
             if actual != h.crc {
                 return Err(FetchError::Fatal(format!(
                     "block {} of page {p} is damaged (crc32c {actual:#010x}, expected {:#010x})",
@@ -90,7 +90,7 @@ mod tests {
                 page,
                 block: i as u64,
                 block_offset: i as u64 * 4096,
-                crc: crc32c::crc32c(&data),
+                crc: pmem_backend::checksum::crc32c(&data),
             });
         }
         let back = LazyCopyBack {
