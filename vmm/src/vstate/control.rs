@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::vcpu::{VcpuError, Vcpus};
+use super::vcpu::{PauseAnswers, VcpuError, Vcpus};
 
 /// The vCPU threads behind a lock, with the paused flag the API reports. The lock is
 /// never taken by a vCPU thread, so holding it while waiting for acknowledgements
@@ -49,12 +49,7 @@ impl VcpuControl {
 
     /// Pause every vCPU and run `job` on each one's thread once all have left the guest
     /// (see [`Vcpus::pause_then`]), and report the VM paused.
-    #[allow(clippy::type_complexity)]
-    pub fn pause_then<R, F>(
-        &self,
-        what: &'static str,
-        job: F,
-    ) -> Result<(Vec<Result<R, VcpuError>>, Instant), VcpuError>
+    pub fn pause_then<R, F>(&self, what: &'static str, job: F) -> Result<PauseAnswers<R>, VcpuError>
     where
         R: Send + 'static,
         F: Fn(u8, &kvm_ioctls::VcpuFd) -> R + Clone + Send + 'static,

@@ -21,7 +21,8 @@ use crate::memory::GuestMemoryMmap;
 
 pub use emulation::{classify_instruction, EmulationFix};
 pub use thread::{
-    kick_signal, FdJob, VcpuAck, VcpuRequest, Vcpus, ACK_TIMEOUT, VCPU_KICK_SIGNAL_OFFSET,
+    kick_signal, FdJob, Latch, PauseAnswers, VcpuAck, VcpuRequest, Vcpus, ACK_TIMEOUT,
+    VCPU_KICK_SIGNAL_OFFSET,
 };
 
 /// LAPIC register offsets of LVT LINT0 and LINT1.

@@ -43,6 +43,10 @@ pub const VCPU_KICK_SIGNAL_OFFSET: c_int = 0;
 /// Work a paused vCPU thread does with its fd: gets the vCPU's index and fd.
 pub type FdJob = Box<dyn FnOnce(u8, &VcpuFd) + Send>;
 
+/// What [`Vcpus::pause_then`] returns: each vCPU's answer (or why it has none) and when
+/// the last vCPU left the guest.
+pub type PauseAnswers<R> = (Vec<Result<R, VcpuError>>, Instant);
+
 /// A request to a vCPU thread.
 pub enum VcpuRequest {
     /// Leave the guest and wait (acknowledged with `Paused`).
@@ -422,12 +426,7 @@ impl Vcpus {
     /// [`Vcpus::pause`] does when a vCPU does not pause; otherwise the vCPUs are paused,
     /// and each answer is `job`'s or, for a vCPU of a stopped VM, `NotPaused`. Also
     /// returns when the last vCPU left the guest.
-    #[allow(clippy::type_complexity)]
-    pub fn pause_then<R, F>(
-        &self,
-        what: &'static str,
-        job: F,
-    ) -> Result<(Vec<Result<R, VcpuError>>, Instant), VcpuError>
+    pub fn pause_then<R, F>(&self, what: &'static str, job: F) -> Result<PauseAnswers<R>, VcpuError>
     where
         R: Send + 'static,
         F: Fn(u8, &VcpuFd) -> R + Clone + Send + 'static,
