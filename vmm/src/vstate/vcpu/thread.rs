@@ -95,26 +95,25 @@ pub enum VcpuAck {
 /// vCPU thread that died: the request then fails on its acknowledgement).
 #[derive(Debug)]
 pub struct Latch {
-    left: Mutex<usize>,
+    /// Arrivals still to come, and when the last one came.
+    left: Mutex<(usize, Option<Instant>)>,
     all_in: Condvar,
-    at: Mutex<Option<Instant>>,
 }
 
 impl Latch {
     fn new(count: usize) -> Self {
         Self {
-            left: Mutex::new(count),
+            left: Mutex::new((count, None)),
             all_in: Condvar::new(),
-            at: Mutex::new(None),
         }
     }
 
     /// Count one arrival; the last one notes the time and lets everyone go on.
     fn arrive(&self) {
         let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
-        *left = left.saturating_sub(1);
-        if *left == 0 {
-            *self.at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        left.0 = left.0.saturating_sub(1);
+        if left.0 == 0 {
+            left.1 = Some(Instant::now());
             self.all_in.notify_all();
         }
     }
@@ -124,12 +123,12 @@ impl Latch {
         let left = self.left.lock().unwrap_or_else(|e| e.into_inner());
         let _ = self
             .all_in
-            .wait_timeout_while(left, ACK_TIMEOUT, |left| *left > 0);
+            .wait_timeout_while(left, ACK_TIMEOUT, |left| left.0 > 0);
     }
 
     /// When the last one arrived.
     fn all_arrived_at(&self) -> Option<Instant> {
-        *self.at.lock().unwrap_or_else(|e| e.into_inner())
+        self.left.lock().unwrap_or_else(|e| e.into_inner()).1
     }
 }
 
@@ -245,6 +244,21 @@ impl Vcpu {
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
         log::debug!("vCPU {}: {}", self.id, self.stats.summary());
     }
+}
+
+/// `job` as a vCPU thread runs it, sending its result to the returned receiver (closed
+/// unanswered when the thread drops the job instead).
+fn answering<R, F>(job: &F) -> (FdJob, Receiver<R>)
+where
+    R: Send + 'static,
+    F: Fn(u8, &VcpuFd) -> R + Clone + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel();
+    let job = job.clone();
+    let boxed: FdJob = Box::new(move |id, fd| {
+        let _ = tx.send(job(id, fd));
+    });
+    (boxed, rx)
 }
 
 struct VcpuHandle {
@@ -401,11 +415,8 @@ impl Vcpus {
     {
         let mut answers = Vec::with_capacity(self.handles.len());
         for h in &self.handles {
-            let (tx, rx) = mpsc::channel();
-            let job = job.clone();
-            h.send(VcpuRequest::WithFd(Box::new(move |id, fd| {
-                let _ = tx.send(job(id, fd));
-            })))?;
+            let (job, rx) = answering(&job);
+            h.send(VcpuRequest::WithFd(job))?;
             answers.push((h.id, rx));
         }
         answers
@@ -434,14 +445,8 @@ impl Vcpus {
         let latch = Arc::new(Latch::new(self.handles.len()));
         let mut answers = Vec::with_capacity(self.handles.len());
         for (i, h) in self.handles.iter().enumerate() {
-            let (tx, rx) = mpsc::channel();
-            let job = job.clone();
-            let sent = h.send(VcpuRequest::PauseThen(
-                latch.clone(),
-                Box::new(move |id, fd| {
-                    let _ = tx.send(job(id, fd));
-                }),
-            ));
+            let (job, rx) = answering(&job);
+            let sent = h.send(VcpuRequest::PauseThen(latch.clone(), job));
             if let Err(e) = sent {
                 // Arrive for the vCPUs that will not, so those already asked go on.
                 (i..self.handles.len()).for_each(|_| latch.arrive());
